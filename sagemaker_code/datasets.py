@@ -1,0 +1,178 @@
+"""Finding labelled images on disk, mapping counts to classes, and decoding them once.
+
+Two layouts are read:
+- split layout (what the data-prep split step writes and SageMaker channels hold):
+  `<root>/<count>/<key>.jpg`
+- ABID layout (the public bucket's): `<root>/bin-images/<key>.jpg` + `<root>/metadata/<key>.json`
+  with `EXPECTED_QUANTITY`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import preprocessing
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+ABOVE_MAX_POLICIES = ("drop", "clip")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    count: int
+    key: str
+
+
+class DataError(ValueError):
+    """A data folder that cannot be used; the message names the folder and what is wrong."""
+
+
+def is_abid_layout(root: str | os.PathLike) -> bool:
+    return (Path(root) / "bin-images").is_dir() and (Path(root) / "metadata").is_dir()
+
+
+def list_split_layout(root: str | os.PathLike) -> list[Sample]:
+    samples = []
+    for entry in sorted(Path(root).iterdir()):
+        if not entry.is_dir():
+            continue
+        if not entry.name.isdigit():
+            raise DataError(f"{entry}: class folders must be named by count (0, 1, 2, ...)")
+        count = int(entry.name)
+        for image in sorted(entry.iterdir()):
+            if image.suffix.lower() in IMAGE_SUFFIXES:
+                samples.append(Sample(str(image), count, image.stem))
+    return samples
+
+
+def list_abid_layout(root: str | os.PathLike) -> list[Sample]:
+    root = Path(root)
+    samples = []
+    for image in sorted((root / "bin-images").iterdir()):
+        if image.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        meta_path = root / "metadata" / f"{image.stem}.json"
+        if not meta_path.is_file():
+            continue  # an image without its label cannot be used for training or evaluation
+        try:
+            count = int(json.loads(meta_path.read_text())["EXPECTED_QUANTITY"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{meta_path}: no usable EXPECTED_QUANTITY ({exc})") from exc
+        samples.append(Sample(str(image), count, image.stem))
+    return samples
+
+
+def list_samples(root: str | os.PathLike) -> list[Sample]:
+    """All labelled images under `root`, in either layout, in a stable order."""
+    if not Path(root).is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    samples = list_abid_layout(root) if is_abid_layout(root) else list_split_layout(root)
+    if not samples:
+        raise DataError(
+            f"no images found in {root}: expected <count>/<key>.jpg folders or the ABID layout "
+            "(bin-images/ + metadata/)"
+        )
+    return samples
+
+
+def apply_count_policy(samples: list[Sample], max_count: int, above_max: str) -> list[tuple[Sample, int]]:
+    """(sample, class) pairs. Counts above `max_count` are dropped, or clipped into the top
+    class, which then means "max_count or more"."""
+    if above_max not in ABOVE_MAX_POLICIES:
+        raise ValueError(f"above_max must be one of {ABOVE_MAX_POLICIES}")
+    labelled = []
+    for sample in samples:
+        if sample.count < 0:
+            raise DataError(f"{sample.path}: negative count {sample.count}")
+        if sample.count > max_count:
+            if above_max == "drop":
+                continue
+            labelled.append((sample, max_count))
+        else:
+            labelled.append((sample, sample.count))
+    return labelled
+
+
+def _decode_file(args: tuple[str, int]) -> tuple[bytes, str]:
+    path, size = args
+    data = Path(path).read_bytes()
+    try:
+        tensor = preprocessing.decode(data, size)
+    except preprocessing.ImageRejected as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    return tensor.numpy().tobytes(), hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class DecodedSet:
+    images: torch.Tensor  # uint8 N x 3 x size x size
+    labels: torch.Tensor  # int64 N
+    samples: list[Sample]
+    digests: list[str]  # sha256 of each source file, for the data fingerprint
+
+
+def decode_all(labelled: list[tuple[Sample, int]], size: int, workers: int) -> DecodedSet:
+    """Decode every image once into memory (uint8: 150 KB an image at 224 px).
+
+    A file that does not decode stops training with its path: the data-prep step verifies images,
+    so a bad one here means the channel is not what it should be.
+    """
+    n = len(labelled)
+    images = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    digests = []
+    jobs = [(sample.path, size) for sample, _ in labelled]
+
+    def fill(results):
+        for i, (raw, digest) in enumerate(results):
+            images[i] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(3, size, size)
+            digests.append(digest)
+
+    if workers > 1 and n > 64:
+        # spawn, not fork: forking after torch has started its thread pools can deadlock.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            fill(pool.map(_decode_file, jobs, chunksize=32))
+    else:
+        fill(map(_decode_file, jobs))
+    labels = torch.tensor([label for _, label in labelled], dtype=torch.int64)
+    return DecodedSet(images, labels, [sample for sample, _ in labelled], digests)
+
+
+def fingerprint(named_sets: dict[str, DecodedSet | list[tuple[Sample, int]]]) -> str:
+    """A digest of which files, with which bytes and labels, each channel held.
+
+    Decoded sets hash file contents; lazy (--cache none) sets hash names and sizes only.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(named_sets):
+        ds = named_sets[name]
+        if isinstance(ds, DecodedSet):
+            rows = zip(ds.samples, ds.digests, ds.labels.tolist(), strict=True)
+        else:
+            rows = ((s, f"size{os.path.getsize(s.path)}", label) for s, label in ds)
+        for sample, content, label in sorted(rows, key=lambda t: t[0].key):
+            digest.update(f"{name}/{sample.key}:{content}:{label}\n".encode())
+    return digest.hexdigest()
+
+
+class LazyImageDataset(torch.utils.data.Dataset):
+    """Decodes on every access: the naive path, for data that does not fit in memory."""
+
+    def __init__(self, labelled: list[tuple[Sample, int]], size: int) -> None:
+        self.labelled = labelled
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample, label = self.labelled[index]
+        return preprocessing.decode(Path(sample.path).read_bytes(), self.size), label

@@ -1,0 +1,443 @@
+"""Train the bin item counter: SageMaker script mode, and plain `python train.py` elsewhere.
+
+SageMaker contract (and the flag that overrides each part outside SageMaker):
+  SM_CHANNEL_TRAIN / _VALIDATION / _TEST   --train / --validation / --test
+  SM_MODEL_DIR                             --model-dir        (model.pth, model_card.json, code/)
+  SM_OUTPUT_DATA_DIR                       --output-data-dir  (metrics.json)
+  /opt/ml/checkpoints                      --checkpoint-dir   (resume after a kill or spot stop)
+  /opt/ml/output/failure                   --failure-file     (becomes the job's FailureReason)
+Hyperparameters arrive as `--name value`.
+
+Channels use the layout `<count>/<key>.jpg`. Counts above --max-count are dropped by default
+(`--above-max drop`, the published "counts 0 to 5" task); `--above-max clip` keeps them in the
+top class, which then means "max-count or more".
+
+Each epoch prints one line that SageMaker metric definitions parse, e.g.
+  epoch=3 train_loss=1.2345 val_loss=1.3012 val_accuracy=0.4512 val_rmse=1.0423 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import backbones
+import datasets
+import metrics
+import preprocessing
+
+SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
+SAGEMAKER_FAILURE_FILE = "/opt/ml/output/failure"
+CHECKPOINT_NAME = "checkpoint.pth"
+# Files that make up the model's `code/` folder in model.tar.gz (what the serving container imports).
+SERVING_CODE = ("inference.py", "backbones.py", "preprocessing.py")
+
+
+def in_sagemaker() -> bool:
+    return "SM_MODEL_DIR" in os.environ or "SM_TRAINING_ENV" in os.environ
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description="Train the ABID bin item counter", add_help=add_help)
+    paths = parser.add_argument_group("paths (default to SageMaker's environment)")
+    paths.add_argument("--train", default=env("SM_CHANNEL_TRAIN"), help="training images, <count>/<key>.jpg")
+    paths.add_argument("--validation", default=env("SM_CHANNEL_VALIDATION"),
+                       help="validation images; picks the best epoch. Optional (then the last epoch is kept)")
+    paths.add_argument("--test", default=env("SM_CHANNEL_TEST"),
+                       help="test images, evaluated once with the final model. Optional")
+    paths.add_argument("--model-dir", default=env("SM_MODEL_DIR", "model"), help="where the model is written")
+    paths.add_argument("--output-data-dir", default=env("SM_OUTPUT_DATA_DIR"),
+                       help="where metrics.json is written (default: the model dir)")
+    paths.add_argument("--checkpoint-dir", default=SAGEMAKER_CHECKPOINT_DIR if in_sagemaker() else "",
+                       help="per-epoch checkpoints; a run restarted with the same dir resumes. Empty: none")
+    paths.add_argument("--failure-file", default=SAGEMAKER_FAILURE_FILE if in_sagemaker() else "",
+                       help="on failure the reason is written here (SageMaker's FailureReason). Empty: none")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", default="mobilenet_v2", choices=sorted(backbones.ARCHITECTURES),
+                       help="torchvision backbone")
+    model.add_argument("--mode", default="finetune", choices=backbones.MODES,
+                       help="head: train only a new last layer (the seed's recipe); finetune: all layers")
+    model.add_argument("--weights", default="imagenet",
+                       help="backbone init: imagenet (torchvision weights API), none, or a state dict path")
+    model.add_argument("--max-count", type=int, default=5, help="top count class; classes are 0..max-count")
+    model.add_argument("--above-max", default="drop", choices=datasets.ABOVE_MAX_POLICIES,
+                       help="images with more items than --max-count: drop them, or clip into the top class")
+    model.add_argument("--image-size", type=int, default=224, help="square input size in pixels")
+    model.add_argument("--model-version", default=env("TRAINING_JOB_NAME", ""),
+                       help="version string served with every prediction (default: the SageMaker job name, "
+                            "else derived from the architecture, data and time)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=6, help="passes over the training data")
+    optim.add_argument("--batch-size", type=int, default=32, help="images per step")
+    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    optim.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    optim.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up before the cosine decay")
+    optim.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    optim.add_argument("--augment", type=str2bool, default=True,
+                       help="count-preserving augmentation: flips, brightness and contrast jitter")
+    optim.add_argument("--select-metric", default="val_accuracy", choices=("val_accuracy", "val_loss", "last"),
+                       help="which epoch's weights are kept")
+    optim.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
+
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
+    runtime.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"),
+                         help="bf16 autocast: auto uses it on CUDA and on CPUs with native bf16")
+    runtime.add_argument("--cache", default="memory", choices=("memory", "none"),
+                         help="memory: decode each image once for the whole run; none: decode every epoch")
+    runtime.add_argument("--workers", type=int, default=int(env("SM_NUM_CPUS", os.cpu_count() or 1)),
+                         help="processes decoding images")
+    runtime.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    runtime.add_argument("--eval-batch-size", type=int, default=64, help="images per evaluation step")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    # The SageMaker SDK's own entries (sagemaker_program ...) are not ours; everything else must parse.
+    cleaned, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item.startswith("--sagemaker_"):
+            skip = "=" not in item
+            continue
+        cleaned.append(item)
+    args = get_args_parser().parse_args(cleaned)
+    if not args.train:
+        raise SystemExit("train.py: no training data: set SM_CHANNEL_TRAIN or pass --train")
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"train.py: --{name.replace('_', '-')} must be at least 1")
+    if args.lr <= 0:
+        raise SystemExit("train.py: --lr must be positive")
+    if args.max_count < 1:
+        raise SystemExit("train.py: --max-count must be at least 1")
+    return args
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train.py: --device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def use_bf16(amp: str, device: torch.device) -> bool:
+    if amp != "auto":
+        return amp == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def load_channel(path: str, args: argparse.Namespace) -> datasets.DecodedSet | list:
+    """A channel decoded into memory, or (with --cache none) its labelled file list."""
+    labelled = datasets.apply_count_policy(datasets.list_samples(path), args.max_count, args.above_max)
+    if not labelled:
+        raise datasets.DataError(f"{path}: no images with a count of at most {args.max_count}")
+    if args.cache == "none":
+        return labelled
+    return datasets.decode_all(labelled, args.image_size, args.workers)
+
+
+def iterate_batches(data, batch_size: int, shuffle: bool, seed: int, workers: int, size: int):
+    """uint8 image batches with their labels, from the memory cache or decoding as it goes."""
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(data, datasets.DecodedSet):
+        n = len(data.labels)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size]
+            yield data.images[index], data.labels[index]
+    else:
+        loader = torch.utils.data.DataLoader(
+            datasets.LazyImageDataset(data, size), batch_size=batch_size, shuffle=shuffle,
+            generator=generator, num_workers=workers, persistent_workers=False,
+        )
+        yield from loader
+
+
+def set_size(data) -> int:
+    return len(data.labels) if isinstance(data, datasets.DecodedSet) else len(data)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Count-preserving augmentation on a float batch in [0, 1]: flips and photometric jitter.
+
+    Flips and brightness/contrast never add or remove an item; crops and large rotations can
+    cut one off at the bin's edge, so they are left out.
+    """
+    n = images.shape[0]
+    # Random numbers come from a CPU generator so a run is reproducible on any device.
+    draws = torch.rand(n, 4, generator=generator).to(images.device)
+    flip_h, flip_v = (draws[:, 0] < 0.5).view(n, 1, 1, 1), (draws[:, 1] < 0.5).view(n, 1, 1, 1)
+    images = torch.where(flip_h, images.flip(3), images)
+    images = torch.where(flip_v, images.flip(2), images)
+    brightness = (1 + (draws[:, 2] - 0.5) * 0.4).view(n, 1, 1, 1)
+    contrast = (1 + (draws[:, 3] - 0.5) * 0.4).view(n, 1, 1, 1)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    images = ((images - mean) * contrast + mean) * brightness
+    return images.clamp(0, 1)
+
+
+def prepare(images_u8: torch.Tensor, device: torch.device, augment_with: torch.Generator | None) -> torch.Tensor:
+    images = images_u8.to(device, non_blocking=True).float().div_(255)
+    if augment_with is not None:
+        images = augment(images, augment_with)
+    return preprocessing.normalize(images).contiguous(memory_format=torch.channels_last)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int, bf16: bool) -> float:
+    if args.mode == "head":
+        model.eval()  # frozen backbone: keep its batch-norm statistics as they are
+    else:
+        model.train()
+    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    total_loss, seen = 0.0, 0
+    for images_u8, labels in iterate_batches(data, args.batch_size, True, args.seed * 1000 + epoch,
+                                             args.workers, args.image_size):
+        images = prepare(images_u8, device, generator if args.augment else None)
+        labels = labels.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(labels)
+        seen += len(labels)
+    return total_loss / seen
+
+
+@torch.no_grad()
+def evaluate(model, data, args, device, bf16: bool, num_classes: int) -> dict:
+    """Loss and counting metrics of `model` on one channel."""
+    model.eval()
+    truths, predictions, total_loss = [], [], 0.0
+    for images_u8, labels in iterate_batches(data, args.eval_batch_size, False, 0, args.workers, args.image_size):
+        images = prepare(images_u8, device, None)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images).float()
+        labels = labels.to(device)
+        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        truths += labels.tolist()
+        predictions += logits.argmax(1).tolist()
+    result = metrics.count_metrics(truths, predictions, num_classes)
+    result["loss"] = round(total_loss / len(truths), 4)
+    return result
+
+
+def metric_line(prefix: str, result: dict) -> str:
+    keys = ("loss", "accuracy", "rmse", "mae", "within_1")
+    return " ".join(f"{prefix}_{k}={result[k]:.4f}" for k in keys)
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def config_signature(args: argparse.Namespace, fingerprint: str) -> dict:
+    """What must match for a checkpoint to be resumed: the recipe and the data."""
+    keys = ("arch", "mode", "weights", "max_count", "above_max", "image_size", "epochs", "batch_size", "lr")
+    return {**{k: getattr(args, k) for k in keys}, "data": fingerprint}
+
+
+def load_checkpoint(path: Path, signature: dict, model, optimizer, scheduler) -> dict | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["signature"] != signature:
+        differs = sorted(k for k in signature if state["signature"].get(k) != signature[k])
+        raise SystemExit(
+            f"train.py: {path} was written by another configuration or other data (differs in: "
+            f"{', '.join(differs)}). Remove it or use another --checkpoint-dir."
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def write_model(model_dir: Path, best_state: dict, card: dict) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(best_state, model_dir / "model.pth")
+    (model_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    code_dir = model_dir / "code"
+    code_dir.mkdir(exist_ok=True)
+    here = Path(__file__).resolve().parent
+    for name in SERVING_CODE:
+        shutil.copy2(here / name, code_dir / name)
+
+
+def main(args: argparse.Namespace) -> dict:
+    started = time.time()
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    bf16 = use_bf16(args.amp, device)
+    num_classes = args.max_count + 1
+
+    channels = {"train": args.train, "validation": args.validation, "test": args.test}
+    data = {name: load_channel(path, args) for name, path in channels.items() if path}
+    sizes = {name: set_size(d) for name, d in data.items()}
+    fingerprint = datasets.fingerprint(data)
+    signature = config_signature(args, fingerprint)
+    print(f"data: {json.dumps(sizes)} classes=0..{args.max_count} above_max={args.above_max} "
+          f"cache={args.cache} decode_s={time.time() - started:.1f}", flush=True)
+    if "validation" not in data and args.select_metric != "last":
+        print("no validation channel: keeping the last epoch", flush=True)
+        args.select_metric = "last"
+
+    model = backbones.build_model(args.arch, num_classes, args.weights, args.mode)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(sizes["train"] / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+
+    checkpoint_path = Path(args.checkpoint_dir) / CHECKPOINT_NAME if args.checkpoint_dir else None
+    start_epoch, history, best = 1, [], {"score": None, "epoch": 0, "state": None, "validation": None}
+    if checkpoint_path:
+        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        resumed = load_checkpoint(checkpoint_path, signature, model, optimizer, scheduler)
+        if resumed:
+            start_epoch, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best"]
+            print(f"resumed from {checkpoint_path} after epoch {resumed['epoch']}", flush=True)
+    print(f"training {args.arch} ({args.mode}, weights={args.weights}) on {device}, bf16={bf16}, "
+          f"epochs {start_epoch}..{args.epochs}", flush=True)
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        epoch_start = time.time()
+        train_loss = train_one_epoch(model, optimizer, scheduler, data["train"], args, device, epoch, bf16)
+        record = {"epoch": epoch, "train_loss": round(train_loss, 4)}
+        line = f"epoch={epoch} train_loss={train_loss:.4f}"
+        if "validation" in data:
+            val = evaluate(model, data["validation"], args, device, bf16, num_classes)
+            record["validation"] = val
+            line += " " + metric_line("val", val)
+        seconds = time.time() - epoch_start
+        line += (f" lr={scheduler.get_last_lr()[0]:.6f} epoch_time_s={seconds:.1f}"
+                 f" images_per_s={sizes['train'] / seconds:.1f}")
+        print(line, flush=True)
+        history.append(record)
+
+        if args.select_metric == "last":
+            score = epoch
+        elif args.select_metric == "val_loss":
+            score = -record["validation"]["loss"]
+        else:
+            score = (record["validation"]["accuracy"], -record["validation"]["loss"])
+        if best["score"] is None or score > tuple_or(best["score"]):
+            best = {"score": score, "epoch": epoch, "validation": record.get("validation"),
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        if checkpoint_path:
+            save_atomic({"epoch": epoch, "signature": signature, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "history": history, "best": best}, checkpoint_path)
+
+    model.load_state_dict(best["state"])
+    result = {"best_epoch": best["epoch"], "validation": best["validation"]}
+    if "test" in data:
+        test = evaluate(model, data["test"], args, device, bf16, num_classes)
+        result["test"] = test
+        print(metric_line("test", test), flush=True)
+        print(f"test_per_class_accuracy={json.dumps(test['per_class_accuracy'])}", flush=True)
+
+    created = datetime.now(UTC)
+    version = args.model_version or f"{args.arch}-{args.mode}-{fingerprint[:8]}-{created:%Y%m%dT%H%M%SZ}"
+    card = {
+        "format_version": 1,
+        "model_version": version,
+        "task": "count the items in an Amazon Bin Image Dataset photo",
+        "backbone": args.arch,
+        "mode": args.mode,
+        "initial_weights": args.weights,
+        "classes": list(range(num_classes)),
+        "max_count": args.max_count,
+        "above_max": args.above_max,
+        "top_class_meaning": (f"{args.max_count} or more items" if args.above_max == "clip"
+                              else f"{args.max_count} items (trained without larger counts)"),
+        "preprocessing": preprocessing.describe(args.image_size),
+        "hyperparameters": {k: v for k, v in vars(args).items()
+                            if k not in ("train", "validation", "test", "model_dir", "output_data_dir",
+                                         "checkpoint_dir", "failure_file", "model_version")},
+        "metrics": result,
+        "history": history,
+        "data": {"images": sizes, "fingerprint": fingerprint},
+        "training": {"seconds": round(time.time() - started, 1), "device": str(device), "bf16": bf16,
+                     "torch": torch.__version__},
+        "created_at": created.isoformat(timespec="seconds"),
+        "data_credit": "Amazon Bin Image Dataset, Amazon.com, CC BY-NC-SA 3.0 US",
+    }
+    write_model(Path(args.model_dir), best["state"], card)
+    out_dir = Path(args.output_data_dir or args.model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"model {version} written to {args.model_dir} (best epoch {best['epoch']}) "
+          f"in {time.time() - started:.1f}s", flush=True)
+    return card
+
+
+def tuple_or(score):
+    # Checkpoints store scores through torch.save; tuples come back as lists.
+    return tuple(score) if isinstance(score, list) else score
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        main(args)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        print(f"training failed: {reason}", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        if args.failure_file:
+            Path(args.failure_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.failure_file).write_text(reason[:1000])
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
