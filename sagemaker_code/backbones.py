@@ -104,13 +104,16 @@ def build_model(arch: str, num_classes: int, weights: str = "none", mode: str = 
                 f"--weights {weights}: no such file (expected 'none', 'imagenet' or a state dict path)"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
-        # Accept a full backbone state dict; a head of another size is replaced below anyway.
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or len(missing) > 2:
+        own = model.state_dict()
+        # The last layer may have another number of classes; it is replaced below anyway.
+        fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        misfits = sorted(set(own) - set(fitting))
+        if len(misfits) > 2 or len(fitting) < len(state) - 2:
             raise WeightsUnavailable(
-                f"--weights {weights} does not fit {arch}: {len(missing)} missing and "
-                f"{len(unexpected)} unexpected keys (first: {(missing + unexpected)[:3]})"
+                f"--weights {weights} does not fit {arch}: {len(misfits)} of its tensors are missing or "
+                f"of another shape (first: {misfits[:3]})"
             )
+        model.load_state_dict(fitting, strict=False)
     _replace_head(model, arch, num_classes)
     if mode == "head":
         head = set(map(id, head_parameters(model, arch)))

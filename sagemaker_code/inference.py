@@ -141,7 +141,7 @@ def predict_fn(input_object: dict, model: dict) -> dict:
         try:
             batch.append(preprocessing.decode(data, size, input_object["max_pixels"]))
         except preprocessing.ImageRejected as exc:
-            status = 413 if exc.reason == "too_many_pixels" else 400
+            status = {"too_many_pixels": 413, "unsupported_format": 415}.get(exc.reason, 400)
             raise RequestError(status, exc.reason, f"image {index}: {exc}") from exc
     images = preprocessing.normalize(torch.stack(batch).float() / 255)
     with torch.inference_mode():

@@ -56,9 +56,16 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # Exit with the message as the exit value, so run() can hand it to SageMaker as the reason.
+        self.print_usage(sys.stderr)
+        raise SystemExit(f"train.py: error: {message}")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     env = os.environ.get
-    parser = argparse.ArgumentParser(description="Train the ABID bin item counter", add_help=add_help)
+    parser = ArgumentParser(description="Train the ABID bin item counter", add_help=add_help)
     paths = parser.add_argument_group("paths (default to SageMaker's environment)")
     paths.add_argument("--train", default=env("SM_CHANNEL_TRAIN"), help="training images, <count>/<key>.jpg")
     paths.add_argument("--validation", default=env("SM_CHANNEL_VALIDATION"),
@@ -424,17 +431,37 @@ def tuple_or(score):
     return tuple(score) if isinstance(score, list) else score
 
 
+def write_failure(path: str, reason: str) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(reason[:1000])  # SageMaker keeps the first 1024 characters
+
+
+def failure_file_from(argv: list[str]) -> str:
+    """--failure-file before the arguments are parsed, so a parse error is reported too."""
+    for i, item in enumerate(argv):
+        if item == "--failure-file" and i + 1 < len(argv):
+            return argv[i + 1]
+        if item.startswith("--failure-file="):
+            return item.split("=", 1)[1]
+    return SAGEMAKER_FAILURE_FILE if in_sagemaker() else ""
+
+
 def run(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    failure_file = failure_file_from(argv)
     try:
+        args = parse_args(argv)
         main(args)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            write_failure(failure_file, str(exc.code))
+        raise
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         print(f"training failed: {reason}", file=sys.stderr, flush=True)
         traceback.print_exc()
-        if args.failure_file:
-            Path(args.failure_file).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.failure_file).write_text(reason[:1000])
+        write_failure(failure_file, reason)
         return 1
     return 0
 

@@ -1,0 +1,170 @@
+"""train.py's SageMaker contract: environment, outputs, metric lines, checkpoints, failures."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import backbones
+from bin_counter.sagemaker_config import METRIC_DEFINITIONS, parse_metrics
+from tests.container.conftest import FAST, TRAIN, clean_env, run_train
+
+
+def test_sagemaker_environment_contract_produces_a_servable_model(trained_model):
+    model_dir, run = trained_model
+    assert (model_dir / "model.pth").is_file()
+    for name in ("inference.py", "backbones.py", "preprocessing.py"):
+        assert (model_dir / "code" / name).is_file(), f"code/{name} missing from the model"
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert card["model_version"] == "bin-count-test-job"  # TRAINING_JOB_NAME, as SageMaker sets it
+    assert card["classes"] == [0, 1, 2, 3]
+    assert card["hyperparameters"]["epochs"] == 2
+    assert card["preprocessing"]["resize"] == [32, 32]
+    # counts above --max-count are dropped by default: 4 classes x 5 images per channel
+    assert card["data"]["images"] == {"train": 20, "validation": 20, "test": 20}
+    assert len(card["data"]["fingerprint"]) == 64
+    metrics = json.loads((model_dir.parent / "output" / "metrics.json").read_text())  # SM_OUTPUT_DATA_DIR
+    assert metrics["test"]["n"] == 20
+
+
+def test_metric_definitions_match_the_scripts_real_output(trained_model):
+    model_dir, run = trained_model
+    card = json.loads((model_dir / "model_card.json").read_text())
+    found = parse_metrics(run.stdout)
+    every = {d["Name"] for d in METRIC_DEFINITIONS}
+    assert set(found) == every, f"regexes that found nothing: {every - set(found)}"
+    history = card["history"]
+    assert found["train:loss"] == [h["train_loss"] for h in history]
+    assert found["validation:accuracy"] == [round(h["validation"]["accuracy"], 4) for h in history]
+    assert found["validation:rmse"] == [round(h["validation"]["rmse"], 4) for h in history]
+    assert found["test:accuracy"] == [card["metrics"]["test"]["accuracy"]]
+
+
+def test_each_epoch_prints_exactly_one_metric_line(trained_model):
+    _, run = trained_model
+    lines = [line for line in run.stdout.splitlines() if line.startswith("epoch=")]
+    assert [line.split()[0] for line in lines] == ["epoch=1", "epoch=2"]
+
+
+def test_killed_run_resumes_from_its_checkpoint(split_channels, tmp_path):
+    args = [*FAST, "--train", str(split_channels["train"]), "--validation", str(split_channels["validation"]),
+            "--epochs", "8", "--model-dir", str(tmp_path / "model"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], stdout=subprocess.PIPE, text=True, env=clean_env())
+    for line in proc.stdout:
+        if line.startswith("epoch=2 "):
+            proc.send_signal(signal.SIGKILL)  # what a spot interruption past its grace period does
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "model" / "model.pth").exists()
+    done = torch.load(tmp_path / "ckpt" / "checkpoint.pth", weights_only=False)["epoch"]
+    assert done >= 1  # the checkpoint of epoch 2 may or may not have been written yet
+
+    resumed = run_train(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {tmp_path / 'ckpt' / 'checkpoint.pth'} after epoch {done}" in resumed.stdout
+    epochs_run = [int(line.split()[0][6:]) for line in resumed.stdout.splitlines() if line.startswith("epoch=")]
+    assert epochs_run == list(range(done + 1, 9))
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert [h["epoch"] for h in card["history"]] == list(range(1, 9))
+
+
+def test_checkpoint_of_another_configuration_is_refused(split_channels, tmp_path):
+    base = [*FAST, "--train", str(split_channels["train"]), "--epochs", "1",
+            "--model-dir", str(tmp_path / "model"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert run_train(base).returncode == 0
+    other = run_train([*base, "--lr", "0.01", "--failure-file", str(tmp_path / "failure")])
+    assert other.returncode != 0
+    assert "differs in: lr" in other.stderr
+    assert "differs in: lr" in (tmp_path / "failure").read_text()
+
+
+def test_failure_reason_is_written_where_sagemaker_reads_it(tmp_path):
+    failure = tmp_path / "failure"
+    run = run_train([*FAST, "--train", str(tmp_path / "nowhere"), "--failure-file", str(failure),
+                     "--model-dir", str(tmp_path / "model")])
+    assert run.returncode == 1
+    assert "DataError" in failure.read_text() and "does not exist" in failure.read_text()
+
+
+def test_bad_hyperparameter_fails_with_its_reason(split_channels, tmp_path):
+    failure = tmp_path / "failure"
+    run = run_train(["--train", str(split_channels["train"]), "--epochs", "zero", "--failure-file", str(failure)])
+    assert run.returncode != 0
+    assert "--epochs" in failure.read_text() and "invalid int value" in failure.read_text()
+    run = run_train(["--train", str(split_channels["train"]), "--epochs", "0", "--failure-file", str(failure)])
+    assert run.returncode != 0 and "--epochs must be at least 1" in failure.read_text()
+
+
+def test_above_max_clip_keeps_larger_counts_in_the_top_class(split_channels, tmp_path):
+    run = run_train([*FAST, "--train", str(split_channels["train"]), "--epochs", "1", "--max-count", "3",
+                     "--above-max", "clip", "--model-dir", str(tmp_path / "model")])
+    assert run.returncode == 0, run.stderr
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert card["data"]["images"]["train"] == 23  # the three 7s join class 3
+    assert card["top_class_meaning"] == "3 or more items"
+
+
+def test_cache_none_decodes_lazily_and_trains(split_channels, tmp_path):
+    run = run_train([*FAST, "--train", str(split_channels["train"]), "--epochs", "1", "--cache", "none",
+                     "--model-dir", str(tmp_path / "model")])
+    assert run.returncode == 0, run.stderr
+    assert "cache=none" in run.stdout
+
+
+def test_head_mode_changes_only_the_last_layer(split_channels, tmp_path):
+    start = backbones.build_model("mobilenet_v2", 6, "imagenet").state_dict()
+    run = run_train([*FAST, "--weights", "imagenet", "--mode", "head", "--train", str(split_channels["train"]),
+                     "--epochs", "1", "--lr", "0.05", "--model-dir", str(tmp_path / "model")])
+    assert run.returncode == 0, run.stderr
+    trained = torch.load(tmp_path / "model" / "model.pth", weights_only=True)
+    changed = {k for k in trained if not torch.equal(trained[k], start[k])}
+    assert changed == {"classifier.1.weight", "classifier.1.bias"}
+
+
+def test_missing_imagenet_weights_fail_with_instructions(split_channels, tmp_path):
+    # resnet18's weights are not in the offline package; with TORCH_HOME empty and the network
+    # closed they cannot be had.
+    run = run_train([*FAST, "--arch", "resnet18", "--weights", "imagenet", "--train", str(split_channels["train"]),
+                     "--epochs", "1", "--model-dir", str(tmp_path / "model")],
+                    env=clean_env(TORCH_HOME=str(tmp_path / "torch-home")))
+    assert run.returncode == 1
+    assert "WeightsUnavailable" in run.stderr
+    assert "resnet18-f37072fd.pth" in run.stderr and "--weights none" in run.stderr
+
+
+def test_mobilenet_imagenet_weights_come_from_the_offline_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty hub cache
+    model = backbones.build_model("mobilenet_v2", 6, "imagenet")
+    reference = torch.load(backbones._offline_package_file("mobilenet_v2-b0353104.pth"), weights_only=True)
+    assert torch.equal(model.features[0][0].weight, reference["features.0.0.weight"])
+
+
+def test_weights_from_a_state_dict_path(tmp_path):
+    source = backbones.build_model("resnet18", 10, "none")
+    torch.save(source.state_dict(), tmp_path / "backbone.pth")
+    model = backbones.build_model("resnet18", 6, str(tmp_path / "backbone.pth"))
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert model.fc.out_features == 6
+    with pytest.raises(backbones.WeightsUnavailable, match="does not fit"):
+        backbones.build_model("mobilenet_v2", 6, str(tmp_path / "backbone.pth"))
+
+
+def test_every_flag_has_help():
+    import train
+
+    parser = train.get_args_parser()
+    missing = [a.dest for a in parser._actions if not a.help]
+    assert missing == []
+
+
+@pytest.mark.parametrize("argv", [["--lr", "-1"], ["--max-count", "0"]])
+def test_invalid_values_are_rejected_before_training(argv, split_channels):
+    run = run_train(["--train", str(split_channels["train"]), *argv])
+    assert run.returncode != 0 and "must be" in run.stderr
+    assert "data:" not in run.stdout  # refused before any image was read
