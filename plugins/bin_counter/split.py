@@ -58,7 +58,7 @@ def assign_splits(
     assignment: dict[str, str] = {}
     for block in order:
         histogram = Counter(r.count for r in blocks[block])
-        # How much this block fills each split's remaining per-count need.
+        # How much of each split's remaining need, per count, this block would fill.
         need = {
             s: sum(n * (targets[s][c] - current[s][c]) / totals[c] for c, n in histogram.items())
             if shares[s] > 0 else float("-inf")
