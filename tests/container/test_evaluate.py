@@ -24,7 +24,7 @@ def run_evaluate(*args: str) -> dict:
 def test_split_layout_with_max_count(trained_model, split_channels):
     model_dir, _ = trained_model
     result = run_evaluate("--model", str(model_dir), "--data", str(split_channels["test"]), "--max-count", "3")
-    assert EXPECTED_KEYS <= set(result)
+    assert set(result) >= EXPECTED_KEYS
     assert result["n"] == 20  # the 7s are left out
     assert sum(map(sum, result["confusion_matrix"])) == 20
     assert set(result["per_class_accuracy"]) == {"0", "1", "2", "3"}

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-import inference
 from tests.conftest import make_bin_image, png_claiming_size
+
+import inference
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import shutil
 
 import pytest
 
+from tests.container.conftest import run_train
+
 import datasets
 import inference
-from tests.container.conftest import run_train
 
 pytestmark = pytest.mark.real_data
 

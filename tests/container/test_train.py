@@ -10,13 +10,14 @@ import sys
 import pytest
 import torch
 
-import backbones
 from bin_counter.sagemaker_config import METRIC_DEFINITIONS, parse_metrics
 from tests.container.conftest import FAST, TRAIN, clean_env, run_train
 
+import backbones
+
 
 def test_sagemaker_environment_contract_produces_a_servable_model(trained_model):
-    model_dir, run = trained_model
+    model_dir, _ = trained_model
     assert (model_dir / "model.pth").is_file()
     for name in ("inference.py", "backbones.py", "preprocessing.py"):
         assert (model_dir / "code" / name).is_file(), f"code/{name} missing from the model"
