@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         result = run_fetch(args) if args.command == "fetch" else run_split(args)
-    except (fetch.TooManyBadKeys, abid.MissingObject, FileNotFoundError, ValueError) as exc:
+    except (fetch.TooManyBadKeys, fetch.SourceUnavailable, abid.MissingObject, FileNotFoundError, ValueError) as exc:
         print(f"{args.command} failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result))

@@ -30,6 +30,10 @@ from bin_counter.abid import MissingObject, Source, image_path, metadata_path, p
 log = logging.getLogger(__name__)
 
 
+class SourceUnavailable(RuntimeError):
+    """The source could not be read even after retries (network down, no access, no such bucket)."""
+
+
 class TooManyBadKeys(RuntimeError):
     """More keys than allowed were missing or invalid; the report is attached."""
 
@@ -149,7 +153,8 @@ def fetch_subset(
     unique = list(dict.fromkeys(keys))
     report = FetchReport(source=source.uri, requested=len(unique))
     started = last_log = time.time()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         results = pool.map(lambda k: (k, *fetch_key(source, dest, k, retries, backoff)), unique)
         for done, (key, outcome, detail) in enumerate(results, 1):
             if outcome in ("fetched", "skipped"):
@@ -165,6 +170,16 @@ def fetch_subset(
                 last_log = now
                 log.info("fetch progress: %d/%d keys (%.1f/s), %d bad so far",
                          done, len(unique), done / (now - started), report.bad)
+    except Exception as exc:
+        # One key failing after all its retries means the source itself is failing: stop now
+        # instead of retrying every remaining key. What arrived is kept; a re-run resumes.
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise SourceUnavailable(
+            f"cannot read from {source.uri} after {retries} retries ({type(exc).__name__}: {exc}); "
+            f"{len(report.fetched)} keys arrived before that and a re-run skips them. Without internet "
+            "access, use a local mirror in the ABID layout (ABID_SOURCE=../shared/abid)."
+        ) from exc
+    pool.shutdown()
     report.seconds = round(time.time() - started, 2)
     log.info("%s", report.summary())
     if unique and report.bad / len(unique) > max_bad_share:

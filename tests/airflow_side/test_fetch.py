@@ -85,8 +85,12 @@ def test_transient_errors_are_retried_with_backoff(source_dir, tmp_path):
 
 def test_persistent_errors_surface_after_the_retries(source_dir, tmp_path):
     flaky = FlakySource(abid.LocalSource(source_dir), failures=10)
-    with pytest.raises(ConnectionResetError):
-        fetch.fetch_subset(flaky, ["00001"], tmp_path / "dest", retries=2, backoff=0.01)
+    keys = [f"{i:05d}" for i in range(1, 200)]
+    with pytest.raises(fetch.SourceUnavailable, match="ConnectionResetError") as caught:
+        fetch.fetch_subset(flaky, keys, tmp_path / "dest", workers=2, retries=2, backoff=0.01)
+    assert "ABID_SOURCE" in str(caught.value)
+    # It gave up early instead of retrying every remaining key.
+    assert len(flaky.attempts) < 20
 
 
 def test_fetch_from_s3_over_http(s3, bucket, source_dir, tmp_path):
