@@ -3,7 +3,8 @@
 Keys are the ids in `bin-images/<key>.jpg` and `metadata/<key>.json`. They are not always
 zero-padded, and `121` and `00121` are different images: keys are strings, never ints.
 
-Sources, all read the same way (`read(path) -> bytes`, `size(path)`):
+Sources, all read the same way (`read(path) -> bytes`, `size(path)`); the local folder and S3
+ones are also stores that can be written (`write(path, data)`), the destinations of a fetch:
 - `s3://aft-vbi-pds` (the default): the public bucket, read anonymously, or any `s3://bucket/prefix`
   with the caller's boto3 client;
 - `https://aft-vbi-pds.s3.amazonaws.com`: the same bucket over plain HTTPS;
@@ -13,7 +14,9 @@ Sources, all read the same way (`read(path) -> bytes`, `size(path)`):
 from __future__ import annotations
 
 import json
+import os
 import random
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -125,9 +128,17 @@ class Source(Protocol):
     def size(self, path: str) -> int: ...
 
 
-class LocalSource:
-    def __init__(self, root: str | Path) -> None:
+class Store(Source, Protocol):
+    def write(self, path: str, data: bytes) -> None: ...
+
+
+class LocalStore:
+    """A local folder. Writes go to a temporary name first: a kill never leaves half a file."""
+
+    def __init__(self, root: str | Path, create: bool = False) -> None:
         self.root = Path(root)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ABID source directory {self.root} does not exist")
         self.uri = str(self.root)
@@ -144,8 +155,15 @@ class LocalSource:
     def size(self, path: str) -> int:
         return self._file(path).stat().st_size
 
+    def write(self, path: str, data: bytes) -> None:
+        target = self.root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
 
-class S3Source:
+
+class S3Store:
     """An S3 prefix in the ABID layout. `client` defaults to an anonymous one for the public bucket."""
 
     def __init__(self, bucket: str, prefix: str = "", client=None) -> None:
@@ -177,6 +195,9 @@ class S3Source:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise MissingObject(f"{self.uri}/{path}") from exc
             raise
+
+    def write(self, path: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data)
 
 
 class HttpsSource:
@@ -211,7 +232,21 @@ def open_source(uri: str = PUBLIC_SOURCE, s3_client=None) -> Source:
             import boto3
 
             s3_client = boto3.client("s3")
-        return S3Source(bucket, prefix, s3_client)
+        return S3Store(bucket, prefix, s3_client)
     if uri.startswith(("https://", "http://")):
         return HttpsSource(uri)
-    return LocalSource(uri)
+    return LocalStore(uri)
+
+
+def open_store(uri: str, s3_client=None) -> Store:
+    """A writable store: `s3://bucket[/prefix]` (through `s3_client`) or a local folder (created)."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[5:].partition("/")
+        if s3_client is None:
+            import boto3
+
+            s3_client = boto3.client("s3")
+        return S3Store(bucket, prefix, s3_client)
+    if "://" in uri:
+        raise ValueError(f"cannot write to {uri}: use s3://bucket/prefix or a local folder")
+    return LocalStore(uri, create=True)

@@ -1,11 +1,12 @@
-"""Copy an ABID subset from a source into a local folder in the same layout, checking every file.
+"""Copy an ABID subset from a source into a store (local folder or S3 prefix), checking every file.
 
 Plain functions: the data-prep operator wraps them, the demo calls them directly.
 
 - Parallel with a bounded pool; each object retried with exponential backoff on transient errors.
 - Resumable: a key whose image and metadata are already at the destination with the source's
-  sizes is skipped, so a re-run after an interruption fetches only the rest. Files are written
-  to a temporary name and renamed, so a kill never leaves a half file under the real name.
+  sizes is skipped, so a re-run after an interruption fetches only the rest. The metadata is
+  written last, so a key interrupted half way has no metadata and is fetched again; local files
+  are written under a temporary name and renamed.
 - Every image must decode and every metadata file must carry EXPECTED_QUANTITY. Keys missing at
   the source or failing the checks are reported, not fatal, unless their share exceeds
   `max_bad_share`.
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from bin_counter.abid import MissingObject, Source, image_path, metadata_path, parse_count
+from bin_counter.abid import LocalStore, MissingObject, Source, Store, image_path, metadata_path, parse_count
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +76,6 @@ def check_image(data: bytes) -> None:
         raise ValueError(f"image does not decode: {exc}") from exc
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _with_retries(call: Callable[[], bytes], retries: int, backoff: float) -> bytes:
     for attempt in range(retries + 1):
         try:
@@ -100,23 +92,20 @@ def _with_retries(call: Callable[[], bytes], retries: int, backoff: float) -> by
     raise AssertionError("unreachable")
 
 
-def _already_complete(source: Source, dest: Path, key: str) -> bool:
-    for path in (image_path(key), metadata_path(key)):
-        local = dest / path
-        if not local.is_file():
-            return False
+def _already_complete(source: Source, dest: Store, key: str) -> bool:
+    for path in (metadata_path(key), image_path(key)):
         try:
-            if local.stat().st_size != source.size(path):
+            if dest.size(path) != source.size(path):
                 return False
         except MissingObject:
             return False
     return True
 
 
-def fetch_key(source: Source, dest: Path, key: str, retries: int = 3, backoff: float = 0.5) -> tuple[str, object]:
+def fetch_key(source: Source, dest: Store, key: str, retries: int = 3, backoff: float = 0.5) -> tuple[str, object]:
     """Fetch one key. Returns ("fetched"|"skipped", count), ("missing", path) or ("invalid", reason)."""
     if _already_complete(source, dest, key):
-        return "skipped", parse_count((dest / metadata_path(key)).read_bytes())
+        return "skipped", parse_count(dest.read(metadata_path(key)))
     try:
         metadata = _with_retries(lambda: source.read(metadata_path(key)), retries, backoff)
         image = _with_retries(lambda: source.read(image_path(key)), retries, backoff)
@@ -130,15 +119,15 @@ def fetch_key(source: Source, dest: Path, key: str, retries: int = 3, backoff: f
         check_image(image)
     except ValueError as exc:
         return "invalid", str(exc)
-    _write_atomic(dest / image_path(key), image)
-    _write_atomic(dest / metadata_path(key), metadata)
+    dest.write(image_path(key), image)
+    dest.write(metadata_path(key), metadata)  # last: its presence marks the key complete
     return "fetched", count
 
 
 def fetch_subset(
     source: Source,
     keys: Sequence[str],
-    dest: str | Path,
+    dest: Store | str | Path,
     workers: int = 8,
     retries: int = 3,
     backoff: float = 0.5,
@@ -147,9 +136,11 @@ def fetch_subset(
 ) -> FetchReport:
     """Fetch `keys` from `source` into `dest` (ABID layout) and report what happened.
 
-    Raises TooManyBadKeys when missing + invalid keys exceed `max_bad_share` of those requested.
+    `dest` is a store, or a local folder path. Raises TooManyBadKeys when missing + invalid keys
+    exceed `max_bad_share` of those requested, SourceUnavailable when the source stops answering.
     """
-    dest = Path(dest)
+    if isinstance(dest, str | Path):
+        dest = LocalStore(dest, create=True)
     unique = list(dict.fromkeys(keys))
     report = FetchReport(source=source.uri, requested=len(unique))
     started = last_log = time.time()

@@ -26,7 +26,7 @@ KEYS = [f"{i:05d}" for i in range(1, 23)]  # 00021 and 00022 do not exist at all
 
 
 def test_fetch_checks_every_file_and_reports_bad_keys(source_dir, tmp_path):
-    report = fetch.fetch_subset(abid.LocalSource(source_dir), KEYS, tmp_path / "dest")
+    report = fetch.fetch_subset(abid.LocalStore(source_dir), KEYS, tmp_path / "dest")
     assert sorted(report.missing) == ["00006", "00021", "00022"]
     assert set(report.invalid) == {"00003", "00004", "00005"}
     assert "truncated" in report.invalid["00003"].lower()
@@ -42,21 +42,21 @@ def test_fetch_checks_every_file_and_reports_bad_keys(source_dir, tmp_path):
 
 def test_rerun_does_nothing_and_interrupted_run_resumes(source_dir, tmp_path):
     dest = tmp_path / "dest"
-    first = fetch.fetch_subset(abid.LocalSource(source_dir), KEYS[:10], dest)  # "interrupted" half way
-    again = fetch.fetch_subset(abid.LocalSource(source_dir), KEYS, dest)
+    first = fetch.fetch_subset(abid.LocalStore(source_dir), KEYS[:10], dest)  # "interrupted" half way
+    again = fetch.fetch_subset(abid.LocalStore(source_dir), KEYS, dest)
     assert sorted(again.skipped) == sorted(first.fetched)
     assert not set(again.fetched) & set(first.fetched)
     # A file cut short at the destination (a kill mid-copy by another tool) is fetched again.
     cut = dest / "bin-images" / "00001.jpg"
     cut.write_bytes(cut.read_bytes()[:50])
-    third = fetch.fetch_subset(abid.LocalSource(source_dir), KEYS, dest)
+    third = fetch.fetch_subset(abid.LocalStore(source_dir), KEYS, dest)
     assert third.fetched == ["00001"]
     assert not [p for p in dest.rglob("*.part")]
 
 
 def test_too_many_bad_keys_fails_with_the_report(source_dir, tmp_path):
     with pytest.raises(fetch.TooManyBadKeys, match="6 of 22 keys") as caught:
-        fetch.fetch_subset(abid.LocalSource(source_dir), KEYS, tmp_path / "dest", max_bad_share=0.2)
+        fetch.fetch_subset(abid.LocalStore(source_dir), KEYS, tmp_path / "dest", max_bad_share=0.2)
     assert len(caught.value.report.fetched) == 16  # the good ones still arrived
 
 
@@ -77,14 +77,14 @@ class FlakySource:
 
 
 def test_transient_errors_are_retried_with_backoff(source_dir, tmp_path):
-    flaky = FlakySource(abid.LocalSource(source_dir), failures=2)
+    flaky = FlakySource(abid.LocalStore(source_dir), failures=2)
     report = fetch.fetch_subset(flaky, ["00001", "00002"], tmp_path / "dest", retries=3, backoff=0.01)
     assert sorted(report.fetched) == ["00001", "00002"]
     assert flaky.attempts["bin-images/00001.jpg"] == 3
 
 
 def test_persistent_errors_surface_after_the_retries(source_dir, tmp_path):
-    flaky = FlakySource(abid.LocalSource(source_dir), failures=10)
+    flaky = FlakySource(abid.LocalStore(source_dir), failures=10)
     keys = [f"{i:05d}" for i in range(1, 200)]
     with pytest.raises(fetch.SourceUnavailable, match="ConnectionResetError") as caught:
         fetch.fetch_subset(flaky, keys, tmp_path / "dest", workers=2, retries=2, backoff=0.01)
@@ -115,7 +115,18 @@ def test_check_image_accepts_png_and_refuses_others():
 
 def test_real_mirror_sample_with_held_back_blocks(real_abid, tmp_path):
     keys = abid.key_range(250, 450)  # keys 00300-00399 are held back: missing at this source
-    report = fetch.fetch_subset(abid.LocalSource(real_abid), keys, tmp_path / "dest")
+    report = fetch.fetch_subset(abid.LocalStore(real_abid), keys, tmp_path / "dest")
     assert len(report.fetched) + len(report.missing) == 200
     assert report.fetched and not report.invalid
     assert all(os.path.getsize(tmp_path / "dest" / abid.image_path(k)) > 0 for k in report.fetched)
+
+
+def test_fetch_into_s3_and_resume(s3, bucket, source_dir):
+    dest = abid.open_store(f"s3://{bucket}/raw", s3_client=s3)
+    first = fetch.fetch_subset(abid.LocalStore(source_dir), KEYS[:8], dest)
+    s3.delete_object(Bucket=bucket, Key="raw/metadata/00001.json")  # a key interrupted half way
+    again = fetch.fetch_subset(abid.LocalStore(source_dir), KEYS, dest)
+    assert again.fetched[0] == "00001" and "00001" not in again.skipped
+    assert sorted(again.skipped) == sorted(k for k in first.fetched if k != "00001")
+    body = s3.get_object(Bucket=bucket, Key="raw/bin-images/00002.jpg")["Body"].read()
+    assert body == (source_dir / "bin-images" / "00002.jpg").read_bytes()
