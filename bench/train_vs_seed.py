@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from bin_counter.abid import read_local_records  # noqa: E402
+from bin_counter.abid import LocalStore, read_local_records  # noqa: E402
 from bin_counter.split import DEFAULT_SHARES, assign_splits, summarize, write_split_layout  # noqa: E402
 
 TRAIN = ROOT / "sagemaker_code" / "train.py"
@@ -46,8 +46,7 @@ def prepare_split(abid: Path, work: Path, max_count: int, block_size: int, seed:
     records = [r for r in read_local_records(abid) if r.count <= max_count]
     assignment = assign_splits(records, DEFAULT_SHARES, block_size, seed)
     split_dir = work / "split"
-    if not (split_dir / "manifest.csv").is_file():
-        write_split_layout(records, assignment, abid / "bin-images", split_dir, str(abid), block_size)
+    write_split_layout(records, assignment, LocalStore(abid), LocalStore(split_dir, create=True), str(abid), block_size)
     return {"dir": split_dir, "summary": summarize(records, assignment)}
 
 

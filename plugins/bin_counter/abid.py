@@ -92,6 +92,20 @@ def parse_file_list(data: bytes | str) -> dict[int, list[str]]:
     return {int(count): [Path(p).stem for p in paths] for count, paths in raw.items()}
 
 
+def packaged_file_list() -> dict[int, list[str]]:
+    """The seed project's `file_list.json` (10,441 keys, counts 1 to 5), shipped with this package
+    because the public bucket does not hold it."""
+    return parse_file_list((Path(__file__).parent / "data" / FILE_LIST).read_bytes())
+
+
+def file_list_from(source: Source) -> dict[int, list[str]]:
+    """The source's own `file_list.json` if it has one, else the packaged copy."""
+    try:
+        return parse_file_list(source.read(FILE_LIST))
+    except MissingObject:
+        return packaged_file_list()
+
+
 def select_keys(
     by_count: dict[int, list[str]],
     counts: Iterable[int] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def run_fetch(args: argparse.Namespace) -> dict:
     if args.keys:
         keys = args.keys
     else:
-        by_count = abid.parse_file_list(source.read(abid.FILE_LIST))
+        by_count = abid.file_list_from(source)
         counts = [int(c) for c in args.counts.split(",")] if args.counts else None
         keys = abid.select_keys(by_count, counts, args.limit, args.seed)
     report = fetch.fetch_subset(source, keys, args.dest, workers=args.workers, max_bad_share=args.max_bad_share)
@@ -80,9 +81,16 @@ def run_split(args: argparse.Namespace) -> dict:
     if not records:
         raise SystemExit(f"no labelled images in {args.abid}")
     assignment = split.assign_splits(records, args.shares, args.block_size, args.seed)
-    manifest = split.write_split_layout(records, assignment, Path(args.abid) / "bin-images", args.out,
-                                        source=args.abid, block_size=args.block_size)
-    return {"manifest": str(manifest), "images": split.summarize(records, assignment)}
+    out = Path(args.out)
+    for name in [*split.SPLITS, split.MANIFEST]:  # a previous split of other data must not linger
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    split.write_split_layout(records, assignment, abid.LocalStore(args.abid), abid.LocalStore(out, create=True),
+                             args.abid, args.block_size)
+    return {"manifest": str(out / split.MANIFEST), "images": split.summarize(records, assignment)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import random
-import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
-from bin_counter.abid import Record, key_block
+from bin_counter.abid import MissingObject, Record, Source, Store, image_path, key_block
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
 DEFAULT_BLOCK_SIZE = 100
+MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ("key", "count", "split", "block", "source", "sha256")
 
 
@@ -71,41 +71,37 @@ def assign_splits(
     return assignment
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_split_layout(
     records: Iterable[Record],
     assignment: Mapping[str, str],
-    image_dir: str | Path,
-    out_dir: str | Path,
-    source: str,
+    images: Source,
+    out: Store,
+    source_label: str,
     block_size: int = DEFAULT_BLOCK_SIZE,
-) -> Path:
-    """Copy images into `<out>/<split>/<count>/<key>.jpg` and write `<out>/manifest.csv`.
+) -> list[dict]:
+    """Copy `bin-images/<key>.jpg` from `images` to `<split>/<count>/<key>.jpg` in `out`, then
+    write `manifest.csv` (last: its presence marks the split complete). Returns the manifest rows.
 
-    `image_dir` holds `<key>.jpg` files (an ABID `bin-images/` folder). Returns the manifest path.
+    A store that already holds a manifest is complete: nothing is read or written again.
     """
-    image_dir, out_dir = Path(image_dir), Path(out_dir)
-    for name in SPLITS:  # a previous split of other data must not leave images behind
-        shutil.rmtree(out_dir / name, ignore_errors=True)
+    try:
+        return list(csv.DictReader(io.StringIO(out.read(MANIFEST).decode())))
+    except MissingObject:
+        pass
     rows = []
     for record in sorted(records, key=lambda r: r.key):
         split = assignment[record.key]
-        src = image_dir / f"{record.key}.jpg"
-        dst = out_dir / split / str(record.count) / f"{record.key}.jpg"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        data = images.read(image_path(record.key))
+        out.write(f"{split}/{record.count}/{record.key}.jpg", data)
         rows.append({"key": record.key, "count": record.count, "split": split,
-                     "block": key_block(record.key, block_size), "source": source,
-                     "sha256": sha256_file(dst)})
-    manifest = out_dir / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+                     "block": key_block(record.key, block_size), "source": source_label,
+                     "sha256": hashlib.sha256(data).hexdigest()})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    out.write(MANIFEST, buf.getvalue().encode())
+    return rows
 
 
 def summarize(records: Iterable[Record], assignment: Mapping[str, str]) -> dict[str, dict[int, int]]:

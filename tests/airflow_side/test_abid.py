@@ -73,3 +73,10 @@ def test_public_bucket_source_is_anonymous():
     source = abid.open_source()
     assert source.uri == "s3://aft-vbi-pds"
     assert source.client.meta.config.signature_version is UNSIGNED
+
+
+def test_file_list_falls_back_to_the_packaged_copy(tmp_path):
+    source = abid.LocalStore(write_abid_dir(tmp_path, {"00001": 1}))
+    by_count = abid.file_list_from(source)
+    assert sorted(by_count) == [1, 2, 3, 4, 5]
+    assert sum(map(len, by_count.values())) == 10441

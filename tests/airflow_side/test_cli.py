@@ -31,6 +31,11 @@ def test_fetch_then_split(tmp_path):
     images = json.loads(split.stdout)["images"]
     assert sum(sum(c.values()) for c in images.values()) == sum(1 for i in range(100, 160) if i % 7 <= 5)
     assert (tmp_path / "split" / "manifest.csv").is_file()
+    stale = tmp_path / "split" / "train" / "9" / "99999.jpg"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"from an earlier split")
+    assert cli("split", "--abid", str(tmp_path / "abid"), "--out", str(tmp_path / "split")).returncode == 0
+    assert not stale.exists()
 
     by_list = cli("fetch", "--source", str(source), "--file-list", "--dest", str(tmp_path / "abid2"))
     assert by_list.returncode == 0 and json.loads(by_list.stdout)["missing"] == 0

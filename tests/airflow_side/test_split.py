@@ -61,14 +61,16 @@ def test_layout_and_manifest(tmp_path):
     src = write_abid_dir(tmp_path / "abid", counts)
     recs = abid.read_local_records(src)
     assignment = split.assign_splits(recs, block_size=5)
-    stale = tmp_path / "out" / "train" / "9" / "99999.jpg"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"old")
-    manifest = split.write_split_layout(recs, assignment, src / "bin-images", tmp_path / "out", "test-source", 5)
-    rows = list(csv.DictReader(manifest.open()))
+    out = abid.LocalStore(tmp_path / "out", create=True)
+    split.write_split_layout(recs, assignment, abid.LocalStore(src), out, "test-source", 5)
+    rows = list(csv.DictReader((tmp_path / "out" / split.MANIFEST).open()))
     assert len(rows) == 40 and set(rows[0]) == set(split.MANIFEST_FIELDS)
     for row in rows:
         image = tmp_path / "out" / row["split"] / row["count"] / f"{row['key']}.jpg"
         assert hashlib.sha256(image.read_bytes()).hexdigest() == row["sha256"]
         assert row["source"] == "test-source"
-    assert not stale.exists()  # a previous split's leftovers are gone
+    # Complete once the manifest is there: a second call writes nothing.
+    (tmp_path / "out" / rows[0]["split"] / rows[0]["count"] / f"{rows[0]['key']}.jpg").unlink()
+    again = split.write_split_layout(recs, assignment, abid.LocalStore(src), out, "test-source", 5)
+    assert again == rows
+    assert not (tmp_path / "out" / rows[0]["split"] / rows[0]["count"] / f"{rows[0]['key']}.jpg").exists()
