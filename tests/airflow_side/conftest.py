@@ -1,18 +1,29 @@
-"""Fixtures for the Airflow-side suite: a moto S3 server on loopback, spoken to over real HTTP."""
+"""Fixtures for the Airflow-side suite: a moto S3 server on loopback, spoken to over real HTTP,
+and an Airflow home of its own (SQLite) for DAG runs."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
 import boto3
 import pytest
 
+from tests.conftest import REPO
 
+# Before anything imports Airflow: its configuration is read once, at import.
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="bin-counter-airflow-")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -52,3 +63,30 @@ def bucket(s3, request):
     name = "abid-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
     s3.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A migrated SQLite metadata database in this suite's own AIRFLOW_HOME."""
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True,
+                   env=dict(os.environ))
+    return os.environ["AIRFLOW_HOME"]
+
+
+@pytest.fixture
+def aws_connection(moto_endpoint, monkeypatch):
+    """The Airflow AWS connection pointed at the moto server: the only thing that differs from AWS."""
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
+        {"conn_type": "aws", "extra": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    return "aws_default"
+
+
+def list_objects(s3, bucket: str, prefix: str = "") -> dict[str, tuple[str, object]]:
+    """key -> (ETag, LastModified) under a prefix."""
+    found = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            found[obj["Key"]] = (obj["ETag"], obj["LastModified"])
+    return found

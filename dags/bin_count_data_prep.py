@@ -1,0 +1,145 @@
+"""bin_count_data_prep: fetch an ABID subset, enhance contrast, split by key blocks, publish a version."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from bin_counter.assets import BIN_COUNT_DATASET
+from bin_counter.operators import AbidFetchOperator, BlockSplitOperator, ContrastEnhanceOperator
+
+DOC = """
+### Bin count data preparation
+
+Builds a versioned training dataset from the Amazon Bin Image Dataset (ABID, Amazon.com,
+CC BY-NC-SA 3.0 US) in our bucket, and announces it on the `bin_count_dataset` asset, on which
+`bin_count_retrain` is scheduled.
+
+1. **fetch**: copies the subset (`file_list`: the seed project's 10,441 keys, or a `key_range`)
+   from `source` into `s3://<bucket>/abid/raw/`, checking that every image decodes and every
+   metadata file has `EXPECTED_QUANTITY`. Bad or missing keys are counted in the log and in
+   `abid/raw/reports/fetch-*.json`; the task fails only when they exceed `max_bad_share`.
+   A re-run skips what already arrived whole.
+2. **enhance**: applies the contrast method to every image into `abid/enhanced/<method-id>/`.
+3. **version**: derives the dataset version from the fetched keys and every parameter below.
+4. **split**: train/validation/test by blocks of consecutive keys, stratified by count, into
+   `datasets/<version>/<split>/<count>/<key>.jpg` with `manifest.csv`; then updates the asset.
+
+The same parameters give the same version: a second run writes nothing new.
+
+**When a task fails**
+- *fetch*, "cannot read from ...": the source is unreachable (network, permissions, bucket name).
+  Check the `source` Param and, for S3 sources, the `source_aws_conn_id` connection.
+- *fetch*, "N of M keys missing or invalid": the subset does not match the source (a partial
+  mirror?). The report object named in the log lists the keys; raise `max_bad_share` only if
+  that is expected.
+- *enhance* / *split*, `NoSuchKey` or "no images to split": the objects of an earlier step are gone
+  from the bucket; clear and re-run from *fetch*.
+- Any task, credentials or endpoint errors: the `aws_default` connection (on a laptop it points at
+  the moto server on loopback).
+"""
+
+RAW_PREFIX = "abid/raw"
+
+
+@dag(
+    dag_id="bin_count_data_prep",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    doc_md=DOC,
+    tags=["bin-counter", "data"],
+    default_args={"owner": "bin-counter", "retries": 2, "retry_delay": timedelta(minutes=2),
+                  "retry_exponential_backoff": True},
+    params={
+        "bucket": Param("bin-counter", type="string", description="Our S3 bucket: raw copy, enhanced images, datasets"),
+        "source": Param("s3://aft-vbi-pds", type="string",
+                        description="Where ABID is read: the public bucket, s3://bucket/prefix, https://... "
+                                    "or a local folder in the bucket's layout"),
+        "subset": Param("file_list", enum=["file_list", "key_range"],
+                        description="file_list: the seed project's 10,441 keys; key_range: consecutive keys"),
+        "counts": Param([1, 2, 3, 4, 5], type="array", items={"type": "integer", "minimum": 0},
+                        description="With file_list: the counts to take"),
+        "limit": Param(None, type=["null", "integer"], minimum=1,
+                       description="With file_list: at most this many keys, drawn evenly across counts"),
+        "key_range": Param("01000:01600", type="string", pattern=r"^\d+:\d+$",
+                           description="With key_range: START:STOP, zero-padded"),
+        "max_bad_share": Param(0.5, type="number", minimum=0, maximum=1,
+                               description="Fail the fetch when more than this share of keys is missing or invalid"),
+        "enhancement": Param("autocontrast", enum=["autocontrast", "equalize", "none"],
+                             description="Contrast method applied to every image (see BENCHMARKS.md for its effect)"),
+        "autocontrast_cutoff": Param(1.0, type="number", minimum=0, maximum=49,
+                                     description="autocontrast: percent of darkest and lightest pixels to saturate"),
+        "train_share": Param(0.8, type="number", minimum=0, maximum=1, description="Share of images for training"),
+        "validation_share": Param(0.1, type="number", minimum=0, maximum=1,
+                                  description="Share for validation (epoch selection, tuning objective)"),
+        "test_share": Param(0.1, type="number", minimum=0, maximum=1,
+                            description="Share held out for the final test; the three shares must add up to 1"),
+        "block_size": Param(100, type="integer", minimum=1,
+                            description="Consecutive keys kept on one side of the split (re-photographed bins)"),
+        "split_seed": Param(0, type="integer", description="Seed of the block assignment"),
+        "max_count": Param(None, type=["null", "integer"], minimum=0,
+                           description="Leave out images with more items than this (empty: keep all; "
+                                       "train.py then drops or clips them)"),
+    },
+)
+def bin_count_data_prep():
+    fetch = AbidFetchOperator(
+        task_id="fetch",
+        bucket="{{ params.bucket }}",
+        prefix=RAW_PREFIX,
+        source="{{ params.source }}",
+        subset="{{ params.subset }}",
+        counts="{{ params.counts }}",
+        limit="{{ params.limit }}",
+        key_range="{{ params.key_range }}",
+        max_bad_share="{{ params.max_bad_share }}",
+        execution_timeout=timedelta(hours=2),
+        doc_md="Copies and checks the subset. Its report object lists missing and invalid keys.",
+    )
+    enhance = ContrastEnhanceOperator(
+        task_id="enhance",
+        bucket="{{ params.bucket }}",
+        source_prefix=RAW_PREFIX,
+        keys_path=fetch.output["keys_path"],
+        method="{{ params.enhancement }}",
+        method_params="{{ {'cutoff': params.autocontrast_cutoff} if params.enhancement == 'autocontrast' else {} }}",
+        execution_timeout=timedelta(hours=1),
+    )
+
+    @task(retries=0, execution_timeout=timedelta(minutes=1))
+    def version(fetched: dict, enhanced: dict) -> str:
+        """The dataset version: a digest of the fetched keys and every split parameter."""
+        from bin_counter.split import dataset_version
+
+        p = get_current_context()["params"]
+        shares = {"train": p["train_share"], "validation": p["validation_share"], "test": p["test_share"]}
+        return dataset_version(fetched["keys_digest"], enhanced["id"], shares, p["block_size"], p["split_seed"],
+                               p["max_count"])
+
+    dataset_version = version(fetch.output, enhance.output)
+    split = BlockSplitOperator(
+        task_id="split",
+        bucket="{{ params.bucket }}",
+        keys_prefix=RAW_PREFIX,
+        keys_path=fetch.output["keys_path"],
+        image_prefix=enhance.output["prefix"],
+        dest_prefix="datasets/{{ ti.xcom_pull(task_ids='version') }}",
+        shares="{{ {'train': params.train_share, 'validation': params.validation_share, "
+               "'test': params.test_share} }}",
+        block_size="{{ params.block_size }}",
+        seed="{{ params.split_seed }}",
+        max_count="{{ params.max_count }}",
+        extra={"version": dataset_version, "enhancement": enhance.output["id"],
+               "enhancement_params": enhance.output["params"], "fetch_report": fetch.output["report_path"]},
+        outlets=[BIN_COUNT_DATASET],
+        execution_timeout=timedelta(hours=1),
+    )
+    dataset_version >> split
+
+
+bin_count_data_prep()
