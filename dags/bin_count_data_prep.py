@@ -70,7 +70,7 @@ RAW_PREFIX = "abid/raw"
                            description="With key_range: START:STOP, zero-padded"),
         "max_bad_share": Param(0.5, type="number", minimum=0, maximum=1,
                                description="Fail the fetch when more than this share of keys is missing or invalid"),
-        "enhancement": Param("autocontrast", enum=["autocontrast", "equalize", "none"],
+        "enhancement": Param("none", enum=["none", "autocontrast", "equalize"],
                              description="Contrast method applied to every image (see BENCHMARKS.md for its effect)"),
         "autocontrast_cutoff": Param(1.0, type="number", minimum=0, maximum=49,
                                      description="autocontrast: percent of darkest and lightest pixels to saturate"),

@@ -129,6 +129,8 @@ class AbidFetchOperator(BaseOperator):
 class ContrastEnhanceOperator(BaseOperator):
     """Enhance every fetched image from `source_prefix` into `<dest_root>/<enhancement id>/`.
 
+    Method "none" (the default: see BENCHMARKS.md) writes nothing and points at `source_prefix`.
+
     `keys_path` is the key list the fetch wrote (relative to `source_prefix`). Returns the
     enhancement record (method, parameters, id, prefix).
     """
@@ -136,7 +138,7 @@ class ContrastEnhanceOperator(BaseOperator):
     template_fields: Sequence[str] = ("bucket", "source_prefix", "dest_root", "keys_path", "method", "method_params")
     ui_color = "#f2e8d9"
 
-    def __init__(self, *, bucket: str, source_prefix: str, keys_path: str, method: str = "autocontrast",
+    def __init__(self, *, bucket: str, source_prefix: str, keys_path: str, method: str = "none",
                  method_params: Mapping | None = None, dest_root: str = "abid/enhanced", workers: int = 4,
                  aws_conn_id: str | None = "aws_default", **kwargs) -> None:
         super().__init__(**kwargs)
@@ -151,6 +153,10 @@ class ContrastEnhanceOperator(BaseOperator):
         source = _store(client, self.bucket, self.source_prefix)
         keys = sorted(json.loads(source.read(self.keys_path)))
         ident = enhance.enhancement_id(self.method, self.method_params)
+        if self.method == "none":  # nothing to change: the split reads the fetched images directly
+            log.info("enhancement 'none': %d images used as fetched", len(keys))
+            return publish(context, {"method": "none", "params": {}, "id": ident, "images": len(keys), "written": 0,
+                                     "skipped": len(keys), "bucket": self.bucket, "prefix": self.source_prefix})
         prefix = f"{self.dest_root}/{ident}"
         record = enhance.enhance_keys(source, _store(client, self.bucket, prefix), keys, self.method,
                                       self.method_params, workers=self.workers)

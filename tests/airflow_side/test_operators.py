@@ -95,7 +95,7 @@ def test_split_of_an_empty_key_list_is_a_clear_error(s3, bucket, aws_connection)
 def test_missing_key_list_names_the_key(s3, bucket, aws_connection):
     op = ContrastEnhanceOperator(task_id="enhance", bucket=bucket, source_prefix="abid/raw",
                                  keys_path="reports/keys-gone.json")
-    with pytest.raises(LookupError, match="reports/keys-gone.json"):
+    with pytest.raises(LookupError, match=r"reports/keys-gone\.json"):
         op.execute(context={})
 
 
