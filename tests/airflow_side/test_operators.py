@@ -104,3 +104,13 @@ def test_file_list_subset_from_the_source(s3, bucket, source, aws_connection):
                                                        "2": ["data/metadata/00102.json"]}))
     op = AbidFetchOperator(task_id="fetch", bucket=bucket, source=str(source), subset="file_list", counts=[1])
     assert op.execute(context={})["good"] == 2
+
+
+def test_real_mirror_sample_through_fetch_and_split(real_abid, s3, bucket, aws_connection):
+    fetched = AbidFetchOperator(task_id="fetch", bucket=bucket, source=str(real_abid), subset="key_range",
+                                key_range="00250:00450").execute(context={})
+    assert fetched["missing"] == 100 and fetched["invalid"] == 0  # 00300-00399 are held back
+    result = BlockSplitOperator(task_id="split", bucket=bucket, keys_prefix="abid/raw", keys_path=fetched["keys_path"],
+                                image_prefix="abid/raw", dest_prefix="datasets/v-real", block_size=10,
+                                max_count=5).execute(context={})
+    assert all(int(count) <= 5 for table in result["images"].values() for count in table)
