@@ -369,13 +369,8 @@ def main(args: argparse.Namespace) -> dict:
         print(line, flush=True)
         history.append(record)
 
-        if args.select_metric == "last":
-            score = epoch
-        elif args.select_metric == "val_loss":
-            score = -record["validation"]["loss"]
-        else:
-            score = (record["validation"]["accuracy"], -record["validation"]["loss"])
-        if best["score"] is None or score > tuple_or(best["score"]):
+        score = epoch_score(record, args.select_metric)
+        if best["score"] is None or score > best["score"]:
             best = {"score": score, "epoch": epoch, "validation": record.get("validation"),
                     "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         if checkpoint_path:
@@ -391,9 +386,32 @@ def main(args: argparse.Namespace) -> dict:
         print(metric_line("test", test), flush=True)
         print(f"test_per_class_accuracy={json.dumps(test['per_class_accuracy'])}", flush=True)
 
+    card = model_card(args, result, history, sizes, fingerprint, time.time() - started, device, bf16)
+    write_model(Path(args.model_dir), best["state"], card)
+    out_dir = Path(args.output_data_dir or args.model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"model {card['model_version']} written to {args.model_dir} (best epoch {best['epoch']}) "
+          f"in {time.time() - started:.1f}s", flush=True)
+    return card
+
+
+def epoch_score(record: dict, select_metric: str):
+    """Higher is better: which epoch's weights become the model."""
+    if select_metric == "last":
+        return record["epoch"]
+    if select_metric == "val_loss":
+        return -record["validation"]["loss"]
+    return (record["validation"]["accuracy"], -record["validation"]["loss"])
+
+
+def model_card(args, result: dict, history: list, sizes: dict, fingerprint: str, seconds: float,
+               device: torch.device, bf16: bool) -> dict:
+    """model_card.json: what the model is, how it was made, from what data, and how good it is."""
     created = datetime.now(UTC)
+    num_classes = args.max_count + 1
     version = args.model_version or f"{args.arch}-{args.mode}-{fingerprint[:8]}-{created:%Y%m%dT%H%M%SZ}"
-    card = {
+    return {
         "format_version": 1,
         "model_version": version,
         "task": "count the items in an Amazon Bin Image Dataset photo",
@@ -412,23 +430,11 @@ def main(args: argparse.Namespace) -> dict:
         "metrics": result,
         "history": history,
         "data": {"images": sizes, "fingerprint": fingerprint},
-        "training": {"seconds": round(time.time() - started, 1), "device": str(device), "bf16": bf16,
+        "training": {"seconds": round(seconds, 1), "device": str(device), "bf16": bf16,
                      "torch": torch.__version__},
         "created_at": created.isoformat(timespec="seconds"),
         "data_credit": "Amazon Bin Image Dataset, Amazon.com, CC BY-NC-SA 3.0 US",
     }
-    write_model(Path(args.model_dir), best["state"], card)
-    out_dir = Path(args.output_data_dir or args.model_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"model {version} written to {args.model_dir} (best epoch {best['epoch']}) "
-          f"in {time.time() - started:.1f}s", flush=True)
-    return card
-
-
-def tuple_or(score):
-    # Checkpoints store scores through torch.save; tuples come back as lists.
-    return tuple(score) if isinstance(score, list) else score
 
 
 def write_failure(path: str, reason: str) -> None:
