@@ -62,8 +62,9 @@ RAW_PREFIX = "abid/raw"
                                     "or a local folder in the bucket's layout"),
         "subset": Param("file_list", enum=["file_list", "key_range"],
                         description="file_list: the seed project's 10,441 keys; key_range: consecutive keys"),
-        "counts": Param([1, 2, 3, 4, 5], type="array", items={"type": "integer", "minimum": 0},
-                        description="With file_list: the counts to take"),
+        "counts": Param([0, 1, 2, 3, 4, 5], type="array", items={"type": "integer", "minimum": 0},
+                        description="The counts (EXPECTED_QUANTITY) to take; with key_range, other "
+                                    "keys are left out after reading their metadata"),
         "limit": Param(None, type=["null", "integer"], minimum=1,
                        description="With file_list: at most this many keys, drawn evenly across counts"),
         "key_range": Param("01000:01600", type="string", pattern=r"^\d+:\d+$",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +49,7 @@ class FetchReport:
     skipped: list[str] = field(default_factory=list)  # already complete at the destination
     missing: list[str] = field(default_factory=list)  # absent at the source
     invalid: dict[str, str] = field(default_factory=dict)  # key -> why it was rejected
+    filtered: list[str] = field(default_factory=list)  # EXPECTED_QUANTITY not among the wanted counts
     counts: dict[str, int] = field(default_factory=dict)  # key -> EXPECTED_QUANTITY, for good keys
     seconds: float = 0.0
 
@@ -58,8 +59,8 @@ class FetchReport:
 
     def summary(self) -> str:
         return (f"{self.requested} requested from {self.source}: {len(self.fetched)} fetched, "
-                f"{len(self.skipped)} already present, {len(self.missing)} missing at the source, "
-                f"{len(self.invalid)} invalid, in {self.seconds:.1f}s")
+                f"{len(self.skipped)} already present, {len(self.filtered)} of other counts left out, "
+                f"{len(self.missing)} missing at the source, {len(self.invalid)} invalid, in {self.seconds:.1f}s")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "summary": self.summary()}
@@ -102,19 +103,33 @@ def _already_complete(source: Source, dest: Store, key: str) -> bool:
     return True
 
 
-def fetch_key(source: Source, dest: Store, key: str, retries: int = 3, backoff: float = 0.5) -> tuple[str, object]:
-    """Fetch one key. Returns ("fetched"|"skipped", count), ("missing", path) or ("invalid", reason)."""
+def fetch_key(
+    source: Source,
+    dest: Store,
+    key: str,
+    retries: int = 3,
+    backoff: float = 0.5,
+    counts: Collection[int] | None = None,
+) -> tuple[str, object]:
+    """Fetch one key. Returns ("fetched"|"skipped", count), ("filtered", count) when its count is not
+    in `counts` (its image is then not downloaded), ("missing", path) or ("invalid", reason)."""
     if _already_complete(source, dest, key):
-        return "skipped", parse_count(dest.read(metadata_path(key)))
+        count = parse_count(dest.read(metadata_path(key)))
+        return ("skipped" if counts is None or count in counts else "filtered"), count
     try:
         metadata = _with_retries(lambda: source.read(metadata_path(key)), retries, backoff)
-        image = _with_retries(lambda: source.read(image_path(key)), retries, backoff)
     except MissingObject as exc:
         return "missing", str(exc)
     try:
         count = parse_count(metadata)
     except ValueError as exc:
         return "invalid", f"metadata: {exc}"
+    if counts is not None and count not in counts:
+        return "filtered", count
+    try:
+        image = _with_retries(lambda: source.read(image_path(key)), retries, backoff)
+    except MissingObject as exc:
+        return "missing", str(exc)
     try:
         check_image(image)
     except ValueError as exc:
@@ -133,10 +148,13 @@ def fetch_subset(
     backoff: float = 0.5,
     max_bad_share: float = 0.5,
     progress_every: float = 10.0,
+    counts: Collection[int] | None = None,
 ) -> FetchReport:
     """Fetch `keys` from `source` into `dest` (ABID layout) and report what happened.
 
-    `dest` is a store, or a local folder path. Raises TooManyBadKeys when missing + invalid keys
+    `dest` is a store, or a local folder path. `counts`, when given, keeps only keys whose
+    EXPECTED_QUANTITY is among them (read from the metadata first, so other images are never
+    downloaded). Raises TooManyBadKeys when missing + invalid keys
     exceed `max_bad_share` of those requested, SourceUnavailable when the source stops answering.
     """
     if isinstance(dest, str | Path):
@@ -146,11 +164,14 @@ def fetch_subset(
     started = last_log = time.time()
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        results = pool.map(lambda k: (k, *fetch_key(source, dest, k, retries, backoff)), unique)
+        wanted = None if counts is None else frozenset(int(c) for c in counts)
+        results = pool.map(lambda k: (k, *fetch_key(source, dest, k, retries, backoff, wanted)), unique)
         for done, (key, outcome, detail) in enumerate(results, 1):
             if outcome in ("fetched", "skipped"):
                 getattr(report, outcome).append(key)
                 report.counts[key] = detail
+            elif outcome == "filtered":
+                report.filtered.append(key)
             elif outcome == "missing":
                 report.missing.append(key)
             else:

@@ -51,8 +51,9 @@ class AbidFetchOperator(BaseOperator):
     """Copy an ABID subset into `s3://<bucket>/<prefix>/` (`bin-images/` + `metadata/`).
 
     subset: "file_list" (the seed's 10,441 keys; `counts` and `limit` narrow it) or "key_range"
-    (`key_range` = "01000:01600"). source: the public bucket (anonymous), `s3://...` read through
-    `source_aws_conn_id`, `https://...`, or a local folder. Returns, through XCom, where the list of
+    (`key_range` = "01000:01600"; `counts` keeps only keys with those EXPECTED_QUANTITY values).
+    source: the public bucket (anonymous), `s3://...` read through `source_aws_conn_id`,
+    `https://...`, or a local folder. Returns, through XCom, where the list of
     good keys and their counts was written, and a summary of the report.
     """
 
@@ -106,8 +107,9 @@ class AbidFetchOperator(BaseOperator):
         log.info("fetching %d keys from %s into s3://%s/%s", len(keys), source.uri, self.bucket, self.prefix)
         dest = _store(client, self.bucket, self.prefix)
         try:
+            counts = [int(c) for c in self.counts] if self.counts and self.subset == "key_range" else None
             report = fetch.fetch_subset(source, keys, dest, workers=self.workers, retries=self.retries_per_object,
-                                        max_bad_share=float(self.max_bad_share))
+                                        max_bad_share=float(self.max_bad_share), counts=counts)
         except fetch.TooManyBadKeys as exc:
             self._write_report(dest, keys, exc.report)
             raise

@@ -130,3 +130,20 @@ def test_fetch_into_s3_and_resume(s3, bucket, source_dir):
     assert sorted(again.skipped) == sorted(k for k in first.fetched if k != "00001")
     body = s3.get_object(Bucket=bucket, Key="raw/bin-images/00002.jpg")["Body"].read()
     assert body == (source_dir / "bin-images" / "00002.jpg").read_bytes()
+
+
+def test_count_filter_leaves_other_counts_out_without_downloading_them(source_dir, tmp_path):
+    class CountingReads(abid.LocalStore):
+        images_read = 0
+
+        def read(self, path):
+            if path.startswith("bin-images/"):
+                CountingReads.images_read += 1
+            return super().read(path)
+
+    keys = [f"{i:05d}" for i in range(7, 21)]  # all valid: counts i % 6
+    report = fetch.fetch_subset(CountingReads(source_dir), keys, tmp_path / "dest", counts=[0, 1])
+    assert sorted(report.fetched) == sorted(k for k in keys if int(k) % 6 in (0, 1))
+    assert sorted(report.filtered) == sorted(k for k in keys if int(k) % 6 not in (0, 1))
+    assert CountingReads.images_read == len(report.fetched)
+    assert not (tmp_path / "dest" / "bin-images" / "00008.jpg").exists()
