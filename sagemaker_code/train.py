@@ -37,8 +37,11 @@ import datasets
 import metrics
 import preprocessing
 
-SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
-SAGEMAKER_FAILURE_FILE = "/opt/ml/output/failure"
+# SageMaker's fixed paths. The local stand-in runs jobs without a container and roots them in the
+# job's own folder through SM_OPT_ML_ROOT; on SageMaker that variable is not set.
+OPT_ML = os.environ.get("SM_OPT_ML_ROOT", "/opt/ml")
+SAGEMAKER_CHECKPOINT_DIR = f"{OPT_ML}/checkpoints"
+SAGEMAKER_FAILURE_FILE = f"{OPT_ML}/output/failure"
 CHECKPOINT_NAME = "checkpoint.pth"
 # Files that make up the model's `code/` folder in model.tar.gz (what the serving container imports).
 SERVING_CODE = ("inference.py", "backbones.py", "preprocessing.py")

@@ -1,0 +1,173 @@
+"""The SageMaker API operations the stand-in serves, checked against botocore's service model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import botocore.session
+from botocore.validate import ParamValidator
+
+from standin import training
+
+ACCOUNT = "000000000000"
+TERMINAL = ("Completed", "Failed", "Stopped")
+
+
+class AwsError(Exception):
+    """An error as AWS sends it: a code (the `__type`) and a message."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+class SageMakerApi:
+    """Training jobs (create, describe, list, stop), state kept as JSON under `state_dir`."""
+
+    def __init__(self, state_dir: Path, s3_endpoint: str, container_python: str, region: str = "us-east-1") -> None:
+        self.model = botocore.session.get_session().get_service_model("sagemaker")
+        self.state_dir = Path(state_dir)
+        (self.state_dir / "training-jobs").mkdir(parents=True, exist_ok=True)
+        self.s3_endpoint, self.python, self.region = s3_endpoint, container_python, region
+        self.lock = threading.Lock()
+        self.processes: dict[str, object] = {}
+        self._recover()
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def call(self, operation: str, params: dict) -> dict:
+        try:
+            op_model = self.model.operation_model(operation)
+        except Exception as exc:
+            raise AwsError("UnknownOperationException", f"Operation {operation} is not supported") from exc
+        report = ParamValidator().validate(params, op_model.input_shape)
+        if report.has_errors():
+            raise AwsError("ValidationException", report.generate_report())
+        handler = getattr(self, "op_" + operation, None)
+        if handler is None:
+            raise AwsError("UnknownOperationException",
+                           f"{operation} is valid SageMaker but not served by the local stand-in "
+                           "(see standin/README.md)")
+        return handler(params)
+
+    def _job_file(self, name: str) -> Path:
+        return self.state_dir / "training-jobs" / name / "job.json"
+
+    def _load(self, name: str) -> dict:
+        path = self._job_file(name)
+        if not path.is_file():
+            raise AwsError("ResourceNotFound", f"Requested resource not found: training job {name}")
+        return json.loads(path.read_text())
+
+    def _save(self, job: dict) -> None:
+        path = self._job_file(job["TrainingJobName"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(job))
+        tmp.replace(path)
+
+    def _s3(self):
+        return boto3.client("s3", endpoint_url=self.s3_endpoint, region_name=self.region)
+
+    def _recover(self) -> None:
+        # A job that was running when the stand-in stopped cannot be resumed: say so, as AWS
+        # would for a lost instance.
+        for path in (self.state_dir / "training-jobs").glob("*/job.json"):
+            job = json.loads(path.read_text())
+            if job["TrainingJobStatus"] not in TERMINAL:
+                job.update(TrainingJobStatus="Failed", SecondaryStatus="Failed",
+                           FailureReason="InternalServerError: the local stand-in restarted during the job")
+                self._save(job)
+
+    # -- training jobs --------------------------------------------------------------------------
+    def op_CreateTrainingJob(self, params: dict) -> dict:
+        name = params["TrainingJobName"]
+        with self.lock:
+            if self._job_file(name).exists():
+                raise AwsError("ResourceInUse", f"Training job names must be unique within an AWS account and "
+                                                f"region, and a training job with this name already exists ({name})")
+            now = time.time()
+            arn = f"arn:aws:sagemaker:{self.region}:{ACCOUNT}:training-job/{name.lower()}"
+            notes = []
+            resources = params.get("ResourceConfig", {})
+            if resources.get("InstanceType") or resources.get("InstanceCount", 1) != 1:
+                notes.append(f"instance {resources.get('InstanceType')} x{resources.get('InstanceCount')} "
+                             "not honoured: runs as one local process")
+            if params.get("EnableManagedSpotTraining"):
+                notes.append("managed spot not honoured locally")
+            if params.get("VpcConfig"):
+                notes.append("VPC config not honoured locally")
+            job = {**params, "TrainingJobArn": arn, "TrainingJobStatus": "InProgress",
+                   "SecondaryStatus": "Starting", "CreationTime": now, "LastModifiedTime": now,
+                   "SecondaryStatusTransitions": [{"Status": "Starting", "StartTime": now,
+                                                   "StatusMessage": "; ".join(["Starting the local process", *notes])}]}
+            self._save(job)
+        threading.Thread(target=self._run, args=(name,), daemon=True, name=f"job-{name}").start()
+        return {"TrainingJobArn": arn}
+
+    def _run(self, name: str) -> None:
+        job = self._load(name)
+        root = self._job_file(name).parent / "opt-ml"
+
+        def update(status: str, secondary: str, message: str, **fields) -> None:
+            with self.lock:
+                current = self._load(name)
+                now = time.time()
+                if current["TrainingJobStatus"] == "Stopping" and status == "InProgress":
+                    return
+                transitions = current["SecondaryStatusTransitions"]
+                if transitions[-1]["Status"] != secondary:
+                    transitions[-1]["EndTime"] = now
+                    transitions.append({"Status": secondary, "StartTime": now, "StatusMessage": message})
+                if status == "InProgress" and "TrainingStartTime" not in current:
+                    current["TrainingStartTime"] = now
+                if status in TERMINAL:
+                    current["TrainingEndTime"] = now
+                current.update(TrainingJobStatus=status, SecondaryStatus=secondary, LastModifiedTime=now, **fields)
+                self._save(current)
+
+        try:
+            training.run_job(job, root, self._s3(), self.python, update,
+                             started_process=lambda proc: self.processes.__setitem__(name, proc))
+        except Exception as exc:  # S3 unreachable, no credentials...: the job fails, saying why
+            reason = f"ClientError: {type(exc).__name__}: {exc}"
+            update(status="Failed", secondary="Failed", message=reason, FailureReason=reason[:1024])
+        finally:
+            self.processes.pop(name, None)
+
+    def op_DescribeTrainingJob(self, params: dict) -> dict:
+        return self._load(params["TrainingJobName"])
+
+    def op_ListTrainingJobs(self, params: dict) -> dict:
+        jobs = [json.loads(p.read_text()) for p in (self.state_dir / "training-jobs").glob("*/job.json")]
+        if params.get("NameContains"):
+            jobs = [j for j in jobs if params["NameContains"] in j["TrainingJobName"]]
+        if params.get("StatusEquals"):
+            jobs = [j for j in jobs if j["TrainingJobStatus"] == params["StatusEquals"]]
+        key = {"Name": "TrainingJobName", "Status": "TrainingJobStatus"}.get(params.get("SortBy"), "CreationTime")
+        jobs.sort(key=lambda j: j[key], reverse=params.get("SortOrder", "Descending") == "Descending")
+        start = int(params.get("NextToken") or 0)
+        size = params.get("MaxResults", 100)
+        page = jobs[start:start + size]
+        summaries = [{k: j[k] for k in ("TrainingJobName", "TrainingJobArn", "CreationTime", "TrainingJobStatus",
+                                        "LastModifiedTime") if k in j} for j in page]
+        result = {"TrainingJobSummaries": summaries}
+        if start + size < len(jobs):
+            result["NextToken"] = str(start + size)
+        return result
+
+    def op_StopTrainingJob(self, params: dict) -> dict:
+        name = params["TrainingJobName"]
+        with self.lock:
+            job = self._load(name)
+            if job["TrainingJobStatus"] in TERMINAL:
+                raise AwsError("ValidationException", f"The training job {name} is already {job['TrainingJobStatus']}")
+            job.update(TrainingJobStatus="Stopping", SecondaryStatus="Stopping", LastModifiedTime=time.time())
+            self._save(job)
+        proc = self.processes.get(name)
+        if proc is not None:
+            proc.terminate()
+        return {}

@@ -1,0 +1,92 @@
+"""HTTP front of the stand-in: the AWS JSON 1.1 protocol that boto3 speaks to SageMaker.
+
+  .venv/bin/python -m standin.server --s3-endpoint http://127.0.0.1:5000 \
+      --container-python .venv-container/bin/python [--port 5055] [--state-dir build/standin]
+
+boto3 reaches it with `endpoint_url` (or `AWS_ENDPOINT_URL_SAGEMAKER`); `GET /health` answers 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from standin.sagemaker_api import AwsError, SageMakerApi
+
+log = logging.getLogger("standin")
+
+
+def make_handler(api: SageMakerApi):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _send(self, status: int, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/x-amz-json-1.1")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("x-amzn-RequestId", self.headers.get("amz-sdk-invocation-id", "local"))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                self._send(200, {"status": "ok"})
+            else:
+                self._send(404, {"__type": "UnknownOperationException", "message": f"no such path {self.path}"})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            raw = self.rfile.read(length) if length else b"{}"
+            service, _, operation = self.headers.get("X-Amz-Target", "").partition(".")
+            try:
+                if service != "SageMaker":
+                    raise AwsError("UnknownOperationException", f"unknown target {service}.{operation}")
+                try:
+                    params = json.loads(raw or b"{}")
+                except json.JSONDecodeError as exc:
+                    raise AwsError("SerializationException", f"request body is not JSON: {exc}") from exc
+                result = api.call(operation, params)
+                log.info("%s %s -> 200", operation, params.get("TrainingJobName", ""))
+                self._send(200, result)
+            except AwsError as exc:
+                log.info("%s -> %s %s", operation, exc.status, exc.code)
+                self._send(exc.status, {"__type": exc.code, "message": exc.message})
+            except Exception as exc:  # never let one request take the server down
+                log.exception("%s failed", operation)
+                self._send(500, {"__type": "InternalFailure", "message": f"{type(exc).__name__}: {exc}"})
+
+        def log_message(self, format: str, *args) -> None:
+            log.debug(format, *args)
+
+    return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Local stand-in for the SageMaker API")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    parser.add_argument("--port", type=int, default=5055, help="port to listen on")
+    parser.add_argument("--state-dir", default="build/standin", help="jobs and their files; kept across restarts")
+    parser.add_argument("--s3-endpoint", required=True, help="S3 endpoint URL (the moto server)")
+    parser.add_argument("--container-python", required=True, help="Python of the container-side environment")
+    parser.add_argument("--log-file", default=None, help="log here as well as to stderr")
+    args = parser.parse_args(argv)
+    handlers = [logging.StreamHandler()]
+    if args.log_file:
+        handlers.append(logging.FileHandler(args.log_file))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
+    api = SageMakerApi(Path(args.state_dir), args.s3_endpoint, args.container_python)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(api))
+    log.info("SageMaker stand-in on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

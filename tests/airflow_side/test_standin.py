@@ -1,0 +1,158 @@
+"""The SageMaker stand-in, spoken to over HTTP with boto3, running the real train.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from bin_counter.sagemaker_config import training_job_config
+from tests.airflow_side.conftest import free_port
+from tests.conftest import REPO, write_split_dir
+
+CONTAINER_PYTHON = REPO / ".venv-container" / "bin" / "python"
+pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
+
+
+def start_standin(state_dir, s3_endpoint) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "standin.server", "--port", str(port), "--state-dir",
+                             str(state_dir), "--s3-endpoint", s3_endpoint, "--container-python",
+                             str(CONTAINER_PYTHON)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{endpoint}/health", timeout=1)  # noqa: S310 - loopback
+            return proc, endpoint
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the stand-in did not start")
+
+
+@pytest.fixture
+def standin(tmp_path, moto_endpoint, aws_connection):  # its S3 client needs the credentials set there
+    state = tmp_path / "state"
+    proc, endpoint = start_standin(state, moto_endpoint)
+    handle = {"proc": proc, "endpoint": endpoint, "state": state}
+    yield handle
+    handle["proc"].terminate()
+    handle["proc"].wait(timeout=10)
+
+
+@pytest.fixture
+def job_inputs(s3, bucket, tmp_path):
+    """sourcedir.tar.gz of sagemaker_code/ and two channels of generated images, in S3."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in (REPO / "sagemaker_code").glob("*.py"):
+            tar.add(path, arcname=path.name)
+    s3.put_object(Bucket=bucket, Key="code/sourcedir.tar.gz", Body=buf.getvalue())
+    for name, seed in (("train", 0), ("validation", 1)):
+        folder = write_split_dir(tmp_path / name, {0: 4, 1: 4, 2: 4}, seed)
+        for image in folder.rglob("*.jpg"):
+            s3.put_object(Bucket=bucket, Key=f"data/{name}/{image.relative_to(folder)}", Body=image.read_bytes())
+    return bucket
+
+
+def job_config(bucket: str, name: str, **hyperparameters) -> dict:
+    hps = {"arch": "mobilenet_v2", "weights": "none", "image-size": 32, "epochs": 1, "batch-size": 8,
+           "workers": 1, "max-count": 2, **hyperparameters}
+    return training_job_config(
+        job_name=name, image_uri="local/pytorch-training:cpu", role_arn="arn:aws:iam::000000000000:role/local",
+        source_s3_uri=f"s3://{bucket}/code/sourcedir.tar.gz",
+        channels={"train": f"s3://{bucket}/data/train/", "validation": f"s3://{bucket}/data/validation/"},
+        output_s3_uri=f"s3://{bucket}/models/", hyperparameters=hps, region="us-east-1")
+
+
+def wait(sm, name: str, timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        job = sm.describe_training_job(TrainingJobName=name)
+        if job["TrainingJobStatus"] in ("Completed", "Failed", "Stopped") or time.time() > deadline:
+            return job
+        time.sleep(0.5)
+
+
+def client(standin):
+    return boto3.client("sagemaker", endpoint_url=standin["endpoint"], region_name="us-east-1")
+
+
+def test_training_job_runs_train_py_and_leaves_a_loadable_model(standin, job_inputs, s3, aws_connection):
+    sm = client(standin)
+    arn = sm.create_training_job(**job_config(job_inputs, "job-ok"))["TrainingJobArn"]
+    assert arn.endswith("training-job/job-ok")
+    job = wait(sm, "job-ok")
+    assert job["TrainingJobStatus"] == "Completed", job.get("FailureReason")
+    statuses = [t["Status"] for t in job["SecondaryStatusTransitions"]]
+    assert statuses == ["Starting", "Downloading", "Training", "Uploading", "Completed"]
+    assert "not honoured" in job["SecondaryStatusTransitions"][0]["StatusMessage"]  # the instance type
+    metrics = {m["MetricName"] for m in job["FinalMetricDataList"]}
+    assert {"train:loss", "validation:accuracy", "validation:rmse"} <= metrics
+    artifact = job["ModelArtifacts"]["S3ModelArtifacts"]
+    assert artifact == f"s3://{job_inputs}/models/job-ok/output/model.tar.gz"
+    body = s3.get_object(Bucket=job_inputs, Key="models/job-ok/output/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        names = set(tar.getnames())
+        card = json.loads(tar.extractfile("model_card.json").read())
+    assert {"model.pth", "model_card.json", "code/inference.py"} <= names
+    assert card["model_version"] == "job-ok"  # TRAINING_JOB_NAME, as on SageMaker
+
+    listed = sm.list_training_jobs(NameContains="job-")["TrainingJobSummaries"]
+    assert [j["TrainingJobName"] for j in listed] == ["job-ok"]
+
+
+def test_bad_hyperparameter_fails_the_job_with_its_reason(standin, job_inputs, aws_connection):
+    sm = client(standin)
+    sm.create_training_job(**job_config(job_inputs, "job-bad", epochs=0))
+    job = wait(sm, "job-bad")
+    assert job["TrainingJobStatus"] == "Failed"
+    assert "--epochs must be at least 1" in job["FailureReason"]
+    assert job["FailureReason"].startswith("AlgorithmError")
+
+
+def test_errors_come_back_as_aws_sends_them(standin, job_inputs, aws_connection):
+    sm = client(standin)
+    sm.create_training_job(**job_config(job_inputs, "job-dup"))
+    with pytest.raises(ClientError) as caught:
+        sm.create_training_job(**job_config(job_inputs, "job-dup"))
+    assert caught.value.response["Error"]["Code"] == "ResourceInUse"
+    with pytest.raises(ClientError) as caught:
+        sm.describe_training_job(TrainingJobName="no-such-job")
+    assert caught.value.response["Error"]["Code"] == "ResourceNotFound"
+    # A request boto3 would refuse is refused here too, checked against the same service model.
+    body = json.dumps({"TrainingJobName": "x"}).encode()
+    headers = {"X-Amz-Target": "SageMaker.CreateTrainingJob"}
+    request = urllib.request.Request(standin["endpoint"], data=body, headers=headers, method="POST")  # noqa: S310
+    with pytest.raises(urllib.error.HTTPError) as http_error:
+        urllib.request.urlopen(request, timeout=10)  # noqa: S310
+    payload = json.loads(http_error.value.read())
+    assert http_error.value.code == 400 and payload["__type"] == "ValidationException"
+    assert "AlgorithmSpecification" in payload["message"] or "RoleArn" in payload["message"]
+    wait(sm, "job-dup")
+
+
+def test_stop_and_restart_keep_the_state(standin, job_inputs, moto_endpoint, aws_connection):
+    sm = client(standin)
+    sm.create_training_job(**job_config(job_inputs, "job-long", epochs=500))
+    deadline = time.time() + 120
+    while sm.describe_training_job(TrainingJobName="job-long")["SecondaryStatus"] != "Training":
+        assert time.time() < deadline
+        time.sleep(0.2)
+    sm.stop_training_job(TrainingJobName="job-long")
+    assert wait(sm, "job-long")["TrainingJobStatus"] == "Stopped"
+
+    standin["proc"].terminate()
+    standin["proc"].wait(timeout=10)
+    standin["proc"], standin["endpoint"] = start_standin(standin["state"], moto_endpoint)
+    again = client(standin).describe_training_job(TrainingJobName="job-long")
+    assert again["TrainingJobStatus"] == "Stopped"
