@@ -28,11 +28,11 @@ class AwsError(Exception):
 class SageMakerApi:
     """Training jobs (create, describe, list, stop), state kept as JSON under `state_dir`."""
 
-    def __init__(self, state_dir: Path, s3_endpoint: str, container_python: str, region: str = "us-east-1") -> None:
+    def __init__(self, state_dir: Path, aws_endpoint: str, container_python: str, region: str = "us-east-1") -> None:
         self.model = botocore.session.get_session().get_service_model("sagemaker")
         self.state_dir = Path(state_dir)
         (self.state_dir / "training-jobs").mkdir(parents=True, exist_ok=True)
-        self.s3_endpoint, self.python, self.region = s3_endpoint, container_python, region
+        self.aws_endpoint, self.python, self.region = aws_endpoint, container_python, region
         self.lock = threading.Lock()
         self.processes: dict[str, object] = {}
         self._recover()
@@ -59,7 +59,9 @@ class SageMakerApi:
     def _load(self, name: str) -> dict:
         path = self._job_file(name)
         if not path.is_file():
-            raise AwsError("ResourceNotFound", f"Requested resource not found: training job {name}")
+            # What AWS really answers (the service model lists ResourceNotFound, but SageMaker sends a
+            # ValidationException, and the Amazon provider's operators rely on that).
+            raise AwsError("ValidationException", f"Requested resource not found: training job {name}")
         return json.loads(path.read_text())
 
     def _save(self, job: dict) -> None:
@@ -69,8 +71,8 @@ class SageMakerApi:
         tmp.write_text(json.dumps(job))
         tmp.replace(path)
 
-    def _s3(self):
-        return boto3.client("s3", endpoint_url=self.s3_endpoint, region_name=self.region)
+    def _client(self, service: str):
+        return boto3.client(service, endpoint_url=self.aws_endpoint, region_name=self.region)
 
     def _recover(self) -> None:
         # A job that was running when the stand-in stopped cannot be resumed: say so, as AWS
@@ -130,8 +132,9 @@ class SageMakerApi:
                 self._save(current)
 
         try:
-            training.run_job(job, root, self._s3(), self.python, update,
-                             started_process=lambda proc: self.processes.__setitem__(name, proc))
+            training.run_job(job, root, self._client("s3"), self.python, update,
+                             started_process=lambda proc: self.processes.__setitem__(name, proc),
+                             logs=self._client("logs"))
         except Exception as exc:  # S3 unreachable, no credentials...: the job fails, saying why
             reason = f"ClientError: {type(exc).__name__}: {exc}"
             update(status="Failed", secondary="Failed", message=reason, FailureReason=reason[:1024])

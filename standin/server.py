@@ -1,6 +1,6 @@
 """HTTP front of the stand-in: the AWS JSON 1.1 protocol that boto3 speaks to SageMaker.
 
-  .venv/bin/python -m standin.server --s3-endpoint http://127.0.0.1:5000 \
+  .venv/bin/python -m standin.server --aws-endpoint http://127.0.0.1:5000 \
       --container-python .venv-container/bin/python [--port 5055] [--state-dir build/standin]
 
 boto3 reaches it with `endpoint_url` (or `AWS_ENDPOINT_URL_SAGEMAKER`); `GET /health` answers 200.
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     parser.add_argument("--port", type=int, default=5055, help="port to listen on")
     parser.add_argument("--state-dir", default="build/standin", help="jobs and their files; kept across restarts")
-    parser.add_argument("--s3-endpoint", required=True, help="S3 endpoint URL (the moto server)")
+    parser.add_argument("--aws-endpoint", required=True,
+                        help="endpoint of the other AWS services: S3 and CloudWatch Logs (the moto server)")
     parser.add_argument("--container-python", required=True, help="Python of the container-side environment")
     parser.add_argument("--log-file", default=None, help="log here as well as to stderr")
     args = parser.parse_args(argv)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_file:
         handlers.append(logging.FileHandler(args.log_file))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
-    api = SageMakerApi(Path(args.state_dir), args.s3_endpoint, args.container_python)
+    api = SageMakerApi(Path(args.state_dir), args.aws_endpoint, args.container_python)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(api))
     log.info("SageMaker stand-in on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     with contextlib.suppress(KeyboardInterrupt):

@@ -11,6 +11,7 @@ There is no container: `/opt/ml` is the job's folder, passed to the script as `S
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -146,9 +147,36 @@ def package_model(model_dir: Path) -> bytes:
     return buffer.getvalue()
 
 
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+
+
+class CloudWatchLog:
+    """The job's output in CloudWatch Logs under SageMaker's names (`<job>/algo-1-<time>`), so the
+    Amazon provider's `print_log` shows it in the Airflow task log. Lines are sent in batches."""
+
+    def __init__(self, logs, job_name: str, flush_every: float = 1.0) -> None:
+        self.logs, self.pending, self.flush_every, self.last = logs, [], flush_every, time.time()
+        self.stream = f"{job_name}/algo-1-{int(time.time())}"
+        with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
+            logs.create_log_group(logGroupName=LOG_GROUP)
+        logs.create_log_stream(logGroupName=LOG_GROUP, logStreamName=self.stream)
+
+    def write(self, line: str) -> None:
+        self.pending.append({"timestamp": int(time.time() * 1000), "message": line.rstrip("\n")})
+        if time.time() - self.last >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.logs.put_log_events(logGroupName=LOG_GROUP, logStreamName=self.stream, logEvents=self.pending)
+            self.pending = []
+        self.last = time.time()
+
+
 def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
-            started_process: Callable[[subprocess.Popen], None] | None = None) -> None:
-    """Run `job` to its end, reporting through `update(status=..., secondary=..., **fields)`."""
+            started_process: Callable[[subprocess.Popen], None] | None = None, logs=None) -> None:
+    """Run `job` to its end, reporting through `update(status=..., secondary=..., **fields)`.
+    With a CloudWatch Logs client, the script's output also goes there."""
     log_path = root / "job.log"
     update(status="InProgress", secondary="Downloading", message="Downloading input data and code")
     try:
@@ -160,6 +188,7 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
     definitions = job.get("AlgorithmSpecification", {}).get("MetricDefinitions", [])
     metrics: dict[str, float] = {}
     started = time.time()
+    cloudwatch = CloudWatchLog(logs, job["TrainingJobName"]) if logs is not None else None
     with log_path.open("a") as log:
         proc = subprocess.Popen([python, *command], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -168,8 +197,12 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
         for line in proc.stdout:
             log.write(line)
             log.flush()
+            if cloudwatch:
+                cloudwatch.write(line)
             parse_metrics(line, definitions, metrics)
         code = proc.wait()
+    if cloudwatch:
+        cloudwatch.flush()
     seconds = int(time.time() - started)
     final = [{"MetricName": k, "Value": v, "Timestamp": time.time()} for k, v in sorted(metrics.items())]
     if code < 0:  # killed by StopTrainingJob

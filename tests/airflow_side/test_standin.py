@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .ve
 def start_standin(state_dir, s3_endpoint) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "standin.server", "--port", str(port), "--state-dir",
-                             str(state_dir), "--s3-endpoint", s3_endpoint, "--container-python",
+                             str(state_dir), "--aws-endpoint", s3_endpoint, "--container-python",
                              str(CONTAINER_PYTHON)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
@@ -128,7 +128,8 @@ def test_errors_come_back_as_aws_sends_them(standin, job_inputs, aws_connection)
     assert caught.value.response["Error"]["Code"] == "ResourceInUse"
     with pytest.raises(ClientError) as caught:
         sm.describe_training_job(TrainingJobName="no-such-job")
-    assert caught.value.response["Error"]["Code"] == "ResourceNotFound"
+    assert caught.value.response["Error"]["Code"] == "ValidationException"  # as SageMaker answers
+    assert "Requested resource not found" in caught.value.response["Error"]["Message"]
     # A request boto3 would refuse is refused here too, checked against the same service model.
     body = json.dumps({"TrainingJobName": "x"}).encode()
     headers = {"X-Amz-Target": "SageMaker.CreateTrainingJob"}
@@ -156,3 +157,21 @@ def test_stop_and_restart_keep_the_state(standin, job_inputs, moto_endpoint, aws
     standin["proc"], standin["endpoint"] = start_standin(standin["state"], moto_endpoint)
     again = client(standin).describe_training_job(TrainingJobName="job-long")
     assert again["TrainingJobStatus"] == "Stopped"
+
+
+def test_the_providers_training_operator_runs_against_the_standin(standin, job_inputs, moto_endpoint, monkeypatch,
+                                                                   capfd):
+    from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
+
+    # The only local part: the connection's endpoints (moto for S3 and logs, the stand-in for SageMaker).
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "extra": {
+        "endpoint_url": moto_endpoint, "region_name": "us-east-1",
+        "service_config": {"sagemaker": {"endpoint_url": standin["endpoint"]}}}}))
+    operator = SageMakerTrainingOperator(task_id="train", config=job_config(job_inputs, "job-operator"),
+                                         print_log=True, check_interval=1)
+    result = operator.execute(context={})
+    assert result["Training"]["TrainingJobStatus"] == "Completed"
+    # The script's metric lines reached the task log (Airflow's structured log) through CloudWatch Logs.
+    out, err = capfd.readouterr()
+    assert "epoch=1 train_loss=" in out + err
+    assert "SageMakerHook" in next(line for line in (out + err).splitlines() if "epoch=1 train_loss=" in line)
