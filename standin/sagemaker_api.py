@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -15,6 +17,29 @@ from standin import training
 
 ACCOUNT = "000000000000"
 TERMINAL = ("Completed", "Failed", "Stopped")
+
+
+@dataclass(frozen=True)
+class Resource:
+    folder: str
+    name_field: str
+    arn_field: str
+    missing: str  # AWS's message for a name that does not exist
+    duplicate_code: str
+    duplicate: str  # AWS's message for a name that exists already
+
+
+RESOURCES = {
+    "training-job": Resource(
+        "training-jobs", "TrainingJobName", "TrainingJobArn", "Requested resource not found: {arn}",
+        "ResourceInUse", "Training job names must be unique within an AWS account and region, and a training "
+                         "job with this name already exists ({arn})"),
+    "model": Resource("models", "ModelName", "ModelArn", 'Could not find model "{arn}".',
+                      "ValidationException", 'Cannot create already existing model "{arn}".'),
+    "endpoint-config": Resource(
+        "endpoint-configs", "EndpointConfigName", "EndpointConfigArn", 'Could not find endpoint configuration "{arn}".',
+        "ValidationException", 'Cannot create already existing endpoint configuration "{arn}".'),
+}
 
 
 class AwsError(Exception):
@@ -31,7 +56,6 @@ class SageMakerApi:
     def __init__(self, state_dir: Path, aws_endpoint: str, container_python: str, region: str = "us-east-1") -> None:
         self.model = botocore.session.get_session().get_service_model("sagemaker")
         self.state_dir = Path(state_dir)
-        (self.state_dir / "training-jobs").mkdir(parents=True, exist_ok=True)
         self.aws_endpoint, self.python, self.region = aws_endpoint, container_python, region
         self.lock = threading.Lock()
         self.processes: dict[str, object] = {}
@@ -53,23 +77,45 @@ class SageMakerApi:
                            "(see standin/README.md)")
         return handler(params)
 
-    def _job_file(self, name: str) -> Path:
-        return self.state_dir / "training-jobs" / name / "job.json"
+    def _file(self, kind: str, name: str) -> Path:
+        return self.state_dir / RESOURCES[kind].folder / name / "resource.json"
 
-    def _load(self, name: str) -> dict:
-        path = self._job_file(name)
+    def _arn(self, kind: str, name: str) -> str:
+        return f"arn:aws:sagemaker:{self.region}:{ACCOUNT}:{kind}/{name.lower()}"
+
+    def _get(self, kind: str, name: str) -> dict:
+        path = self._file(kind, name)
         if not path.is_file():
-            # What AWS really answers (the service model lists ResourceNotFound, but SageMaker sends a
-            # ValidationException, and the Amazon provider's operators rely on that).
-            raise AwsError("ValidationException", f"Requested resource not found: training job {name}")
+            # What AWS really answers: a ValidationException (the service model lists ResourceNotFound
+            # for some operations, but SageMaker sends this, and the Amazon provider relies on it).
+            raise AwsError("ValidationException", RESOURCES[kind].missing.format(arn=self._arn(kind, name)))
         return json.loads(path.read_text())
 
-    def _save(self, job: dict) -> None:
-        path = self._job_file(job["TrainingJobName"])
+    def _put(self, kind: str, record: dict) -> None:
+        path = self._file(kind, record[RESOURCES[kind].name_field])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(job))
+        tmp.write_text(json.dumps(record))
         tmp.replace(path)
+
+    def _all(self, kind: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in (self.state_dir / RESOURCES[kind].folder).glob("*/resource.json")]
+
+    def _create(self, kind: str, params: dict) -> dict:
+        """Store a new resource with its ARN and creation time; a duplicate name is refused."""
+        spec = RESOURCES[kind]
+        name = params[spec.name_field]
+        if self._file(kind, name).exists():
+            raise AwsError(spec.duplicate_code, spec.duplicate.format(arn=self._arn(kind, name), name=name))
+        now = time.time()
+        record = {**params, spec.arn_field: self._arn(kind, name), "CreationTime": now, "LastModifiedTime": now}
+        self._put(kind, record)
+        return record
+
+    def _delete(self, kind: str, name: str) -> dict:
+        self._get(kind, name)
+        shutil.rmtree(self._file(kind, name).parent)
+        return {}
 
     def _client(self, service: str):
         return boto3.client(service, endpoint_url=self.aws_endpoint, region_name=self.region)
@@ -77,22 +123,16 @@ class SageMakerApi:
     def _recover(self) -> None:
         # A job that was running when the stand-in stopped cannot be resumed: say so, as AWS
         # would for a lost instance.
-        for path in (self.state_dir / "training-jobs").glob("*/job.json"):
-            job = json.loads(path.read_text())
+        for job in self._all("training-job"):
             if job["TrainingJobStatus"] not in TERMINAL:
                 job.update(TrainingJobStatus="Failed", SecondaryStatus="Failed",
                            FailureReason="InternalServerError: the local stand-in restarted during the job")
-                self._save(job)
+                self._put("training-job", job)
 
     # -- training jobs --------------------------------------------------------------------------
     def op_CreateTrainingJob(self, params: dict) -> dict:
         name = params["TrainingJobName"]
         with self.lock:
-            if self._job_file(name).exists():
-                raise AwsError("ResourceInUse", f"Training job names must be unique within an AWS account and "
-                                                f"region, and a training job with this name already exists ({name})")
-            now = time.time()
-            arn = f"arn:aws:sagemaker:{self.region}:{ACCOUNT}:training-job/{name.lower()}"
             notes = []
             resources = params.get("ResourceConfig", {})
             if resources.get("InstanceType") or resources.get("InstanceCount", 1) != 1:
@@ -102,21 +142,21 @@ class SageMakerApi:
                 notes.append("managed spot not honoured locally")
             if params.get("VpcConfig"):
                 notes.append("VPC config not honoured locally")
-            job = {**params, "TrainingJobArn": arn, "TrainingJobStatus": "InProgress",
-                   "SecondaryStatus": "Starting", "CreationTime": now, "LastModifiedTime": now,
-                   "SecondaryStatusTransitions": [{"Status": "Starting", "StartTime": now,
-                                                   "StatusMessage": "; ".join(["Starting the local process", *notes])}]}
-            self._save(job)
+            now = time.time()
+            message = "; ".join(["Starting the local process", *notes])
+            job = self._create("training-job", {
+                **params, "TrainingJobStatus": "InProgress", "SecondaryStatus": "Starting",
+                "SecondaryStatusTransitions": [{"Status": "Starting", "StartTime": now, "StatusMessage": message}]})
         threading.Thread(target=self._run, args=(name,), daemon=True, name=f"job-{name}").start()
-        return {"TrainingJobArn": arn}
+        return {"TrainingJobArn": job["TrainingJobArn"]}
 
     def _run(self, name: str) -> None:
-        job = self._load(name)
-        root = self._job_file(name).parent / "opt-ml"
+        job = self._get("training-job", name)
+        root = self._file("training-job", name).parent / "opt-ml"
 
         def update(status: str, secondary: str, message: str, **fields) -> None:
             with self.lock:
-                current = self._load(name)
+                current = self._get("training-job", name)
                 now = time.time()
                 if current["TrainingJobStatus"] == "Stopping" and status == "InProgress":
                     return
@@ -129,7 +169,7 @@ class SageMakerApi:
                 if status in TERMINAL:
                     current["TrainingEndTime"] = now
                 current.update(TrainingJobStatus=status, SecondaryStatus=secondary, LastModifiedTime=now, **fields)
-                self._save(current)
+                self._put("training-job", current)
 
         try:
             training.run_job(job, root, self._client("s3"), self.python, update,
@@ -142,10 +182,10 @@ class SageMakerApi:
             self.processes.pop(name, None)
 
     def op_DescribeTrainingJob(self, params: dict) -> dict:
-        return self._load(params["TrainingJobName"])
+        return self._get("training-job", params["TrainingJobName"])
 
     def op_ListTrainingJobs(self, params: dict) -> dict:
-        jobs = [json.loads(p.read_text()) for p in (self.state_dir / "training-jobs").glob("*/job.json")]
+        jobs = self._all("training-job")
         if params.get("NameContains"):
             jobs = [j for j in jobs if params["NameContains"] in j["TrainingJobName"]]
         if params.get("StatusEquals"):
@@ -165,12 +205,37 @@ class SageMakerApi:
     def op_StopTrainingJob(self, params: dict) -> dict:
         name = params["TrainingJobName"]
         with self.lock:
-            job = self._load(name)
+            job = self._get("training-job", name)
             if job["TrainingJobStatus"] in TERMINAL:
                 raise AwsError("ValidationException", f"The training job {name} is already {job['TrainingJobStatus']}")
             job.update(TrainingJobStatus="Stopping", SecondaryStatus="Stopping", LastModifiedTime=time.time())
-            self._save(job)
+            self._put("training-job", job)
         proc = self.processes.get(name)
         if proc is not None:
             proc.terminate()
         return {}
+
+    # -- models and endpoint configurations (records; endpoints serve them) -------------------------
+    def op_CreateModel(self, params: dict) -> dict:
+        with self.lock:
+            return {"ModelArn": self._create("model", params)["ModelArn"]}
+
+    def op_DescribeModel(self, params: dict) -> dict:
+        return self._get("model", params["ModelName"])
+
+    def op_DeleteModel(self, params: dict) -> dict:
+        with self.lock:
+            return self._delete("model", params["ModelName"])
+
+    def op_CreateEndpointConfig(self, params: dict) -> dict:
+        with self.lock:
+            for variant in params["ProductionVariants"]:
+                self._get("model", variant["ModelName"])  # AWS refuses a config of a model it does not know
+            return {"EndpointConfigArn": self._create("endpoint-config", params)["EndpointConfigArn"]}
+
+    def op_DescribeEndpointConfig(self, params: dict) -> dict:
+        return self._get("endpoint-config", params["EndpointConfigName"])
+
+    def op_DeleteEndpointConfig(self, params: dict) -> dict:
+        with self.lock:
+            return self._delete("endpoint-config", params["EndpointConfigName"])

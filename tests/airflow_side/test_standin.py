@@ -175,3 +175,28 @@ def test_the_providers_training_operator_runs_against_the_standin(standin, job_i
     out, err = capfd.readouterr()
     assert "epoch=1 train_loss=" in out + err
     assert "SageMakerHook" in next(line for line in (out + err).splitlines() if "epoch=1 train_loss=" in line)
+
+
+def test_models_and_endpoint_configs(standin, aws_connection):
+    sm = client(standin)
+    model = {"ModelName": "bin-count-1", "ExecutionRoleArn": "arn:aws:iam::000000000000:role/local",
+             "PrimaryContainer": {"Image": "local/pytorch-inference:cpu", "ModelDataUrl": "s3://b/m/model.tar.gz"}}
+    assert sm.create_model(**model)["ModelArn"].endswith(":model/bin-count-1")
+    assert sm.describe_model(ModelName="bin-count-1")["PrimaryContainer"]["ModelDataUrl"] == "s3://b/m/model.tar.gz"
+    with pytest.raises(ClientError, match="Cannot create already existing model"):
+        sm.create_model(**model)
+    variant = {"VariantName": "AllTraffic", "ModelName": "bin-count-1", "InstanceType": "ml.m5.large",
+               "InitialInstanceCount": 1}
+    sm.create_endpoint_config(EndpointConfigName="bin-count-1", ProductionVariants=[variant])
+    assert sm.describe_endpoint_config(EndpointConfigName="bin-count-1")["ProductionVariants"][0]["ModelName"] == \
+        "bin-count-1"
+    with pytest.raises(ClientError, match="Could not find model"):
+        sm.create_endpoint_config(EndpointConfigName="other", ProductionVariants=[{**variant, "ModelName": "nope"}])
+    sm.delete_endpoint_config(EndpointConfigName="bin-count-1")
+    sm.delete_model(ModelName="bin-count-1")
+    with pytest.raises(ClientError) as caught:
+        sm.describe_model(ModelName="bin-count-1")
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+    with pytest.raises(ClientError) as caught:
+        sm.create_endpoint(EndpointName="e", EndpointConfigName="bin-count-1")
+    assert caught.value.response["Error"]["Code"] == "UnknownOperationException"  # not served yet, and says so
