@@ -14,6 +14,7 @@ import botocore.session
 from botocore.validate import ParamValidator
 
 from standin import training
+from standin.endpoints import EndpointHost, WorkerFailed
 
 ACCOUNT = "000000000000"
 TERMINAL = ("Completed", "Failed", "Stopped")
@@ -36,6 +37,9 @@ RESOURCES = {
                          "job with this name already exists ({arn})"),
     "model": Resource("models", "ModelName", "ModelArn", 'Could not find model "{arn}".',
                       "ValidationException", 'Cannot create already existing model "{arn}".'),
+    "endpoint": Resource(
+        "endpoints", "EndpointName", "EndpointArn", 'Could not find endpoint "{arn}".',
+        "ValidationException", 'Cannot create already existing endpoint "{arn}".'),
     "endpoint-config": Resource(
         "endpoint-configs", "EndpointConfigName", "EndpointConfigArn", 'Could not find endpoint configuration "{arn}".',
         "ValidationException", 'Cannot create already existing endpoint configuration "{arn}".'),
@@ -45,9 +49,9 @@ RESOURCES = {
 class AwsError(Exception):
     """An error as AWS sends it: a code (the `__type`) and a message."""
 
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
+    def __init__(self, code: str, message: str, status: int = 400, extra: dict | None = None) -> None:
         super().__init__(message)
-        self.code, self.message, self.status = code, message, status
+        self.code, self.message, self.status, self.extra = code, message, status, extra or {}
 
 
 class SageMakerApi:
@@ -59,6 +63,8 @@ class SageMakerApi:
         self.aws_endpoint, self.python, self.region = aws_endpoint, container_python, region
         self.lock = threading.Lock()
         self.processes: dict[str, object] = {}
+        self.endpoints = EndpointHost(self.state_dir / "endpoint-workers", container_python,
+                                      lambda: self._client("s3"))
         self._recover()
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -128,6 +134,12 @@ class SageMakerApi:
                 job.update(TrainingJobStatus="Failed", SecondaryStatus="Failed",
                            FailureReason="InternalServerError: the local stand-in restarted during the job")
                 self._put("training-job", job)
+        # Endpoints come back up with the configuration they were serving.
+        for endpoint in self._all("endpoint"):
+            if endpoint.get("EndpointConfigName"):
+                endpoint.update(EndpointStatus="Creating")
+                self._put("endpoint", endpoint)
+                self._deploy_async(endpoint["EndpointName"], endpoint["EndpointConfigName"], updating=False)
 
     # -- training jobs --------------------------------------------------------------------------
     def op_CreateTrainingJob(self, params: dict) -> dict:
@@ -239,3 +251,78 @@ class SageMakerApi:
     def op_DeleteEndpointConfig(self, params: dict) -> dict:
         with self.lock:
             return self._delete("endpoint-config", params["EndpointConfigName"])
+
+    # -- endpoints ----------------------------------------------------------------------------------
+    def _deploy_async(self, name: str, config_name: str, updating: bool) -> None:
+        threading.Thread(target=self._deploy, args=(name, config_name, updating), daemon=True,
+                         name=f"endpoint-{name}").start()
+
+    def _deploy(self, name: str, config_name: str, updating: bool) -> None:
+        config = self._get("endpoint-config", config_name)
+        variant = config["ProductionVariants"][0]
+        try:
+            model = self._get("model", variant["ModelName"])
+            worker = self.endpoints.start(name, config_name, model["PrimaryContainer"]["ModelDataUrl"])
+        except (AwsError, WorkerFailed) as exc:
+            reason = exc.message if isinstance(exc, AwsError) else str(exc)
+            with self.lock:
+                endpoint = self._get("endpoint", name)
+                # A failed update leaves the old model serving; a failed creation leaves nothing.
+                endpoint.update(EndpointStatus="InService" if updating else "Failed",
+                                FailureReason=reason[:1024], LastModifiedTime=time.time())
+                self._put("endpoint", endpoint)
+            return
+        self.endpoints.switch(name, worker)
+        with self.lock:
+            endpoint = self._get("endpoint", name)
+            endpoint.pop("FailureReason", None)
+            endpoint.update(EndpointStatus="InService", EndpointConfigName=config_name, LastModifiedTime=time.time(),
+                            ProductionVariants=[{"VariantName": variant["VariantName"],
+                                                 "CurrentInstanceCount": 1, "DesiredInstanceCount": 1}])
+            self._put("endpoint", endpoint)
+
+    def op_CreateEndpoint(self, params: dict) -> dict:
+        with self.lock:
+            self._get("endpoint-config", params["EndpointConfigName"])
+            endpoint = self._create("endpoint", {**params, "EndpointStatus": "Creating"})
+        self._deploy_async(params["EndpointName"], params["EndpointConfigName"], updating=False)
+        return {"EndpointArn": endpoint["EndpointArn"]}
+
+    def op_DescribeEndpoint(self, params: dict) -> dict:
+        return self._get("endpoint", params["EndpointName"])
+
+    def op_UpdateEndpoint(self, params: dict) -> dict:
+        name = params["EndpointName"]
+        with self.lock:
+            endpoint = self._get("endpoint", name)
+            self._get("endpoint-config", params["EndpointConfigName"])
+            if endpoint["EndpointStatus"] != "InService":
+                arn = endpoint["EndpointArn"]
+                raise AwsError("ValidationException", f'Cannot update in-progress endpoint "{arn}".')
+            endpoint.update(EndpointStatus="Updating", LastModifiedTime=time.time())
+            self._put("endpoint", endpoint)
+        self._deploy_async(name, params["EndpointConfigName"], updating=True)
+        return {"EndpointArn": endpoint["EndpointArn"]}
+
+    def op_DeleteEndpoint(self, params: dict) -> dict:
+        with self.lock:
+            self.endpoints.stop(params["EndpointName"])
+            return self._delete("endpoint", params["EndpointName"])
+
+    def invoke(self, name: str, body: bytes, content_type: str | None, accept: str | None) -> tuple[bytes, str]:
+        """SageMaker Runtime InvokeEndpoint: the model server's answer, or its error as ModelError."""
+        endpoint = self._get("endpoint", name)
+        if endpoint["EndpointStatus"] not in ("InService", "Updating"):
+            raise AwsError("ValidationException", f"Endpoint {name} is {endpoint['EndpointStatus']}, not InService.")
+        try:
+            status, payload, response_type = self.endpoints.invoke(name, body, content_type, accept)
+        except KeyError as exc:
+            raise AwsError("ServiceUnavailable", f"Endpoint {name} has no running model", 503) from exc
+        except OSError as exc:
+            raise AwsError("ModelNotReadyException", f"the model server did not answer: {exc}", 424) from exc
+        if status != 200:
+            message = payload.decode(errors="replace")
+            raise AwsError("ModelError", f"Received {'client' if status < 500 else 'server'} error ({status}) from "
+                                         f"primary with message \"{message}\".", 424,
+                           extra={"OriginalStatusCode": status, "OriginalMessage": message})
+        return payload, response_type

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,9 +41,34 @@ def make_handler(api: SageMakerApi):
             else:
                 self._send(404, {"__type": "UnknownOperationException", "message": f"no such path {self.path}"})
 
+        def _runtime(self, raw: bytes) -> None:
+            """SageMaker Runtime (REST-JSON): POST /endpoints/<name>/invocations."""
+            name = self.path.split("/")[2]
+            try:
+                payload, content_type = api.invoke(name, raw, self.headers.get("Content-Type"),
+                                                   self.headers.get("Accept"))
+            except AwsError as exc:
+                body = json.dumps({"message": exc.message, **exc.extra}).encode()
+                self.send_response(exc.status)
+                self.send_header("x-amzn-ErrorType", exc.code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("x-Amzn-Invoked-Production-Variant", "AllTraffic")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
-            raw = self.rfile.read(length) if length else b"{}"
+            raw = self.rfile.read(length) if length else b""
+            if self.path.startswith("/endpoints/") and self.path.endswith("/invocations"):
+                self._runtime(raw)
+                return
             service, _, operation = self.headers.get("X-Amz-Target", "").partition(".")
             try:
                 if service != "SageMaker":
@@ -56,7 +82,7 @@ def make_handler(api: SageMakerApi):
                 self._send(200, result)
             except AwsError as exc:
                 log.info("%s -> %s %s", operation, exc.status, exc.code)
-                self._send(exc.status, {"__type": exc.code, "message": exc.message})
+                self._send(exc.status, {"__type": exc.code, "message": exc.message, **exc.extra})
             except Exception as exc:  # never let one request take the server down
                 log.exception("%s failed", operation)
                 self._send(500, {"__type": "InternalFailure", "message": f"{type(exc).__name__}: {exc}"})
@@ -84,9 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     api = SageMakerApi(Path(args.state_dir), args.aws_endpoint, args.container_python)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(api))
     log.info("SageMaker stand-in on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.serve_forever()
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
+    finally:
+        api.endpoints.stop_all()  # no model server outlives the stand-in
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -198,5 +198,62 @@ def test_models_and_endpoint_configs(standin, aws_connection):
         sm.describe_model(ModelName="bin-count-1")
     assert caught.value.response["Error"]["Code"] == "ValidationException"
     with pytest.raises(ClientError) as caught:
-        sm.create_endpoint(EndpointName="e", EndpointConfigName="bin-count-1")
-    assert caught.value.response["Error"]["Code"] == "UnknownOperationException"  # not served yet, and says so
+        sm.create_endpoint(EndpointName="e", EndpointConfigName="bin-count-1")  # deleted above
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+
+
+def deployed_model(sm, name: str, training_job: str) -> str:
+    """A model and an endpoint config for a finished training job's model.tar.gz."""
+    artifact = sm.describe_training_job(TrainingJobName=training_job)["ModelArtifacts"]["S3ModelArtifacts"]
+    sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::000000000000:role/local",
+                    PrimaryContainer={"Image": "local/pytorch-inference:cpu", "ModelDataUrl": artifact})
+    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
+        {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+    return name
+
+
+def wait_endpoint(sm, name: str, timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        endpoint = sm.describe_endpoint(EndpointName=name)
+        if endpoint["EndpointStatus"] in ("InService", "Failed") or time.time() > deadline:
+            return endpoint
+        time.sleep(0.3)
+
+
+def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs, s3, tmp_path, aws_connection):
+    sm = client(standin)
+    sm.create_training_job(**job_config(job_inputs, "job-serve"))
+    assert wait(sm, "job-serve")["TrainingJobStatus"] == "Completed"
+    deployed_model(sm, "serve-v1", "job-serve")
+    sm.create_endpoint(EndpointName="bin-count", EndpointConfigName="serve-v1")
+    assert wait_endpoint(sm, "bin-count")["EndpointStatus"] == "InService"
+
+    runtime = boto3.client("sagemaker-runtime", endpoint_url=standin["endpoint"], region_name="us-east-1")
+    image = next((tmp_path / "train").rglob("*.jpg")).read_bytes()
+    answer = runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg", Body=image)
+    assert answer["ContentType"] == "application/json"
+    prediction = json.loads(answer["Body"].read())
+    assert prediction["model_version"] == "job-serve" and prediction["count"] in (0, 1, 2)
+
+    with pytest.raises(ClientError) as caught:  # the handler's 415 comes back as a ModelError
+        runtime.invoke_endpoint(EndpointName="bin-count", ContentType="text/csv", Body=b"1,2")
+    assert caught.value.response["Error"]["Code"] == "ModelError"
+    assert caught.value.response["OriginalStatusCode"] == 415
+
+    # An update to a model that cannot load: the endpoint keeps serving the old one and says why.
+    s3.put_object(Bucket=job_inputs, Key="broken/model.tar.gz", Body=b"not a tarball")
+    sm.create_model(ModelName="broken", ExecutionRoleArn="arn:aws:iam::000000000000:role/local",
+                    PrimaryContainer={"Image": "local", "ModelDataUrl": f"s3://{job_inputs}/broken/model.tar.gz"})
+    sm.create_endpoint_config(EndpointConfigName="broken", ProductionVariants=[
+        {"VariantName": "AllTraffic", "ModelName": "broken", "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+    sm.update_endpoint(EndpointName="bin-count", EndpointConfigName="broken")
+    time.sleep(0.5)
+    endpoint = wait_endpoint(sm, "bin-count")
+    assert endpoint["EndpointStatus"] == "InService" and endpoint["EndpointConfigName"] == "serve-v1"
+    assert "not a model.tar.gz" in endpoint["FailureReason"]
+    assert json.loads(runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg",
+                                              Body=image)["Body"].read())["model_version"] == "job-serve"
+    sm.delete_endpoint(EndpointName="bin-count")
+    with pytest.raises(ClientError):
+        runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg", Body=image)

@@ -1,0 +1,111 @@
+"""Endpoint workers: one model server process (standin/model_worker.py) per endpoint, in the
+container-side environment, on a loopback port. An update starts the new worker beside the old one
+and switches only once it answers `/ping`, so requests in flight are not dropped and a model that
+fails to load leaves the old one serving.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import tarfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+WORKER = Path(__file__).resolve().parent / "model_worker.py"
+
+
+class WorkerFailed(RuntimeError):
+    """The model did not load; the message carries the end of the worker's log."""
+
+
+@dataclass
+class Worker:
+    port: int
+    process: subprocess.Popen
+    model_dir: Path
+    config_name: str
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EndpointHost:
+    def __init__(self, root: Path, python: str, s3_factory, load_timeout: float = 180.0) -> None:
+        self.root, self.python, self.s3_factory, self.load_timeout = root, python, s3_factory, load_timeout
+        self.live: dict[str, Worker] = {}
+        self.lock = threading.Lock()
+
+    def start(self, endpoint: str, config_name: str, model_data_url: str) -> Worker:
+        """Download and extract the model, start a worker, wait until it answers /ping."""
+        bucket, _, key = model_data_url[5:].partition("/")
+        model_dir = self.root / endpoint / f"{config_name}-{int(time.time() * 1000)}"
+        model_dir.mkdir(parents=True)
+        try:
+            archive = self.s3_factory().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            raise WorkerFailed(f"could not download the model {model_data_url}: {exc}") from exc
+        try:
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                tar.extractall(model_dir, filter="data")
+        except tarfile.TarError as exc:
+            raise WorkerFailed(f"{model_data_url} is not a model.tar.gz: {exc}") from exc
+        port = _free_port()
+        log_path = model_dir.with_suffix(".log")
+        with log_path.open("w") as log:
+            process = subprocess.Popen([self.python, str(WORKER), "--model-dir", str(model_dir), "--port", str(port)],
+                                       stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + self.load_timeout
+        while time.time() < deadline:
+            if process.poll() is not None:
+                tail = log_path.read_text()[-800:]
+                raise WorkerFailed(f"the model server exited while loading the model: {tail}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                return Worker(port, process, model_dir, config_name)
+            except OSError:
+                time.sleep(0.2)
+        process.kill()
+        raise WorkerFailed(f"the model did not answer /ping within {self.load_timeout:.0f}s")
+
+    def switch(self, endpoint: str, worker: Worker) -> None:
+        with self.lock:
+            old = self.live.get(endpoint)
+            self.live[endpoint] = worker
+        if old is not None:
+            # Requests already sent to the old worker finish; new ones go to the new worker.
+            threading.Timer(5.0, old.process.terminate).start()
+
+    def stop(self, endpoint: str) -> None:
+        with self.lock:
+            worker = self.live.pop(endpoint, None)
+        if worker is not None:
+            worker.process.terminate()
+
+    def stop_all(self) -> None:
+        for name in list(self.live):
+            self.stop(name)
+
+    def invoke(self, endpoint: str, body: bytes, content_type: str | None, accept: str | None,
+               timeout: float = 60.0) -> tuple[int, bytes, str]:
+        """(status, body, content type) as the model server answered."""
+        with self.lock:
+            worker = self.live.get(endpoint)
+        if worker is None:
+            raise KeyError(endpoint)
+        headers = {"Content-Type": content_type or "application/octet-stream", "Accept": accept or "*/*"}
+        request = urllib.request.Request(f"http://127.0.0.1:{worker.port}/invocations", data=body,
+                                         headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback
+                return response.status, response.read(), response.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), exc.headers.get("Content-Type", "")
