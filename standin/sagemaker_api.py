@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import random
 import shutil
 import threading
 import time
@@ -13,7 +16,7 @@ import boto3
 import botocore.session
 from botocore.validate import ParamValidator
 
-from standin import training
+from standin import training, tuning
 from standin.endpoints import EndpointHost, WorkerFailed
 
 ACCOUNT = "000000000000"
@@ -35,6 +38,10 @@ RESOURCES = {
         "training-jobs", "TrainingJobName", "TrainingJobArn", "Requested resource not found: {arn}",
         "ResourceInUse", "Training job names must be unique within an AWS account and region, and a training "
                          "job with this name already exists ({arn})"),
+    "hyper-parameter-tuning-job": Resource(
+        "tuning-jobs", "HyperParameterTuningJobName", "HyperParameterTuningJobArn",
+        "Requested resource not found: {arn}", "ResourceInUse",
+        "Tuning job names must be unique within an AWS account and region ({arn})"),
     "model": Resource("models", "ModelName", "ModelArn", 'Could not find model "{arn}".',
                       "ValidationException", 'Cannot create already existing model "{arn}".'),
     "endpoint": Resource(
@@ -134,6 +141,11 @@ class SageMakerApi:
                 job.update(TrainingJobStatus="Failed", SecondaryStatus="Failed",
                            FailureReason="InternalServerError: the local stand-in restarted during the job")
                 self._put("training-job", job)
+        for job in self._all("hyper-parameter-tuning-job"):
+            if job["HyperParameterTuningJobStatus"] not in TERMINAL:
+                job.update(HyperParameterTuningJobStatus="Failed",
+                           FailureReason="InternalServerError: the local stand-in restarted during the tuning job")
+                self._put("hyper-parameter-tuning-job", job)
         # Endpoints come back up with the configuration they were serving.
         for endpoint in self._all("endpoint"):
             if endpoint.get("EndpointConfigName"):
@@ -326,3 +338,147 @@ class SageMakerApi:
                                          f"primary with message \"{message}\".", 424,
                            extra={"OriginalStatusCode": status, "OriginalMessage": message})
         return payload, response_type
+
+    # -- hyperparameter tuning jobs -------------------------------------------------------------------
+    def op_CreateHyperParameterTuningJob(self, params: dict) -> dict:
+        config = params["HyperParameterTuningJobConfig"]
+        definition = params.get("TrainingJobDefinition")
+        if definition is None:
+            raise AwsError("ValidationException", "the stand-in needs TrainingJobDefinition (one definition)")
+        metric = config.get("HyperParameterTuningJobObjective", {}).get("MetricName")
+        names = {d["Name"] for d in definition["AlgorithmSpecification"].get("MetricDefinitions", [])}
+        if metric not in names:
+            raise AwsError("ValidationException", f"The objective metric {metric} is not among the metric "
+                                                  f"definitions of the training job definition ({sorted(names)})")
+        with self.lock:
+            job = self._create("hyper-parameter-tuning-job", {
+                **params, "HyperParameterTuningJobStatus": "InProgress",
+                "TrainingJobStatusCounters": {"Completed": 0, "InProgress": 0, "RetryableError": 0,
+                                              "NonRetryableError": 0, "Stopped": 0},
+                "ObjectiveStatusCounters": {"Succeeded": 0, "Pending": 0, "Failed": 0}})
+        threading.Thread(target=self._tune, args=(params["HyperParameterTuningJobName"],), daemon=True).start()
+        return {"HyperParameterTuningJobArn": job["HyperParameterTuningJobArn"]}
+
+    def _tune(self, name: str) -> None:
+        job = self._get("hyper-parameter-tuning-job", name)
+        config, definition = job["HyperParameterTuningJobConfig"], job["TrainingJobDefinition"]
+        objective = config["HyperParameterTuningJobObjective"]
+        maximize = objective["Type"] == "Maximize"
+        limits = config["ResourceLimits"]
+        total = limits["MaxNumberOfTrainingJobs"]
+        # One core per trial at least: more parallel trials than cores only slows every one of them.
+        parallel = max(1, min(limits["MaxParallelTrainingJobs"], os.cpu_count() or 1))
+        rng = random.Random(int(hashlib.sha256(name.encode()).hexdigest(), 16) % 2**32)
+        trials: list[str] = []
+        history: list[tuple[dict, float]] = []
+        while True:
+            tuning_job = self._get("hyper-parameter-tuning-job", name)
+            stopping = tuning_job["HyperParameterTuningJobStatus"] == "Stopping"
+            states = {t: self._get("training-job", t) for t in trials}
+            running = [t for t, s in states.items() if s["TrainingJobStatus"] not in TERMINAL]
+            history = [(s["TunedHyperParameters"], v) for s in states.values()
+                       if (v := self._objective(s, objective["MetricName"])) is not None]
+            if stopping:
+                for t in running:
+                    self.op_StopTrainingJob({"TrainingJobName": t})
+            elif len(running) < parallel and len(trials) < total:
+                tuned = tuning.next_configuration(config.get("Strategy", "Bayesian"), config["ParameterRanges"],
+                                                  rng, history, maximize)
+                trials.append(self._start_trial(tuning_job, definition, len(trials) + 1, tuned))
+                continue
+            self._record_tuning_progress(name, states, objective, maximize, finished=not running and
+                                         (stopping or len(trials) >= total))
+            if not running and (stopping or len(trials) >= total):
+                return
+            time.sleep(0.5)
+
+    def _start_trial(self, tuning_job: dict, definition: dict, number: int, tuned: dict[str, str]) -> str:
+        digest = hashlib.sha256(json.dumps(tuned, sort_keys=True).encode()).hexdigest()[:8]
+        trial = f"{tuning_job['HyperParameterTuningJobName'][:23]}-{number:03d}-{digest}"
+        params = {k: v for k, v in definition.items()
+                  if k in ("AlgorithmSpecification", "RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
+                           "StoppingCondition", "CheckpointConfig", "EnableManagedSpotTraining", "Environment")}
+        params["AlgorithmSpecification"] = {k: v for k, v in params["AlgorithmSpecification"].items()
+                                            if k in ("TrainingImage", "TrainingInputMode", "MetricDefinitions")}
+        params.update(TrainingJobName=trial, HyperParameters={**definition.get("StaticHyperParameters", {}), **tuned})
+        self.call("CreateTrainingJob", params)
+        with self.lock:
+            record = self._get("training-job", trial)
+            record.update(TuningJobArn=tuning_job["HyperParameterTuningJobArn"], TunedHyperParameters=tuned)
+            self._put("training-job", record)
+        return trial
+
+    @staticmethod
+    def _objective(job: dict, metric: str) -> float | None:
+        if job["TrainingJobStatus"] != "Completed":
+            return None
+        values = [m["Value"] for m in job.get("FinalMetricDataList", []) if m["MetricName"] == metric]
+        return values[-1] if values else None
+
+    def _summary(self, job: dict, objective: dict) -> dict:
+        summary = {k: job[k] for k in ("TrainingJobName", "TrainingJobArn", "CreationTime", "TrainingJobStatus",
+                                       "TunedHyperParameters", "TrainingStartTime", "TrainingEndTime",
+                                       "FailureReason") if k in job}
+        value = self._objective(job, objective["MetricName"])
+        if value is not None:
+            summary["FinalHyperParameterTuningJobObjectiveMetric"] = {
+                "Type": objective["Type"], "MetricName": objective["MetricName"], "Value": value}
+        summary["ObjectiveStatus"] = ("Succeeded" if value is not None else
+                                      "Pending" if job["TrainingJobStatus"] not in TERMINAL else "Failed")
+        return summary
+
+    def _record_tuning_progress(self, name: str, states: dict, objective: dict, maximize: bool,
+                                finished: bool) -> None:
+        summaries = [self._summary(s, objective) for s in states.values()]
+        status_counts = {"Completed": 0, "InProgress": 0, "RetryableError": 0, "NonRetryableError": 0, "Stopped": 0}
+        objective_counts = {"Succeeded": 0, "Pending": 0, "Failed": 0}
+        for s in summaries:
+            key = {"Failed": "NonRetryableError", "Stopping": "InProgress"}.get(s["TrainingJobStatus"],
+                                                                                 s["TrainingJobStatus"])
+            status_counts[key] += 1
+            objective_counts[s["ObjectiveStatus"]] += 1
+        scored = [s for s in summaries if "FinalHyperParameterTuningJobObjectiveMetric" in s]
+        with self.lock:
+            job = self._get("hyper-parameter-tuning-job", name)
+            job.update(TrainingJobStatusCounters=status_counts, ObjectiveStatusCounters=objective_counts,
+                       LastModifiedTime=time.time())
+            if scored:
+                pick = max if maximize else min
+                job["BestTrainingJob"] = pick(scored, key=lambda s: s["FinalHyperParameterTuningJobObjectiveMetric"]
+                                              ["Value"])
+            if finished:
+                job["HyperParameterTuningEndTime"] = time.time()
+                if job["HyperParameterTuningJobStatus"] == "Stopping":
+                    job["HyperParameterTuningJobStatus"] = "Stopped"
+                elif scored:
+                    job["HyperParameterTuningJobStatus"] = "Completed"
+                else:
+                    job.update(HyperParameterTuningJobStatus="Failed",
+                               FailureReason="All training jobs failed or reported no objective metric")
+            self._put("hyper-parameter-tuning-job", job)
+
+    def op_DescribeHyperParameterTuningJob(self, params: dict) -> dict:
+        return self._get("hyper-parameter-tuning-job", params["HyperParameterTuningJobName"])
+
+    def op_ListTrainingJobsForHyperParameterTuningJob(self, params: dict) -> dict:
+        job = self._get("hyper-parameter-tuning-job", params["HyperParameterTuningJobName"])
+        objective = job["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]
+        trials = [self._summary(t, objective) for t in self._all("training-job")
+                  if t.get("TuningJobArn") == job["HyperParameterTuningJobArn"]]
+        if params.get("StatusEquals"):
+            trials = [t for t in trials if t["TrainingJobStatus"] == params["StatusEquals"]]
+        if params.get("SortBy") == "FinalObjectiveMetricValue":
+            trials.sort(key=lambda t: t.get("FinalHyperParameterTuningJobObjectiveMetric", {}).get("Value", -1e30),
+                        reverse=params.get("SortOrder", "Descending") == "Descending")
+        else:
+            trials.sort(key=lambda t: t["CreationTime"], reverse=params.get("SortOrder", "Descending") == "Descending")
+        return {"TrainingJobSummaries": trials[: params.get("MaxResults", 100)]}
+
+    def op_StopHyperParameterTuningJob(self, params: dict) -> dict:
+        with self.lock:
+            job = self._get("hyper-parameter-tuning-job", params["HyperParameterTuningJobName"])
+            if job["HyperParameterTuningJobStatus"] in TERMINAL:
+                raise AwsError("ValidationException", "The tuning job has already ended")
+            job["HyperParameterTuningJobStatus"] = "Stopping"
+            self._put("hyper-parameter-tuning-job", job)
+        return {}

@@ -257,3 +257,53 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
     sm.delete_endpoint(EndpointName="bin-count")
     with pytest.raises(ClientError):
         runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg", Body=image)
+
+
+def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws_connection):
+    sm = client(standin)
+    definition = job_config(job_inputs, "unused")
+    static = {k: v for k, v in definition["HyperParameters"].items() if k not in ("lr", "max-count")}
+    sm.create_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName="tune-1",
+        HyperParameterTuningJobConfig={
+            "Strategy": "Random",
+            "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": "validation:accuracy"},
+            "ResourceLimits": {"MaxNumberOfTrainingJobs": 4, "MaxParallelTrainingJobs": 2},
+            "ParameterRanges": {
+                "ContinuousParameterRanges": [{"Name": "lr", "MinValue": "0.0001", "MaxValue": "0.01",
+                                               "ScalingType": "Logarithmic"}],
+                # max-count 0 is refused by train.py: such a trial fails, the tuning job goes on.
+                "CategoricalParameterRanges": [{"Name": "max-count", "Values": ["0", "2"]}],
+            },
+            "TrainingJobEarlyStoppingType": "Off",
+        },
+        TrainingJobDefinition={
+            "StaticHyperParameters": static,
+            "AlgorithmSpecification": {k: definition["AlgorithmSpecification"][k]
+                                       for k in ("TrainingImage", "TrainingInputMode", "MetricDefinitions")},
+            "RoleArn": definition["RoleArn"], "InputDataConfig": definition["InputDataConfig"],
+            "OutputDataConfig": definition["OutputDataConfig"], "ResourceConfig": definition["ResourceConfig"],
+            "StoppingCondition": definition["StoppingCondition"],
+        },
+    )
+    deadline = time.time() + 400
+    while (job := sm.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName="tune-1"))[
+            "HyperParameterTuningJobStatus"] == "InProgress":
+        assert time.time() < deadline
+        time.sleep(1)
+    assert job["HyperParameterTuningJobStatus"] == "Completed"
+    counters = job["TrainingJobStatusCounters"]
+    assert counters["Completed"] + counters["NonRetryableError"] == 4
+    trials = sm.list_training_jobs_for_hyper_parameter_tuning_job(HyperParameterTuningJobName="tune-1")[
+        "TrainingJobSummaries"]
+    assert len(trials) == 4
+    failed = [t for t in trials if t["TrainingJobStatus"] == "Failed"]
+    assert failed, "this seed drew no failing trial"
+    assert all(t["TunedHyperParameters"]["max-count"] == "0" for t in failed)
+    assert counters["NonRetryableError"] == len(failed)
+    scored = [t for t in trials if "FinalHyperParameterTuningJobObjectiveMetric" in t]
+    best = max(scored, key=lambda t: t["FinalHyperParameterTuningJobObjectiveMetric"]["Value"])
+    assert job["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == \
+        best["FinalHyperParameterTuningJobObjectiveMetric"]["Value"]
+    described = sm.describe_training_job(TrainingJobName=job["BestTrainingJob"]["TrainingJobName"])
+    assert described["TuningJobArn"] == job["HyperParameterTuningJobArn"]

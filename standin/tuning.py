@@ -1,0 +1,67 @@
+"""Hyperparameter search for the stand-in's tuning jobs.
+
+Strategies:
+- Random: every trial drawn independently from the ranges (linear or logarithmic scaling).
+- Bayesian: the first trials are random; after that each trial perturbs the best configuration so
+  far, with a spread that narrows as trials accumulate, and now and then explores at random. This
+  is a small model-free stand-in for SageMaker's Gaussian-process search, good enough to move
+  towards better regions on a laptop; it is not the same algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+RANDOM_START = 2
+EXPLORE_SHARE = 0.2
+
+
+def _scaled(low: float, high: float, scaling: str, u: float) -> float:
+    if scaling == "Logarithmic" and low > 0:
+        return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+    return low + u * (high - low)
+
+
+def _unit(low: float, high: float, scaling: str, value: float) -> float:
+    if high == low:
+        return 0.0
+    if scaling == "Logarithmic" and low > 0:
+        return (math.log(value) - math.log(low)) / (math.log(high) - math.log(low))
+    return (value - low) / (high - low)
+
+
+def _format(value: float, integer: bool) -> str:
+    return str(round(value)) if integer else f"{value:.6g}"
+
+
+def sample(ranges: dict, rng: random.Random, best: dict[str, str] | None, spread: float) -> dict[str, str]:
+    """One configuration as SageMaker passes it to a trial: every value a string."""
+    chosen: dict[str, str] = {}
+    numeric = [(r, False) for r in ranges.get("ContinuousParameterRanges", [])] + \
+              [(r, True) for r in ranges.get("IntegerParameterRanges", [])]
+    for spec, integer in numeric:
+        low, high = float(spec["MinValue"]), float(spec["MaxValue"])
+        scaling = spec.get("ScalingType", "Auto")
+        if best is not None and spec["Name"] in best:
+            centre = _unit(low, high, scaling, float(best[spec["Name"]]))
+            u = min(1.0, max(0.0, rng.gauss(centre, spread)))
+        else:
+            u = rng.random()
+        chosen[spec["Name"]] = _format(_scaled(low, high, scaling, u), integer)
+    for spec in ranges.get("CategoricalParameterRanges", []):
+        if best is not None and spec["Name"] in best and rng.random() > spread:
+            chosen[spec["Name"]] = best[spec["Name"]]
+        else:
+            chosen[spec["Name"]] = rng.choice(spec["Values"])
+    return chosen
+
+
+def next_configuration(strategy: str, ranges: dict, rng: random.Random, history: list[tuple[dict, float]],
+                       maximize: bool) -> dict[str, str]:
+    """The next trial's hyperparameters given (configuration, objective) of finished trials."""
+    if strategy == "Random" or len(history) < RANDOM_START or rng.random() < EXPLORE_SHARE:
+        return sample(ranges, rng, None, 1.0)
+    best = (max if maximize else min)(history, key=lambda item: item[1])[0]
+    spread = max(0.05, 0.5 / math.sqrt(len(history)))
+    return sample(ranges, rng, best, spread)
