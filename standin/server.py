@@ -1,4 +1,4 @@
-"""HTTP front of the stand-in: the AWS JSON 1.1 protocol that boto3 speaks to SageMaker.
+"""HTTP front of the stand-in: SageMaker (AWS JSON 1.1), SageMaker Runtime and Lambda (REST-JSON).
 
   .venv/bin/python -m standin.server --aws-endpoint http://127.0.0.1:5000 \
       --container-python .venv-container/bin/python [--port 5055] [--state-dir build/standin]
@@ -17,14 +17,65 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from standin.lambda_api import LambdaApi
 from standin.sagemaker_api import AwsError, SageMakerApi
 
 log = logging.getLogger("standin")
 
 
-def make_handler(api: SageMakerApi):
+LAMBDA_PREFIX = "/2015-03-31/functions"
+
+
+def make_handler(api: SageMakerApi, lambdas: LambdaApi):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def _send_raw(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _lambda(self, method: str, raw: bytes) -> None:
+            """Lambda (REST-JSON): /2015-03-31/functions[/<name>[/code|/configuration|/invocations]]."""
+            parts = self.path.split("?")[0][len(LAMBDA_PREFIX):].strip("/").split("/")
+            name, action = [*parts, "", ""][:2]
+            json_type = {"Content-Type": "application/json"}
+            try:
+                body = json.loads(raw) if raw and action != "invocations" else {}
+                if method == "POST" and not name:
+                    self._send_raw(201, json.dumps(lambdas.create_function(body)).encode(), json_type)
+                elif method == "GET" and action in ("", "configuration"):
+                    result = lambdas.get_function(name)
+                    payload = result if not action else result["Configuration"]
+                    self._send_raw(200, json.dumps(payload).encode(), json_type)
+                elif method == "PUT" and action == "code":
+                    self._send_raw(200, json.dumps(lambdas.update_code(name, body)).encode(), json_type)
+                elif method == "PUT" and action == "configuration":
+                    self._send_raw(200, json.dumps(lambdas.update_configuration(name, body)).encode(), json_type)
+                elif method == "DELETE" and not action:
+                    lambdas.delete_function(name)
+                    self._send_raw(204, b"", {})
+                elif method == "POST" and action == "invocations":
+                    status, payload, headers = lambdas.invoke(name, raw, self.headers.get("X-Amz-Invocation-Type", ""))
+                    self._send_raw(status, payload, {**json_type, **headers})
+                else:
+                    raise AwsError("UnknownOperationException", f"{method} {self.path} is not served", 404)
+            except AwsError as exc:
+                body = json.dumps({"Type": "User", "message": exc.message}).encode()
+                self._send_raw(exc.status, body, {"x-amzn-ErrorType": exc.code, **json_type})
+            except Exception as exc:
+                log.exception("lambda %s %s failed", method, self.path)
+                body = json.dumps({"message": f"{type(exc).__name__}: {exc}"}).encode()
+                self._send_raw(500, body, {"x-amzn-ErrorType": "ServiceException", **json_type})
+
+        def do_PUT(self) -> None:
+            self._lambda("PUT", self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+        def do_DELETE(self) -> None:
+            self._lambda("DELETE", b"")
 
         def _send(self, status: int, payload: dict) -> None:
             body = json.dumps(payload).encode()
@@ -36,7 +87,9 @@ def make_handler(api: SageMakerApi):
             self.wfile.write(body)
 
         def do_GET(self) -> None:
-            if self.path == "/health":
+            if self.path.startswith(LAMBDA_PREFIX):
+                self._lambda("GET", b"")
+            elif self.path == "/health":
                 self._send(200, {"status": "ok"})
             else:
                 self._send(404, {"__type": "UnknownOperationException", "message": f"no such path {self.path}"})
@@ -68,6 +121,9 @@ def make_handler(api: SageMakerApi):
             raw = self.rfile.read(length) if length else b""
             if self.path.startswith("/endpoints/") and self.path.endswith("/invocations"):
                 self._runtime(raw)
+                return
+            if self.path.startswith(LAMBDA_PREFIX):
+                self._lambda("POST", raw)
                 return
             service, _, operation = self.headers.get("X-Amz-Target", "").partition(".")
             try:
@@ -108,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers.append(logging.FileHandler(args.log_file))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
     api = SageMakerApi(Path(args.state_dir), args.aws_endpoint, args.container_python)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(api))
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(api, LambdaApi(Path(args.state_dir))))
     log.info("SageMaker stand-in on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -10,6 +10,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 
 import boto3
 import pytest
@@ -307,3 +308,57 @@ def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws
         best["FinalHyperParameterTuningJobObjectiveMetric"]["Value"]
     described = sm.describe_training_job(TrainingJobName=job["BestTrainingJob"]["TrainingJobName"])
     assert described["TuningJobArn"] == job["HyperParameterTuningJobArn"]
+
+
+def zipped(source: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("handler.py", source)
+    return buf.getvalue()
+
+
+HANDLER = """
+import os
+
+def handle(event, context):
+    if event.get("fail"):
+        raise ValueError("asked to fail")
+    if event.get("sleep"):
+        import time
+        time.sleep(event["sleep"])
+    return {"greeting": os.environ["GREETING"], "n": event["n"] + 1, "memory": context.memory_limit_in_mb}
+"""
+
+
+def test_lambda_functions_are_created_invoked_and_updated(standin, aws_connection):
+    aws_lambda = boto3.client("lambda", endpoint_url=standin["endpoint"], region_name="us-east-1")
+    created = aws_lambda.create_function(FunctionName="counter-api", Runtime="python3.11", Handler="handler.handle",
+                                         Role="arn:aws:iam::000000000000:role/local", Code={"ZipFile": zipped(HANDLER)},
+                                         Timeout=2, MemorySize=256, Environment={"Variables": {"GREETING": "hi"}})
+    assert created["FunctionArn"].endswith(":function:counter-api") and created["State"] == "Active"
+    answer = aws_lambda.invoke(FunctionName="counter-api", Payload=json.dumps({"n": 1}))
+    assert answer["StatusCode"] == 200 and "FunctionError" not in answer
+    assert json.loads(answer["Payload"].read()) == {"greeting": "hi", "n": 2, "memory": 256}
+
+    failed = aws_lambda.invoke(FunctionName="counter-api", Payload=json.dumps({"fail": True}))
+    assert failed["FunctionError"] == "Unhandled"
+    assert json.loads(failed["Payload"].read())["errorMessage"] == "asked to fail"
+    timed_out = aws_lambda.invoke(FunctionName="counter-api", Payload=json.dumps({"n": 1, "sleep": 5}))
+    assert timed_out["FunctionError"] == "Unhandled"
+    assert "timed out" in json.loads(timed_out["Payload"].read())["errorMessage"]
+
+    aws_lambda.update_function_code(FunctionName="counter-api", ZipFile=zipped(HANDLER.replace('event["n"] + 1',
+                                                                                                 'event["n"] + 10')))
+    aws_lambda.update_function_configuration(FunctionName="counter-api", Environment={"Variables": {"GREETING": "yo"}})
+    again = json.loads(aws_lambda.invoke(FunctionName="counter-api", Payload=json.dumps({"n": 1}))["Payload"].read())
+    assert again == {"greeting": "yo", "n": 11, "memory": 256}
+    assert aws_lambda.get_function(FunctionName="counter-api")["Configuration"]["Timeout"] == 2
+
+    with pytest.raises(ClientError) as caught:
+        aws_lambda.create_function(FunctionName="counter-api", Runtime="python3.11", Handler="handler.handle",
+                                   Role="arn:aws:iam::000000000000:role/local", Code={"ZipFile": zipped(HANDLER)})
+    assert caught.value.response["Error"]["Code"] == "ResourceConflictException"
+    aws_lambda.delete_function(FunctionName="counter-api")
+    with pytest.raises(ClientError) as caught:
+        aws_lambda.invoke(FunctionName="counter-api", Payload=b"{}")
+    assert caught.value.response["Error"]["Code"] == "ResourceNotFoundException"

@@ -1,0 +1,73 @@
+"""Runs one Lambda invocation: the event on stdin, the handler's JSON result on stdout.
+
+  python standin/lambda_runner.py --code <unzipped function> --handler module.function --memory-mb 128
+
+A handler exception is printed as Lambda's error payload (errorMessage, errorType, stackTrace) and
+the process exits 1. The memory size becomes an address-space limit (RLIMIT_AS) where the OS
+allows it, as generous as Python needs to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+import uuid
+
+
+class Context:
+    """The parts of Lambda's context object handlers use."""
+
+    def __init__(self, memory_mb: int, timeout_s: float) -> None:
+        self.function_name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "local")
+        self.function_version = "$LATEST"
+        self.memory_limit_in_mb = memory_mb
+        self.aws_request_id = str(uuid.uuid4())
+        self.invoked_function_arn = f"arn:aws:lambda:local:000000000000:function:{self.function_name}"
+        self.log_group_name = f"/aws/lambda/{self.function_name}"
+        self.log_stream_name = "local"
+        self._deadline = time.time() + timeout_s
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.time()) * 1000))
+
+
+def limit_memory(memory_mb: int) -> None:
+    try:
+        import resource
+
+        # Python itself needs some room; the function's size is on top of a base allowance.
+        limit = (memory_mb + 512) * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ImportError, ValueError, OSError):
+        pass  # not every OS lets a process cap itself
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--code", required=True, help="the unzipped function")
+    parser.add_argument("--handler", required=True, help="module.function")
+    parser.add_argument("--memory-mb", type=int, default=128, help="the function's memory size")
+    args = parser.parse_args()
+    event = json.loads(sys.stdin.buffer.read() or b"{}")
+    sys.path.insert(0, args.code)
+    module_name, _, function_name = args.handler.rpartition(".")
+    try:
+        handler = getattr(importlib.import_module(module_name), function_name)
+        limit_memory(args.memory_mb)
+        context = Context(args.memory_mb, float(os.environ.get("STANDIN_LAMBDA_TIMEOUT", 3)))
+        result = handler(event, context)
+    except Exception as exc:
+        print(json.dumps({"errorMessage": str(exc), "errorType": type(exc).__name__,
+                          "stackTrace": traceback.format_tb(exc.__traceback__)}))
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
