@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()
     finally:
-        api.endpoints.stop_all()  # no model server outlives the stand-in
+        # No model server or training process outlives the stand-in (their jobs are marked failed
+        # at the next start).
+        api.endpoints.stop_all()
+        for process in list(api.processes.values()):
+            process.terminate()
     return 0
 
 
