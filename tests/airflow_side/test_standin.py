@@ -362,3 +362,75 @@ def test_lambda_functions_are_created_invoked_and_updated(standin, aws_connectio
     with pytest.raises(ClientError) as caught:
         aws_lambda.invoke(FunctionName="counter-api", Payload=b"{}")
     assert caught.value.response["Error"]["Code"] == "ResourceNotFoundException"
+
+
+def test_two_jobs_at_once(standin, job_inputs, aws_connection):
+    sm = client(standin)
+    sm.create_training_job(**job_config(job_inputs, "job-a"))
+    sm.create_training_job(**job_config(job_inputs, "job-b", lr=0.01))
+    assert sm.describe_training_job(TrainingJobName="job-b")["TrainingJobStatus"] == "InProgress"
+    assert wait(sm, "job-a")["TrainingJobStatus"] == "Completed"
+    assert wait(sm, "job-b")["TrainingJobStatus"] == "Completed"
+    assert wait(sm, "job-a")["ModelArtifacts"] != wait(sm, "job-b")["ModelArtifacts"]
+
+
+def test_update_under_a_stream_of_requests_drops_none(standin, job_inputs, s3, tmp_path, aws_connection):
+    import threading
+
+    sm = client(standin)
+    sm.create_training_job(**job_config(job_inputs, "job-v1"))
+    sm.create_training_job(**job_config(job_inputs, "job-v2", lr=0.01))
+    assert wait(sm, "job-v1")["TrainingJobStatus"] == "Completed"
+    assert wait(sm, "job-v2")["TrainingJobStatus"] == "Completed"
+    deployed_model(sm, "v1", "job-v1")
+    deployed_model(sm, "v2", "job-v2")
+    sm.create_endpoint(EndpointName="live", EndpointConfigName="v1")
+    assert wait_endpoint(sm, "live")["EndpointStatus"] == "InService"
+
+    runtime = boto3.client("sagemaker-runtime", endpoint_url=standin["endpoint"], region_name="us-east-1")
+    image = next((tmp_path / "train").rglob("*.jpg")).read_bytes()
+    versions, errors, done = [], [], threading.Event()
+
+    def stream():
+        deadline = time.time() + 120  # bounded: a loop on loopback that always ends
+        while not done.is_set() and time.time() < deadline:
+            try:
+                answer = runtime.invoke_endpoint(EndpointName="live", ContentType="image/jpeg", Body=image)
+                versions.append(json.loads(answer["Body"].read())["model_version"])
+            except Exception as exc:  # any failed request fails the test below
+                errors.append(exc)
+
+    clients = [threading.Thread(target=stream) for _ in range(2)]
+    for c in clients:
+        c.start()
+    time.sleep(1)
+    sm.update_endpoint(EndpointName="live", EndpointConfigName="v2")
+    time.sleep(0.5)
+    assert wait_endpoint(sm, "live")["EndpointConfigName"] == "v2"
+    time.sleep(1)
+    done.set()
+    for c in clients:
+        c.join()
+    assert errors == []
+    assert versions[0] == "job-v1" and versions[-1] == "job-v2"
+    # Once switched, never back.
+    assert versions[versions.index("job-v2"):] == ["job-v2"] * (len(versions) - versions.index("job-v2"))
+
+
+def test_restart_brings_endpoints_back(standin, job_inputs, moto_endpoint, tmp_path, aws_connection):
+    sm = client(standin)
+    sm.create_training_job(**job_config(job_inputs, "job-r"))
+    assert wait(sm, "job-r")["TrainingJobStatus"] == "Completed"
+    deployed_model(sm, "r1", "job-r")
+    sm.create_endpoint(EndpointName="again", EndpointConfigName="r1")
+    assert wait_endpoint(sm, "again")["EndpointStatus"] == "InService"
+    standin["proc"].terminate()
+    standin["proc"].wait(timeout=10)
+    standin["proc"], standin["endpoint"] = start_standin(standin["state"], moto_endpoint)
+    sm = client(standin)
+    assert wait_endpoint(sm, "again")["EndpointStatus"] == "InService"
+    assert sm.describe_training_job(TrainingJobName="job-r")["TrainingJobStatus"] == "Completed"
+    runtime = boto3.client("sagemaker-runtime", endpoint_url=standin["endpoint"], region_name="us-east-1")
+    image = next((tmp_path / "train").rglob("*.jpg")).read_bytes()
+    answer = runtime.invoke_endpoint(EndpointName="again", ContentType="image/jpeg", Body=image)
+    assert json.loads(answer["Body"].read())["model_version"] == "job-r"
