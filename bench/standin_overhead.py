@@ -1,0 +1,147 @@
+"""The stand-in's costs: overhead per training job, an endpoint worker's peak memory, and
+InvokeEndpoint latency against calling inference.py's handlers in-process, side by side.
+
+  .venv/bin/python bench/standin_overhead.py --abid ../shared/abid [--requests 200]
+
+Starts a moto server and the stand-in on loopback; trains a small real model (60 bin photos,
+96 px, 1 epoch) through CreateTrainingJob, deploys it, then times one-image requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import boto3  # noqa: E402
+from data_prep_throughput import start_moto  # noqa: E402
+
+from bin_counter.abid import read_local_records  # noqa: E402
+from bin_counter.sagemaker_config import training_job_config  # noqa: E402
+
+CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
+IN_PROCESS = """
+import json, sys, time, statistics
+sys.path.insert(0, sys.argv[1] + "/code")
+import inference
+model = inference.model_fn(sys.argv[1])
+image = open(sys.argv[2], "rb").read()
+times = []
+for _ in range(int(sys.argv[3])):
+    t = time.perf_counter()
+    inference.output_fn(inference.predict_fn(inference.input_fn(image, "image/jpeg"), model), "application/json")
+    times.append(time.perf_counter() - t)
+print(json.dumps(times))
+"""
+
+
+def percentiles(times: list[float]) -> dict:
+    ordered = sorted(times)
+    return {"p50_ms": round(1000 * statistics.median(ordered), 1),
+            "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
+            "per_s": round(len(times) / sum(times), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--abid", default=str(ROOT.parent / "shared" / "abid"), help="local ABID mirror")
+    parser.add_argument("--requests", type=int, default=200, help="one-image requests per side")
+    args = parser.parse_args()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    moto, moto_endpoint = start_moto()
+    state = ROOT / "build" / "bench-standin"
+    subprocess.run(["rm", "-rf", str(state)], check=True)
+    port = 5099
+    standin = subprocess.Popen([sys.executable, "-m", "standin.server", "--port", str(port), "--state-dir", str(state),
+                                "--aws-endpoint", moto_endpoint, "--container-python", str(CONTAINER_PYTHON)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{endpoint}/health", timeout=1)  # noqa: S310 - loopback
+                break
+            except OSError:
+                time.sleep(0.1)
+        s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="bench")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for path in (ROOT / "sagemaker_code").glob("*.py"):
+                tar.add(path, arcname=path.name)
+        s3.put_object(Bucket="bench", Key="code/sourcedir.tar.gz", Body=buf.getvalue())
+        records = [r for r in read_local_records(args.abid) if r.count <= 5 and "01000" <= r.key < "01200"]
+        for i, record in enumerate(records[:80]):
+            channel = "validation" if i % 4 == 0 else "train"
+            body = (Path(args.abid) / "bin-images" / f"{record.key}.jpg").read_bytes()
+            s3.put_object(Bucket="bench", Key=f"data/{channel}/{record.count}/{record.key}.jpg", Body=body)
+        sm = boto3.client("sagemaker", endpoint_url=endpoint, region_name="us-east-1")
+        config = training_job_config(
+            job_name="bench-job", image_uri="local", role_arn="arn:aws:iam::000000000000:role/local",
+            source_s3_uri="s3://bench/code/sourcedir.tar.gz",
+            channels={"train": "s3://bench/data/train/", "validation": "s3://bench/data/validation/"},
+            output_s3_uri="s3://bench/models/", region="us-east-1",
+            hyperparameters={"epochs": 1, "image-size": 96, "workers": 2})
+        started = time.perf_counter()
+        sm.create_training_job(**config)
+        while (job := sm.describe_training_job(TrainingJobName="bench-job"))["TrainingJobStatus"] == "InProgress":
+            time.sleep(0.1)
+        wall = time.perf_counter() - started
+        steps = {t["Status"]: t for t in job["SecondaryStatusTransitions"]}
+        script = (steps["Uploading"]["StartTime"] - steps["Training"]["StartTime"]).total_seconds()
+        results = {"job_status": job["TrainingJobStatus"], "job_wall_s": round(wall, 1),
+                   "entry_point_s": round(script, 1), "overhead_s": round(wall - script, 1)}
+
+        sm.create_model(ModelName="m", ExecutionRoleArn="arn:aws:iam::000000000000:role/local",
+                        PrimaryContainer={"Image": "local", "ModelDataUrl": job["ModelArtifacts"]["S3ModelArtifacts"]})
+        sm.create_endpoint_config(EndpointConfigName="m", ProductionVariants=[
+            {"VariantName": "AllTraffic", "ModelName": "m", "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+        started = time.perf_counter()
+        sm.create_endpoint(EndpointName="e", EndpointConfigName="m")
+        while sm.describe_endpoint(EndpointName="e")["EndpointStatus"] == "Creating":
+            time.sleep(0.1)
+        results["endpoint_ready_s"] = round(time.perf_counter() - started, 1)
+
+        image_path = Path(args.abid) / "bin-images" / "00010.jpg"  # an original photo, decoded at full size
+        image = image_path.read_bytes()
+        runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint, region_name="us-east-1")
+        times = []
+        for _ in range(args.requests):
+            t = time.perf_counter()
+            runtime.invoke_endpoint(EndpointName="e", ContentType="image/jpeg", Body=image)["Body"].read()
+            times.append(time.perf_counter() - t)
+        results["invoke_endpoint"] = percentiles(times)
+
+        worker_pid = subprocess.run(["pgrep", "-f", "model_worker.py"], capture_output=True, text=True,
+                                    check=False).stdout.split()
+        if worker_pid:
+            status = Path(f"/proc/{worker_pid[0]}/status").read_text()
+            peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+            results["worker_peak_rss_mb"] = round(peak_kb / 1024, 1)
+
+        model_dir = next((state / "endpoint-workers" / "e").glob("m-*[0-9]"))
+        proc = subprocess.run([str(CONTAINER_PYTHON), "-c", IN_PROCESS, str(model_dir), str(image_path),
+                               str(args.requests)], capture_output=True, text=True, check=True)
+        results["in_process_handlers"] = percentiles(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results))
+    finally:
+        standin.terminate()
+        standin.wait(timeout=10)
+        moto.terminate()
+
+
+if __name__ == "__main__":
+    main()
