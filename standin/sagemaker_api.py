@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,6 +21,7 @@ from botocore.validate import ParamValidator
 from standin import training, tuning
 from standin.endpoints import EndpointHost, WorkerFailed
 
+log = logging.getLogger("standin")
 ACCOUNT = "000000000000"
 TERMINAL = ("Completed", "Failed", "Stopped")
 
@@ -70,6 +73,7 @@ class SageMakerApi:
         self.aws_endpoint, self.python, self.region = aws_endpoint, container_python, region
         self.lock = threading.Lock()
         self.processes: dict[str, object] = {}
+        self.series: dict[str, dict[str, list[float]]] = {}  # training job -> metric values so far
         self.endpoints = EndpointHost(self.state_dir / "endpoint-workers", container_python,
                                       lambda: self._client("s3"))
         self._recover()
@@ -198,7 +202,8 @@ class SageMakerApi:
         try:
             training.run_job(job, root, self._client("s3"), self.python, update,
                              started_process=lambda proc: self.processes.__setitem__(name, proc),
-                             logs=self._client("logs"))
+                             logs=self._client("logs"), metrics_seen=lambda series: self.series.__setitem__(name, {
+                                 k: list(v) for k, v in series.items()}))
         except Exception as exc:  # S3 unreachable, no credentials...: the job fails, saying why
             reason = f"ClientError: {type(exc).__name__}: {exc}"
             update(status="Failed", secondary="Failed", message=reason, FailureReason=reason[:1024])
@@ -378,9 +383,16 @@ class SageMakerApi:
             running = [t for t, s in states.items() if s["TrainingJobStatus"] not in TERMINAL]
             history = [(s["TunedHyperParameters"], v) for s in states.values()
                        if (v := self._objective(s, objective["MetricName"])) is not None]
+            if config.get("TrainingJobEarlyStoppingType") == "Auto" and not stopping:
+                completed = [self.series.get(t, {}).get(objective["MetricName"], [])
+                             for t, s in states.items() if s["TrainingJobStatus"] == "Completed"]
+                for t in running:
+                    if tuning.stop_early(self.series.get(t, {}).get(objective["MetricName"], []), completed, maximize):
+                        log.info("tuning job %s: stopping %s early (below the median of completed trials)", name, t)
+                        self._stop_quietly(t)
             if stopping:
                 for t in running:
-                    self.op_StopTrainingJob({"TrainingJobName": t})
+                    self._stop_quietly(t)
             elif len(running) < parallel and len(trials) < total:
                 tuned = tuning.next_configuration(config.get("Strategy", "Bayesian"), config["ParameterRanges"],
                                                   rng, history, maximize)
@@ -391,6 +403,10 @@ class SageMakerApi:
             if not running and (stopping or len(trials) >= total):
                 return
             time.sleep(0.5)
+
+    def _stop_quietly(self, trial: str) -> None:
+        with contextlib.suppress(AwsError):  # it may have ended on its own in the meantime
+            self.op_StopTrainingJob({"TrainingJobName": trial})
 
     def _start_trial(self, tuning_job: dict, definition: dict, number: int, tuned: dict[str, str]) -> str:
         digest = hashlib.sha256(json.dumps(tuned, sort_keys=True).encode()).hexdigest()[:8]

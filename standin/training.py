@@ -130,13 +130,17 @@ def prepare(job: dict, root: Path, s3) -> tuple[list[str], dict[str, str], Path]
     return [program, *script_arguments(hps)], env, code
 
 
-def parse_metrics(line: str, definitions: list[dict], found: dict[str, float]) -> None:
+def parse_metrics(line: str, definitions: list[dict], series: dict[str, list[float]]) -> bool:
+    """Append every metric value found in `line` to its series; True if any was found."""
+    found = False
     for definition in definitions:
         for match in re.findall(definition["Regex"], line):
             try:
-                found[definition["Name"]] = float(match)
+                series.setdefault(definition["Name"], []).append(float(match))
+                found = True
             except ValueError:
                 continue
+    return found
 
 
 def package_model(model_dir: Path) -> bytes:
@@ -174,9 +178,11 @@ class CloudWatchLog:
 
 
 def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
-            started_process: Callable[[subprocess.Popen], None] | None = None, logs=None) -> None:
+            started_process: Callable[[subprocess.Popen], None] | None = None, logs=None,
+            metrics_seen: Callable[[dict[str, list[float]]], None] | None = None) -> None:
     """Run `job` to its end, reporting through `update(status=..., secondary=..., **fields)`.
-    With a CloudWatch Logs client, the script's output also goes there."""
+    With a CloudWatch Logs client, the script's output also goes there; `metrics_seen` gets the
+    metric series so far whenever a line adds to them (what early stopping looks at)."""
     log_path = root / "job.log"
     update(status="InProgress", secondary="Downloading", message="Downloading input data and code")
     try:
@@ -186,7 +192,7 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
         return
     update(status="InProgress", secondary="Training", message="Training in progress (local process)")
     definitions = job.get("AlgorithmSpecification", {}).get("MetricDefinitions", [])
-    metrics: dict[str, float] = {}
+    metrics: dict[str, list[float]] = {}
     started = time.time()
     cloudwatch = CloudWatchLog(logs, job["TrainingJobName"]) if logs is not None else None
     with log_path.open("a") as log:
@@ -199,12 +205,13 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
             log.flush()
             if cloudwatch:
                 cloudwatch.write(line)
-            parse_metrics(line, definitions, metrics)
+            if parse_metrics(line, definitions, metrics) and metrics_seen:
+                metrics_seen(metrics)
         code = proc.wait()
     if cloudwatch:
         cloudwatch.flush()
     seconds = int(time.time() - started)
-    final = [{"MetricName": k, "Value": v, "Timestamp": time.time()} for k, v in sorted(metrics.items())]
+    final = [{"MetricName": k, "Value": v[-1], "Timestamp": time.time()} for k, v in sorted(metrics.items())]
     if code < 0:  # killed by StopTrainingJob
         update(status="Stopped", secondary="Stopped", message="Stopped by StopTrainingJob",
                FinalMetricDataList=final, TrainingTimeInSeconds=seconds)

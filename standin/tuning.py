@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 
 RANDOM_START = 2
 EXPLORE_SHARE = 0.2
@@ -65,3 +66,17 @@ def next_configuration(strategy: str, ranges: dict, rng: random.Random, history:
     best = (max if maximize else min)(history, key=lambda item: item[1])[0]
     spread = max(0.05, 0.5 / math.sqrt(len(history)))
     return sample(ranges, rng, best, spread)
+
+
+MIN_COMPLETED = 2
+
+
+def stop_early(running: list[float], completed: list[list[float]], maximize: bool) -> bool:
+    """The median stopping rule: stop a trial whose latest objective value is worse than the median
+    of what completed trials had reached after as many reports. Needs two completed trials."""
+    step = len(running)
+    peers = [series[step - 1] for series in completed if len(series) >= step]
+    if step == 0 or len(peers) < MIN_COMPLETED:
+        return False
+    median = statistics.median(peers)
+    return running[-1] < median if maximize else running[-1] > median

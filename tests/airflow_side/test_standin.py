@@ -276,7 +276,7 @@ def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws
                 # max-count 0 is refused by train.py: such a trial fails, the tuning job goes on.
                 "CategoricalParameterRanges": [{"Name": "max-count", "Values": ["0", "2"]}],
             },
-            "TrainingJobEarlyStoppingType": "Off",
+            "TrainingJobEarlyStoppingType": "Auto",
         },
         TrainingJobDefinition={
             "StaticHyperParameters": static,
@@ -294,7 +294,8 @@ def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws
         time.sleep(1)
     assert job["HyperParameterTuningJobStatus"] == "Completed"
     counters = job["TrainingJobStatusCounters"]
-    assert counters["Completed"] + counters["NonRetryableError"] == 4
+    # Early stopping may stop a trial that trails the completed ones.
+    assert counters["Completed"] + counters["NonRetryableError"] + counters["Stopped"] == 4
     trials = sm.list_training_jobs_for_hyper_parameter_tuning_job(HyperParameterTuningJobName="tune-1")[
         "TrainingJobSummaries"]
     assert len(trials) == 4
@@ -434,3 +435,13 @@ def test_restart_brings_endpoints_back(standin, job_inputs, moto_endpoint, tmp_p
     image = next((tmp_path / "train").rglob("*.jpg")).read_bytes()
     answer = runtime.invoke_endpoint(EndpointName="again", ContentType="image/jpeg", Body=image)
     assert json.loads(answer["Body"].read())["model_version"] == "job-r"
+
+
+def test_median_stopping_rule():
+    from standin.tuning import stop_early
+
+    completed = [[0.5, 0.6, 0.7], [0.4, 0.5, 0.6], [0.3, 0.4, 0.5]]
+    assert stop_early([0.2, 0.3], completed, maximize=True)  # below the median (0.5) after two reports
+    assert not stop_early([0.6], completed, maximize=True)
+    assert not stop_early([0.1], completed[:1], maximize=True)  # too few completed trials to judge
+    assert stop_early([2.0], [[1.0], [1.2]], maximize=False)  # a loss above the median
