@@ -476,6 +476,21 @@ class SageMakerApi:
     def op_DescribeHyperParameterTuningJob(self, params: dict) -> dict:
         return self._get("hyper-parameter-tuning-job", params["HyperParameterTuningJobName"])
 
+    def op_ListHyperParameterTuningJobs(self, params: dict) -> dict:
+        jobs = self._all("hyper-parameter-tuning-job")
+        if params.get("NameContains"):
+            jobs = [j for j in jobs if params["NameContains"] in j["HyperParameterTuningJobName"]]
+        if params.get("StatusEquals"):
+            jobs = [j for j in jobs if j["HyperParameterTuningJobStatus"] == params["StatusEquals"]]
+        jobs.sort(key=lambda j: j["CreationTime"], reverse=params.get("SortOrder", "Descending") == "Descending")
+        fields = ("HyperParameterTuningJobName", "HyperParameterTuningJobArn", "HyperParameterTuningJobStatus",
+                  "CreationTime", "HyperParameterTuningEndTime", "LastModifiedTime", "TrainingJobStatusCounters",
+                  "ObjectiveStatusCounters")
+        summaries = [{k: j[k] for k in fields if k in j} | {
+            "Strategy": j["HyperParameterTuningJobConfig"].get("Strategy", "Bayesian"),
+            "ResourceLimits": j["HyperParameterTuningJobConfig"]["ResourceLimits"]} for j in jobs]
+        return {"HyperParameterTuningJobSummaries": summaries[: params.get("MaxResults", 100)]}
+
     def op_ListTrainingJobsForHyperParameterTuningJob(self, params: dict) -> dict:
         job = self._get("hyper-parameter-tuning-job", params["HyperParameterTuningJobName"])
         objective = job["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]

@@ -309,6 +309,9 @@ def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws
         best["FinalHyperParameterTuningJobObjectiveMetric"]["Value"]
     described = sm.describe_training_job(TrainingJobName=job["BestTrainingJob"]["TrainingJobName"])
     assert described["TuningJobArn"] == job["HyperParameterTuningJobArn"]
+    listed = sm.list_hyper_parameter_tuning_jobs(NameContains="tune-")["HyperParameterTuningJobSummaries"]
+    assert [(j["HyperParameterTuningJobName"], j["HyperParameterTuningJobStatus"]) for j in listed] == \
+        [("tune-1", "Completed")]
 
 
 def zipped(source: str) -> bytes:
@@ -445,3 +448,61 @@ def test_median_stopping_rule():
     assert not stop_early([0.6], completed, maximize=True)
     assert not stop_early([0.1], completed[:1], maximize=True)  # too few completed trials to judge
     assert stop_early([2.0], [[1.0], [1.2]], maximize=False)  # a loss above the median
+
+
+def test_the_providers_tuning_model_and_endpoint_operators(standin, job_inputs, moto_endpoint, monkeypatch):
+    from airflow.providers.amazon.aws.operators.lambda_function import (
+        LambdaCreateFunctionOperator,
+        LambdaInvokeFunctionOperator,
+    )
+    from airflow.providers.amazon.aws.operators.sagemaker import (
+        SageMakerEndpointOperator,
+        SageMakerTuningOperator,
+    )
+
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "extra": {
+        "endpoint_url": moto_endpoint, "region_name": "us-east-1",
+        "service_config": {"sagemaker": {"endpoint_url": standin["endpoint"]},
+                           "sagemaker-runtime": {"endpoint_url": standin["endpoint"]},
+                           "lambda": {"endpoint_url": standin["endpoint"]}}}}))
+    definition = job_config(job_inputs, "unused")
+    tuning_config = {
+        "HyperParameterTuningJobName": "tune-op",
+        "HyperParameterTuningJobConfig": {
+            "Strategy": "Bayesian",
+            "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": "validation:accuracy"},
+            "ResourceLimits": {"MaxNumberOfTrainingJobs": 2, "MaxParallelTrainingJobs": 2},
+            "ParameterRanges": {"ContinuousParameterRanges": [
+                {"Name": "lr", "MinValue": "0.0001", "MaxValue": "0.01", "ScalingType": "Logarithmic"}]},
+        },
+        "TrainingJobDefinition": {
+            "StaticHyperParameters": {k: v for k, v in definition["HyperParameters"].items() if k != "lr"},
+            "AlgorithmSpecification": {k: definition["AlgorithmSpecification"][k]
+                                       for k in ("TrainingImage", "TrainingInputMode", "MetricDefinitions")},
+            **{k: definition[k] for k in ("RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
+                                          "StoppingCondition")},
+        },
+    }
+    tuned = SageMakerTuningOperator(task_id="tune", config=tuning_config, check_interval=1).execute(context={})
+    best = tuned["Tuning"]["BestTrainingJob"]["TrainingJobName"]
+    artifact = client(standin).describe_training_job(TrainingJobName=best)["ModelArtifacts"]["S3ModelArtifacts"]
+
+    endpoint_config = {
+        "Model": {"ModelName": "op-model", "ExecutionRoleArn": "arn:aws:iam::000000000000:role/local",
+                  "PrimaryContainer": {"Image": "local", "ModelDataUrl": artifact}},
+        "EndpointConfig": {"EndpointConfigName": "op-config", "ProductionVariants": [
+            {"VariantName": "AllTraffic", "ModelName": "op-model", "InstanceType": "ml.m5.large",
+             "InitialInstanceCount": 1}]},
+        "Endpoint": {"EndpointName": "op-endpoint", "EndpointConfigName": "op-config"},
+    }
+    SageMakerEndpointOperator(task_id="deploy", config=endpoint_config, check_interval=1).execute(context={})
+    assert client(standin).describe_endpoint(EndpointName="op-endpoint")["EndpointStatus"] == "InService"
+
+    LambdaCreateFunctionOperator(task_id="create_fn", function_name="op-fn", runtime="python3.11",
+                                 role="arn:aws:iam::000000000000:role/local", handler="handler.handle",
+                                 code={"ZipFile": zipped(HANDLER)},
+                                 config={"environment": {"Variables": {"GREETING": "op"}}}
+                                 ).execute(context={})
+    answer = LambdaInvokeFunctionOperator(task_id="invoke", function_name="op-fn",
+                                          payload=json.dumps({"n": 41})).execute(context={})
+    assert json.loads(answer)["n"] == 42
