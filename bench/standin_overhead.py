@@ -18,18 +18,17 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
 
 import boto3  # noqa: E402
-from data_prep_throughput import start_moto  # noqa: E402
 
 from bin_counter.abid import read_local_records  # noqa: E402
 from bin_counter.sagemaker_config import training_job_config  # noqa: E402
+from standin.launch import start_moto, start_standin  # noqa: E402
 
 CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
 IN_PROCESS = """
@@ -64,18 +63,8 @@ def main() -> None:
     moto, moto_endpoint = start_moto()
     state = ROOT / "build" / "bench-standin"
     subprocess.run(["rm", "-rf", str(state)], check=True)
-    port = 5099
-    standin = subprocess.Popen([sys.executable, "-m", "standin.server", "--port", str(port), "--state-dir", str(state),
-                                "--aws-endpoint", moto_endpoint, "--container-python", str(CONTAINER_PYTHON)],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    standin, endpoint = start_standin(state, moto_endpoint, CONTAINER_PYTHON)
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{endpoint}/health", timeout=1)  # noqa: S310 - loopback
-                break
-            except OSError:
-                time.sleep(0.1)
         s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
         s3.create_bucket(Bucket="bench")
         buf = io.BytesIO()

@@ -213,14 +213,18 @@ class SageMakerApi:
     def op_DescribeTrainingJob(self, params: dict) -> dict:
         return self._get("training-job", params["TrainingJobName"])
 
-    def op_ListTrainingJobs(self, params: dict) -> dict:
-        jobs = self._all("training-job")
+    @staticmethod
+    def _listed(records: list[dict], params: dict, name_field: str, status_field: str) -> list[dict]:
+        """The NameContains / StatusEquals / SortBy / SortOrder part that every List* call shares."""
         if params.get("NameContains"):
-            jobs = [j for j in jobs if params["NameContains"] in j["TrainingJobName"]]
+            records = [r for r in records if params["NameContains"] in r[name_field]]
         if params.get("StatusEquals"):
-            jobs = [j for j in jobs if j["TrainingJobStatus"] == params["StatusEquals"]]
-        key = {"Name": "TrainingJobName", "Status": "TrainingJobStatus"}.get(params.get("SortBy"), "CreationTime")
-        jobs.sort(key=lambda j: j[key], reverse=params.get("SortOrder", "Descending") == "Descending")
+            records = [r for r in records if r[status_field] == params["StatusEquals"]]
+        key = {"Name": name_field, "Status": status_field}.get(params.get("SortBy"), "CreationTime")
+        return sorted(records, key=lambda r: r[key], reverse=params.get("SortOrder", "Descending") == "Descending")
+
+    def op_ListTrainingJobs(self, params: dict) -> dict:
+        jobs = self._listed(self._all("training-job"), params, "TrainingJobName", "TrainingJobStatus")
         start = int(params.get("NextToken") or 0)
         size = params.get("MaxResults", 100)
         page = jobs[start:start + size]
@@ -477,12 +481,8 @@ class SageMakerApi:
         return self._get("hyper-parameter-tuning-job", params["HyperParameterTuningJobName"])
 
     def op_ListHyperParameterTuningJobs(self, params: dict) -> dict:
-        jobs = self._all("hyper-parameter-tuning-job")
-        if params.get("NameContains"):
-            jobs = [j for j in jobs if params["NameContains"] in j["HyperParameterTuningJobName"]]
-        if params.get("StatusEquals"):
-            jobs = [j for j in jobs if j["HyperParameterTuningJobStatus"] == params["StatusEquals"]]
-        jobs.sort(key=lambda j: j["CreationTime"], reverse=params.get("SortOrder", "Descending") == "Descending")
+        jobs = self._listed(self._all("hyper-parameter-tuning-job"), params, "HyperParameterTuningJobName",
+                            "HyperParameterTuningJobStatus")
         fields = ("HyperParameterTuningJobName", "HyperParameterTuningJobArn", "HyperParameterTuningJobStatus",
                   "CreationTime", "HyperParameterTuningEndTime", "LastModifiedTime", "TrainingJobStatusCounters",
                   "ObjectiveStatusCounters")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 import tarfile
 import time
 import urllib.error
@@ -17,33 +16,21 @@ import pytest
 from botocore.exceptions import ClientError
 
 from bin_counter.sagemaker_config import training_job_config
-from tests.airflow_side.conftest import free_port
+from standin.launch import start_standin
 from tests.conftest import REPO, write_split_dir
 
 CONTAINER_PYTHON = REPO / ".venv-container" / "bin" / "python"
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
 
 
-def start_standin(state_dir, s3_endpoint) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "standin.server", "--port", str(port), "--state-dir",
-                             str(state_dir), "--aws-endpoint", s3_endpoint, "--container-python",
-                             str(CONTAINER_PYTHON)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"{endpoint}/health", timeout=1)  # noqa: S310 - loopback
-            return proc, endpoint
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the stand-in did not start")
+def start(state_dir, aws_endpoint) -> tuple[subprocess.Popen, str]:
+    return start_standin(state_dir, aws_endpoint, CONTAINER_PYTHON)
 
 
 @pytest.fixture
 def standin(tmp_path, moto_endpoint, aws_connection):  # its S3 client needs the credentials set there
     state = tmp_path / "state"
-    proc, endpoint = start_standin(state, moto_endpoint)
+    proc, endpoint = start(state, moto_endpoint)
     handle = {"proc": proc, "endpoint": endpoint, "state": state}
     yield handle
     handle["proc"].terminate()
@@ -155,7 +142,7 @@ def test_stop_and_restart_keep_the_state(standin, job_inputs, moto_endpoint, aws
 
     standin["proc"].terminate()
     standin["proc"].wait(timeout=10)
-    standin["proc"], standin["endpoint"] = start_standin(standin["state"], moto_endpoint)
+    standin["proc"], standin["endpoint"] = start(standin["state"], moto_endpoint)
     again = client(standin).describe_training_job(TrainingJobName="job-long")
     assert again["TrainingJobStatus"] == "Stopped"
 
@@ -203,9 +190,10 @@ def test_models_and_endpoint_configs(standin, aws_connection):
     assert caught.value.response["Error"]["Code"] == "ValidationException"
 
 
-def deployed_model(sm, name: str, training_job: str) -> str:
-    """A model and an endpoint config for a finished training job's model.tar.gz."""
-    artifact = sm.describe_training_job(TrainingJobName=training_job)["ModelArtifacts"]["S3ModelArtifacts"]
+def deployed_model(sm, name: str, training_job: str | None = None, artifact: str | None = None) -> str:
+    """A model and an endpoint config for a model.tar.gz (by default a finished training job's)."""
+    if artifact is None:
+        artifact = sm.describe_training_job(TrainingJobName=training_job)["ModelArtifacts"]["S3ModelArtifacts"]
     sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::000000000000:role/local",
                     PrimaryContainer={"Image": "local/pytorch-inference:cpu", "ModelDataUrl": artifact})
     sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
@@ -244,10 +232,7 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
 
     # An update to a model that cannot load: the endpoint keeps serving the old one and says why.
     s3.put_object(Bucket=job_inputs, Key="broken/model.tar.gz", Body=b"not a tarball")
-    sm.create_model(ModelName="broken", ExecutionRoleArn="arn:aws:iam::000000000000:role/local",
-                    PrimaryContainer={"Image": "local", "ModelDataUrl": f"s3://{job_inputs}/broken/model.tar.gz"})
-    sm.create_endpoint_config(EndpointConfigName="broken", ProductionVariants=[
-        {"VariantName": "AllTraffic", "ModelName": "broken", "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+    deployed_model(sm, "broken", artifact=f"s3://{job_inputs}/broken/model.tar.gz")
     sm.update_endpoint(EndpointName="bin-count", EndpointConfigName="broken")
     time.sleep(0.5)
     endpoint = wait_endpoint(sm, "bin-count")
@@ -430,7 +415,7 @@ def test_restart_brings_endpoints_back(standin, job_inputs, moto_endpoint, tmp_p
     assert wait_endpoint(sm, "again")["EndpointStatus"] == "InService"
     standin["proc"].terminate()
     standin["proc"].wait(timeout=10)
-    standin["proc"], standin["endpoint"] = start_standin(standin["state"], moto_endpoint)
+    standin["proc"], standin["endpoint"] = start(standin["state"], moto_endpoint)
     sm = client(standin)
     assert wait_endpoint(sm, "again")["EndpointStatus"] == "InService"
     assert sm.describe_training_job(TrainingJobName="job-r")["TrainingJobStatus"] == "Completed"

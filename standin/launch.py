@@ -1,0 +1,58 @@
+"""Starting the local stack's servers on loopback: a moto server and the stand-in.
+
+Used by the tests and the benchmarks (and by whatever starts the whole stack), so there is one way
+to pick a port, start a server and wait until it answers.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Poll `url` until it answers; fail early if `process` exits, and after `timeout`."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)  # noqa: S310 - our own loopback servers
+            return
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                raise RuntimeError(f"{url} did not come up (exit code {process.poll()})") from None
+            time.sleep(0.1)
+
+
+def start_moto(port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A moto server (S3, CloudWatch Logs, ...) on loopback; returns the process and its endpoint."""
+    port = port or free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_until_up(f"{endpoint}/moto-api/", process)
+    return process, endpoint
+
+
+def start_standin(state_dir: Path, aws_endpoint: str, container_python: Path,
+                  port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """The SageMaker and Lambda stand-in on loopback; returns the process and its endpoint."""
+    port = port or free_port()
+    process = subprocess.Popen([sys.executable, "-m", "standin.server", "--port", str(port), "--state-dir",
+                                str(state_dir), "--aws-endpoint", aws_endpoint, "--container-python",
+                                str(container_python)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_until_up(f"{endpoint}/health", process)
+    return process, endpoint
