@@ -210,13 +210,18 @@ def wait_endpoint(sm, name: str, timeout: float = 180) -> dict:
         time.sleep(0.3)
 
 
+def serving_endpoint(sm, bucket: str, job: str, endpoint: str) -> None:
+    """Train `job`, register its model and config under the job's name, serve it at `endpoint`."""
+    sm.create_training_job(**job_config(bucket, job))
+    assert wait(sm, job)["TrainingJobStatus"] == "Completed"
+    deployed_model(sm, job, job)
+    sm.create_endpoint(EndpointName=endpoint, EndpointConfigName=job)
+    assert wait_endpoint(sm, endpoint)["EndpointStatus"] == "InService"
+
+
 def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs, s3, tmp_path, aws_connection):
     sm = client(standin)
-    sm.create_training_job(**job_config(job_inputs, "job-serve"))
-    assert wait(sm, "job-serve")["TrainingJobStatus"] == "Completed"
-    deployed_model(sm, "serve-v1", "job-serve")
-    sm.create_endpoint(EndpointName="bin-count", EndpointConfigName="serve-v1")
-    assert wait_endpoint(sm, "bin-count")["EndpointStatus"] == "InService"
+    serving_endpoint(sm, job_inputs, "job-serve", "bin-count")
 
     runtime = boto3.client("sagemaker-runtime", endpoint_url=standin["endpoint"], region_name="us-east-1")
     image = next((tmp_path / "train").rglob("*.jpg")).read_bytes()
@@ -236,7 +241,7 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
     sm.update_endpoint(EndpointName="bin-count", EndpointConfigName="broken")
     time.sleep(0.5)
     endpoint = wait_endpoint(sm, "bin-count")
-    assert endpoint["EndpointStatus"] == "InService" and endpoint["EndpointConfigName"] == "serve-v1"
+    assert endpoint["EndpointStatus"] == "InService" and endpoint["EndpointConfigName"] == "job-serve"
     assert "not a model.tar.gz" in endpoint["FailureReason"]
     assert json.loads(runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg",
                                               Body=image)["Body"].read())["model_version"] == "job-serve"
@@ -408,11 +413,7 @@ def test_update_under_a_stream_of_requests_drops_none(standin, job_inputs, s3, t
 
 def test_restart_brings_endpoints_back(standin, job_inputs, moto_endpoint, tmp_path, aws_connection):
     sm = client(standin)
-    sm.create_training_job(**job_config(job_inputs, "job-r"))
-    assert wait(sm, "job-r")["TrainingJobStatus"] == "Completed"
-    deployed_model(sm, "r1", "job-r")
-    sm.create_endpoint(EndpointName="again", EndpointConfigName="r1")
-    assert wait_endpoint(sm, "again")["EndpointStatus"] == "InService"
+    serving_endpoint(sm, job_inputs, "job-r", "again")
     standin["proc"].terminate()
     standin["proc"].wait(timeout=10)
     standin["proc"], standin["endpoint"] = start(standin["state"], moto_endpoint)
