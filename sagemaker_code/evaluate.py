@@ -21,6 +21,7 @@ from pathlib import Path
 import datasets
 import inference
 import metrics
+import preprocessing
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -50,7 +51,7 @@ def predict_counts(model: dict, samples: list[datasets.Sample], batch_size: int)
     predictions = []
     for start in range(0, len(samples), batch_size):
         batch = [Path(s.path).read_bytes() for s in samples[start:start + batch_size]]
-        request = {"images": batch, "single": False, "max_pixels": inference.preprocessing.DEFAULT_MAX_PIXELS}
+        request = {"images": batch, "single": False, "max_pixels": preprocessing.DEFAULT_MAX_PIXELS}
         predictions += inference.predict_fn(request, model)["predictions"]
     return predictions
 
