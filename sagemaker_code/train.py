@@ -2,6 +2,7 @@
 
 SageMaker contract (and the flag that overrides each part outside SageMaker):
   SM_CHANNEL_TRAIN / _VALIDATION / _TEST   --train / --validation / --test
+  SM_CHANNEL_CHAMPION                      --champion         (the serving model, scored on the same test)
   SM_MODEL_DIR                             --model-dir        (model.pth, model_card.json, code/)
   SM_OUTPUT_DATA_DIR                       --output-data-dir  (metrics.json)
   /opt/ml/checkpoints                      --checkpoint-dir   (resume after a kill or spot stop)
@@ -43,6 +44,7 @@ OPT_ML = os.environ.get("SM_OPT_ML_ROOT", "/opt/ml")
 SAGEMAKER_CHECKPOINT_DIR = f"{OPT_ML}/checkpoints"
 SAGEMAKER_FAILURE_FILE = f"{OPT_ML}/output/failure"
 CHECKPOINT_NAME = "checkpoint.pth"
+DIVERGED_LOSS_FACTOR = 20
 # Files that make up the model's `code/` folder in model.tar.gz (what the serving container imports).
 SERVING_CODE = ("inference.py", "backbones.py", "preprocessing.py")
 
@@ -75,6 +77,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="validation images; picks the best epoch. Optional (then the last epoch is kept)")
     paths.add_argument("--test", default=env("SM_CHANNEL_TEST"),
                        help="test images, evaluated once with the final model. Optional")
+    paths.add_argument("--champion", default=env("SM_CHANNEL_CHAMPION"),
+                       help="the model serving now (model.tar.gz, or a folder holding one or a model dir), "
+                            "scored on the test images through the serving code after training, so the "
+                            "deployment gate compares both models on the same images. Optional")
     paths.add_argument("--model-dir", default=env("SM_MODEL_DIR", "model"), help="where the model is written")
     paths.add_argument("--output-data-dir", default=env("SM_OUTPUT_DATA_DIR"),
                        help="where metrics.json is written (default: the model dir)")
@@ -107,6 +113,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     optim.add_argument("--augment", type=str2bool, default=True,
                        help="count-preserving augmentation: flips, brightness and contrast jitter")
+    optim.add_argument("--train-on-validation", type=str2bool, default=False,
+                       help="add the validation images to the training set and keep the last epoch: the "
+                            "final retraining once tuning has chosen the hyperparameters")
     optim.add_argument("--select-metric", default="val_accuracy", choices=("val_accuracy", "val_loss", "last"),
                        help="which epoch's weights are kept")
     optim.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
@@ -168,11 +177,13 @@ def use_bf16(amp: str, device: torch.device) -> bool:
         return False
 
 
-def load_channel(path: str, args: argparse.Namespace) -> datasets.DecodedSet | list:
-    """A channel decoded into memory, or (with --cache none) its labelled file list."""
-    labelled = datasets.apply_count_policy(datasets.list_samples(path), args.max_count, args.above_max)
+def load_channel(paths: list[str], args: argparse.Namespace) -> datasets.DecodedSet | list:
+    """One or more channels' images decoded into memory, or (with --cache none) their labelled files."""
+    labelled = []
+    for path in paths:
+        labelled += datasets.apply_count_policy(datasets.list_samples(path), args.max_count, args.above_max)
     if not labelled:
-        raise datasets.DataError(f"{path}: no images with a count of at most {args.max_count}")
+        raise datasets.DataError(f"{', '.join(paths)}: no images with a count of at most {args.max_count}")
     if args.cache == "none":
         return labelled
     return datasets.decode_all(labelled, args.image_size, args.workers)
@@ -232,6 +243,10 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class TrainingDiverged(RuntimeError):
+    pass
+
+
 def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int, bf16: bool) -> float:
     if args.mode == "head":
         model.eval()  # frozen backbone: keep its batch-norm statistics as they are
@@ -246,13 +261,24 @@ def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        if not torch.isfinite(loss):
+            # Nothing useful comes after a non-finite loss: stop now and say what to change.
+            raise TrainingDiverged(f"training diverged: the loss became {loss.item()} in epoch {epoch}; "
+                                   f"lower --lr (was {args.lr:g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         total_loss += loss.item() * len(labels)
         seen += len(labels)
-    return total_loss / seen
+    mean_loss = total_loss / seen
+    # A model guessing at random scores ln(classes); tens of times that only comes from a learning
+    # rate that threw the weights away, and the epochs after it would be wasted.
+    limit = DIVERGED_LOSS_FACTOR * math.log(args.max_count + 1)
+    if mean_loss > limit:
+        raise TrainingDiverged(f"training diverged: the mean loss of epoch {epoch} is {mean_loss:.1f} (a random "
+                               f"guess scores {math.log(args.max_count + 1):.2f}); lower --lr (was {args.lr:g})")
+    return mean_loss
 
 
 @torch.no_grad()
@@ -275,7 +301,7 @@ def evaluate(model, data, args, device, bf16: bool, num_classes: int) -> dict:
 
 def metric_line(prefix: str, result: dict) -> str:
     keys = ("loss", "accuracy", "rmse", "mae", "within_1")
-    return " ".join(f"{prefix}_{k}={result[k]:.4f}" for k in keys)
+    return " ".join(f"{prefix}_{k}={result[k]:.4f}" for k in keys if k in result)
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -326,8 +352,12 @@ def main(args: argparse.Namespace) -> dict:
     bf16 = use_bf16(args.amp, device)
     num_classes = args.max_count + 1
 
-    channels = {"train": args.train, "validation": args.validation, "test": args.test}
-    data = {name: load_channel(path, args) for name, path in channels.items() if path}
+    channels = {"train": [args.train], "validation": [args.validation], "test": [args.test]}
+    if args.train_on_validation and args.validation:
+        channels = {"train": [args.train, args.validation], "test": [args.test]}
+        print("training on train + validation: keeping the last epoch", flush=True)
+        args.select_metric = "last"
+    data = {name: load_channel(paths, args) for name, paths in channels.items() if all(paths)}
     sizes = {name: set_size(d) for name, d in data.items()}
     fingerprint = datasets.fingerprint(data)
     signature = config_signature(args, fingerprint)
@@ -383,20 +413,61 @@ def main(args: argparse.Namespace) -> dict:
 
     model.load_state_dict(best["state"])
     result = {"best_epoch": best["epoch"], "validation": best["validation"]}
-    if "test" in data:
-        test = evaluate(model, data["test"], args, device, bf16, num_classes)
-        result["test"] = test
-        print(metric_line("test", test), flush=True)
-        print(f"test_per_class_accuracy={json.dumps(test['per_class_accuracy'])}", flush=True)
-
     card = model_card(args, result, history, sizes, fingerprint, time.time() - started, device, bf16)
     write_model(Path(args.model_dir), best["state"], card)
+    if "test" in data:
+        # Scored as clients will be served: the written model through the serving handlers (fp32),
+        # and the serving model, if any, the same way on the same images. The loss comes from the
+        # training-time evaluation.
+        loss = evaluate(model, data["test"], args, device, bf16, num_classes)["loss"]
+        result["test"] = {**score_model(args.model_dir, args.test, args.max_count, args.eval_batch_size),
+                          "loss": loss}
+        print(metric_line("test", result["test"]), flush=True)
+        print(f"test_per_class_accuracy={json.dumps(result['test']['per_class_accuracy'])}", flush=True)
+        if args.champion:
+            result["champion"] = score_champion(args.champion, args.test, args.max_count, args.eval_batch_size)
+        card["metrics"] = result
+        write_model(Path(args.model_dir), best["state"], card)
+
     out_dir = Path(args.output_data_dir or args.model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"model {card['model_version']} written to {args.model_dir} (best epoch {best['epoch']}) "
           f"in {time.time() - started:.1f}s", flush=True)
     return card
+
+
+def find_model(path: str) -> Path:
+    """A champion channel holds model.tar.gz (as SageMaker downloads an S3 object); a path may also
+    name the archive or an unpacked model folder."""
+    candidate = Path(path)
+    if candidate.is_dir() and not (candidate / "model_card.json").is_file():
+        archives = sorted(candidate.rglob("*.tar.gz"))
+        if len(archives) != 1:
+            raise datasets.DataError(f"--champion {path}: expected one model.tar.gz there, found {len(archives)}")
+        return archives[0]
+    if not candidate.exists():
+        raise datasets.DataError(f"--champion {path} does not exist")
+    return candidate
+
+
+def score_model(path: str, test_dir: str, max_count: int, batch_size: int) -> dict:
+    """A written model's metrics on labelled images, through the serving handlers."""
+    import evaluate  # the serving path; only needed here
+
+    return evaluate.evaluate(path, test_dir, max_count, batch_size)
+
+
+def score_champion(path: str, test_dir: str, max_count: int, batch_size: int) -> dict | None:
+    """The serving model's metrics on the same test images; None (and why, in the log) when it cannot
+    be scored: the new model is not lost for it, the deployment gate decides what that means."""
+    try:
+        champion = score_model(str(find_model(path)), test_dir, max_count, batch_size)
+    except (Exception, SystemExit) as exc:  # whatever is wrong with the old model, keep the new one
+        print(f"champion could not be scored: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    print(f"champion={champion['model_version']} " + metric_line("champion_test", champion), flush=True)
+    return champion
 
 
 def epoch_score(record: dict, select_metric: str):
@@ -428,7 +499,8 @@ def model_card(args, result: dict, history: list, sizes: dict, fingerprint: str,
                               else f"{args.max_count} items (trained without larger counts)"),
         "preprocessing": preprocessing.describe(args.image_size),
         "hyperparameters": {k: v for k, v in vars(args).items()
-                            if k not in ("train", "validation", "test", "model_dir", "output_data_dir",
+                            if k not in ("train", "validation", "test", "champion", "model_dir",
+                                         "output_data_dir",
                                          "checkpoint_dir", "failure_file", "model_version")},
         "metrics": result,
         "history": history,

@@ -145,6 +145,9 @@ class LambdaApi:
             seconds = time.time() - started
             error = {"errorMessage": f"Task timed out after {seconds:.2f} seconds", "errorType": "Sandbox.Timedout"}
             return 200, json.dumps(error).encode(), {"X-Amz-Function-Error": "Unhandled"}
+        # The function's log (what it printed), as CloudWatch Logs would keep it.
+        with open(self._folder(name) / "function.log", "ab") as log_file:
+            log_file.write(proc.stderr)
         if proc.returncode == 0:
             return 200, proc.stdout, {"X-Amz-Executed-Version": "$LATEST"}
         # The runner prints the error as Lambda formats it; a process killed by its memory limit prints nothing.

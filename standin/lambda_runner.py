@@ -54,6 +54,8 @@ def main() -> int:
     parser.add_argument("--memory-mb", type=int, default=128, help="the function's memory size")
     args = parser.parse_args()
     event = json.loads(sys.stdin.buffer.read() or b"{}")
+    # As on Lambda, what the function prints is its log (here stderr), never part of its answer.
+    answer, sys.stdout = sys.stdout, sys.stderr
     sys.path.insert(0, args.code)
     module_name, _, function_name = args.handler.rpartition(".")
     try:
@@ -62,10 +64,10 @@ def main() -> int:
         context = Context(args.memory_mb, float(os.environ.get("STANDIN_LAMBDA_TIMEOUT", 3)))
         result = handler(event, context)
     except Exception as exc:
-        print(json.dumps({"errorMessage": str(exc), "errorType": type(exc).__name__,
-                          "stackTrace": traceback.format_tb(exc.__traceback__)}))
+        answer.write(json.dumps({"errorMessage": str(exc), "errorType": type(exc).__name__,
+                                 "stackTrace": traceback.format_tb(exc.__traceback__)}))
         return 1
-    print(json.dumps(result))
+    answer.write(json.dumps(result))
     return 0
 
 

@@ -157,6 +157,15 @@ class SageMakerApi:
                 self._put("endpoint", endpoint)
                 self._deploy_async(endpoint["EndpointName"], endpoint["EndpointConfigName"], updating=False)
 
+    def op_ListTags(self, params: dict) -> dict:
+        """The tags a resource was created with (AddTags is not served: tags are set at creation)."""
+        arn = params["ResourceArn"]
+        for kind, spec in RESOURCES.items():
+            for record in self._all(kind):
+                if record.get(spec.arn_field) == arn:
+                    return {"Tags": record.get("Tags", [])}
+        raise AwsError("ValidationException", f"Resource {arn} not found")
+
     # -- training jobs --------------------------------------------------------------------------
     def op_CreateTrainingJob(self, params: dict) -> dict:
         name = params["TrainingJobName"]

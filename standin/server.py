@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -166,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_file:
         handlers.append(logging.FileHandler(args.log_file))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
+    # Functions run here reach SageMaker Runtime (this server) and the other services (moto) the
+    # way a Lambda function on AWS reaches them: through the default endpoints of their SDK.
+    own = f"http://{args.host}:{args.port}"
+    os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = own
+    os.environ["AWS_ENDPOINT_URL_SAGEMAKER"] = own
+    os.environ.setdefault("AWS_ENDPOINT_URL", args.aws_endpoint)
     api = SageMakerApi(Path(args.state_dir), args.aws_endpoint, args.container_python)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(api, LambdaApi(Path(args.state_dir))))
     log.info("SageMaker stand-in on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)

@@ -58,8 +58,9 @@ def download_prefix(s3, uri: str, target: Path) -> int:
     count = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            relative = obj["Key"][len(prefix):].lstrip("/")
-            if not relative or relative.endswith("/"):
+            # A prefix naming one object whole (a model.tar.gz) gives that file under its own name.
+            relative = obj["Key"][len(prefix):].lstrip("/") or obj["Key"].rsplit("/", 1)[-1]
+            if relative.endswith("/"):
                 continue
             destination = target / relative
             destination.parent.mkdir(parents=True, exist_ok=True)

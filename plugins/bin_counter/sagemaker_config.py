@@ -1,4 +1,5 @@
-"""SageMaker request builders for training `sagemaker_code/train.py`, and its metric regexes.
+"""SageMaker request builders for training, tuning and serving `sagemaker_code/`, its metric regexes,
+and the small decisions the retraining DAG takes on SageMaker's answers.
 
 The metric definitions live here, next to the job config that carries them, and a test runs the
 real training script and checks that every regex finds its value in the script's output.
@@ -7,9 +8,10 @@ Standard library only: this module is imported by DAG tasks and by tests in both
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 ENTRY_POINT = "train.py"
 # SageMaker's names are "<channel>:<metric>"; train.py prints "<prefix>_<metric>=<value>".
@@ -27,6 +29,11 @@ METRIC_DEFINITIONS: list[dict[str, str]] = [
     {"Name": "test:mae", "Regex": rf"\btest_mae={_NUMBER}"},
     {"Name": "test:within_1", "Regex": rf"\btest_within_1={_NUMBER}"},
     {"Name": "train:images_per_s", "Regex": rf"\bimages_per_s={_NUMBER}"},
+    # The model serving now, scored by the same job on the same test images (train.py --champion).
+    {"Name": "champion:accuracy", "Regex": rf"\bchampion_test_accuracy={_NUMBER}"},
+    {"Name": "champion:rmse", "Regex": rf"\bchampion_test_rmse={_NUMBER}"},
+    {"Name": "champion:mae", "Regex": rf"\bchampion_test_mae={_NUMBER}"},
+    {"Name": "champion:within_1", "Regex": rf"\bchampion_test_within_1={_NUMBER}"},
 ]
 # Tuning objectives that make sense for the counter, with their direction.
 OBJECTIVES = {"validation:accuracy": "Maximize", "validation:rmse": "Minimize", "validation:loss": "Minimize"}
@@ -112,3 +119,166 @@ def training_job_config(
     if use_spot:
         config["StoppingCondition"]["MaxWaitTimeInSeconds"] = max_wait_s or 2 * max_runtime_s
     return config
+
+
+# -- names derived from the DAG run ---------------------------------------------------------------
+def run_job_names(dag_id: str, run_id: str) -> dict[str, str]:
+    """Names of the run's SageMaker resources, the same on every try of a task, so a retried task
+    finds the job its earlier try started. Tuning job names are limited to 32 characters."""
+    digest = hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:12]
+    final = f"bin-counter-{digest}-final"
+    return {"tuning_job": f"bc-tune-{digest}", "training_job": final, "model": final, "endpoint_config": final}
+
+
+# -- hyperparameter tuning ------------------------------------------------------------------------
+def search_ranges(epochs: Sequence[int], batch_sizes: Sequence[int], lr: Sequence[float]) -> dict:
+    """ParameterRanges over train.py's epochs (integers, inclusive), batch size (the listed values)
+    and learning rate (continuous, searched on a log scale)."""
+    (epochs_min, epochs_max), (lr_min, lr_max) = epochs, lr
+    if not 1 <= epochs_min <= epochs_max:
+        raise ValueError(f"epochs range {epochs_min}..{epochs_max}: need 1 <= min <= max")
+    if not 0 < lr_min <= lr_max:
+        raise ValueError(f"learning rate range {lr_min}..{lr_max}: need 0 < min <= max")
+    if not batch_sizes:
+        raise ValueError("batch sizes: list at least one")
+    ranges: dict = {"IntegerParameterRanges": [], "ContinuousParameterRanges": [], "CategoricalParameterRanges": []}
+    # SageMaker refuses a range whose ends are equal; a fixed value is a one-value categorical range.
+    if epochs_min == epochs_max:
+        ranges["CategoricalParameterRanges"].append({"Name": "epochs", "Values": [str(epochs_min)]})
+    else:
+        ranges["IntegerParameterRanges"].append({"Name": "epochs", "MinValue": str(epochs_min),
+                                                 "MaxValue": str(epochs_max), "ScalingType": "Auto"})
+    if lr_min == lr_max:
+        ranges["CategoricalParameterRanges"].append({"Name": "lr", "Values": [repr(float(lr_min))]})
+    else:
+        ranges["ContinuousParameterRanges"].append({"Name": "lr", "MinValue": repr(float(lr_min)),
+                                                    "MaxValue": repr(float(lr_max)),
+                                                    "ScalingType": "Logarithmic"})
+    ranges["CategoricalParameterRanges"].append({"Name": "batch-size", "Values": [str(int(b)) for b in batch_sizes]})
+    return ranges
+
+
+def tuned_names(ranges: Mapping) -> set[str]:
+    return {r["Name"] for kind in ranges.values() for r in kind}
+
+
+def tuning_job_config(
+    job_name: str,
+    training: Mapping,
+    ranges: Mapping,
+    objective: str,
+    max_jobs: int,
+    max_parallel_jobs: int,
+    strategy: str = "Bayesian",
+    early_stopping: bool = True,
+) -> dict:
+    """A CreateHyperParameterTuningJob request whose trials are the `training` job (as
+    training_job_config builds it) with the tuned hyperparameters taken out of its static ones."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: choose one of {sorted(OBJECTIVES)}")
+    if not 1 <= max_parallel_jobs <= max_jobs:
+        raise ValueError(f"max parallel jobs {max_parallel_jobs} must be between 1 and max jobs {max_jobs}")
+    tuned = tuned_names(ranges)
+    definition = {
+        "StaticHyperParameters": {k: v for k, v in training["HyperParameters"].items() if k not in tuned},
+        "AlgorithmSpecification": training["AlgorithmSpecification"],
+        **{k: training[k] for k in ("RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
+                                    "StoppingCondition", "EnableManagedSpotTraining", "CheckpointConfig")
+           if k in training},
+    }
+    return {
+        "HyperParameterTuningJobName": job_name,
+        "HyperParameterTuningJobConfig": {
+            "Strategy": strategy,
+            "HyperParameterTuningJobObjective": {"Type": OBJECTIVES[objective], "MetricName": objective},
+            "ResourceLimits": {"MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel_jobs},
+            "ParameterRanges": dict(ranges),
+            "TrainingJobEarlyStoppingType": "Auto" if early_stopping else "Off",
+        },
+        "TrainingJobDefinition": definition,
+        "Tags": training.get("Tags", []),
+    }
+
+
+def best_trial(tuning_job: Mapping) -> dict:
+    """The best trial of a finished tuning job: its name, objective value and tuned hyperparameters
+    (decoded from SageMaker's strings)."""
+    best = tuning_job.get("BestTrainingJob")
+    if not best:
+        counters = tuning_job.get("TrainingJobStatusCounters", {})
+        raise ValueError(f"tuning job {tuning_job.get('HyperParameterTuningJobName')} has no successful trial "
+                         f"(trials: {json.dumps(counters)}); see the trials' FailureReason")
+    hyperparameters = {}
+    for name, value in best["TunedHyperParameters"].items():
+        try:
+            hyperparameters[name] = json.loads(value)
+        except json.JSONDecodeError:
+            hyperparameters[name] = value
+    objective = best.get("FinalHyperParameterTuningJobObjectiveMetric", {})
+    return {"training_job": best["TrainingJobName"], "hyperparameters": hyperparameters,
+            "objective": {"name": objective.get("MetricName"), "value": objective.get("Value")}}
+
+
+# -- the deployment gate --------------------------------------------------------------------------
+GATE_METRICS = {"accuracy": "Maximize", "rmse": "Minimize"}
+
+
+def final_metrics(training_job: Mapping) -> dict[str, float]:
+    """FinalMetricDataList as {name: value}."""
+    return {m["MetricName"]: m["Value"] for m in training_job.get("FinalMetricDataList", [])}
+
+
+def deployment_decision(metrics: Mapping[str, float], has_champion: bool, gate_metric: str,
+                        margin: float) -> tuple[bool, str]:
+    """Whether the newly trained model may replace the serving one, and why.
+
+    Both were scored by the same training job on the same test images (`test:*` and `champion:*`).
+    The new model deploys when it is not worse than the champion by more than `margin` on
+    `gate_metric`."""
+    if gate_metric not in GATE_METRICS:
+        raise ValueError(f"gate metric {gate_metric!r}: choose one of {sorted(GATE_METRICS)}")
+    new = metrics.get(f"test:{gate_metric}")
+    if new is None:
+        return False, f"the training job reported no test:{gate_metric}; was the test channel empty?"
+    if not has_champion:
+        return True, f"no model is serving yet: deploying the new one (test {gate_metric} {new:.4f})"
+    old = metrics.get(f"champion:{gate_metric}")
+    if old is None:
+        return False, ("the serving model could not be scored on the test images (see the training job's "
+                       "log); not replacing it automatically")
+    maximize = GATE_METRICS[gate_metric] == "Maximize"
+    worse_by = (old - new) if maximize else (new - old)
+    summary = f"test {gate_metric}: new {new:.4f}, serving {old:.4f}, margin {margin:.4f}"
+    if worse_by > margin:
+        return False, f"the new model is worse than the serving one by {worse_by:.4f} ({summary})"
+    return True, f"the new model is not worse than the serving one beyond the margin ({summary})"
+
+
+# -- serving ------------------------------------------------------------------------------------------
+def model_config(name: str, image_uri: str, model_data_url: str, role_arn: str,
+                 tags: Mapping[str, str] | None = None, environment: Mapping[str, str] | None = None) -> dict:
+    """CreateModel for the PyTorch inference container: model.tar.gz carries code/inference.py."""
+    return {
+        "ModelName": name,
+        "PrimaryContainer": {"Image": image_uri, "ModelDataUrl": model_data_url, "Mode": "SingleModel",
+                             "Environment": {"SAGEMAKER_PROGRAM": "inference.py", **(environment or {})}},
+        "ExecutionRoleArn": role_arn,
+        "Tags": [{"Key": k, "Value": str(v)} for k, v in (tags or {}).items()],
+    }
+
+
+def endpoint_config(name: str, model_name: str, instance_type: str, instance_count: int = 1,
+                    tags: Mapping[str, str] | None = None) -> dict:
+    """CreateEndpointConfig with one variant serving `model_name`."""
+    return {
+        "EndpointConfigName": name,
+        "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": model_name,
+                                "InstanceType": instance_type, "InitialInstanceCount": instance_count,
+                                "InitialVariantWeight": 1.0}],
+        "Tags": [{"Key": k, "Value": str(v)} for k, v in (tags or {}).items()],
+    }
+
+
+def resource_tags(tags: Mapping[str, object]) -> dict[str, str]:
+    """Tag values as SageMaker takes them: strings of at most 256 characters."""
+    return {k: str(v)[:256] for k, v in tags.items() if v is not None and str(v) != ""}

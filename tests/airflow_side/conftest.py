@@ -13,7 +13,7 @@ import tempfile
 import boto3
 import pytest
 
-from standin.launch import start_moto
+from standin.launch import start_moto, start_standin
 from tests.conftest import REPO
 
 # Before anything imports Airflow: its configuration is read once, at import.
@@ -22,6 +22,9 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+CONTAINER_PYTHON = REPO / ".venv-container" / "bin" / "python"
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint():
     process, endpoint = start_moto()
@@ -69,3 +72,28 @@ def list_objects(s3, bucket: str, prefix: str = "") -> dict[str, tuple[str, obje
         for obj in page.get("Contents", []):
             found[obj["Key"]] = (obj["ETag"], obj["LastModified"])
     return found
+
+
+@pytest.fixture
+def standin(tmp_path, moto_endpoint, aws_connection):  # its S3 client needs the credentials set there
+    """The SageMaker and Lambda stand-in on loopback, running jobs in the container-side env."""
+    if not CONTAINER_PYTHON.exists():
+        pytest.skip("needs .venv-container (make envs)")
+    state = tmp_path / "state"
+    proc, endpoint = start_standin(state, moto_endpoint, CONTAINER_PYTHON)
+    handle = {"proc": proc, "endpoint": endpoint, "state": state}
+    yield handle
+    handle["proc"].terminate()
+    handle["proc"].wait(timeout=10)
+
+
+@pytest.fixture
+def local_stack_connection(standin, moto_endpoint, monkeypatch):
+    """The Airflow AWS connection of the local stack: S3 and logs on moto, SageMaker and Lambda on the
+    stand-in. On AWS the same DAGs run with a connection without these endpoint URLs."""
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "extra": {
+        "endpoint_url": moto_endpoint, "region_name": "us-east-1",
+        "service_config": {"sagemaker": {"endpoint_url": standin["endpoint"]},
+                           "sagemaker-runtime": {"endpoint_url": standin["endpoint"]},
+                           "lambda": {"endpoint_url": standin["endpoint"]}}}}))
+    return standin

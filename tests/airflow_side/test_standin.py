@@ -17,24 +17,14 @@ from botocore.exceptions import ClientError
 
 from bin_counter.sagemaker_config import training_job_config
 from standin.launch import start_standin
+from tests.airflow_side.conftest import CONTAINER_PYTHON
 from tests.conftest import REPO, write_split_dir
 
-CONTAINER_PYTHON = REPO / ".venv-container" / "bin" / "python"
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
 
 
 def start(state_dir, aws_endpoint) -> tuple[subprocess.Popen, str]:
     return start_standin(state_dir, aws_endpoint, CONTAINER_PYTHON)
-
-
-@pytest.fixture
-def standin(tmp_path, moto_endpoint, aws_connection):  # its S3 client needs the credentials set there
-    state = tmp_path / "state"
-    proc, endpoint = start(state, moto_endpoint)
-    handle = {"proc": proc, "endpoint": endpoint, "state": state}
-    yield handle
-    handle["proc"].terminate()
-    handle["proc"].wait(timeout=10)
 
 
 @pytest.fixture

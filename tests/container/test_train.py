@@ -37,7 +37,8 @@ def test_metric_definitions_match_the_scripts_real_output(trained_model):
     model_dir, run = trained_model
     card = json.loads((model_dir / "model_card.json").read_text())
     found = parse_metrics(run.stdout)
-    every = {d["Name"] for d in METRIC_DEFINITIONS}
+    # The champion's metrics need a champion: test_the_serving_model_is_scored_beside_the_new_one.
+    every = {d["Name"] for d in METRIC_DEFINITIONS if not d["Name"].startswith("champion:")}
     assert set(found) == every, f"regexes that found nothing: {every - set(found)}"
     history = card["history"]
     assert found["train:loss"] == [h["train_loss"] for h in history]
@@ -169,3 +170,55 @@ def test_invalid_values_are_rejected_before_training(argv, split_channels):
     run = run_train(["--train", str(split_channels["train"]), *argv])
     assert run.returncode != 0 and "must be" in run.stderr
     assert "data:" not in run.stdout  # refused before any image was read
+
+
+def test_the_serving_model_is_scored_beside_the_new_one(trained_model, split_channels, tmp_path):
+    """--champion: the model serving now, scored on the same test images through the same serving
+    code as the new model, so the deployment gate compares like with like."""
+    import evaluate
+
+    champion_dir, _ = trained_model
+    run = run_train([*FAST, "--train", str(split_channels["train"]), "--test", str(split_channels["test"]),
+                     "--epochs", "1", "--max-count", "3", "--champion", str(champion_dir),
+                     "--model-dir", str(tmp_path / "model")])
+    assert run.returncode == 0, run.stderr
+    found = parse_metrics(run.stdout)
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    champion = card["metrics"]["champion"]
+    assert champion["model_version"] == "bin-count-test-job" and champion["n"] == card["metrics"]["test"]["n"] == 20
+    assert found["champion:accuracy"] == [champion["accuracy"]]
+    assert found["champion:rmse"] == [champion["rmse"]]
+    # The same numbers evaluate.py gives for either model: one scoring path.
+    for model_dir, metrics in ((champion_dir, champion), (tmp_path / "model", card["metrics"]["test"])):
+        again = evaluate.evaluate(str(model_dir), str(split_channels["test"]), 3, 16)
+        assert (again["accuracy"], again["rmse"]) == (metrics["accuracy"], metrics["rmse"])
+
+
+def test_a_champion_that_cannot_be_read_does_not_lose_the_new_model(split_channels, tmp_path):
+    broken = tmp_path / "champion"
+    broken.mkdir()
+    (broken / "model.tar.gz").write_bytes(b"not a tar file")
+    run = run_train([*FAST, "--train", str(split_channels["train"]), "--test", str(split_channels["test"]),
+                     "--epochs", "1", "--champion", str(broken), "--model-dir", str(tmp_path / "model")])
+    assert run.returncode == 0, run.stderr
+    assert "champion could not be scored" in run.stdout
+    assert "champion:accuracy" not in parse_metrics(run.stdout)
+    assert (tmp_path / "model" / "model.pth").is_file()
+
+
+def test_train_on_validation_adds_its_images_and_keeps_the_last_epoch(split_channels, tmp_path):
+    run = run_train([*FAST, "--train", str(split_channels["train"]), "--validation", str(split_channels["validation"]),
+                     "--epochs", "2", "--train-on-validation", "true", "--model-dir", str(tmp_path / "model")])
+    assert run.returncode == 0, run.stderr
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert card["data"]["images"] == {"train": 40}
+    assert card["metrics"]["best_epoch"] == 2
+
+
+def test_a_diverging_run_stops_with_advice(split_channels, tmp_path):
+    failure = tmp_path / "failure"
+    run = run_train([*FAST, "--train", str(split_channels["train"]), "--epochs", "3", "--lr", "1000",
+                     "--failure-file", str(failure), "--model-dir", str(tmp_path / "model")])
+    assert run.returncode != 0
+    assert "training diverged" in failure.read_text() and "lower --lr" in failure.read_text()
+    assert not (tmp_path / "model" / "model.pth").exists()

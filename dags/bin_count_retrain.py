@@ -1,0 +1,314 @@
+"""bin_count_retrain: tune, retrain with the best hyperparameters, gate, deploy, smoke-check."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.amazon.aws.operators.lambda_function import LambdaInvokeFunctionOperator
+from airflow.providers.amazon.aws.operators.sagemaker import (
+    SageMakerEndpointConfigOperator,
+    SageMakerEndpointOperator,
+    SageMakerModelOperator,
+)
+from airflow.sdk import Param, dag, get_current_context, task
+
+from bin_counter.assets import BIN_COUNT_DATASET
+from bin_counter.sagemaker_operators import ResumableTrainingOperator, ResumableTuningOperator
+
+# How often the operators ask SageMaker for a job's status: 30 s suits AWS's API limits; the local
+# stack sets a few seconds.
+POLL_S = int(os.environ.get("BIN_COUNTER_SAGEMAKER_POLL_S", "30"))
+AWS_CONN_ID = "aws_default"
+SETTINGS_VARIABLE = "bin_counter_sagemaker"
+
+DOC = """
+### Bin count retraining
+
+Trains a new bin item counter on a dataset made by `bin_count_data_prep` and serves it, if it is not
+worse than the model serving now. Runs when `bin_count_dataset` gets a new version, or by hand with
+the Params below.
+
+1. **dataset**: the version to train on (the `dataset_version` Param, else the asset event that
+   triggered the run, else the newest in the bucket) and its train/validation/test prefixes.
+2. **settings**, **package_code**, **serving_model**: the SageMaker role and images (Airflow Variable
+   `bin_counter_sagemaker`), `sagemaker_code/` uploaded as `sourcedir.tar.gz`, and the model the
+   endpoint serves now (the *champion*), if any.
+3. **tune**: a SageMaker hyperparameter tuning job over epochs, batch size and learning rate,
+   objective a validation metric of `train.py`, early stopping on. A failing trial does not fail it.
+4. **best_trial**: the best trial and its hyperparameters (task log and XCom).
+5. **retrain**: one training job with those hyperparameters on train + validation, scoring the new
+   model *and the champion* on the held-out test images (same job, same images, same code).
+6. **gate**: deploys only if the new model is not worse than the champion by more than
+   `deploy_margin` on `gate_metric`. Otherwise the run stops here: the deployment tasks are
+   *skipped*, not failed, and the log says by how much.
+7. **register_model**, **endpoint_config**, **deploy**: a SageMaker model named after the training
+   job and tagged with it, the dataset version and the test metrics; an endpoint configuration; the
+   endpoint created the first time, updated afterwards (SageMaker keeps the old model serving until
+   the new one is healthy).
+8. **api_function**, **smoke_event**, **invoke_api**, **smoke_check**: the Lambda function in front of the
+   endpoint is created or pointed at it; real test images go through it; the run fails if the answers
+   are malformed or do not come from the new model.
+
+SageMaker job names derive from the run: a retried task attaches to the job its earlier try started
+instead of starting another. What differs between AWS and a laptop is only the `aws_default`
+connection (endpoint URLs per service); see the README.
+
+**When a task fails**
+- *dataset*: no dataset yet (run `bin_count_data_prep`), or a `dataset_version` that does not exist.
+- *settings*: the `bin_counter_sagemaker` Variable is missing or lacks `role_arn`.
+- *tune*: every trial failed. The log names the tuning job; each trial's FailureReason says why
+  (often a hyperparameter `train.py` refuses, or an instance type the account has no quota for).
+- *retrain*: the log shows the job's own output and its FailureReason. A retry attaches to a job still
+  running; a failed job is retried under a new name.
+- *deploy*: the endpoint did not become InService; its FailureReason is in the log. An update that
+  fails leaves the old model serving.
+- *smoke_check*: the API answered with an error, a malformed answer, or a model version other than
+  the one just deployed: check the Lambda function's log and the endpoint's status before trusting it.
+"""
+
+ARCHITECTURES = ["mobilenet_v2", "resnet18", "resnet34", "resnet50"]
+
+
+@dag(
+    dag_id="bin_count_retrain",
+    schedule=[BIN_COUNT_DATASET],
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    doc_md=DOC,
+    tags=["bin-counter", "training", "deployment"],
+    default_args={"owner": "bin-counter", "retries": 2, "retry_delay": timedelta(minutes=1),
+                  "retry_exponential_backoff": True, "execution_timeout": timedelta(minutes=10)},
+    params={
+        "bucket": Param("bin-counter", type="string", description="Our S3 bucket: datasets, code, models"),
+        "dataset_version": Param("", type="string",
+                                 description="Dataset to train on (datasets/<version>/). Empty: the one whose "
+                                             "asset event triggered the run, else the newest"),
+        "arch": Param("mobilenet_v2", enum=ARCHITECTURES, description="Backbone (torchvision, ImageNet weights)"),
+        "mode": Param("finetune", enum=["finetune", "head"],
+                      description="finetune: train every layer; head: only a new last layer (the seed's recipe)"),
+        "max_count": Param(5, type="integer", minimum=1, description="Top count class: the model answers 0..max_count"),
+        "epochs_min": Param(4, type="integer", minimum=1, description="Tuning: fewest epochs"),
+        "epochs_max": Param(8, type="integer", minimum=1, description="Tuning: most epochs"),
+        "batch_sizes": Param([16, 32], type="array", items={"type": "integer", "minimum": 1},
+                             description="Tuning: batch sizes to choose from"),
+        "lr_min": Param(3e-4, type="number", exclusiveMinimum=0, description="Tuning: lowest learning rate"),
+        "lr_max": Param(3e-3, type="number", exclusiveMinimum=0,
+                        description="Tuning: highest learning rate (searched on a log scale)"),
+        "objective": Param("validation:accuracy", enum=["validation:accuracy", "validation:rmse", "validation:loss"],
+                           description="Tuning objective, as train.py logs it on the validation images"),
+        "strategy": Param("Bayesian", enum=["Bayesian", "Random"], description="Tuning search strategy"),
+        "max_jobs": Param(4, type="integer", minimum=1, maximum=100, description="Tuning: trials in all"),
+        "max_parallel_jobs": Param(2, type="integer", minimum=1, maximum=20,
+                                   description="Tuning: trials at once (each is one instance)"),
+        "extra_hyperparameters": Param({}, type="object",
+                                       description="More train.py flags for every job, e.g. {\"image-size\": 160, "
+                                                   "\"label-smoothing\": 0.1}"),
+        "training_instance_type": Param("ml.g4dn.xlarge", type="string",
+                                        description="Instance for tuning trials and the final training job"),
+        "endpoint_instance_type": Param("ml.m5.large", type="string", description="Instance serving the endpoint"),
+        "gate_metric": Param("accuracy", enum=["accuracy", "rmse"],
+                             description="Test metric the new model must not be worse on than the serving one"),
+        "deploy_margin": Param(0.0, type="number", minimum=0,
+                               description="How much worse (in gate_metric units) the new model may be and "
+                                           "still replace the serving one"),
+        "deploy": Param(True, type="boolean", description="Off: train and evaluate only; never touch the endpoint"),
+        "endpoint_name": Param("bin-counter", type="string", description="The SageMaker endpoint the API calls"),
+        "function_name": Param("bin-counter-api", type="string",
+                               description="The Lambda function in front of the endpoint (created if missing)"),
+        "smoke_images": Param(6, type="integer", minimum=1, maximum=8,
+                              description="Test images sent through the API after deploying"),
+    },
+)
+def bin_count_retrain():
+    @task(execution_timeout=timedelta(minutes=2))
+    def dataset() -> dict:
+        """The dataset version and its channels."""
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        from bin_counter.retrain import resolve_dataset
+
+        context = get_current_context()
+        events = context.get("triggering_asset_events") or {}
+        triggering = events.get(BIN_COUNT_DATASET) if events else None
+        extra = dict(triggering[-1].extra) if triggering else None
+        params = context["params"]
+        return resolve_dataset(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"],
+                               params["dataset_version"], extra)
+
+    @task(retries=0, execution_timeout=timedelta(minutes=1))
+    def settings() -> dict:
+        """Role, images and region: account settings, from the bin_counter_sagemaker Variable."""
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+        from airflow.sdk import Variable
+
+        from bin_counter.retrain import sagemaker_settings
+
+        region = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="sagemaker").conn_region_name
+        return sagemaker_settings(Variable.get(SETTINGS_VARIABLE, default=None, deserialize_json=True), region)
+
+    @task(execution_timeout=timedelta(minutes=5))
+    def package_code() -> str:
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        from bin_counter.retrain import upload_code
+
+        return upload_code(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), get_current_context()["params"]["bucket"])
+
+    @task(execution_timeout=timedelta(minutes=2))
+    def serving_model() -> dict | None:
+        """The champion: what the endpoint serves now (None before the first deployment)."""
+        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+        from bin_counter.retrain import serving_model as find
+
+        found = find(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, get_current_context()["params"]["endpoint_name"])
+        print(f"serving now: {found}" if found else "no endpoint yet: the new model will be the first")
+        return found
+
+    @task(execution_timeout=timedelta(minutes=1))
+    def tuning_config(data: dict, account: dict, code_uri: str) -> dict:
+        from bin_counter import retrain
+
+        context = get_current_context()
+        return retrain.tuning_request(context["params"], data, account, code_uri,
+                                      context["dag"].dag_id, context["run_id"])
+
+    data, account, code_uri, champion = dataset(), settings(), package_code(), serving_model()
+    tune = ResumableTuningOperator(
+        task_id="tune", config=tuning_config(data, account, code_uri), aws_conn_id=AWS_CONN_ID,
+        check_interval=POLL_S, execution_timeout=timedelta(hours=12),
+        doc_md="The tuning job. Its trials are listed in the SageMaker console (or ListTrainingJobsFor"
+               "HyperParameterTuningJob); a failed trial's FailureReason says why it failed.",
+    )
+
+    @task(execution_timeout=timedelta(minutes=2))
+    def best_trial(tuned: dict) -> dict:
+        import json
+
+        from bin_counter.sagemaker_config import best_trial as pick
+
+        best = pick(tuned["Tuning"])
+        print(f"best trial {best['training_job']}: {best['objective']['name']} = {best['objective']['value']}, "
+              f"hyperparameters {json.dumps(best['hyperparameters'])}")
+        return best
+
+    @task(execution_timeout=timedelta(minutes=1))
+    def retrain_config(data: dict, account: dict, code_uri: str, best: dict, champion: dict | None) -> dict:
+        from bin_counter import retrain
+
+        context = get_current_context()
+        return retrain.final_training_request(context["params"], data, account, code_uri, best, champion,
+                                              context["dag"].dag_id, context["run_id"])
+
+    retrain = ResumableTrainingOperator(
+        task_id="retrain",
+        config=retrain_config(data, account, code_uri, best_trial(tune.output), champion),
+        aws_conn_id=AWS_CONN_ID, print_log=True, check_interval=POLL_S, retries=1,
+        execution_timeout=timedelta(hours=6),
+        doc_md="The final training job; its log (train.py's output) is in this task's log.",
+    )
+
+    @task.short_circuit(retries=0, execution_timeout=timedelta(minutes=1))
+    def gate(trained: dict, champion: dict | None, data: dict) -> bool:
+        """Champion/challenger on the same test images; False skips the deployment, it does not fail."""
+        from bin_counter.sagemaker_config import deployment_decision, final_metrics
+
+        params = get_current_context()["params"]
+        job = trained["Training"]
+        metrics = final_metrics(job)
+        print(f"training job {job['TrainingJobName']} on dataset {data['version']}: " +
+              ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.split(":")[0] in ("test", "champion")))
+        deploy, reason = deployment_decision(metrics, champion is not None, params["gate_metric"],
+                                             params["deploy_margin"])
+        if deploy and not params["deploy"]:
+            deploy, reason = False, f"the deploy Param is off ({reason})"
+        print(("DEPLOYING: " if deploy else "NOT DEPLOYING: ") + reason)
+        return deploy
+
+    @task(multiple_outputs=True, execution_timeout=timedelta(minutes=1))
+    def deployment_configs(trained: dict, data: dict, account: dict) -> dict:
+        from bin_counter import retrain
+
+        return retrain.deployment_requests(get_current_context()["params"], trained["Training"], data, account)
+
+    configs = deployment_configs(retrain.output, data, account)
+    register = SageMakerModelOperator(
+        task_id="register_model", config=configs["model"], aws_conn_id=AWS_CONN_ID, retries=0,
+        doc_md="A SageMaker model named after the training job, tagged with its dataset version and test "
+               "metrics. Already exists? The run was re-run after this step: clear from *deploy*.",
+    )
+    endpoint_config = SageMakerEndpointConfigOperator(
+        task_id="endpoint_config", config=configs["endpoint_config"], aws_conn_id=AWS_CONN_ID, retries=0)
+    deploy = SageMakerEndpointOperator(
+        task_id="deploy", config=configs["endpoint"], operation="create", aws_conn_id=AWS_CONN_ID,
+        wait_for_completion=True, check_interval=POLL_S, max_ingestion_time=3600,
+        execution_timeout=timedelta(hours=1),
+        doc_md="Creates the endpoint the first time and updates it afterwards.",
+    )
+
+    @task(execution_timeout=timedelta(minutes=5))
+    def api_function(deployed: dict, account: dict) -> str:
+        """The Lambda function in front of the endpoint: created, or pointed at it with the current code."""
+        from airflow.providers.amazon.aws.hooks.lambda_function import LambdaHook
+
+        from bin_counter.retrain import ensure_function
+
+        params = get_current_context()["params"]
+        return ensure_function(LambdaHook(aws_conn_id=AWS_CONN_ID).conn, params["function_name"],
+                               params["endpoint_name"], account["lambda_role_arn"])
+
+    @task(multiple_outputs=True, execution_timeout=timedelta(minutes=5))
+    def smoke_event(data: dict) -> dict:
+        """A few real test images, as the event API Gateway sends for a JSON request."""
+        import json
+
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        from bin_counter.retrain import api_event, smoke_images
+
+        params = get_current_context()["params"]
+        prefix = data["channels"]["test"].split("/", 3)[3]
+        images = smoke_images(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"], prefix,
+                              params["smoke_images"])
+        sent = [{k: i[k] for k in ("key", "count")} for i in images]
+        return {"payload": json.dumps(api_event(images)), "images": sent}
+
+    event = smoke_event(data)
+    deploy >> event
+    invoke = LambdaInvokeFunctionOperator(
+        task_id="invoke_api", function_name="{{ params.function_name }}",
+        payload=event["payload"],
+        aws_conn_id=AWS_CONN_ID, execution_timeout=timedelta(minutes=5),
+    )
+
+    @task(retries=0, execution_timeout=timedelta(minutes=1))
+    def smoke_check(answer: str, sent: dict, trained: dict) -> dict:
+        import json
+
+        from bin_counter.retrain import SmokeCheckFailed, check_answers
+
+        params = get_current_context()["params"]
+        summary = check_answers(answer, sent["images"], params["max_count"] + 1)
+        for row in summary["images"]:
+            print(f"image {row['key']}: true count {row['true']}, API says {row['predicted']} "
+                  f"(confidence {row['confidence']})")
+        expected = trained["Training"]["TrainingJobName"]
+        if summary["model_version"] != expected:
+            raise SmokeCheckFailed(f"the API answered with model {summary['model_version']}, not {expected}: "
+                                   "the endpoint did not switch to the new model")
+        print(f"smoke check passed: {json.dumps({k: summary[k] for k in ('model_version', 'correct')})}")
+        return summary
+
+    decision = gate(retrain.output, champion, data)
+    decision >> configs
+    register >> endpoint_config >> deploy
+    function = api_function(deploy.output, account)
+    [function, event] >> invoke
+    smoke_check(invoke.output, event, retrain.output)
+
+
+bin_count_retrain()

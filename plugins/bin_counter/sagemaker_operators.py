@@ -1,0 +1,76 @@
+"""The Amazon provider's SageMaker training and tuning operators, made safe to retry.
+
+The stock operators create a job on every try: with the default `action_if_job_exists="timestamp"`
+a retried task (a worker killed mid-wait, a scheduler restart) starts a second, identical job while
+the first one still runs and bills. These subclasses look for the job their run already named first:
+one that is running or finished is attached to (its log is followed, its result returned); one that
+failed or was stopped is left as it is and a fresh job is started under a new name, as the stock
+operator does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.providers.amazon.aws.operators.sagemaker import (
+    SageMakerTrainingOperator,
+    SageMakerTuningOperator,
+    serialize,
+)
+from botocore.exceptions import ClientError
+
+ATTACHABLE = {"InProgress", "Stopping", "Completed"}
+
+
+def describe_or_none(describe, name: str) -> dict | None:
+    """The job's description, or None when SageMaker does not know it (a ValidationException)."""
+    try:
+        return describe(name)
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] == "ValidationException":
+            return None
+        raise
+
+
+class ResumableTrainingOperator(SageMakerTrainingOperator):
+    """SageMakerTrainingOperator that attaches to the job an earlier try of the task started."""
+
+    def execute(self, context: Any) -> dict:
+        name = self.config["TrainingJobName"]
+        job = describe_or_none(self.hook.describe_training_job, name)
+        if job is None or job["TrainingJobStatus"] not in ATTACHABLE:
+            if job is not None:
+                self.log.info("Training job %s from an earlier try is %s (%s); starting a new one.", name,
+                              job["TrainingJobStatus"], job.get("FailureReason", "no reason given"))
+            return super().execute(context)
+        self.log.info("Training job %s was started by an earlier try and is %s: attaching to it.", name,
+                      job["TrainingJobStatus"])
+        if self.wait_for_completion:
+            # Follows the CloudWatch log like a fresh job, and raises with the FailureReason on failure.
+            self.hook.check_training_status_with_log(name, self.hook.non_terminal_states,
+                                                     self.hook.training_failed_states, True, self.check_interval,
+                                                     self.max_ingestion_time)
+        return self.serialize_result(name)
+
+
+class ResumableTuningOperator(SageMakerTuningOperator):
+    """SageMakerTuningOperator that attaches to the tuning job an earlier try of the task started."""
+
+    def execute(self, context: Any) -> dict:
+        name = self.config["HyperParameterTuningJobName"]
+        job = describe_or_none(self.hook.describe_tuning_job, name)
+        if job is not None and job["HyperParameterTuningJobStatus"] in ATTACHABLE:
+            self.log.info("Tuning job %s was started by an earlier try and is %s: attaching to it.", name,
+                          job["HyperParameterTuningJobStatus"])
+            if self.wait_for_completion:
+                job = self.hook.check_status(name, "HyperParameterTuningJobStatus", self.hook.describe_tuning_job,
+                                             self.check_interval, self.max_ingestion_time)
+            return {"Tuning": serialize(job)}
+        if job is not None:
+            # Tuning job names are at most 32 characters and cannot be reused: number the new one.
+            try_number = context["ti"].try_number
+            renamed = f"{name[:28]}-r{try_number:02d}"[:32]
+            self.log.info("Tuning job %s from an earlier try is %s (%s); starting %s.", name,
+                          job["HyperParameterTuningJobStatus"], job.get("FailureReason", "no reason given"), renamed)
+            self.config["HyperParameterTuningJobName"] = renamed
+        return super().execute(context)

@@ -1,0 +1,165 @@
+"""bin_count_retrain run whole with dag.test() against the local stack: moto for S3, the stand-in for
+SageMaker and Lambda, the real train.py, inference.py and Lambda handler, on small generated images."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pendulum
+import pytest
+
+from tests.conftest import REPO, make_bin_image
+
+ROLE = "arn:aws:iam::000000000000:role/bin-counter-local"
+# Small and quick: 64-pixel images, counts 0 to 2, two tuning trials at most.
+BASE_CONF = {"arch": "mobilenet_v2", "mode": "finetune", "max_count": 2, "batch_sizes": [8],
+             "epochs_min": 2, "epochs_max": 3, "lr_min": 0.001, "lr_max": 0.003, "max_jobs": 2,
+             "max_parallel_jobs": 2, "strategy": "Random", "smoke_images": 3,
+             "extra_hyperparameters": {"image-size": 64, "workers": 1, "seed": 0, "warmup-epochs": 0}}
+
+
+@pytest.fixture
+def dag(airflow_db, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", json.dumps({"role_arn": ROLE}))
+    dag = DagBag(str(REPO / "dags")).get_dag("bin_count_retrain")
+    for task in dag.tasks:
+        task.retries = 0  # a failure here is a test failure, not something to wait out
+    return dag
+
+
+def upload_dataset(s3, bucket: str, version: str, per_split: dict[str, int], corrupt_test: bool = False) -> None:
+    """A dataset as bin_count_data_prep leaves it: <split>/<count>/<key>.jpg and dataset.json."""
+    images: dict[str, dict[int, int]] = {}
+    n = 0
+    for split, per_count in per_split.items():
+        for count in range(3):
+            for _ in range(per_count):
+                n += 1
+                body = make_bin_image(count, 7000 + n)
+                if corrupt_test and split == "test":
+                    body = body[: len(body) // 3]  # cut short between the stages
+                s3.put_object(Bucket=bucket, Key=f"datasets/{version}/{split}/{count}/{n:05d}.jpg", Body=body)
+                images.setdefault(split, {}).setdefault(count, 0)
+                images[split][count] += 1
+    record = {"version": version, "bucket": bucket, "prefix": f"datasets/{version}", "images": images}
+    s3.put_object(Bucket=bucket, Key=f"datasets/{version}/dataset.json", Body=json.dumps(record).encode())
+
+
+def run_on(day: int) -> dict:
+    """A fixed run date: the run id, the job names derived from it and the tuner's draws (seeded by the
+    tuning job's name) are the same every time."""
+    date = pendulum.datetime(2026, 1, day, tz="UTC")
+    return {"run_after": date, "logical_date": date}
+
+
+def sagemaker(stack):
+    return boto3.client("sagemaker", endpoint_url=stack["endpoint"], region_name="us-east-1")
+
+
+def task_states(run) -> dict[str, str]:
+    return {ti.task_id: ti.state for ti in run.get_task_instances()}
+
+
+def serving(stack, endpoint: str = "bin-counter") -> str:
+    sm = sagemaker(stack)
+    config = sm.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
+    return sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"][0]["ModelName"]
+
+
+def final_metrics(stack, job: str) -> dict[str, float]:
+    described = sagemaker(stack).describe_training_job(TrainingJobName=job)
+    return {m["MetricName"]: m["Value"] for m in described["FinalMetricDataList"]}
+
+
+def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces_it(
+        dag, s3, bucket, local_stack_connection, capfd):
+    stack = local_stack_connection
+    upload_dataset(s3, bucket, "v-test", {"train": 10, "validation": 4, "test": 6})
+
+    # 1. No endpoint yet: tune (one trial diverges and fails), retrain, deploy, smoke-check through Lambda.
+    # On this date the tuner draws learning rates 2.7, 0.003 and 7.3 from 0.001..10: two trials diverge.
+    first = dag.test(**run_on(12), run_conf={**BASE_CONF, "bucket": bucket, "lr_max": 10.0, "max_jobs": 3})
+    log = capfd.readouterr().out
+    assert first.state == "success", log[-3000:]
+    assert all(state == "success" for state in task_states(first).values()), task_states(first)
+    sm = sagemaker(stack)
+    tuning_name = next(iter(sm.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]))[
+        "HyperParameterTuningJobName"]
+    tuning = sm.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=tuning_name)
+    assert tuning["HyperParameterTuningJobStatus"] == "Completed"
+    assert tuning["TrainingJobStatusCounters"]["NonRetryableError"] >= 1, "this run drew no diverging trial"
+    trials = sm.list_training_jobs_for_hyper_parameter_tuning_job(HyperParameterTuningJobName=tuning_name)[
+        "TrainingJobSummaries"]
+    failed = [sm.describe_training_job(TrainingJobName=t["TrainingJobName"]) for t in trials
+              if t["TrainingJobStatus"] == "Failed"]
+    assert failed and all("training diverged" in f["FailureReason"] for f in failed)
+    first_model = serving(stack)
+    assert first_model.endswith("-final")
+    assert "no endpoint yet" in log and "DEPLOYING: no model is serving yet" in log
+    assert "smoke check passed" in log
+    tags = {t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=sm.describe_model(ModelName=first_model)[
+        "ModelArn"])["Tags"]}
+    assert tags["bin-counter:training-job"] == first_model and tags["bin-counter:dataset-version"] == "v-test"
+    assert "bin-counter:test-accuracy" in tags
+    first_accuracy = final_metrics(stack, first_model)["test:accuracy"]
+
+    # 2. A model that cannot have learned anything (one epoch, a learning rate near zero, head only):
+    #    scored against the serving one on the same test images, gated; the endpoint keeps its model.
+    worse = dag.test(**run_on(13), run_conf={**BASE_CONF, "bucket": bucket, "mode": "head", "epochs_min": 1,
+                                             "epochs_max": 1, "lr_min": 1e-9, "lr_max": 1e-9, "max_jobs": 1})
+    log = capfd.readouterr().out
+    states = task_states(worse)
+    assert worse.state == "success", log[-3000:]
+    assert states["gate"] == "success" and states["deploy"] == "skipped" and states["smoke_check"] == "skipped"
+    worse_job = [line for line in log.splitlines() if "NOT DEPLOYING" in line]
+    assert worse_job and "worse than the serving one" in worse_job[0]
+    assert serving(stack) == first_model
+    worse_metrics = final_metrics(stack, next(j["TrainingJobName"] for j in sm.list_training_jobs(
+        NameContains="-final")["TrainingJobSummaries"] if j["TrainingJobName"] != first_model))
+    assert worse_metrics["champion:accuracy"] == pytest.approx(first_accuracy)  # the same model, the same images
+    assert worse_metrics["test:accuracy"] < worse_metrics["champion:accuracy"]
+
+    # 3. More epochs: at least as good as the serving model, so it replaces it, and the API answers with it.
+    better = dag.test(**run_on(14), run_conf={**BASE_CONF, "bucket": bucket, "epochs_min": 5, "epochs_max": 5,
+                                              "lr_min": 0.002, "lr_max": 0.002, "max_jobs": 1})
+    log = capfd.readouterr().out
+    assert better.state == "success", log[-3000:]
+    new_model = serving(stack)
+    assert new_model not in (first_model,)
+    better_metrics = final_metrics(stack, new_model)
+    assert better_metrics["test:accuracy"] >= better_metrics["champion:accuracy"]
+    assert "DEPLOYING: the new model is not worse" in log and "smoke check passed" in log
+    answer = sm_runtime_count(stack)
+    assert answer["model_version"] == new_model
+
+
+def sm_runtime_count(stack) -> dict:
+    runtime = boto3.client("sagemaker-runtime", endpoint_url=stack["endpoint"], region_name="us-east-1")
+    body = runtime.invoke_endpoint(EndpointName="bin-counter", Body=make_bin_image(2, 1), ContentType="image/jpeg")
+    return json.loads(body["Body"].read())
+
+
+def test_a_failing_final_training_job_fails_the_run_with_its_reason(dag, s3, bucket, local_stack_connection, capfd):
+    # The test images were cut short after the split: the trials (train + validation) succeed, the
+    # final job, which reads the test images, fails; nothing is deployed.
+    upload_dataset(s3, bucket, "v-corrupt", {"train": 6, "validation": 3, "test": 3}, corrupt_test=True)
+    run = dag.test(**run_on(15), run_conf={**BASE_CONF, "bucket": bucket, "max_jobs": 1,
+                                                      "epochs_max": 2})
+    log = capfd.readouterr().out
+    states = task_states(run)
+    assert run.state == "failed"
+    assert states["tune"] == "success" and states["retrain"] == "failed"
+    assert states["deploy"] in ("upstream_failed", None)
+    assert "SageMaker job failed because" in log or "failed because" in log
+    assert "AlgorithmError" in log  # the job's FailureReason, in the task log
+    with pytest.raises(Exception, match=r"Could not find endpoint|not found"):
+        sagemaker(local_stack_connection).describe_endpoint(EndpointName="bin-counter")
+
+
+def test_no_dataset_fails_clearly(dag, bucket, local_stack_connection, capfd):
+    run = dag.test(run_conf={**BASE_CONF, "bucket": bucket})
+    assert run.state == "failed"
+    assert "run bin_count_data_prep first" in capfd.readouterr().out
