@@ -134,6 +134,7 @@ class LambdaApi:
         env.update(config.get("Environment", {}).get("Variables", {}))
         env.update({"AWS_LAMBDA_FUNCTION_NAME": name, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(config["MemorySize"]),
                     "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST", "AWS_REGION": self.region,
+                    "AWS_DEFAULT_REGION": self.region,
                     "STANDIN_LAMBDA_TIMEOUT": str(config["Timeout"])})
         command = [self.python, str(RUNNER), "--code", str(self._folder(name) / "code"), "--handler", config["Handler"],
                    "--memory-mb", str(config["MemorySize"])]

@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = own
     os.environ["AWS_ENDPOINT_URL_SAGEMAKER"] = own
     os.environ.setdefault("AWS_ENDPOINT_URL", args.aws_endpoint)
-    api = SageMakerApi(Path(args.state_dir), args.aws_endpoint, args.container_python)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(api, LambdaApi(Path(args.state_dir))))
+    # Absolute: jobs run in their own working folders and find /opt/ml through this path.
+    api = SageMakerApi(Path(args.state_dir).resolve(), args.aws_endpoint, args.container_python)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(api, LambdaApi(Path(args.state_dir).resolve())))
     log.info("SageMaker stand-in on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

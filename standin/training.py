@@ -167,7 +167,8 @@ class CloudWatchLog:
         logs.create_log_stream(logGroupName=LOG_GROUP, logStreamName=self.stream)
 
     def write(self, line: str) -> None:
-        self.pending.append({"timestamp": int(time.time() * 1000), "message": line.rstrip("\n")})
+        # CloudWatch Logs refuses empty messages; a blank line (in a traceback, say) is kept as one space.
+        self.pending.append({"timestamp": int(time.time() * 1000), "message": line.rstrip("\n") or " "})
         if time.time() - self.last >= self.flush_every:
             self.flush()
 

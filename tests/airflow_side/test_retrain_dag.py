@@ -24,6 +24,7 @@ def dag(airflow_db, monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
 
     monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", json.dumps({"role_arn": ROLE}))
+    monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
     dag = DagBag(str(REPO / "dags")).get_dag("bin_count_retrain")
     for task in dag.tasks:
         task.retries = 0  # a failure here is a test failure, not something to wait out
@@ -153,8 +154,9 @@ def test_a_failing_final_training_job_fails_the_run_with_its_reason(dag, s3, buc
     assert run.state == "failed"
     assert states["tune"] == "success" and states["retrain"] == "failed"
     assert states["deploy"] in ("upstream_failed", None)
-    assert "SageMaker job failed because" in log or "failed because" in log
-    assert "AlgorithmError" in log  # the job's FailureReason, in the task log
+    # The job's FailureReason, in the task log: which image, and why.
+    assert "Error training bin-counter-" in log and "Reason: AlgorithmError" in log
+    assert "/test/" in log
     with pytest.raises(Exception, match=r"Could not find endpoint|not found"):
         sagemaker(local_stack_connection).describe_endpoint(EndpointName="bin-counter")
 
@@ -163,3 +165,4 @@ def test_no_dataset_fails_clearly(dag, bucket, local_stack_connection, capfd):
     run = dag.test(run_conf={**BASE_CONF, "bucket": bucket})
     assert run.state == "failed"
     assert "run bin_count_data_prep first" in capfd.readouterr().out
+

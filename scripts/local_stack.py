@@ -1,0 +1,248 @@
+"""The whole system on one machine: a moto server (S3, CloudWatch Logs), the SageMaker and Lambda
+stand-in, and Airflow with its SQLite database, all on loopback.
+
+  .venv/bin/python scripts/local_stack.py demo --source ../shared/abid --keys 01000:01600
+  .venv/bin/python scripts/local_stack.py up      # the same stack, and the Airflow UI on :8080
+
+`demo` runs bin_count_data_prep and then bin_count_retrain (with `airflow dags test`, the same
+DAG code a scheduler would run), prints counts from the deployed endpoint next to the truth, and
+writes the stage timings to <work>/demo-timings.json. `up` leaves Airflow standalone running with
+the connection and Variable set; stop it with Ctrl-C. The only thing that tells the DAGs they are
+not on AWS is the `aws_default` connection, printed at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
+
+from standin.launch import start_moto, start_standin, wait_until_up  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
+BUCKET = "bin-counter"
+# A small search that fits two cores: two trials side by side, then the final job.
+DEMO_RETRAIN = {"epochs_min": 3, "epochs_max": 4, "batch_sizes": [32], "lr_min": 5e-4, "lr_max": 2e-3,
+                "max_jobs": 2, "max_parallel_jobs": 2, "strategy": "Random", "smoke_images": 6,
+                "training_instance_type": "ml.m5.xlarge"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("demo", "up"), help="demo: run both DAGs once; up: start the UI")
+    parser.add_argument("--work", default="build/stack", help="state of every server and of Airflow")
+    parser.add_argument("--source", default="s3://aft-vbi-pds", help="ABID source for the data-prep DAG")
+    parser.add_argument("--keys", default="01000:01600", help="key range START:STOP the demo prepares")
+    parser.add_argument("--block-size", type=int, default=20, help="keys per split block in the demo")
+    parser.add_argument("--moto-port", type=int, default=int(os.environ.get("MOTO_PORT", 5050)),
+                        help="port of the moto server")
+    parser.add_argument("--standin-port", type=int, default=int(os.environ.get("STANDIN_PORT", 5055)),
+                        help="port of the SageMaker and Lambda stand-in")
+    parser.add_argument("--ui-port", type=int, default=int(os.environ.get("AIRFLOW_PORT", 8080)),
+                        help="port of the Airflow UI (up)")
+    parser.add_argument("--show", type=int, default=8, help="demo: test images to count at the end")
+    return parser
+
+
+def connection(moto: str, standin: str) -> dict:
+    """The Airflow AWS connection of the local stack. On AWS: the same without the endpoint URLs."""
+    return {"conn_type": "aws", "extra": {
+        "endpoint_url": moto, "region_name": "us-east-1",
+        "service_config": {"sagemaker": {"endpoint_url": standin}, "sagemaker-runtime": {"endpoint_url": standin},
+                           "lambda": {"endpoint_url": standin}}}}
+
+
+def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str((work / "airflow").resolve()),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection(moto, standin)),
+        "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": json.dumps({"role_arn": "arn:aws:iam::000000000000:role/bin-counter"}),
+        "BIN_COUNTER_SAGEMAKER_POLL_S": "2",
+        "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1",
+    })
+    return env
+
+
+def airflow(args: list[str], env: dict[str, str], log: Path) -> float:
+    """Run an airflow CLI command, its output into `log`; its wall time in seconds."""
+    started = time.time()
+    with log.open("ab") as out:
+        proc = subprocess.run([str(VENV_BIN / "airflow"), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                              check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"airflow {' '.join(args[:3])} failed (exit {proc.returncode}); its log: {log}")
+    return time.time() - started
+
+
+def dag_run_state(env: dict[str, str], dag_id: str) -> tuple[str, dict[str, float]]:
+    """The state of a DAG's latest run and its tasks' durations, from the metadata database."""
+    code = f"""
+import json
+from airflow.models import DagRun, TaskInstance
+from airflow.utils.session import create_session
+with create_session() as s:
+    run = s.query(DagRun).filter(DagRun.dag_id == {dag_id!r}).order_by(DagRun.id.desc()).first()
+    tis = s.query(TaskInstance).filter(TaskInstance.dag_id == {dag_id!r}, TaskInstance.run_id == run.run_id)
+    print(json.dumps({{"state": str(run.state), "tasks": {{t.task_id: [str(t.state), t.duration] for t in tis}}}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["state"], result["tasks"]
+
+
+def training_seconds(sm) -> dict[str, float]:
+    """Seconds each training job's process ran (the work; everything else is overhead)."""
+    jobs = {}
+    for job in sm.list_training_jobs(MaxResults=100)["TrainingJobSummaries"]:
+        described = sm.describe_training_job(TrainingJobName=job["TrainingJobName"])
+        if "TrainingStartTime" in described and "TrainingEndTime" in described:
+            jobs[job["TrainingJobName"]] = (described["TrainingStartTime"], described["TrainingEndTime"])
+    return jobs
+
+
+def covered_seconds(intervals) -> float:
+    """Wall time during which at least one interval was running."""
+    total, end = 0.0, None
+    for start, stop in sorted((a.timestamp(), b.timestamp()) for a, b in intervals):
+        if end is None or start > end:
+            total += stop - start
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total
+
+
+def show_counts(s3, runtime, endpoint: str, how_many: int) -> None:
+    """Count real test images of the newest dataset with the deployed endpoint, next to the truth."""
+    from bin_counter.retrain import latest_version, smoke_images
+
+    version = latest_version(s3, BUCKET)
+    images = smoke_images(s3, BUCKET, f"datasets/{version}/test/", how_many)
+    print(f"\n== counts from endpoint {endpoint!r} for held-out test images of dataset {version}")
+    for image in images:
+        answer = json.loads(runtime.invoke_endpoint(EndpointName=endpoint, Body=base64.b64decode(image["base64"]),
+                                                    ContentType="image/jpeg")["Body"].read())
+        print(f"  {image['key']}: true count {image['count']}, counted {answer['count']} "
+              f"(confidence {answer['confidence']:.2f}, model {answer['model_version']})")
+
+
+def start_servers(work: Path, moto_port: int, standin_port: int) -> tuple[list[subprocess.Popen], str, str]:
+    moto_proc, moto = start_moto(moto_port)
+    os.environ.update({"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"})
+    standin_proc, standin = start_standin(work / "standin", moto, CONTAINER_PYTHON, standin_port)
+    s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=BUCKET)
+    return [standin_proc, moto_proc], moto, standin
+
+
+def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None:
+    log = work / "airflow.log"
+    timings: dict = {}
+    prep_conf = {"bucket": BUCKET, "source": str(Path(args.source).resolve()) if Path(args.source).exists()
+                 else args.source, "subset": "key_range", "key_range": args.keys, "block_size": args.block_size,
+                 "max_count": 5}
+    print(f"== bin_count_data_prep: {args.keys} from {args.source} (log: {log})", flush=True)
+    timings["bin_count_data_prep"] = airflow(["dags", "test", "bin_count_data_prep", "-c", json.dumps(prep_conf)],
+                                             env, log)
+    state, tasks = dag_run_state(env, "bin_count_data_prep")
+    print(f"   {state} in {timings['bin_count_data_prep']:.0f} s", flush=True)
+    print("== bin_count_retrain: tune (2 trials), retrain, gate, deploy, smoke-check through Lambda", flush=True)
+    timings["bin_count_retrain"] = airflow(["dags", "test", "bin_count_retrain", "-c",
+                                            json.dumps({"bucket": BUCKET, **DEMO_RETRAIN})], env, log)
+    state, retrain_tasks = dag_run_state(env, "bin_count_retrain")
+    print(f"   {state} in {timings['bin_count_retrain']:.0f} s", flush=True)
+    if state != "success":
+        raise SystemExit(f"bin_count_retrain ended {state}: {json.dumps(retrain_tasks)}; see {log}")
+    sm = boto3.client("sagemaker", endpoint_url=standin, region_name="us-east-1")
+    jobs = training_seconds(sm)
+    train_wall = covered_seconds(jobs.values())
+    timings.update({"data_prep_tasks": tasks, "retrain_tasks": retrain_tasks,
+                    "training_jobs_s": {k: round((b - a).total_seconds(), 1) for k, (a, b) in jobs.items()},
+                    "training_wall_s": round(train_wall, 1),
+                    "retrain_overhead_share": round(1 - train_wall / timings["bin_count_retrain"], 3)})
+    (work / "demo-timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
+    runtime = boto3.client("sagemaker-runtime", endpoint_url=standin, region_name="us-east-1")
+    show_counts(s3, runtime, "bin-counter", args.show)
+    model = sm.describe_endpoint_config(EndpointConfigName=sm.describe_endpoint(EndpointName="bin-counter")[
+        "EndpointConfigName"])["ProductionVariants"][0]["ModelName"]
+    metrics = {m["MetricName"]: m["Value"] for m in sm.describe_training_job(TrainingJobName=model)[
+        "FinalMetricDataList"] if m["MetricName"].startswith("test:")}
+    print(f"\nserving {model}: test accuracy {metrics.get('test:accuracy')}, RMSE {metrics.get('test:rmse')}, "
+          f"within 1 {metrics.get('test:within_1')}")
+    print(f"timings: data prep {timings['bin_count_data_prep']:.0f} s, retrain {timings['bin_count_retrain']:.0f} s "
+          f"(training processes {train_wall:.0f} s of it); details in {work / 'demo-timings.json'}")
+
+
+def up(args, env: dict[str, str], work: Path) -> None:
+    env = {**env, "AIRFLOW__API__PORT": str(args.ui_port), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"}
+    log = work / "airflow-standalone.log"
+    print(f"== Airflow standalone on http://127.0.0.1:{args.ui_port} (log: {log}); Ctrl-C stops everything",
+          flush=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "airflow"), "standalone"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{args.ui_port}/api/v2/monitor/health", proc, timeout=300)
+        print("   up: trigger bin_count_data_prep from the UI; bin_count_retrain follows on its asset", flush=True)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if not CONTAINER_PYTHON.exists():
+        raise SystemExit(f"{CONTAINER_PYTHON} is missing: run `make envs` first")
+    work = Path(args.work)
+    # S3 lives in the moto server's memory: the stand-in's jobs and endpoints and Airflow's runs
+    # start afresh with it, or they would point at objects that are gone.
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    processes, moto, standin = start_servers(work, args.moto_port, args.standin_port)
+    env = airflow_env(work, moto, standin)
+    print(f"== local stack: S3 (moto) {moto}, SageMaker + Lambda stand-in {standin}\n"
+          f"   AIRFLOW_CONN_AWS_DEFAULT='{env['AIRFLOW_CONN_AWS_DEFAULT']}'", flush=True)
+    try:
+        airflow(["db", "migrate"], env, work / "airflow.log")
+        if args.command == "demo":
+            demo(args, env, moto, standin, work)
+        else:
+            up(args, env, work)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in processes:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
