@@ -21,9 +21,8 @@ CONTAINER_ENV := $(ENV_CACHE)/container-$(shell cat $(CONTAINER_PINS) | sha256su
 ABID_SOURCE ?= s3://aft-vbi-pds
 DEMO_KEYS ?= 01000:01600
 DEMO_DIR ?= build/demo
-DEMO_EPOCHS ?= 4
 
-.PHONY: demo test lint envs airflow-env container-env bench-train lock clean
+.PHONY: demo up test lint envs airflow-env container-env bench-train lock clean
 
 envs: airflow-env container-env
 
@@ -60,20 +59,15 @@ test: envs lint
 	$(PYTHON) scripts/test_summary.py build/test-results/*.xml || status=$$?; \
 	exit $$status
 
+# The whole pipeline on the local stack (moto S3, the SageMaker/Lambda stand-in, Airflow on SQLite):
+# bin_count_data_prep on DEMO_KEYS, then bin_count_retrain (tune, retrain, gate, deploy, smoke check),
+# then counts from the deployed endpoint next to the truth.
 demo: envs
-	@echo "== fetch $(DEMO_KEYS) from $(ABID_SOURCE)"
-	PYTHONPATH=plugins .venv/bin/python -m bin_counter.cli fetch --source "$(ABID_SOURCE)" --keys $(DEMO_KEYS) \
-		--dest $(DEMO_DIR)/abid --report $(DEMO_DIR)/fetch-report.json
-	@echo "== split by blocks of 20 keys, counts 0 to 5"
-	PYTHONPATH=plugins .venv/bin/python -m bin_counter.cli split --abid $(DEMO_DIR)/abid --out $(DEMO_DIR)/split \
-		--block-size 20 --max-count 5
-	@echo "== train (sagemaker_code/train.py, default recipe, $(DEMO_EPOCHS) epochs)"
-	.venv-container/bin/python sagemaker_code/train.py --train $(DEMO_DIR)/split/train \
-		--validation $(DEMO_DIR)/split/validation --epochs $(DEMO_EPOCHS) \
-		--model-dir $(DEMO_DIR)/model --checkpoint-dir $(DEMO_DIR)/checkpoints
-	@echo "== evaluate on the held-out test blocks"
-	.venv-container/bin/python sagemaker_code/evaluate.py --model $(DEMO_DIR)/model \
-		--data $(DEMO_DIR)/split/test --show 8 --output $(DEMO_DIR)/test-metrics.json
+	.venv/bin/python scripts/local_stack.py demo --source "$(ABID_SOURCE)" --keys $(DEMO_KEYS) --work $(DEMO_DIR)
+
+# The same stack with the Airflow UI on http://127.0.0.1:8080 (Ctrl-C stops it all).
+up: envs
+	.venv/bin/python scripts/local_stack.py up --work build/stack
 
 # Long runs live in bench/ (see BENCHMARKS.md); not part of `make test`.
 bench-train: envs
