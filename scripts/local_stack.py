@@ -199,7 +199,8 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
 
 
 def up(args, env: dict[str, str], work: Path) -> None:
-    env = {**env, "AIRFLOW__API__PORT": str(args.ui_port), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"}
+    env = {**env, "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(args.ui_port),
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"}
     log = work / "airflow-standalone.log"
     print(f"== Airflow standalone on http://127.0.0.1:{args.ui_port} (log: {log}); Ctrl-C stops everything",
           flush=True)
@@ -218,8 +219,14 @@ def up(args, env: dict[str, str], work: Path) -> None:
             proc.kill()
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    # A SIGTERM (a CI timeout, `kill`) stops the stack as Ctrl-C does: no server outlives it.
+    signal.signal(signal.SIGTERM, _interrupt)
     if not CONTAINER_PYTHON.exists():
         raise SystemExit(f"{CONTAINER_PYTHON} is missing: run `make envs` first")
     work = Path(args.work)
