@@ -3,18 +3,21 @@ and an Airflow home of its own (SQLite) for DAG runs."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 
 import boto3
 import pytest
 
+from bin_counter.sagemaker_config import training_job_config
 from standin.launch import start_moto, start_standin
-from tests.conftest import REPO
+from tests.conftest import REPO, write_split_dir
 
 # Before anything imports Airflow: its configuration is read once, at import.
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="bin-counter-airflow-")
@@ -97,3 +100,28 @@ def local_stack_connection(standin, moto_endpoint, monkeypatch):
                            "sagemaker-runtime": {"endpoint_url": standin["endpoint"]},
                            "lambda": {"endpoint_url": standin["endpoint"]}}}}))
     return standin
+
+
+@pytest.fixture
+def job_inputs(s3, bucket, tmp_path):
+    """sourcedir.tar.gz of sagemaker_code/ and two channels of generated images, in S3."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in (REPO / "sagemaker_code").glob("*.py"):
+            tar.add(path, arcname=path.name)
+    s3.put_object(Bucket=bucket, Key="code/sourcedir.tar.gz", Body=buf.getvalue())
+    for name, seed in (("train", 0), ("validation", 1)):
+        folder = write_split_dir(tmp_path / name, {0: 4, 1: 4, 2: 4}, seed)
+        for image in folder.rglob("*.jpg"):
+            s3.put_object(Bucket=bucket, Key=f"data/{name}/{image.relative_to(folder)}", Body=image.read_bytes())
+    return bucket
+
+
+def job_config(bucket: str, name: str, **hyperparameters) -> dict:
+    hps = {"arch": "mobilenet_v2", "weights": "none", "image-size": 32, "epochs": 1, "batch-size": 8,
+           "workers": 1, "max-count": 2, **hyperparameters}
+    return training_job_config(
+        job_name=name, image_uri="local/pytorch-training:cpu", role_arn="arn:aws:iam::000000000000:role/local",
+        source_s3_uri=f"s3://{bucket}/code/sourcedir.tar.gz",
+        channels={"train": f"s3://{bucket}/data/train/", "validation": f"s3://{bucket}/data/validation/"},
+        output_s3_uri=f"s3://{bucket}/models/", hyperparameters=hps, region="us-east-1")

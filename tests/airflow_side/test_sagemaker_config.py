@@ -66,3 +66,126 @@ def test_metric_regexes_compile_and_find_one_number_each():
     for definition in sagemaker_config.METRIC_DEFINITIONS:
         assert re.compile(definition["Regex"]).groups == 1
     assert set(sagemaker_config.OBJECTIVES) <= {d["Name"] for d in sagemaker_config.METRIC_DEFINITIONS}
+
+
+# -- the retraining DAG's builders -----------------------------------------------------------------
+PARAMS = {"bucket": "bin-counter", "arch": "mobilenet_v2", "mode": "finetune", "max_count": 5, "epochs_min": 4,
+          "epochs_max": 8, "batch_sizes": [16, 32], "lr_min": 3e-4, "lr_max": 3e-3, "objective": "validation:accuracy",
+          "strategy": "Bayesian", "max_jobs": 4, "max_parallel_jobs": 2, "extra_hyperparameters": {"image-size": 160},
+          "training_instance_type": "ml.g4dn.xlarge", "endpoint_instance_type": "ml.m5.large",
+          "endpoint_name": "bin-counter"}
+DATA = {"version": "v-0123456789ab",
+        "channels": {s: f"s3://bin-counter/datasets/v-0123456789ab/{s}/" for s in ("train", "validation", "test")}}
+ACCOUNT = {"region": "eu-west-1", "role_arn": "arn:aws:iam::123456789012:role/bin-counter-sagemaker",
+           "training_image": "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312",
+           "inference_image": "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312"}
+CODE = "s3://bin-counter/code/0123456789abcdef/sourcedir.tar.gz"
+BEST = {"training_job": "bc-tune-0123456789ab-002-deadbeef", "hyperparameters": {"epochs": 6, "batch-size": 32,
+                                                                                "lr": 0.0011}}
+
+
+def test_run_job_names_are_stable_per_run_and_within_sagemakers_limits():
+    names = sagemaker_config.run_job_names("bin_count_retrain", "manual__2026-11-24T10:00:00+00:00")
+    assert names == sagemaker_config.run_job_names("bin_count_retrain", "manual__2026-11-24T10:00:00+00:00")
+    assert names != sagemaker_config.run_job_names("bin_count_retrain", "manual__2026-11-24T10:00:01+00:00")
+    assert len(names["tuning_job"]) <= 32 and len(names["training_job"]) <= 63
+    assert re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,31}", names["tuning_job"])
+
+
+def test_tuning_request_is_valid_and_tunes_the_three_hyperparameters():
+    from bin_counter.retrain import tuning_request
+
+    config = tuning_request(PARAMS, DATA, ACCOUNT, CODE, "bin_count_retrain", "manual__1")
+    validate("CreateHyperParameterTuningJob", config)
+    ranges = config["HyperParameterTuningJobConfig"]["ParameterRanges"]
+    assert sagemaker_config.tuned_names(ranges) == {"epochs", "batch-size", "lr"}
+    assert ranges["ContinuousParameterRanges"][0]["ScalingType"] == "Logarithmic"
+    static = config["TrainingJobDefinition"]["StaticHyperParameters"]
+    assert "lr" not in static and json.loads(static["image-size"]) == 160
+    assert json.loads(static["arch"]) == "mobilenet_v2"
+    assert config["HyperParameterTuningJobConfig"]["TrainingJobEarlyStoppingType"] == "Auto"
+    channels = {c["ChannelName"] for c in config["TrainingJobDefinition"]["InputDataConfig"]}
+    assert channels == {"train", "validation"}  # the trials never see the test images
+
+
+def test_fixed_values_become_one_value_ranges():
+    ranges = sagemaker_config.search_ranges((3, 3), [8], (0.002, 0.002))
+    assert ranges["IntegerParameterRanges"] == [] and ranges["ContinuousParameterRanges"] == []
+    assert {r["Name"]: r["Values"] for r in ranges["CategoricalParameterRanges"]} == {
+        "epochs": ["3"], "lr": ["0.002"], "batch-size": ["8"]}
+    with pytest.raises(ValueError, match="epochs"):
+        sagemaker_config.search_ranges((5, 3), [8], (0.001, 0.01))
+    with pytest.raises(ValueError, match="learning rate"):
+        sagemaker_config.search_ranges((1, 3), [8], (0, 0.01))
+
+
+def test_final_training_request_scores_the_champion_on_the_test_images():
+    from bin_counter.retrain import final_training_request
+
+    champion = {"model_data_url": "s3://bin-counter/models/old-final/output/model.tar.gz"}
+    config = final_training_request(PARAMS, DATA, ACCOUNT, CODE, BEST, champion, "bin_count_retrain", "manual__1")
+    validate("CreateTrainingJob", config)
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in config["InputDataConfig"]}
+    assert channels["champion"] == champion["model_data_url"] and set(channels) == {
+        "train", "validation", "test", "champion"}
+    hps = config["HyperParameters"]
+    assert json.loads(hps["train-on-validation"]) is True and json.loads(hps["lr"]) == 0.0011
+    assert config["CheckpointConfig"]["S3Uri"].endswith(f"/{config['TrainingJobName']}/")
+    first = final_training_request(PARAMS, DATA, ACCOUNT, CODE, BEST, None, "bin_count_retrain", "manual__1")
+    assert "champion" not in {c["ChannelName"] for c in first["InputDataConfig"]}
+
+
+def test_deployment_requests_are_valid_and_tie_the_model_to_its_origin():
+    from bin_counter.retrain import deployment_requests
+
+    job = {"TrainingJobName": "bin-counter-0123456789ab-final",
+           "ModelArtifacts": {"S3ModelArtifacts": "s3://bin-counter/models/x/output/model.tar.gz"},
+           "FinalMetricDataList": [{"MetricName": "test:accuracy", "Value": 0.456789},
+                                   {"MetricName": "champion:accuracy", "Value": 0.44},
+                                   {"MetricName": "train:loss", "Value": 1.2}]}
+    requests = deployment_requests(PARAMS, job, DATA, ACCOUNT)
+    validate("CreateModel", requests["model"])
+    validate("CreateEndpointConfig", requests["endpoint_config"])
+    validate("CreateEndpoint", requests["endpoint"])
+    tags = {t["Key"]: t["Value"] for t in requests["model"]["Tags"]}
+    assert tags == {"bin-counter:training-job": "bin-counter-0123456789ab-final",
+                    "bin-counter:dataset-version": "v-0123456789ab", "bin-counter:test-accuracy": "0.4568",
+                    "bin-counter:champion-accuracy": "0.44"}
+    assert requests["endpoint_config"]["ProductionVariants"][0]["ModelName"] == job["TrainingJobName"]
+
+
+@pytest.mark.parametrize(("metrics", "champion", "metric", "margin", "deploy", "says"), [
+    ({"test:accuracy": 0.40}, False, "accuracy", 0.0, True, "no model is serving"),
+    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, True, "accuracy", 0.0, False, "worse"),
+    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, True, "accuracy", 0.06, True, "not worse"),
+    ({"test:accuracy": 0.45, "champion:accuracy": 0.45}, True, "accuracy", 0.0, True, "not worse"),
+    ({"test:rmse": 1.10, "champion:rmse": 1.00}, True, "rmse", 0.05, False, "worse"),
+    ({"test:rmse": 0.90, "champion:rmse": 1.00}, True, "rmse", 0.0, True, "not worse"),
+    ({"test:accuracy": 0.5}, True, "accuracy", 0.0, False, "could not be scored"),
+    ({}, False, "accuracy", 0.0, False, "no test:accuracy"),
+])
+def test_deployment_decision(metrics, champion, metric, margin, deploy, says):
+    decided, reason = sagemaker_config.deployment_decision(metrics, champion, metric, margin)
+    assert decided is deploy and says in reason
+
+
+def test_best_trial_decodes_hyperparameters_and_explains_a_tuning_job_without_one():
+    described = {"HyperParameterTuningJobName": "t", "BestTrainingJob": {
+        "TrainingJobName": "t-001-x", "TunedHyperParameters": {"lr": "0.002", "batch-size": "32", "epochs": "5"},
+        "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": "validation:accuracy", "Value": 0.41}}}
+    best = sagemaker_config.best_trial(described)
+    assert best["hyperparameters"] == {"lr": 0.002, "batch-size": 32, "epochs": 5}
+    assert best["objective"] == {"name": "validation:accuracy", "value": 0.41}
+    with pytest.raises(ValueError, match="no successful trial"):
+        sagemaker_config.best_trial({"HyperParameterTuningJobName": "t",
+                                     "TrainingJobStatusCounters": {"NonRetryableError": 4}})
+
+
+def test_account_settings_need_a_role():
+    from bin_counter.retrain import sagemaker_settings
+
+    with pytest.raises(ValueError, match="bin_counter_sagemaker"):
+        sagemaker_settings(None, "eu-west-1")
+    settings = sagemaker_settings({"role_arn": ACCOUNT["role_arn"]}, "eu-west-1")
+    assert settings["training_image"].startswith("763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training")
+    assert settings["lambda_role_arn"] == ACCOUNT["role_arn"]
