@@ -35,6 +35,7 @@ from standin.launch import start_moto, start_standin, wait_until_up  # noqa: E40
 VENV_BIN = Path(sys.executable).parent
 CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
 BUCKET = "bin-counter"
+API_KEY = "local-demo-key"  # what the local API gateway asks for in x-api-key
 # A small search that fits two cores: two trials one after the other (side by side, each trial's
 # threads fight the other's for the same two cores: 231 s each instead of about 60), then the final job.
 DEMO_RETRAIN = {"epochs_min": 3, "epochs_max": 4, "batch_sizes": [32], "lr_min": 5e-4, "lr_max": 2e-3,
@@ -149,10 +150,30 @@ def show_counts(s3, runtime, endpoint: str, how_many: int) -> None:
               f"(confidence {answer['confidence']:.2f}, model {answer['model_version']})")
 
 
+def count_through_the_api(s3, standin: str, work: Path) -> None:
+    """One real test image through the local API gateway and the Lambda function, with curl."""
+    from bin_counter.retrain import latest_version, smoke_images
+
+    image = smoke_images(s3, BUCKET, f"datasets/{latest_version(s3, BUCKET)}/test/", 1)[0]
+    path = work / f"{Path(image['key']).name}"
+    path.write_bytes(base64.b64decode(image["base64"]))
+    command = ["curl", "-s", "-X", "POST", f"{standin}/count", "-H", f"x-api-key: {API_KEY}",
+               "-H", "Content-Type: image/jpeg", "--data-binary", f"@{path}"]
+    print(f"\n== the public API on loopback (true count {image['count']}):\n$ " + " ".join(
+        f"'{part}'" if " " in part else part for part in command), flush=True)
+    if shutil.which("curl"):
+        subprocess.run(command, check=False)
+        print(flush=True)
+    else:
+        from bin_counter.api_client import count
+
+        print(json.dumps(count(f"{standin}/count", path, API_KEY, None, 30, 3)[1]))
+
+
 def start_servers(work: Path, moto_port: int, standin_port: int) -> tuple[list[subprocess.Popen], str, str]:
     moto_proc, moto = start_moto(moto_port)
     os.environ.update({"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"})
-    standin_proc, standin = start_standin(work / "standin", moto, CONTAINER_PYTHON, standin_port)
+    standin_proc, standin = start_standin(work / "standin", moto, CONTAINER_PYTHON, standin_port, api_key=API_KEY)
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
         s3.create_bucket(Bucket=BUCKET)
@@ -188,6 +209,7 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     runtime = boto3.client("sagemaker-runtime", endpoint_url=standin, region_name="us-east-1")
     show_counts(s3, runtime, "bin-counter", args.show)
+    count_through_the_api(s3, standin, work)
     model = sm.describe_endpoint_config(EndpointConfigName=sm.describe_endpoint(EndpointName="bin-counter")[
         "EndpointConfigName"])["ProductionVariants"][0]["ModelName"]
     metrics = {m["MetricName"]: m["Value"] for m in sm.describe_training_job(TrainingJobName=model)[

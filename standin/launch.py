@@ -46,13 +46,16 @@ def start_moto(port: int | None = None) -> tuple[subprocess.Popen, str]:
     return process, endpoint
 
 
-def start_standin(state_dir: Path, aws_endpoint: str, container_python: Path,
-                  port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """The SageMaker and Lambda stand-in on loopback; returns the process and its endpoint."""
+def start_standin(state_dir: Path, aws_endpoint: str, container_python: Path, port: int | None = None,
+                  api_key: str | None = None) -> tuple[subprocess.Popen, str]:
+    """The SageMaker and Lambda stand-in (and the local API gateway, requiring `api_key` when given)
+    on loopback; returns the process and its endpoint."""
     port = port or free_port()
+    key = ["--api-key", api_key] if api_key else []
     process = subprocess.Popen([sys.executable, "-m", "standin.server", "--port", str(port), "--state-dir",
                                 str(state_dir), "--aws-endpoint", aws_endpoint, "--container-python",
-                                str(container_python)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                str(container_python), *key], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     wait_until_up(f"{endpoint}/health", process)
     return process, endpoint

@@ -18,6 +18,8 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from standin.gateway import ROUTE as GATEWAY_ROUTE
+from standin.gateway import Gateway
 from standin.lambda_api import LambdaApi
 from standin.sagemaker_api import AwsError, SageMakerApi
 
@@ -27,7 +29,7 @@ log = logging.getLogger("standin")
 LAMBDA_PREFIX = "/2015-03-31/functions"
 
 
-def make_handler(api: SageMakerApi, lambdas: LambdaApi):
+def make_handler(api: SageMakerApi, lambdas: LambdaApi, gateway: Gateway | None = None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # Headers and body go out in two writes; without this, Nagle's algorithm and delayed ACKs
@@ -90,8 +92,18 @@ def make_handler(api: SageMakerApi, lambdas: LambdaApi):
             self.end_headers()
             self.wfile.write(body)
 
+        def _gateway(self, method: str, raw: bytes) -> None:
+            """The local API Gateway: the public API's route, through the Lambda function."""
+            status, headers, body = gateway.handle(method, self.path, dict(self.headers.items()), raw)
+            self._send_raw(status, body, headers)
+
+        def _is_gateway(self) -> bool:
+            return gateway is not None and self.path.split("?")[0].rstrip("/") == GATEWAY_ROUTE
+
         def do_GET(self) -> None:
-            if self.path.startswith(LAMBDA_PREFIX):
+            if self._is_gateway():
+                self._gateway("GET", b"")
+            elif self.path.startswith(LAMBDA_PREFIX):
                 self._lambda("GET", b"")
             elif self.path == "/health":
                 self._send(200, {"status": "ok"})
@@ -123,6 +135,9 @@ def make_handler(api: SageMakerApi, lambdas: LambdaApi):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
             raw = self.rfile.read(length) if length else b""
+            if self._is_gateway():
+                self._gateway("POST", raw)
+                return
             if self.path.startswith("/endpoints/") and self.path.endswith("/invocations"):
                 self._runtime(raw)
                 return
@@ -162,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="endpoint of the other AWS services: S3 and CloudWatch Logs (the moto server)")
     parser.add_argument("--container-python", required=True, help="Python of the container-side environment")
     parser.add_argument("--log-file", default=None, help="log here as well as to stderr")
+    parser.add_argument("--api-function", default="bin-counter-api",
+                        help="the Lambda function behind the local API Gateway route POST /count")
+    parser.add_argument("--api-key", default=os.environ.get("BIN_COUNTER_API_KEY") or None,
+                        help="API key the local gateway requires in x-api-key (default: $BIN_COUNTER_API_KEY; "
+                             "none: no key needed)")
+    parser.add_argument("--api-max-in-flight", type=int, default=8,
+                        help="requests the local gateway runs at once; more get 429 (API Gateway's throttling)")
     args = parser.parse_args(argv)
     handlers = [logging.StreamHandler()]
     if args.log_file:
@@ -175,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AWS_ENDPOINT_URL", args.aws_endpoint)
     # Absolute: jobs run in their own working folders and find /opt/ml through this path.
     api = SageMakerApi(Path(args.state_dir).resolve(), args.aws_endpoint, args.container_python)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(api, LambdaApi(Path(args.state_dir).resolve())))
+    lambdas = LambdaApi(Path(args.state_dir).resolve())
+    gateway = Gateway(lambdas, args.api_function, args.api_key, max_in_flight=args.api_max_in_flight)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(api, lambdas, gateway))
     log.info("SageMaker stand-in on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

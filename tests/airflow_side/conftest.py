@@ -26,6 +26,7 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 CONTAINER_PYTHON = REPO / ".venv-container" / "bin" / "python"
+API_KEY = "local-test-key"  # what the stand-in's local API gateway requires in x-api-key
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +84,7 @@ def standin(tmp_path, moto_endpoint, aws_connection):  # its S3 client needs the
     if not CONTAINER_PYTHON.exists():
         pytest.skip("needs .venv-container (make envs)")
     state = tmp_path / "state"
-    proc, endpoint = start_standin(state, moto_endpoint, CONTAINER_PYTHON)
+    proc, endpoint = start_standin(state, moto_endpoint, CONTAINER_PYTHON, api_key=API_KEY)
     handle = {"proc": proc, "endpoint": endpoint, "state": state}
     yield handle
     handle["proc"].terminate()

@@ -1,5 +1,6 @@
 """lambda/handler.py run as a Lambda function by the stand-in, in front of a real endpoint serving
-a model train.py made: API Gateway proxy events in, status codes and JSON bodies out."""
+a model train.py made: API Gateway proxy events in, status codes and JSON bodies out; then the
+same through the local API gateway over HTTP, and the CLI client."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 
 import boto3
 
+from bin_counter import api_client
 from bin_counter.retrain import ensure_function
+from tests.airflow_side.conftest import API_KEY
 from tests.airflow_side.test_standin import client, serving_endpoint
 from tests.conftest import make_bin_image, png_claiming_size
 
@@ -38,7 +41,7 @@ def call(aws_lambda, event: dict, function: str = "bin-counter-api") -> tuple[in
     return answer["statusCode"], json.loads(answer["body"])
 
 
-def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connection, job_inputs):
+def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connection, job_inputs, tmp_path):
     stack = local_stack_connection
     serving_endpoint(client(stack), job_inputs, "api-model", "bin-counter")
     aws_lambda = boto3.client("lambda", endpoint_url=stack["endpoint"], region_name="us-east-1")
@@ -93,3 +96,43 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
     assert len(lines) >= 3 + len(bad)
     assert {"request_id", "status", "latency_ms", "model_version"} <= set(lines[0])
     assert base64.b64encode(jpeg).decode()[:40] not in log
+
+    # The local API gateway: an HTTP request to POST /count, the API key checked, the image passed
+    # base64-encoded to the function as API Gateway does, the function's answer as the HTTP answer.
+    url = f"{stack['endpoint']}/count"
+    photo, other = tmp_path / "bin.jpg", tmp_path / "bin.gif"
+    photo.write_bytes(jpeg)
+    other.write_bytes(b"GIF89a...")
+
+    def post(image, key):
+        return api_client.count(url, image, key, None, timeout=30, attempts=1)
+
+    assert post(photo, None) == (403, {"message": "Forbidden"})
+    assert post(photo, "wrong-key") == (403, {"message": "Forbidden"})
+    status, body = post(photo, API_KEY)
+    assert status == 200 and body["model_version"] == "api-model", body
+    status, body = post(other, API_KEY)  # sent as application/octet-stream
+    assert (status, body["error"]) == (415, "unsupported_content_type")
+
+
+def test_the_cli_client_counts_a_folder_through_the_gateway(local_stack_connection, job_inputs, tmp_path, capsys):
+    stack = local_stack_connection
+    serving_endpoint(client(stack), job_inputs, "cli-model", "bin-counter")
+    aws_lambda = boto3.client("lambda", endpoint_url=stack["endpoint"], region_name="us-east-1")
+    ensure_function(aws_lambda, "bin-counter-api", "bin-counter", ROLE)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(make_bin_image(1, 1))
+    (folder / "b.png").write_bytes(make_bin_image(2, 2, fmt="PNG"))
+    (folder / "c.jpg").write_bytes(b"not really a jpeg")
+    code = api_client.main(["--url", f"{stack['endpoint']}/count", "--api-key", API_KEY, "--expected", "1",
+                            str(folder)])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1  # one image failed
+    assert len(lines) == 3
+    assert lines[0].startswith(f"{folder / 'a.jpg'}: ") and "items (confidence" in lines[0]
+    assert "expected 1:" in lines[0]
+    assert "items (confidence" in lines[1] and "model cli-model" in lines[1]
+    assert lines[2] == f"{folder / 'c.jpg'}: 415 unsupported_image: image 0 is neither JPEG nor PNG"
+    assert api_client.main(["--url", f"{stack['endpoint']}/count", str(folder / "a.jpg")]) == 1  # no key
+    assert "403" in capsys.readouterr().out
