@@ -42,6 +42,7 @@ class EndpointHost:
     def __init__(self, root: Path, python: str, s3_factory, load_timeout: float = 180.0) -> None:
         self.root, self.python, self.s3_factory, self.load_timeout = root, python, s3_factory, load_timeout
         self.live: dict[str, Worker] = {}
+        self.retiring: list[Worker] = []  # replaced by an update, finishing their requests
         self.lock = threading.Lock()
 
     def start(self, endpoint: str, config_name: str, model_data_url: str) -> Worker:
@@ -81,8 +82,18 @@ class EndpointHost:
             old = self.live.get(endpoint)
             self.live[endpoint] = worker
         if old is not None:
-            # Requests already sent to the old worker finish; new ones go to the new worker.
-            threading.Timer(5.0, old.process.terminate).start()
+            # Requests already sent to the old worker finish; new ones go to the new worker. The
+            # timer thread is a daemon when the update runs in one, so stop_all must know the old
+            # worker too: a stand-in stopping within these seconds would otherwise leave it running.
+            with self.lock:
+                self.retiring.append(old)
+            threading.Timer(5.0, self._retire, args=(old,)).start()
+
+    def _retire(self, worker: Worker) -> None:
+        worker.process.terminate()
+        with self.lock:
+            if worker in self.retiring:
+                self.retiring.remove(worker)
 
     def stop(self, endpoint: str) -> None:
         with self.lock:
@@ -93,6 +104,8 @@ class EndpointHost:
     def stop_all(self) -> None:
         for name in list(self.live):
             self.stop(name)
+        for worker in list(self.retiring):
+            self._retire(worker)
 
     def invoke(self, endpoint: str, body: bytes, content_type: str | None, accept: str | None,
                timeout: float = 60.0) -> tuple[int, bytes, str]:

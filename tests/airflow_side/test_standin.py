@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from pathlib import Path
 
 import boto3
 import pytest
@@ -211,6 +212,36 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
     sm.delete_endpoint(EndpointName="bin-count")
     with pytest.raises(ClientError):
         runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg", Body=image)
+
+
+def worker_processes(state_dir) -> list[int]:
+    """PIDs of model workers serving from under `state_dir` (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # the process ended while we looked
+        if any(b"model_worker.py" in w for w in words) and any(str(state_dir).encode() in w for w in words):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc to find the worker processes")
+def test_stopping_right_after_an_update_leaves_no_model_worker(standin, job_inputs, aws_connection):
+    sm = client(standin)
+    serving_endpoint(sm, job_inputs, "job-first", "bin-count")
+    deployed_model(sm, "job-again", "job-first")
+    sm.update_endpoint(EndpointName="bin-count", EndpointConfigName="job-again")
+    time.sleep(0.5)
+    assert wait_endpoint(sm, "bin-count")["EndpointConfigName"] == "job-again"
+    assert len(worker_processes(standin["state"])) == 2  # the old one finishes its requests for a few seconds
+    standin["proc"].terminate()  # within those seconds
+    standin["proc"].wait(timeout=20)
+    deadline = time.time() + 10
+    while worker_processes(standin["state"]) and time.time() < deadline:
+        time.sleep(0.2)
+    assert worker_processes(standin["state"]) == []
 
 
 def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws_connection):
