@@ -271,8 +271,7 @@ def bin_count_retrain():
         from bin_counter.retrain import api_event, smoke_images
 
         params = get_current_context()["params"]
-        prefix = data["channels"]["test"].split("/", 3)[3]
-        images = smoke_images(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"], prefix,
+        images = smoke_images(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"], f"{data['prefix']}/test/",
                               params["smoke_images"])
         sent = [{k: i[k] for k in ("key", "count")} for i in images]
         return {"payload": json.dumps(api_event(images)), "images": sent}

@@ -136,12 +136,8 @@ def covered_seconds(intervals) -> float:
     return total
 
 
-def show_counts(s3, runtime, endpoint: str, how_many: int) -> None:
-    """Count real test images of the newest dataset with the deployed endpoint, next to the truth."""
-    from bin_counter.retrain import latest_version, smoke_images
-
-    version = latest_version(s3, BUCKET)
-    images = smoke_images(s3, BUCKET, f"datasets/{version}/test/", how_many)
+def show_counts(runtime, endpoint: str, version: str, images: list[dict]) -> None:
+    """Count real test images with the deployed endpoint, next to the truth."""
     print(f"\n== counts from endpoint {endpoint!r} for held-out test images of dataset {version}")
     for image in images:
         answer = json.loads(runtime.invoke_endpoint(EndpointName=endpoint, Body=base64.b64decode(image["base64"]),
@@ -150,11 +146,8 @@ def show_counts(s3, runtime, endpoint: str, how_many: int) -> None:
               f"(confidence {answer['confidence']:.2f}, model {answer['model_version']})")
 
 
-def count_through_the_api(s3, standin: str, work: Path) -> None:
+def count_through_the_api(standin: str, image: dict, work: Path) -> None:
     """One real test image through the local API gateway and the Lambda function, with curl."""
-    from bin_counter.retrain import latest_version, smoke_images
-
-    image = smoke_images(s3, BUCKET, f"datasets/{latest_version(s3, BUCKET)}/test/", 1)[0]
     path = work / f"{Path(image['key']).name}"
     path.write_bytes(base64.b64decode(image["base64"]))
     command = ["curl", "-s", "-X", "POST", f"{standin}/count", "-H", f"x-api-key: {API_KEY}",
@@ -208,8 +201,12 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     (work / "demo-timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     runtime = boto3.client("sagemaker-runtime", endpoint_url=standin, region_name="us-east-1")
-    show_counts(s3, runtime, "bin-counter", args.show)
-    count_through_the_api(s3, standin, work)
+    from bin_counter.retrain import latest_version, smoke_images
+
+    version = latest_version(s3, BUCKET)
+    images = smoke_images(s3, BUCKET, f"datasets/{version}/test/", args.show)
+    show_counts(runtime, "bin-counter", version, images)
+    count_through_the_api(standin, images[0], work)
     model = sm.describe_endpoint_config(EndpointConfigName=sm.describe_endpoint(EndpointName="bin-counter")[
         "EndpointConfigName"])["ProductionVariants"][0]["ModelName"]
     metrics = {m["MetricName"]: m["Value"] for m in sm.describe_training_job(TrainingJobName=model)[

@@ -60,7 +60,6 @@ class Gateway:
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
         """(status, headers, body) of the HTTP answer."""
-        headers = {k: v for k, v in headers.items()}
         lowered = {k.lower(): v for k, v in headers.items()}
         if self.api_key and lowered.get("x-api-key") != self.api_key:
             return self._message(403, "Forbidden")
@@ -72,8 +71,8 @@ class Gateway:
             event = self.event(method, path, headers, body)
             status, payload, response_headers = self.lambdas.invoke(self.function, json.dumps(event).encode(),
                                                                     "RequestResponse")
-        except AwsError as exc:
-            return self._message(502 if exc.status != 429 else 429, "Internal server error")
+        except AwsError:  # no such function, a payload Lambda refuses: API Gateway answers 502
+            return self._message(502, "Internal server error")
         finally:
             self._in_flight.release()
         if status != 200 or "X-Amz-Function-Error" in response_headers:

@@ -73,7 +73,7 @@ def resolve_dataset(s3, bucket: str, requested: str | None, event_extra: Mapping
     if missing:
         raise DatasetNotFound(f"dataset {version} has no {' or '.join(missing)} images ({json.dumps(images)})")
     log.info("training on dataset %s (chosen by %s): %s", version, how, json.dumps(images))
-    return {"version": version, "chosen_by": how, "images": images,
+    return {"version": version, "chosen_by": how, "images": images, "prefix": prefix,
             "channels": {s: f"s3://{bucket}/{prefix}/{s}/" for s in SPLITS}}
 
 
