@@ -173,12 +173,26 @@ def start_servers(work: Path, moto_port: int, standin_port: int) -> tuple[list[s
     return [standin_proc, moto_proc], moto, standin
 
 
+def check_source(source: str, first_key: str) -> None:
+    """Fail in seconds, saying what to do, when the ABID source cannot be read: the DAG's fetch
+    would retry for minutes (as it should in production) before failing."""
+    from bin_counter.abid import metadata_path, open_source
+
+    try:
+        open_source(source).read(metadata_path(first_key))
+    except Exception as exc:  # any reason the first metadata file cannot be read
+        raise SystemExit(f"cannot read {metadata_path(first_key)} from {source} ({type(exc).__name__}: {exc}). "
+                         "Without internet access, use a local mirror in the ABID layout: "
+                         "make demo ABID_SOURCE=../shared/abid") from exc
+
+
 def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None:
     log = work / "airflow.log"
     timings: dict = {}
     prep_conf = {"bucket": BUCKET, "source": str(Path(args.source).resolve()) if Path(args.source).exists()
                  else args.source, "subset": "key_range", "key_range": args.keys, "block_size": args.block_size,
                  "max_count": 5}
+    check_source(prep_conf["source"], args.keys.split(":")[0])
     print(f"== bin_count_data_prep: {args.keys} from {args.source} (log: {log})", flush=True)
     timings["bin_count_data_prep"] = airflow(["dags", "test", "bin_count_data_prep", "-c", json.dumps(prep_conf)],
                                              env, log)
