@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from bin_counter.abid import LocalStore, read_local_records  # noqa: E402
+from bin_counter.abid import LocalStore, key_block, read_local_records  # noqa: E402
 from bin_counter.split import DEFAULT_SHARES, assign_splits, summarize, write_split_layout  # noqa: E402
 
 TRAIN = ROOT / "sagemaker_code" / "train.py"
@@ -39,12 +39,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed-lr", type=float, default=3e-3, help="learning rate of the seed recipe")
     parser.add_argument("--default-args", default="", help="extra train.py flags for the default recipe")
     parser.add_argument("--only", choices=("seed", "default"), default=None, help="run one recipe only")
+    parser.add_argument("--train-above-max", action="store_true",
+                        help="also put images with more than --max-count items into the training split (blocks "
+                             "already assigned to train only, so validation and test stay the same); pair with "
+                             "--default-args '--above-max clip'")
     return parser
 
 
-def prepare_split(abid: Path, work: Path, max_count: int, block_size: int, seed: int) -> dict:
-    records = [r for r in read_local_records(abid) if r.count <= max_count]
+def prepare_split(abid: Path, work: Path, max_count: int, block_size: int, seed: int,
+                  train_above_max: bool = False) -> dict:
+    every = read_local_records(abid)
+    records = [r for r in every if r.count <= max_count]
+    # The split is drawn from the 0..max-count images alone, so it is the same with or without extras.
     assignment = assign_splits(records, DEFAULT_SHARES, block_size, seed)
+    if train_above_max:
+        block_split = {key_block(key, block_size): split for key, split in assignment.items()}
+        extra = [r for r in every if r.count > max_count and block_split.get(key_block(r.key, block_size)) == "train"]
+        assignment.update({r.key: "train" for r in extra})
+        records += extra
     split_dir = work / "split"
     write_split_layout(records, assignment, LocalStore(abid), LocalStore(split_dir, create=True), str(abid), block_size)
     return {"dir": split_dir, "summary": summarize(records, assignment)}
@@ -70,7 +82,8 @@ def main() -> None:
     args = get_args_parser().parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    split = prepare_split(Path(args.abid), work, args.max_count, args.block_size, args.split_seed)
+    split = prepare_split(Path(args.abid), work, args.max_count, args.block_size, args.split_seed,
+                          args.train_above_max)
     print(f"split (images per count): {json.dumps(split['summary'])}", flush=True)
     recipes = {
         "seed": ["--arch", args.seed_arch, "--mode", "head", "--weights", "imagenet",

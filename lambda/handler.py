@@ -12,7 +12,8 @@ Errors: {"error", "message", "request_id"} with 400 malformed, 413 too large, 41
 429 throttled, 502 the model failed, 503 the endpoint is not in service, 504 it timed out.
 
 Configuration (environment): ENDPOINT_NAME (required), MAX_IMAGE_BYTES (4 MiB), MAX_IMAGES (8),
-INVOKE_TIMEOUT_S (20), INVOKE_ATTEMPTS (3), MATCH_THRESHOLD (0.5), MISMATCH_THRESHOLD (0.1).
+INVOKE_TIMEOUT_S (20), INVOKE_ATTEMPTS (3), MATCH_THRESHOLD (0.5), MISMATCH_THRESHOLD (0.1),
+CORS_ALLOW_ORIGIN (unset: no CORS header). lambda/template.yaml sets them for AWS.
 Only the standard library and boto3, both in every Lambda Python runtime.
 """
 
@@ -200,8 +201,12 @@ def verdict(prediction: dict, expected: int) -> dict:
 
 
 def respond(status: int, body: dict) -> dict:
-    return {"statusCode": status, "headers": {"Content-Type": "application/json"}, "body": json.dumps(body),
-            "isBase64Encoded": False}
+    headers = {"Content-Type": "application/json"}
+    # With a proxy integration the function, not API Gateway, must send CORS headers on real answers.
+    origin = os.environ.get("CORS_ALLOW_ORIGIN")
+    if origin:
+        headers["Access-Control-Allow-Origin"] = origin
+    return {"statusCode": status, "headers": headers, "body": json.dumps(body), "isBase64Encoded": False}
 
 
 def handler(event: dict, context: Any) -> dict:

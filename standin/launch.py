@@ -47,11 +47,11 @@ def start_moto(port: int | None = None) -> tuple[subprocess.Popen, str]:
 
 
 def start_standin(state_dir: Path, aws_endpoint: str, container_python: Path, port: int | None = None,
-                  api_key: str | None = None) -> tuple[subprocess.Popen, str]:
+                  api_key: str | None = None, extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """The SageMaker and Lambda stand-in (and the local API gateway, requiring `api_key` when given)
-    on loopback; returns the process and its endpoint."""
+    on loopback; returns the process and its endpoint. `extra_args` are more `standin.server` flags."""
     port = port or free_port()
-    key = ["--api-key", api_key] if api_key else []
+    key = ["--api-key", api_key, *extra_args] if api_key else list(extra_args)
     process = subprocess.Popen([sys.executable, "-m", "standin.server", "--port", str(port), "--state-dir",
                                 str(state_dir), "--aws-endpoint", aws_endpoint, "--container-python",
                                 str(container_python), *key], cwd=ROOT, stdout=subprocess.DEVNULL,

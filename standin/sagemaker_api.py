@@ -64,10 +64,31 @@ class AwsError(Exception):
         self.code, self.message, self.status, self.extra = code, message, status, extra or {}
 
 
+class TokenBucket:
+    """Invocations per second with a burst, per endpoint: what makes AWS answer ThrottlingException."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, max(1, burst)
+        self.tokens: dict[str, tuple[float, float]] = {}  # endpoint -> (tokens, when)
+        self.lock = threading.Lock()
+
+    def take(self, key: str) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        with self.lock:
+            tokens, then = self.tokens.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+            allowed = tokens >= 1
+            self.tokens[key] = (tokens - 1 if allowed else tokens, now)
+            return allowed
+
+
 class SageMakerApi:
     """Training jobs (create, describe, list, stop), state kept as JSON under `state_dir`."""
 
-    def __init__(self, state_dir: Path, aws_endpoint: str, container_python: str, region: str = "us-east-1") -> None:
+    def __init__(self, state_dir: Path, aws_endpoint: str, container_python: str, region: str = "us-east-1",
+                 invoke_rate: float = 0.0, invoke_burst: int = 1) -> None:
         self.model = botocore.session.get_session().get_service_model("sagemaker")
         self.state_dir = Path(state_dir)
         self.aws_endpoint, self.python, self.region = aws_endpoint, container_python, region
@@ -76,6 +97,7 @@ class SageMakerApi:
         self.series: dict[str, dict[str, list[float]]] = {}  # training job -> metric values so far
         self.endpoints = EndpointHost(self.state_dir / "endpoint-workers", container_python,
                                       lambda: self._client("s3"))
+        self.invoke_limit = TokenBucket(invoke_rate, invoke_burst)
         self._recover()
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -344,6 +366,8 @@ class SageMakerApi:
         endpoint = self._get("endpoint", name)
         if endpoint["EndpointStatus"] not in ("InService", "Updating"):
             raise AwsError("ValidationException", f"Endpoint {name} is {endpoint['EndpointStatus']}, not InService.")
+        if not self.invoke_limit.take(name):
+            raise AwsError("ThrottlingException", "Rate exceeded")
         try:
             status, payload, response_type = self.endpoints.invoke(name, body, content_type, accept)
         except KeyError as exc:

@@ -184,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                              "none: no key needed)")
     parser.add_argument("--api-max-in-flight", type=int, default=8,
                         help="requests the local gateway runs at once; more get 429 (API Gateway's throttling)")
+    parser.add_argument("--invoke-rate", type=float, default=0.0,
+                        help="InvokeEndpoint calls per second per endpoint before ThrottlingException "
+                             "(0: unlimited)")
+    parser.add_argument("--invoke-burst", type=int, default=1, help="calls allowed at once above --invoke-rate")
     args = parser.parse_args(argv)
     handlers = [logging.StreamHandler()]
     if args.log_file:
@@ -196,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["AWS_ENDPOINT_URL_SAGEMAKER"] = own
     os.environ.setdefault("AWS_ENDPOINT_URL", args.aws_endpoint)
     # Absolute: jobs run in their own working folders and find /opt/ml through this path.
-    api = SageMakerApi(Path(args.state_dir).resolve(), args.aws_endpoint, args.container_python)
+    api = SageMakerApi(Path(args.state_dir).resolve(), args.aws_endpoint, args.container_python,
+                       invoke_rate=args.invoke_rate, invoke_burst=args.invoke_burst)
     lambdas = LambdaApi(Path(args.state_dir).resolve())
     gateway = Gateway(lambdas, args.api_function, args.api_key, max_in_flight=args.api_max_in_flight)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(api, lambdas, gateway))

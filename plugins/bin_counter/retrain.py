@@ -266,12 +266,15 @@ def deployment_requests(params: Mapping, job: Mapping, data: Mapping, account: M
             "endpoint": {"EndpointName": params["endpoint_name"], "EndpointConfigName": name}}
 
 
-def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str, timeout_s: int = 30,
+def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str, timeout_s: int = 28,
                     memory_mb: int = 256) -> str:
     """Create the API's Lambda function, or update its code and point it at `endpoint_name`.
-    Returns the function's ARN."""
+    Returns the function's ARN.
+
+    An existing function (for example one that lambda/template.yaml created) keeps its role, limits
+    and other environment variables: only the code and ENDPOINT_NAME are the DAG's to change.
+    """
     code = function_zip()
-    environment = {"Variables": {"ENDPOINT_NAME": endpoint_name}}
     try:
         existing = lambda_client.get_function(FunctionName=name)["Configuration"]
     except ClientError as exc:
@@ -281,15 +284,18 @@ def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str,
     if existing is None:
         created = lambda_client.create_function(
             FunctionName=name, Runtime="python3.12", Role=role_arn, Handler="handler.handler",
-            Code={"ZipFile": code}, Timeout=timeout_s, MemorySize=memory_mb, Environment=environment,
+            Code={"ZipFile": code}, Timeout=timeout_s, MemorySize=memory_mb,
+            Environment={"Variables": {"ENDPOINT_NAME": endpoint_name}},
             Description="bin-counter public API: counts items in a bin photo")
         log.info("created Lambda function %s for endpoint %s", name, endpoint_name)
         arn = created["FunctionArn"]
     else:
         lambda_client.update_function_code(FunctionName=name, ZipFile=code)
         _wait_updated(lambda_client, name)
-        lambda_client.update_function_configuration(FunctionName=name, Environment=environment, Timeout=timeout_s,
-                                                    MemorySize=memory_mb)
+        variables = dict((existing.get("Environment") or {}).get("Variables") or {})
+        if variables.get("ENDPOINT_NAME") != endpoint_name:
+            variables["ENDPOINT_NAME"] = endpoint_name
+            lambda_client.update_function_configuration(FunctionName=name, Environment={"Variables": variables})
         log.info("updated Lambda function %s for endpoint %s", name, endpoint_name)
         arn = existing["FunctionArn"]
     _wait_updated(lambda_client, name)

@@ -5,14 +5,18 @@ same through the local API gateway over HTTP, and the CLI client."""
 from __future__ import annotations
 
 import base64
+import io
 import json
+import tarfile
 
 import boto3
+import pytest
 
 from bin_counter import api_client
-from bin_counter.retrain import ensure_function
-from tests.airflow_side.conftest import API_KEY
-from tests.airflow_side.test_standin import client, serving_endpoint
+from bin_counter.retrain import ensure_function, function_zip
+from standin.launch import start_standin
+from tests.airflow_side.conftest import API_KEY, CONTAINER_PYTHON
+from tests.airflow_side.test_standin import client, deployed_model, serving_endpoint, wait_endpoint
 from tests.conftest import make_bin_image, png_claiming_size
 
 ROLE = "arn:aws:iam::000000000000:role/bin-counter-api"
@@ -136,3 +140,75 @@ def test_the_cli_client_counts_a_folder_through_the_gateway(local_stack_connecti
     assert lines[2] == f"{folder / 'c.jpg'}: 415 unsupported_image: image 0 is neither JPEG nor PNG"
     assert api_client.main(["--url", f"{stack['endpoint']}/count", str(folder / "a.jpg")]) == 1  # no key
     assert "403" in capsys.readouterr().out
+
+
+@pytest.fixture
+def throttling_stack(tmp_path, moto_endpoint, aws_connection):
+    """A stand-in whose endpoints take a burst of two InvokeEndpoint calls, then one per 20 s, and
+    answer ThrottlingException beyond that, as SageMaker does past an account's rate."""
+    if not CONTAINER_PYTHON.exists():
+        pytest.skip("needs .venv-container (make envs)")
+    proc, endpoint = start_standin(tmp_path / "state", moto_endpoint, CONTAINER_PYTHON,
+                                   extra_args=("--invoke-rate", "0.05", "--invoke-burst", "2"))
+    yield {"endpoint": endpoint, "state": tmp_path / "state"}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def with_failing_predict(artifact: bytes) -> bytes:
+    """The same model.tar.gz with an inference.py whose predict_fn fails: a model that loads and then
+    breaks on every request, as a model with a bug in its serving code does."""
+    failing = b"\n\ndef predict_fn(input_object, model):\n    raise RuntimeError('CUDA error: device-side assert')\n"
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(artifact)) as source, tarfile.open(fileobj=out, mode="w:gz") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read() if member.isfile() else None
+            if member.name.endswith("code/inference.py"):
+                data += failing
+                member.size = len(data)
+            target.addfile(member, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack, job_inputs, s3):
+    stack, sm = throttling_stack, client(throttling_stack)
+    serving_endpoint(sm, job_inputs, "err-model", "bin-counter")
+    aws_lambda = boto3.client("lambda", endpoint_url=stack["endpoint"], region_name="us-east-1")
+    jpeg = make_bin_image(2, 5)
+
+    # The function the template creates has its own limits; the DAG's update keeps them and only
+    # repoints the endpoint.
+    aws_lambda.create_function(
+        FunctionName="api-impatient", Runtime="python3.12", Role=ROLE, Handler="handler.handler", Timeout=7,
+        Code={"ZipFile": function_zip()}, Environment={"Variables": {
+            "ENDPOINT_NAME": "elsewhere", "INVOKE_TIMEOUT_S": "0.001", "INVOKE_ATTEMPTS": "1"}})
+    ensure_function(aws_lambda, "api-impatient", "bin-counter", ROLE)
+    configuration = aws_lambda.get_function_configuration(FunctionName="api-impatient")
+    assert configuration["Environment"]["Variables"] == {
+        "ENDPOINT_NAME": "bin-counter", "INVOKE_TIMEOUT_S": "0.001", "INVOKE_ATTEMPTS": "1"}
+    assert configuration["Timeout"] == 7
+
+    # An endpoint slower than the function's read timeout: 504, and the function itself still answers.
+    status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-impatient")
+    assert (status, body["error"]) == (504, "endpoint_timeout"), body
+
+    # A model that fails on every request: 502 with the model's failure, not the function's.
+    artifact = sm.describe_training_job(TrainingJobName="err-model")["ModelArtifacts"]["S3ModelArtifacts"]
+    bucket, key = artifact.removeprefix("s3://").split("/", 1)
+    s3.put_object(Bucket=bucket, Key="failing/model.tar.gz",
+                  Body=with_failing_predict(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
+    deployed_model(sm, "failing", artifact=f"s3://{bucket}/failing/model.tar.gz")
+    sm.create_endpoint(EndpointName="bin-counter-failing", EndpointConfigName="failing")
+    assert wait_endpoint(sm, "bin-counter-failing")["EndpointStatus"] == "InService"
+    ensure_function(aws_lambda, "api-failing", "bin-counter-failing", ROLE)
+    status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-failing")
+    assert (status, body["error"]) == (502, "model_error"), body
+    assert "device-side assert" in body["message"]
+
+    # Throttled: the second call of the burst succeeds; the next one is throttled on every one of
+    # its three attempts (standard-mode backoff, a few seconds against one token per 20 s): 429.
+    ensure_function(aws_lambda, "api-throttled", "bin-counter", ROLE)
+    status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-throttled")
+    assert status == 200, body
+    status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-throttled")
+    assert (status, body["error"]) == (429, "throttled"), body

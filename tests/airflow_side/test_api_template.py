@@ -1,0 +1,135 @@
+"""lambda/template.yaml: valid under cfn-lint, least privilege, and consistent with the handler, the
+local gateway and the retraining DAG that the template sits beside."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cfnlint.decode import cfn_yaml
+
+from standin import gateway
+from tests.conftest import REPO
+
+TEMPLATE = REPO / "lambda" / "template.yaml"
+CFN_LINT = Path(sys.executable).with_name("cfn-lint")
+ALLOWED_ACTIONS = {"sagemaker:InvokeEndpoint", "logs:CreateLogStream", "logs:PutLogEvents"}
+
+
+@pytest.fixture(scope="module")
+def template() -> dict:
+    return cfn_yaml.load(str(TEMPLATE))
+
+
+def resources_of(template: dict, kind: str) -> dict[str, dict]:
+    return {name: r for name, r in template["Resources"].items() if r["Type"] == kind}
+
+
+def lint(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CFN_LINT), "--format", "parseable", str(path)], capture_output=True, text=True)
+
+
+def test_the_template_passes_cfn_lint():
+    result = lint(TEMPLATE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cfn_lint_catches_a_broken_template(tmp_path):
+    # The check above is only worth something if the linter really reads the template.
+    broken = tmp_path / "template.yaml"
+    broken.write_text(TEMPLATE.read_text().replace("      Role: !GetAtt FunctionRole.Arn\n", "", 1))
+    result = lint(broken)
+    assert result.returncode != 0 and "Role" in result.stdout, result.stdout
+
+
+def statements(policy_document: dict) -> list[dict]:
+    found = policy_document["Statement"]
+    return found if isinstance(found, list) else [found]
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def test_the_function_may_invoke_one_endpoint_and_write_its_own_logs_only(template):
+    # Nothing grants through a side door: no managed policies, no separate policy resources.
+    for kind in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy", "AWS::IAM::User", "AWS::IAM::Group"):
+        assert not resources_of(template, kind), kind
+    roles = resources_of(template, "AWS::IAM::Role")
+    assert list(roles) == ["FunctionRole"]
+    role = roles["FunctionRole"]["Properties"]
+    assert "ManagedPolicyArns" not in role and "PermissionsBoundary" not in role
+    trust = statements(role["AssumeRolePolicyDocument"])
+    assert trust == [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]
+
+    granted = {}
+    for policy in role["Policies"]:
+        for statement in statements(policy["PolicyDocument"]):
+            assert statement["Effect"] == "Allow" and "NotAction" not in statement and "NotResource" not in statement
+            for action in as_list(statement["Action"]):
+                assert action in ALLOWED_ACTIONS, f"the role grants {action}"
+                granted.setdefault(action, []).extend(as_list(statement["Resource"]))
+    assert set(granted) == ALLOWED_ACTIONS
+    assert granted["sagemaker:InvokeEndpoint"] == [
+        {"Fn::Sub": "arn:${AWS::Partition}:sagemaker:${AWS::Region}:${AWS::AccountId}:endpoint/${EndpointName}"}]
+    for action in ("logs:CreateLogStream", "logs:PutLogEvents"):
+        assert granted[action] == [{"Fn::GetAtt": ["FunctionLogGroup", "Arn"]}]
+    log_group = template["Resources"]["FunctionLogGroup"]["Properties"]
+    assert log_group["LogGroupName"] == {"Fn::Sub": "/aws/lambda/${FunctionName}"}
+
+    # API Gateway may call the function for POST /count on this API only.
+    permission = template["Resources"]["ApiInvokesFunction"]["Properties"]
+    assert permission["Principal"] == "apigateway.amazonaws.com"
+    assert permission["SourceArn"]["Fn::Sub"].endswith(":${Api}/${StageName}/POST/count")
+
+
+def test_the_api_requires_a_key_and_is_throttled(template):
+    methods = resources_of(template, "AWS::ApiGateway::Method")
+    post = [m["Properties"] for m in methods.values() if m["Properties"]["HttpMethod"] == "POST"]
+    assert len(post) == 1 and post[0]["ApiKeyRequired"] is True
+    assert post[0]["Integration"]["Type"] == "AWS_PROXY"
+    # Only the CORS preflight goes without a key, and it never reaches the function.
+    for method in methods.values():
+        if not method["Properties"]["ApiKeyRequired"]:
+            assert method["Properties"]["HttpMethod"] == "OPTIONS"
+            assert method["Properties"]["Integration"]["Type"] == "MOCK"
+    plan = resources_of(template, "AWS::ApiGateway::UsagePlan")["ApiUsagePlan"]["Properties"]
+    assert plan["Throttle"] == {"RateLimit": {"Ref": "RateLimit"}, "BurstLimit": {"Ref": "BurstLimit"}}
+    assert plan["Quota"]["Limit"] == {"Ref": "DailyQuota"}
+    stage = template["Resources"]["ApiStage"]["Properties"]
+    assert stage["MethodSettings"][0]["ThrottlingRateLimit"] == {"Ref": "RateLimit"}
+
+
+def test_the_local_gateway_and_the_handler_match_the_template(template):
+    api = template["Resources"]["Api"]["Properties"]
+    assert tuple(api["BinaryMediaTypes"]) == gateway.BINARY_MEDIA_TYPES
+    path_part = template["Resources"]["CountResource"]["Properties"]["PathPart"]
+    assert f"/{path_part}" == gateway.ROUTE
+
+    function = template["Resources"]["ApiFunction"]["Properties"]
+    handler_source = (REPO / "lambda" / "handler.py").read_text()
+    module, name = function["Handler"].split(".")
+    assert module == "handler" and f"\ndef {name}(" in handler_source
+    # Every setting the template passes is one the handler documents and reads.
+    for variable in function["Environment"]["Variables"]:
+        assert re.search(rf"\b{variable}\b", handler_source.split('"""', 2)[1]), f"{variable} not documented"
+        assert f'"{variable}"' in handler_source, f"{variable} not read by the handler"
+    # API Gateway gives up after 29 s: the function must answer (or time out) before that, and its
+    # endpoint calls, retries included, within its own timeout.
+    variables = function["Environment"]["Variables"]
+    assert function["Timeout"] < 29
+    assert float(variables["INVOKE_TIMEOUT_S"]) * int(variables["INVOKE_ATTEMPTS"]) < function["Timeout"]
+
+
+def test_the_template_defaults_name_what_the_retraining_dag_deploys(template, airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(str(REPO / "dags")).dags["bin_count_retrain"]
+    params = {name: dag.params[name] for name in ("endpoint_name", "function_name")}
+    parameters = template["Parameters"]
+    assert parameters["EndpointName"]["Default"] == params["endpoint_name"]
+    assert parameters["FunctionName"]["Default"] == params["function_name"]
+    assert re.fullmatch(parameters["EndpointName"]["AllowedPattern"], params["endpoint_name"])
