@@ -1,9 +1,12 @@
 """The Lambda API of the stand-in (REST-JSON, `/2015-03-31/functions...`): create, get, update
 code and configuration, delete, and invoke (request/response).
 
-Each invocation runs the handler in a process of its own (`standin/lambda_runner.py`) with the
-function's environment, its timeout and, where the OS allows, its memory size as an address-space
-limit. A handler that raises, times out or runs out of memory answers 200 with
+Invocations run in execution environments (`standin/lambda_runner.py` processes) with the
+function's environment variables, its timeout and, where the OS allows, its memory size as an
+address-space limit. As on Lambda, an environment imports the function once and stays warm for the
+next invocation; concurrent invocations get environments of their own; a new code or configuration
+revision gets new ones; an environment that failed, timed out or ran out of memory is thrown away.
+A handler that raises, times out or runs out of memory answers 200 with
 `X-Amz-Function-Error: Unhandled` and the error payload, as Lambda does.
 """
 
@@ -14,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import selectors
 import shutil
 import subprocess
 import sys
@@ -32,6 +36,39 @@ RUNNER = Path(__file__).resolve().parent / "lambda_runner.py"
 CONFIG_FIELDS = ("Role", "Handler", "Description", "Timeout", "MemorySize", "Environment", "Runtime")
 
 
+class Timedout(Exception):
+    pass
+
+
+class ExecutionEnvironment:
+    """One warm runner process of one function revision."""
+
+    def __init__(self, command: list[str], env: dict, log_path: Path, revision: str) -> None:
+        self.revision = revision
+        self.log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                        env=env)
+
+    def invoke(self, payload: bytes, timeout_s: float) -> dict:
+        """The runner's answer ({"result": ...} or {"error": ...}); Timedout, or EOFError when it died."""
+        self.process.stdin.write(json.dumps(json.loads(payload or b"{}")).encode() + b"\n")
+        self.process.stdin.flush()
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout_s):
+                raise Timedout
+        line = self.process.stdout.readline()
+        if not line:
+            raise EOFError(self.process.wait())
+        return json.loads(line)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
 class LambdaApi:
     def __init__(self, state_dir: Path, python: str = sys.executable, region: str = "us-east-1") -> None:
         self.model = botocore.session.get_session().get_service_model("lambda")
@@ -39,6 +76,7 @@ class LambdaApi:
         self.root.mkdir(parents=True, exist_ok=True)
         self.python, self.region = python, region
         self.lock = threading.Lock()
+        self.warm: dict[str, list[ExecutionEnvironment]] = {}  # function -> idle environments
 
     def _validate(self, operation: str, params: dict) -> None:
         report = ParamValidator().validate(params, self.model.operation_model(operation).input_shape)
@@ -116,6 +154,8 @@ class LambdaApi:
     def delete_function(self, name: str) -> None:
         with self.lock:
             self._config(name)
+            for environment in self.warm.pop(name, []):
+                environment.stop()
             shutil.rmtree(self._folder(name))
 
     def invoke(self, name: str, payload: bytes, invocation_type: str) -> tuple[int, bytes, dict]:
@@ -130,6 +170,38 @@ class LambdaApi:
             json.loads(payload or b"{}")
         except json.JSONDecodeError as exc:
             raise AwsError("InvalidRequestContentException", f"Could not parse request body into json: {exc}") from exc
+        environment = self._environment(name, config)
+        started = time.time()
+        try:
+            answer = environment.invoke(payload, config["Timeout"])
+        except Timedout:
+            environment.stop()  # Lambda resets a timed-out environment
+            seconds = time.time() - started
+            error = {"errorMessage": f"Task timed out after {seconds:.2f} seconds", "errorType": "Sandbox.Timedout"}
+            return 200, json.dumps(error).encode(), {"X-Amz-Function-Error": "Unhandled"}
+        except (EOFError, OSError) as exc:  # the process died: out of memory, or killed
+            environment.stop()
+            code = exc.args[0] if isinstance(exc, EOFError) and exc.args else "unknown"
+            tail = (self._folder(name) / "function.log").read_bytes()[-500:].decode(errors="replace")
+            error = {"errorType": "Runtime.ExitError", "errorMessage": (
+                f"RequestId: local Error: Runtime exited with error: exit status {code}. {tail}")}
+            return 200, json.dumps(error).encode(), {"X-Amz-Function-Error": "Unhandled"}
+        if "error" in answer:
+            environment.stop()
+            return 200, json.dumps(answer["error"]).encode(), {"X-Amz-Function-Error": "Unhandled",
+                                                                "X-Amz-Executed-Version": "$LATEST"}
+        self._release(name, environment)
+        return 200, json.dumps(answer["result"]).encode(), {"X-Amz-Executed-Version": "$LATEST"}
+
+    def _environment(self, name: str, config: dict) -> ExecutionEnvironment:
+        """A warm environment of the function's current revision, or a new one (a cold start)."""
+        with self.lock:
+            idle = self.warm.get(name, [])
+            while idle:
+                environment = idle.pop()
+                if environment.revision == config["RevisionId"] and environment.process.poll() is None:
+                    return environment
+                environment.stop()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_LAMBDA", "_HANDLER"))}
         env.update(config.get("Environment", {}).get("Variables", {}))
         env.update({"AWS_LAMBDA_FUNCTION_NAME": name, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(config["MemorySize"]),
@@ -138,21 +210,20 @@ class LambdaApi:
                     "STANDIN_LAMBDA_TIMEOUT": str(config["Timeout"])})
         command = [self.python, str(RUNNER), "--code", str(self._folder(name) / "code"), "--handler", config["Handler"],
                    "--memory-mb", str(config["MemorySize"])]
-        started = time.time()
-        try:
-            proc = subprocess.run(command, input=payload or b"{}", capture_output=True, env=env,
-                                  timeout=config["Timeout"], check=False)
-        except subprocess.TimeoutExpired:
-            seconds = time.time() - started
-            error = {"errorMessage": f"Task timed out after {seconds:.2f} seconds", "errorType": "Sandbox.Timedout"}
-            return 200, json.dumps(error).encode(), {"X-Amz-Function-Error": "Unhandled"}
-        # The function's log (what it printed), as CloudWatch Logs would keep it.
-        with open(self._folder(name) / "function.log", "ab") as log_file:
-            log_file.write(proc.stderr)
-        if proc.returncode == 0:
-            return 200, proc.stdout, {"X-Amz-Executed-Version": "$LATEST"}
-        # The runner prints the error as Lambda formats it; a process killed by its memory limit prints nothing.
-        error = proc.stdout or json.dumps({"errorType": "Runtime.ExitError", "errorMessage": (
-            f"RequestId: local Error: Runtime exited with error: exit status {proc.returncode}. "
-            + proc.stderr.decode(errors="replace")[-500:])}).encode()
-        return 200, error, {"X-Amz-Function-Error": "Unhandled", "X-Amz-Executed-Version": "$LATEST"}
+        # The function's log (what it prints), as CloudWatch Logs would keep it.
+        return ExecutionEnvironment(command, env, self._folder(name) / "function.log", config["RevisionId"])
+
+    def _release(self, name: str, environment: ExecutionEnvironment) -> None:
+        with self.lock:
+            current = self._folder(name) / "function.json"
+            if current.is_file() and json.loads(current.read_text())["RevisionId"] == environment.revision:
+                self.warm.setdefault(name, []).append(environment)
+                return
+        environment.stop()
+
+    def stop_all(self) -> None:
+        with self.lock:
+            environments = [e for idle in self.warm.values() for e in idle]
+            self.warm.clear()
+        for environment in environments:
+            environment.stop()

@@ -1,10 +1,13 @@
-"""Runs one Lambda invocation: the event on stdin, the handler's JSON result on stdout.
+"""One Lambda execution environment: imports the handler once, then answers invocations, one
+JSON event per line on stdin, one JSON answer per line on stdout, until stdin closes.
 
   python standin/lambda_runner.py --code <unzipped function> --handler module.function --memory-mb 128
 
-A handler exception is printed as Lambda's error payload (errorMessage, errorType, stackTrace) and
-the process exits 1. The memory size becomes an address-space limit (RLIMIT_AS) where the OS
-allows it, as generous as Python needs to start.
+Each answer is {"result": <the handler's return value>} or {"error": <Lambda's error payload:
+errorMessage, errorType, stackTrace>}. What the function prints goes to stderr (its log), never into
+an answer. The memory size becomes an address-space limit (RLIMIT_AS) where the OS allows it, as
+generous as Python needs to start. As on Lambda, the module's globals (clients, models) live as long
+as the environment: the stand-in reuses a warm environment for the next invocation.
 """
 
 from __future__ import annotations
@@ -47,27 +50,40 @@ def limit_memory(memory_mb: int) -> None:
         pass  # not every OS lets a process cap itself
 
 
+def error_payload(exc: BaseException) -> dict:
+    return {"errorMessage": str(exc), "errorType": type(exc).__name__,
+            "stackTrace": traceback.format_tb(exc.__traceback__)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--code", required=True, help="the unzipped function")
     parser.add_argument("--handler", required=True, help="module.function")
     parser.add_argument("--memory-mb", type=int, default=128, help="the function's memory size")
     args = parser.parse_args()
-    event = json.loads(sys.stdin.buffer.read() or b"{}")
     # As on Lambda, what the function prints is its log (here stderr), never part of its answer.
-    answer, sys.stdout = sys.stdout, sys.stderr
+    answers, sys.stdout = sys.stdout, sys.stderr
     sys.path.insert(0, args.code)
     module_name, _, function_name = args.handler.rpartition(".")
+    timeout_s = float(os.environ.get("STANDIN_LAMBDA_TIMEOUT", 3))
     try:
         handler = getattr(importlib.import_module(module_name), function_name)
         limit_memory(args.memory_mb)
-        context = Context(args.memory_mb, float(os.environ.get("STANDIN_LAMBDA_TIMEOUT", 3)))
-        result = handler(event, context)
-    except Exception as exc:
-        answer.write(json.dumps({"errorMessage": str(exc), "errorType": type(exc).__name__,
-                                 "stackTrace": traceback.format_tb(exc.__traceback__)}))
-        return 1
-    answer.write(json.dumps(result))
+        init_error = None
+    except Exception as exc:  # Lambda reports a broken import on every invocation (Runtime.ImportModuleError)
+        handler, init_error = None, {**error_payload(exc), "errorType": "Runtime.ImportModuleError"}
+    for line in sys.stdin.buffer:
+        if init_error is not None:
+            answer = {"error": init_error}
+        else:
+            try:
+                answer = {"result": handler(json.loads(line), Context(args.memory_mb, timeout_s))}
+                text = json.dumps(answer)
+            except Exception as exc:  # the handler's error, or a result JSON cannot carry
+                answer = {"error": error_payload(exc)}
+        text = json.dumps(answer) if "error" in answer else text
+        answers.write(text + "\n")
+        answers.flush()
     return 0
 
 

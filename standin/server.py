@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         # No model server or training process outlives the stand-in (their jobs are marked failed
         # at the next start).
         api.endpoints.stop_all()
+        lambdas.stop_all()
         for process in list(api.processes.values()):
             process.terminate()
     return 0

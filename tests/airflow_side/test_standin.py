@@ -308,12 +308,18 @@ def zipped(source: str) -> bytes:
 HANDLER = """
 import os
 
+CALLS = []  # module state lives as long as the execution environment
+
 def handle(event, context):
     if event.get("fail"):
         raise ValueError("asked to fail")
     if event.get("sleep"):
         import time
         time.sleep(event["sleep"])
+    if event.get("warm"):
+        CALLS.append(1)
+        return {"calls": len(CALLS), "pid": os.getpid()}
+    print("a line for the log")
     return {"greeting": os.environ["GREETING"], "n": event["n"] + 1, "memory": context.memory_limit_in_mb}
 """
 
@@ -327,6 +333,13 @@ def test_lambda_functions_are_created_invoked_and_updated(standin, aws_connectio
     answer = aws_lambda.invoke(FunctionName="counter-api", Payload=json.dumps({"n": 1}))
     assert answer["StatusCode"] == 200 and "FunctionError" not in answer
     assert json.loads(answer["Payload"].read()) == {"greeting": "hi", "n": 2, "memory": 256}
+    assert "a line for the log" in (standin["state"] / "lambda" / "counter-api" / "function.log").read_text()
+
+    # Warm environments: the second invocation finds the first one's module state.
+    def warm():
+        return json.loads(aws_lambda.invoke(FunctionName="counter-api", Payload=b'{"warm": true}')["Payload"].read())
+    first, second = warm(), warm()
+    assert second == {"calls": first["calls"] + 1, "pid": first["pid"]}
 
     failed = aws_lambda.invoke(FunctionName="counter-api", Payload=json.dumps({"fail": True}))
     assert failed["FunctionError"] == "Unhandled"
@@ -334,12 +347,14 @@ def test_lambda_functions_are_created_invoked_and_updated(standin, aws_connectio
     timed_out = aws_lambda.invoke(FunctionName="counter-api", Payload=json.dumps({"n": 1, "sleep": 5}))
     assert timed_out["FunctionError"] == "Unhandled"
     assert "timed out" in json.loads(timed_out["Payload"].read())["errorMessage"]
+    assert warm()["calls"] == 1  # failures and timeouts threw their environments away
 
     aws_lambda.update_function_code(FunctionName="counter-api", ZipFile=zipped(HANDLER.replace('event["n"] + 1',
                                                                                                  'event["n"] + 10')))
     aws_lambda.update_function_configuration(FunctionName="counter-api", Environment={"Variables": {"GREETING": "yo"}})
     again = json.loads(aws_lambda.invoke(FunctionName="counter-api", Payload=json.dumps({"n": 1}))["Payload"].read())
     assert again == {"greeting": "yo", "n": 11, "memory": 256}
+    assert warm()["pid"] != first["pid"]  # a new revision runs in new environments
     assert aws_lambda.get_function(FunctionName="counter-api")["Configuration"]["Timeout"] == 2
 
     with pytest.raises(ClientError) as caught:
