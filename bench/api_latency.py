@@ -1,0 +1,124 @@
+"""Latency and throughput of the public API (local gateway -> Lambda -> endpoint) against the
+endpoint alone, same model, same photos, same run.
+
+  .venv/bin/python bench/api_latency.py --model models/bin-counter-mobilenet_v2.tar.gz \\
+      --images ../shared/abid/bin-images --limit 20 --seconds 30
+
+Starts a moto server and the stand-in on loopback, serves the model.tar.gz at an endpoint, creates
+the API function in front of it, then runs bin_counter.api_load's closed-loop clients against
+InvokeEndpoint (boto3) and against POST /count (HTTP), with 1 client and with --clients clients.
+Prints one JSON line per phase and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(ROOT))
+
+import boto3  # noqa: E402
+from botocore.config import Config  # noqa: E402
+from botocore.exceptions import ClientError  # noqa: E402
+
+from bin_counter.api_client import images_in  # noqa: E402
+from bin_counter.api_load import NO_ANSWER, gateway_sender, run_load  # noqa: E402
+from bin_counter.retrain import ensure_function  # noqa: E402
+from standin.launch import start_moto, start_standin  # noqa: E402
+
+CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
+API_KEY = "bench-key"
+ROLE = "arn:aws:iam::000000000000:role/bench"
+
+
+def endpoint_sender(runtime, endpoint: str, images: list[Path]):
+    bodies = [p.read_bytes() for p in images]
+
+    def send(number: int) -> int:
+        try:
+            answer = runtime.invoke_endpoint(EndpointName=endpoint, ContentType="image/jpeg",
+                                             Body=bodies[number % len(bodies)])
+            json.loads(answer["Body"].read())
+            return 200
+        except ClientError as exc:
+            return exc.response["ResponseMetadata"]["HTTPStatusCode"]
+        except Exception:
+            return NO_ANSWER
+
+    return send
+
+
+def serve(endpoint_url: str, s3, model: Path, name: str) -> None:
+    s3.create_bucket(Bucket="bench")
+    s3.upload_file(str(model), "bench", "model/model.tar.gz")
+    sm = boto3.client("sagemaker", endpoint_url=endpoint_url)
+    sm.create_model(ModelName=name, ExecutionRoleArn=ROLE, PrimaryContainer={
+        "Image": "local/pytorch-inference:cpu", "ModelDataUrl": "s3://bench/model/model.tar.gz"})
+    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
+        {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+    sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
+    for _ in range(600):
+        status = sm.describe_endpoint(EndpointName=name)["EndpointStatus"]
+        if status != "Creating":
+            break
+        time.sleep(0.5)
+    if status != "InService":
+        raise SystemExit(f"the endpoint did not come up: {status}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a model.tar.gz as train.py writes it")
+    parser.add_argument("--images", default=str(ROOT.parent / "shared" / "abid" / "bin-images"),
+                        help="a folder of bin photos")
+    parser.add_argument("--limit", type=int, default=20, help="photos taken from --images, sent in turn")
+    parser.add_argument("--seconds", type=float, default=30, help="seconds per phase")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients of the second phase of each path")
+    args = parser.parse_args()
+    images = images_in([args.images])[: args.limit]
+    if not images:
+        raise SystemExit(f"no images in {args.images}")
+
+    # Loopback servers only: any credentials do, and the stand-in (and its Lambda) inherit them.
+    for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ[name] = value
+    moto, moto_url = start_moto()
+    state = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    standin, url = start_standin(state, moto_url, CONTAINER_PYTHON, api_key=API_KEY)
+    try:
+        serve(url, boto3.client("s3", endpoint_url=moto_url), Path(args.model), "bin-counter")
+        ensure_function(boto3.client("lambda", endpoint_url=url), "bin-counter-api", "bin-counter", ROLE)
+        runtime = boto3.client("sagemaker-runtime", endpoint_url=url,
+                               config=Config(retries={"mode": "standard", "total_max_attempts": 1},
+                                             max_pool_connections=args.clients * 2))
+        paths = {"endpoint alone (InvokeEndpoint)": endpoint_sender(runtime, "bin-counter", images),
+                 "gateway -> Lambda -> endpoint (POST /count)": gateway_sender(f"{url}/count", API_KEY, images)}
+        for send in paths.values():  # warm both paths: the model's first requests, Lambda's cold starts
+            run_load(send, args.clients, 3)
+        rows = []
+        for clients in (1, args.clients):
+            for name, send in paths.items():
+                summary = run_load(send, clients, args.seconds).summary()
+                print(json.dumps({"path": name, **summary}), flush=True)
+                rows.append((name, summary))
+        print("| path | clients | requests | failed | answers/s | p50 ms | p99 ms |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for name, s in rows:
+            print(f"| {name} | {s['clients']} | {s['sent']} | {s['failed']} | {s['ok_per_s']} | {s['p50_ms']} "
+                  f"| {s['p99_ms']} |")
+    finally:
+        for process in (standin, moto):
+            process.terminate()
+            process.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    main()
