@@ -1,7 +1,7 @@
 """Evaluate a trained counter on labelled images, through the serving handlers.
 
   python sagemaker_code/evaluate.py --model <model dir or model.tar.gz> --data <dir>
-      [--max-count 5] [--output metrics.json] [--show 10]
+      [--max-count 5] [--output metrics.json] [--show 10] [--tta flips] [--decoding median]
 
 --data takes the split layout (`<count>/<key>.jpg`) or the ABID layout (`bin-images/` +
 `metadata/`). The last line printed is one JSON object: n, accuracy, rmse, mae, within_1,
@@ -33,6 +33,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--output", default=None, help="also write the metrics JSON to this file")
     parser.add_argument("--show", type=int, default=0, help="print this many individual predictions first")
+    parser.add_argument("--tta", default=None, choices=sorted(inference.TTA_VIEWS),
+                        help="test-time augmentation instead of the model card's (to measure one before adopting it)")
+    parser.add_argument("--decoding", default=None, choices=inference.DECODINGS,
+                        help="how a count is read from the probabilities, instead of the model card's")
     return parser
 
 
@@ -56,7 +60,8 @@ def predict_counts(model: dict, samples: list[datasets.Sample], batch_size: int)
     return predictions
 
 
-def evaluate(model_path: str, data: str, max_count: int | None, batch_size: int, show: int = 0) -> dict:
+def evaluate(model_path: str, data: str, max_count: int | None, batch_size: int, show: int = 0,
+             tta: str | None = None, decoding: str | None = None) -> dict:
     started = time.time()
     samples = datasets.list_samples(data)
     if max_count is not None:
@@ -65,6 +70,10 @@ def evaluate(model_path: str, data: str, max_count: int | None, batch_size: int,
         raise SystemExit(f"evaluate.py: no images in {data} with a count of at most {max_count}")
     with tempfile.TemporaryDirectory() as workdir:
         model = open_model(Path(model_path), Path(workdir))
+        if tta is not None:
+            model["card"]["test_time_augmentation"] = tta
+        if decoding is not None:
+            model["card"]["decoding"] = decoding
         predictions = predict_counts(model, samples, batch_size)
     for sample, prediction in list(zip(samples, predictions, strict=True))[:show]:
         print(f"image {sample.key}: true count {sample.count}, predicted {prediction['count']} "
@@ -72,6 +81,8 @@ def evaluate(model_path: str, data: str, max_count: int | None, batch_size: int,
     result = metrics.count_metrics([s.count for s in samples], [p["count"] for p in predictions],
                                    len(model["card"]["classes"]))
     result["model_version"] = model["card"]["model_version"]
+    result["test_time_augmentation"] = model["card"].get("test_time_augmentation", "none")
+    result["decoding"] = model["card"].get("decoding", "argmax")
     result["seconds"] = round(time.time() - started, 1)
     return result
 
@@ -79,7 +90,7 @@ def evaluate(model_path: str, data: str, max_count: int | None, batch_size: int,
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        result = evaluate(args.model, args.data, args.max_count, args.batch_size, args.show)
+        result = evaluate(args.model, args.data, args.max_count, args.batch_size, args.show, args.tta, args.decoding)
     except datasets.DataError as exc:
         print(f"evaluate.py: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,11 @@ Bad input raises an error carrying an HTTP status (the inference toolkit sends i
 as is; SageMaker Runtime returns it as a ModelError): 400 malformed, 413 too large,
 415 unsupported content type, 406 unsupported accept type. The worker never dies on input.
 
+The model card decides how a count is read from the model: `test_time_augmentation` ("none", or
+"hflip" / "flips": class probabilities averaged over mirrored copies) and `decoding` ("argmax", the
+most likely count, or "median", the smallest count whose cumulative probability reaches one half,
+which never lands between two likely neighbours). Cards without them mean "none" and "argmax".
+
 Limits come from the environment: BIN_COUNTER_MAX_IMAGE_BYTES (default 10 MB),
 BIN_COUNTER_MAX_PIXELS (default 40 million), BIN_COUNTER_MAX_BATCH (default 16).
 """
@@ -134,6 +139,34 @@ def input_fn(request_body, request_content_type: str) -> dict:
     return {"images": raw_images, "single": single, "max_pixels": max_pixels}
 
 
+# name -> the mirror images averaged (h: left-right, v: top-bottom); mirroring never changes a count
+TTA_VIEWS = {"none": ("",), "hflip": ("", "h"), "flips": ("", "h", "v", "hv")}
+DECODINGS = ("argmax", "median")
+
+
+def class_probabilities(net: torch.nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Softmax over count classes of a normalised batch, averaged over the TTA views."""
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {sorted(TTA_VIEWS)}")
+    total = None
+    with torch.inference_mode():
+        for view in TTA_VIEWS[tta]:
+            batch = images.flip(3) if "h" in view else images
+            batch = batch.flip(2) if "v" in view else batch
+            probabilities = torch.softmax(net(batch).float(), dim=1)
+            total = probabilities if total is None else total + probabilities
+    return total / len(TTA_VIEWS[tta])
+
+
+def decode(probabilities: torch.Tensor, decoding: str = "argmax") -> torch.Tensor:
+    """Class index per row of a (batch, classes) probability matrix."""
+    if decoding == "argmax":
+        return probabilities.argmax(1)
+    if decoding == "median":
+        return (probabilities.cumsum(1) < 0.5).sum(1).clamp(max=probabilities.shape[1] - 1)
+    raise ValueError(f"unknown decoding {decoding!r}; choose one of {DECODINGS}")
+
+
 def predict_fn(input_object: dict, model: dict) -> dict:
     size = model["image_size"]
     batch = []
@@ -144,16 +177,16 @@ def predict_fn(input_object: dict, model: dict) -> dict:
             status = {"too_many_pixels": 413, "unsupported_format": 415}.get(exc.reason, 400)
             raise RequestError(status, exc.reason, f"image {index}: {exc}") from exc
     images = preprocessing.normalize(torch.stack(batch).float() / 255)
-    with torch.inference_mode():
-        probabilities = torch.softmax(model["model"](images).float(), dim=1)
-    classes = torch.tensor(model["card"]["classes"], dtype=torch.float32)
+    card = model["card"]
+    probabilities = class_probabilities(model["model"], images, card.get("test_time_augmentation", "none"))
+    chosen = decode(probabilities, card.get("decoding", "argmax"))
+    classes = torch.tensor(card["classes"], dtype=torch.float32)
     predictions = []
-    for probs in probabilities:
-        confidence, index = probs.max(0)
+    for probs, index in zip(probabilities, chosen.tolist(), strict=True):
         predictions.append({
-            "count": int(model["card"]["classes"][index]),
+            "count": int(card["classes"][index]),
             "probabilities": [round(p, 5) for p in probs.tolist()],
-            "confidence": round(confidence.item(), 5),
+            "confidence": round(probs[index].item(), 5),
             "expected_count": round(float((probs * classes).sum()), 4),
         })
     version = model["card"]["model_version"]

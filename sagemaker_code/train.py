@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import backbones
 import datasets
+import inference
 import metrics
 import preprocessing
 
@@ -119,6 +120,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--select-metric", default="val_accuracy", choices=("val_accuracy", "val_loss", "last"),
                        help="which epoch's weights are kept")
     optim.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
+
+    serving = parser.add_argument_group("serving (recorded in the model card; inference.py follows it)")
+    serving.add_argument("--tta", default="none", choices=sorted(inference.TTA_VIEWS),
+                         help="test-time augmentation: class probabilities averaged over mirrored copies")
+    serving.add_argument("--decoding", default="argmax", choices=inference.DECODINGS,
+                         help="argmax: the most likely count; median: the count where the cumulative "
+                              "probability reaches one half")
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
@@ -498,6 +506,8 @@ def model_card(args, result: dict, history: list, sizes: dict, fingerprint: str,
         "top_class_meaning": (f"{args.max_count} or more items" if args.above_max == "clip"
                               else f"{args.max_count} items (trained without larger counts)"),
         "preprocessing": preprocessing.describe(args.image_size),
+        "test_time_augmentation": args.tta,
+        "decoding": args.decoding,
         "hyperparameters": {k: v for k, v in vars(args).items()
                             if k not in ("train", "validation", "test", "champion", "model_dir",
                                          "output_data_dir",

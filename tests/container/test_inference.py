@@ -148,3 +148,55 @@ def test_errors_use_the_inference_toolkits_status_contract():
     error = inference.RequestError(413, "too_large", "too big")
     assert (error.status_code, error.message) == (413, "too big")
     assert json.loads(error.phrase)["error"] == "too_large"
+
+
+def test_median_decoding_reads_the_count_where_half_the_probability_is_reached():
+    import torch
+
+    probabilities = torch.tensor([[0.4, 0.2, 0.4], [0.1, 0.1, 0.8], [0.5, 0.0, 0.5], [0.0, 0.0, 1.0]])
+    assert inference.decode(probabilities, "argmax").tolist() == [0, 2, 0, 2]
+    assert inference.decode(probabilities, "median").tolist() == [1, 2, 0, 2]
+    with pytest.raises(ValueError, match="unknown decoding"):
+        inference.decode(probabilities, "mode")
+
+
+def test_flip_tta_averages_exactly_the_four_mirror_images():
+    import torch
+
+    # A "network" that looks at one halves only, so every mirror image gives another answer.
+    def net(batch):
+        return batch[:, 0, 0, :3] * 5
+
+    images = torch.rand(2, 3, 4, 4)
+    views = [images, images.flip(3), images.flip(2), images.flip(2).flip(3)]
+    expected = sum(torch.softmax(net(v), 1) for v in views) / 4
+    assert torch.allclose(inference.class_probabilities(net, images, "flips"), expected)
+    assert torch.allclose(inference.class_probabilities(net, images, "none"), torch.softmax(net(images), 1))
+
+
+def test_with_flip_tta_a_photo_and_its_mirror_image_get_the_same_answer(served):
+    import io
+
+    from PIL import Image, ImageOps
+
+    # A network that compares the image's halves, so a mirror image changes its answer.
+    def halves(batch):
+        import torch
+
+        half = batch.shape[3] // 2
+        halves = [batch[..., :half], batch[..., half:], batch[..., :half, :], batch[..., half:, :]]
+        return torch.stack([h.mean(dim=(1, 2, 3)) for h in halves], dim=1) * 20
+
+    photo = make_bin_image(3, 11, (64, 64), "PNG")
+    mirrored = io.BytesIO()
+    ImageOps.mirror(Image.open(io.BytesIO(photo))).save(mirrored, "PNG")
+
+    def answers(tta: str) -> tuple[dict, dict]:
+        model = {**served, "model": halves, "card": {**served["card"], "test_time_augmentation": tta}}
+        return invoke(model, photo, "image/png"), invoke(model, mirrored.getvalue(), "image/png")
+
+    plain, plain_mirrored = answers("none")
+    assert plain["probabilities"] != pytest.approx(plain_mirrored["probabilities"], abs=1e-3)
+    original, flipped = answers("flips")
+    assert original["probabilities"] == pytest.approx(flipped["probabilities"], abs=1e-4)
+    assert original["count"] == flipped["count"]
