@@ -31,6 +31,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
+from verdicts import verdict
+
 log = logging.getLogger("bin_counter.api")
 log.setLevel(logging.INFO)
 
@@ -184,22 +186,6 @@ def invoke(images: list[bytes], single: bool) -> dict:
         raise ApiError(502, "endpoint_unreachable", f"the model could not be reached: {exc}") from exc
 
 
-def verdict(prediction: dict, expected: int) -> dict:
-    """How likely the bin holds exactly `expected` items, and what to do about it."""
-    probabilities = prediction["probabilities"]
-    # The top class may mean "that many or more"; beyond it the model cannot tell counts apart.
-    p = probabilities[expected] if expected < len(probabilities) else None
-    if p is None:
-        return {"expected": expected, "expected_probability": None, "verdict": "uncertain"}
-    if p >= setting("MATCH_THRESHOLD", 0.5):
-        outcome = "match"
-    elif p <= setting("MISMATCH_THRESHOLD", 0.1):
-        outcome = "mismatch"
-    else:
-        outcome = "uncertain"
-    return {"expected": expected, "expected_probability": round(p, 4), "verdict": outcome}
-
-
 def respond(status: int, body: dict) -> dict:
     headers = {"Content-Type": "application/json"}
     # With a proxy integration the function, not API Gateway, must send CORS headers on real answers.
@@ -221,7 +207,7 @@ def handler(event: dict, context: Any) -> dict:
         predictions = [answer] if single else answer["predictions"]
         if expected is not None:
             for prediction, count in zip(predictions, expected, strict=True):
-                prediction.update(verdict(prediction, count))
+                prediction.update(verdict(prediction["probabilities"], count))
         body = ({**predictions[0], "model_version": model_version} if single
                 else {"predictions": predictions, "model_version": model_version})
         status = 200
