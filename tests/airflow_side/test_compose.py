@@ -30,14 +30,14 @@ def load(name: str) -> dict:
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_the_file_is_valid_under_the_compose_specification(name):
-    jsonschema.validate(load(name), SCHEMA)
+    jsonschema.Draft201909Validator(SCHEMA).validate(load(name))
 
 
 def test_the_schema_check_catches_a_mistake():
     broken = load("docker-compose.yaml")
     broken["services"]["airflow-scheduler"]["depends_on"]["postgres"]["condition"] = "service_ready"
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(broken, SCHEMA)
+        jsonschema.Draft201909Validator(SCHEMA).validate(broken)
 
 
 def test_it_runs_airflow_3_and_the_local_stack():
