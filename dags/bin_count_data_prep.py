@@ -7,6 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from bin_counter.alerts import failure_alert
 from bin_counter.assets import BIN_COUNT_DATASET
 from bin_counter.operators import AbidFetchOperator, BlockSplitOperator, ContrastEnhanceOperator
 
@@ -28,6 +29,9 @@ CC BY-NC-SA 3.0 US) in our bucket, and announces it on the `bin_count_dataset` a
    `datasets/<version>/<split>/<count>/<key>.jpg` with `manifest.csv`; then updates the asset.
 
 The same parameters give the same version: a second run writes nothing new.
+
+**Alerts**: a task that fails for good publishes to the SNS topic in the Airflow Variable
+`bin_counter_alerts_topic` (DAG, task, run, log URL, reason).
 
 **When a task fails**
 - *fetch*, "cannot read from ...": the source is unreachable (network, permissions, bucket name).
@@ -54,7 +58,7 @@ RAW_PREFIX = "abid/raw"
     doc_md=DOC,
     tags=["bin-counter", "data"],
     default_args={"owner": "bin-counter", "retries": 2, "retry_delay": timedelta(minutes=2),
-                  "retry_exponential_backoff": True},
+                  "retry_exponential_backoff": True, "on_failure_callback": failure_alert()},
     params={
         "bucket": Param("bin-counter", type="string", description="Our S3 bucket: raw copy, enhanced images, datasets"),
         "source": Param("s3://aft-vbi-pds", type="string",

@@ -14,6 +14,7 @@ from airflow.providers.amazon.aws.operators.sagemaker import (
 )
 from airflow.sdk import Param, dag, get_current_context, task
 
+from bin_counter.alerts import failure_alert
 from bin_counter.assets import BIN_COUNT_DATASET
 from bin_counter.sagemaker_operators import ResumableTrainingOperator, ResumableTuningOperator
 
@@ -51,6 +52,10 @@ the Params below.
    endpoint is created or pointed at it; real test images go through it; the run fails if the answers
    are malformed or do not come from the new model.
 
+**Alerts**: a task that fails for good, and a model the gate holds back, publish to the SNS topic in
+the Airflow Variable `bin_counter_alerts_topic` (DAG, task, run, log URL, reason); without it the
+task log says alerts are off.
+
 SageMaker job names derive from the run: a retried task attaches to the job its earlier try started
 instead of starting another. What differs between AWS and a laptop is only the `aws_default`
 connection (endpoint URLs per service); see the README.
@@ -81,7 +86,8 @@ ARCHITECTURES = ["mobilenet_v2", "resnet18", "resnet34", "resnet50"]
     doc_md=DOC,
     tags=["bin-counter", "training", "deployment"],
     default_args={"owner": "bin-counter", "retries": 2, "retry_delay": timedelta(minutes=1),
-                  "retry_exponential_backoff": True, "execution_timeout": timedelta(minutes=10)},
+                  "retry_exponential_backoff": True, "execution_timeout": timedelta(minutes=10),
+                  "on_failure_callback": failure_alert()},
     params={
         "bucket": Param("bin-counter", type="string", description="Our S3 bucket: datasets, code, models"),
         "dataset_version": Param("", type="string",
@@ -226,6 +232,10 @@ def bin_count_retrain():
                                              params["deploy_margin"])
         if deploy and not params["deploy"]:
             deploy, reason = False, f"the deploy Param is off ({reason})"
+        elif not deploy:
+            from bin_counter.alerts import gated_alert
+
+            gated_alert(f"{job['TrainingJobName']}: {reason}", AWS_CONN_ID)(get_current_context())
         print(("DEPLOYING: " if deploy else "NOT DEPLOYING: ") + reason)
         return deploy
 

@@ -31,6 +31,24 @@ def dag(airflow_db, monkeypatch):
     return dag
 
 
+@pytest.fixture
+def alerts(local_stack_connection, moto_endpoint, monkeypatch):
+    """An SNS topic on moto with a queue subscribed to it; the DAGs publish to the topic."""
+    sns = boto3.client("sns", endpoint_url=moto_endpoint, region_name="us-east-1")
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
+    topic = sns.create_topic(Name="bin-counter-alerts")["TopicArn"]
+    queue = sqs.create_queue(QueueName="on-call")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
+    monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_ALERTS_TOPIC", topic)
+
+    def received() -> list[dict]:
+        messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+        return [json.loads(m["Body"]) for m in messages]
+
+    return received
+
+
 def upload_dataset(s3, bucket: str, version: str, per_split: dict[str, int], corrupt_test: bool = False) -> None:
     """A dataset as bin_count_data_prep leaves it: <split>/<count>/<key>.jpg and dataset.json."""
     images: dict[str, dict[int, int]] = {}
@@ -76,7 +94,7 @@ def final_metrics(stack, job: str) -> dict[str, float]:
 
 
 def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces_it(
-        dag, s3, bucket, local_stack_connection, capfd):
+        dag, s3, bucket, local_stack_connection, alerts, capfd):
     stack = local_stack_connection
     upload_dataset(s3, bucket, "v-test", {"train": 10, "validation": 4, "test": 6})
 
@@ -122,6 +140,11 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
         NameContains="-final")["TrainingJobSummaries"] if j["TrainingJobName"] != first_model))
     assert worse_metrics["champion:accuracy"] == pytest.approx(first_accuracy)  # the same model, the same images
     assert worse_metrics["test:accuracy"] < worse_metrics["champion:accuracy"]
+    # On-call staff hear of it: one alert, saying which model was held back and why.
+    alert = alerts()
+    assert len(alert) == 1 and alert[0]["Subject"] == "bin-counter: new model NOT deployed (bin_count_retrain)"
+    assert "worse than the serving one" in alert[0]["Message"] and "-final:" in alert[0]["Message"]
+    assert "Log:    http" in alert[0]["Message"] and "Run:    manual__2026-01-13" in alert[0]["Message"]
 
     # 3. More epochs: at least as good as the serving model, so it replaces it, and the API answers with it.
     better = dag.test(**run_on(14), run_conf={**BASE_CONF, "bucket": bucket, "epochs_min": 5, "epochs_max": 5,
@@ -143,7 +166,8 @@ def sm_runtime_count(stack) -> dict:
     return json.loads(body["Body"].read())
 
 
-def test_a_failing_final_training_job_fails_the_run_with_its_reason(dag, s3, bucket, local_stack_connection, capfd):
+def test_a_failing_final_training_job_fails_the_run_with_its_reason(dag, s3, bucket, local_stack_connection, alerts,
+                                                                   capfd):
     # The test images were cut short after the split: the trials (train + validation) succeed, the
     # final job, which reads the test images, fails; nothing is deployed.
     upload_dataset(s3, bucket, "v-corrupt", {"train": 6, "validation": 3, "test": 3}, corrupt_test=True)
@@ -157,12 +181,22 @@ def test_a_failing_final_training_job_fails_the_run_with_its_reason(dag, s3, buc
     # The job's FailureReason, in the task log: which image, and why.
     assert "Error training bin-counter-" in log and "Reason: AlgorithmError" in log
     assert "/test/" in log
+    # The alert names the DAG, the task, the run and the log, and carries the job's reason.
+    [alert] = alerts()
+    assert alert["Subject"] == "bin-counter FAILED: bin_count_retrain.retrain"
+    message = alert["Message"]
+    assert "Task:   retrain (try 1)" in message and "Run:    manual__2026-01-15" in message
+    assert "Log:    http" in message and "dag_id=bin_count_retrain" in message.replace("/dags/", "dag_id=")
+    assert "AlgorithmError" in message
     with pytest.raises(Exception, match=r"Could not find endpoint|not found"):
         sagemaker(local_stack_connection).describe_endpoint(EndpointName="bin-counter")
 
 
-def test_no_dataset_fails_clearly(dag, bucket, local_stack_connection, capfd):
+def test_no_dataset_fails_clearly(dag, bucket, local_stack_connection, capfd, caplog):
     run = dag.test(run_conf={**BASE_CONF, "bucket": bucket})
     assert run.state == "failed"
-    assert "run bin_count_data_prep first" in capfd.readouterr().out
+    log = capfd.readouterr()
+    assert "run bin_count_data_prep first" in log.out
+    # No topic configured: the failure is still reported in the log, and says alerts are off.
+    assert "alerts are off" in log.out + log.err + caplog.text
 
