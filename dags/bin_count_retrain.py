@@ -123,6 +123,11 @@ ARCHITECTURES = ["mobilenet_v2", "resnet18", "resnet34", "resnet50"]
                                            "still replace the serving one"),
         "deploy": Param(True, type="boolean", description="Off: train and evaluate only; never touch the endpoint"),
         "endpoint_name": Param("bin-counter", type="string", description="The SageMaker endpoint the API calls"),
+        "initial_model": Param("published", type="string",
+                               description="Before any model serves: the champion the new model must beat, "
+                                           "'published' (the repository's models/bin-counter.tar.gz), a "
+                                           "model.tar.gz path or s3:// URI, or 'none'. The better of the "
+                                           "two is deployed."),
         "function_name": Param("bin-counter-api", type="string",
                                description="The Lambda function in front of the endpoint (created if missing)"),
         "smoke_images": Param(6, type="integer", minimum=1, maximum=8,
@@ -164,16 +169,25 @@ def bin_count_retrain():
 
         return upload_code(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), get_current_context()["params"]["bucket"])
 
-    @task(execution_timeout=timedelta(minutes=2))
+    @task(execution_timeout=timedelta(minutes=5))
     def serving_model() -> dict | None:
-        """The champion: what the endpoint serves now (None before the first deployment)."""
+        """The champion: what the endpoint serves now; before the first deployment, the initial model."""
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
+        from bin_counter.retrain import initial_champion
         from bin_counter.retrain import serving_model as find
 
-        found = find(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, get_current_context()["params"]["endpoint_name"])
-        print(f"serving now: {found}" if found else "no endpoint yet: the new model will be the first")
-        return found
+        params = get_current_context()["params"]
+        found = find(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, params["endpoint_name"])
+        if found:
+            print(f"serving now: {found}")
+            return found
+        initial = initial_champion(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"],
+                                   params["initial_model"])
+        print(f"no endpoint yet: the new model competes with the initial model {initial}" if initial
+              else "no endpoint yet: the new model will be the first")
+        return initial
 
     @task(execution_timeout=timedelta(minutes=1))
     def tuning_config(data: dict, account: dict, code_uri: str) -> dict:
@@ -219,33 +233,36 @@ def bin_count_retrain():
     )
 
     @task.short_circuit(retries=0, execution_timeout=timedelta(minutes=1))
-    def gate(trained: dict, champion: dict | None, data: dict) -> bool:
-        """Champion/challenger on the same test images; False skips the deployment, it does not fail."""
-        from bin_counter.sagemaker_config import deployment_decision, final_metrics
+    def gate(trained: dict, champion: dict | None, data: dict) -> dict | None:
+        """Champion/challenger on the same test images; nothing to deploy skips the deployment, it
+        does not fail. Returns what to deploy: the new model, or before anything serves, possibly
+        the published one."""
+        from bin_counter.sagemaker_config import choose_deployment, final_metrics
 
         params = get_current_context()["params"]
         job = trained["Training"]
         metrics = final_metrics(job)
         print(f"training job {job['TrainingJobName']} on dataset {data['version']}: " +
               ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.split(":")[0] in ("test", "champion")))
-        deploy, reason = deployment_decision(metrics, champion is not None, params["gate_metric"],
-                                             params["deploy_margin"])
-        if deploy and not params["deploy"]:
-            deploy, reason = False, f"the deploy Param is off ({reason})"
-        elif not deploy:
+        choice = choose_deployment(metrics, champion, job["TrainingJobName"], params["gate_metric"],
+                                   params["deploy_margin"], params["deploy"])
+        if choice["held_back"]:
             from bin_counter.alerts import gated_alert
 
-            gated_alert(f"{job['TrainingJobName']}: {reason}", AWS_CONN_ID)(get_current_context())
-        print(("DEPLOYING: " if deploy else "NOT DEPLOYING: ") + reason)
-        return deploy
+            gated_alert(f"{job['TrainingJobName']}: {choice['reason']}", AWS_CONN_ID)(get_current_context())
+        what = {"new": "DEPLOYING: ", "published": "DEPLOYING THE PUBLISHED MODEL: ", None: "NOT DEPLOYING: "}
+        print(what[choice["deploy"]] + choice["reason"])
+        return choice if choice["deploy"] else None
 
     @task(multiple_outputs=True, execution_timeout=timedelta(minutes=1))
-    def deployment_configs(trained: dict, data: dict, account: dict) -> dict:
+    def deployment_configs(trained: dict, data: dict, account: dict, decision: dict, champion: dict | None) -> dict:
         from bin_counter import retrain
 
-        return retrain.deployment_requests(get_current_context()["params"], trained["Training"], data, account)
+        return retrain.deployment_requests(get_current_context()["params"], trained["Training"], data, account,
+                                           decision, champion)
 
-    configs = deployment_configs(retrain.output, data, account)
+    decision = gate(retrain.output, champion, data)
+    configs = deployment_configs(retrain.output, data, account, decision, champion)
     register = SageMakerModelOperator(
         task_id="register_model", config=configs["model"], aws_conn_id=AWS_CONN_ID, retries=0,
         doc_md="A SageMaker model named after the training job, tagged with its dataset version and test "
@@ -295,7 +312,7 @@ def bin_count_retrain():
     )
 
     @task(retries=0, execution_timeout=timedelta(minutes=1))
-    def smoke_check(answer: str, sent: dict, trained: dict) -> dict:
+    def smoke_check(answer: str, sent: dict, decision: dict) -> dict:
         import json
 
         from bin_counter.retrain import SmokeCheckFailed, check_answers
@@ -305,19 +322,17 @@ def bin_count_retrain():
         for row in summary["images"]:
             print(f"image {row['key']}: true count {row['true']}, API says {row['predicted']} "
                   f"(confidence {row['confidence']})")
-        expected = trained["Training"]["TrainingJobName"]
+        expected = decision["model_version"]
         if summary["model_version"] != expected:
             raise SmokeCheckFailed(f"the API answered with model {summary['model_version']}, not {expected}: "
                                    "the endpoint did not switch to the new model")
         print(f"smoke check passed: {json.dumps({k: summary[k] for k in ('model_version', 'correct')})}")
         return summary
 
-    decision = gate(retrain.output, champion, data)
-    decision >> configs
     register >> endpoint_config >> deploy
     function = api_function(deploy.output, account)
     [function, event] >> invoke
-    smoke_check(invoke.output, event, retrain.output)
+    smoke_check(invoke.output, event, decision)
 
 
 bin_count_retrain()

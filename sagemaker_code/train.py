@@ -114,6 +114,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     optim.add_argument("--augment", type=str2bool, default=True,
                        help="count-preserving augmentation: flips, brightness and contrast jitter")
+    optim.add_argument("--rotate", type=float, default=0.0,
+                       help="with --augment: random rotation up to this many degrees either way (0: none)")
+    optim.add_argument("--zoom", type=float, default=1.0,
+                       help="with --augment: random zoom into the centre down to this share of the side "
+                            "(1: none; 0.9 keeps at least 90%% of the bin in view)")
     optim.add_argument("--train-on-validation", type=str2bool, default=False,
                        help="add the validation images to the training set and keep the last epoch: the "
                             "final retraining once tuning has chosen the hyperparameters")
@@ -161,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"train.py: --{name.replace('_', '-')} must be at least 1")
     if args.lr <= 0:
         raise SystemExit("train.py: --lr must be positive")
+    if not 0 < args.zoom <= 1 or not 0 <= args.rotate <= 45:
+        raise SystemExit("train.py: --zoom must be in (0, 1] and --rotate between 0 and 45 degrees")
     if args.max_count < 1:
         raise SystemExit("train.py: --max-count must be at least 1")
     return args
@@ -237,10 +244,26 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
-def prepare(images_u8: torch.Tensor, device: torch.device, augment_with: torch.Generator | None) -> torch.Tensor:
+def rotate_and_zoom(images: torch.Tensor, generator: torch.Generator, degrees: float, zoom: float) -> torch.Tensor:
+    """Small random rotations and zooms towards the centre, one per image. Items sit inside the bin,
+    away from the photo's edges, so mild ones keep the count; the corners are filled from the edge."""
+    n = images.shape[0]
+    draws = torch.rand(n, 2, generator=generator)
+    angle = torch.deg2rad((draws[:, 0] * 2 - 1) * degrees)
+    scale = 1 - draws[:, 1] * (1 - zoom)  # the share of the side kept in view
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def prepare(images_u8: torch.Tensor, device: torch.device, augment_with: torch.Generator | None,
+            degrees: float = 0.0, zoom: float = 1.0) -> torch.Tensor:
     images = images_u8.to(device, non_blocking=True).float().div_(255)
     if augment_with is not None:
         images = augment(images, augment_with)
+        if degrees > 0 or zoom < 1:
+            images = rotate_and_zoom(images, augment_with, degrees, zoom)
     return preprocessing.normalize(images).contiguous(memory_format=torch.channels_last)
 
 
@@ -264,7 +287,7 @@ def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int,
     total_loss, seen = 0.0, 0
     for images_u8, labels in iterate_batches(data, args.batch_size, True, args.seed * 1000 + epoch,
                                              args.workers, args.image_size):
-        images = prepare(images_u8, device, generator if args.augment else None)
+        images = prepare(images_u8, device, generator if args.augment else None, args.rotate, args.zoom)
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(images)

@@ -29,6 +29,10 @@ DATASET_RECORD = "dataset.json"
 CODE_DIR = Path(os.environ.get("BIN_COUNTER_CODE_DIR", Path(__file__).resolve().parents[2] / "sagemaker_code"))
 LAMBDA_DIR = Path(os.environ.get("BIN_COUNTER_LAMBDA_DIR", Path(__file__).resolve().parents[2] / "lambda"))
 SPLITS = ("train", "validation", "test")
+# The repository's published model (`make model`): the champion before any model serves.
+PUBLISHED_MODEL = Path(os.environ.get("BIN_COUNTER_PUBLISHED_MODEL",
+                                      Path(__file__).resolve().parents[2] / "models" / "bin-counter.tar.gz"))
+PUBLISHED_PREFIX = "models/published"
 
 
 class DatasetNotFound(LookupError):
@@ -114,6 +118,41 @@ def serving_model(sm, endpoint_name: str) -> dict | None:
     return {"endpoint": endpoint_name, "status": endpoint["EndpointStatus"],
             "endpoint_config": endpoint["EndpointConfigName"], "model": model_name,
             "model_data_url": model["PrimaryContainer"]["ModelDataUrl"]}
+
+
+def model_version_of(archive: bytes) -> str:
+    """The model_version in a model.tar.gz's model_card.json."""
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "model_card.json"), None)
+        if member is None:
+            raise ValueError("not a model.tar.gz written by train.py: it has no model_card.json")
+        return json.loads(tar.extractfile(member).read())["model_version"]
+
+
+def initial_champion(s3, bucket: str, spec: str) -> dict | None:
+    """The champion before any model serves: the published model (`spec` "published"), a local
+    model.tar.gz, or an s3:// URI; None for "" or "none". A local file is uploaded to
+    s3://<bucket>/models/published/<content hash>/model.tar.gz once."""
+    if spec in ("", "none"):
+        return None
+    if spec.startswith("s3://"):
+        source_bucket, key = spec.removeprefix("s3://").split("/", 1)
+        archive = s3.get_object(Bucket=source_bucket, Key=key)["Body"].read()
+        uri = spec
+    else:
+        path = PUBLISHED_MODEL if spec == "published" else Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"initial model {path} does not exist; run `make model`, or set the "
+                                    "initial_model Param to none")
+        archive = path.read_bytes()
+        key = f"{PUBLISHED_PREFIX}/{hashlib.sha256(archive).hexdigest()[:12]}/model.tar.gz"
+        try:
+            s3.head_object(Bucket=bucket, Key=key)
+        except ClientError:
+            s3.put_object(Bucket=bucket, Key=key, Body=archive)
+        uri = f"s3://{bucket}/{key}"
+    return {"endpoint": None, "status": "NotDeployed", "model": None, "model_data_url": uri,
+            "model_version": model_version_of(archive), "published": True}
 
 
 def function_zip(lambda_dir: Path = LAMBDA_DIR) -> bytes:
@@ -250,17 +289,22 @@ def final_training_request(params: Mapping, data: Mapping, account: Mapping, cod
                                              "bin-counter:best-trial": best["training_job"]}))
 
 
-def deployment_requests(params: Mapping, job: Mapping, data: Mapping, account: Mapping) -> dict:
-    """CreateModel, CreateEndpointConfig and Create/UpdateEndpoint for a finished training job. The
-    model and its configuration are named after the job and tagged with where it came from."""
-    name = job["TrainingJobName"]
+def deployment_requests(params: Mapping, job: Mapping, data: Mapping, account: Mapping,
+                        decision: Mapping | None = None, champion: Mapping | None = None) -> dict:
+    """CreateModel, CreateEndpointConfig and Create/UpdateEndpoint for the model the gate chose: the
+    finished training job's, or (decision "published") the published champion scored in that job.
+    Named after the job (`...-published` for the champion), tagged with where it came from."""
+    name, artifact = job["TrainingJobName"], job["ModelArtifacts"]["S3ModelArtifacts"]
     metrics = sagemaker_config.final_metrics(job)
+    labels = {"bin-counter:training-job": name, "bin-counter:dataset-version": data["version"]}
+    if decision and decision.get("deploy") == "published":
+        name, artifact = name.removesuffix("-final") + "-published", champion["model_data_url"]
+        labels["bin-counter:published-model"] = champion["model_version"]
+        metrics = {k.replace("champion:", "test:"): v for k, v in metrics.items() if k.startswith("champion:")}
     tags = sagemaker_config.resource_tags({
-        "bin-counter:training-job": name, "bin-counter:dataset-version": data["version"],
-        **{f"bin-counter:{k.replace(':', '-')}": round(v, 4) for k, v in metrics.items()
-           if k.startswith(("test:", "champion:"))}})
-    model = sagemaker_config.model_config(name, account["inference_image"], job["ModelArtifacts"]["S3ModelArtifacts"],
-                                          account["role_arn"], tags)
+        **labels, **{f"bin-counter:{k.replace(':', '-')}": round(v, 4) for k, v in metrics.items()
+                     if k.startswith(("test:", "champion:"))}})
+    model = sagemaker_config.model_config(name, account["inference_image"], artifact, account["role_arn"], tags)
     config = sagemaker_config.endpoint_config(name, name, params["endpoint_instance_type"], tags=tags)
     return {"model": model, "endpoint_config": config,
             "endpoint": {"EndpointName": params["endpoint_name"], "EndpointConfigName": name}}

@@ -228,6 +228,31 @@ def final_metrics(training_job: Mapping) -> dict[str, float]:
     return {m["MetricName"]: m["Value"] for m in training_job.get("FinalMetricDataList", [])}
 
 
+def choose_deployment(metrics: Mapping[str, float], champion: Mapping | None, job_name: str, gate_metric: str,
+                      margin: float, deploy: bool = True) -> dict:
+    """What the gate decides: {"deploy": "new" | "published" | None, "model_version", "reason",
+    "held_back"} (held_back: a serving model was kept, which on-call staff hear about).
+
+    Before anything serves, the champion may be the published model: the better of it and the new
+    model is deployed, so the first model a client meets is a good one."""
+    published = bool(champion and champion.get("published"))
+    ok, reason = deployment_decision(metrics, champion is not None, gate_metric, margin)
+    if published and not ok and metrics.get(f"champion:{gate_metric}") is not None:
+        choice = {"deploy": "published", "model_version": champion["model_version"],
+                  "reason": f"nothing serves yet; the published model is better: {reason}", "held_back": False}
+    elif published and not ok:
+        choice = {"deploy": "new", "model_version": job_name,
+                  "reason": f"nothing serves yet and the published model could not be scored: {reason}",
+                  "held_back": False}
+    else:
+        choice = {"deploy": "new" if ok else None, "model_version": job_name if ok else None, "reason": reason,
+                  "held_back": not ok}
+    if choice["deploy"] and not deploy:
+        return {"deploy": None, "model_version": None, "reason": f"the deploy Param is off ({choice['reason']})",
+                "held_back": False}
+    return choice
+
+
 def deployment_decision(metrics: Mapping[str, float], has_champion: bool, gate_metric: str,
                         margin: float) -> tuple[bool, str]:
     """Whether the newly trained model may replace the serving one, and why.

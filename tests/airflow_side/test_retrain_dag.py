@@ -15,7 +15,7 @@ ROLE = "arn:aws:iam::000000000000:role/bin-counter-local"
 # Small and quick: 64-pixel images, counts 0 to 2, two tuning trials at most.
 BASE_CONF = {"arch": "mobilenet_v2", "mode": "finetune", "max_count": 2, "batch_sizes": [8],
              "epochs_min": 2, "epochs_max": 3, "lr_min": 0.001, "lr_max": 0.003, "max_jobs": 2,
-             "max_parallel_jobs": 2, "strategy": "Random", "smoke_images": 3,
+             "max_parallel_jobs": 2, "strategy": "Random", "smoke_images": 3, "initial_model": "none",
              "extra_hyperparameters": {"image-size": 64, "workers": 1, "seed": 0, "warmup-epochs": 0}}
 
 
@@ -44,6 +44,8 @@ def alerts(local_stack_connection, moto_endpoint, monkeypatch):
 
     def received() -> list[dict]:
         messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+        for message in messages:  # read once: SQS shows an undeleted message again later
+            sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
         return [json.loads(m["Body"]) for m in messages]
 
     return received
@@ -159,6 +161,20 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     answer = sm_runtime_count(stack)
     assert answer["model_version"] == new_model
 
+    # 4. A fresh environment (no endpoint) with a published model better than what this run trains:
+    #    the published model is deployed, and the API answers with it.
+    sm.delete_endpoint(EndpointName="bin-counter")
+    published = sm.describe_training_job(TrainingJobName=new_model)["ModelArtifacts"]["S3ModelArtifacts"]
+    fresh = dag.test(**run_on(16), run_conf={**BASE_CONF, "bucket": bucket, "mode": "head", "epochs_min": 1,
+                                             "epochs_max": 1, "lr_min": 1e-9, "lr_max": 1e-9, "max_jobs": 1,
+                                             "initial_model": published})
+    log = capfd.readouterr().out
+    assert fresh.state == "success", log[-3000:]
+    assert "DEPLOYING THE PUBLISHED MODEL: nothing serves yet" in log and "smoke check passed" in log
+    assert serving(stack).endswith("-published")
+    assert sm_runtime_count(stack)["model_version"] == new_model  # the published archive's own version
+    assert alerts() == []  # deploying the better of two is no alert
+
 
 def sm_runtime_count(stack) -> dict:
     runtime = boto3.client("sagemaker-runtime", endpoint_url=stack["endpoint"], region_name="us-east-1")
@@ -190,6 +206,47 @@ def test_a_failing_final_training_job_fails_the_run_with_its_reason(dag, s3, buc
     assert "AlgorithmError" in message
     with pytest.raises(Exception, match=r"Could not find endpoint|not found"):
         sagemaker(local_stack_connection).describe_endpoint(EndpointName="bin-counter")
+
+
+def test_the_initial_champion_is_uploaded_once_by_content(s3, bucket, tmp_path):
+    import io
+    import tarfile
+
+    from bin_counter.retrain import initial_champion
+
+    def archive(card: dict | None) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            files = {"model.pth": b"weights", **({"model_card.json": json.dumps(card).encode()} if card else {})}
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    path = tmp_path / "bin-counter.tar.gz"
+    path.write_bytes(archive({"model_version": "published-1"}))
+    first, again = initial_champion(s3, bucket, str(path)), initial_champion(s3, bucket, str(path))
+    assert first == again and first["model_version"] == "published-1" and first["published"] is True
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert keys == [first["model_data_url"].removeprefix(f"s3://{bucket}/")]
+    assert keys[0].startswith("models/published/")
+    assert initial_champion(s3, bucket, first["model_data_url"])["model_version"] == "published-1"
+    assert initial_champion(s3, bucket, "none") is None
+    with pytest.raises(FileNotFoundError, match="make model"):
+        initial_champion(s3, bucket, str(tmp_path / "missing.tar.gz"))
+    path.write_bytes(archive(None))
+    with pytest.raises(ValueError, match=r"no model_card\.json"):
+        initial_champion(s3, bucket, str(path))
+
+
+def test_the_repository_publishes_a_model_within_its_size_budget():
+    from bin_counter.retrain import PUBLISHED_MODEL, model_version_of
+
+    assert PUBLISHED_MODEL.is_file(), "models/bin-counter.tar.gz is missing: `make model`"
+    assert PUBLISHED_MODEL.stat().st_size <= 20 * 1024 * 1024
+    assert model_version_of(PUBLISHED_MODEL.read_bytes())
+    assert (PUBLISHED_MODEL.parent / "MODEL_CARD.md").is_file()
 
 
 def test_no_dataset_fails_clearly(dag, bucket, local_stack_connection, capfd, caplog):

@@ -189,3 +189,43 @@ def test_account_settings_need_a_role():
     settings = sagemaker_settings({"role_arn": ACCOUNT["role_arn"]}, "eu-west-1")
     assert settings["training_image"].startswith("763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training")
     assert settings["lambda_role_arn"] == ACCOUNT["role_arn"]
+
+
+SERVING = {"endpoint": "bin-counter", "model": "bin-counter-aaa-final", "model_data_url": "s3://b/m.tar.gz"}
+PUBLISHED = {"endpoint": None, "model_data_url": "s3://b/models/published/x/model.tar.gz",
+             "model_version": "published-v1", "published": True}
+
+
+@pytest.mark.parametrize(("metrics", "champion", "deploy_param", "deploy", "version", "held_back"), [
+    # A serving model: the usual champion/challenger.
+    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, SERVING, True, None, None, True),
+    ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, SERVING, True, "new", "job-final", False),
+    # Nothing serves: the better of the new and the published model goes out; nothing is held back.
+    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, PUBLISHED, True, "published", "published-v1", False),
+    ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, PUBLISHED, True, "new", "job-final", False),
+    ({"test:accuracy": 0.40}, PUBLISHED, True, "new", "job-final", False),  # the published one not scored
+    ({"test:accuracy": 0.40}, None, True, "new", "job-final", False),
+    # The deploy Param off: nothing goes out, and that is no alert.
+    ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, SERVING, False, None, None, False),
+    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, PUBLISHED, False, None, None, False),
+])
+def test_choose_deployment(metrics, champion, deploy_param, deploy, version, held_back):
+    choice = sagemaker_config.choose_deployment(metrics, champion, "job-final", "accuracy", 0.0, deploy_param)
+    assert (choice["deploy"], choice["model_version"], choice["held_back"]) == (deploy, version, held_back)
+    assert choice["reason"]
+
+
+def test_deploying_the_published_model_names_and_tags_it_as_such():
+    from bin_counter.retrain import deployment_requests
+
+    job = {"TrainingJobName": "bin-counter-0123456789ab-final",
+           "ModelArtifacts": {"S3ModelArtifacts": "s3://bin-counter/models/x/output/model.tar.gz"},
+           "FinalMetricDataList": [{"MetricName": "test:accuracy", "Value": 0.30},
+                                   {"MetricName": "champion:accuracy", "Value": 0.44}]}
+    requests = deployment_requests(PARAMS, job, DATA, ACCOUNT, {"deploy": "published"}, PUBLISHED)
+    validate("CreateModel", requests["model"])
+    assert requests["model"]["ModelName"] == "bin-counter-0123456789ab-published"
+    assert requests["model"]["PrimaryContainer"]["ModelDataUrl"] == PUBLISHED["model_data_url"]
+    tags = {t["Key"]: t["Value"] for t in requests["model"]["Tags"]}
+    assert tags["bin-counter:published-model"] == "published-v1" and tags["bin-counter:test-accuracy"] == "0.44"
+    assert requests["endpoint"]["EndpointConfigName"] == "bin-counter-0123456789ab-published"

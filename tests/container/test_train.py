@@ -258,3 +258,18 @@ def test_a_diverging_run_stops_with_advice(split_channels, tmp_path):
     assert run.returncode != 0
     assert "training diverged" in failure.read_text() and "lower --lr" in failure.read_text()
     assert not (tmp_path / "model" / "model.pth").exists()
+
+
+def test_rotation_and_zoom_augmentation_keeps_the_bin_in_view():
+    import train
+
+    images = torch.rand(3, 3, 33, 33)
+    assert torch.allclose(train.rotate_and_zoom(images, torch.Generator().manual_seed(0), 0.0, 1.0), images,
+                          atol=1e-5)
+    # Rotations and zooms turn about the photo's centre: its centre pixel stays, the rest moves.
+    moved = train.rotate_and_zoom(images, torch.Generator().manual_seed(0), 30.0, 0.5)
+    assert torch.allclose(moved[:, :, 16, 16], images[:, :, 16, 16], atol=1e-5)
+    assert (moved - images).abs().mean() > 0.1
+    assert moved.min() >= 0 and moved.max() <= 1
+    run = run_train(["--train", "x", "--zoom", "0"])
+    assert run.returncode != 0 and "--zoom must be" in run.stderr
