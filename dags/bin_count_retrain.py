@@ -73,7 +73,7 @@ connection (endpoint URLs per service); see the README.
   the one just deployed: check the Lambda function's log and the endpoint's status before trusting it.
 """
 
-ARCHITECTURES = ["mobilenet_v2", "resnet18", "resnet34", "resnet50"]
+ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "resnet50"]
 
 
 @dag(

@@ -127,9 +127,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
 
     serving = parser.add_argument_group("serving (recorded in the model card; inference.py follows it)")
-    serving.add_argument("--tta", default="none", choices=sorted(inference.TTA_VIEWS),
-                         help="test-time augmentation: class probabilities averaged over mirrored copies")
-    serving.add_argument("--decoding", default="argmax", choices=inference.DECODINGS,
+    serving.add_argument("--tta", default="flips", choices=sorted(inference.TTA_VIEWS),
+                         help="test-time augmentation: class probabilities averaged over mirrored copies "
+                              "(flips: the photo and its three mirror images)")
+    serving.add_argument("--decoding", default="median", choices=inference.DECODINGS,
                          help="argmax: the most likely count; median: the count where the cumulative "
                               "probability reaches one half")
 

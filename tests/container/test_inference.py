@@ -35,8 +35,11 @@ def check_prediction(p: dict) -> None:
     assert p["count"] in (0, 1, 2, 3)
     assert len(p["probabilities"]) == 4
     assert abs(sum(p["probabilities"]) - 1) < 1e-3
-    assert p["confidence"] == max(p["probabilities"])
-    assert p["count"] == p["probabilities"].index(max(p["probabilities"]))
+    # The model card asks for median decoding (train.py's default): the count where the cumulative
+    # probability reaches one half, and its own probability as the confidence.
+    assert p["confidence"] == p["probabilities"][p["count"]]
+    cumulative = [sum(p["probabilities"][: i + 1]) for i in range(len(p["probabilities"]))]
+    assert p["count"] == next(i for i, c in enumerate(cumulative) if c >= 0.5 - 1e-4)
     assert 0 <= p["expected_count"] <= 3
 
 
