@@ -25,12 +25,22 @@ CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png
 RETRIED = (429, 503)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="images, or folders of .jpg/.png images")
+def add_target_arguments(parser: argparse.ArgumentParser, paths_help: str) -> None:
+    """The images and the API they go to: what every command-line tool of the API takes."""
+    parser.add_argument("paths", nargs="+", help=paths_help)
     parser.add_argument("--url", required=True, help="the API's POST /count URL")
     parser.add_argument("--api-key", default=os.environ.get("BIN_COUNTER_API_KEY"),
                         help="sent as x-api-key (default: $BIN_COUNTER_API_KEY)")
+
+
+def request_headers(image: Path, api_key: str | None) -> dict[str, str]:
+    content_type = CONTENT_TYPES.get(image.suffix.lower(), "application/octet-stream")
+    return {"Content-Type": content_type, **({"x-api-key": api_key} if api_key else {})}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_target_arguments(parser, "images, or folders of .jpg/.png images")
     parser.add_argument("--expected", type=int, default=None, help="the count you expect in every image")
     parser.add_argument("--timeout", type=float, default=30, help="seconds to wait for each answer")
     parser.add_argument("--attempts", type=int, default=4, help="tries per image on 429 and 503")
@@ -52,9 +62,8 @@ def images_in(paths: list[str]) -> list[Path]:
 def count(url: str, image: Path, api_key: str | None, expected: int | None, timeout: float,
           attempts: int) -> tuple[int, dict]:
     """(HTTP status, answer) for one image."""
-    content_type = CONTENT_TYPES.get(image.suffix.lower(), "application/octet-stream")
     target = f"{url}?expected={expected}" if expected is not None else url
-    headers = {"Content-Type": content_type, **({"x-api-key": api_key} if api_key else {})}
+    headers = request_headers(image, api_key)
     data = image.read_bytes()
     for attempt in range(attempts):
         request = urllib.request.Request(target, data=data, headers=headers, method="POST")  # noqa: S310

@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bin_counter.api_client import CONTENT_TYPES, images_in
+from bin_counter.api_client import add_target_arguments, images_in, request_headers
 
 NO_ANSWER = 0  # a request that got no HTTP answer at all: refused, reset, timed out
 
@@ -92,11 +91,10 @@ def run_load(send: Callable[[int], int], clients: int, seconds: float) -> LoadRe
 
 def gateway_sender(url: str, api_key: str | None, images: Sequence[Path], timeout: float = 30) -> Callable[[int], int]:
     """POSTs the images in turn to the API; returns the HTTP status (NO_ANSWER when there was none)."""
-    bodies = [(p.read_bytes(), CONTENT_TYPES.get(p.suffix.lower(), "application/octet-stream")) for p in images]
+    bodies = [(p.read_bytes(), request_headers(p, api_key)) for p in images]
 
     def send(number: int) -> int:
-        data, content_type = bodies[number % len(bodies)]
-        headers = {"Content-Type": content_type, **({"x-api-key": api_key} if api_key else {})}
+        data, headers = bodies[number % len(bodies)]
         request = urllib.request.Request(url, data=data, headers=headers, method="POST")  # noqa: S310
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - the user's URL
@@ -113,10 +111,7 @@ def gateway_sender(url: str, api_key: str | None, images: Sequence[Path], timeou
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="images, or folders of .jpg/.png images, sent in turn")
-    parser.add_argument("--url", required=True, help="the API's POST /count URL")
-    parser.add_argument("--api-key", default=os.environ.get("BIN_COUNTER_API_KEY"),
-                        help="sent as x-api-key (default: $BIN_COUNTER_API_KEY)")
+    add_target_arguments(parser, "images, or folders of .jpg/.png images, sent in turn")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients, each sending back to back")
     parser.add_argument("--seconds", type=float, default=30, help="how long to send")
     parser.add_argument("--expected-status", type=int, action="append", default=[],
