@@ -46,6 +46,8 @@ SAGEMAKER_CHECKPOINT_DIR = f"{OPT_ML}/checkpoints"
 SAGEMAKER_FAILURE_FILE = f"{OPT_ML}/output/failure"
 CHECKPOINT_NAME = "checkpoint.pth"
 DIVERGED_LOSS_FACTOR = 20
+SMOOTHING_TARGETS = ("all", "neighbours")
+CLASS_WEIGHTINGS = ("none", "balanced")
 # Files that make up the model's `code/` folder in model.tar.gz (what the serving container imports).
 SERVING_CODE = ("inference.py", "backbones.py", "efficientnet_lite.py", "preprocessing.py")
 
@@ -112,6 +114,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     optim.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up before the cosine decay")
     optim.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    optim.add_argument("--smooth-to", default="all", choices=SMOOTHING_TARGETS,
+                       help="where the smoothed mass goes: all classes (plain label smoothing) or only the "
+                            "counts one either side of the true count (neighbour-aware, counts are ordered)")
+    optim.add_argument("--class-weights", default="none", choices=CLASS_WEIGHTINGS,
+                       help="none, or balanced: weight each count's loss by the inverse of its share "
+                            "of the training images")
     optim.add_argument("--augment", type=str2bool, default=True,
                        help="count-preserving augmentation: flips, brightness and contrast jitter")
     optim.add_argument("--rotate", type=float, default=0.0,
@@ -279,6 +287,54 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float, smooth_to: str) -> torch.Tensor:
+    """Target distributions: 1 - smoothing on the true count, the rest spread over all classes
+    (as cross_entropy's label_smoothing does) or only over the true count's neighbours, so that
+    calling 3 a 4 costs less than calling it a 0."""
+    if smooth_to not in SMOOTHING_TARGETS:
+        raise ValueError(f"unknown smoothing target {smooth_to!r}; choose one of {SMOOTHING_TARGETS}")
+    if smooth_to == "all":
+        targets = torch.full((len(labels), num_classes), smoothing / num_classes)
+        targets[torch.arange(len(labels)), labels.cpu()] += 1.0 - smoothing
+        return targets.to(labels.device)
+    classes = torch.arange(num_classes)
+    neighbours = ((classes[None, :] - labels.cpu()[:, None]).abs() == 1).float()
+    targets = smoothing * neighbours / neighbours.sum(1, keepdim=True)
+    targets[torch.arange(len(labels)), labels.cpu()] = 1.0 - smoothing
+    return targets.to(labels.device)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int, weighting: str) -> torch.Tensor | None:
+    """Per-class loss weights: None for plain averaging, or inverse class frequency scaled so that
+    a balanced set would get weight 1 everywhere. A class with no training images gets weight 0."""
+    if weighting not in CLASS_WEIGHTINGS:
+        raise ValueError(f"unknown class weighting {weighting!r}; choose one of {CLASS_WEIGHTINGS}")
+    if weighting == "none":
+        return None
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).float()
+    present = counts > 0
+    weights = torch.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
+def count_loss(logits: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
+               weights: torch.Tensor | None) -> torch.Tensor:
+    """The training loss: cross-entropy against `soft_targets`, optionally class-weighted."""
+    targets = soft_targets(labels, logits.shape[1], args.label_smoothing, args.smooth_to)
+    per_image = -(targets * F.log_softmax(logits, dim=1)).sum(1)
+    if weights is None:
+        return per_image.mean()
+    w = weights.to(logits.device)[labels]
+    return (per_image * w).sum() / w.sum()
+
+
+def training_labels(data) -> torch.Tensor:
+    if isinstance(data, datasets.DecodedSet):
+        return data.labels
+    return torch.tensor([label for _, label in data], dtype=torch.int64)
+
+
 def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int, bf16: bool) -> float:
     if args.mode == "head":
         model.eval()  # frozen backbone: keep its batch-norm statistics as they are
@@ -286,13 +342,14 @@ def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int,
         model.train()
     generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
     total_loss, seen = 0.0, 0
+    weights = class_weights(training_labels(data), args.max_count + 1, args.class_weights)
     for images_u8, labels in iterate_batches(data, args.batch_size, True, args.seed * 1000 + epoch,
                                              args.workers, args.image_size):
         images = prepare(images_u8, device, generator if args.augment else None, args.rotate, args.zoom)
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        loss = count_loss(logits.float(), labels, args, weights)
         if not torch.isfinite(loss):
             # Nothing useful comes after a non-finite loss: stop now and say what to change.
             raise TrainingDiverged(f"training diverged: the loss became {loss.item()} in epoch {epoch}; "
@@ -344,7 +401,8 @@ def save_atomic(obj, path: Path) -> None:
 
 def config_signature(args: argparse.Namespace, fingerprint: str) -> dict:
     """What must match for a checkpoint to be resumed: the recipe and the data."""
-    keys = ("arch", "mode", "weights", "max_count", "above_max", "image_size", "epochs", "batch_size", "lr")
+    keys = ("arch", "mode", "weights", "max_count", "above_max", "image_size", "epochs", "batch_size", "lr",
+            "label_smoothing", "smooth_to", "class_weights")
     return {**{k: getattr(args, k) for k in keys}, "data": fingerprint}
 
 

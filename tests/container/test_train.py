@@ -273,3 +273,45 @@ def test_rotation_and_zoom_augmentation_keeps_the_bin_in_view():
     assert moved.min() >= 0 and moved.max() <= 1
     run = run_train(["--train", "x", "--zoom", "0"])
     assert run.returncode != 0 and "--zoom must be" in run.stderr
+
+
+def test_plain_smoothing_matches_torchs_label_smoothing_and_neighbour_smoothing_stays_beside_the_count():
+    import train
+
+    logits = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    plain = train.count_loss(logits, labels, train.parse_args(["--train", "x"]), None)
+    assert torch.allclose(plain, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1))
+
+    targets = train.soft_targets(labels, 6, 0.2, "neighbours")
+    assert torch.allclose(targets.sum(1), torch.ones(6))
+    assert targets[0].tolist() == pytest.approx([0.8, 0.2, 0, 0, 0, 0])  # an edge count has one neighbour
+    assert targets[3].tolist() == pytest.approx([0, 0, 0.1, 0.8, 0.1, 0])
+    # Calling a 3 a 4 now costs less than calling it a 0; plain smoothing charges both the same.
+    three_as = {guess: torch.full((1, 6), -5.0).index_fill_(1, torch.tensor([guess]), 5.0) for guess in (0, 4)}
+    args = train.parse_args(["--train", "x", "--smooth-to", "neighbours"])
+    loss = {g: train.count_loss(x, torch.tensor([3]), args, None).item() for g, x in three_as.items()}
+    assert loss[4] < loss[0]
+
+
+def test_balanced_class_weights_make_every_count_weigh_the_same_in_total():
+    import train
+
+    labels = torch.tensor([0] + [1] * 3 + [2] * 6)  # no 3s
+    weights = train.class_weights(labels, 4, "balanced")
+    totals = torch.bincount(labels, minlength=4).float() * weights
+    assert totals[:3].tolist() == pytest.approx([10 / 3] * 3) and weights[3] == 0
+    assert train.class_weights(labels, 4, "none") is None
+    # A weighted loss is a weighted mean: with equal per-image losses it equals the unweighted one.
+    args = train.parse_args(["--train", "x"])
+    logits = torch.zeros(10, 4)
+    assert torch.allclose(train.count_loss(logits, labels, args, weights), train.count_loss(logits, labels, args, None))
+
+
+def test_neighbour_smoothing_with_balanced_weights_trains_and_is_recorded(split_channels, tmp_path):
+    run = run_train([*FAST, "--train", str(split_channels["train"]), "--epochs", "1", "--smooth-to", "neighbours",
+                     "--class-weights", "balanced", "--model-dir", str(tmp_path / "model")])
+    assert run.returncode == 0, run.stderr
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert card["hyperparameters"]["smooth_to"] == "neighbours"
+    assert card["hyperparameters"]["class_weights"] == "balanced"
