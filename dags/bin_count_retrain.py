@@ -47,7 +47,8 @@ the Params below.
 7. **register_model**, **endpoint_config**, **deploy**: a SageMaker model named after the training
    job and tagged with it, the dataset version and the test metrics; an endpoint configuration; the
    endpoint created the first time, updated afterwards (SageMaker keeps the old model serving until
-   the new one is healthy).
+   the new one is healthy); **confirm_deployment** checks the endpoint really switched, since a
+   rolled-back update looks "InService" to the deploy task.
 8. **api_function**, **smoke_event**, **invoke_api**, **smoke_check**: the Lambda function in front of the
    endpoint is created or pointed at it; real test images go through it; the run fails if the answers
    are malformed or do not come from the new model.
@@ -67,8 +68,10 @@ connection (endpoint URLs per service); see the README.
   (often a hyperparameter `train.py` refuses, or an instance type the account has no quota for).
 - *retrain*: the log shows the job's own output and its FailureReason. A retry attaches to a job still
   running; a failed job is retried under a new name.
-- *deploy*: the endpoint did not become InService; its FailureReason is in the log. An update that
-  fails leaves the old model serving.
+- *deploy*: the endpoint did not become InService; its FailureReason is in the log.
+- *confirm_deployment*: the endpoint update failed and SageMaker rolled it back: the old model keeps
+  serving (the API is unaffected) and the log quotes the endpoint's FailureReason, often a model that
+  failed its health check or an instance type without quota. Fix the cause, then clear *deploy*.
 - *smoke_check*: the API answered with an error, a malformed answer, or a model version other than
   the one just deployed: check the Lambda function's log and the endpoint's status before trusting it.
 """
@@ -277,6 +280,20 @@ def bin_count_retrain():
         doc_md="Creates the endpoint the first time and updates it afterwards.",
     )
 
+    @task(retries=0, execution_timeout=timedelta(minutes=2))
+    def confirm_deployment(deployed: dict, configs: dict) -> dict:
+        """The endpoint serves the new configuration: a failed update is rolled back to InService on the
+        old one, which the deploy task's waiter takes for success."""
+        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+        from bin_counter.retrain import confirm_deployment as confirm
+
+        wanted = configs["endpoint"]
+        state = confirm(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, wanted["EndpointName"],
+                        wanted["EndpointConfigName"])
+        print(f"endpoint {state['endpoint']} serves {state['endpoint_config']}")
+        return state
+
     @task(execution_timeout=timedelta(minutes=5))
     def api_function(deployed: dict, account: dict) -> str:
         """The Lambda function in front of the endpoint: created, or pointed at it with the current code."""
@@ -303,8 +320,9 @@ def bin_count_retrain():
         sent = [{k: i[k] for k in ("key", "count")} for i in images]
         return {"payload": json.dumps(api_event(images)), "images": sent}
 
+    confirmed = confirm_deployment(deploy.output, configs)
     event = smoke_event(data)
-    deploy >> event
+    confirmed >> event
     invoke = LambdaInvokeFunctionOperator(
         task_id="invoke_api", function_name="{{ params.function_name }}",
         payload=event["payload"],
@@ -330,7 +348,7 @@ def bin_count_retrain():
         return summary
 
     register >> endpoint_config >> deploy
-    function = api_function(deploy.output, account)
+    function = api_function(confirmed, account)
     [function, event] >> invoke
     smoke_check(invoke.output, event, decision)
 

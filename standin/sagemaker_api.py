@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -88,7 +89,7 @@ class SageMakerApi:
     """Training jobs (create, describe, list, stop), state kept as JSON under `state_dir`."""
 
     def __init__(self, state_dir: Path, aws_endpoint: str, container_python: str, region: str = "us-east-1",
-                 invoke_rate: float = 0.0, invoke_burst: int = 1) -> None:
+                 invoke_rate: float = 0.0, invoke_burst: int = 1, unhealthy_models: str | None = None) -> None:
         self.model = botocore.session.get_session().get_service_model("sagemaker")
         self.state_dir = Path(state_dir)
         self.aws_endpoint, self.python, self.region = aws_endpoint, container_python, region
@@ -98,6 +99,8 @@ class SageMakerApi:
         self.endpoints = EndpointHost(self.state_dir / "endpoint-workers", container_python,
                                       lambda: self._client("s3"))
         self.invoke_limit = TokenBucket(invoke_rate, invoke_burst)
+        # Failure drills: models whose name matches fail their health check, as a broken container would.
+        self.unhealthy_models = re.compile(unhealthy_models) if unhealthy_models else None
         self._recover()
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -314,6 +317,10 @@ class SageMakerApi:
         variant = config["ProductionVariants"][0]
         try:
             model = self._get("model", variant["ModelName"])
+            if self.unhealthy_models and self.unhealthy_models.search(variant["ModelName"]):
+                raise WorkerFailed(f"The primary container for production variant {variant['VariantName']} did not "
+                                   "pass the ping health check. Please check CloudWatch logs for this endpoint. "
+                                   "(stand-in: the model name matches --unhealthy-models)")
             worker = self.endpoints.start(name, config_name, model["PrimaryContainer"]["ModelDataUrl"])
         except (AwsError, WorkerFailed) as exc:
             reason = exc.message if isinstance(exc, AwsError) else str(exc)

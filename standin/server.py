@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="InvokeEndpoint calls per second per endpoint before ThrottlingException "
                              "(0: unlimited)")
     parser.add_argument("--invoke-burst", type=int, default=1, help="calls allowed at once above --invoke-rate")
+    parser.add_argument("--unhealthy-models", default=None, metavar="REGEX",
+                        help="failure drills: endpoints fail to create or update onto models whose name matches "
+                             "REGEX, with SageMaker's health-check FailureReason (an update is rolled back)")
     args = parser.parse_args(argv)
     handlers = [logging.StreamHandler()]
     if args.log_file:
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AWS_ENDPOINT_URL", args.aws_endpoint)
     # Absolute: jobs run in their own working folders and find /opt/ml through this path.
     api = SageMakerApi(Path(args.state_dir).resolve(), args.aws_endpoint, args.container_python,
-                       invoke_rate=args.invoke_rate, invoke_burst=args.invoke_burst)
+                       invoke_rate=args.invoke_rate, invoke_burst=args.invoke_burst,
+                       unhealthy_models=args.unhealthy_models)
     lambdas = LambdaApi(Path(args.state_dir).resolve())
     gateway = Gateway(lambdas, args.api_function, args.api_key, max_in_flight=args.api_max_in_flight)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(api, lambdas, gateway))

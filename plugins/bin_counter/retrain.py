@@ -120,6 +120,26 @@ def serving_model(sm, endpoint_name: str) -> dict | None:
             "model_data_url": model["PrimaryContainer"]["ModelDataUrl"]}
 
 
+class DeploymentFailed(RuntimeError):
+    pass
+
+
+def confirm_deployment(sm, endpoint_name: str, config_name: str) -> dict:
+    """Raise DeploymentFailed unless the endpoint is InService on `config_name`.
+
+    SageMaker rolls a failed update back: the endpoint returns to InService on its old configuration
+    with a FailureReason, which is all the provider's "endpoint in service" waiter looks at. Without
+    this check such a run would go on as if the new model served."""
+    endpoint = sm.describe_endpoint(EndpointName=endpoint_name)
+    status, serving = endpoint["EndpointStatus"], endpoint.get("EndpointConfigName")
+    if status != "InService" or serving != config_name:
+        reason = endpoint.get("FailureReason") or "no FailureReason given"
+        keeps = f"it still serves {serving}" if status == "InService" else f"it is {status}"
+        raise DeploymentFailed(f"endpoint {endpoint_name} did not switch to {config_name}: {keeps}. "
+                               f"SageMaker says: {reason}")
+    return {"endpoint": endpoint_name, "endpoint_config": serving, "status": status}
+
+
 def model_version_of(archive: bytes) -> str:
     """The model_version in a model.tar.gz's model_card.json."""
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:

@@ -79,12 +79,15 @@ def list_objects(s3, bucket: str, prefix: str = "") -> dict[str, tuple[str, obje
 
 
 @pytest.fixture
-def standin(tmp_path, moto_endpoint, aws_connection):  # its S3 client needs the credentials set there
-    """The SageMaker and Lambda stand-in on loopback, running jobs in the container-side env."""
+def standin(tmp_path, moto_endpoint, aws_connection, request):  # its S3 client needs aws_connection's credentials
+    """The SageMaker and Lambda stand-in on loopback, running jobs in the container-side env; a test
+    marked `standin_args(...)` starts it with those extra flags."""
     if not CONTAINER_PYTHON.exists():
         pytest.skip("needs .venv-container (make envs)")
     state = tmp_path / "state"
-    proc, endpoint = start_standin(state, moto_endpoint, CONTAINER_PYTHON, api_key=API_KEY)
+    marker = request.node.get_closest_marker("standin_args")
+    proc, endpoint = start_standin(state, moto_endpoint, CONTAINER_PYTHON, api_key=API_KEY,
+                                   extra_args=tuple(marker.args) if marker else ())
     handle = {"proc": proc, "endpoint": endpoint, "state": state}
     yield handle
     handle["proc"].terminate()

@@ -9,6 +9,7 @@ import boto3
 import pendulum
 import pytest
 
+from bin_counter.sagemaker_config import run_job_names
 from tests.conftest import REPO, make_bin_image
 
 ROLE = "arn:aws:iam::000000000000:role/bin-counter-local"
@@ -95,6 +96,11 @@ def final_metrics(stack, job: str) -> dict[str, float]:
     return {m["MetricName"]: m["Value"] for m in described["FinalMetricDataList"]}
 
 
+# The model of the run on 2026-01-15 fails its health check on the endpoint (a failure drill).
+UNHEALTHY_MODEL = run_job_names("bin_count_retrain", "manual__2026-01-15T00:00:00+00:00")["model"]
+
+
+@pytest.mark.standin_args("--unhealthy-models", f"^{UNHEALTHY_MODEL}$")
 def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces_it(
         dag, s3, bucket, local_stack_connection, alerts, capfd):
     stack = local_stack_connection
@@ -105,6 +111,7 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     first = dag.test(**run_on(12), run_conf={**BASE_CONF, "bucket": bucket, "lr_max": 10.0, "max_jobs": 3})
     log = capfd.readouterr().out
     assert first.state == "success", log[-3000:]
+    assert first.run_id == "manual__2026-01-12T00:00:00+00:00"  # the form UNHEALTHY_MODEL's name relies on
     assert all(state == "success" for state in task_states(first).values()), task_states(first)
     sm = sagemaker(stack)
     tuning_name = next(iter(sm.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]))[
@@ -160,6 +167,23 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     assert "DEPLOYING: the new model is not worse" in log and "smoke check passed" in log
     answer = sm_runtime_count(stack)
     assert answer["model_version"] == new_model
+
+    # 3b. The same recipe again, but its model fails the endpoint's health check: SageMaker rolls the
+    #     update back, the deploy task's waiter sees InService, and confirm_deployment fails the run
+    #     with the endpoint's reason. The old model keeps serving and on-call staff hear why.
+    broken = dag.test(**run_on(15), run_conf={**BASE_CONF, "bucket": bucket, "epochs_min": 5, "epochs_max": 5,
+                                              "lr_min": 0.002, "lr_max": 0.002, "max_jobs": 1})
+    log = capfd.readouterr().out
+    states = task_states(broken)
+    assert broken.state == "failed"
+    assert states["deploy"] == "success" and states["confirm_deployment"] == "failed", states
+    assert states["smoke_check"] == "upstream_failed"
+    assert f"did not switch to {UNHEALTHY_MODEL}: it still serves {new_model}" in log
+    assert "did not pass the ping health check" in log
+    assert serving(stack) == new_model and sm_runtime_count(stack)["model_version"] == new_model
+    alert = alerts()
+    assert len(alert) == 1 and "confirm_deployment" in alert[0]["Subject"]
+    assert "did not pass the ping health check" in alert[0]["Message"]
 
     # 4. A fresh environment (no endpoint) with a published model better than what this run trains:
     #    the published model is deployed, and the API answers with it.
