@@ -93,7 +93,8 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
                   "on_failure_callback": failure_alert()},
     params={
         "bucket": Param("bin-counter", type="string", description="Our S3 bucket: datasets, code, models"),
-        "dataset_version": Param("", type="string",
+        # Nullable: the trigger form marks a plain string Param required and refuses it empty.
+        "dataset_version": Param(None, type=["null", "string"],
                                  description="Dataset to train on (datasets/<version>/). Empty: the one whose "
                                              "asset event triggered the run, else the newest"),
         "arch": Param("mobilenet_v2", enum=ARCHITECTURES, description="Backbone (torchvision, ImageNet weights)"),

@@ -86,6 +86,72 @@ def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
     return env
 
 
+# What `airflow standalone` runs, as separate processes so that one can be stopped and restarted.
+AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def server_env(env: dict[str, str], port: int, users: str = "", passwords_file: Path | None = None) -> dict[str, str]:
+    """`env` for Airflow's long-running components on 127.0.0.1:`port`. With `users` ("name:role,...")
+    and their `passwords_file` ({"name": "password"}) the UI asks to log in; without, everyone is admin."""
+    env = {**env, "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
+           "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+           # Task processes reach the API server here; every component must sign with the same secret.
+           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+           "AIRFLOW__API_AUTH__JWT_SECRET": env.get("AIRFLOW__API_AUTH__JWT_SECRET", "bin-counter-local-only"),
+           "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5"}
+    if users:
+        env.update({"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
+                    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file)})
+    else:
+        env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "True"
+    return env
+
+
+def start_component(name: str, env: dict[str, str], work: Path) -> subprocess.Popen:
+    """One Airflow component (`airflow <name>`) in its own process group, its output in <work>/<name>.log."""
+    with (work / f"{name}.log").open("ab") as out:
+        return subprocess.Popen([str(VENV_BIN / "airflow"), name], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop_component(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    """Signal the component's whole process group (its task runners too) and wait for it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+class LiveAirflow:
+    """Airflow's components on loopback, each its own process: what `airflow standalone` runs, with a
+    handle on each so a drill can kill one and start it again."""
+
+    def __init__(self, env: dict[str, str], work: Path, port: int) -> None:
+        self.env, self.work, self.port = env, work, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.components: dict[str, subprocess.Popen] = {}
+
+    def start(self, timeout: float = 300) -> LiveAirflow:
+        for name in AIRFLOW_COMPONENTS:
+            self.components[name] = start_component(name, self.env, self.work)
+        wait_until_up(f"{self.url}/api/v2/monitor/health", self.components["api-server"], timeout=timeout)
+        return self
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        stop_component(self.components[name], sig)
+
+    def restart(self, name: str) -> None:
+        self.components[name] = start_component(name, self.env, self.work)
+
+    def stop(self) -> None:
+        for process in self.components.values():
+            stop_component(process)
+
+
 def airflow(args: list[str], env: dict[str, str], log: Path) -> float:
     """Run an airflow CLI command, its output into `log`; its wall time in seconds."""
     started = time.time()
@@ -236,24 +302,18 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
 
 
 def up(args, env: dict[str, str], work: Path) -> None:
-    env = {**env, "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(args.ui_port),
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"}
-    log = work / "airflow-standalone.log"
-    print(f"== Airflow standalone on http://127.0.0.1:{args.ui_port} (log: {log}); Ctrl-C stops everything",
+    live = LiveAirflow(server_env(env, args.ui_port), work, args.ui_port)
+    print(f"== Airflow on {live.url} ({', '.join(AIRFLOW_COMPONENTS)}; logs in {work}); Ctrl-C stops everything",
           flush=True)
-    with log.open("ab") as out:
-        proc = subprocess.Popen([str(VENV_BIN / "airflow"), "standalone"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
     try:
-        wait_until_up(f"http://127.0.0.1:{args.ui_port}/api/v2/monitor/health", proc, timeout=300)
+        live.start()
         print("   up: trigger bin_count_data_prep from the UI; bin_count_retrain follows on its asset", flush=True)
-        proc.wait()
+        while all(proc.poll() is None for proc in live.components.values()):
+            time.sleep(1)
+        ended = [name for name, proc in live.components.items() if proc.poll() is not None]
+        raise SystemExit(f"airflow {', '.join(ended)} stopped; see {work}/<component>.log")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
-            proc.kill()
+        live.stop()
 
 
 def _interrupt(signum, frame) -> None:

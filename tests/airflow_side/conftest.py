@@ -129,3 +129,12 @@ def job_config(bucket: str, name: str, **hyperparameters) -> dict:
         source_s3_uri=f"s3://{bucket}/code/sourcedir.tar.gz",
         channels={"train": f"s3://{bucket}/data/train/", "validation": f"s3://{bucket}/data/validation/"},
         output_s3_uri=f"s3://{bucket}/models/", hyperparameters=hps, region="us-east-1")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (`item.report_call`), for fixtures that keep evidence of a
+    failure (the browser test's screenshot)."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

@@ -1,0 +1,280 @@
+"""The operator's view, end to end: Airflow's own components (API server, scheduler, DAG processor,
+triggerer; what `airflow standalone` runs) on loopback with SQLite, the DAGs run by the scheduler
+against the local stack (moto, the SageMaker and Lambda stand-in), and
+
+- a real browser (Debian's Chromium, driven by Playwright; no downloaded browser) that logs in,
+  finds both DAGs, triggers bin_count_retrain from the Params form with changed values, watches the
+  run succeed and reads the training metrics in the task log, with screenshots in
+  build/test-results/screenshots/;
+- a drill that kills the scheduler (its whole process group, task runners included) while the final
+  training job runs, starts it again, and checks that the run completes with no job run twice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import time
+
+import boto3
+import pytest
+import requests
+
+from standin.launch import start_standin
+from tests.airflow_side.conftest import API_KEY, CONTAINER_PYTHON
+from tests.airflow_side.test_retrain_dag import upload_dataset
+from tests.conftest import REPO
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOTS = REPO / "build" / "test-results" / "screenshots"
+USER, PASSWORD = "operator", "local-operator-password"
+# Chromium as this machine allows it: no sandbox as root, and none of its calls home (refused here).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+# Small and quick, as in test_retrain_dag: 64-pixel images, counts 0 to 2.
+QUICK = {"image-size": 64, "workers": 1, "seed": 0, "warmup-epochs": 0}
+
+pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
+
+
+def local_stack():
+    spec = importlib.util.spec_from_file_location("local_stack", REPO / "scripts" / "local_stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Api:
+    """Airflow's REST API as the operator's user: what the tests check the UI against."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.token = self._call("POST", "/auth/token", {"username": USER, "password": PASSWORD},
+                                auth=False)["access_token"]
+
+    def _call(self, method: str, path: str, body: dict | None = None, auth: bool = True) -> dict:
+        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
+        response = requests.request(method, f"{self.url}{path}", json=body, headers=headers, timeout=30)
+        response.raise_for_status()
+        return response.json() if response.content else {}
+
+    def get(self, path: str) -> dict:
+        return self._call("GET", f"/api/v2{path}")
+
+    def post(self, path: str, body: dict) -> dict:
+        return self._call("POST", f"/api/v2{path}", body)
+
+    def patch(self, path: str, body: dict) -> dict:
+        return self._call("PATCH", f"/api/v2{path}", body)
+
+    def runs(self, dag_id: str) -> list[dict]:
+        return self.get(f"/dags/{dag_id}/dagRuns?order_by=-run_after")["dag_runs"]
+
+    def tasks(self, dag_id: str, run_id: str) -> dict[str, dict]:
+        found = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
+        return {ti["task_id"]: ti for ti in found}
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 900) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            run = self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+            if run["state"] in ("success", "failed"):
+                return run
+            time.sleep(3)
+        states = {t: ti["state"] for t, ti in self.tasks(dag_id, run_id).items()}
+        raise AssertionError(f"{dag_id} {run_id} still {run['state']} after {timeout:.0f} s: {states}")
+
+
+@pytest.fixture(scope="module")
+def live(moto_endpoint, tmp_path_factory):
+    """The whole system on loopback, with a dataset in S3 and the UI asking for a login."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ACCESS_KEY_ID", "local")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "local")
+        yield from _live(moto_endpoint, tmp_path_factory)
+
+
+def _live(moto_endpoint, tmp_path_factory):
+    stack = local_stack()
+    work = tmp_path_factory.mktemp("live")
+    standin_proc, standin = start_standin(work / "standin", moto_endpoint, CONTAINER_PYTHON, api_key=API_KEY)
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="ui-bucket")
+    upload_dataset(s3, "ui-bucket", "v-ui", {"train": 10, "validation": 4, "test": 6})
+    (work / "passwords.json").write_text(json.dumps({USER: PASSWORD}))
+    port = free_port()
+    env = stack.server_env(stack.airflow_env(work, moto_endpoint, standin), port, f"{USER}:admin",
+                           work / "passwords.json")
+    # Notice a task whose runner died within a minute, not the default five. (The scheduler's own
+    # health threshold stays at its default: lowered, a busy scheduler declares itself dead.)
+    env.update({"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "45",
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+                "BIN_COUNTER_SAGEMAKER_POLL_S": "1"})
+    stack.airflow(["db", "migrate"], env, work / "migrate.log")
+    airflow = stack.LiveAirflow(env, work, port).start()
+    try:
+        api = Api(airflow.url)
+        wait_until(lambda: {"bin_count_data_prep", "bin_count_retrain"} <= {
+            d["dag_id"] for d in api.get("/dags")["dags"]}, 120, "the DAG processor to parse both DAGs")
+        yield {"airflow": airflow, "api": api, "standin": standin, "work": work}
+    finally:
+        airflow.stop()
+        standin_proc.terminate()
+        standin_proc.wait(timeout=20)
+
+
+def free_port() -> int:
+    from standin.launch import free_port as pick
+
+    return pick()
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass  # not up yet
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def page(live, request):
+    if not CHROMIUM:
+        pytest.skip("needs Debian's chromium (apt-get install chromium); .ci/run installs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (requirements-dev.txt)")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        yield page
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            shot(page, f"failed-{request.node.name}")
+        browser.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def field(dialog, name: str):
+    """A Param's field in the trigger form, found by its label (the Param's name, `*` if required)."""
+    label = dialog.page.locator("label", has_text=re.compile(rf"^{re.escape(name)}\s*\*?$"))
+    return dialog.locator("div.chakra-field__root").filter(has=label)
+
+
+def set_json(dialog, name: str, value) -> None:
+    """Replace the JSON in a Param's code editor (Monaco: click into it, select all, type over it)."""
+    field(dialog, name).locator(".monaco-editor .view-lines").click()
+    keyboard = dialog.page.keyboard
+    keyboard.press("ControlOrMeta+a")
+    # Typed over the selection: emptied first, the form puts back an empty `[]` or `{}`.
+    keyboard.insert_text(json.dumps(value))
+    # The editor closes brackets and quotes as they are typed: drop what it added after the cursor.
+    keyboard.press("Shift+ControlOrMeta+End")
+    keyboard.press("Delete")
+
+
+def test_an_operator_triggers_a_retrain_from_the_form_and_reads_its_metrics(live, page):
+    url, api = live["airflow"].url, live["api"]
+
+    page.goto(f"{url}/")
+    page.wait_for_url(re.compile(r".*/auth/login.*"))
+    shot(page, "01-login")
+    page.locator("input[name=username]").fill(USER)
+    page.locator("input[name=password]").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{url}/")
+
+    page.goto(f"{url}/dags")
+    for dag_id in ("bin_count_data_prep", "bin_count_retrain"):
+        page.get_by_role("link", name=dag_id, exact=True).wait_for()
+    shot(page, "02-dags")
+
+    page.get_by_role("link", name="bin_count_retrain", exact=True).click()
+    page.wait_for_url(f"{url}/dags/bin_count_retrain")
+    page.wait_for_load_state("networkidle")  # a click before the page's data arrived opens nothing
+    page.get_by_role("button", name="Trigger").first.click()
+    dialog = page.get_by_role("dialog")
+    field(dialog, "max_count").wait_for()
+    # The Params render as typed fields with their descriptions.
+    assert "Tuning: trials in all" in field(dialog, "max_jobs").inner_text()
+    changed = {"bucket": "ui-bucket", "max_count": 2, "epochs_min": 2, "epochs_max": 2, "max_jobs": 1,
+               "max_parallel_jobs": 1, "initial_model": "none", "smoke_images": 3, "batch_sizes": [8],
+               "extra_hyperparameters": QUICK}
+    for name in ("bucket", "initial_model"):
+        field(dialog, name).get_by_role("textbox").fill(changed[name])
+    for name in ("max_count", "epochs_min", "epochs_max", "max_jobs", "max_parallel_jobs", "smoke_images"):
+        field(dialog, name).get_by_role("spinbutton").fill(str(changed[name]))
+    for name in ("batch_sizes", "extra_hyperparameters"):
+        set_json(dialog, name, changed[name])
+    field(dialog, "strategy").get_by_role("combobox").click()
+    page.get_by_role("option", name="Random", exact=True).click()
+    changed["strategy"] = "Random"
+    shot(page, "03-trigger-form")
+    invalid = [el.inner_text() for el in dialog.locator("div.chakra-field__root[data-invalid]").all()]
+    assert not invalid, f"the form refuses: {invalid}"
+    dialog.get_by_role("button", name="Trigger", exact=True).click()
+
+    wait_until(lambda: api.runs("bin_count_retrain"), 60, "the triggered run")
+    run = api.runs("bin_count_retrain")[0]
+    assert {k: run["conf"][k] for k in changed} == changed, run["conf"]
+    page.goto(f"{url}/dags/bin_count_retrain/runs/{run['dag_run_id']}")
+    shot(page, "04-run-started")
+    finished = api.wait_for_run("bin_count_retrain", run["dag_run_id"])
+    tasks = api.tasks("bin_count_retrain", run["dag_run_id"])
+    assert finished["state"] == "success", {t: ti["state"] for t, ti in tasks.items()}
+    assert all(ti["try_number"] == 1 for ti in tasks.values()), {t: ti["try_number"] for t, ti in tasks.items()}
+
+    # What the operator sees: the run's state, then the training job's metrics in the retrain task's log.
+    page.goto(f"{url}/dags/bin_count_retrain/runs/{run['dag_run_id']}")
+    page.get_by_text("Success", exact=True).first.wait_for()
+    shot(page, "05-run-succeeded")
+    page.goto(f"{url}/dags/bin_count_retrain/runs/{run['dag_run_id']}/tasks/retrain")
+    # (The final job trains on train + validation, so its epochs report only the training loss.)
+    page.get_by_text(re.compile(r"epoch=2 train_loss=[\d.]+")).first.wait_for(timeout=60_000)
+    page.get_by_text(re.compile(r"test_accuracy=[\d.]+")).first.wait_for()
+    shot(page, "06-retrain-log")
+
+
+def test_a_scheduler_killed_during_training_comes_back_and_no_job_runs_twice(live):
+    api, airflow = live["api"], live["airflow"]
+    sm = boto3.client("sagemaker", endpoint_url=live["standin"], region_name="us-east-1")
+    conf = {"bucket": "ui-bucket", "max_count": 2, "epochs_min": 3, "epochs_max": 3, "batch_sizes": [8],
+            "max_jobs": 1, "max_parallel_jobs": 1, "strategy": "Random", "initial_model": "none",
+            "smoke_images": 3, "extra_hyperparameters": QUICK}
+    api.patch("/dags/bin_count_retrain", {"is_paused": False})
+    run_id = api.post("/dags/bin_count_retrain/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
+
+    def final_job_running() -> bool:
+        job = api.tasks("bin_count_retrain", run_id).get("retrain_config", {})
+        if job.get("state") != "success":
+            return False
+        names = [j["TrainingJobName"] for j in sm.list_training_jobs(NameContains="-final")["TrainingJobSummaries"]]
+        return any(sm.describe_training_job(TrainingJobName=n)["TrainingJobStatus"] == "InProgress" for n in names)
+
+    wait_until(final_job_running, 600, "the final training job to start")
+    before = {j["TrainingJobName"]: j["CreationTime"] for j in sm.list_training_jobs()["TrainingJobSummaries"]}
+    airflow.kill("scheduler")  # SIGKILL to its process group: the task runners die with it
+    time.sleep(5)
+    airflow.restart("scheduler")
+
+    finished = api.wait_for_run("bin_count_retrain", run_id)
+    tasks = api.tasks("bin_count_retrain", run_id)
+    assert finished["state"] == "success", {t: ti["state"] for t, ti in tasks.items()}
+    assert tasks["retrain"]["try_number"] >= 2, "the kill did not interrupt the retrain task"
+    after = {j["TrainingJobName"]: j["CreationTime"] for j in sm.list_training_jobs()["TrainingJobSummaries"]}
+    # The retry attached to the job already running: the same jobs, each created once, before the kill.
+    assert {name: after[name] for name in before} == before
+    run_jobs = [name for name in after if name not in before]
+    assert run_jobs == [], f"jobs started after the kill: {run_jobs}"
+    retry_log = json.dumps(api.get(f"/dags/bin_count_retrain/dagRuns/{run_id}/taskInstances/retrain/logs/"
+                                   f"{tasks['retrain']['try_number']}?full_content=true"))
+    assert "was started by an earlier try and is" in retry_log and "attaching to it" in retry_log
