@@ -6,9 +6,9 @@ stand-in, and Airflow with its SQLite database, all on loopback.
 
 `demo` runs bin_count_data_prep and then bin_count_retrain (with `airflow dags test`, the same
 DAG code a scheduler would run), prints counts from the deployed endpoint next to the truth, and
-writes the stage timings to <work>/demo-timings.json. `up` leaves Airflow standalone running with
-the connection and Variable set; stop it with Ctrl-C. The only thing that tells the DAGs they are
-not on AWS is the `aws_default` connection, printed at start.
+writes the stage timings to <work>/demo-timings.json. `up` leaves Airflow's components (what
+`airflow standalone` runs) up with the connection and Variable set; stop it with Ctrl-C. The only
+thing that tells the DAGs they are not on AWS is the `aws_default` connection, printed at start.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection(moto, standin)),
         "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": json.dumps({"role_arn": "arn:aws:iam::000000000000:role/bin-counter"}),
         "BIN_COUNTER_SAGEMAKER_POLL_S": "2",
-        # `airflow standalone` starts its components as `airflow ...` from the PATH.
+        # Airflow starts its task runners as `airflow ...` from the PATH.
         "PATH": os.pathsep.join([str(VENV_BIN), env.get("PATH", "")]),
         "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1",
     })
