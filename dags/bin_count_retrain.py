@@ -98,8 +98,9 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
                                  description="Dataset to train on (datasets/<version>/). Empty: the one whose "
                                              "asset event triggered the run, else the newest"),
         "arch": Param("mobilenet_v2", enum=ARCHITECTURES, description="Backbone (torchvision, ImageNet weights)"),
-        "mode": Param("finetune", enum=["finetune", "head"],
-                      description="finetune: train every layer; head: only a new last layer (the seed's recipe)"),
+        "mode": Param("finetune", enum=["finetune", "partial", "head"],
+                      description="finetune: train every layer; partial: freeze the first half of the backbone; "
+                                  "head: only a new last layer (the seed's recipe)"),
         "max_count": Param(5, type="integer", minimum=1, description="Top count class: the model answers 0..max_count"),
         "epochs_min": Param(4, type="integer", minimum=1, description="Tuning: fewest epochs"),
         "epochs_max": Param(8, type="integer", minimum=1, description="Tuning: most epochs"),

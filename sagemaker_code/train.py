@@ -96,7 +96,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument("--arch", default="mobilenet_v2", choices=sorted(backbones.ARCHITECTURES),
                        help="torchvision backbone")
     model.add_argument("--mode", default="finetune", choices=backbones.MODES,
-                       help="head: train only a new last layer (the seed's recipe); finetune: all layers")
+                       help="head: train only a new last layer (the seed's recipe); partial: freeze the first "
+                            "half of the backbone; finetune: all layers")
     model.add_argument("--weights", default="imagenet",
                        help="backbone init: imagenet (torchvision weights API), none, or a state dict path")
     model.add_argument("--max-count", type=int, default=5, help="top count class; classes are 0..max-count")
@@ -340,6 +341,9 @@ def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int,
         model.eval()  # frozen backbone: keep its batch-norm statistics as they are
     else:
         model.train()
+        if args.mode == "partial":
+            for stage in backbones.early_stages(model, args.arch):
+                stage.eval()  # frozen stages keep their batch-norm statistics too
     generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
     total_loss, seen = 0.0, 0
     weights = class_weights(training_labels(data), args.max_count + 1, args.class_weights)

@@ -129,6 +129,19 @@ def test_head_mode_changes_only_the_last_layer(split_channels, tmp_path):
     assert changed == {"classifier.1.weight", "classifier.1.bias"}
 
 
+def test_partial_mode_freezes_the_first_half_of_the_backbone_batch_norm_included(split_channels, tmp_path):
+    start = backbones.build_model("mobilenet_v2", 6, "imagenet").state_dict()
+    run = run_train([*FAST, "--weights", "imagenet", "--mode", "partial", "--train", str(split_channels["train"]),
+                     "--epochs", "1", "--model-dir", str(tmp_path / "model")])
+    assert run.returncode == 0, run.stderr
+    trained = torch.load(tmp_path / "model" / "model.pth", weights_only=True)
+    changed = {k for k in trained if not torch.equal(trained[k], start[k])}
+    stage = {int(k.split(".")[1]) for k in changed if k.startswith("features.")}
+    # MobileNetV2 has 19 feature stages: 0..8 stay as ImageNet left them, running statistics too.
+    assert min(stage) == 9 and "classifier.1.weight" in changed
+    assert not any(k.startswith(f"features.{i}.") for k in changed for i in range(9))
+
+
 def test_missing_imagenet_weights_fail_with_instructions(split_channels, tmp_path):
     # resnet18's weights are not in the offline package; with TORCH_HOME empty and the network
     # closed they cannot be had.
