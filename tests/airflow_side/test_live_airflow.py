@@ -182,16 +182,47 @@ def set_json(dialog, name: str, value) -> None:
     keyboard.press("Delete")
 
 
-def test_an_operator_triggers_a_retrain_from_the_form_and_reads_its_metrics(live, page):
-    url, api = live["airflow"].url, live["api"]
-
+def log_in(page, url: str, screenshot: str | None = None) -> None:
     page.goto(f"{url}/")
-    page.wait_for_url(re.compile(r".*/auth/login.*"))
-    shot(page, "01-login")
+    page.wait_for_url(re.compile(r".*/auth/login.*"))  # nothing is shown before logging in
+    if screenshot:
+        shot(page, screenshot)
     page.locator("input[name=username]").fill(USER)
     page.locator("input[name=password]").fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(f"{url}/")
+
+
+def open_trigger_form(page, url: str, dag_id: str):
+    page.goto(f"{url}/dags/{dag_id}")
+    page.wait_for_load_state("networkidle")  # a click before the page's data arrived opens nothing
+    page.get_by_role("button", name="Trigger").first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.locator("div.chakra-field__root").first.wait_for()
+    return dialog
+
+
+@pytest.mark.parametrize("dag_id", ["bin_count_data_prep", "bin_count_retrain"])
+def test_each_dags_trigger_form_accepts_its_defaults(live, page, dag_id):
+    """Every Param renders as a field with its description, and the defaults pass the form's own
+    validation: an operator can trigger a run without fixing anything first."""
+    url = live["airflow"].url
+    log_in(page, url)
+    dialog = open_trigger_form(page, url, dag_id)
+    params = live["api"].get(f"/dags/{dag_id}/details")["params"]
+    for name, spec in params.items():
+        text = field(dialog, name).inner_text()
+        assert spec["description"] in text, f"{name}: {text!r}"
+    shot(page, f"form-{dag_id}")
+    invalid = [el.inner_text() for el in dialog.locator("div.chakra-field__root[data-invalid]").all()]
+    assert not invalid, f"the form refuses its own defaults: {invalid}"
+    assert dialog.get_by_role("button", name="Trigger", exact=True).is_enabled()
+
+
+def test_an_operator_triggers_a_retrain_from_the_form_and_reads_its_metrics(live, page):
+    url, api = live["airflow"].url, live["api"]
+
+    log_in(page, url, screenshot="01-login")
 
     page.goto(f"{url}/dags")
     for dag_id in ("bin_count_data_prep", "bin_count_retrain"):
@@ -200,10 +231,7 @@ def test_an_operator_triggers_a_retrain_from_the_form_and_reads_its_metrics(live
 
     page.get_by_role("link", name="bin_count_retrain", exact=True).click()
     page.wait_for_url(f"{url}/dags/bin_count_retrain")
-    page.wait_for_load_state("networkidle")  # a click before the page's data arrived opens nothing
-    page.get_by_role("button", name="Trigger").first.click()
-    dialog = page.get_by_role("dialog")
-    field(dialog, "max_count").wait_for()
+    dialog = open_trigger_form(page, url, "bin_count_retrain")
     # The Params render as typed fields with their descriptions.
     assert "Tuning: trials in all" in field(dialog, "max_jobs").inner_text()
     changed = {"bucket": "ui-bucket", "max_count": 2, "epochs_min": 2, "epochs_max": 2, "max_jobs": 1,
