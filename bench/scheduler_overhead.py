@@ -20,7 +20,6 @@ overhead = latency + startup + teardown. The execute() bounds come from the task
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import statistics
@@ -31,13 +30,9 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 
-
-def load_local_stack():
-    spec = importlib.util.spec_from_file_location("local_stack", ROOT / "scripts" / "local_stack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import local_stack as stack  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -136,7 +131,6 @@ def wait_for(env: dict[str, str], dag_id: str, run_id: str, timeout: float) -> d
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    stack = load_local_stack()
     work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -12,7 +12,6 @@ against the local stack (moto, the SageMaker and Lambda stand-in), and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -22,10 +21,12 @@ import boto3
 import pytest
 import requests
 
-from standin.launch import start_standin
+from standin.launch import free_port, start_standin
 from tests.airflow_side.conftest import API_KEY, CONTAINER_PYTHON
-from tests.airflow_side.test_retrain_dag import upload_dataset
+from tests.airflow_side.test_retrain_dag import BASE_CONF, upload_dataset
 from tests.conftest import REPO
+
+import local_stack
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = REPO / "build" / "test-results" / "screenshots"
@@ -34,16 +35,9 @@ USER, PASSWORD = "operator", "local-operator-password"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update"]
 # Small and quick, as in test_retrain_dag: 64-pixel images, counts 0 to 2.
-QUICK = {"image-size": 64, "workers": 1, "seed": 0, "warmup-epochs": 0}
+QUICK = BASE_CONF["extra_hyperparameters"]
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
-
-
-def local_stack():
-    spec = importlib.util.spec_from_file_location("local_stack", REPO / "scripts" / "local_stack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Api:
@@ -97,7 +91,6 @@ def live(moto_endpoint, tmp_path_factory):
 
 
 def _live(moto_endpoint, tmp_path_factory):
-    stack = local_stack()
     work = tmp_path_factory.mktemp("live")
     standin_proc, standin = start_standin(work / "standin", moto_endpoint, CONTAINER_PYTHON, api_key=API_KEY)
     s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
@@ -105,15 +98,15 @@ def _live(moto_endpoint, tmp_path_factory):
     upload_dataset(s3, "ui-bucket", "v-ui", {"train": 10, "validation": 4, "test": 6})
     (work / "passwords.json").write_text(json.dumps({USER: PASSWORD}))
     port = free_port()
-    env = stack.server_env(stack.airflow_env(work, moto_endpoint, standin), port, f"{USER}:admin",
+    env = local_stack.server_env(local_stack.airflow_env(work, moto_endpoint, standin), port, f"{USER}:admin",
                            work / "passwords.json")
     # Notice a task whose runner died within a minute, not the default five. (The scheduler's own
     # health threshold stays at its default: lowered, a busy scheduler declares itself dead.)
     env.update({"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "45",
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
                 "BIN_COUNTER_SAGEMAKER_POLL_S": "1"})
-    stack.airflow(["db", "migrate"], env, work / "migrate.log")
-    airflow = stack.LiveAirflow(env, work, port).start()
+    local_stack.airflow(["db", "migrate"], env, work / "migrate.log")
+    airflow = local_stack.LiveAirflow(env, work, port).start()
     try:
         api = Api(airflow.url)
         wait_until(lambda: {"bin_count_data_prep", "bin_count_retrain"} <= {
@@ -123,12 +116,6 @@ def _live(moto_endpoint, tmp_path_factory):
         airflow.stop()
         standin_proc.terminate()
         standin_proc.wait(timeout=20)
-
-
-def free_port() -> int:
-    from standin.launch import free_port as pick
-
-    return pick()
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
