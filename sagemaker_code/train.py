@@ -98,6 +98,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument("--mode", default="finetune", choices=backbones.MODES,
                        help="head: train only a new last layer (the seed's recipe); partial: freeze the first "
                             "half of the backbone; finetune: all layers")
+    model.add_argument("--head", default="linear", choices=backbones.HEADS,
+                       help="linear: one logit per count; ordinal: one score and ordered thresholds "
+                            "(cumulative-link, CORAL-style: 'more than k?' answers that cannot contradict)")
     model.add_argument("--weights", default="imagenet",
                        help="backbone init: imagenet (torchvision weights API), none, or a state dict path")
     model.add_argument("--max-count", type=int, default=5, help="top count class; classes are 0..max-count")
@@ -405,7 +408,7 @@ def save_atomic(obj, path: Path) -> None:
 
 def config_signature(args: argparse.Namespace, fingerprint: str) -> dict:
     """What must match for a checkpoint to be resumed: the recipe and the data."""
-    keys = ("arch", "mode", "weights", "max_count", "above_max", "image_size", "epochs", "batch_size", "lr",
+    keys = ("arch", "mode", "head", "weights", "max_count", "above_max", "image_size", "epochs", "batch_size", "lr",
             "label_smoothing", "smooth_to", "class_weights")
     return {**{k: getattr(args, k) for k in keys}, "data": fingerprint}
 
@@ -461,7 +464,7 @@ def main(args: argparse.Namespace) -> dict:
         print("no validation channel: keeping the last epoch", flush=True)
         args.select_metric = "last"
 
-    model = backbones.build_model(args.arch, num_classes, args.weights, args.mode)
+    model = backbones.build_model(args.arch, num_classes, args.weights, args.mode, args.head)
     model = model.to(device).to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -585,6 +588,7 @@ def model_card(args, result: dict, history: list, sizes: dict, fingerprint: str,
         "task": "count the items in an Amazon Bin Image Dataset photo",
         "backbone": args.arch,
         "mode": args.mode,
+        "head": args.head,
         "initial_weights": args.weights,
         "classes": list(range(num_classes)),
         "max_count": args.max_count,

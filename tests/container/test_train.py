@@ -328,3 +328,43 @@ def test_neighbour_smoothing_with_balanced_weights_trains_and_is_recorded(split_
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert card["hyperparameters"]["smooth_to"] == "neighbours"
     assert card["hyperparameters"]["class_weights"] == "balanced"
+
+
+def test_ordinal_head_gives_consistent_class_probabilities_and_learns_an_order():
+    torch.manual_seed(0)
+    head = backbones.OrdinalHead(8, 6)
+    features = torch.randn(64, 8) * 5
+    probabilities = torch.softmax(head(features), 1)
+    assert torch.allclose(probabilities.sum(1), torch.ones(64), atol=1e-4)
+    # P(count > k) never rises with k: the thresholds stay ordered whatever the parameters are.
+    with torch.no_grad():
+        head.threshold_steps.copy_(torch.tensor([-9.0, 3.0, -2.0, 0.5]))
+    above = 1 - torch.softmax(head(features), 1).cumsum(1)[:, :-1]
+    assert (above[:, 1:] <= above[:, :-1] + 1e-6).all()
+    # A score that grows with the count is learnable by cross-entropy on these log-probabilities.
+    labels = torch.arange(6).repeat(50)
+    inputs = torch.nn.functional.one_hot(labels, 6).float() @ torch.randn(6, 8) + labels[:, None].float()
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(head(inputs), labels).backward()
+        optimizer.step()
+    assert (head(inputs).argmax(1) == labels).float().mean() > 0.9
+
+
+def test_an_ordinal_model_trains_resumes_by_its_head_and_serves(split_channels, tmp_path):
+    flags = [*FAST, "--train", str(split_channels["train"]), "--validation", str(split_channels["validation"]),
+             "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs", "1"]
+    run = run_train([*flags, "--head", "ordinal", "--model-dir", str(tmp_path / "model")])
+    assert run.returncode == 0, run.stderr
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert card["head"] == "ordinal"
+    # The checkpoint records the head: a linear run must not resume from it.
+    refused = run_train([*flags, "--model-dir", str(tmp_path / "other")])
+    assert refused.returncode != 0 and "head" in refused.stderr
+    image = next(split_channels["test"].rglob("*.jpg"))
+    served = subprocess.run([sys.executable, "-c", SERVE_FROM_CODE_DIR, str(tmp_path / "model"), str(image)],
+                            capture_output=True, text=True, cwd=tmp_path, env=clean_env(), check=False)
+    assert served.returncode == 0, served.stderr
+    answer = json.loads(served.stdout)
+    assert answer["count"] in range(6) and abs(sum(answer["probabilities"]) - 1) < 1e-3
