@@ -100,18 +100,34 @@ class OrdinalHead(nn.Module):
         self.first_threshold = nn.Parameter(torch.tensor(-(num_classes - 2) / 2))
         self.threshold_steps = nn.Parameter(torch.full((num_classes - 2,), math.log(math.e - 1)))
 
+    @torch.no_grad()
+    def start_from_prior(self, class_counts: torch.Tensor) -> None:
+        """Thresholds at the logits of the training set's cumulative class shares, so that a zero
+        score predicts the class frequencies: otherwise a rare count (124 empty bins in 4,366) takes
+        most of the training to get its threshold where it belongs."""
+        shares = class_counts.double().clamp_min(0.5) / class_counts.double().clamp_min(0.5).sum()
+        cumulative = shares.cumsum(0)[:-1].clamp(1e-4, 1 - 1e-4)
+        thresholds = torch.log(cumulative / (1 - cumulative))
+        gaps = thresholds.diff().clamp_min(1e-3)
+        self.first_threshold.copy_(thresholds[0])
+        self.threshold_steps.copy_(torch.log(torch.expm1(gaps)))  # softplus's inverse
+
     def thresholds(self) -> torch.Tensor:
         steps = nn.functional.softplus(self.threshold_steps)
         return torch.cat([self.first_threshold.view(1), self.first_threshold + torch.cumsum(steps, 0)])
 
+    def log_probabilities(self, score: torch.Tensor) -> torch.Tensor:
+        """Class log-probabilities for a (batch, 1) score."""
+        above = torch.sigmoid(score - self.thresholds())  # P(count > k), k = 0..K-2
+        ones = torch.ones_like(above[:, :1])
+        at_least = torch.cat([ones, above], 1)  # P(count >= k), k = 0..K-1
+        at_least_next = torch.cat([above, torch.zeros_like(ones)], 1)
+        return (at_least - at_least_next).clamp_min(1e-7).log()
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # Differences of sigmoids lose everything in bf16; the head is tiny, so it runs in fp32.
         with torch.autocast(features.device.type, enabled=False):
-            above = torch.sigmoid(self.score(features.float()) - self.thresholds())  # P(count > k)
-            ones = torch.ones_like(above[:, :1])
-            at_least = torch.cat([ones, above], 1)  # P(count >= k), k = 0..K-1
-            at_least_next = torch.cat([above, torch.zeros_like(ones)], 1)
-            return (at_least - at_least_next).clamp_min(1e-7).log()
+            return self.log_probabilities(self.score(features.float()))
 
 
 def _new_head(in_features: int, num_classes: int, head: str) -> nn.Module:
@@ -130,12 +146,16 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int, head: str) -> N
         model.classifier[-1] = _new_head(last.in_features, num_classes, head)
 
 
+def head_module(model: nn.Module, arch: str) -> nn.Module:
+    """The new last layer."""
+    if arch.startswith("efficientnet_lite"):
+        return model._fc
+    return model.fc if arch.startswith("resnet") else model.classifier[-1]
+
+
 def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
     """The parameters of the new last layer (what `--mode head` trains)."""
-    if arch.startswith("efficientnet_lite"):
-        return list(model._fc.parameters())
-    head = model.fc if arch.startswith("resnet") else model.classifier[-1]
-    return list(head.parameters())
+    return list(head_module(model, arch).parameters())
 
 
 def build_model(arch: str, num_classes: int, weights: str = "none", mode: str = "finetune",

@@ -15,8 +15,8 @@ as is; SageMaker Runtime returns it as a ModelError): 400 malformed, 413 too lar
 The model card decides the architecture (`backbone`, and `head`: "linear" unless it says "ordinal")
 and how a count is read from the model: `test_time_augmentation` ("none", or
 "hflip" / "flips": class probabilities averaged over mirrored copies) and `decoding` ("argmax", the
-most likely count, or "median", the smallest count whose cumulative probability reaches one half,
-which never lands between two likely neighbours). Cards without them mean "none" and "argmax".
+most likely count; "median", the smallest count whose cumulative probability reaches one half,
+which never lands between two likely neighbours; or "expected", the expected count rounded). Cards without them mean "none" and "argmax".
 
 Limits come from the environment: BIN_COUNTER_MAX_IMAGE_BYTES (default 10 MB),
 BIN_COUNTER_MAX_PIXELS (default 40 million), BIN_COUNTER_MAX_BATCH (default 16).
@@ -143,7 +143,7 @@ def input_fn(request_body, request_content_type: str) -> dict:
 
 # name -> the mirror images averaged (h: left-right, v: top-bottom); mirroring never changes a count
 TTA_VIEWS = {"none": ("",), "hflip": ("", "h"), "flips": ("", "h", "v", "hv")}
-DECODINGS = ("argmax", "median")
+DECODINGS = ("argmax", "median", "expected")
 
 
 def class_probabilities(net: torch.nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
@@ -166,6 +166,10 @@ def decode(probabilities: torch.Tensor, decoding: str = "argmax") -> torch.Tenso
         return probabilities.argmax(1)
     if decoding == "median":
         return (probabilities.cumsum(1) < 0.5).sum(1).clamp(max=probabilities.shape[1] - 1)
+    if decoding == "expected":
+        # Half-way values go up: torch.round would send 2.5 to 2 and 3.5 to 4.
+        classes = torch.arange(probabilities.shape[1], dtype=probabilities.dtype, device=probabilities.device)
+        return torch.floor((probabilities * classes).sum(1) + 0.5).long().clamp(0, probabilities.shape[1] - 1)
     raise ValueError(f"unknown decoding {decoding!r}; choose one of {DECODINGS}")
 
 

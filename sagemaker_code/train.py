@@ -144,7 +144,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                               "(flips: the photo and its three mirror images)")
     serving.add_argument("--decoding", default="median", choices=inference.DECODINGS,
                          help="argmax: the most likely count; median: the count where the cumulative "
-                              "probability reaches one half")
+                              "probability reaches one half; expected: the expected count, rounded")
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
@@ -465,6 +465,9 @@ def main(args: argparse.Namespace) -> dict:
         args.select_metric = "last"
 
     model = backbones.build_model(args.arch, num_classes, args.weights, args.mode, args.head)
+    if args.head == "ordinal":
+        counts = torch.bincount(training_labels(data["train"]), minlength=num_classes)
+        backbones.head_module(model, args.arch).start_from_prior(counts)
     model = model.to(device).to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)

@@ -153,12 +153,15 @@ def test_errors_use_the_inference_toolkits_status_contract():
     assert json.loads(error.phrase)["error"] == "too_large"
 
 
-def test_median_decoding_reads_the_count_where_half_the_probability_is_reached():
+def test_decodings_read_the_most_likely_the_median_and_the_expected_count():
     import torch
 
     probabilities = torch.tensor([[0.4, 0.2, 0.4], [0.1, 0.1, 0.8], [0.5, 0.0, 0.5], [0.0, 0.0, 1.0]])
     assert inference.decode(probabilities, "argmax").tolist() == [0, 2, 0, 2]
     assert inference.decode(probabilities, "median").tolist() == [1, 2, 0, 2]
+    # Expected counts 1.0, 1.7, 1.0 and 2.0; 0.5 above a count rounds up.
+    assert inference.decode(probabilities, "expected").tolist() == [1, 2, 1, 2]
+    assert inference.decode(torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]]), "expected").tolist() == [1, 2]
     with pytest.raises(ValueError, match="unknown decoding"):
         inference.decode(probabilities, "mode")
 

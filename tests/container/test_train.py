@@ -341,6 +341,10 @@ def test_ordinal_head_gives_consistent_class_probabilities_and_learns_an_order()
         head.threshold_steps.copy_(torch.tensor([-9.0, 3.0, -2.0, 0.5]))
     above = 1 - torch.softmax(head(features), 1).cumsum(1)[:, :-1]
     assert (above[:, 1:] <= above[:, :-1] + 1e-6).all()
+    # Started from a prior, a zero score predicts the class shares.
+    prior = torch.tensor([10.0, 50, 100, 100, 90, 70])
+    head.start_from_prior(prior)
+    assert torch.allclose(head.log_probabilities(torch.zeros(1, 1)).exp()[0], prior / prior.sum(), atol=1e-4)
     # A score that grows with the count is learnable by cross-entropy on these log-probabilities.
     labels = torch.arange(6).repeat(50)
     inputs = torch.nn.functional.one_hot(labels, 6).float() @ torch.randn(6, 8) + labels[:, None].float()
