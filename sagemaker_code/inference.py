@@ -16,7 +16,8 @@ The model card decides the architecture (`backbone`, and `head`: "linear" unless
 and how a count is read from the model: `test_time_augmentation` ("none", or
 "hflip" / "flips": class probabilities averaged over mirrored copies) and `decoding` ("argmax", the
 most likely count; "median", the smallest count whose cumulative probability reaches one half,
-which never lands between two likely neighbours; or "expected", the expected count rounded). Cards without them mean "none" and "argmax".
+which never lands between two likely neighbours; or "expected", the expected count rounded).
+Cards without them mean "none" and "argmax".
 
 Limits come from the environment: BIN_COUNTER_MAX_IMAGE_BYTES (default 10 MB),
 BIN_COUNTER_MAX_PIXELS (default 40 million), BIN_COUNTER_MAX_BATCH (default 16).
