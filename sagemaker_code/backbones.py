@@ -105,7 +105,8 @@ class OrdinalHead(nn.Module):
         """Thresholds at the logits of the training set's cumulative class shares, so that a zero
         score predicts the class frequencies: otherwise a rare count (124 empty bins in 4,366) takes
         most of the training to get its threshold where it belongs."""
-        shares = class_counts.double().clamp_min(0.5) / class_counts.double().clamp_min(0.5).sum()
+        counts = class_counts.double().clamp_min(0.5)  # an absent count still gets a finite threshold
+        shares = counts / counts.sum()
         cumulative = shares.cumsum(0)[:-1].clamp(1e-4, 1 - 1e-4)
         thresholds = torch.log(cumulative / (1 - cumulative))
         gaps = thresholds.diff().clamp_min(1e-3)
@@ -136,21 +137,24 @@ def _new_head(in_features: int, num_classes: int, head: str) -> nn.Module:
     return nn.Linear(in_features, num_classes) if head == "linear" else OrdinalHead(in_features, num_classes)
 
 
-def _replace_head(model: nn.Module, arch: str, num_classes: int, head: str) -> None:
+def _head_slot(model: nn.Module, arch: str) -> tuple[nn.Module, str]:
+    """Where each architecture keeps its last layer: the parent module and the attribute name."""
     if arch.startswith("resnet"):
-        model.fc = _new_head(model.fc.in_features, num_classes, head)
-    elif arch.startswith("efficientnet_lite"):
-        model._fc = _new_head(model._fc.in_features, num_classes, head)
-    else:
-        last = model.classifier[-1]
-        model.classifier[-1] = _new_head(last.in_features, num_classes, head)
+        return model, "fc"
+    if arch.startswith("efficientnet_lite"):
+        return model, "_fc"
+    return model.classifier, str(len(model.classifier) - 1)
+
+
+def _replace_head(model: nn.Module, arch: str, num_classes: int, head: str) -> None:
+    parent, name = _head_slot(model, arch)
+    setattr(parent, name, _new_head(getattr(parent, name).in_features, num_classes, head))
 
 
 def head_module(model: nn.Module, arch: str) -> nn.Module:
     """The new last layer."""
-    if arch.startswith("efficientnet_lite"):
-        return model._fc
-    return model.fc if arch.startswith("resnet") else model.classifier[-1]
+    parent, name = _head_slot(model, arch)
+    return getattr(parent, name)
 
 
 def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
