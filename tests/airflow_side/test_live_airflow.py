@@ -170,14 +170,18 @@ def set_json(dialog, name: str, value) -> None:
 
 
 def log_in(page, url: str, screenshot: str | None = None) -> None:
+    from playwright.sync_api import expect  # the page fixture has made sure playwright is there
+
     page.goto(f"{url}/")
-    page.wait_for_url(re.compile(r".*/auth/login.*"))  # nothing is shown before logging in
+    # Nothing is shown before logging in. The redirect takes more than one hop, and waiting for a
+    # navigation event fails when a hop is aborted by the next one: poll the URL instead.
+    expect(page).to_have_url(re.compile(r".*/auth/login.*"), timeout=30_000)
     if screenshot:
         shot(page, screenshot)
     page.locator("input[name=username]").fill(USER)
     page.locator("input[name=password]").fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{url}/")
+    expect(page).to_have_url(f"{url}/", timeout=30_000)
 
 
 def open_trigger_form(page, url: str, dag_id: str):
