@@ -12,8 +12,9 @@ Errors: {"error", "message", "request_id"} with 400 malformed, 413 too large, 41
 429 throttled, 502 the model failed, 503 the endpoint is not in service, 504 it timed out.
 
 Configuration (environment): ENDPOINT_NAME (required), MAX_IMAGE_BYTES (4 MiB), MAX_IMAGES (8),
-INVOKE_TIMEOUT_S (20), INVOKE_ATTEMPTS (3), MATCH_THRESHOLD (0.5), MISMATCH_THRESHOLD (0.1),
-CORS_ALLOW_ORIGIN (unset: no CORS header). lambda/template.yaml sets them for AWS.
+INVOKE_CONNECT_TIMEOUT_S (2), INVOKE_TIMEOUT_S (8), INVOKE_ATTEMPTS (2), MATCH_THRESHOLD (0.5),
+MISMATCH_THRESHOLD (0.1), CORS_ALLOW_ORIGIN (unset: no CORS header). lambda/function.json holds the
+values that lambda/template.yaml and the retraining DAG give the function on AWS.
 Only the standard library and boto3, both in every Lambda Python runtime.
 """
 
@@ -30,6 +31,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
+from botocore.retries.standard import ExponentialBackoff
 
 from verdicts import verdict
 
@@ -51,14 +53,32 @@ def setting(name: str, default: float) -> float:
     return float(value) if value not in (None, "") else default
 
 
+def invoke_settings() -> tuple[float, float, int]:
+    """(connect timeout s, read timeout s, attempts) for InvokeEndpoint."""
+    return (setting("INVOKE_CONNECT_TIMEOUT_S", 2), setting("INVOKE_TIMEOUT_S", 8),
+            int(setting("INVOKE_ATTEMPTS", 2)))
+
+
+def retry_budget_s(connect_s: float, read_s: float, attempts: int) -> float:
+    """The longest InvokeEndpoint can take, retries included: every attempt timing out on connect and
+    read, and botocore's standard-mode backoff at its longest between them (throttling scale, plus the
+    most an x-amz-retry-after header may add). It must fit in the function's timeout, or a slow endpoint
+    shows the client Lambda's "Task timed out" and a gateway 5xx instead of our 504."""
+    # Older botocores (a Lambda runtime's own) have no retry-after allowance: then it adds nothing.
+    retry_after = getattr(ExponentialBackoff, "_RETRY_AFTER_MAX_ADDITIONAL", 0)
+    backoff = sum(min(2 ** i, ExponentialBackoff._MAX_BACKOFF) + retry_after for i in range(attempts - 1))
+    return attempts * (connect_s + read_s) + backoff
+
+
 def runtime_client():
     """One client per container: created on the first request, reused while the container is warm."""
     global _runtime
     if _runtime is None:
+        connect_s, read_s, attempts = invoke_settings()
         _runtime = boto3.client("sagemaker-runtime", config=Config(
-            connect_timeout=5, read_timeout=setting("INVOKE_TIMEOUT_S", 20),
+            connect_timeout=connect_s, read_timeout=read_s,
             # Standard mode retries throttling and transient errors with backoff, a bounded number of times.
-            retries={"mode": "standard", "total_max_attempts": int(setting("INVOKE_ATTEMPTS", 3))}))
+            retries={"mode": "standard", "total_max_attempts": attempts}))
     return _runtime
 
 

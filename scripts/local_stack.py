@@ -30,6 +30,8 @@ import boto3
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 
+from standin.aws_calls import WORKER_ACCESS_KEY_ID  # noqa: E402
+from standin.iam import load_template, render  # noqa: E402
 from standin.launch import start_moto, start_standin, wait_until_up  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -62,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def connection(moto: str, standin: str) -> dict:
     """The Airflow AWS connection of the local stack. On AWS: the same without the endpoint URLs."""
-    return {"conn_type": "aws", "extra": {
+    return {"conn_type": "aws", "login": WORKER_ACCESS_KEY_ID, "password": "local", "extra": {
         "endpoint_url": moto, "region_name": "us-east-1",
         "service_config": {"sagemaker": {"endpoint_url": standin}, "sagemaker-runtime": {"endpoint_url": standin},
                            "lambda": {"endpoint_url": standin}}}}
@@ -77,7 +79,8 @@ def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection(moto, standin)),
-        "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": json.dumps({"role_arn": "arn:aws:iam::000000000000:role/bin-counter"}),
+        # What the README tells a user to copy from the pipeline stack's outputs, rendered for this account.
+        "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": render(load_template()).outputs["SageMakerVariable"],
         "BIN_COUNTER_SAGEMAKER_POLL_S": "2",
         # Airflow starts its task runners as `airflow ...` from the PATH.
         "PATH": os.pathsep.join([str(VENV_BIN), env.get("PATH", "")]),

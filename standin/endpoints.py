@@ -45,13 +45,14 @@ class EndpointHost:
         self.retiring: list[Worker] = []  # replaced by an update, finishing their requests
         self.lock = threading.Lock()
 
-    def start(self, endpoint: str, config_name: str, model_data_url: str) -> Worker:
-        """Download and extract the model, start a worker, wait until it answers /ping."""
+    def start(self, endpoint: str, config_name: str, model_data_url: str, role_arn: str) -> Worker:
+        """Download and extract the model (with the model's execution role, as SageMaker does), start a
+        worker, wait until it answers /ping."""
         bucket, _, key = model_data_url[5:].partition("/")
         model_dir = self.root / endpoint / f"{config_name}-{int(time.time() * 1000)}"
         model_dir.mkdir(parents=True)
         try:
-            archive = self.s3_factory().get_object(Bucket=bucket, Key=key)["Body"].read()
+            archive = self.s3_factory(role_arn).get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:
             raise WorkerFailed(f"could not download the model {model_data_url}: {exc}") from exc
         try:

@@ -30,6 +30,7 @@ from pathlib import Path
 import botocore.session
 from botocore.validate import ParamValidator
 
+from standin.aws_calls import role_environment
 from standin.sagemaker_api import ACCOUNT, AwsError
 
 RUNNER = Path(__file__).resolve().parent / "lambda_runner.py"
@@ -83,14 +84,16 @@ class LambdaApi:
         if report.has_errors():
             raise AwsError("InvalidParameterValueException", report.generate_report())
 
+    def arn(self, name: str) -> str:
+        return f"arn:aws:lambda:{self.region}:{ACCOUNT}:function:{name}"
+
     def _folder(self, name: str) -> Path:
         return self.root / name
 
     def _config(self, name: str) -> dict:
         path = self._folder(name) / "function.json"
         if not path.is_file():
-            arn = f"arn:aws:lambda:{self.region}:{ACCOUNT}:function:{name}"
-            raise AwsError("ResourceNotFoundException", f"Function not found: {arn}", 404)
+            raise AwsError("ResourceNotFoundException", f"Function not found: {self.arn(name)}", 404)
         return json.loads(path.read_text())
 
     def _install_code(self, name: str, zip_bytes: bytes) -> dict:
@@ -125,7 +128,7 @@ class LambdaApi:
                 raise AwsError("ResourceConflictException", f"Function already exist: {name}", 409)
             self._folder(name).mkdir(parents=True)
             sizes = self._install_code(name, code["ZipFile"])
-            config = {"FunctionName": name, "FunctionArn": f"arn:aws:lambda:{self.region}:{ACCOUNT}:function:{name}",
+            config = {"FunctionName": name, "FunctionArn": self.arn(name),
                       "Runtime": body.get("Runtime", "python3.11"), "Timeout": body.get("Timeout", 3),
                       "MemorySize": body.get("MemorySize", 128), "Version": "$LATEST", "State": "Active",
                       "LastUpdateStatus": "Successful", "PackageType": "Zip",
@@ -202,7 +205,10 @@ class LambdaApi:
                 if environment.revision == config["RevisionId"] and environment.process.poll() is None:
                     return environment
                 environment.stop()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_LAMBDA", "_HANDLER"))}
+        # The function runs with its role's credentials, as Lambda gives them, never the stand-in's own.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("AWS_LAMBDA", "_HANDLER", "AWS_ACCESS_KEY", "AWS_SECRET", "AWS_SESSION"))}
+        env.update(role_environment(config["Role"]))
         env.update(config.get("Environment", {}).get("Variables", {}))
         env.update({"AWS_LAMBDA_FUNCTION_NAME": name, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(config["MemorySize"]),
                     "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST", "AWS_REGION": self.region,

@@ -36,22 +36,28 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 60.0) ->
             time.sleep(0.1)
 
 
-def start_moto(port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """A moto server (S3, CloudWatch Logs, ...) on loopback; returns the process and its endpoint."""
+def start_moto(port: int | None = None, call_log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """A moto server (S3, CloudWatch Logs, ...) on loopback; returns the process and its endpoint.
+    With `call_log`, every request's IAM actions are written there (standin.aws_calls)."""
     port = port or free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = ["--call-log", str(call_log)] if call_log else []
+    process = subprocess.Popen([sys.executable, "-m", "standin.moto_server", "-H", "127.0.0.1", "-p", str(port), *log],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     wait_until_up(f"{endpoint}/moto-api/", process)
     return process, endpoint
 
 
 def start_standin(state_dir: Path, aws_endpoint: str, container_python: Path, port: int | None = None,
-                  api_key: str | None = None, extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+                  api_key: str | None = None, extra_args: tuple[str, ...] = (),
+                  call_log: Path | None = None) -> tuple[subprocess.Popen, str]:
     """The SageMaker and Lambda stand-in (and the local API gateway, requiring `api_key` when given)
-    on loopback; returns the process and its endpoint. `extra_args` are more `standin.server` flags."""
+    on loopback; returns the process and its endpoint. `extra_args` are more `standin.server` flags;
+    with `call_log`, every request's IAM actions are written there (standin.aws_calls)."""
     port = port or free_port()
     key = ["--api-key", api_key, *extra_args] if api_key else list(extra_args)
+    if call_log:
+        key += ["--call-log", str(call_log)]
     process = subprocess.Popen([sys.executable, "-m", "standin.server", "--port", str(port), "--state-dir",
                                 str(state_dir), "--aws-endpoint", aws_endpoint, "--container-python",
                                 str(container_python), *key], cwd=ROOT, stdout=subprocess.DEVNULL,

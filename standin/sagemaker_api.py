@@ -17,14 +17,24 @@ from pathlib import Path
 
 import boto3
 import botocore.session
+from botocore.utils import parse_timestamp
 from botocore.validate import ParamValidator
 
 from standin import training, tuning
+from standin.aws_calls import role_credentials
 from standin.endpoints import EndpointHost, WorkerFailed
 
 log = logging.getLogger("standin")
 ACCOUNT = "000000000000"
 TERMINAL = ("Completed", "Failed", "Stopped")
+# List* filters on a record's times: parameter -> the field it bounds (strictly, as AWS does).
+TIME_FILTERS = {"CreationTimeBefore": "CreationTime", "CreationTimeAfter": "CreationTime",
+                "LastModifiedTimeBefore": "LastModifiedTime", "LastModifiedTimeAfter": "LastModifiedTime"}
+
+
+def _epoch(value: float | str) -> float:
+    # boto3 sends timestamps as epoch seconds; other clients may send ISO 8601 strings.
+    return float(value) if isinstance(value, int | float) else parse_timestamp(value).timestamp()
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,41 @@ RESOURCES = {
         "endpoint-configs", "EndpointConfigName", "EndpointConfigArn", 'Could not find endpoint configuration "{arn}".',
         "ValidationException", 'Cannot create already existing endpoint configuration "{arn}".'),
 }
+
+
+# The role a request hands to SageMaker, which AWS checks as iam:PassRole on the caller.
+PASSED_ROLES = {"CreateTrainingJob": ("RoleArn",),
+                "CreateHyperParameterTuningJob": ("TrainingJobDefinition", "RoleArn"),
+                "CreateModel": ("ExecutionRoleArn",)}
+
+
+def arn(kind: str, name: str, region: str = "us-east-1") -> str:
+    # SageMaker writes names in lowercase in its ARNs, and IAM matches those.
+    return f"arn:aws:sagemaker:{region}:{ACCOUNT}:{kind}/{name.lower()}"
+
+
+def authorizations(operation: str, params: dict) -> list[tuple]:
+    """The IAM actions (and resources) AWS checks for one SageMaker API call: the operation on the
+    resource it names ("*" for the List calls), sagemaker:AddTags when it tags at creation, and
+    iam:PassRole for a role it hands over."""
+    resource = params.get("ResourceArn", "*")
+    for kind, spec in RESOURCES.items():
+        if spec.name_field in params and _noun(kind) in operation:
+            resource = arn(kind, params[spec.name_field])
+            break
+    found = [(f"sagemaker:{operation}", resource)]
+    if operation.startswith("Create") and params.get("Tags"):
+        found.append(("sagemaker:AddTags", resource))
+    role: object = params
+    for field in PASSED_ROLES.get(operation, ()):
+        role = role.get(field) if isinstance(role, dict) else None
+    if isinstance(role, str):
+        found.append(("iam:PassRole", role, {"iam:PassedToService": "sagemaker.amazonaws.com"}))
+    return found
+
+
+def _noun(kind: str) -> str:
+    return "".join(part.title() for part in kind.split("-"))
 
 
 class AwsError(Exception):
@@ -97,7 +142,7 @@ class SageMakerApi:
         self.processes: dict[str, object] = {}
         self.series: dict[str, dict[str, list[float]]] = {}  # training job -> metric values so far
         self.endpoints = EndpointHost(self.state_dir / "endpoint-workers", container_python,
-                                      lambda: self._client("s3"))
+                                      lambda role_arn: self._client("s3", role_arn))
         self.invoke_limit = TokenBucket(invoke_rate, invoke_burst)
         # Failure drills: models whose name matches fail their health check, as a broken container would.
         self.unhealthy_models = re.compile(unhealthy_models) if unhealthy_models else None
@@ -123,7 +168,7 @@ class SageMakerApi:
         return self.state_dir / RESOURCES[kind].folder / name / "resource.json"
 
     def _arn(self, kind: str, name: str) -> str:
-        return f"arn:aws:sagemaker:{self.region}:{ACCOUNT}:{kind}/{name.lower()}"
+        return arn(kind, name, self.region)
 
     def _get(self, kind: str, name: str) -> dict:
         path = self._file(kind, name)
@@ -159,8 +204,11 @@ class SageMakerApi:
         shutil.rmtree(self._file(kind, name).parent)
         return {}
 
-    def _client(self, service: str):
-        return boto3.client(service, endpoint_url=self.aws_endpoint, region_name=self.region)
+    def _client(self, service: str, role_arn: str):
+        """A client acting as `role_arn`: SageMaker reads and writes S3 and logs with the job's or
+        the model's role, never with the caller's rights."""
+        return boto3.client(service, endpoint_url=self.aws_endpoint, region_name=self.region,
+                            **role_credentials(role_arn))
 
     def _recover(self) -> None:
         # A job that was running when the stand-in stopped cannot be resumed: say so, as AWS
@@ -234,9 +282,11 @@ class SageMakerApi:
                 self._put("training-job", current)
 
         try:
-            training.run_job(job, root, self._client("s3"), self.python, update,
+            role = job["RoleArn"]
+            training.run_job(job, root, self._client("s3", role), self.python, update,
                              started_process=lambda proc: self.processes.__setitem__(name, proc),
-                             logs=self._client("logs"), metrics_seen=lambda series: self.series.__setitem__(name, {
+                             logs=self._client("logs", role),
+                             metrics_seen=lambda series: self.series.__setitem__(name, {
                                  k: list(v) for k, v in series.items()}))
         except Exception as exc:  # S3 unreachable, no credentials...: the job fails, saying why
             reason = f"ClientError: {type(exc).__name__}: {exc}"
@@ -248,12 +298,17 @@ class SageMakerApi:
         return self._get("training-job", params["TrainingJobName"])
 
     @staticmethod
-    def _listed(records: list[dict], params: dict, name_field: str, status_field: str) -> list[dict]:
-        """The NameContains / StatusEquals / SortBy / SortOrder part that every List* call shares."""
+    def _listed(records: list[dict], params: dict, name_field: str, status_field: str | None = None) -> list[dict]:
+        """The NameContains / StatusEquals / *TimeBefore / *TimeAfter / SortBy / SortOrder part that every
+        List* call shares."""
         if params.get("NameContains"):
             records = [r for r in records if params["NameContains"] in r[name_field]]
         if params.get("StatusEquals"):
             records = [r for r in records if r[status_field] == params["StatusEquals"]]
+        for bound, field in TIME_FILTERS.items():
+            if params.get(bound) is not None:
+                limit, before = _epoch(params[bound]), bound.endswith("Before")
+                records = [r for r in records if (r[field] < limit if before else r[field] > limit)]
         key = {"Name": name_field, "Status": status_field}.get(params.get("SortBy"), "CreationTime")
         return sorted(records, key=lambda r: r[key], reverse=params.get("SortOrder", "Descending") == "Descending")
 
@@ -266,6 +321,23 @@ class SageMakerApi:
                                         "LastModifiedTime") if k in j} for j in page]
         result = {"TrainingJobSummaries": summaries}
         if start + size < len(jobs):
+            result["NextToken"] = str(start + size)
+        return result
+
+    @staticmethod
+    def _page(records: list[dict], params: dict, list_field: str, fields: tuple[str, ...]) -> dict:
+        """One page of a List* answer, as AWS pages it: MaxResults (1 to 100, 10 by default) from
+        NextToken on, and a NextToken while more remain."""
+        size, token = params.get("MaxResults", 10), params.get("NextToken") or "0"
+        if size > 100:  # botocore's validator checks only the minimum
+            raise AwsError("ValidationException", f"1 validation error detected: Value '{size}' at 'maxResults' "
+                                                  "failed to satisfy constraint: Member must have value less than "
+                                                  "or equal to 100")
+        if not token.isdigit():
+            raise AwsError("ValidationException", "Invalid pagination token")
+        start = int(token)
+        result = {list_field: [{k: r[k] for k in fields if k in r} for r in records[start:start + size]]}
+        if start + size < len(records):
             result["NextToken"] = str(start + size)
         return result
 
@@ -294,6 +366,11 @@ class SageMakerApi:
         with self.lock:
             return self._delete("model", params["ModelName"])
 
+    def op_ListModels(self, params: dict) -> dict:
+        with self.lock:  # a deletion removes folders that listing reads
+            models = self._listed(self._all("model"), params, "ModelName")
+        return self._page(models, params, "Models", ("ModelName", "ModelArn", "CreationTime"))
+
     def op_CreateEndpointConfig(self, params: dict) -> dict:
         with self.lock:
             for variant in params["ProductionVariants"]:
@@ -306,6 +383,12 @@ class SageMakerApi:
     def op_DeleteEndpointConfig(self, params: dict) -> dict:
         with self.lock:
             return self._delete("endpoint-config", params["EndpointConfigName"])
+
+    def op_ListEndpointConfigs(self, params: dict) -> dict:
+        with self.lock:
+            configs = self._listed(self._all("endpoint-config"), params, "EndpointConfigName")
+        return self._page(configs, params, "EndpointConfigs", ("EndpointConfigName", "EndpointConfigArn",
+                                                               "CreationTime"))
 
     # -- endpoints ----------------------------------------------------------------------------------
     def _deploy_async(self, name: str, config_name: str, updating: bool) -> None:
@@ -321,7 +404,8 @@ class SageMakerApi:
                 raise WorkerFailed(f"The primary container for production variant {variant['VariantName']} did not "
                                    "pass the ping health check. Please check CloudWatch logs for this endpoint. "
                                    "(stand-in: the model name matches --unhealthy-models)")
-            worker = self.endpoints.start(name, config_name, model["PrimaryContainer"]["ModelDataUrl"])
+            worker = self.endpoints.start(name, config_name, model["PrimaryContainer"]["ModelDataUrl"],
+                                          model["ExecutionRoleArn"])
         except (AwsError, WorkerFailed) as exc:
             reason = exc.message if isinstance(exc, AwsError) else str(exc)
             with self.lock:
@@ -367,6 +451,12 @@ class SageMakerApi:
         with self.lock:
             self.endpoints.stop(params["EndpointName"])
             return self._delete("endpoint", params["EndpointName"])
+
+    def op_ListEndpoints(self, params: dict) -> dict:
+        with self.lock:
+            endpoints = self._listed(self._all("endpoint"), params, "EndpointName", "EndpointStatus")
+        return self._page(endpoints, params, "Endpoints", ("EndpointName", "EndpointArn", "CreationTime",
+                                                           "LastModifiedTime", "EndpointStatus"))
 
     def invoke(self, name: str, body: bytes, content_type: str | None, accept: str | None) -> tuple[bytes, str]:
         """SageMaker Runtime InvokeEndpoint: the model server's answer, or its error as ModelError."""

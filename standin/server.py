@@ -18,10 +18,11 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from standin.aws_calls import CallLog, caller
 from standin.gateway import ROUTE as GATEWAY_ROUTE
 from standin.gateway import Gateway
 from standin.lambda_api import LambdaApi
-from standin.sagemaker_api import AwsError, SageMakerApi
+from standin.sagemaker_api import AwsError, SageMakerApi, arn, authorizations
 
 log = logging.getLogger("standin")
 
@@ -29,7 +30,19 @@ log = logging.getLogger("standin")
 LAMBDA_PREFIX = "/2015-03-31/functions"
 
 
-def make_handler(api: SageMakerApi, lambdas: LambdaApi, gateway: Gateway | None = None):
+def lambda_operation(method: str, name: str, action: str) -> str:
+    """The Lambda API operation a REST route is (its IAM action is lambda:<operation>)."""
+    routes = {("POST", False, ""): "CreateFunction", ("GET", True, ""): "GetFunction",
+              ("GET", True, "configuration"): "GetFunctionConfiguration", ("PUT", True, "code"): "UpdateFunctionCode",
+              ("PUT", True, "configuration"): "UpdateFunctionConfiguration", ("DELETE", True, ""): "DeleteFunction",
+              ("POST", True, "invocations"): "InvokeFunction"}
+    return routes.get((method, bool(name), action), "")
+
+
+def make_handler(api: SageMakerApi, lambdas: LambdaApi, gateway: Gateway | None = None,
+                 calls: CallLog | None = None):
+    calls = calls or CallLog(None)
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # Headers and body go out in two writes; without this, Nagle's algorithm and delayed ACKs
@@ -51,6 +64,13 @@ def make_handler(api: SageMakerApi, lambdas: LambdaApi, gateway: Gateway | None 
             json_type = {"Content-Type": "application/json"}
             try:
                 body = json.loads(raw) if raw and action != "invocations" else {}
+                operation = lambda_operation(method, name, action)
+                if operation:
+                    function = name or body.get("FunctionName", "")
+                    granted = [(f"lambda:{operation}", lambdas.arn(function))]
+                    if body.get("Role"):  # the caller hands the function its role
+                        granted.append(("iam:PassRole", body["Role"], {"iam:PassedToService": "lambda.amazonaws.com"}))
+                    calls.record(caller(self.headers), granted, "standin")
                 if method == "POST" and not name:
                     self._send_raw(201, json.dumps(lambdas.create_function(body)).encode(), json_type)
                 elif method == "GET" and action in ("", "configuration"):
@@ -113,6 +133,7 @@ def make_handler(api: SageMakerApi, lambdas: LambdaApi, gateway: Gateway | None 
         def _runtime(self, raw: bytes) -> None:
             """SageMaker Runtime (REST-JSON): POST /endpoints/<name>/invocations."""
             name = self.path.split("/")[2]
+            calls.record(caller(self.headers), [("sagemaker:InvokeEndpoint", arn("endpoint", name))], "standin")
             try:
                 payload, content_type = api.invoke(name, raw, self.headers.get("Content-Type"),
                                                    self.headers.get("Accept"))
@@ -152,6 +173,7 @@ def make_handler(api: SageMakerApi, lambdas: LambdaApi, gateway: Gateway | None 
                     params = json.loads(raw or b"{}")
                 except json.JSONDecodeError as exc:
                     raise AwsError("SerializationException", f"request body is not JSON: {exc}") from exc
+                calls.record(caller(self.headers), authorizations(operation, params), "standin")
                 result = api.call(operation, params)
                 log.info("%s %s -> 200", operation, params.get("TrainingJobName", ""))
                 self._send(200, result)
@@ -177,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="endpoint of the other AWS services: S3 and CloudWatch Logs (the moto server)")
     parser.add_argument("--container-python", required=True, help="Python of the container-side environment")
     parser.add_argument("--log-file", default=None, help="log here as well as to stderr")
+    parser.add_argument("--call-log", default=os.environ.get("BIN_COUNTER_AWS_CALL_LOG"),
+                        help="append each request's IAM actions here as JSON lines, as standin.moto_server does "
+                             "(default: $BIN_COUNTER_AWS_CALL_LOG; none: no log)")
     parser.add_argument("--api-function", default="bin-counter-api",
                         help="the Lambda function behind the local API Gateway route POST /count")
     parser.add_argument("--api-key", default=os.environ.get("BIN_COUNTER_API_KEY") or None,
@@ -208,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                        unhealthy_models=args.unhealthy_models)
     lambdas = LambdaApi(Path(args.state_dir).resolve())
     gateway = Gateway(lambdas, args.api_function, args.api_key, max_in_flight=args.api_max_in_flight)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(api, lambdas, gateway))
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(api, lambdas, gateway, CallLog(args.call_log)))
     log.info("SageMaker stand-in on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

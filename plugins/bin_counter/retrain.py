@@ -246,22 +246,60 @@ def check_answers(payload: str | bytes | Mapping, images: list[dict], classes: i
 
 
 # -- requests the DAG sends, from its Params ------------------------------------------------------
+class SettingsError(ValueError):
+    """An account setting the run cannot start without; the message says what to set."""
+
+
+STACK_HINT = "(infra/pipeline.yaml's outputs; see the README, \"Run it on AWS\")"
+
+
 def sagemaker_settings(variable: Mapping | None, region: str | None) -> dict:
-    """Account settings from the `bin_counter_sagemaker` Variable: role_arn (required), and optionally
-    lambda_role_arn, training_image and inference_image (default: AWS's PyTorch containers)."""
+    """Account settings from the `bin_counter_sagemaker` Variable: role_arn and lambda_role_arn (both
+    required), and optionally training_image and inference_image (default: AWS's PyTorch containers)."""
     variable = dict(variable or {})
-    if not variable.get("role_arn"):
-        raise ValueError("set the Airflow Variable bin_counter_sagemaker to JSON with at least "
-                         '{"role_arn": "arn:aws:iam::<account>:role/<SageMaker execution role>"} (see the README)')
+    # Two roles, because each service accepts only a role whose trust policy names it: Lambda refuses
+    # the SageMaker role, and would do so after the endpoint had already switched.
+    missing = [k for k in ("role_arn", "lambda_role_arn") if not variable.get(k)]
+    if missing:
+        raise SettingsError(
+            f"the Airflow Variable bin_counter_sagemaker lacks {' and '.join(missing)}: set it to the stack "
+            f"output SageMakerVariable {STACK_HINT}, JSON like "
+            '{"role_arn": "arn:aws:iam::<account>:role/<SageMaker execution role>", '
+            '"lambda_role_arn": "arn:aws:iam::<account>:role/<API function role>"}')
     region = region or "us-east-1"
     images = f"763104351884.dkr.ecr.{region}.amazonaws.com"
     return {
         "region": region,
         "role_arn": variable["role_arn"],
-        "lambda_role_arn": variable.get("lambda_role_arn", variable["role_arn"]),
+        "lambda_role_arn": variable["lambda_role_arn"],
         "training_image": variable.get("training_image", f"{images}/pytorch-training:2.6.0-cpu-py312"),
         "inference_image": variable.get("inference_image", f"{images}/pytorch-inference:2.6.0-cpu-py312"),
     }
+
+
+def check_bucket(s3, bucket: str, region: str) -> str:
+    """Fail early unless `bucket` exists, is ours to use, and is in the connection's `region` (SageMaker
+    reads training data only from its own region). Returns the bucket's region."""
+    try:
+        s3.head_bucket(Bucket=bucket)
+        location = s3.get_bucket_location(Bucket=bucket).get("LocationConstraint")
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket"):
+            raise SettingsError(f"the bucket {bucket} does not exist: deploy infra/pipeline.yaml and set the "
+                                f"bucket Param to its output BucketName {STACK_HINT}") from exc
+        if code in ("403", "AccessDenied"):
+            raise SettingsError(f"the bucket {bucket} exists but these credentials may not use it: S3 bucket "
+                                "names are global, so it may be someone else's; set the bucket Param to the stack "
+                                f"output BucketName, and attach the output WorkerPolicyArn to the workers {STACK_HINT}"
+                                ) from exc
+        raise
+    found = location or "us-east-1"  # S3 answers no LocationConstraint for us-east-1
+    if found != region:
+        raise SettingsError(f"the bucket {bucket} is in {found}, but the Airflow connection's region is {region}: "
+                            "SageMaker jobs read their data from their own region. Set the connection's region_name "
+                            "to the bucket's, or use a bucket in the connection's region.")
+    return found
 
 
 def static_hyperparameters(params: Mapping) -> dict:
@@ -330,15 +368,21 @@ def deployment_requests(params: Mapping, job: Mapping, data: Mapping, account: M
             "endpoint": {"EndpointName": params["endpoint_name"], "EndpointConfigName": name}}
 
 
-def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str, timeout_s: int = 28,
-                    memory_mb: int = 256) -> str:
+def function_settings(lambda_dir: Path = LAMBDA_DIR) -> dict:
+    """lambda/function.json: the runtime, limits and settings the API function runs with on AWS."""
+    return {k: v for k, v in json.loads((lambda_dir / "function.json").read_text()).items() if k != "//"}
+
+
+def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str) -> str:
     """Create the API's Lambda function, or update its code and point it at `endpoint_name`.
     Returns the function's ARN.
 
-    An existing function (for example one that lambda/template.yaml created) keeps its role, limits
-    and other environment variables: only the code and ENDPOINT_NAME are the DAG's to change.
+    A new function gets lambda/function.json's runtime, limits and settings, as lambda/template.yaml's
+    does. An existing function (for example the template's) keeps its role, limits and other settings:
+    only the code and ENDPOINT_NAME are the DAG's to change.
     """
     code = function_zip()
+    settings = function_settings()
     try:
         existing = lambda_client.get_function(FunctionName=name)["Configuration"]
     except ClientError as exc:
@@ -347,9 +391,9 @@ def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str,
         existing = None
     if existing is None:
         created = lambda_client.create_function(
-            FunctionName=name, Runtime="python3.12", Role=role_arn, Handler="handler.handler",
-            Code={"ZipFile": code}, Timeout=timeout_s, MemorySize=memory_mb,
-            Environment={"Variables": {"ENDPOINT_NAME": endpoint_name}},
+            FunctionName=name, Runtime=settings["Runtime"], Role=role_arn, Handler=settings["Handler"],
+            Code={"ZipFile": code}, Timeout=settings["Timeout"], MemorySize=settings["MemorySize"],
+            Environment={"Variables": {**settings["Environment"], "ENDPOINT_NAME": endpoint_name}},
             Description="bin-counter public API: counts items in a bin photo")
         log.info("created Lambda function %s for endpoint %s", name, endpoint_name)
         arn = created["FunctionArn"]

@@ -11,11 +11,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+from pathlib import Path
 
 import boto3
 import pytest
 
 from bin_counter.sagemaker_config import training_job_config
+from standin import iam
+from standin.aws_calls import WORKER_ACCESS_KEY_ID, read_calls
 from standin.launch import start_moto, start_standin
 from tests.conftest import REPO, write_split_dir
 
@@ -30,11 +34,49 @@ API_KEY = "local-test-key"  # what the stand-in's local API gateway requires in 
 
 
 @pytest.fixture(scope="session")
-def moto_endpoint():
-    process, endpoint = start_moto()
+def aws_call_log(tmp_path_factory) -> Path:
+    """Where the moto server and every stand-in write each request's IAM actions (standin.aws_calls)."""
+    return tmp_path_factory.mktemp("aws-calls") / "calls.jsonl"
+
+
+@pytest.fixture(scope="session")
+def pipeline_stack() -> iam.Stack:
+    """infra/pipeline.yaml as CloudFormation would create it in the local stack's account and region."""
+    return iam.render(iam.load_template())
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(aws_call_log):
+    process, endpoint = start_moto(call_log=aws_call_log)
     yield endpoint
     process.terminate()
     process.wait(timeout=10)
+
+
+def connection_json(moto_endpoint: str, standin_endpoint: str | None = None) -> str:
+    """The Airflow AWS connection of the local stack, signing as the Airflow worker: S3, logs and SNS on
+    moto, SageMaker and Lambda on the stand-in. On AWS the same DAGs run with a connection without
+    these endpoint URLs (and with the worker's own credentials)."""
+    extra: dict = {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}
+    if standin_endpoint:
+        extra["service_config"] = {service: {"endpoint_url": standin_endpoint}
+                                   for service in ("sagemaker", "sagemaker-runtime", "lambda")}
+    return json.dumps({"conn_type": "aws", "login": WORKER_ACCESS_KEY_ID, "password": "local", "extra": extra})
+
+
+@pytest.fixture
+def permitted_calls_only(aws_call_log, pipeline_stack, request):
+    """After the test: every AWS call the pipeline made in it is one the ledger names and the stack's
+    policies allow, for the principal that made it (the Airflow worker, SageMaker's role, the API
+    function's role), as AWS would authorise it."""
+    # The test's own bucket stands for the stack's (asked for here, so that it outlives this check).
+    alias = {request.getfixturevalue("bucket"): pipeline_stack.outputs["BucketName"]} \
+        if "bucket" in request.fixturenames else {}
+    start = aws_call_log.stat().st_size if aws_call_log.exists() else 0
+    yield
+    refused = iam.refused_calls(read_calls(aws_call_log, start), pipeline_stack, WORKER_ACCESS_KEY_ID,
+                                iam.load_ledger(), alias)
+    assert not refused, "\n".join(refused)
 
 
 @pytest.fixture
@@ -60,10 +102,9 @@ def airflow_db():
 
 
 @pytest.fixture
-def aws_connection(moto_endpoint, monkeypatch):
+def aws_connection(moto_endpoint, monkeypatch, permitted_calls_only):
     """The Airflow AWS connection pointed at the moto server: the only thing that differs from AWS."""
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
-        {"conn_type": "aws", "extra": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", connection_json(moto_endpoint))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     return "aws_default"
@@ -79,7 +120,7 @@ def list_objects(s3, bucket: str, prefix: str = "") -> dict[str, tuple[str, obje
 
 
 @pytest.fixture
-def standin(tmp_path, moto_endpoint, aws_connection, request):  # its S3 client needs aws_connection's credentials
+def standin(tmp_path, moto_endpoint, aws_connection, aws_call_log, request):
     """The SageMaker and Lambda stand-in on loopback, running jobs in the container-side env; a test
     marked `standin_args(...)` starts it with those extra flags."""
     if not CONTAINER_PYTHON.exists():
@@ -87,7 +128,7 @@ def standin(tmp_path, moto_endpoint, aws_connection, request):  # its S3 client 
     state = tmp_path / "state"
     marker = request.node.get_closest_marker("standin_args")
     proc, endpoint = start_standin(state, moto_endpoint, CONTAINER_PYTHON, api_key=API_KEY,
-                                   extra_args=tuple(marker.args) if marker else ())
+                                   extra_args=tuple(marker.args) if marker else (), call_log=aws_call_log)
     handle = {"proc": proc, "endpoint": endpoint, "state": state}
     yield handle
     handle["proc"].terminate()
@@ -96,13 +137,8 @@ def standin(tmp_path, moto_endpoint, aws_connection, request):  # its S3 client 
 
 @pytest.fixture
 def local_stack_connection(standin, moto_endpoint, monkeypatch):
-    """The Airflow AWS connection of the local stack: S3 and logs on moto, SageMaker and Lambda on the
-    stand-in. On AWS the same DAGs run with a connection without these endpoint URLs."""
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "extra": {
-        "endpoint_url": moto_endpoint, "region_name": "us-east-1",
-        "service_config": {"sagemaker": {"endpoint_url": standin["endpoint"]},
-                           "sagemaker-runtime": {"endpoint_url": standin["endpoint"]},
-                           "lambda": {"endpoint_url": standin["endpoint"]}}}}))
+    """The Airflow AWS connection of the local stack (connection_json)."""
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", connection_json(moto_endpoint, standin["endpoint"]))
     return standin
 
 
@@ -129,6 +165,26 @@ def job_config(bucket: str, name: str, **hyperparameters) -> dict:
         source_s3_uri=f"s3://{bucket}/code/sourcedir.tar.gz",
         channels={"train": f"s3://{bucket}/data/train/", "validation": f"s3://{bucket}/data/validation/"},
         output_s3_uri=f"s3://{bucket}/models/", hyperparameters=hps, region="us-east-1")
+
+
+def deployed_model(sm, name: str, training_job: str | None = None, artifact: str | None = None) -> str:
+    """A model and an endpoint config for a model.tar.gz (by default a finished training job's)."""
+    if artifact is None:
+        artifact = sm.describe_training_job(TrainingJobName=training_job)["ModelArtifacts"]["S3ModelArtifacts"]
+    sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::000000000000:role/local",
+                    PrimaryContainer={"Image": "local/pytorch-inference:cpu", "ModelDataUrl": artifact})
+    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
+        {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+    return name
+
+
+def wait_endpoint(sm, name: str, timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        endpoint = sm.describe_endpoint(EndpointName=name)
+        if endpoint["EndpointStatus"] in ("InService", "Failed") or time.time() > deadline:
+            return endpoint
+        time.sleep(0.3)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

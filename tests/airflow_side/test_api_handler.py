@@ -14,12 +14,17 @@ import pytest
 
 from bin_counter import api_client
 from bin_counter.retrain import ensure_function, function_zip
+from standin import iam
 from standin.launch import start_standin
 from tests.airflow_side.conftest import API_KEY, CONTAINER_PYTHON
 from tests.airflow_side.test_standin import client, deployed_model, serving_endpoint, wait_endpoint
 from tests.conftest import make_bin_image, png_claiming_size
 
-ROLE = "arn:aws:iam::000000000000:role/bin-counter-api"
+# The API function's role as infra/pipeline.yaml creates it, so that its calls are held against its policy.
+ROLE = iam.render(iam.load_template()).roles["ApiFunctionRole"]["arn"]
+# That role may invoke the stack's one endpoint only (AWS would answer AccessDenied for any other), so
+# the functions pointed at other endpoints to see how the handler reports them run as another role.
+OTHER_ENDPOINTS_ROLE = "arn:aws:iam::000000000000:role/test-functions-for-other-endpoints"
 
 
 def rest_event(body: bytes | str, content_type: str | None, binary: bool = True, method: str = "POST",
@@ -90,7 +95,7 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
         assert body["message"] and body["request_id"], case
 
     # An endpoint that does not exist: the API says it is unavailable, not that it crashed.
-    ensure_function(aws_lambda, "bin-counter-api-nowhere", "no-such-endpoint", ROLE)
+    ensure_function(aws_lambda, "bin-counter-api-nowhere", "no-such-endpoint", OTHER_ENDPOINTS_ROLE)
     status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="bin-counter-api-nowhere")
     assert (status, body["error"]) == (503, "endpoint_unavailable"), body
 
@@ -200,7 +205,7 @@ def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack,
     deployed_model(sm, "failing", artifact=f"s3://{bucket}/failing/model.tar.gz")
     sm.create_endpoint(EndpointName="bin-counter-failing", EndpointConfigName="failing")
     assert wait_endpoint(sm, "bin-counter-failing")["EndpointStatus"] == "InService"
-    ensure_function(aws_lambda, "api-failing", "bin-counter-failing", ROLE)
+    ensure_function(aws_lambda, "api-failing", "bin-counter-failing", OTHER_ENDPOINTS_ROLE)
     status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-failing")
     assert (status, body["error"]) == (502, "model_error"), body
     assert "device-side assert" in body["message"]

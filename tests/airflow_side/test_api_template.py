@@ -118,11 +118,40 @@ def test_the_local_gateway_and_the_handler_match_the_template(template):
     for variable in function["Environment"]["Variables"]:
         assert re.search(rf"\b{variable}\b", handler_source.split('"""', 2)[1]), f"{variable} not documented"
         assert f'"{variable}"' in function_source, f"{variable} not read by the function's code"
-    # API Gateway gives up after 29 s: the function must answer (or time out) before that, and its
-    # endpoint calls, retries included, within its own timeout.
+
+
+def test_the_template_and_the_dag_created_function_share_one_set_of_limits(template):
+    from bin_counter.retrain import function_settings
+
+    function = template["Resources"]["ApiFunction"]["Properties"]
+    settings = function_settings()
+    for field in ("Runtime", "Handler", "Timeout", "MemorySize"):
+        assert function[field] == settings[field], field
     variables = function["Environment"]["Variables"]
-    assert function["Timeout"] < 29
-    assert float(variables["INVOKE_TIMEOUT_S"]) * int(variables["INVOKE_ATTEMPTS"]) < function["Timeout"]
+    parameters = template["Parameters"]
+    resolved = {k: str(parameters[v["Ref"]]["Default"]) if isinstance(v, dict) else v for k, v in variables.items()}
+    assert {k: resolved[k] for k in settings["Environment"]} == settings["Environment"]
+
+
+def test_the_endpoint_calls_retries_included_fit_in_the_function_and_the_function_in_the_gateway():
+    sys.path.insert(0, str(REPO / "lambda"))
+    try:
+        import handler
+    finally:
+        sys.path.remove(str(REPO / "lambda"))
+    from bin_counter.retrain import function_settings
+
+    settings = function_settings()
+    env = settings["Environment"]
+    budget = handler.retry_budget_s(float(env["INVOKE_CONNECT_TIMEOUT_S"]), float(env["INVOKE_TIMEOUT_S"]),
+                                    int(env["INVOKE_ATTEMPTS"]))
+    # Room for the handler's own work (decoding, base64) and a cold start's client creation.
+    assert budget + 2 <= settings["Timeout"] < 29, (budget, settings["Timeout"])
+    # The handler's defaults are the same numbers: a function without these settings is within budget too.
+    assert handler.invoke_settings() == (float(env["INVOKE_CONNECT_TIMEOUT_S"]), float(env["INVOKE_TIMEOUT_S"]),
+                                         int(env["INVOKE_ATTEMPTS"]))
+    # The budget is botocore's: one more attempt adds its timeouts and its longest backoff.
+    assert handler.retry_budget_s(2, 8, 3) - handler.retry_budget_s(2, 8, 2) >= 10 + 2
 
 
 def test_the_template_defaults_name_what_the_retraining_dag_deploys(template, airflow_db):

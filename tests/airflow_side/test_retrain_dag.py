@@ -12,7 +12,6 @@ import pytest
 from bin_counter.sagemaker_config import run_job_names
 from tests.conftest import REPO, make_bin_image
 
-ROLE = "arn:aws:iam::000000000000:role/bin-counter-local"
 # Small and quick: 64-pixel images, counts 0 to 2, two tuning trials at most.
 BASE_CONF = {"arch": "mobilenet_v2", "mode": "finetune", "max_count": 2, "batch_sizes": [8],
              "epochs_min": 2, "epochs_max": 3, "lr_min": 0.001, "lr_max": 0.003, "max_jobs": 2,
@@ -21,10 +20,11 @@ BASE_CONF = {"arch": "mobilenet_v2", "mode": "finetune", "max_count": 2, "batch_
 
 
 @pytest.fixture
-def dag(airflow_db, monkeypatch):
+def dag(airflow_db, monkeypatch, pipeline_stack):
     from airflow.dag_processing.dagbag import DagBag
 
-    monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", json.dumps({"role_arn": ROLE}))
+    # The Variable exactly as the README tells a user to copy it from the stack's outputs.
+    monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", pipeline_stack.outputs["SageMakerVariable"])
     monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
     dag = DagBag(str(REPO / "dags")).get_dag("bin_count_retrain")
     for task in dag.tasks:

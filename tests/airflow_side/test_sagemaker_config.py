@@ -181,14 +181,18 @@ def test_best_trial_decodes_hyperparameters_and_explains_a_tuning_job_without_on
                                      "TrainingJobStatusCounters": {"NonRetryableError": 4}})
 
 
-def test_account_settings_need_a_role():
-    from bin_counter.retrain import sagemaker_settings
+def test_account_settings_need_both_roles():
+    from bin_counter.retrain import SettingsError, sagemaker_settings
 
-    with pytest.raises(ValueError, match="bin_counter_sagemaker"):
+    with pytest.raises(SettingsError, match="bin_counter_sagemaker lacks role_arn and lambda_role_arn"):
         sagemaker_settings(None, "eu-west-1")
-    settings = sagemaker_settings({"role_arn": ACCOUNT["role_arn"]}, "eu-west-1")
+    # Lambda refuses a role that does not trust lambda.amazonaws.com: the SageMaker role is no fallback.
+    with pytest.raises(SettingsError, match=r"lacks lambda_role_arn: set it to the stack output SageMakerVariable"):
+        sagemaker_settings({"role_arn": ACCOUNT["role_arn"]}, "eu-west-1")
+    lambda_role = "arn:aws:iam::123456789012:role/bin-counter-api"
+    settings = sagemaker_settings({"role_arn": ACCOUNT["role_arn"], "lambda_role_arn": lambda_role}, "eu-west-1")
     assert settings["training_image"].startswith("763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training")
-    assert settings["lambda_role_arn"] == ACCOUNT["role_arn"]
+    assert settings["lambda_role_arn"] == lambda_role
 
 
 SERVING = {"endpoint": "bin-counter", "model": "bin-counter-aaa-final", "model_data_url": "s3://b/m.tar.gz"}

@@ -17,7 +17,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from standin.launch import start_standin
-from tests.airflow_side.conftest import CONTAINER_PYTHON, job_config
+from tests.airflow_side.conftest import CONTAINER_PYTHON, deployed_model, job_config, wait_endpoint
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
 
@@ -152,26 +152,6 @@ def test_models_and_endpoint_configs(standin, aws_connection):
     with pytest.raises(ClientError) as caught:
         sm.create_endpoint(EndpointName="e", EndpointConfigName="bin-count-1")  # deleted above
     assert caught.value.response["Error"]["Code"] == "ValidationException"
-
-
-def deployed_model(sm, name: str, training_job: str | None = None, artifact: str | None = None) -> str:
-    """A model and an endpoint config for a model.tar.gz (by default a finished training job's)."""
-    if artifact is None:
-        artifact = sm.describe_training_job(TrainingJobName=training_job)["ModelArtifacts"]["S3ModelArtifacts"]
-    sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::000000000000:role/local",
-                    PrimaryContainer={"Image": "local/pytorch-inference:cpu", "ModelDataUrl": artifact})
-    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
-        {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
-    return name
-
-
-def wait_endpoint(sm, name: str, timeout: float = 180) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        endpoint = sm.describe_endpoint(EndpointName=name)
-        if endpoint["EndpointStatus"] in ("InService", "Failed") or time.time() > deadline:
-            return endpoint
-        time.sleep(0.3)
 
 
 def serving_endpoint(sm, bucket: str, job: str, endpoint: str) -> None:
