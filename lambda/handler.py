@@ -195,6 +195,11 @@ def invoke(images: list[bytes], single: bool) -> dict:
                 detail = {}
             raise ApiError(int(original), detail.get("error", "rejected_by_model"),
                            detail.get("message", message)) from exc
+        if code in ("AccessDeniedException", "AccessDenied", "UnrecognizedClientException", "ExpiredTokenException"):
+            # AWS's message names the role and the account: for the function's log, not for clients.
+            log.error(json.dumps({"event": "endpoint_forbidden", "code": code, "message": message}))
+            raise ApiError(502, "api_misconfigured", "the API may not call its model; this is a fault of the "
+                                                     "service, not of the request") from exc
         if code in ("ThrottlingException", "TooManyRequestsException"):
             raise ApiError(429, "throttled", "too many requests; retry with backoff") from exc
         if code == "ValidationException" or code in ("ServiceUnavailable", "ModelNotReadyException"):

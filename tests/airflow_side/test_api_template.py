@@ -163,3 +163,27 @@ def test_the_template_defaults_name_what_the_retraining_dag_deploys(template, ai
     assert parameters["EndpointName"]["Default"] == params["endpoint_name"]
     assert parameters["FunctionName"]["Default"] == params["function_name"]
     assert re.fullmatch(parameters["EndpointName"]["AllowedPattern"], params["endpoint_name"])
+
+
+def test_an_endpoint_the_function_may_not_call_answers_without_account_details(monkeypatch):
+    # AWS refuses InvokeEndpoint to a role that does not grant it, with a message naming the role and
+    # the account; the local stack never refuses, so AWS's answer is stubbed here.
+    from botocore.stub import Stubber
+
+    sys.path.insert(0, str(REPO / "lambda"))
+    try:
+        import handler
+    finally:
+        sys.path.remove(str(REPO / "lambda"))
+    monkeypatch.setenv("ENDPOINT_NAME", "bin-counter")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    client = handler.boto3.client("sagemaker-runtime", aws_access_key_id="x", aws_secret_access_key="x")  # noqa: S106
+    monkeypatch.setattr(handler, "_runtime", client)
+    denied = ("User: arn:aws:sts::123456789012:assumed-role/bin-counter-api/fn is not authorized to perform: "
+              "sagemaker:InvokeEndpoint on resource: arn:aws:sagemaker:us-east-1:123456789012:endpoint/bin-counter")
+    with Stubber(client) as stub:
+        stub.add_client_error("invoke_endpoint", "AccessDeniedException", denied, 400)
+        with pytest.raises(handler.ApiError) as raised:
+            handler.invoke([b"\xff\xd8\xff photo"], single=True)
+    assert (raised.value.status, raised.value.code) == (502, "api_misconfigured")
+    assert "123456789012" not in raised.value.message and "arn:" not in raised.value.message

@@ -175,3 +175,27 @@ def test_a_call_without_its_permission_fails_the_check(tmp_path, pipeline_stack,
         "api-function-role: sagemaker:InvokeEndpoint would be refused"))
     assert wrong_prefix.endswith(f"e.g. arn:aws:s3:::{bucket}/elsewhere/x")
     assert other_endpoint.endswith(f"{ARN}:endpoint/another-endpoint") and new_call
+
+
+def test_the_settings_task_refuses_a_missing_a_foreign_or_a_distant_bucket(s3, bucket, moto_endpoint):
+    import boto3
+    from botocore.exceptions import ClientError
+
+    from bin_counter.retrain import SettingsError, check_bucket
+
+    assert check_bucket(s3, bucket, "us-east-1") == "us-east-1"
+    with pytest.raises(SettingsError, match=r"does not exist: deploy infra/pipeline\.yaml and set the bucket "
+                                            r"Param to its output BucketName"):
+        check_bucket(s3, "bin-counter-no-such-bucket", "us-east-1")
+    distant = boto3.client("s3", endpoint_url=moto_endpoint, region_name="eu-west-1")
+    distant.create_bucket(Bucket=f"{bucket}-eu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    with pytest.raises(SettingsError, match=rf"{bucket}-eu is in eu-west-1, but the Airflow connection's region "
+                                            r"is us-east-1: SageMaker jobs read their data from their own region"):
+        check_bucket(s3, f"{bucket}-eu", "us-east-1")
+
+    class Foreign:  # what S3 answers for a bucket name that another account holds
+        def head_bucket(self, Bucket):
+            raise ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadBucket")
+
+    with pytest.raises(SettingsError, match="may be someone else's"):
+        check_bucket(Foreign(), "bin-counter", "us-east-1")
