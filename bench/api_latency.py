@@ -31,6 +31,7 @@ from botocore.exceptions import ClientError  # noqa: E402
 from bin_counter.api_client import images_in  # noqa: E402
 from bin_counter.api_load import NO_ANSWER, gateway_sender, run_load  # noqa: E402
 from bin_counter.retrain import ensure_function  # noqa: E402
+from standin.iam import service_role  # noqa: E402
 from standin.launch import start_moto, start_standin  # noqa: E402
 
 CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
@@ -91,6 +92,8 @@ def main() -> None:
                         ("AWS_DEFAULT_REGION", "us-east-1")):
         os.environ[name] = value
     moto, moto_url = start_moto()
+    service_role(boto3.client("iam", endpoint_url=moto_url), ROLE.rsplit("/", 1)[1], "sagemaker.amazonaws.com",
+                 "lambda.amazonaws.com")
     state = Path(tempfile.mkdtemp(prefix="bench-api-"))
     standin, url = start_standin(state, moto_url, CONTAINER_PYTHON, api_key=API_KEY)
     try:

@@ -28,6 +28,7 @@ import boto3  # noqa: E402
 
 from bin_counter.abid import read_local_records  # noqa: E402
 from bin_counter.sagemaker_config import training_job_config  # noqa: E402
+from standin.iam import service_role  # noqa: E402
 from standin.launch import start_moto, start_standin  # noqa: E402
 
 CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
@@ -61,6 +62,8 @@ def main() -> None:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     moto, moto_endpoint = start_moto()
+    service_role(boto3.client("iam", endpoint_url=moto_endpoint, region_name="us-east-1"), "local",
+                 "sagemaker.amazonaws.com")
     state = ROOT / "build" / "bench-standin"
     subprocess.run(["rm", "-rf", str(state)], check=True)
     standin, endpoint = start_standin(state, moto_endpoint, CONTAINER_PYTHON)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 
 from standin.aws_calls import WORKER_ACCESS_KEY_ID  # noqa: E402
-from standin.iam import load_template, render  # noqa: E402
+from standin.iam import create_roles, load_template, render  # noqa: E402
 from standin.launch import start_moto, start_standin, wait_until_up  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -235,6 +235,8 @@ def count_through_the_api(standin: str, image: dict, work: Path) -> None:
 def start_servers(work: Path, moto_port: int, standin_port: int) -> tuple[list[subprocess.Popen], str, str]:
     moto_proc, moto = start_moto(moto_port)
     os.environ.update({"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"})
+    # The roles infra/pipeline.yaml creates on AWS: SageMaker and Lambda refuse a role IAM does not have.
+    create_roles(boto3.client("iam", endpoint_url=moto, region_name="us-east-1"), render(load_template()))
     standin_proc, standin = start_standin(work / "standin", moto, CONTAINER_PYTHON, standin_port, api_key=API_KEY)
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):

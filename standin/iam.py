@@ -14,6 +14,7 @@ their negations are refused, so nothing passes here that AWS might refuse.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import re
@@ -254,3 +255,30 @@ def refused_calls(calls: Iterable[Mapping], stack: Stack, worker_key_id: str, le
         problems.setdefault(problem, []).append(resource)
     return [f"{problem}; {len(set(found))} resource(s), e.g. {sorted(found)[0]}" for problem, found in
             sorted(problems.items())]
+
+
+def create_roles(iam_client, stack: Stack) -> dict[str, str]:
+    """Create the stack's roles, with their trust and inline policies, in an IAM (the local stack's
+    moto server), as CloudFormation would on AWS; a role that exists already is left as it is.
+    Returns logical id -> role ARN."""
+    created = {}
+    for logical, role in stack.roles.items():
+        name = role["arn"].rsplit("/", 1)[-1]
+        with contextlib.suppress(iam_client.exceptions.EntityAlreadyExistsException):
+            iam_client.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(role["trust"]))
+        for number, document in enumerate(role["policies"]):
+            iam_client.put_role_policy(RoleName=name, PolicyName=f"{name}-{number}",
+                                       PolicyDocument=json.dumps(document))
+        created[logical] = role["arn"]
+    return created
+
+
+def service_role(iam_client, name: str, *services: str) -> str:
+    """A role that `services` may assume and that grants nothing: for tests and benchmarks whose calls
+    no policy of ours is meant to cover. Returns its ARN."""
+    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": list(services)},
+                                                     "Action": "sts:AssumeRole"}]}
+    try:
+        return iam_client.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+    except iam_client.exceptions.EntityAlreadyExistsException:
+        return iam_client.get_role(RoleName=name)["Role"]["Arn"]

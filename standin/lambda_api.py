@@ -31,6 +31,7 @@ import botocore.session
 from botocore.validate import ParamValidator
 
 from standin.aws_calls import role_environment
+from standin.roles import RoleCheck
 from standin.sagemaker_api import ACCOUNT, AwsError
 
 RUNNER = Path(__file__).resolve().parent / "lambda_runner.py"
@@ -71,7 +72,9 @@ class ExecutionEnvironment:
 
 
 class LambdaApi:
-    def __init__(self, state_dir: Path, python: str = sys.executable, region: str = "us-east-1") -> None:
+    def __init__(self, state_dir: Path, python: str = sys.executable, region: str = "us-east-1",
+                 roles: RoleCheck | None = None) -> None:
+        self.roles = roles or RoleCheck(None)
         self.model = botocore.session.get_session().get_service_model("lambda")
         self.root = Path(state_dir) / "lambda"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -83,6 +86,10 @@ class LambdaApi:
         report = ParamValidator().validate(params, self.model.operation_model(operation).input_shape)
         if report.has_errors():
             raise AwsError("InvalidParameterValueException", report.generate_report())
+        # Lambda assumes the role at the request: one that does not trust Lambda is refused there.
+        if params.get("Role") and self.roles.refusal(params["Role"], "lambda.amazonaws.com"):
+            raise AwsError("InvalidParameterValueException", "The role defined for the function cannot be assumed "
+                                                             "by Lambda.")
 
     def arn(self, name: str) -> str:
         return f"arn:aws:lambda:{self.region}:{ACCOUNT}:function:{name}"

@@ -23,6 +23,7 @@ from botocore.validate import ParamValidator
 from standin import training, tuning
 from standin.aws_calls import role_credentials
 from standin.endpoints import EndpointHost, WorkerFailed
+from standin.roles import RoleCheck
 
 log = logging.getLogger("standin")
 ACCOUNT = "000000000000"
@@ -90,12 +91,18 @@ def authorizations(operation: str, params: dict) -> list[tuple]:
     found = [(f"sagemaker:{operation}", resource)]
     if operation.startswith("Create") and params.get("Tags"):
         found.append(("sagemaker:AddTags", resource))
+    role = passed_role(operation, params)
+    if role:
+        found.append(("iam:PassRole", role, {"iam:PassedToService": "sagemaker.amazonaws.com"}))
+    return found
+
+
+def passed_role(operation: str, params: dict) -> str | None:
+    """The role ARN a request hands to SageMaker, if it hands one."""
     role: object = params
     for field in PASSED_ROLES.get(operation, ()):
         role = role.get(field) if isinstance(role, dict) else None
-    if isinstance(role, str):
-        found.append(("iam:PassRole", role, {"iam:PassedToService": "sagemaker.amazonaws.com"}))
-    return found
+    return role if isinstance(role, str) else None
 
 
 def _noun(kind: str) -> str:
@@ -134,7 +141,8 @@ class SageMakerApi:
     """Training jobs (create, describe, list, stop), state kept as JSON under `state_dir`."""
 
     def __init__(self, state_dir: Path, aws_endpoint: str, container_python: str, region: str = "us-east-1",
-                 invoke_rate: float = 0.0, invoke_burst: int = 1, unhealthy_models: str | None = None) -> None:
+                 invoke_rate: float = 0.0, invoke_burst: int = 1, unhealthy_models: str | None = None,
+                 roles: RoleCheck | None = None) -> None:
         self.model = botocore.session.get_session().get_service_model("sagemaker")
         self.state_dir = Path(state_dir)
         self.aws_endpoint, self.python, self.region = aws_endpoint, container_python, region
@@ -144,6 +152,7 @@ class SageMakerApi:
         self.endpoints = EndpointHost(self.state_dir / "endpoint-workers", container_python,
                                       lambda role_arn: self._client("s3", role_arn))
         self.invoke_limit = TokenBucket(invoke_rate, invoke_burst)
+        self.roles = roles or RoleCheck(None)
         # Failure drills: models whose name matches fail their health check, as a broken container would.
         self.unhealthy_models = re.compile(unhealthy_models) if unhealthy_models else None
         self._recover()
@@ -162,7 +171,15 @@ class SageMakerApi:
             raise AwsError("UnknownOperationException",
                            f"{operation} is valid SageMaker but not served by the local stand-in "
                            "(see standin/README.md)")
+        self._check_passed_role(operation, params)
         return handler(params)
+
+    def _check_passed_role(self, operation: str, params: dict) -> None:
+        # SageMaker assumes the role at the request and refuses it there, before anything runs.
+        role = passed_role(operation, params)
+        if role and self.roles.refusal(role, "sagemaker.amazonaws.com"):
+            raise AwsError("ValidationException", f"Could not assume role {role}. Please ensure that the role exists "
+                                                  "and allows principal 'sagemaker.amazonaws.com' to assume the role.")
 
     def _file(self, kind: str, name: str) -> Path:
         return self.state_dir / RESOURCES[kind].folder / name / "resource.json"
@@ -284,7 +301,7 @@ class SageMakerApi:
         try:
             role = job["RoleArn"]
             training.run_job(job, root, self._client("s3", role), self.python, update,
-                             started_process=lambda proc: self.processes.__setitem__(name, proc),
+                             started_process=lambda proc: self._started(name, proc),
                              logs=self._client("logs", role),
                              metrics_seen=lambda series: self.series.__setitem__(name, {
                                  k: list(v) for k, v in series.items()}))
@@ -293,6 +310,15 @@ class SageMakerApi:
             update(status="Failed", secondary="Failed", message=reason, FailureReason=reason[:1024])
         finally:
             self.processes.pop(name, None)
+
+    def _started(self, name: str, proc) -> None:
+        # A StopTrainingJob that came between "Training" and the process starting found no process to
+        # stop: it is stopped here instead of running to completion.
+        with self.lock:
+            self.processes[name] = proc
+            stopping = self._get("training-job", name)["TrainingJobStatus"] == "Stopping"
+        if stopping:
+            proc.terminate()
 
     def op_DescribeTrainingJob(self, params: dict) -> dict:
         return self._get("training-job", params["TrainingJobName"])

@@ -22,6 +22,7 @@ from standin.aws_calls import CallLog, caller
 from standin.gateway import ROUTE as GATEWAY_ROUTE
 from standin.gateway import Gateway
 from standin.lambda_api import LambdaApi
+from standin.roles import RoleCheck
 from standin.sagemaker_api import AwsError, SageMakerApi, arn, authorizations
 
 log = logging.getLogger("standin")
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="InvokeEndpoint calls per second per endpoint before ThrottlingException "
                              "(0: unlimited)")
     parser.add_argument("--invoke-burst", type=int, default=1, help="calls allowed at once above --invoke-rate")
+    parser.add_argument("--role-check", choices=("iam", "off"), default="iam",
+                        help="iam (default): refuse a job, model or function whose role does not exist in IAM on "
+                             "--aws-endpoint or does not trust the service, as AWS does; off: accept any role")
     parser.add_argument("--unhealthy-models", default=None, metavar="REGEX",
                         help="failure drills: endpoints fail to create or update onto models whose name matches "
                              "REGEX, with SageMaker's health-check FailureReason (an update is rolled back)")
@@ -228,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["AWS_ENDPOINT_URL_SAGEMAKER"] = own
     os.environ.setdefault("AWS_ENDPOINT_URL", args.aws_endpoint)
     # Absolute: jobs run in their own working folders and find /opt/ml through this path.
+    roles = RoleCheck(args.aws_endpoint, enabled=args.role_check == "iam")
     api = SageMakerApi(Path(args.state_dir).resolve(), args.aws_endpoint, args.container_python,
                        invoke_rate=args.invoke_rate, invoke_burst=args.invoke_burst,
-                       unhealthy_models=args.unhealthy_models)
-    lambdas = LambdaApi(Path(args.state_dir).resolve())
+                       unhealthy_models=args.unhealthy_models, roles=roles)
+    lambdas = LambdaApi(Path(args.state_dir).resolve(), roles=roles)
     gateway = Gateway(lambdas, args.api_function, args.api_key, max_in_flight=args.api_max_in_flight)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(api, lambdas, gateway, CallLog(args.call_log)))
     log.info("SageMaker stand-in on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)

@@ -45,9 +45,22 @@ def pipeline_stack() -> iam.Stack:
     return iam.render(iam.load_template())
 
 
+# Roles of the tests' own, which SageMaker and Lambda may assume and which grant nothing: their calls
+# are nobody's in the policy check. Everything that stands for the pipeline uses the stack's roles.
+TEST_ROLES = {"local": ("sagemaker.amazonaws.com", "lambda.amazonaws.com"),
+              "test-functions-for-other-endpoints": ("lambda.amazonaws.com",)}
+
+
 @pytest.fixture(scope="session")
-def moto_endpoint(aws_call_log):
+def moto_endpoint(aws_call_log, pipeline_stack):
+    """A moto server with the pipeline stack's roles (and the tests' own) in its IAM, as on an account
+    where infra/pipeline.yaml is deployed: the stand-in refuses roles IAM does not let it assume."""
     process, endpoint = start_moto(call_log=aws_call_log)
+    admin = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                         aws_secret_access_key="testing")  # noqa: S106
+    iam.create_roles(admin, pipeline_stack)
+    for name, services in TEST_ROLES.items():
+        iam.service_role(admin, name, *services)
     yield endpoint
     process.terminate()
     process.wait(timeout=10)
@@ -102,6 +115,16 @@ def airflow_db():
 
 
 @pytest.fixture
+def worker_client(permitted_calls_only):
+    """Makes boto3 clients signed as the Airflow worker, for tests that call our task functions
+    directly: their calls are then held against the worker's policy, as a DAG run's are."""
+    def make(service: str, endpoint_url: str):
+        return boto3.client(service, endpoint_url=endpoint_url, region_name="us-east-1",
+                            aws_access_key_id=WORKER_ACCESS_KEY_ID, aws_secret_access_key="local")  # noqa: S106
+    return make
+
+
+@pytest.fixture
 def aws_connection(moto_endpoint, monkeypatch, permitted_calls_only):
     """The Airflow AWS connection pointed at the moto server: the only thing that differs from AWS."""
     monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", connection_json(moto_endpoint))
@@ -153,17 +176,23 @@ def job_inputs(s3, bucket, tmp_path):
     for name, seed in (("train", 0), ("validation", 1)):
         folder = write_split_dir(tmp_path / name, {0: 4, 1: 4, 2: 4}, seed)
         for image in folder.rglob("*.jpg"):
-            s3.put_object(Bucket=bucket, Key=f"data/{name}/{image.relative_to(folder)}", Body=image.read_bytes())
+            s3.put_object(Bucket=bucket, Key=f"{JOB_DATA}/{name}/{image.relative_to(folder)}", Body=image.read_bytes())
     return bucket
+
+
+# Where job_inputs puts its channels and which role its jobs run as: the pipeline's own layout and role,
+# so that what these jobs do (and an operator that starts them) is held against the stack's policies.
+JOB_DATA = "datasets/job-inputs"
+SAGEMAKER_ROLE = iam.render(iam.load_template()).roles["SageMakerExecutionRole"]["arn"]
 
 
 def job_config(bucket: str, name: str, **hyperparameters) -> dict:
     hps = {"arch": "mobilenet_v2", "weights": "none", "image-size": 32, "epochs": 1, "batch-size": 8,
            "workers": 1, "max-count": 2, **hyperparameters}
     return training_job_config(
-        job_name=name, image_uri="local/pytorch-training:cpu", role_arn="arn:aws:iam::000000000000:role/local",
+        job_name=name, image_uri="local/pytorch-training:cpu", role_arn=SAGEMAKER_ROLE,
         source_s3_uri=f"s3://{bucket}/code/sourcedir.tar.gz",
-        channels={"train": f"s3://{bucket}/data/train/", "validation": f"s3://{bucket}/data/validation/"},
+        channels={"train": f"s3://{bucket}/{JOB_DATA}/train/", "validation": f"s3://{bucket}/{JOB_DATA}/validation/"},
         output_s3_uri=f"s3://{bucket}/models/", hyperparameters=hps, region="us-east-1")
 
 

@@ -1,5 +1,6 @@
-"""lambda/template.yaml: valid under cfn-lint, least privilege, and consistent with the handler, the
-local gateway and the retraining DAG that the template sits beside."""
+"""lambda/template.yaml: valid under cfn-lint, least privilege (with the role infra/pipeline.yaml gives
+it), and consistent with the handler, the local gateway and the retraining DAG that the template sits
+beside."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from pathlib import Path
 import pytest
 from cfnlint.decode import cfn_yaml
 
-from standin import gateway
+from standin import gateway, iam
 from tests.conftest import REPO
 
 TEMPLATE = REPO / "lambda" / "template.yaml"
 CFN_LINT = Path(sys.executable).with_name("cfn-lint")
-ALLOWED_ACTIONS = {"sagemaker:InvokeEndpoint", "logs:CreateLogStream", "logs:PutLogEvents"}
+ALLOWED_ACTIONS = {"sagemaker:InvokeEndpoint", "logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_the_template_passes_cfn_lint():
 def test_cfn_lint_catches_a_broken_template(tmp_path):
     # The check above is only worth something if the linter really reads the template.
     broken = tmp_path / "template.yaml"
-    broken.write_text(TEMPLATE.read_text().replace("      Role: !GetAtt FunctionRole.Arn\n", "", 1))
+    broken.write_text(TEMPLATE.read_text().replace("      Role: !Ref FunctionRoleArn\n", "", 1))
     result = lint(broken)
     assert result.returncode != 0 and "Role" in result.stdout, result.stdout
 
@@ -55,16 +56,17 @@ def as_list(value) -> list:
 
 
 def test_the_function_may_invoke_one_endpoint_and_write_its_own_logs_only(template):
-    # Nothing grants through a side door: no managed policies, no separate policy resources.
-    for kind in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy", "AWS::IAM::User", "AWS::IAM::Group"):
+    # The API stack creates no IAM at all: the function runs as the pipeline stack's ApiFunctionRole.
+    for kind in ("AWS::IAM::Role", "AWS::IAM::Policy", "AWS::IAM::ManagedPolicy", "AWS::IAM::User", "AWS::IAM::Group"):
         assert not resources_of(template, kind), kind
-    roles = resources_of(template, "AWS::IAM::Role")
-    assert list(roles) == ["FunctionRole"]
-    role = roles["FunctionRole"]["Properties"]
+    assert template["Resources"]["ApiFunction"]["Properties"]["Role"] == {"Ref": "FunctionRoleArn"}
+
+    pipeline = iam.load_template()
+    roles = resources_of(pipeline, "AWS::IAM::Role")
+    role = roles["ApiFunctionRole"]["Properties"]
     assert "ManagedPolicyArns" not in role and "PermissionsBoundary" not in role
     trust = statements(role["AssumeRolePolicyDocument"])
     assert trust == [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]
-
     granted = {}
     for policy in role["Policies"]:
         for statement in statements(policy["PolicyDocument"]):
@@ -75,8 +77,11 @@ def test_the_function_may_invoke_one_endpoint_and_write_its_own_logs_only(templa
     assert set(granted) == ALLOWED_ACTIONS
     assert granted["sagemaker:InvokeEndpoint"] == [
         {"Fn::Sub": "arn:${AWS::Partition}:sagemaker:${AWS::Region}:${AWS::AccountId}:endpoint/${EndpointName}"}]
-    for action in ("logs:CreateLogStream", "logs:PutLogEvents"):
-        assert granted[action] == [{"Fn::GetAtt": ["FunctionLogGroup", "Arn"]}]
+    function_logs = ("arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:"
+                     "log-group:/aws/lambda/${FunctionName}:*")
+    for action in ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"):
+        assert granted[action] == [{"Fn::Sub": function_logs}]
+    # This stack's log group is the one the role may write to (both name it after FunctionName).
     log_group = template["Resources"]["FunctionLogGroup"]["Properties"]
     assert log_group["LogGroupName"] == {"Fn::Sub": "/aws/lambda/${FunctionName}"}
 

@@ -199,3 +199,33 @@ def test_the_settings_task_refuses_a_missing_a_foreign_or_a_distant_bucket(s3, b
 
     with pytest.raises(SettingsError, match="may be someone else's"):
         check_bucket(Foreign(), "bin-counter", "us-east-1")
+
+
+def test_sagemaker_and_lambda_refuse_a_role_they_cannot_assume(standin, pipeline_stack, job_inputs):
+    """The first real run's old failure: the DAG gave the Lambda function the SageMaker role, which Lambda
+    refuses (its trust policy names SageMaker only), after the endpoint had already switched."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    from bin_counter.retrain import function_zip
+    from tests.airflow_side.conftest import job_config
+
+    aws_lambda = boto3.client("lambda", endpoint_url=standin["endpoint"], region_name="us-east-1")
+    sm = boto3.client("sagemaker", endpoint_url=standin["endpoint"], region_name="us-east-1")
+    sagemaker_role, function_role = (pipeline_stack.outputs[k] for k in ("SageMakerRoleArn", "ApiFunctionRoleArn"))
+    missing = "arn:aws:iam::000000000000:role/never-created"
+    for role in (sagemaker_role, missing):
+        with pytest.raises(ClientError, match="The role defined for the function cannot be assumed by Lambda"):
+            aws_lambda.create_function(FunctionName="api", Runtime="python3.12", Role=role, Handler="handler.handler",
+                                       Code={"ZipFile": function_zip()})
+    for role in (function_role, missing):
+        with pytest.raises(ClientError, match=rf"Could not assume role {role}\. Please ensure that the role exists "
+                                              r"and allows principal 'sagemaker\.amazonaws\.com'"):
+            sm.create_training_job(**{**job_config(job_inputs, "refused-role"), "RoleArn": role})
+        with pytest.raises(ClientError, match="Could not assume role"):
+            sm.create_model(ModelName="refused", ExecutionRoleArn=role,
+                            PrimaryContainer={"Image": "local", "ModelDataUrl": "s3://b/m.tar.gz"})
+    assert not sm.list_training_jobs()["TrainingJobSummaries"]  # refused at the request: nothing ran
+    created = aws_lambda.create_function(FunctionName="api", Runtime="python3.12", Role=function_role,
+                                         Handler="handler.handler", Code={"ZipFile": function_zip()})
+    assert created["Role"] == function_role

@@ -45,10 +45,12 @@ def between_then_and_now() -> datetime:
 
 
 # -- S3 ----------------------------------------------------------------------------------------------
-def test_old_trial_artifacts_and_checkpoints_go_and_everything_else_stays(s3, bucket):
+def test_old_trial_artifacts_and_checkpoints_go_and_everything_else_stays(s3, bucket, worker_client,
+                                                                         moto_endpoint):
     put(s3, bucket, EXPIRING + PROTECTED)
     cutoff = between_then_and_now()
     put(s3, bucket, RECENT)
+    s3 = worker_client("s3", moto_endpoint)  # cleaning up as the DAG does, with the worker's rights
 
     found = cleanup.expired_objects(s3, bucket, cutoff)
     assert sorted(o["key"] for o in found) == sorted(EXPIRING)
@@ -157,7 +159,7 @@ def test_list_calls_filter_and_page_as_aws_does(standin):
         sm.list_endpoints(NextToken="not-a-token")
 
 
-def test_expired_models_spare_what_serves_and_the_newest(standin):
+def test_expired_models_spare_what_serves_and_the_newest(standin, worker_client):
     sm = sagemaker(standin)
     register(sm, "bin-counter-old1", ("bin-counter-old1", "bin-counter-old1-b"))
     register(sm, "bin-counter-old2")
@@ -166,9 +168,12 @@ def test_expired_models_spare_what_serves_and_the_newest(standin):
     cutoff = between_then_and_now()
     register(sm, "bin-counter-new1")
     sm.create_endpoint(EndpointName="bin-counter", EndpointConfigName="bin-counter-old2")
+    # Another team's endpoint: the clean-up must see what it serves, with the worker's rights.
+    sm.create_endpoint(EndpointName="other-team-endpoint", EndpointConfigName="other-team-model")
+    sm = worker_client("sagemaker", standin["endpoint"])  # cleaning up with the worker's rights
 
     serving = cleanup.serving_models(sm)
-    assert serving == {"bin-counter-old2"}
+    assert serving == {"bin-counter-old2", "other-team-model"}
     expired = cleanup.expired_models(sm, serving, cutoff)
     assert [(e["model"], e["endpoint_configs"]) for e in expired] == [
         ("bin-counter-old1", ["bin-counter-old1", "bin-counter-old1-b"]), ("bin-counter-old3", ["bin-counter-old3"])]
