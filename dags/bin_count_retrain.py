@@ -64,8 +64,9 @@ connection (endpoint URLs per service); see the README.
 **When a task fails**
 - *dataset*: no dataset yet (run `bin_count_data_prep`), or a `dataset_version` that does not exist.
 - *settings*: the `bin_counter_sagemaker` Variable is missing or lacks `role_arn` or `lambda_role_arn`,
-  or the `bucket` does not exist, is someone else's, or is in another region than the connection. The
-  message says what to set: the values are infra/pipeline.yaml's stack outputs.
+  or the `bucket` does not exist, is someone else's, or is in another region than the connection, or
+  AWS has no PyTorch image for the region and instance type. The message says what to set: the values
+  are infra/pipeline.yaml's stack outputs.
 - *tune*: every trial failed. The log names the tuning job; each trial's FailureReason says why
   (often a hyperparameter `train.py` refuses, or an instance type the account has no quota for).
 - *retrain*: the log shows the job's own output and its FailureReason. A retry attaches to a job still
@@ -161,20 +162,24 @@ def bin_count_retrain():
 
     @task(retries=0, execution_timeout=timedelta(minutes=1))
     def settings() -> dict:
-        """Roles, images and region from the bin_counter_sagemaker Variable, and the bucket checked: it
-        exists, is ours, and is in the connection's region."""
+        """Roles from the bin_counter_sagemaker Variable, AWS's images for the region and the instance
+        types (GPU images on GPU instances), and the bucket checked: it exists, is ours, and is in the
+        connection's region."""
         from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.sdk import Variable
 
-        from bin_counter.retrain import check_bucket, sagemaker_settings
+        from bin_counter.account import check_bucket, sagemaker_settings
 
         region = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="sagemaker").conn_region_name
-        account = sagemaker_settings(Variable.get(SETTINGS_VARIABLE, default=None, deserialize_json=True), region)
-        bucket = get_current_context()["params"]["bucket"]
+        params = get_current_context()["params"]
+        account = sagemaker_settings(Variable.get(SETTINGS_VARIABLE, default=None, deserialize_json=True), region,
+                                     params["training_instance_type"], params["endpoint_instance_type"])
+        bucket = params["bucket"]
         check_bucket(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), bucket, account["region"])
         print(f"bucket {bucket} in {account['region']}; SageMaker role {account['role_arn']}, "
-              f"API function role {account['lambda_role_arn']}")
+              f"API function role {account['lambda_role_arn']}; images {account['training_image']} (training), "
+              f"{account['inference_image']} (endpoint)")
         return account
 
     @task(execution_timeout=timedelta(minutes=5))

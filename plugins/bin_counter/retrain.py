@@ -246,62 +246,6 @@ def check_answers(payload: str | bytes | Mapping, images: list[dict], classes: i
 
 
 # -- requests the DAG sends, from its Params ------------------------------------------------------
-class SettingsError(ValueError):
-    """An account setting the run cannot start without; the message says what to set."""
-
-
-STACK_HINT = "(infra/pipeline.yaml's outputs; see the README, \"Run it on AWS\")"
-
-
-def sagemaker_settings(variable: Mapping | None, region: str | None) -> dict:
-    """Account settings from the `bin_counter_sagemaker` Variable: role_arn and lambda_role_arn (both
-    required), and optionally training_image and inference_image (default: AWS's PyTorch containers)."""
-    variable = dict(variable or {})
-    # Two roles, because each service accepts only a role whose trust policy names it: Lambda refuses
-    # the SageMaker role, and would do so after the endpoint had already switched.
-    missing = [k for k in ("role_arn", "lambda_role_arn") if not variable.get(k)]
-    if missing:
-        raise SettingsError(
-            f"the Airflow Variable bin_counter_sagemaker lacks {' and '.join(missing)}: set it to the stack "
-            f"output SageMakerVariable {STACK_HINT}, JSON like "
-            '{"role_arn": "arn:aws:iam::<account>:role/<SageMaker execution role>", '
-            '"lambda_role_arn": "arn:aws:iam::<account>:role/<API function role>"}')
-    region = region or "us-east-1"
-    images = f"763104351884.dkr.ecr.{region}.amazonaws.com"
-    return {
-        "region": region,
-        "role_arn": variable["role_arn"],
-        "lambda_role_arn": variable["lambda_role_arn"],
-        "training_image": variable.get("training_image", f"{images}/pytorch-training:2.6.0-cpu-py312"),
-        "inference_image": variable.get("inference_image", f"{images}/pytorch-inference:2.6.0-cpu-py312"),
-    }
-
-
-def check_bucket(s3, bucket: str, region: str) -> str:
-    """Fail early unless `bucket` exists, is ours to use, and is in the connection's `region` (SageMaker
-    reads training data only from its own region). Returns the bucket's region."""
-    try:
-        s3.head_bucket(Bucket=bucket)
-        location = s3.get_bucket_location(Bucket=bucket).get("LocationConstraint")
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchBucket"):
-            raise SettingsError(f"the bucket {bucket} does not exist: deploy infra/pipeline.yaml and set the "
-                                f"bucket Param to its output BucketName {STACK_HINT}") from exc
-        if code in ("403", "AccessDenied"):
-            raise SettingsError(f"the bucket {bucket} exists but these credentials may not use it: S3 bucket "
-                                "names are global, so it may be someone else's; set the bucket Param to the stack "
-                                f"output BucketName, and attach the output WorkerPolicyArn to the workers {STACK_HINT}"
-                                ) from exc
-        raise
-    found = location or "us-east-1"  # S3 answers no LocationConstraint for us-east-1
-    if found != region:
-        raise SettingsError(f"the bucket {bucket} is in {found}, but the Airflow connection's region is {region}: "
-                            "SageMaker jobs read their data from their own region. Set the connection's region_name "
-                            "to the bucket's, or use a bucket in the connection's region.")
-    return found
-
-
 def static_hyperparameters(params: Mapping) -> dict:
     return {"arch": params["arch"], "mode": params["mode"], "max-count": params["max_count"],
             **dict(params.get("extra_hyperparameters") or {})}

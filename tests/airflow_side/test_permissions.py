@@ -98,7 +98,7 @@ def test_the_roles_trust_only_their_service_and_the_workers_pass_only_them(pipel
 
 
 def test_the_outputs_are_the_variables_the_dags_read(pipeline_stack):
-    from bin_counter.retrain import sagemaker_settings
+    from bin_counter.account import sagemaker_settings
 
     variable = json.loads(pipeline_stack.outputs["SageMakerVariable"])
     settings = sagemaker_settings(variable, pipeline_stack.outputs["Region"])
@@ -181,7 +181,7 @@ def test_the_settings_task_refuses_a_missing_a_foreign_or_a_distant_bucket(s3, b
     import boto3
     from botocore.exceptions import ClientError
 
-    from bin_counter.retrain import SettingsError, check_bucket
+    from bin_counter.account import SettingsError, check_bucket
 
     assert check_bucket(s3, bucket, "us-east-1") == "us-east-1"
     with pytest.raises(SettingsError, match=r"does not exist: deploy infra/pipeline\.yaml and set the bucket "

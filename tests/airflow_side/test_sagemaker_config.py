@@ -182,7 +182,7 @@ def test_best_trial_decodes_hyperparameters_and_explains_a_tuning_job_without_on
 
 
 def test_account_settings_need_both_roles():
-    from bin_counter.retrain import SettingsError, sagemaker_settings
+    from bin_counter.account import SettingsError, sagemaker_settings
 
     with pytest.raises(SettingsError, match="bin_counter_sagemaker lacks role_arn and lambda_role_arn"):
         sagemaker_settings(None, "eu-west-1")
@@ -193,6 +193,41 @@ def test_account_settings_need_both_roles():
     settings = sagemaker_settings({"role_arn": ACCOUNT["role_arn"], "lambda_role_arn": lambda_role}, "eu-west-1")
     assert settings["training_image"].startswith("763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training")
     assert settings["lambda_role_arn"] == lambda_role
+
+
+ROLES = {"role_arn": ACCOUNT["role_arn"], "lambda_role_arn": "arn:aws:iam::123456789012:role/bin-counter-api"}
+
+
+@pytest.mark.parametrize(("region", "training", "endpoint", "expected"), [
+    ("us-east-1", "ml.m5.xlarge", "ml.m5.large",
+     ("763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312",
+      "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312")),
+    # A GPU instance gets the GPU image (it trained on its CPU before), the endpoint still a CPU one.
+    ("us-east-1", "ml.g4dn.xlarge", "ml.m5.large",
+     ("763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.6.0-gpu-py312",
+      "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312")),
+    # The images' registry is another AWS account in some regions: a hard-coded one pulled nothing there.
+    ("af-south-1", "ml.m5.xlarge", "ml.m5.large",
+     ("626614931356.dkr.ecr.af-south-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312",
+      "626614931356.dkr.ecr.af-south-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312")),
+])
+def test_the_images_are_the_sdks_for_the_region_and_the_instance_types(region, training, endpoint, expected):
+    from bin_counter.account import sagemaker_settings
+
+    settings = sagemaker_settings(ROLES, region, training, endpoint)
+    assert (settings["training_image"], settings["inference_image"]) == expected
+
+
+def test_images_the_sdk_does_not_list_fail_in_settings_and_a_variables_images_win():
+    from bin_counter.account import SettingsError, sagemaker_settings
+
+    with pytest.raises(SettingsError, match=r"no SageMaker pytorch 2\.6\.0 py312 training image for ml\.m5\.xlarge in "
+                                            r"xx-nowhere-1: .*[Uu]nsupported region"):
+        sagemaker_settings(ROLES, "xx-nowhere-1", "ml.m5.xlarge", "ml.m5.large")
+    own = {**ROLES, "training_image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mine:1",
+           "inference_image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mine-serve:1"}
+    settings = sagemaker_settings(own, "xx-nowhere-1", "ml.m5.xlarge", "ml.m5.large")  # the SDK is not asked
+    assert settings["training_image"].endswith("/mine:1") and settings["inference_image"].endswith("/mine-serve:1")
 
 
 SERVING = {"endpoint": "bin-counter", "model": "bin-counter-aaa-final", "model_data_url": "s3://b/m.tar.gz"}
