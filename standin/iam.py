@@ -140,21 +140,21 @@ def render(template: dict, parameters: Mapping[str, str] | None = None, account:
     return stack
 
 
-def _as_list(value) -> list:
+def as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
 def statements(document: Mapping) -> list[dict]:
-    return _as_list(document.get("Statement", []))
+    return as_list(document.get("Statement", []))
 
 
 def _action_matches(patterns, action: str) -> bool:
     # Actions are case-insensitive in IAM; resources are not.
-    return any(fnmatch.fnmatchcase(action.lower(), p.lower()) for p in _as_list(patterns))
+    return any(fnmatch.fnmatchcase(action.lower(), p.lower()) for p in as_list(patterns))
 
 
 def _resource_matches(patterns, resource: str) -> bool:
-    return any(fnmatch.fnmatchcase(resource, p) for p in _as_list(patterns))
+    return any(fnmatch.fnmatchcase(resource, p) for p in as_list(patterns))
 
 
 CONDITION_OPERATORS = {
@@ -171,7 +171,7 @@ def _conditions_match(conditions: Mapping, context: Mapping[str, str]) -> bool:
             raise ValueError(f"condition operator {operator} is not evaluated here: use one of "
                              f"{sorted(CONDITION_OPERATORS)} or extend standin/iam.py")
         for key, wanted in tests.items():
-            if key not in context or not CONDITION_OPERATORS[operator](context[key], _as_list(wanted)):
+            if key not in context or not CONDITION_OPERATORS[operator](context[key], as_list(wanted)):
                 return False
     return True
 
@@ -201,7 +201,7 @@ def is_allowed(documents: Iterable[Mapping], action: str, resource: str,
 def granted_actions(documents: Iterable[Mapping]) -> set[str]:
     """Every action an Allow statement names (wildcards kept as written)."""
     return {action for document in documents for s in statements(document) if s["Effect"] == "Allow"
-            for action in _as_list(s.get("Action", []))}
+            for action in as_list(s.get("Action", []))}
 
 
 def load_ledger(path: Path = ACTIONS_LEDGER) -> dict:

@@ -16,18 +16,15 @@ from urllib.parse import unquote
 import boto3
 from botocore.exceptions import ClientError
 
-from standin.iam import statements
+from standin.iam import as_list, statements
 
 
 def trusted_services(trust_policy: Mapping) -> set[str]:
     """The services a role's trust policy lets assume it."""
     found: set[str] = set()
     for statement in statements(trust_policy):
-        actions = statement.get("Action", [])
-        actions = actions if isinstance(actions, list) else [actions]
-        if statement.get("Effect") == "Allow" and "sts:AssumeRole" in actions:
-            services = (statement.get("Principal") or {}).get("Service", [])
-            found |= set(services if isinstance(services, list) else [services])
+        if statement.get("Effect") == "Allow" and "sts:AssumeRole" in as_list(statement.get("Action", [])):
+            found |= set(as_list((statement.get("Principal") or {}).get("Service", [])))
     return found
 
 

@@ -125,6 +125,16 @@ def test_the_local_gateway_and_the_handler_match_the_template(template):
         assert f'"{variable}"' in function_source, f"{variable} not read by the function's code"
 
 
+def lambda_handler():
+    """lambda/handler.py as a module (it imports its siblings as Lambda's runtime does, from its folder)."""
+    sys.path.insert(0, str(REPO / "lambda"))
+    try:
+        import handler
+    finally:
+        sys.path.remove(str(REPO / "lambda"))
+    return handler
+
+
 def test_the_template_and_the_dag_created_function_share_one_set_of_limits(template):
     from bin_counter.retrain import function_settings
 
@@ -139,11 +149,7 @@ def test_the_template_and_the_dag_created_function_share_one_set_of_limits(templ
 
 
 def test_the_endpoint_calls_retries_included_fit_in_the_function_and_the_function_in_the_gateway():
-    sys.path.insert(0, str(REPO / "lambda"))
-    try:
-        import handler
-    finally:
-        sys.path.remove(str(REPO / "lambda"))
+    handler = lambda_handler()
     from bin_counter.retrain import function_settings
 
     settings = function_settings()
@@ -175,11 +181,7 @@ def test_an_endpoint_the_function_may_not_call_answers_without_account_details(m
     # the account; the local stack never refuses, so AWS's answer is stubbed here.
     from botocore.stub import Stubber
 
-    sys.path.insert(0, str(REPO / "lambda"))
-    try:
-        import handler
-    finally:
-        sys.path.remove(str(REPO / "lambda"))
+    handler = lambda_handler()
     monkeypatch.setenv("ENDPOINT_NAME", "bin-counter")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     client = handler.boto3.client("sagemaker-runtime", aws_access_key_id="x", aws_secret_access_key="x")  # noqa: S106

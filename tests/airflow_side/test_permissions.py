@@ -37,10 +37,6 @@ def test_the_pipeline_template_passes_cfn_lint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
-
-
 def documents_of(stack: iam.Stack, principal: str) -> list[dict]:
     logical = iam.PRINCIPALS[principal]
     if logical in stack.managed_policies:
@@ -67,13 +63,13 @@ def test_grants_are_scoped_to_the_bucket_prefixes_and_the_project_names(pipeline
         for document in documents_of(pipeline_stack, principal):
             for statement in iam.statements(document):
                 assert statement["Effect"] == "Allow" and "NotAction" not in statement
-                for resource in as_list(statement["Resource"]):
+                for resource in iam.as_list(statement["Resource"]):
                     if resource.startswith("arn:aws:s3:::"):
                         assert resource.removeprefix("arn:aws:s3:::").split("/")[0] == bucket, resource
                         assert not resource.endswith(f"{bucket}/*"), \
                             f"{resource}: objects are granted by prefix, never the whole bucket"
                     elif resource == "*":
-                        actions = as_list(statement["Action"])
+                        actions = iam.as_list(statement["Action"])
                         assert set(actions) <= UNSCOPABLE, f"{principal}: {actions} on every resource"
 
 
@@ -229,3 +225,16 @@ def test_sagemaker_and_lambda_refuse_a_role_they_cannot_assume(standin, pipeline
     created = aws_lambda.create_function(FunctionName="api", Runtime="python3.12", Role=function_role,
                                          Handler="handler.handler", Code={"ZipFile": function_zip()})
     assert created["Role"] == function_role
+
+
+def test_repointing_an_existing_function_is_allowed_to_the_worker(standin, pipeline_stack, worker_client):
+    """api_function's other path (a function that serves another endpoint is repointed), made with the
+    worker's rights so that its calls are held against the worker's policy."""
+    from bin_counter.retrain import ensure_function
+
+    aws_lambda = worker_client("lambda", standin["endpoint"])
+    role = pipeline_stack.outputs["ApiFunctionRoleArn"]
+    ensure_function(aws_lambda, "bin-counter-api", "bin-counter-old", role)
+    ensure_function(aws_lambda, "bin-counter-api", "bin-counter", role)
+    variables = aws_lambda.get_function(FunctionName="bin-counter-api")["Configuration"]["Environment"]["Variables"]
+    assert variables["ENDPOINT_NAME"] == "bin-counter"
