@@ -24,7 +24,8 @@ CC BY-NC-SA 3.0 US) in our bucket, and announces it on the `bin_count_dataset` a
    `abid/raw/reports/fetch-*.json`; the task fails only when they exceed `max_bad_share`.
    A re-run skips what already arrived whole.
 2. **enhance**: applies the contrast method to every image into `abid/enhanced/<method-id>/`.
-3. **version**: derives the dataset version from the fetched keys and every parameter below.
+3. **version**: derives the dataset version from the fetched keys, the enhancement and the split
+   parameters below, and hands both to the split.
 4. **split**: train/validation/test by blocks of consecutive keys, stratified by count, into
    `datasets/<version>/<split>/<count>/<key>.jpg` with `manifest.csv`; then updates the asset.
 
@@ -117,34 +118,29 @@ def bin_count_data_prep():
     )
 
     @task(retries=0, execution_timeout=timedelta(minutes=1))
-    def version(fetched: dict, enhanced: dict) -> str:
-        """The dataset version: a digest of the fetched keys and every split parameter."""
-        from bin_counter.split import dataset_version
+    def version(fetched: dict, enhanced: dict) -> dict:
+        """The dataset to write: the split parameters, read from the Params here only, and the version
+        derived from them, the fetched keys and the enhancement."""
+        from bin_counter import dataset
 
         p = get_current_context()["params"]
-        shares = {"train": p["train_share"], "validation": p["validation_share"], "test": p["test_share"]}
-        return dataset_version(fetched["keys_digest"], enhanced["id"], shares, p["block_size"], p["split_seed"],
-                               p["max_count"])
+        split = dataset.split_parameters(
+            {"train": p["train_share"], "validation": p["validation_share"], "test": p["test_share"]},
+            p["block_size"], p["split_seed"], p["max_count"])
+        return dataset.plan(fetched["keys_digest"], enhanced["id"], split)
 
-    dataset_version = version(fetch.output, enhance.output)
-    split = BlockSplitOperator(
+    BlockSplitOperator(
         task_id="split",
         bucket="{{ params.bucket }}",
         keys_prefix=RAW_PREFIX,
         keys_path=fetch.output["keys_path"],
         image_prefix=enhance.output["prefix"],
-        dest_prefix="datasets/{{ ti.xcom_pull(task_ids='version') }}",
-        shares="{{ {'train': params.train_share, 'validation': params.validation_share, "
-               "'test': params.test_share} }}",
-        block_size="{{ params.block_size }}",
-        seed="{{ params.split_seed }}",
-        max_count="{{ params.max_count }}",
-        extra={"version": dataset_version, "enhancement": enhance.output["id"],
-               "enhancement_params": enhance.output["params"], "fetch_report": fetch.output["report_path"]},
+        dataset=version(fetch.output, enhance.output),
+        extra={"enhancement": enhance.output["id"], "enhancement_params": enhance.output["params"],
+               "fetch_report": fetch.output["report_path"]},
         outlets=[BIN_COUNT_DATASET],
         execution_timeout=timedelta(hours=1),
     )
-    dataset_version >> split
 
 
 bin_count_data_prep()

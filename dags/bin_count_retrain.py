@@ -150,7 +150,7 @@ def bin_count_retrain():
         """The dataset version and its channels."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-        from bin_counter.retrain import resolve_dataset
+        from bin_counter.dataset import resolve_dataset
 
         context = get_current_context()
         events = context.get("triggering_asset_events") or {}

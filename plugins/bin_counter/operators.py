@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from airflow.sdk import BaseOperator
 
 log = logging.getLogger(__name__)
-DATASET_RECORD = "dataset.json"
 
 
 def _s3_client(aws_conn_id: str | None):
@@ -166,47 +165,45 @@ class ContrastEnhanceOperator(BaseOperator):
 
 
 class BlockSplitOperator(BaseOperator):
-    """Split by key blocks into `s3://<bucket>/<dest_prefix>/<split>/<count>/<key>.jpg` plus
-    `manifest.csv`, reading counts from the fetch's key list and images from `image_prefix`.
+    """Split by key blocks into `s3://<bucket>/datasets/<version>/<split>/<count>/<key>.jpg` plus
+    `manifest.csv` and `dataset.json`, reading counts from the fetch's key list and images from
+    `image_prefix`.
 
-    With `outlets`, each outlet's asset event carries the dataset's location and size.
+    `dataset` is what `bin_counter.dataset.plan` returns: the version and the split parameters it was
+    derived from, so the split is made with exactly the parameters its version names. With
+    `outlets`, each outlet's asset event carries the dataset's record (location, size, version).
     """
 
-    template_fields: Sequence[str] = ("bucket", "keys_prefix", "keys_path", "image_prefix", "dest_prefix",
-                                      "shares", "block_size", "seed", "max_count", "extra")
+    template_fields: Sequence[str] = ("bucket", "keys_prefix", "keys_path", "image_prefix", "dataset", "extra")
     ui_color = "#e3f2d9"
 
-    def __init__(self, *, bucket: str, keys_prefix: str, keys_path: str, image_prefix: str, dest_prefix: str,
-                 shares: Mapping[str, float] | None = None, block_size: int = 100, seed: int = 0,
-                 max_count: int | None = None, extra: Mapping | None = None,
-                 aws_conn_id: str | None = "aws_default", **kwargs) -> None:
+    def __init__(self, *, bucket: str, keys_prefix: str, keys_path: str, image_prefix: str, dataset: Mapping,
+                 extra: Mapping | None = None, aws_conn_id: str | None = "aws_default", **kwargs) -> None:
         super().__init__(**kwargs)
         self.bucket, self.keys_prefix, self.keys_path = bucket, keys_prefix, keys_path
-        self.image_prefix, self.dest_prefix, self.shares = image_prefix, dest_prefix, shares
-        self.block_size, self.seed, self.max_count = block_size, seed, max_count
+        self.image_prefix, self.dataset = image_prefix, dataset
         self.extra, self.aws_conn_id = extra, aws_conn_id
 
     def execute(self, context) -> dict:
-        from bin_counter import abid, split
+        from bin_counter import abid, dataset, split
 
+        version, parameters = self.dataset["version"], self.dataset["split"]
+        dest_prefix = dataset.prefix_of(version)
         client = _s3_client(self.aws_conn_id)
         counts = json.loads(_store(client, self.bucket, self.keys_prefix).read(self.keys_path))
         records = [abid.Record(k, int(c)) for k, c in counts.items()
-                   if self.max_count in (None, "") or int(c) <= int(self.max_count)]
+                   if parameters["max_count"] is None or int(c) <= parameters["max_count"]]
         if not records:
             raise ValueError(f"no images to split in s3://{self.bucket}/{self.keys_prefix}/{self.keys_path}")
-        shares = self.shares or split.DEFAULT_SHARES
-        assignment = split.assign_splits(records, shares, int(self.block_size), int(self.seed))
-        rows = split.write_split_layout(records, assignment, _store(client, self.bucket, self.image_prefix),
-                                        _store(client, self.bucket, self.dest_prefix),
-                                        f"s3://{self.bucket}/{self.image_prefix}", int(self.block_size))
+        assignment = split.assign_splits(records, parameters["shares"], parameters["block_size"], parameters["seed"])
+        dest = _store(client, self.bucket, dest_prefix)
+        rows = split.write_split_layout(records, assignment, _store(client, self.bucket, self.image_prefix), dest,
+                                        f"s3://{self.bucket}/{self.image_prefix}", parameters["block_size"])
         table = split.summarize(records, assignment)
-        log.info("split %d images into s3://%s/%s: %s", len(rows), self.bucket, self.dest_prefix, json.dumps(table))
-        result = {"bucket": self.bucket, "prefix": self.dest_prefix, "images": table,
-                  "uri": f"s3://{self.bucket}/{self.dest_prefix}", "shares": dict(shares),
-                  "block_size": int(self.block_size), "seed": int(self.seed), **(self.extra or {})}
-        # What this dataset is, next to it: how it was made (enhancement, split) and from what.
-        _store(client, self.bucket, self.dest_prefix).write(DATASET_RECORD, json.dumps(result, indent=2).encode())
+        log.info("split %d images into s3://%s/%s: %s", len(rows), self.bucket, dest_prefix, json.dumps(table))
+        result = {"bucket": self.bucket, "prefix": dest_prefix, "images": table,
+                  "uri": f"s3://{self.bucket}/{dest_prefix}", "version": version, **parameters, **(self.extra or {})}
+        dataset.write_record(dest, result)
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = result
         return publish(context, result)

@@ -1,7 +1,7 @@
 """What the retraining DAG's own tasks do, as functions of boto3 clients, testable without Airflow.
 
-Finding the dataset version to train on, packaging the training code, finding the model an endpoint
-serves, and building and checking the smoke test sent through the Lambda function.
+Packaging the training code, finding the model an endpoint serves, and building and checking the
+smoke test sent through the Lambda function.
 """
 
 from __future__ import annotations
@@ -21,64 +21,16 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from bin_counter import sagemaker_config
+from bin_counter.dataset import DatasetNotFound
 
 log = logging.getLogger(__name__)
 
-DATASETS_PREFIX = "datasets"
-DATASET_RECORD = "dataset.json"
 CODE_DIR = Path(os.environ.get("BIN_COUNTER_CODE_DIR", Path(__file__).resolve().parents[2] / "sagemaker_code"))
 LAMBDA_DIR = Path(os.environ.get("BIN_COUNTER_LAMBDA_DIR", Path(__file__).resolve().parents[2] / "lambda"))
-SPLITS = ("train", "validation", "test")
 # The repository's published model (`make model`): the champion before any model serves.
 PUBLISHED_MODEL = Path(os.environ.get("BIN_COUNTER_PUBLISHED_MODEL",
                                       Path(__file__).resolve().parents[2] / "models" / "bin-counter.tar.gz"))
 PUBLISHED_PREFIX = "models/published"
-
-
-class DatasetNotFound(LookupError):
-    pass
-
-
-def _read_json(s3, bucket: str, key: str) -> dict:
-    try:
-        return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
-            raise DatasetNotFound(f"s3://{bucket}/{key} does not exist: run bin_count_data_prep first, or "
-                                  "check the dataset_version Param") from exc
-        raise
-
-
-def latest_version(s3, bucket: str) -> str:
-    """The dataset whose record was written last."""
-    newest = None
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{DATASETS_PREFIX}/"):
-        for obj in page.get("Contents", []):
-            if obj["Key"].endswith(f"/{DATASET_RECORD}") and (newest is None or obj["LastModified"] > newest[1]):
-                newest = (obj["Key"], obj["LastModified"])
-    if newest is None:
-        raise DatasetNotFound(f"no dataset under s3://{bucket}/{DATASETS_PREFIX}/: run bin_count_data_prep first")
-    return newest[0].split("/")[-2]
-
-
-def resolve_dataset(s3, bucket: str, requested: str | None, event_extra: Mapping | None) -> dict:
-    """The dataset to train on: the Param when given, else the asset event that triggered the run,
-    else the newest one in the bucket; with its channels' S3 prefixes."""
-    if requested:
-        version, how = requested, "the dataset_version Param"
-    elif event_extra and event_extra.get("version"):
-        version, how = event_extra["version"], "the bin_count_dataset asset event"
-    else:
-        version, how = latest_version(s3, bucket), f"the newest dataset in s3://{bucket}"
-    prefix = f"{DATASETS_PREFIX}/{version}"
-    record = _read_json(s3, bucket, f"{prefix}/{DATASET_RECORD}")
-    images = record.get("images", {})  # split -> {count: images}
-    missing = [s for s in SPLITS if not sum((images.get(s) or {}).values())]
-    if missing:
-        raise DatasetNotFound(f"dataset {version} has no {' or '.join(missing)} images ({json.dumps(images)})")
-    log.info("training on dataset %s (chosen by %s): %s", version, how, json.dumps(images))
-    return {"version": version, "chosen_by": how, "images": images, "prefix": prefix,
-            "channels": {s: f"s3://{bucket}/{prefix}/{s}/" for s in SPLITS}}
 
 
 def code_archive(code_dir: Path = CODE_DIR) -> bytes:

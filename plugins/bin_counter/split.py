@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -112,13 +111,3 @@ def summarize(records: Iterable[Record], assignment: Mapping[str, str]) -> dict[
         table[assignment[record.key]][record.count] += 1
     return {s: dict(sorted(c.items())) for s, c in table.items()}
 
-
-def dataset_version(keys_digest: str, enhancement: str, shares: Mapping[str, float], block_size: int, seed: int,
-                    max_count: int | None) -> str:
-    """A dataset version derived from what went in (the fetched keys and their counts) and every
-    parameter that shapes the output: the same inputs give the same version, so a re-run lands on
-    the same prefix."""
-    payload = {"keys": keys_digest, "enhancement": enhancement, "shares": check_shares(shares),
-               "block_size": int(block_size), "seed": int(seed), "max_count": max_count}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-    return f"v-{digest}"

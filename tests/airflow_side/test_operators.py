@@ -10,6 +10,7 @@ import time
 import pytest
 
 from bin_counter import enhance
+from bin_counter.dataset import split_parameters
 from bin_counter.operators import AbidFetchOperator, BlockSplitOperator, ContrastEnhanceOperator
 from tests.airflow_side.conftest import list_objects
 from tests.conftest import write_abid_dir
@@ -20,6 +21,11 @@ def source(tmp_path):
     root = write_abid_dir(tmp_path / "abid", {f"{i:05d}": i % 5 for i in range(100, 160)})
     (root / "metadata" / "00105.json").write_text("not json")
     return root
+
+
+def planned(version: str, **split) -> dict:
+    """A dataset as bin_counter.dataset.plan returns it, under a version of the test's choosing."""
+    return {"version": version, "split": split_parameters(**split)}
 
 
 def fetch_op(bucket, source, **kwargs):
@@ -44,7 +50,7 @@ def test_fetch_enhance_split_chain(s3, bucket, source, aws_connection):
 
     result = BlockSplitOperator(task_id="split", bucket=bucket, keys_prefix="abid/raw",
                                 keys_path=fetched["keys_path"], image_prefix=enhanced["prefix"],
-                                dest_prefix="datasets/v-test", block_size=5).execute(context={})
+                                dataset=planned("v-test", block_size=5)).execute(context={})
     assert sum(sum(c.values()) for c in result["images"].values()) == 59
     manifest = s3.get_object(Bucket=bucket, Key="datasets/v-test/manifest.csv")["Body"].read().decode()
     rows = list(csv.DictReader(io.StringIO(manifest)))
@@ -62,7 +68,7 @@ def test_a_second_run_writes_nothing_new(s3, bucket, source, aws_connection):
     enhanced = ContrastEnhanceOperator(task_id="enhance", bucket=bucket, source_prefix="abid/raw",
                                        keys_path=fetched["keys_path"]).execute(context={})
     split = BlockSplitOperator(task_id="split", bucket=bucket, keys_prefix="abid/raw", keys_path=fetched["keys_path"],
-                               image_prefix=enhanced["prefix"], dest_prefix="datasets/v-test", block_size=5)
+                               image_prefix=enhanced["prefix"], dataset=planned("v-test", block_size=5))
     split.execute(context={})
     images_before = {k: v for k, v in list_objects(s3, bucket).items() if k.endswith((".jpg", ".csv"))}
     time.sleep(1.1)  # LastModified has a resolution of one second
@@ -87,7 +93,7 @@ def test_too_many_bad_keys_fail_the_fetch_and_keep_the_report(s3, bucket, source
 def test_split_of_an_empty_key_list_is_a_clear_error(s3, bucket, aws_connection):
     s3.put_object(Bucket=bucket, Key="abid/raw/reports/keys-x.json", Body=b"{}")
     op = BlockSplitOperator(task_id="split", bucket=bucket, keys_prefix="abid/raw", keys_path="reports/keys-x.json",
-                            image_prefix="abid/raw", dest_prefix="datasets/v-x")
+                            image_prefix="abid/raw", dataset=planned("v-x"))
     with pytest.raises(ValueError, match="no images to split"):
         op.execute(context={})
 
@@ -111,6 +117,6 @@ def test_real_mirror_sample_through_fetch_and_split(real_abid, s3, bucket, aws_c
                                 key_range="00250:00450").execute(context={})
     assert fetched["missing"] == 100 and fetched["invalid"] == 0  # 00300-00399 are held back
     result = BlockSplitOperator(task_id="split", bucket=bucket, keys_prefix="abid/raw", keys_path=fetched["keys_path"],
-                                image_prefix="abid/raw", dest_prefix="datasets/v-real", block_size=10,
-                                max_count=5).execute(context={})
+                                image_prefix="abid/raw",
+                                dataset=planned("v-real", block_size=10, max_count=5)).execute(context={})
     assert all(int(count) <= 5 for table in result["images"].values() for count in table)
