@@ -29,8 +29,8 @@ from botocore.config import Config  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
 
 from bin_counter.api_client import images_in  # noqa: E402
+from bin_counter.api_function import ensure_function  # noqa: E402
 from bin_counter.api_load import NO_ANSWER, gateway_sender, run_load  # noqa: E402
-from bin_counter.retrain import ensure_function  # noqa: E402
 from standin.iam import service_role  # noqa: E402
 from standin.launch import start_moto, start_standin  # noqa: E402
 

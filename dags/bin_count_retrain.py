@@ -196,8 +196,8 @@ def bin_count_retrain():
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-        from bin_counter.retrain import initial_champion
-        from bin_counter.retrain import serving_model as find
+        from bin_counter.endpoint import serving_model as find
+        from bin_counter.gate import initial_champion
 
         params = get_current_context()["params"]
         found = find(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, params["endpoint_name"])
@@ -258,7 +258,7 @@ def bin_count_retrain():
         """Champion/challenger on the same test images; nothing to deploy skips the deployment, it
         does not fail. Returns what to deploy: the new model, or before anything serves, possibly
         the published one."""
-        from bin_counter.sagemaker_config import choose_deployment, final_metrics
+        from bin_counter.gate import choose_deployment, final_metrics
 
         params = get_current_context()["params"]
         job = trained["Training"]
@@ -304,7 +304,7 @@ def bin_count_retrain():
         old one, which the deploy task's waiter takes for success."""
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-        from bin_counter.retrain import confirm_deployment as confirm
+        from bin_counter.endpoint import confirm_deployment as confirm
 
         wanted = configs["endpoint"]
         state = confirm(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, wanted["EndpointName"],
@@ -317,7 +317,7 @@ def bin_count_retrain():
         """The Lambda function in front of the endpoint: created, or pointed at it with the current code."""
         from airflow.providers.amazon.aws.hooks.lambda_function import LambdaHook
 
-        from bin_counter.retrain import ensure_function
+        from bin_counter.api_function import ensure_function
 
         params = get_current_context()["params"]
         return ensure_function(LambdaHook(aws_conn_id=AWS_CONN_ID).conn, params["function_name"],
@@ -330,7 +330,7 @@ def bin_count_retrain():
 
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-        from bin_counter.retrain import api_event, smoke_images
+        from bin_counter.api_function import api_event, smoke_images
 
         params = get_current_context()["params"]
         images = smoke_images(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"], f"{data['prefix']}/test/",
@@ -351,7 +351,7 @@ def bin_count_retrain():
     def smoke_check(answer: str, sent: dict, decision: dict) -> dict:
         import json
 
-        from bin_counter.retrain import SmokeCheckFailed, check_answers
+        from bin_counter.api_function import SmokeCheckFailed, check_answers
 
         params = get_current_context()["params"]
         summary = check_answers(answer, sent["images"], params["max_count"] + 1)

@@ -91,7 +91,7 @@ def bin_count_teardown():
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
         from bin_counter.cleanup import delete_endpoint
-        from bin_counter.retrain import serving_model
+        from bin_counter.endpoint import serving_model
 
         params = get_current_context()["params"]
         sm = SageMakerHook(aws_conn_id=AWS_CONN_ID).conn

@@ -286,8 +286,8 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     (work / "demo-timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     runtime = boto3.client("sagemaker-runtime", endpoint_url=standin, region_name="us-east-1")
+    from bin_counter.api_function import smoke_images
     from bin_counter.dataset import latest_version, prefix_of
-    from bin_counter.retrain import smoke_images
 
     version = latest_version(s3, BUCKET)
     images = smoke_images(s3, BUCKET, f"{prefix_of(version)}/test/", args.show)

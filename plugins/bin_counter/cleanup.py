@@ -51,7 +51,7 @@ def _aware(when: datetime) -> datetime:
 
 
 def _not_found(exc: ClientError) -> bool:
-    # SageMaker answers a name it does not know with ValidationException (as retrain.serving_model relies on).
+    # SageMaker answers a name it does not know with ValidationException (as endpoint.serving_model relies on).
     return exc.response["Error"]["Code"] in ("ValidationException", "ResourceNotFound")
 
 

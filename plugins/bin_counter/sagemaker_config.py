@@ -1,5 +1,5 @@
 """SageMaker request builders for training, tuning and serving `sagemaker_code/`, its metric regexes,
-and the small decisions the retraining DAG takes on SageMaker's answers.
+and the best trial of a tuning job (what the final training request is built from).
 
 The metric definitions live here, next to the job config that carries them, and a test runs the
 real training script and checks that every regex finds its value in the script's output.
@@ -217,66 +217,6 @@ def best_trial(tuning_job: Mapping) -> dict:
     objective = best.get("FinalHyperParameterTuningJobObjectiveMetric", {})
     return {"training_job": best["TrainingJobName"], "hyperparameters": hyperparameters,
             "objective": {"name": objective.get("MetricName"), "value": objective.get("Value")}}
-
-
-# -- the deployment gate --------------------------------------------------------------------------
-GATE_METRICS = {"accuracy": "Maximize", "rmse": "Minimize"}
-
-
-def final_metrics(training_job: Mapping) -> dict[str, float]:
-    """FinalMetricDataList as {name: value}."""
-    return {m["MetricName"]: m["Value"] for m in training_job.get("FinalMetricDataList", [])}
-
-
-def choose_deployment(metrics: Mapping[str, float], champion: Mapping | None, job_name: str, gate_metric: str,
-                      margin: float, deploy: bool = True) -> dict:
-    """What the gate decides: {"deploy": "new" | "published" | None, "model_version", "reason",
-    "held_back"} (held_back: a serving model was kept, which on-call staff hear about).
-
-    Before anything serves, the champion may be the published model: the better of it and the new
-    model is deployed, so the first model a client meets is a good one."""
-    published = bool(champion and champion.get("published"))
-    ok, reason = deployment_decision(metrics, champion is not None, gate_metric, margin)
-    if published and not ok and metrics.get(f"champion:{gate_metric}") is not None:
-        choice = {"deploy": "published", "model_version": champion["model_version"],
-                  "reason": f"nothing serves yet; the published model is better: {reason}", "held_back": False}
-    elif published and not ok:
-        choice = {"deploy": "new", "model_version": job_name,
-                  "reason": f"nothing serves yet and the published model could not be scored: {reason}",
-                  "held_back": False}
-    else:
-        choice = {"deploy": "new" if ok else None, "model_version": job_name if ok else None, "reason": reason,
-                  "held_back": not ok}
-    if choice["deploy"] and not deploy:
-        return {"deploy": None, "model_version": None, "reason": f"the deploy Param is off ({choice['reason']})",
-                "held_back": False}
-    return choice
-
-
-def deployment_decision(metrics: Mapping[str, float], has_champion: bool, gate_metric: str,
-                        margin: float) -> tuple[bool, str]:
-    """Whether the newly trained model may replace the serving one, and why.
-
-    Both were scored by the same training job on the same test images (`test:*` and `champion:*`).
-    The new model deploys when it is not worse than the champion by more than `margin` on
-    `gate_metric`."""
-    if gate_metric not in GATE_METRICS:
-        raise ValueError(f"gate metric {gate_metric!r}: choose one of {sorted(GATE_METRICS)}")
-    new = metrics.get(f"test:{gate_metric}")
-    if new is None:
-        return False, f"the training job reported no test:{gate_metric}; was the test channel empty?"
-    if not has_champion:
-        return True, f"no model is serving yet: deploying the new one (test {gate_metric} {new:.4f})"
-    old = metrics.get(f"champion:{gate_metric}")
-    if old is None:
-        return False, ("the serving model could not be scored on the test images (see the training job's "
-                       "log); not replacing it automatically")
-    maximize = GATE_METRICS[gate_metric] == "Maximize"
-    worse_by = (old - new) if maximize else (new - old)
-    summary = f"test {gate_metric}: new {new:.4f}, serving {old:.4f}, margin {margin:.4f}"
-    if worse_by > margin:
-        return False, f"the new model is worse than the serving one by {worse_by:.4f} ({summary})"
-    return True, f"the new model is not worse than the serving one beyond the margin ({summary})"
 
 
 # -- serving ------------------------------------------------------------------------------------------

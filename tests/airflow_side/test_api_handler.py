@@ -13,7 +13,7 @@ import boto3
 import pytest
 
 from bin_counter import api_client
-from bin_counter.retrain import ensure_function, function_zip
+from bin_counter.api_function import ensure_function, function_zip
 from standin import iam
 from standin.launch import start_standin
 from tests.airflow_side.conftest import API_KEY, CONTAINER_PYTHON

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import boto3
 
+from bin_counter.api_function import ensure_function
 from bin_counter.api_load import NO_ANSWER, gateway_sender, percentile, run_load
-from bin_counter.retrain import ensure_function
 from tests.airflow_side.conftest import API_KEY
 from tests.airflow_side.test_api_handler import ROLE
 from tests.airflow_side.test_standin import client, serving_endpoint

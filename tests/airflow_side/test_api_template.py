@@ -136,7 +136,7 @@ def lambda_handler():
 
 
 def test_the_template_and_the_dag_created_function_share_one_set_of_limits(template):
-    from bin_counter.retrain import function_settings
+    from bin_counter.api_function import function_settings
 
     function = template["Resources"]["ApiFunction"]["Properties"]
     settings = function_settings()
@@ -150,7 +150,7 @@ def test_the_template_and_the_dag_created_function_share_one_set_of_limits(templ
 
 def test_the_endpoint_calls_retries_included_fit_in_the_function_and_the_function_in_the_gateway():
     handler = lambda_handler()
-    from bin_counter.retrain import function_settings
+    from bin_counter.api_function import function_settings
 
     settings = function_settings()
     env = settings["Environment"]

@@ -203,7 +203,7 @@ def test_sagemaker_and_lambda_refuse_a_role_they_cannot_assume(standin, pipeline
     import boto3
     from botocore.exceptions import ClientError
 
-    from bin_counter.retrain import function_zip
+    from bin_counter.api_function import function_zip
     from tests.airflow_side.conftest import job_config
 
     aws_lambda = boto3.client("lambda", endpoint_url=standin["endpoint"], region_name="us-east-1")
@@ -230,7 +230,7 @@ def test_sagemaker_and_lambda_refuse_a_role_they_cannot_assume(standin, pipeline
 def test_repointing_an_existing_function_is_allowed_to_the_worker(standin, pipeline_stack, worker_client):
     """api_function's other path (a function that serves another endpoint is repointed), made with the
     worker's rights so that its calls are held against the worker's policy."""
-    from bin_counter.retrain import ensure_function
+    from bin_counter.api_function import ensure_function
 
     aws_lambda = worker_client("lambda", standin["endpoint"])
     role = pipeline_stack.outputs["ApiFunctionRoleArn"]

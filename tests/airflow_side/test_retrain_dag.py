@@ -232,47 +232,6 @@ def test_a_failing_final_training_job_fails_the_run_with_its_reason(dag, s3, buc
         sagemaker(local_stack_connection).describe_endpoint(EndpointName="bin-counter")
 
 
-def test_the_initial_champion_is_uploaded_once_by_content(s3, bucket, tmp_path):
-    import io
-    import tarfile
-
-    from bin_counter.retrain import initial_champion
-
-    def archive(card: dict | None) -> bytes:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            files = {"model.pth": b"weights", **({"model_card.json": json.dumps(card).encode()} if card else {})}
-            for name, data in files.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
-
-    path = tmp_path / "bin-counter.tar.gz"
-    path.write_bytes(archive({"model_version": "published-1"}))
-    first, again = initial_champion(s3, bucket, str(path)), initial_champion(s3, bucket, str(path))
-    assert first == again and first["model_version"] == "published-1" and first["published"] is True
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
-    assert keys == [first["model_data_url"].removeprefix(f"s3://{bucket}/")]
-    assert keys[0].startswith("models/published/")
-    assert initial_champion(s3, bucket, first["model_data_url"])["model_version"] == "published-1"
-    assert initial_champion(s3, bucket, "none") is None
-    with pytest.raises(FileNotFoundError, match="make model"):
-        initial_champion(s3, bucket, str(tmp_path / "missing.tar.gz"))
-    path.write_bytes(archive(None))
-    with pytest.raises(ValueError, match=r"no model_card\.json"):
-        initial_champion(s3, bucket, str(path))
-
-
-def test_the_repository_publishes_a_model_within_its_size_budget():
-    from bin_counter.retrain import PUBLISHED_MODEL, model_version_of
-
-    assert PUBLISHED_MODEL.is_file(), "models/bin-counter.tar.gz is missing: `make model`"
-    assert PUBLISHED_MODEL.stat().st_size <= 20 * 1024 * 1024
-    assert model_version_of(PUBLISHED_MODEL.read_bytes())
-    assert (PUBLISHED_MODEL.parent / "MODEL_CARD.md").is_file()
-
-
 def test_no_dataset_fails_clearly(dag, bucket, local_stack_connection, capfd, caplog):
     run = dag.test(run_conf={**BASE_CONF, "bucket": bucket})
     assert run.state == "failed"

@@ -10,6 +10,7 @@ import pytest
 from botocore.validate import ParamValidator
 
 from bin_counter import sagemaker_config
+from tests.airflow_side.test_gate import PUBLISHED
 
 
 def validate(operation: str, params: dict) -> None:
@@ -154,21 +155,6 @@ def test_deployment_requests_are_valid_and_tie_the_model_to_its_origin():
     assert requests["endpoint_config"]["ProductionVariants"][0]["ModelName"] == job["TrainingJobName"]
 
 
-@pytest.mark.parametrize(("metrics", "champion", "metric", "margin", "deploy", "says"), [
-    ({"test:accuracy": 0.40}, False, "accuracy", 0.0, True, "no model is serving"),
-    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, True, "accuracy", 0.0, False, "worse"),
-    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, True, "accuracy", 0.06, True, "not worse"),
-    ({"test:accuracy": 0.45, "champion:accuracy": 0.45}, True, "accuracy", 0.0, True, "not worse"),
-    ({"test:rmse": 1.10, "champion:rmse": 1.00}, True, "rmse", 0.05, False, "worse"),
-    ({"test:rmse": 0.90, "champion:rmse": 1.00}, True, "rmse", 0.0, True, "not worse"),
-    ({"test:accuracy": 0.5}, True, "accuracy", 0.0, False, "could not be scored"),
-    ({}, False, "accuracy", 0.0, False, "no test:accuracy"),
-])
-def test_deployment_decision(metrics, champion, metric, margin, deploy, says):
-    decided, reason = sagemaker_config.deployment_decision(metrics, champion, metric, margin)
-    assert decided is deploy and says in reason
-
-
 def test_best_trial_decodes_hyperparameters_and_explains_a_tuning_job_without_one():
     described = {"HyperParameterTuningJobName": "t", "BestTrainingJob": {
         "TrainingJobName": "t-001-x", "TunedHyperParameters": {"lr": "0.002", "batch-size": "32", "epochs": "5"},
@@ -228,30 +214,6 @@ def test_images_the_sdk_does_not_list_fail_in_settings_and_a_variables_images_wi
            "inference_image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mine-serve:1"}
     settings = sagemaker_settings(own, "xx-nowhere-1", "ml.m5.xlarge", "ml.m5.large")  # the SDK is not asked
     assert settings["training_image"].endswith("/mine:1") and settings["inference_image"].endswith("/mine-serve:1")
-
-
-SERVING = {"endpoint": "bin-counter", "model": "bin-counter-aaa-final", "model_data_url": "s3://b/m.tar.gz"}
-PUBLISHED = {"endpoint": None, "model_data_url": "s3://b/models/published/x/model.tar.gz",
-             "model_version": "published-v1", "published": True}
-
-
-@pytest.mark.parametrize(("metrics", "champion", "deploy_param", "deploy", "version", "held_back"), [
-    # A serving model: the usual champion/challenger.
-    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, SERVING, True, None, None, True),
-    ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, SERVING, True, "new", "job-final", False),
-    # Nothing serves: the better of the new and the published model goes out; nothing is held back.
-    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, PUBLISHED, True, "published", "published-v1", False),
-    ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, PUBLISHED, True, "new", "job-final", False),
-    ({"test:accuracy": 0.40}, PUBLISHED, True, "new", "job-final", False),  # the published one not scored
-    ({"test:accuracy": 0.40}, None, True, "new", "job-final", False),
-    # The deploy Param off: nothing goes out, and that is no alert.
-    ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, SERVING, False, None, None, False),
-    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, PUBLISHED, False, None, None, False),
-])
-def test_choose_deployment(metrics, champion, deploy_param, deploy, version, held_back):
-    choice = sagemaker_config.choose_deployment(metrics, champion, "job-final", "accuracy", 0.0, deploy_param)
-    assert (choice["deploy"], choice["model_version"], choice["held_back"]) == (deploy, version, held_back)
-    assert choice["reason"]
 
 
 def test_deploying_the_published_model_names_and_tags_it_as_such():
