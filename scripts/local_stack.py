@@ -1,8 +1,8 @@
 """The whole system on one machine: a moto server (S3, CloudWatch Logs), the SageMaker and Lambda
 stand-in, and Airflow with its SQLite database, all on loopback.
 
-  .venv/bin/python scripts/local_stack.py demo --source ../shared/abid --keys 01000:01600
-  .venv/bin/python scripts/local_stack.py up      # the same stack, and the Airflow UI on :8080
+  PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack demo --source ../shared/abid --keys 01000:01600
+  PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack up    # the same stack, and the Airflow UI on :8080
 
 `demo` runs bin_count_data_prep and then bin_count_retrain (with `airflow dags test`, the same
 DAG code a scheduler would run), prints counts from the deployed endpoint next to the truth, and
@@ -27,12 +27,11 @@ from pathlib import Path
 
 import boto3
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
+from standin.aws_calls import WORKER_ACCESS_KEY_ID
+from standin.iam import create_roles, load_template, render
+from standin.launch import start_moto, start_standin, wait_until_up
 
-from standin.aws_calls import WORKER_ACCESS_KEY_ID  # noqa: E402
-from standin.iam import create_roles, load_template, render  # noqa: E402
-from standin.launch import start_moto, start_standin, wait_until_up  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VENV_BIN = Path(sys.executable).parent
 CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
