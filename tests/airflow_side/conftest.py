@@ -20,7 +20,7 @@ import pytest
 from bin_counter.sagemaker_config import training_job_config
 from standin import iam
 from standin.aws_calls import WORKER_ACCESS_KEY_ID, read_calls
-from standin.launch import start_moto, start_standin
+from standin.launch import airflow_connection, start_moto, start_standin
 from tests.conftest import REPO, make_bin_image, write_split_dir
 
 # Before anything imports Airflow: its configuration is read once, at import.
@@ -64,17 +64,6 @@ def moto_endpoint(aws_call_log, pipeline_stack):
     yield endpoint
     process.terminate()
     process.wait(timeout=10)
-
-
-def connection_json(moto_endpoint: str, standin_endpoint: str | None = None) -> str:
-    """The Airflow AWS connection of the local stack, signing as the Airflow worker: S3, logs and SNS on
-    moto, SageMaker and Lambda on the stand-in. On AWS the same DAGs run with a connection without
-    these endpoint URLs (and with the worker's own credentials)."""
-    extra: dict = {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}
-    if standin_endpoint:
-        extra["service_config"] = {service: {"endpoint_url": standin_endpoint}
-                                   for service in ("sagemaker", "sagemaker-runtime", "lambda")}
-    return json.dumps({"conn_type": "aws", "login": WORKER_ACCESS_KEY_ID, "password": "local", "extra": extra})
 
 
 @pytest.fixture
@@ -127,7 +116,7 @@ def worker_client(permitted_calls_only):
 @pytest.fixture
 def aws_connection(moto_endpoint, monkeypatch, permitted_calls_only):
     """The Airflow AWS connection pointed at the moto server: the only thing that differs from AWS."""
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", connection_json(moto_endpoint))
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(airflow_connection(moto_endpoint)))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     return "aws_default"
@@ -160,8 +149,8 @@ def standin(tmp_path, moto_endpoint, aws_connection, aws_call_log, request):
 
 @pytest.fixture
 def local_stack_connection(standin, moto_endpoint, monkeypatch):
-    """The Airflow AWS connection of the local stack (connection_json)."""
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", connection_json(moto_endpoint, standin["endpoint"]))
+    """The Airflow AWS connection of the local stack (standin.launch.airflow_connection)."""
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(airflow_connection(moto_endpoint, standin["endpoint"])))
     return standin
 
 

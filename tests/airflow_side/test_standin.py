@@ -16,7 +16,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from standin.launch import start_standin
+from standin.launch import airflow_connection, start_standin
 from tests.airflow_side.conftest import (
     CONTAINER_PYTHON,
     deployed_model,
@@ -111,9 +111,8 @@ def test_the_providers_training_operator_runs_against_the_standin(standin, job_i
     from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
 
     # The only local part: the connection's endpoints (moto for S3 and logs, the stand-in for SageMaker).
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "extra": {
-        "endpoint_url": moto_endpoint, "region_name": "us-east-1",
-        "service_config": {"sagemaker": {"endpoint_url": standin["endpoint"]}}}}))
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
+        airflow_connection(moto_endpoint, standin["endpoint"], login=None, services=("sagemaker",))))
     operator = SageMakerTrainingOperator(task_id="train", config=job_config(job_inputs, "job-operator"),
                                          print_log=True, check_interval=1)
     result = operator.execute(context={})
@@ -426,11 +425,8 @@ def test_the_providers_tuning_model_and_endpoint_operators(standin, job_inputs, 
         SageMakerTuningOperator,
     )
 
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "extra": {
-        "endpoint_url": moto_endpoint, "region_name": "us-east-1",
-        "service_config": {"sagemaker": {"endpoint_url": standin["endpoint"]},
-                           "sagemaker-runtime": {"endpoint_url": standin["endpoint"]},
-                           "lambda": {"endpoint_url": standin["endpoint"]}}}}))
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(airflow_connection(moto_endpoint, standin["endpoint"],
+                                                                                  login=None)))
     definition = job_config(job_inputs, "unused")
     tuning_config = {
         "HyperParameterTuningJobName": "tune-op",
