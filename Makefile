@@ -5,6 +5,11 @@
 #   .venv-container  what SageMaker's PyTorch containers provide (torch, torchvision, Pillow)
 # Each is built once per set of pinned requirements under $(ENV_CACHE) and linked here, so a fresh
 # clone (and CI) reuses an environment that an earlier run built from the same pins.
+#
+# Nothing of this checkout is installed into them (they are shared): scripts run as modules from the
+# repository root (`python -m scripts.local_stack`, `python -m bench.<name>`), with PYTHONPATH naming
+# the folders that Airflow (plugins) and SageMaker (sagemaker_code) put on their own path; the tests
+# get the same from pytest's `pythonpath` in pyproject.toml.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -63,24 +68,24 @@ test: envs lint
 # bin_count_data_prep on DEMO_KEYS, then bin_count_retrain (tune, retrain, gate, deploy, smoke check),
 # then counts from the deployed endpoint next to the truth.
 demo: envs
-	.venv/bin/python scripts/local_stack.py demo --source "$(ABID_SOURCE)" --keys $(DEMO_KEYS) --work $(DEMO_DIR)
+	PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack demo --source "$(ABID_SOURCE)" --keys $(DEMO_KEYS) --work $(DEMO_DIR)
 
 # The same stack with the Airflow UI on http://127.0.0.1:8080 (Ctrl-C stops it all).
 up: envs
-	.venv/bin/python scripts/local_stack.py up --work build/stack
+	PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack up --work build/stack
 
 # Long runs live in bench/ (see BENCHMARKS.md); not part of `make test`.
 bench-train: envs
-	.venv-container/bin/python bench/train_vs_seed.py --abid ../shared/abid --work build/bench-train
+	PYTHONPATH=plugins .venv-container/bin/python -m bench.train_vs_seed --abid ../shared/abid --work build/bench-train
 
 # Retrain and republish models/bin-counter.tar.gz and models/MODEL_CARD.md with the recipe in
 # BENCHMARKS.md ("Accuracy experiments"): train.py's defaults with 10 epochs (serving with flip TTA and
 # median decoding, now the defaults) on the key-block split of ../shared/abid,
 # scored on its held-out test blocks. About half an hour on two cores.
 model: envs
-	.venv-container/bin/python bench/train_vs_seed.py --abid ../shared/abid --work build/model --only default \
+	PYTHONPATH=plugins .venv-container/bin/python -m bench.train_vs_seed --abid ../shared/abid --work build/model --only default \
 	    --default-args "--epochs 10"
-	.venv-container/bin/python scripts/publish_model.py build/model/model-default --test build/model/split/test
+	PYTHONPATH=sagemaker_code .venv-container/bin/python -m scripts.publish_model build/model/model-default --test build/model/split/test
 
 # Refresh the exact pins after changing requirements*.txt.
 lock:

@@ -1,7 +1,7 @@
 """Latency and throughput of the public API (local gateway -> Lambda -> endpoint) against the
 endpoint alone, same model, same photos, same run.
 
-  .venv/bin/python bench/api_latency.py --model models/bin-counter-mobilenet_v2.tar.gz \\
+  PYTHONPATH=plugins .venv/bin/python -m bench.api_latency --model models/bin-counter-mobilenet_v2.tar.gz \\
       --images ../shared/abid/bin-images --limit 20 --seconds 30
 
 Starts a moto server and the stand-in on loopback, serves the model.tar.gz at an endpoint, creates
@@ -15,24 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from bin_counter.api_client import images_in
+from bin_counter.api_function import ensure_function
+from bin_counter.api_load import NO_ANSWER, gateway_sender, run_load
+from standin.iam import service_role
+from standin.launch import start_moto, start_standin
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "plugins"))
-sys.path.insert(0, str(ROOT))
-
-import boto3  # noqa: E402
-from botocore.config import Config  # noqa: E402
-from botocore.exceptions import ClientError  # noqa: E402
-
-from bin_counter.api_client import images_in  # noqa: E402
-from bin_counter.api_function import ensure_function  # noqa: E402
-from bin_counter.api_load import NO_ANSWER, gateway_sender, run_load  # noqa: E402
-from standin.iam import service_role  # noqa: E402
-from standin.launch import start_moto, start_standin  # noqa: E402
 
 CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
 API_KEY = "bench-key"

@@ -1,7 +1,7 @@
 """Data-prep throughput: fetch from the local mirror into a moto S3 server, concurrent against
 sequential, side by side; then enhancement and split of the whole mirror, S3 to S3.
 
-  .venv/bin/python bench/data_prep_throughput.py --abid ../shared/abid [--fetch-keys 2000]
+  PYTHONPATH=plugins .venv/bin/python -m bench.data_prep_throughput --abid ../shared/abid [--fetch-keys 2000]
 
 Everything goes over real HTTP to a moto server this script starts on loopback.
 """
@@ -11,18 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
+import boto3
+
+from bin_counter import abid, enhance, fetch, split
+from standin.launch import start_moto
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "plugins"))
-sys.path.insert(0, str(ROOT))
-
-import boto3  # noqa: E402
-
-from bin_counter import abid, enhance, fetch, split  # noqa: E402
-from standin.launch import start_moto  # noqa: E402
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Does contrast enhancement help the counter? Same split, same recipe, with and without it.
 
-  .venv-container/bin/python bench/enhancement_effect.py --abid ../shared/abid --work build/bench-train \
-      --methods autocontrast [--with-plain]
+  PYTHONPATH=plugins .venv-container/bin/python -m bench.enhancement_effect --abid ../shared/abid \
+      --work build/bench-train --methods autocontrast [--with-plain]
 
 Uses the split of bench/train_vs_seed.py (same work folder, same blocks). For each method, every
 image of the split is enhanced (train, validation and test alike, as the data-prep DAG does) into
@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_vs_seed import ROOT, prepare_split, run_recipe
-
+from bench.train_vs_seed import ROOT, prepare_split, run_recipe
 from bin_counter.enhance import enhance_image, enhancement_id, resolve
 
 

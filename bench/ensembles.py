@@ -5,7 +5,7 @@ Ensembles are chosen by validation accuracy and reported on the test images, so 
 sees the test split. Every model must have been trained on the same split, as the experiment runs
 of bench/train_vs_seed.py are (same --abid, same seed).
 
-  .venv-container/bin/python bench/ensembles.py build/exp/e10 build/exp/nbr build/exp/aug \\
+  PYTHONPATH=sagemaker_code .venv-container/bin/python -m bench.ensembles build/exp/e10 build/exp/nbr build/exp/aug \\
       build/exp/lite0 build/exp/bal
 """
 
@@ -20,13 +20,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "sagemaker_code"))
-
-import datasets  # noqa: E402
-import evaluate  # noqa: E402
-import inference  # noqa: E402
-import metrics  # noqa: E402
+import datasets
+import evaluate
+import inference
+import metrics
 
 
 def get_args_parser() -> argparse.ArgumentParser:

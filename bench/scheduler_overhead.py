@@ -14,7 +14,7 @@ small search, both through the scheduler and the LocalExecutor, and splits each 
 overhead = latency + startup + teardown. The execute() bounds come from the task log's own
 "Pre Execute" / "Post Execute" groups.
 
-  .venv/bin/python bench/scheduler_overhead.py --source ../shared/abid --keys 01000:01600
+  PYTHONPATH=plugins .venv/bin/python -m bench.scheduler_overhead --source ../shared/abid --keys 01000:01600
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts import local_stack as stack
 
-import local_stack as stack  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """The stand-in's costs: overhead per training job, an endpoint worker's peak memory, and
 InvokeEndpoint latency against calling inference.py's handlers in-process, side by side.
 
-  .venv/bin/python bench/standin_overhead.py --abid ../shared/abid [--requests 200]
+  PYTHONPATH=plugins .venv/bin/python -m bench.standin_overhead --abid ../shared/abid [--requests 200]
 
 Starts a moto server and the stand-in on loopback; trains a small real model (60 bin photos,
 96 px, 1 epoch) through CreateTrainingJob, deploys it, then times one-image requests.
@@ -15,21 +15,18 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
 
+import boto3
+
+from bin_counter.abid import read_local_records
+from bin_counter.sagemaker_config import training_job_config
+from standin.iam import service_role
+from standin.launch import start_moto, start_standin
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "plugins"))
-sys.path.insert(0, str(ROOT))
-
-import boto3  # noqa: E402
-
-from bin_counter.abid import read_local_records  # noqa: E402
-from bin_counter.sagemaker_config import training_job_config  # noqa: E402
-from standin.iam import service_role  # noqa: E402
-from standin.launch import start_moto, start_standin  # noqa: E402
 
 CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
 IN_PROCESS = """

@@ -1,6 +1,6 @@
 """Training throughput of the final recipe against the naive version of it, side by side in one run.
 
-  .venv-container/bin/python bench/train_throughput.py --train build/bench-train/split/train --images 640
+  .venv-container/bin/python -m bench.train_throughput --train build/bench-train/split/train --images 640
 
 naive: fp32 (`--amp off`), every image decoded again in every epoch (`--cache none`), the same
 model, batch and image size otherwise. final: the defaults (bf16 autocast where the CPU has it,

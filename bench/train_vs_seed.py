@@ -1,6 +1,6 @@
 """Train the default recipe and the seed's recipe on the same key-block split of real ABID images.
 
-  .venv-container/bin/python bench/train_vs_seed.py --abid ../shared/abid --work /tmp/bench-train
+  PYTHONPATH=plugins .venv-container/bin/python -m bench.train_vs_seed --abid ../shared/abid --work /tmp/bench-train
 
 Both recipes train on the same train/validation blocks and are scored on the same held-out test
 blocks, counts 0 to 5, in one run, one after the other. The seed fine-tuned only the last layer of
@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "plugins"))
+from bin_counter.abid import LocalStore, key_block, read_local_records
+from bin_counter.split import DEFAULT_SHARES, assign_splits, summarize, write_split_layout
 
-from bin_counter.abid import LocalStore, key_block, read_local_records  # noqa: E402
-from bin_counter.split import DEFAULT_SHARES, assign_splits, summarize, write_split_layout  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN = ROOT / "sagemaker_code" / "train.py"
 

@@ -1,8 +1,8 @@
 """How good the API's quantity verdicts are on real photos: the share of wrong expected counts
 flagged as `mismatch`, at a fixed share of right ones wrongly flagged (false alarms).
 
-  .venv-container/bin/python bench/verdict_quality.py --model models/bin-counter-mobilenet_v2.tar.gz \\
-      --split build/bench-train/split --false-alarm 0.05
+  PYTHONPATH=sagemaker_code:lambda .venv-container/bin/python -m bench.verdict_quality \\
+      --model models/bin-counter-mobilenet_v2.tar.gz --split build/bench-train/split --false-alarm 0.05
 
 Every test photo is asked twice: with its true count (a right expectation) and with a count one
 off (a wrong one: the usual discrepancy, an item missing or extra), and also with counts two or
@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "sagemaker_code"))
-sys.path.insert(0, str(ROOT / "lambda"))
-
-import datasets  # noqa: E402
-import evaluate  # noqa: E402
+import datasets
+import evaluate
 
 # The API's own verdict code and defaults, so the benchmark measures what the API does.
-from verdicts import DEFAULT_MATCH_THRESHOLD, DEFAULT_MISMATCH_THRESHOLD, classify  # noqa: E402
+from verdicts import DEFAULT_MATCH_THRESHOLD, DEFAULT_MISMATCH_THRESHOLD, classify
 
 
 def probabilities_of(model_path: Path, split_dir: Path, max_count: int, batch_size: int) -> list[tuple[int, list]]:

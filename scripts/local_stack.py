@@ -1,8 +1,8 @@
 """The whole system on one machine: a moto server (S3, CloudWatch Logs), the SageMaker and Lambda
 stand-in, and Airflow with its SQLite database, all on loopback.
 
-  .venv/bin/python scripts/local_stack.py demo --source ../shared/abid --keys 01000:01600
-  .venv/bin/python scripts/local_stack.py up      # the same stack, and the Airflow UI on :8080
+  PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack demo --source ../shared/abid --keys 01000:01600
+  PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack up    # the same stack, and the Airflow UI on :8080
 
 `demo` runs bin_count_data_prep and then bin_count_retrain (with `airflow dags test`, the same
 DAG code a scheduler would run), prints counts from the deployed endpoint next to the truth, and
@@ -27,12 +27,10 @@ from pathlib import Path
 
 import boto3
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
+from standin.iam import create_roles, load_template, render
+from standin.launch import airflow_connection, start_moto, start_standin, wait_until_up
 
-from standin.aws_calls import WORKER_ACCESS_KEY_ID  # noqa: E402
-from standin.iam import create_roles, load_template, render  # noqa: E402
-from standin.launch import start_moto, start_standin, wait_until_up  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VENV_BIN = Path(sys.executable).parent
 CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
@@ -62,14 +60,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def connection(moto: str, standin: str) -> dict:
-    """The Airflow AWS connection of the local stack. On AWS: the same without the endpoint URLs."""
-    return {"conn_type": "aws", "login": WORKER_ACCESS_KEY_ID, "password": "local", "extra": {
-        "endpoint_url": moto, "region_name": "us-east-1",
-        "service_config": {"sagemaker": {"endpoint_url": standin}, "sagemaker-runtime": {"endpoint_url": standin},
-                           "lambda": {"endpoint_url": standin}}}}
-
-
 def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
@@ -78,7 +68,7 @@ def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection(moto, standin)),
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(airflow_connection(moto, standin)),
         # What the README tells a user to copy from the pipeline stack's outputs, rendered for this account.
         "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": render(load_template()).outputs["SageMakerVariable"],
         "BIN_COUNTER_SAGEMAKER_POLL_S": "2",

@@ -1,7 +1,8 @@
 """Publish a model train.py wrote as the repository's model: `models/bin-counter.tar.gz` (the
 model.tar.gz an endpoint loads) and `models/MODEL_CARD.md`.
 
-  .venv-container/bin/python scripts/publish_model.py build/model/model-default [--tta flips --decoding median]
+  PYTHONPATH=sagemaker_code .venv-container/bin/python -m scripts.publish_model build/model/model-default \\
+      [--tta flips --decoding median]
 
 The archive carries model.pth, model_card.json and code/ with the serving code of this checkout
 (inference.py reads older cards as well), byte-identical for the same inputs. --tta and --decoding
@@ -17,17 +18,15 @@ import gzip
 import io
 import json
 import shutil
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "sagemaker_code"))
+import evaluate
+import inference
+import train
 
-import evaluate  # noqa: E402
-import inference  # noqa: E402
-import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ARCHIVE = "bin-counter.tar.gz"
 

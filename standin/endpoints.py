@@ -7,7 +7,6 @@ fails to load leaves the old one serving.
 from __future__ import annotations
 
 import io
-import socket
 import subprocess
 import tarfile
 import threading
@@ -16,6 +15,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from standin.launch import free_port
 
 WORKER = Path(__file__).resolve().parent / "model_worker.py"
 
@@ -30,12 +31,6 @@ class Worker:
     process: subprocess.Popen
     model_dir: Path
     config_name: str
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class EndpointHost:
@@ -60,7 +55,7 @@ class EndpointHost:
                 tar.extractall(model_dir, filter="data")
         except tarfile.TarError as exc:
             raise WorkerFailed(f"{model_data_url} is not a model.tar.gz: {exc}") from exc
-        port = _free_port()
+        port = free_port()
         log_path = model_dir.with_suffix(".log")
         with log_path.open("w") as log:
             process = subprocess.Popen([self.python, str(WORKER), "--model-dir", str(model_dir), "--port", str(port)],

@@ -1,7 +1,7 @@
 """Starting the local stack's servers on loopback: a moto server and the stand-in.
 
 Used by the tests and the benchmarks (and by whatever starts the whole stack), so there is one way
-to pick a port, start a server and wait until it answers.
+to pick a port, start a server, wait until it answers, and point Airflow's AWS connection at it.
 """
 
 from __future__ import annotations
@@ -13,13 +13,29 @@ import time
 import urllib.request
 from pathlib import Path
 
+from standin.aws_calls import WORKER_ACCESS_KEY_ID
+
 ROOT = Path(__file__).resolve().parents[1]
+STANDIN_SERVICES = ("sagemaker", "sagemaker-runtime", "lambda")  # the services the stand-in answers
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def airflow_connection(moto: str, standin: str | None = None, *, login: str | None = WORKER_ACCESS_KEY_ID,
+                       services: tuple[str, ...] = STANDIN_SERVICES) -> dict:
+    """The Airflow AWS connection of the local stack: S3, logs and SNS on the moto server at `moto`,
+    `services` (SageMaker, SageMaker Runtime and Lambda) on the stand-in at `standin`, signing as
+    `login` (the Airflow worker's key; None: the environment's credentials). On AWS the same DAGs run
+    with a connection without these endpoint URLs (and with the worker's own credentials)."""
+    extra: dict = {"endpoint_url": moto, "region_name": "us-east-1"}
+    if standin:
+        extra["service_config"] = {service: {"endpoint_url": standin} for service in services}
+    credentials = {"login": login, "password": "local"} if login else {}
+    return {"conn_type": "aws", **credentials, "extra": extra}
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:

@@ -134,6 +134,15 @@ def key_range(start: int, stop: int, width: int = 5) -> list[str]:
     return [f"{i:0{width}d}" for i in range(start, stop)]
 
 
+def parse_key_range(text: str) -> list[str]:
+    """The keys of "START:STOP" (STOP excluded), as wide as START is written: "01000:01003" ->
+    ['01000', '01001', '01002']. ValueError for anything else."""
+    start, sep, stop = text.partition(":")
+    if not sep or not start.isdigit() or not stop.isdigit() or int(stop) <= int(start):
+        raise ValueError(f"expected START:STOP with zero-padded keys, e.g. 01000:01600, got {text!r}")
+    return key_range(int(start), int(stop), width=len(start))
+
+
 class Source(Protocol):
     uri: str
 

@@ -18,10 +18,11 @@ from bin_counter import abid, fetch, split
 
 
 def parse_key_range(text: str) -> list[str]:
-    start, sep, stop = text.partition(":")
-    if not sep or not start.isdigit() or not stop.isdigit() or int(stop) <= int(start):
-        raise argparse.ArgumentTypeError(f"expected START:STOP with zero-padded keys, e.g. 01000:01600, got {text!r}")
-    return abid.key_range(int(start), int(stop), width=len(start))
+    """abid.parse_key_range for argparse: its message as the usage error."""
+    try:
+        return abid.parse_key_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_shares(text: str) -> dict[str, float]:

@@ -86,7 +86,7 @@ class AbidFetchOperator(BaseOperator):
 
     def select(self, source) -> list[str]:
         from bin_counter import abid
-        from bin_counter.cli import parse_key_range
+        from bin_counter.abid import parse_key_range
 
         if self.subset == "key_range":
             return parse_key_range(self.key_range)

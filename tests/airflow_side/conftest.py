@@ -20,8 +20,8 @@ import pytest
 from bin_counter.sagemaker_config import training_job_config
 from standin import iam
 from standin.aws_calls import WORKER_ACCESS_KEY_ID, read_calls
-from standin.launch import start_moto, start_standin
-from tests.conftest import REPO, write_split_dir
+from standin.launch import airflow_connection, start_moto, start_standin
+from tests.conftest import REPO, make_bin_image, write_split_dir
 
 # Before anything imports Airflow: its configuration is read once, at import.
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="bin-counter-airflow-")
@@ -64,17 +64,6 @@ def moto_endpoint(aws_call_log, pipeline_stack):
     yield endpoint
     process.terminate()
     process.wait(timeout=10)
-
-
-def connection_json(moto_endpoint: str, standin_endpoint: str | None = None) -> str:
-    """The Airflow AWS connection of the local stack, signing as the Airflow worker: S3, logs and SNS on
-    moto, SageMaker and Lambda on the stand-in. On AWS the same DAGs run with a connection without
-    these endpoint URLs (and with the worker's own credentials)."""
-    extra: dict = {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}
-    if standin_endpoint:
-        extra["service_config"] = {service: {"endpoint_url": standin_endpoint}
-                                   for service in ("sagemaker", "sagemaker-runtime", "lambda")}
-    return json.dumps({"conn_type": "aws", "login": WORKER_ACCESS_KEY_ID, "password": "local", "extra": extra})
 
 
 @pytest.fixture
@@ -127,7 +116,7 @@ def worker_client(permitted_calls_only):
 @pytest.fixture
 def aws_connection(moto_endpoint, monkeypatch, permitted_calls_only):
     """The Airflow AWS connection pointed at the moto server: the only thing that differs from AWS."""
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", connection_json(moto_endpoint))
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(airflow_connection(moto_endpoint)))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     return "aws_default"
@@ -160,8 +149,8 @@ def standin(tmp_path, moto_endpoint, aws_connection, aws_call_log, request):
 
 @pytest.fixture
 def local_stack_connection(standin, moto_endpoint, monkeypatch):
-    """The Airflow AWS connection of the local stack (connection_json)."""
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", connection_json(moto_endpoint, standin["endpoint"]))
+    """The Airflow AWS connection of the local stack (standin.launch.airflow_connection)."""
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(airflow_connection(moto_endpoint, standin["endpoint"])))
     return standin
 
 
@@ -184,6 +173,8 @@ def job_inputs(s3, bucket, tmp_path):
 # so that what these jobs do (and an operator that starts them) is held against the stack's policies.
 JOB_DATA = "datasets/job-inputs"
 SAGEMAKER_ROLE = iam.render(iam.load_template()).roles["SageMakerExecutionRole"]["arn"]
+# The API function's role as infra/pipeline.yaml creates it, so that its calls are held against its policy.
+API_FUNCTION_ROLE = iam.render(iam.load_template()).roles["ApiFunctionRole"]["arn"]
 
 
 def job_config(bucket: str, name: str, **hyperparameters) -> dict:
@@ -214,6 +205,55 @@ def wait_endpoint(sm, name: str, timeout: float = 180) -> dict:
         if endpoint["EndpointStatus"] in ("InService", "Failed") or time.time() > deadline:
             return endpoint
         time.sleep(0.3)
+
+
+def sagemaker_client(stack: dict):
+    """A SageMaker client for a stand-in (the `standin` fixture, `local_stack_connection`)."""
+    return boto3.client("sagemaker", endpoint_url=stack["endpoint"], region_name="us-east-1")
+
+
+def wait_training_job(sm, name: str, timeout: float = 240) -> dict:
+    """A training job's description once it has finished (or after `timeout`)."""
+    deadline = time.time() + timeout
+    while True:
+        job = sm.describe_training_job(TrainingJobName=name)
+        if job["TrainingJobStatus"] in ("Completed", "Failed", "Stopped") or time.time() > deadline:
+            return job
+        time.sleep(0.5)
+
+
+def serving_endpoint(sm, bucket: str, job: str, endpoint: str) -> None:
+    """Train `job`, register its model and config under the job's name, serve it at `endpoint`."""
+    sm.create_training_job(**job_config(bucket, job))
+    assert wait_training_job(sm, job)["TrainingJobStatus"] == "Completed"
+    deployed_model(sm, job, job)
+    sm.create_endpoint(EndpointName=endpoint, EndpointConfigName=job)
+    assert wait_endpoint(sm, endpoint)["EndpointStatus"] == "InService"
+
+
+# Small and quick: 64-pixel images, counts 0 to 2, two tuning trials at most.
+BASE_CONF = {"arch": "mobilenet_v2", "mode": "finetune", "max_count": 2, "batch_sizes": [8],
+             "epochs_min": 2, "epochs_max": 3, "lr_min": 0.001, "lr_max": 0.003, "max_jobs": 2,
+             "max_parallel_jobs": 2, "strategy": "Random", "smoke_images": 3, "initial_model": "none",
+             "extra_hyperparameters": {"image-size": 64, "workers": 1, "seed": 0, "warmup-epochs": 0}}
+
+
+def upload_dataset(s3, bucket: str, version: str, per_split: dict[str, int], corrupt_test: bool = False) -> None:
+    """A dataset as bin_count_data_prep leaves it: <split>/<count>/<key>.jpg and dataset.json."""
+    images: dict[str, dict[int, int]] = {}
+    n = 0
+    for split, per_count in per_split.items():
+        for count in range(3):
+            for _ in range(per_count):
+                n += 1
+                body = make_bin_image(count, 7000 + n)
+                if corrupt_test and split == "test":
+                    body = body[: len(body) // 3]  # cut short between the stages
+                s3.put_object(Bucket=bucket, Key=f"datasets/{version}/{split}/{count}/{n:05d}.jpg", Body=body)
+                images.setdefault(split, {}).setdefault(count, 0)
+                images[split][count] += 1
+    record = {"version": version, "bucket": bucket, "prefix": f"datasets/{version}", "images": images}
+    s3.put_object(Bucket=bucket, Key=f"datasets/{version}/dataset.json", Body=json.dumps(record).encode())
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -18,6 +18,13 @@ def test_padded_and_unpadded_keys_are_different_series():
     assert abid.key_block("100313", 100) == abid.key_block("100399", 100)
 
 
+def test_a_key_range_keeps_its_padding_and_a_bad_one_is_a_value_error():
+    assert abid.parse_key_range("00998:01001") == ["00998", "00999", "01000"]
+    for bad in ("10:5", "01000", "a:b", "5:5"):
+        with pytest.raises(ValueError, match="expected START:STOP"):
+            abid.parse_key_range(bad)
+
+
 def test_file_list_parsing_and_reproducible_selection():
     raw = json.dumps({"1": ["data/metadata/00012.json", "data/metadata/121.json"],
                       "2": [f"data/metadata/{i:05d}.json" for i in range(20, 30)]})

@@ -14,14 +14,18 @@ import pytest
 
 from bin_counter import api_client
 from bin_counter.api_function import ensure_function, function_zip
-from standin import iam
 from standin.launch import start_standin
-from tests.airflow_side.conftest import API_KEY, CONTAINER_PYTHON
-from tests.airflow_side.test_standin import client, deployed_model, serving_endpoint, wait_endpoint
+from tests.airflow_side.conftest import (
+    API_FUNCTION_ROLE,
+    API_KEY,
+    CONTAINER_PYTHON,
+    deployed_model,
+    sagemaker_client,
+    serving_endpoint,
+    wait_endpoint,
+)
 from tests.conftest import make_bin_image, png_claiming_size
 
-# The API function's role as infra/pipeline.yaml creates it, so that its calls are held against its policy.
-ROLE = iam.render(iam.load_template()).roles["ApiFunctionRole"]["arn"]
 # That role may invoke the stack's one endpoint only (AWS would answer AccessDenied for any other), so
 # the functions pointed at other endpoints to see how the handler reports them run as another role.
 OTHER_ENDPOINTS_ROLE = "arn:aws:iam::000000000000:role/test-functions-for-other-endpoints"
@@ -52,9 +56,9 @@ def call(aws_lambda, event: dict, function: str = "bin-counter-api") -> tuple[in
 
 def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connection, job_inputs, tmp_path):
     stack = local_stack_connection
-    serving_endpoint(client(stack), job_inputs, "api-model", "bin-counter")
+    serving_endpoint(sagemaker_client(stack), job_inputs, "api-model", "bin-counter")
     aws_lambda = boto3.client("lambda", endpoint_url=stack["endpoint"], region_name="us-east-1")
-    ensure_function(aws_lambda, "bin-counter-api", "bin-counter", ROLE)
+    ensure_function(aws_lambda, "bin-counter-api", "bin-counter", API_FUNCTION_ROLE)
     jpeg = make_bin_image(2, 5)
 
     status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"))
@@ -126,9 +130,9 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
 
 def test_the_cli_client_counts_a_folder_through_the_gateway(local_stack_connection, job_inputs, tmp_path, capsys):
     stack = local_stack_connection
-    serving_endpoint(client(stack), job_inputs, "cli-model", "bin-counter")
+    serving_endpoint(sagemaker_client(stack), job_inputs, "cli-model", "bin-counter")
     aws_lambda = boto3.client("lambda", endpoint_url=stack["endpoint"], region_name="us-east-1")
-    ensure_function(aws_lambda, "bin-counter-api", "bin-counter", ROLE)
+    ensure_function(aws_lambda, "bin-counter-api", "bin-counter", API_FUNCTION_ROLE)
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(make_bin_image(1, 1))
@@ -176,7 +180,7 @@ def with_failing_predict(artifact: bytes) -> bytes:
 
 
 def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack, job_inputs, s3):
-    stack, sm = throttling_stack, client(throttling_stack)
+    stack, sm = throttling_stack, sagemaker_client(throttling_stack)
     serving_endpoint(sm, job_inputs, "err-model", "bin-counter")
     aws_lambda = boto3.client("lambda", endpoint_url=stack["endpoint"], region_name="us-east-1")
     jpeg = make_bin_image(2, 5)
@@ -184,10 +188,10 @@ def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack,
     # The function the template creates has its own limits; the DAG's update keeps them and only
     # repoints the endpoint.
     aws_lambda.create_function(
-        FunctionName="api-impatient", Runtime="python3.12", Role=ROLE, Handler="handler.handler", Timeout=7,
-        Code={"ZipFile": function_zip()}, Environment={"Variables": {
+        FunctionName="api-impatient", Runtime="python3.12", Role=API_FUNCTION_ROLE, Handler="handler.handler",
+        Timeout=7, Code={"ZipFile": function_zip()}, Environment={"Variables": {
             "ENDPOINT_NAME": "elsewhere", "INVOKE_TIMEOUT_S": "0.001", "INVOKE_ATTEMPTS": "1"}})
-    ensure_function(aws_lambda, "api-impatient", "bin-counter", ROLE)
+    ensure_function(aws_lambda, "api-impatient", "bin-counter", API_FUNCTION_ROLE)
     configuration = aws_lambda.get_function_configuration(FunctionName="api-impatient")
     assert configuration["Environment"]["Variables"] == {
         "ENDPOINT_NAME": "bin-counter", "INVOKE_TIMEOUT_S": "0.001", "INVOKE_ATTEMPTS": "1"}
@@ -212,7 +216,7 @@ def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack,
 
     # Throttled: the second call of the burst succeeds; the next one is throttled on every one of
     # its three attempts (standard-mode backoff, a few seconds against one token per 20 s): 429.
-    ensure_function(aws_lambda, "api-throttled", "bin-counter", ROLE)
+    ensure_function(aws_lambda, "api-throttled", "bin-counter", API_FUNCTION_ROLE)
     status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-throttled")
     assert status == 200, body
     status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-throttled")

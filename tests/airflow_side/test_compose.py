@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
+from standin.launch import airflow_connection
 from tests.conftest import REPO
 
 SCHEMA = json.loads((REPO / "tests" / "data" / "compose-spec.json").read_text())
@@ -97,9 +98,7 @@ def test_airflow_finds_what_the_dags_need():
     assert targets["/opt/airflow/dags"] == "./dags" and targets["/opt/airflow/plugins"] == "./plugins"
     # The connection: S3 and logs on moto, SageMaker and Lambda on the stand-in, as in `make demo`.
     connection = json.loads(env["AIRFLOW_CONN_AWS_DEFAULT"])
-    assert connection["extra"]["endpoint_url"] == "http://moto:5000"
-    assert {c["endpoint_url"] for c in connection["extra"]["service_config"].values()} == {"http://standin:5055"}
-    assert set(connection["extra"]["service_config"]) == {"sagemaker", "sagemaker-runtime", "lambda"}
+    assert connection == airflow_connection("http://moto:5000", "http://standin:5055", login="local")
     assert "role_arn" in json.loads(env["AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER"])
 
 

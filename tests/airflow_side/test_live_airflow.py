@@ -21,12 +21,10 @@ import boto3
 import pytest
 import requests
 
+from scripts import local_stack
 from standin.launch import free_port, start_standin
-from tests.airflow_side.conftest import API_KEY, CONTAINER_PYTHON
-from tests.airflow_side.test_retrain_dag import BASE_CONF, upload_dataset
+from tests.airflow_side.conftest import API_KEY, BASE_CONF, CONTAINER_PYTHON, upload_dataset
 from tests.conftest import REPO
-
-import local_stack
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = REPO / "build" / "test-results" / "screenshots"

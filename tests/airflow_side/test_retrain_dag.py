@@ -10,13 +10,8 @@ import pendulum
 import pytest
 
 from bin_counter.sagemaker_config import run_job_names
+from tests.airflow_side.conftest import BASE_CONF, upload_dataset
 from tests.conftest import REPO, make_bin_image
-
-# Small and quick: 64-pixel images, counts 0 to 2, two tuning trials at most.
-BASE_CONF = {"arch": "mobilenet_v2", "mode": "finetune", "max_count": 2, "batch_sizes": [8],
-             "epochs_min": 2, "epochs_max": 3, "lr_min": 0.001, "lr_max": 0.003, "max_jobs": 2,
-             "max_parallel_jobs": 2, "strategy": "Random", "smoke_images": 3, "initial_model": "none",
-             "extra_hyperparameters": {"image-size": 64, "workers": 1, "seed": 0, "warmup-epochs": 0}}
 
 
 @pytest.fixture
@@ -50,24 +45,6 @@ def alerts(local_stack_connection, moto_endpoint, monkeypatch):
         return [json.loads(m["Body"]) for m in messages]
 
     return received
-
-
-def upload_dataset(s3, bucket: str, version: str, per_split: dict[str, int], corrupt_test: bool = False) -> None:
-    """A dataset as bin_count_data_prep leaves it: <split>/<count>/<key>.jpg and dataset.json."""
-    images: dict[str, dict[int, int]] = {}
-    n = 0
-    for split, per_count in per_split.items():
-        for count in range(3):
-            for _ in range(per_count):
-                n += 1
-                body = make_bin_image(count, 7000 + n)
-                if corrupt_test and split == "test":
-                    body = body[: len(body) // 3]  # cut short between the stages
-                s3.put_object(Bucket=bucket, Key=f"datasets/{version}/{split}/{count}/{n:05d}.jpg", Body=body)
-                images.setdefault(split, {}).setdefault(count, 0)
-                images[split][count] += 1
-    record = {"version": version, "bucket": bucket, "prefix": f"datasets/{version}", "images": images}
-    s3.put_object(Bucket=bucket, Key=f"datasets/{version}/dataset.json", Body=json.dumps(record).encode())
 
 
 def run_on(day: int) -> dict:

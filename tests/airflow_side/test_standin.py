@@ -16,8 +16,16 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from standin.launch import start_standin
-from tests.airflow_side.conftest import CONTAINER_PYTHON, deployed_model, job_config, wait_endpoint
+from standin.launch import airflow_connection, start_standin
+from tests.airflow_side.conftest import (
+    CONTAINER_PYTHON,
+    deployed_model,
+    job_config,
+    sagemaker_client,
+    serving_endpoint,
+    wait_endpoint,
+    wait_training_job,
+)
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
 
@@ -26,24 +34,11 @@ def start(state_dir, aws_endpoint) -> tuple[subprocess.Popen, str]:
     return start_standin(state_dir, aws_endpoint, CONTAINER_PYTHON)
 
 
-def wait(sm, name: str, timeout: float = 240) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        job = sm.describe_training_job(TrainingJobName=name)
-        if job["TrainingJobStatus"] in ("Completed", "Failed", "Stopped") or time.time() > deadline:
-            return job
-        time.sleep(0.5)
-
-
-def client(standin):
-    return boto3.client("sagemaker", endpoint_url=standin["endpoint"], region_name="us-east-1")
-
-
 def test_training_job_runs_train_py_and_leaves_a_loadable_model(standin, job_inputs, s3, aws_connection):
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     arn = sm.create_training_job(**job_config(job_inputs, "job-ok"))["TrainingJobArn"]
     assert arn.endswith("training-job/job-ok")
-    job = wait(sm, "job-ok")
+    job = wait_training_job(sm, "job-ok")
     assert job["TrainingJobStatus"] == "Completed", job.get("FailureReason")
     statuses = [t["Status"] for t in job["SecondaryStatusTransitions"]]
     assert statuses == ["Starting", "Downloading", "Training", "Uploading", "Completed"]
@@ -64,16 +59,16 @@ def test_training_job_runs_train_py_and_leaves_a_loadable_model(standin, job_inp
 
 
 def test_bad_hyperparameter_fails_the_job_with_its_reason(standin, job_inputs, aws_connection):
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     sm.create_training_job(**job_config(job_inputs, "job-bad", epochs=0))
-    job = wait(sm, "job-bad")
+    job = wait_training_job(sm, "job-bad")
     assert job["TrainingJobStatus"] == "Failed"
     assert "--epochs must be at least 1" in job["FailureReason"]
     assert job["FailureReason"].startswith("AlgorithmError")
 
 
 def test_errors_come_back_as_aws_sends_them(standin, job_inputs, aws_connection):
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     sm.create_training_job(**job_config(job_inputs, "job-dup"))
     with pytest.raises(ClientError) as caught:
         sm.create_training_job(**job_config(job_inputs, "job-dup"))
@@ -91,23 +86,23 @@ def test_errors_come_back_as_aws_sends_them(standin, job_inputs, aws_connection)
     payload = json.loads(http_error.value.read())
     assert http_error.value.code == 400 and payload["__type"] == "ValidationException"
     assert "AlgorithmSpecification" in payload["message"] or "RoleArn" in payload["message"]
-    wait(sm, "job-dup")
+    wait_training_job(sm, "job-dup")
 
 
 def test_stop_and_restart_keep_the_state(standin, job_inputs, moto_endpoint, aws_connection):
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     sm.create_training_job(**job_config(job_inputs, "job-long", epochs=500))
     deadline = time.time() + 120
     while sm.describe_training_job(TrainingJobName="job-long")["SecondaryStatus"] != "Training":
         assert time.time() < deadline
         time.sleep(0.2)
     sm.stop_training_job(TrainingJobName="job-long")
-    assert wait(sm, "job-long")["TrainingJobStatus"] == "Stopped"
+    assert wait_training_job(sm, "job-long")["TrainingJobStatus"] == "Stopped"
 
     standin["proc"].terminate()
     standin["proc"].wait(timeout=10)
     standin["proc"], standin["endpoint"] = start(standin["state"], moto_endpoint)
-    again = client(standin).describe_training_job(TrainingJobName="job-long")
+    again = sagemaker_client(standin).describe_training_job(TrainingJobName="job-long")
     assert again["TrainingJobStatus"] == "Stopped"
 
 
@@ -116,9 +111,8 @@ def test_the_providers_training_operator_runs_against_the_standin(standin, job_i
     from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
 
     # The only local part: the connection's endpoints (moto for S3 and logs, the stand-in for SageMaker).
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "extra": {
-        "endpoint_url": moto_endpoint, "region_name": "us-east-1",
-        "service_config": {"sagemaker": {"endpoint_url": standin["endpoint"]}}}}))
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
+        airflow_connection(moto_endpoint, standin["endpoint"], login=None, services=("sagemaker",))))
     operator = SageMakerTrainingOperator(task_id="train", config=job_config(job_inputs, "job-operator"),
                                          print_log=True, check_interval=1)
     result = operator.execute(context={})
@@ -130,7 +124,7 @@ def test_the_providers_training_operator_runs_against_the_standin(standin, job_i
 
 
 def test_models_and_endpoint_configs(standin, aws_connection):
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     model = {"ModelName": "bin-count-1", "ExecutionRoleArn": "arn:aws:iam::000000000000:role/local",
              "PrimaryContainer": {"Image": "local/pytorch-inference:cpu", "ModelDataUrl": "s3://b/m/model.tar.gz"}}
     assert sm.create_model(**model)["ModelArn"].endswith(":model/bin-count-1")
@@ -154,17 +148,8 @@ def test_models_and_endpoint_configs(standin, aws_connection):
     assert caught.value.response["Error"]["Code"] == "ValidationException"
 
 
-def serving_endpoint(sm, bucket: str, job: str, endpoint: str) -> None:
-    """Train `job`, register its model and config under the job's name, serve it at `endpoint`."""
-    sm.create_training_job(**job_config(bucket, job))
-    assert wait(sm, job)["TrainingJobStatus"] == "Completed"
-    deployed_model(sm, job, job)
-    sm.create_endpoint(EndpointName=endpoint, EndpointConfigName=job)
-    assert wait_endpoint(sm, endpoint)["EndpointStatus"] == "InService"
-
-
 def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs, s3, tmp_path, aws_connection):
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     serving_endpoint(sm, job_inputs, "job-serve", "bin-count")
 
     runtime = boto3.client("sagemaker-runtime", endpoint_url=standin["endpoint"], region_name="us-east-1")
@@ -209,7 +194,7 @@ def worker_processes(state_dir) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc to find the worker processes")
 def test_stopping_right_after_an_update_leaves_no_model_worker(standin, job_inputs, aws_connection):
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     serving_endpoint(sm, job_inputs, "job-first", "bin-count")
     deployed_model(sm, "job-again", "job-first")
     sm.update_endpoint(EndpointName="bin-count", EndpointConfigName="job-again")
@@ -225,7 +210,7 @@ def test_stopping_right_after_an_update_leaves_no_model_worker(standin, job_inpu
 
 
 def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws_connection):
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     definition = job_config(job_inputs, "unused")
     static = {k: v for k, v in definition["HyperParameters"].items() if k not in ("lr", "max-count")}
     sm.create_hyper_parameter_tuning_job(
@@ -348,23 +333,23 @@ def test_lambda_functions_are_created_invoked_and_updated(standin, aws_connectio
 
 
 def test_two_jobs_at_once(standin, job_inputs, aws_connection):
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     sm.create_training_job(**job_config(job_inputs, "job-a"))
     sm.create_training_job(**job_config(job_inputs, "job-b", lr=0.01))
     assert sm.describe_training_job(TrainingJobName="job-b")["TrainingJobStatus"] == "InProgress"
-    assert wait(sm, "job-a")["TrainingJobStatus"] == "Completed"
-    assert wait(sm, "job-b")["TrainingJobStatus"] == "Completed"
-    assert wait(sm, "job-a")["ModelArtifacts"] != wait(sm, "job-b")["ModelArtifacts"]
+    assert wait_training_job(sm, "job-a")["TrainingJobStatus"] == "Completed"
+    assert wait_training_job(sm, "job-b")["TrainingJobStatus"] == "Completed"
+    assert wait_training_job(sm, "job-a")["ModelArtifacts"] != wait_training_job(sm, "job-b")["ModelArtifacts"]
 
 
 def test_update_under_a_stream_of_requests_drops_none(standin, job_inputs, s3, tmp_path, aws_connection):
     import threading
 
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     sm.create_training_job(**job_config(job_inputs, "job-v1"))
     sm.create_training_job(**job_config(job_inputs, "job-v2", lr=0.01))
-    assert wait(sm, "job-v1")["TrainingJobStatus"] == "Completed"
-    assert wait(sm, "job-v2")["TrainingJobStatus"] == "Completed"
+    assert wait_training_job(sm, "job-v1")["TrainingJobStatus"] == "Completed"
+    assert wait_training_job(sm, "job-v2")["TrainingJobStatus"] == "Completed"
     deployed_model(sm, "v1", "job-v1")
     deployed_model(sm, "v2", "job-v2")
     sm.create_endpoint(EndpointName="live", EndpointConfigName="v1")
@@ -406,12 +391,12 @@ def test_update_under_a_stream_of_requests_drops_none(standin, job_inputs, s3, t
 
 
 def test_restart_brings_endpoints_back(standin, job_inputs, moto_endpoint, tmp_path, aws_connection):
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     serving_endpoint(sm, job_inputs, "job-r", "again")
     standin["proc"].terminate()
     standin["proc"].wait(timeout=10)
     standin["proc"], standin["endpoint"] = start(standin["state"], moto_endpoint)
-    sm = client(standin)
+    sm = sagemaker_client(standin)
     assert wait_endpoint(sm, "again")["EndpointStatus"] == "InService"
     assert sm.describe_training_job(TrainingJobName="job-r")["TrainingJobStatus"] == "Completed"
     runtime = boto3.client("sagemaker-runtime", endpoint_url=standin["endpoint"], region_name="us-east-1")
@@ -440,11 +425,8 @@ def test_the_providers_tuning_model_and_endpoint_operators(standin, job_inputs, 
         SageMakerTuningOperator,
     )
 
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "extra": {
-        "endpoint_url": moto_endpoint, "region_name": "us-east-1",
-        "service_config": {"sagemaker": {"endpoint_url": standin["endpoint"]},
-                           "sagemaker-runtime": {"endpoint_url": standin["endpoint"]},
-                           "lambda": {"endpoint_url": standin["endpoint"]}}}}))
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(airflow_connection(moto_endpoint, standin["endpoint"],
+                                                                                  login=None)))
     definition = job_config(job_inputs, "unused")
     tuning_config = {
         "HyperParameterTuningJobName": "tune-op",
@@ -465,7 +447,8 @@ def test_the_providers_tuning_model_and_endpoint_operators(standin, job_inputs, 
     }
     tuned = SageMakerTuningOperator(task_id="tune", config=tuning_config, check_interval=1).execute(context={})
     best = tuned["Tuning"]["BestTrainingJob"]["TrainingJobName"]
-    artifact = client(standin).describe_training_job(TrainingJobName=best)["ModelArtifacts"]["S3ModelArtifacts"]
+    described = sagemaker_client(standin).describe_training_job(TrainingJobName=best)
+    artifact = described["ModelArtifacts"]["S3ModelArtifacts"]
 
     endpoint_config = {
         "Model": {"ModelName": "op-model", "ExecutionRoleArn": "arn:aws:iam::000000000000:role/local",
@@ -476,7 +459,7 @@ def test_the_providers_tuning_model_and_endpoint_operators(standin, job_inputs, 
         "Endpoint": {"EndpointName": "op-endpoint", "EndpointConfigName": "op-config"},
     }
     SageMakerEndpointOperator(task_id="deploy", config=endpoint_config, check_interval=1).execute(context={})
-    assert client(standin).describe_endpoint(EndpointName="op-endpoint")["EndpointStatus"] == "InService"
+    assert sagemaker_client(standin).describe_endpoint(EndpointName="op-endpoint")["EndpointStatus"] == "InService"
 
     LambdaCreateFunctionOperator(task_id="create_fn", function_name="op-fn", runtime="python3.11",
                                  role="arn:aws:iam::000000000000:role/local", handler="handler.handle",
