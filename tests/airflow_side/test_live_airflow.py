@@ -98,10 +98,11 @@ def _live(moto_endpoint, tmp_path_factory):
     port = free_port()
     env = local_stack.server_env(local_stack.airflow_env(work, moto_endpoint, standin), port, f"{USER}:admin",
                            work / "passwords.json")
-    # Notice a task whose runner died within a minute, not the default five. (The scheduler's own
-    # health threshold stays at its default: lowered, a busy scheduler declares itself dead.)
-    env.update({"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "45",
-                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+    # A scheduler killed with its task runners leaves their tasks "running" under its dead job; the
+    # next scheduler resets them once the dead one is past its health threshold (30 s, left at the
+    # default: lowered, a busy scheduler declares itself dead) at its next orphan check, which comes
+    # every 10 s here rather than every 5 minutes.
+    env.update({"AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
                 "BIN_COUNTER_SAGEMAKER_POLL_S": "1"})
     local_stack.airflow(["db", "migrate"], env, work / "migrate.log")
     airflow = local_stack.LiveAirflow(env, work, port).start()

@@ -3,8 +3,11 @@ over HTTP, running the real train.py), and a failed job is retried under a new n
 
 from __future__ import annotations
 
+import time
+
 import boto3
 import pytest
+from airflow.providers.amazon.aws.hooks.sagemaker import LogState, SageMakerHook
 
 from bin_counter.sagemaker_config import search_ranges, tuning_job_config
 from bin_counter.sagemaker_operators import ResumableTrainingOperator, ResumableTuningOperator
@@ -36,6 +39,11 @@ def test_a_retried_training_task_attaches_to_its_job(local_stack_connection, job
                                       check_interval=1, print_log=False)
     assert third.execute(context={})["Training"]["TrainingJobArn"] == result["Training"]["TrainingJobArn"]
     assert len(training_jobs(local_stack_connection)) == 1
+    # Following a job's log, the operator's hook looks at the job on every poll: a job that completed
+    # since the last look is seen at once, where the provider's hook looks again only 30 s after it.
+    just_looked = ("bin-counter-retry-final", {}, [], 1, LogState.TAILING, result["Training"], time.monotonic())
+    assert third.hook.describe_training_job_with_log(*just_looked)[0] == LogState.JOB_COMPLETE
+    assert SageMakerHook(aws_conn_id="aws_default").describe_training_job_with_log(*just_looked)[0] == LogState.TAILING
 
 
 def test_a_failed_training_job_is_retried_under_a_new_name(local_stack_connection, job_inputs):
