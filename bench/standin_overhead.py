@@ -69,7 +69,7 @@ def main() -> None:
         s3.create_bucket(Bucket="bench")
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            for path in (ROOT / "sagemaker_code").glob("*.py"):
+            for path in [*(ROOT / "sagemaker_code").glob("*.py"), ROOT / "sagemaker_code" / "api_contract.json"]:
                 tar.add(path, arcname=path.name)
         s3.put_object(Bucket="bench", Key="code/sourcedir.tar.gz", Body=buf.getvalue())
         records = [r for r in read_local_records(args.abid) if r.count <= 5 and "01000" <= r.key < "01200"]

@@ -8,20 +8,24 @@ Requests (REST API payload 1.0 and HTTP API payload 2.0 alike):
 Answers are JSON. 200: {"count", "probabilities", "confidence", "expected_count", "model_version",
 "request_id"} (a list answers {"predictions": [...], ...}); with `expected`, each answer adds
 "expected_probability" and a "verdict": match, mismatch or uncertain.
-Errors: {"error", "message", "request_id"} with 400 malformed, 413 too large, 415 unsupported type,
-429 throttled, 502 the model failed, 503 the endpoint is not in service, 504 it timed out.
+Errors: {"error", "message", "request_id"}: the code, its status and message are
+sagemaker_code/api_contract.json's (lambda/README.md tabulates it), the table the model's serving code
+uses as well, so a fault has one code whether this function or the model finds it; its limits
+(request and image bytes, images per request, pixels) are that file's too. The function checks the
+request and each image's size, signature and intact end (lambda/contract.py) before it calls the
+model; the model's refusals come back with the model's code, and nothing else the endpoint says
+(tracebacks, account ids, ARNs) reaches the client.
 
-Configuration (environment): ENDPOINT_NAME (required), MAX_IMAGE_BYTES (4 MiB), MAX_IMAGES (8),
-INVOKE_CONNECT_TIMEOUT_S (2), INVOKE_TIMEOUT_S (8), INVOKE_ATTEMPTS (2), MATCH_THRESHOLD (0.5),
-MISMATCH_THRESHOLD (0.1), CORS_ALLOW_ORIGIN (unset: no CORS header). lambda/function.json holds the
-values that lambda/template.yaml and the retraining DAG give the function on AWS.
+Configuration (environment): ENDPOINT_NAME (required), INVOKE_CONNECT_TIMEOUT_S (2),
+INVOKE_TIMEOUT_S (8), INVOKE_ATTEMPTS (2), MATCH_THRESHOLD (0.5), MISMATCH_THRESHOLD (0.1),
+CORS_ALLOW_ORIGIN (unset: no CORS header). lambda/function.json holds the values that
+lambda/template.yaml and the retraining DAG give the function on AWS.
 Only the standard library and boto3, both in every Lambda Python runtime.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import os
@@ -33,19 +37,13 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 from botocore.retries.standard import ExponentialBackoff
 
+from contract import ApiError, decode_base64, identify, model_refusal, parse_body
 from verdicts import verdict
 
 log = logging.getLogger("bin_counter.api")
 log.setLevel(logging.INFO)
 
-SIGNATURES = {"image/jpeg": (b"\xff\xd8\xff",), "image/png": (b"\x89PNG\r\n\x1a\n",)}
 _runtime = None
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 def setting(name: str, default: float) -> float:
@@ -86,39 +84,6 @@ def headers_of(event: dict) -> dict[str, str]:
     return {k.lower(): v for k, v in (event.get("headers") or {}).items() if v is not None}
 
 
-def sniff(data: bytes) -> str | None:
-    for content_type, signatures in SIGNATURES.items():
-        if data.startswith(signatures):
-            return content_type
-    return None
-
-
-def check_image(data: bytes, index: int, max_bytes: int) -> str:
-    """The image's content type, after checks that need no image library: size, signature, and an
-    intact end (a truncated upload loses its JPEG end marker or PNG end chunk)."""
-    if not data:
-        raise ApiError(400, "empty_image", f"image {index} is empty")
-    if len(data) > max_bytes:
-        raise ApiError(413, "too_large", f"image {index} is {len(data)} bytes; the limit is {max_bytes}")
-    content_type = sniff(data)
-    if content_type is None:
-        raise ApiError(415, "unsupported_image", f"image {index} is neither JPEG nor PNG")
-    intact = (data.rstrip(b"\x00").endswith(b"\xff\xd9") if content_type == "image/jpeg"
-              else b"IEND" in data[-16:])
-    if not intact:
-        raise ApiError(400, "truncated_image", f"image {index} is cut short (no {content_type} end marker)")
-    return content_type
-
-
-def decode_base64(text: Any, what: str) -> bytes:
-    if not isinstance(text, str):
-        raise ApiError(400, "malformed_request", f"{what} must be a base64 string")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(400, "malformed_base64", f"{what} is not valid base64: {exc}") from exc
-
-
 def parse_expected(value: Any, n: int) -> list[int] | None:
     if value in (None, ""):
         return None
@@ -126,9 +91,9 @@ def parse_expected(value: Any, n: int) -> list[int] | None:
     try:
         expected = [int(v) for v in values]
     except (TypeError, ValueError) as exc:
-        raise ApiError(400, "malformed_expected", "expected must be a whole number (or one per image)") from exc
+        raise ApiError("malformed_expected", count=n) from exc
     if len(expected) != n or any(v < 0 for v in expected):
-        raise ApiError(400, "malformed_expected", f"expected: give one count of at least 0 per image ({n})")
+        raise ApiError("malformed_expected", count=n)
     return expected
 
 
@@ -136,47 +101,28 @@ def parse_request(event: dict) -> tuple[list[bytes], bool, list[int] | None]:
     """(images, single, expected counts) from an API Gateway proxy event."""
     method = event.get("httpMethod") or event.get("requestContext", {}).get("http", {}).get("method", "POST")
     if method.upper() != "POST":
-        raise ApiError(405, "method_not_allowed", "send the image with POST")
-    max_bytes = int(setting("MAX_IMAGE_BYTES", 4 * 1024 * 1024))
-    max_images = int(setting("MAX_IMAGES", 8))
+        raise ApiError("method_not_allowed")
     body = event.get("body") or ""
     raw = decode_base64(body, "the body") if event.get("isBase64Encoded") else body.encode()
-    if not raw:
-        raise ApiError(400, "empty_body", "the request has no body: send an image or JSON with one")
-    content_type = headers_of(event).get("content-type", "").split(";")[0].strip().lower()
+    images, single, document = parse_body(raw, headers_of(event).get("content-type"))
     query = event.get("queryStringParameters") or {}
-    if content_type in SIGNATURES or content_type == "application/x-image":
-        images, single, expected = [raw], True, query.get("expected")
-    elif content_type == "application/json":
-        try:
-            document = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, "malformed_json", f"the body is not JSON: {exc}") from exc
-        if not isinstance(document, dict) or ("image" in document) == ("images" in document):
-            raise ApiError(400, "malformed_request", 'send {"image": "<base64>"} or {"images": ["<base64>", ...]}')
-        single = "image" in document
-        encoded = [document["image"]] if single else document["images"]
-        if not isinstance(encoded, list) or not encoded:
-            raise ApiError(400, "malformed_request", '"images" must be a non-empty list')
-        if len(encoded) > max_images:
-            raise ApiError(413, "too_many_images", f"{len(encoded)} images; at most {max_images} per request")
-        images = [decode_base64(text, f"image {i}") for i, text in enumerate(encoded)]
-        expected = document.get("expected", query.get("expected"))
-    else:
-        raise ApiError(415, "unsupported_content_type",
-                       f"content type {content_type or '(none)'!r}: send image/jpeg, image/png or application/json")
-    for index, data in enumerate(images):
-        check_image(data, index, max_bytes)
+    expected = document.get("expected", query.get("expected")) if document is not None else query.get("expected")
     return images, single, parse_expected(expected, len(images))
 
 
+def first_line(text: str | None, limit: int = 500) -> str:
+    return (text or "").split("\n", 1)[0][:limit]
+
+
 def invoke(images: list[bytes], single: bool) -> dict:
-    """The endpoint's answer; its failures as ApiErrors with the status the client should see."""
+    """The endpoint's answer; its failures as ApiErrors with the table's code and message. What AWS or
+    the model says goes to the function's log only: AWS's messages name the account, the role and the
+    endpoint's log group, and a model's error body carries its traceback."""
     endpoint = os.environ.get("ENDPOINT_NAME")
     if not endpoint:
-        raise ApiError(503, "not_configured", "the function has no ENDPOINT_NAME")
+        raise ApiError("not_configured")
     if single:
-        body, content_type = images[0], sniff(images[0])
+        body, content_type = images[0], identify(images[0])["content_type"]
     else:
         body = json.dumps({"images": [base64.b64encode(i).decode() for i in images]}).encode()
         content_type = "application/json"
@@ -187,28 +133,25 @@ def invoke(images: list[bytes], single: bool) -> dict:
     except ClientError as exc:
         error = exc.response.get("Error", {})
         code, message = error.get("Code", ""), error.get("Message", "")
-        original = exc.response.get("OriginalStatusCode")
-        if code == "ModelError" and original and 400 <= int(original) < 500:
-            try:
-                detail = json.loads(exc.response.get("OriginalMessage") or "{}")
-            except json.JSONDecodeError:
-                detail = {}
-            raise ApiError(int(original), detail.get("error", "rejected_by_model"),
-                           detail.get("message", message)) from exc
+        if code == "ModelError":
+            original = int(exc.response.get("OriginalStatusCode") or 0)
+            said = first_line(exc.response.get("OriginalMessage"))
+            refusal = model_refusal(original, said) if 400 <= original < 500 else ApiError("model_error")
+            log.warning(json.dumps({"event": "model_error", "status": original, "said": said, "code": refusal.code}))
+            raise refusal from exc
+        log.error(json.dumps({"event": "endpoint_error", "code": code, "message": message}))
         if code in ("AccessDeniedException", "AccessDenied", "UnrecognizedClientException", "ExpiredTokenException"):
-            # AWS's message names the role and the account: for the function's log, not for clients.
-            log.error(json.dumps({"event": "endpoint_forbidden", "code": code, "message": message}))
-            raise ApiError(502, "api_misconfigured", "the API may not call its model; this is a fault of the "
-                                                     "service, not of the request") from exc
+            raise ApiError("api_misconfigured") from exc
         if code in ("ThrottlingException", "TooManyRequestsException"):
-            raise ApiError(429, "throttled", "too many requests; retry with backoff") from exc
+            raise ApiError("throttled") from exc
         if code == "ValidationException" or code in ("ServiceUnavailable", "ModelNotReadyException"):
-            raise ApiError(503, "endpoint_unavailable", f"the model is not in service: {message}") from exc
-        raise ApiError(502, "model_error", f"the model failed: {message}") from exc
+            raise ApiError("endpoint_unavailable") from exc
+        raise ApiError("model_error") from exc
     except (ReadTimeoutError, ConnectTimeoutError) as exc:
-        raise ApiError(504, "endpoint_timeout", "the model did not answer in time") from exc
+        raise ApiError("endpoint_timeout") from exc
     except BotoCoreError as exc:
-        raise ApiError(502, "endpoint_unreachable", f"the model could not be reached: {exc}") from exc
+        log.error(json.dumps({"event": "endpoint_unreachable", "message": str(exc)}))
+        raise ApiError("endpoint_unreachable") from exc
 
 
 def respond(status: int, body: dict) -> dict:
@@ -242,7 +185,8 @@ def handler(event: dict, context: Any) -> dict:
         return respond(exc.status, {"error": exc.code, "message": exc.message, "request_id": request_id})
     except Exception:  # never an unhandled error: the client gets a 500 with the request id to quote
         log.exception("request %s failed", request_id)
-        return respond(500, {"error": "internal_error", "message": "unexpected error", "request_id": request_id})
+        error = ApiError("internal_error")
+        return respond(error.status, {"error": error.code, "message": error.message, "request_id": request_id})
     finally:
         # One line per request for CloudWatch Logs Insights; never the image bytes.
         print(json.dumps({"request_id": request_id, "status": status, "images": n, "model_version": model_version,

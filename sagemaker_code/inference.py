@@ -2,15 +2,19 @@
 
 Requests:
   image/jpeg, image/png, application/x-image   one image, raw bytes
-  application/json   {"image": "<base64>"}, {"images": ["<base64>", ...]} or ["<base64>", ...]
+  application/json   {"image": "<base64>"} or {"images": ["<base64>", ...]} (other keys are ignored)
 Response (application/json):
   one image:  {"count": 3, "probabilities": [...], "confidence": 0.61, "expected_count": 2.9,
                "model_version": "..."}
   a list:     {"predictions": [{...}, ...], "model_version": "..."}
 
-Bad input raises an error carrying an HTTP status (the inference toolkit sends it to the caller
-as is; SageMaker Runtime returns it as a ModelError): 400 malformed, 413 too large,
-415 unsupported content type, 406 unsupported accept type. The worker never dies on input.
+Bad input raises a `RequestError`, the inference toolkit's `BaseInferenceToolkitError` (or a stand-in
+with its contract where the toolkit is absent): the toolkit answers it with `status_code`, `phrase` as
+the reason line and `message + "\n" + traceback` as the body, and SageMaker Runtime hands status and
+body to the caller as a ModelError. So `message`, the body's first line, is the compact JSON
+`{"error": code, "message": ...}` that the API's Lambda function reads, and `phrase` is the code.
+Codes, statuses, messages and limits are `api_contract.json`'s, the table the function checks
+requests with too: a fault has the same code whichever layer finds it. The worker never dies on input.
 
 The model card decides the architecture (`backbone`, and `head`: "linear" unless it says "ordinal")
 and how a count is read from the model: `test_time_augmentation` ("none", or
@@ -18,17 +22,14 @@ and how a count is read from the model: `test_time_augmentation` ("none", or
 most likely count; "median", the smallest count whose cumulative probability reaches one half,
 which never lands between two likely neighbours; or "expected", the expected count rounded).
 Cards without them mean "none" and "argmax".
-
-Limits come from the environment: BIN_COUNTER_MAX_IMAGE_BYTES (default 10 MB),
-BIN_COUNTER_MAX_PIXELS (default 40 million), BIN_COUNTER_MAX_BATCH (default 16).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -36,36 +37,44 @@ import torch
 import backbones
 import preprocessing
 
-try:  # present in SageMaker's inference containers: its status code reaches the client
-    from sagemaker_inference.errors import BaseInferenceToolkitError as _ToolkitError
+try:  # present in SageMaker's inference containers: the toolkit answers its status_code and phrase
+    from sagemaker_inference.errors import BaseInferenceToolkitError
 except ImportError:  # pragma: no cover - exercised only outside the container
 
-    class _ToolkitError(Exception):
+    class BaseInferenceToolkitError(Exception):
+        """sagemaker_inference.errors.BaseInferenceToolkitError's contract, where the toolkit is absent."""
+
         def __init__(self, status_code: int, message: str, phrase: str) -> None:
-            super().__init__(status_code, message, phrase)
             self.status_code = status_code
             self.message = message
             self.phrase = phrase
+            super().__init__(status_code, message, phrase)
 
 
-IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
+CONTRACT = json.loads((Path(__file__).resolve().parent / "api_contract.json").read_text())
+ERRORS: dict[str, dict] = CONTRACT["errors"]
+LIMITS: dict[str, int] = CONTRACT["limits"]
+FORMATS: list[dict] = CONTRACT["formats"]
+IMAGE_CONTENT_TYPES = tuple(CONTRACT["content_types"]["image"])
+JSON_CONTENT_TYPES = tuple(CONTRACT["content_types"]["json"])
+ACCEPT_TYPES = tuple(CONTRACT["content_types"]["accept"])
 JSON_CONTENT_TYPE = "application/json"
 
 
-class RequestError(_ToolkitError):
-    """A request the model will not answer; `status_code` and a JSON body say why."""
+class RequestError(BaseInferenceToolkitError):
+    """A request the model will not answer: a code of the table, with its status and message."""
 
-    def __init__(self, status_code: int, reason: str, message: str) -> None:
-        body = json.dumps({"error": reason, "message": message})
-        super().__init__(status_code, message, body)
-        self.reason = reason
+    def __init__(self, code: str, **fields) -> None:
+        entry = ERRORS[code]
+        detail = entry["message"]
+        if fields and "detail" in entry:
+            with contextlib.suppress(KeyError, IndexError, ValueError):  # fields that do not fit: the message
+                detail = entry["detail"].format(**fields)
+        self.code, self.detail = code, detail
+        super().__init__(entry["status"], json.dumps({"error": code, "message": detail}, separators=(",", ":")), code)
 
     def __str__(self) -> str:
-        return f"{self.status_code} {self.reason}: {self.message}"
-
-
-def _limit(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+        return f"{self.status_code} {self.code}: {self.detail}"
 
 
 def model_fn(model_dir: str) -> dict:
@@ -83,13 +92,33 @@ def _base_content_type(content_type: str | None) -> str:
     return (content_type or "").split(";")[0].strip().lower()
 
 
-def _decode_base64(value, index: int) -> bytes:
+def _matches(data: bytes, signature: str) -> bool:
+    pattern = [None if signature[i:i + 2] == ".." else int(signature[i:i + 2], 16) for i in range(0, len(signature), 2)]
+    return len(data) >= len(pattern) and all(b is None or data[i] == b for i, b in enumerate(pattern))
+
+
+def _check_image(data: bytes, index: int) -> None:
+    """The table's checks that need no decoding: size, signature, an intact end."""
+    if not data:
+        raise RequestError("empty_image", index=index)
+    if len(data) > LIMITS["max_image_bytes"]:
+        raise RequestError("too_large", what=f"image {index}", size=len(data), limit=LIMITS["max_image_bytes"])
+    image_format = next((f for f in FORMATS if any(_matches(data, s) for s in f["signatures"])), None)
+    if image_format is None:
+        raise RequestError("not_an_image", index=index)
+    if not image_format.get("supported"):
+        raise RequestError("unsupported_format", index=index, format=image_format["name"])
+    if bytes.fromhex(image_format["end"]) not in data.rstrip(b"\x00")[-image_format["end_within"]:]:
+        raise RequestError("truncated_image", index=index, format=image_format["name"])
+
+
+def _decode_base64(value, what: str) -> bytes:
     if not isinstance(value, str):
-        raise RequestError(400, "malformed_json", f"image {index} must be a base64 string")
+        raise RequestError("malformed_request", problem=f"{what} must be a base64 string")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise RequestError(400, "malformed_base64", f"image {index} is not valid base64: {exc}") from exc
+        raise RequestError("malformed_base64", what=what) from exc
 
 
 def _images_from_json(body: bytes) -> tuple[list[bytes], bool]:
@@ -97,49 +126,38 @@ def _images_from_json(body: bytes) -> tuple[list[bytes], bool]:
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(400, "malformed_json", f"the body is not valid JSON: {exc}") from exc
-    if isinstance(payload, dict) and "image" in payload:
-        items = [payload["image"]]
-    elif isinstance(payload, dict) and "images" in payload:
-        items = payload["images"]
-    elif isinstance(payload, list):
-        items = payload
-    else:
-        raise RequestError(400, "malformed_json", 'expected {"image": b64}, {"images": [b64, ...]} or [b64, ...]')
+        raise RequestError("malformed_json", reason=str(exc)) from exc
+    if not isinstance(payload, dict) or ("image" in payload) == ("images" in payload):
+        raise RequestError("malformed_request", problem='the JSON is not an object with one of "image" and "images"')
+    single = "image" in payload
+    items = [payload["image"]] if single else payload["images"]
     if not isinstance(items, list) or not items:
-        raise RequestError(400, "malformed_json", "no images in the request")
-    max_batch = _limit("BIN_COUNTER_MAX_BATCH", 16)
-    if len(items) > max_batch:
-        raise RequestError(413, "too_many_images", f"{len(items)} images in one request; the limit is {max_batch}")
-    single = isinstance(payload, dict) and "image" in payload
-    return [_decode_base64(item, i) for i, item in enumerate(items)], single
+        raise RequestError("malformed_request", problem='"images" must be a non-empty list')
+    if len(items) > LIMITS["max_images"]:
+        raise RequestError("too_many_images", count=len(items), limit=LIMITS["max_images"])
+    return [_decode_base64(item, f"image {i}") for i, item in enumerate(items)], single
 
 
 def input_fn(request_body, request_content_type: str) -> dict:
-    """Request bytes to a uint8 batch; `single` says whether the answer is one object or a list."""
+    """Request bytes to checked images; `single` says whether the answer is one object or a list."""
     if isinstance(request_body, str):
         request_body = request_body.encode()
     body = bytes(request_body or b"")
-    max_bytes = _limit("BIN_COUNTER_MAX_IMAGE_BYTES", 10 * 1024 * 1024)
+    if not body:
+        raise RequestError("empty_body")
+    if len(body) > LIMITS["max_request_bytes"]:
+        raise RequestError("too_large", what="the request", size=len(body), limit=LIMITS["max_request_bytes"])
     content_type = _base_content_type(request_content_type)
     if content_type in IMAGE_CONTENT_TYPES:
         raw_images, single = [body], True
-    elif content_type == JSON_CONTENT_TYPE:
-        if len(body) > max_bytes * 2:  # base64 of a batch; each image is checked below
-            raise RequestError(413, "too_large", f"the request is {len(body)} bytes")
+    elif content_type in JSON_CONTENT_TYPES:
         raw_images, single = _images_from_json(body)
     else:
-        raise RequestError(
-            415, "unsupported_content_type",
-            f"content type {request_content_type!r} is not supported; send one of "
-            f"{', '.join((*IMAGE_CONTENT_TYPES, JSON_CONTENT_TYPE))}",
-        )
+        raise RequestError("unsupported_content_type", content_type=content_type)
     for index, data in enumerate(raw_images):
-        if len(data) > max_bytes:
-            raise RequestError(413, "too_large", f"image {index} is {len(data)} bytes; the limit is {max_bytes}")
+        _check_image(data, index)
     # Decoding needs the model's input size, so it happens in predict_fn (same error contract).
-    max_pixels = _limit("BIN_COUNTER_MAX_PIXELS", preprocessing.DEFAULT_MAX_PIXELS)
-    return {"images": raw_images, "single": single, "max_pixels": max_pixels}
+    return {"images": raw_images, "single": single, "max_pixels": LIMITS["max_pixels"]}
 
 
 # name -> the mirror images averaged (h: left-right, v: top-bottom); mirroring never changes a count
@@ -181,8 +199,11 @@ def predict_fn(input_object: dict, model: dict) -> dict:
         try:
             batch.append(preprocessing.decode(data, size, input_object["max_pixels"]))
         except preprocessing.ImageRejected as exc:
-            status = {"too_many_pixels": 413, "unsupported_format": 415}.get(exc.reason, 400)
-            raise RequestError(status, exc.reason, f"image {index}: {exc}") from exc
+            # preprocessing's reasons are the table's codes; input_fn has seen a JPEG or PNG signature
+            # and end, so data Pillow cannot identify is a damaged image here.
+            code = exc.reason if exc.reason in ERRORS and exc.reason != "not_an_image" else "corrupt_image"
+            raise RequestError(code, index=index, limit=input_object["max_pixels"],
+                               format=exc.image_format or "another format") from exc
     images = preprocessing.normalize(torch.stack(batch).float() / 255)
     card = model["card"]
     probabilities = class_probabilities(model["model"], images, card.get("test_time_augmentation", "none"))
@@ -203,7 +224,6 @@ def predict_fn(input_object: dict, model: dict) -> dict:
 
 
 def output_fn(prediction: dict, accept: str | None) -> tuple[str, str]:
-    accept_type = _base_content_type(accept)
-    if accept_type not in ("", "*/*", JSON_CONTENT_TYPE, "application/*"):
-        raise RequestError(406, "unsupported_accept", f"accept type {accept!r} is not supported; use application/json")
+    if _base_content_type(accept) not in ACCEPT_TYPES:
+        raise RequestError("unsupported_accept", accept=accept)
     return json.dumps(prediction), JSON_CONTENT_TYPE

@@ -30,14 +30,16 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class ImageRejected(ValueError):
-    """The bytes are not an image we accept. `reason` is a short machine-readable code."""
+    """The bytes are not an image we accept. `reason` is a short machine-readable code, the API's
+    (api_contract.json); `image_format` the format Pillow found, when that is the reason."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, image_format: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.image_format = image_format
 
-    def __reduce__(self):  # keep both arguments when raised in a worker process
-        return (type(self), (self.reason, str(self)))
+    def __reduce__(self):  # keep the arguments when raised in a worker process
+        return (type(self), (self.reason, str(self), self.image_format))
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, size: int | None = None) -> Image.Image:
@@ -47,7 +49,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, size: int | No
     several times faster for large photos and changes nothing for 224 px copies.
     """
     if not data:
-        raise ImageRejected("empty", "the image is empty (0 bytes)")
+        raise ImageRejected("empty_image", "the image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -56,6 +58,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, size: int | No
                 raise ImageRejected(
                     "unsupported_format",
                     f"image format {img.format} is not supported; send JPEG or PNG",
+                    img.format,
                 )
             width, height = img.size
             if width * height > max_pixels:
@@ -74,7 +77,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, size: int | No
         raise ImageRejected("not_an_image", "the data is not a JPEG or PNG image") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated").
-        raise ImageRejected("corrupt", f"the image could not be decoded: {exc}") from exc
+        raise ImageRejected("corrupt_image", f"the image could not be decoded: {exc}") from exc
     return img.convert("RGB")
 
 

@@ -4,9 +4,11 @@ loaded through its four handlers.
 
   .venv-container/bin/python standin/model_worker.py --model-dir <extracted model.tar.gz> --port 8080
 
-Errors raised by a handler with a `status_code` (the inference toolkit's convention) are answered
-with that status and the error's `phrase` as the body; any other error is a 500. The process
-never exits because of a request.
+Errors are answered as the inference toolkit's `Transformer.handle_error` answers them (this part is
+our imitation of sagemaker-inference, not the toolkit itself): a `BaseInferenceToolkitError` with its
+`status_code`, its `phrase` (line breaks removed) as the reason line and `message + "\n" + traceback`
+as the body, no Content-Type; any other error as status 500 with `str(error) + "\n" + traceback`.
+The process never exits because of a request.
 """
 
 from __future__ import annotations
@@ -18,12 +20,36 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+UTF8_TYPES = ("application/json", "text/csv")  # sagemaker_inference.content_types.UTF8_TYPES
+
 
 def load_handlers(model_dir: Path):
     sys.path.insert(0, str(model_dir / "code"))
     module = importlib.import_module("inference")
     model = module.model_fn(str(model_dir))
     return module, model
+
+
+def toolkit_error(exc: BaseException) -> bool:
+    """Whether the toolkit would answer `exc` with its own status: a BaseInferenceToolkitError, the
+    toolkit's class or, where the toolkit is not installed, a class of that name with its contract."""
+    try:
+        from sagemaker_inference.errors import BaseInferenceToolkitError
+    except ImportError:
+        return any(c.__name__ == "BaseInferenceToolkitError" for c in type(exc).__mro__)
+    return isinstance(exc, BaseInferenceToolkitError)
+
+
+def error_answer(exc: BaseException, trace: str) -> tuple[int, str, bytes]:
+    """(status, reason phrase, body) as Transformer.transform and handle_error make them."""
+    if toolkit_error(exc):
+        status, message, phrase = exc.status_code, exc.message, exc.phrase
+    else:  # GenericInferenceToolkitError(500, str(e)): the message is its phrase too
+        status, message = 500, str(exc) or "Invalid Request"
+        phrase = message
+    phrase = str(phrase).replace("\r", "").replace("\n", "")  # utils.remove_crlf
+    phrase = phrase.encode("latin-1", "replace").decode("latin-1")  # what an HTTP status line can carry
+    return int(status), phrase, f"{message}\n{trace}".encode()
 
 
 def make_handler(module, model):
@@ -33,9 +59,10 @@ def make_handler(module, model):
         # add about 40 ms to every answer.
         disable_nagle_algorithm = True
 
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
+        def _send(self, status: int, body: bytes, content_type: str | None, phrase: str | None = None) -> None:
+            self.send_response(status, phrase)
+            if content_type:
+                self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -50,6 +77,8 @@ def make_handler(module, model):
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             try:
+                if self.headers.get("Content-Type") in UTF8_TYPES:  # the toolkit hands these over as text
+                    body = body.decode("utf-8")
                 data = module.input_fn(body, self.headers.get("Content-Type"))
                 prediction = module.predict_fn(data, model)
                 payload, content_type = module.output_fn(prediction, self.headers.get("Accept"))
@@ -57,11 +86,11 @@ def make_handler(module, model):
                     payload = payload.encode()
                 self._send(200, payload, content_type)
             except Exception as exc:
-                status = getattr(exc, "status_code", 500)
-                phrase = getattr(exc, "phrase", None) or f"{type(exc).__name__}: {exc}"
+                trace = traceback.format_exc()
+                status, phrase, answer = error_answer(exc, trace)
                 if status >= 500:
-                    traceback.print_exc()
-                self._send(status, str(phrase).encode(), "application/json")
+                    print(trace, file=sys.stderr, flush=True)
+                self._send(status, answer, None, phrase)
 
         def log_message(self, format: str, *args) -> None:
             pass

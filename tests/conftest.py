@@ -5,6 +5,7 @@ Only Pillow and the standard library here: this file is loaded in both environme
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import random
@@ -40,6 +41,64 @@ def png_claiming_size(width: int, height: int) -> bytes:
     crc = zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])) & 0xFFFFFFFF
     data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
     return bytes(data)
+
+
+def gif_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def truncated_image(fmt: str = "JPEG") -> bytes:
+    data = make_bin_image(3, 7, (256, 256), fmt)
+    return data[: len(data) // 2]
+
+
+def destroyed_jpeg() -> bytes:
+    """A JPEG's signature and end marker around bytes no decoder can read."""
+    data = make_bin_image(3, 7, (64, 64))
+    return data[:4] + bytes(range(256)) * 4 + data[-2:]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _json(document) -> bytes:
+    return json.dumps(document).encode()
+
+
+_JPEG = make_bin_image(1, 1)
+# Faults of a request body (what the API function and the model both receive: bytes and a content
+# type), each with the one code of sagemaker_code/api_contract.json that every layer answers it with.
+REQUEST_FAULTS = [
+    ("empty body", b"", "image/jpeg", "empty_body"),
+    ("empty JSON body", b"", "application/json", "empty_body"),
+    ("wrong content type", _JPEG, "text/plain", "unsupported_content_type"),
+    ("no content type", _JPEG, None, "unsupported_content_type"),
+    ("octet-stream", _JPEG, "application/octet-stream", "unsupported_content_type"),
+    ("not JSON", b'{"image": ', "application/json", "malformed_json"),
+    ("JSON without an image", b'{"picture": "abc"}', "application/json", "malformed_request"),
+    ("both image and images", _json({"image": _b64(_JPEG), "images": [_b64(_JPEG)]}), "application/json",
+     "malformed_request"),
+    ("a bare list", _json([_b64(_JPEG)]), "application/json", "malformed_request"),
+    ("an empty list", b'{"images": []}', "application/json", "malformed_request"),
+    ("an image that is no string", b'{"image": 12}', "application/json", "malformed_request"),
+    ("not base64", b'{"image": "%%%not base64%%%"}', "application/json", "malformed_base64"),
+    ("too many images", _json({"images": [_b64(_JPEG)] * 9}), "application/json", "too_many_images"),
+    ("an empty image", b'{"images": [""]}', "application/json", "empty_image"),
+    ("not an image", b"hello, this is not an image", "image/jpeg", "not_an_image"),
+    ("base64 of text", _json({"image": _b64(b"plain text")}), "application/json", "not_an_image"),
+    ("GIF", gif_bytes(), "image/png", "unsupported_format"),
+    ("WebP", b"RIFF\x24\x00\x00\x00WEBPVP8 " + bytes(24), "image/jpeg", "unsupported_format"),
+    ("truncated JPEG", truncated_image("JPEG"), "image/jpeg", "truncated_image"),
+    ("truncated PNG", truncated_image("PNG"), "image/png", "truncated_image"),
+    ("image above 4 MiB", _JPEG[:-2] + bytes(4 * 1024 * 1024) + b"\xff\xd9", "image/jpeg", "too_large"),
+    ("request above 6 MiB", _json({"image": "A" * (6 * 1024 * 1024)}), "application/json", "too_large"),
+    # Only the model, which decodes, can find these two.
+    ("corrupt JPEG", destroyed_jpeg(), "image/jpeg", "corrupt_image"),
+    ("decompression bomb", png_claiming_size(50_000, 50_000), "image/png", "too_many_pixels"),
+]
 
 
 def write_split_dir(root: Path, per_count: dict[int, int], seed: int = 0) -> Path:

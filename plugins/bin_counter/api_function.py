@@ -19,6 +19,7 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from bin_counter.dataset import DatasetNotFound
+from bin_counter.retrain import CODE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def function_zip(lambda_dir: Path = LAMBDA_DIR) -> bytes:
     """The Lambda function's deployment package: the handler and its siblings (boto3 is in the runtime)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(lambda_dir.glob("*.py")):
+        for path in [*sorted(lambda_dir.glob("*.py")), CODE_DIR / "api_contract.json"]:  # the API's error table
             archive.writestr(zipfile.ZipInfo(path.name, date_time=(1980, 1, 1, 0, 0, 0)), path.read_bytes())
     return buf.getvalue()
 

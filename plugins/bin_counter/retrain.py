@@ -23,7 +23,7 @@ def code_archive(code_dir: Path = CODE_DIR) -> bytes:
     buf = io.BytesIO()
     # gzip stores a time; mtime=0 keeps the archive's bytes a function of the sources only.
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
-        for path in sorted(p for p in code_dir.iterdir() if p.suffix in (".py", ".txt") and p.is_file()):
+        for path in sorted(p for p in code_dir.iterdir() if p.suffix in (".py", ".txt", ".json") and p.is_file()):
             info = tar.gettarinfo(str(path), arcname=path.name)
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             with path.open("rb") as handle:

@@ -159,7 +159,7 @@ def job_inputs(s3, bucket, tmp_path):
     """sourcedir.tar.gz of sagemaker_code/ and two channels of generated images, in S3."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in (REPO / "sagemaker_code").glob("*.py"):
+        for path in [*(REPO / "sagemaker_code").glob("*.py"), REPO / "sagemaker_code" / "api_contract.json"]:
             tar.add(path, arcname=path.name)
     s3.put_object(Bucket=bucket, Key="code/sourcedir.tar.gz", Body=buf.getvalue())
     for name, seed in (("train", 0), ("validation", 1)):

@@ -19,7 +19,7 @@ import backbones
 def test_sagemaker_environment_contract_produces_a_servable_model(trained_model):
     model_dir, _ = trained_model
     assert (model_dir / "model.pth").is_file()
-    for name in ("inference.py", "backbones.py", "preprocessing.py"):
+    for name in ("inference.py", "backbones.py", "preprocessing.py", "api_contract.json"):
         assert (model_dir / "code" / name).is_file(), f"code/{name} missing from the model"
     card = json.loads((model_dir / "model_card.json").read_text())
     assert card["model_version"] == "bin-count-test-job"  # TRAINING_JOB_NAME, as SageMaker sets it

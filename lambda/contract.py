@@ -1,0 +1,151 @@
+"""The API's error vocabulary and the request checks the function makes before it calls the model.
+
+The codes, their statuses and public messages, the limits and the image signatures are data:
+`api_contract.json`, the one table the model's serving code (`sagemaker_code/inference.py`) reads
+too, so a fault gets the same code and status whichever layer finds it. The function's zip carries
+the file beside this module; in a checkout it is `sagemaker_code/api_contract.json`.
+
+Standard library only (no boto3), so the model's tests can hold both layers against each other.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+from typing import Any
+
+CONTRACT_FILE = "api_contract.json"
+# The longest message of the model's that is passed on to a client; anything else gets the table's.
+MAX_MODEL_MESSAGE = 300
+
+
+def contract_path() -> Path:
+    """The table: beside this module in the function's zip, else the checkout's sagemaker_code/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / CONTRACT_FILE, here.parent / "sagemaker_code" / CONTRACT_FILE):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{CONTRACT_FILE} is neither beside {__file__} nor in ../sagemaker_code")
+
+
+CONTRACT = json.loads(contract_path().read_text())
+ERRORS: dict[str, dict] = CONTRACT["errors"]
+LIMITS: dict[str, int] = CONTRACT["limits"]
+FORMATS: list[dict] = CONTRACT["formats"]
+IMAGE_TYPES: tuple[str, ...] = tuple(CONTRACT["content_types"]["image"])
+JSON_TYPES: tuple[str, ...] = tuple(CONTRACT["content_types"]["json"])
+
+
+def describe(code: str, fields: dict) -> str:
+    """The code's detail with `fields` filled in, or its public message when they do not fit."""
+    entry = ERRORS[code]
+    if fields and "detail" in entry:
+        try:
+            return entry["detail"].format(**fields)
+        except (KeyError, IndexError, ValueError):
+            pass
+    return entry["message"]
+
+
+class ApiError(Exception):
+    """A request the API answers with an error: `code` from the table, its `status`, a `message`."""
+
+    def __init__(self, code: str, message: str | None = None, **fields: Any) -> None:
+        self.code, self.status = code, ERRORS[code]["status"]
+        self.message = message or describe(code, fields)
+        super().__init__(self.message)
+
+
+def _matches(data: bytes, signature: str) -> bool:
+    pattern = [None if signature[i:i + 2] == ".." else int(signature[i:i + 2], 16) for i in range(0, len(signature), 2)]
+    return len(data) >= len(pattern) and all(b is None or data[i] == b for i, b in enumerate(pattern))
+
+
+def identify(data: bytes) -> dict | None:
+    """The table's format whose signature the data starts with, or None."""
+    return next((f for f in FORMATS if any(_matches(data, s) for s in f["signatures"])), None)
+
+
+def intact(data: bytes, image_format: dict) -> bool:
+    """Whether the file ends as an intact one does (a truncated upload loses its end marker)."""
+    return bytes.fromhex(image_format["end"]) in data.rstrip(b"\x00")[-image_format["end_within"]:]
+
+
+def check_image(data: bytes, index: int) -> str:
+    """The image's content type, after the checks that need no image library: size, signature, end."""
+    if not data:
+        raise ApiError("empty_image", index=index)
+    if len(data) > LIMITS["max_image_bytes"]:
+        raise ApiError("too_large", what=f"image {index}", size=len(data), limit=LIMITS["max_image_bytes"])
+    image_format = identify(data)
+    if image_format is None:
+        raise ApiError("not_an_image", index=index)
+    if not image_format.get("supported"):
+        raise ApiError("unsupported_format", index=index, format=image_format["name"])
+    if not intact(data, image_format):
+        raise ApiError("truncated_image", index=index, format=image_format["name"])
+    return image_format["content_type"]
+
+
+def decode_base64(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise ApiError("malformed_request", problem=f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError("malformed_base64", what=what) from exc
+
+
+def base_content_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def parse_body(raw: bytes, content_type: str | None) -> tuple[list[bytes], bool, dict | None]:
+    """(images, single, the JSON document if any) from a request body, every image checked."""
+    if not raw:
+        raise ApiError("empty_body")
+    if len(raw) > LIMITS["max_request_bytes"]:
+        raise ApiError("too_large", what="the request", size=len(raw), limit=LIMITS["max_request_bytes"])
+    kind = base_content_type(content_type)
+    document = None
+    if kind in IMAGE_TYPES:
+        images, single = [raw], True
+    elif kind in JSON_TYPES:
+        try:
+            document = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError("malformed_json", reason=str(exc)) from exc
+        if not isinstance(document, dict) or ("image" in document) == ("images" in document):
+            raise ApiError("malformed_request", problem='the JSON is not an object with one of "image" and "images"')
+        single = "image" in document
+        encoded = [document["image"]] if single else document["images"]
+        if not isinstance(encoded, list) or not encoded:
+            raise ApiError("malformed_request", problem='"images" must be a non-empty list')
+        if len(encoded) > LIMITS["max_images"]:
+            raise ApiError("too_many_images", count=len(encoded), limit=LIMITS["max_images"])
+        images = [decode_base64(text, f"image {i}") for i, text in enumerate(encoded)]
+    else:
+        raise ApiError("unsupported_content_type", content_type=kind)
+    for index, data in enumerate(images):
+        check_image(data, index)
+    return images, single, document
+
+
+def model_refusal(status: int, body: str | None) -> ApiError:
+    """The client's error for a model's 4xx answer. The model's code travels in the first line of its
+    body, `{"error": code, "message": ...}` (the inference toolkit sends `message + "\\n" + traceback`);
+    only a code of the table's client errors and a short one-line message of it are passed on, never
+    the rest of the body."""
+    try:
+        detail = json.loads((body or "").split("\n", 1)[0])
+    except json.JSONDecodeError:
+        detail = None
+    code = detail.get("error") if isinstance(detail, dict) else None
+    if not (isinstance(code, str) and code in ERRORS and 400 <= ERRORS[code]["status"] < 500 and 400 <= status < 500):
+        return ApiError("rejected_by_model")
+    message = detail.get("message")
+    if not (isinstance(message, str) and 0 < len(message) <= MAX_MODEL_MESSAGE and message.isprintable()):
+        message = None
+    return ApiError(code, message)
