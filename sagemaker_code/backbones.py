@@ -6,9 +6,11 @@ the trained state dict on top.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -42,6 +44,35 @@ class WeightsUnavailable(RuntimeError):
     """ImageNet weights were asked for and cannot be had; the message says how to provide them."""
 
 
+# The retraining DAG hands each job the backbone's weights file as this input channel.
+WEIGHTS_CHANNEL = "weights"
+# torchvision's file names end in the first hex digits of the file's sha256 (torch.hub's convention).
+_HASH_PREFIX = re.compile(r"-([0-9a-f]{6,})\.[^.]+$")
+
+
+def imagenet_filename(arch: str) -> str:
+    """The file name of `arch`'s ImageNet weights, as torchvision (or its offline package) names it."""
+    weights = ARCHITECTURES[arch][1]
+    return os.path.basename(weights.url if weights is not None else OFFLINE_WEIGHTS[arch][1])
+
+
+def verified(path: Path) -> Path:
+    """`path`, once its sha256 starts with the hash prefix in its name; WeightsUnavailable otherwise."""
+    match = _HASH_PREFIX.search(path.name)
+    if match is None:
+        return path
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise WeightsUnavailable(
+            f"{path} is not the file its name promises: its sha256 is {digest.hexdigest()}, the name says it "
+            f"starts with {match.group(1)} (a truncated or replaced file). Delete it and provide torchvision's "
+            f"{path.name} again.")
+    return path
+
+
 def _hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
@@ -57,29 +88,45 @@ def _offline_package_file(arch: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def imagenet_state_dict(arch: str) -> dict:
-    """The ImageNet state dict of `arch`: torch hub cache, then the offline package, then download."""
+def _channel_file(channel: Path | None, filename: str) -> Path | None:
+    if channel is None or not channel.is_dir():
+        return None
+    return next(iter(sorted(channel.rglob(filename))), None)
+
+
+def imagenet_state_dict(arch: str, channel: str | Path | None = None) -> dict:
+    """The ImageNet state dict of `arch`: from the `weights` input channel (the folder `channel`),
+    then the torch hub cache, then the offline package, then a download. A file found by name is
+    checked against the hash prefix in its name first."""
     weights = ARCHITECTURES[arch][1]
-    filename = os.path.basename(weights.url if weights is not None else OFFLINE_WEIGHTS[arch][1])
+    filename = imagenet_filename(arch)
     cached = _hub_checkpoint_dir() / filename
-    if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
-    packaged = _offline_package_file(arch)
-    if packaged is not None:
-        return torch.load(packaged, map_location="cpu", weights_only=True)
+    channel = Path(channel) if channel else None
+    found = [(f"the {WEIGHTS_CHANNEL} channel", _channel_file(channel, filename)),
+             ("the torch hub cache", cached if cached.is_file() else None),
+             ("the offline package", _offline_package_file(arch))]
+    for where, path in found:
+        if path is not None:
+            print(f"ImageNet weights for {arch}: {path.name} from {where} ({path.parent})", flush=True)
+            return torch.load(verified(path), map_location="cpu", weights_only=True)
     offline_hint = (f" Without internet: `{OFFLINE_WEIGHTS[arch][2]}` (it ships {filename})." if arch in OFFLINE_WEIGHTS
                     else " Only mobilenet_v2 and efficientnet_lite0 have offline packages; others need internet once.")
+    in_channel = (f" The {WEIGHTS_CHANNEL} channel {channel} has no {filename}." if channel and channel.is_dir() else
+                  f" On SageMaker: give the job {filename} as its '{WEIGHTS_CHANNEL}' input channel (the retraining "
+                  f"DAG does when its worker finds the file: BIN_COUNTER_IMAGENET_WEIGHTS).")
     advice = (f"Put {filename} in {cached.parent} (or set TORCH_HOME), pass --weights <path to a state dict>, "
-              f"or train from scratch with --weights none.{offline_hint}")
+              f"or train from scratch with --weights none.{in_channel}{offline_hint}")
     if weights is None:
         raise WeightsUnavailable(f"ImageNet weights for {arch} are not in {cached}. {advice}")
     try:
-        return weights.get_state_dict(progress=False)
+        state = weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # urllib raises several types; all mean "not downloadable here"
         raise WeightsUnavailable(
             f"ImageNet weights for {arch} are not in {cached} and could not be downloaded "
             f"from {weights.url} ({type(exc).__name__}: {exc}). {advice}"
         ) from exc
+    print(f"ImageNet weights for {arch}: {filename} downloaded from {weights.url}", flush=True)
+    return state
 
 
 class OrdinalHead(nn.Module):
@@ -163,12 +210,13 @@ def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
 
 
 def build_model(arch: str, num_classes: int, weights: str = "none", mode: str = "finetune",
-                head: str = "linear") -> nn.Module:
+                head: str = "linear", weights_channel: str | Path | None = None) -> nn.Module:
     """A backbone with a fresh `num_classes` head: "linear" (one logit per count) or "ordinal"
     (`OrdinalHead`). Either way the model returns logits that softmax turns into class probabilities.
 
     weights: "none" (random init), "imagenet", or a path to a state dict for the backbone
-    (the head is replaced either way). mode "head" freezes everything but the new head; "partial"
+    (the head is replaced either way). "imagenet" looks in `weights_channel` (the job's `weights`
+    input channel) first. mode "head" freezes everything but the new head; "partial"
     freezes the first half of the backbone's stages (the generic edge and texture filters) and trains
     the rest with the head.
     """
@@ -179,7 +227,7 @@ def build_model(arch: str, num_classes: int, weights: str = "none", mode: str = 
     builder = ARCHITECTURES[arch][0]
     model = builder(weights=None)
     if weights == "imagenet":
-        model.load_state_dict(imagenet_state_dict(arch))
+        model.load_state_dict(imagenet_state_dict(arch, weights_channel))
     elif weights != "none":
         path = Path(weights)
         if not path.is_file():

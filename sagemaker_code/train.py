@@ -3,6 +3,7 @@
 SageMaker contract (and the flag that overrides each part outside SageMaker):
   SM_CHANNEL_TRAIN / _VALIDATION / _TEST   --train / --validation / --test
   SM_CHANNEL_CHAMPION                      --champion         (the serving model, scored on the same test)
+  SM_CHANNEL_WEIGHTS                       --weights-channel  (the backbone's ImageNet weights file)
   SM_MODEL_DIR                             --model-dir        (model.pth, model_card.json, code/)
   SM_OUTPUT_DATA_DIR                       --output-data-dir  (metrics.json)
   /opt/ml/checkpoints                      --checkpoint-dir   (resume after a kill or spot stop)
@@ -103,7 +104,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="linear: one logit per count; ordinal: one score and ordered thresholds "
                             "(cumulative-link, CORAL-style: 'more than k?' answers that cannot contradict)")
     model.add_argument("--weights", default="imagenet",
-                       help="backbone init: imagenet (torchvision weights API), none, or a state dict path")
+                       help="backbone init: imagenet (torchvision's ImageNet weights: from --weights-channel, "
+                            "the torch hub cache, the offline package, else a download), none, or a state dict path")
+    model.add_argument("--weights-channel", default=env("SM_CHANNEL_WEIGHTS", f"{OPT_ML}/input/data/weights"),
+                       help="folder holding torchvision's ImageNet weights file for --arch (the job's 'weights' "
+                            "input channel), checked against the hash in its name; looked in first for "
+                            "--weights imagenet")
     model.add_argument("--max-count", type=int, default=5, help="top count class; classes are 0..max-count")
     model.add_argument("--above-max", default="drop", choices=datasets.ABOVE_MAX_POLICIES,
                        help="images with more items than --max-count: drop them, or clip into the top class")
@@ -465,7 +471,8 @@ def main(args: argparse.Namespace) -> dict:
         print("no validation channel: keeping the last epoch", flush=True)
         args.select_metric = "last"
 
-    model = backbones.build_model(args.arch, num_classes, args.weights, args.mode, args.head)
+    model = backbones.build_model(args.arch, num_classes, args.weights, args.mode, args.head,
+                                  weights_channel=args.weights_channel)
     if args.head == "ordinal":
         counts = torch.bincount(training_labels(data["train"]), minlength=num_classes)
         backbones.head_module(model, args.arch).start_from_prior(counts)
@@ -603,8 +610,8 @@ def model_card(args, result: dict, history: list, sizes: dict, fingerprint: str,
         "test_time_augmentation": args.tta,
         "decoding": args.decoding,
         "hyperparameters": {k: v for k, v in vars(args).items()
-                            if k not in ("train", "validation", "test", "champion", "model_dir",
-                                         "output_data_dir",
+                            if k not in ("train", "validation", "test", "champion", "weights_channel",
+                                         "model_dir", "output_data_dir",
                                          "checkpoint_dir", "failure_file", "model_version")},
         "metrics": result,
         "history": history,

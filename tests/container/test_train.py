@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +153,67 @@ def test_missing_imagenet_weights_fail_with_instructions(split_channels, tmp_pat
     assert run.returncode == 1
     assert "WeightsUnavailable" in run.stderr
     assert "resnet18-f37072fd.pth" in run.stderr and "--weights none" in run.stderr
+
+
+def nothing_local(tmp_path, **extra: str) -> dict[str, str]:
+    """clean_env with an empty torch hub cache and the offline weights packages masked (empty packages
+    of the same names ahead of site-packages): the network is closed too, so no weights but a channel's."""
+    mask = tmp_path / "masked-packages"
+    for package, _, _ in backbones.OFFLINE_WEIGHTS.values():
+        (mask / package).mkdir(parents=True, exist_ok=True)
+        (mask / package / "__init__.py").write_text("")
+    return clean_env(TORCH_HOME=str(tmp_path / "torch-home"), PYTHONPATH=str(mask), **extra)
+
+
+def test_imagenet_weights_come_from_the_jobs_weights_channel(split_channels, tmp_path):
+    reference = backbones._offline_package_file("mobilenet_v2")
+    args = [*FAST, "--weights", "imagenet", "--mode", "head", "--train", str(split_channels["train"]),
+            "--epochs", "1", "--model-dir", str(tmp_path / "model")]
+    # Nothing on this machine and no channel: today's clear error, which now names the channel too.
+    run = run_train(args, env=nothing_local(tmp_path))
+    assert run.returncode == 1 and "WeightsUnavailable" in run.stderr
+    assert "mobilenet_v2-b0353104.pth" in run.stderr and "'weights' input channel" in run.stderr
+    # The file as SageMaker puts a one-object channel: under its own name in SM_CHANNEL_WEIGHTS.
+    channel = tmp_path / "input" / "data" / "weights"
+    channel.mkdir(parents=True)
+    shutil.copy(reference, channel / reference.name)
+    run = run_train(args, env=nothing_local(tmp_path, SM_CHANNEL_WEIGHTS=str(channel)))
+    assert run.returncode == 0, run.stderr
+    assert f"ImageNet weights for mobilenet_v2: {reference.name} from the weights channel ({channel})" in run.stdout
+    trained = torch.load(tmp_path / "model" / "model.pth", weights_only=True)
+    imagenet = torch.load(reference, weights_only=True)
+    # Head mode leaves the backbone as it started: exactly the channel's ImageNet weights.
+    assert all(torch.equal(trained[k], imagenet[k]) for k in imagenet if k.startswith("features."))
+
+
+def test_a_weights_file_that_is_not_what_its_name_says_is_refused(split_channels, tmp_path):
+    channel = tmp_path / "weights"
+    channel.mkdir()
+    # A state dict that loads, under the name of the real one: only its hash gives it away.
+    torch.save(backbones.build_model("mobilenet_v2", 1000, "none").state_dict(), channel / "mobilenet_v2-b0353104.pth")
+    run = run_train([*FAST, "--weights", "imagenet", "--train", str(split_channels["train"]), "--epochs", "1",
+                     "--model-dir", str(tmp_path / "model"), "--weights-channel", str(channel),
+                     "--failure-file", str(tmp_path / "failure")], env=nothing_local(tmp_path))
+    assert run.returncode == 1 and "WeightsUnavailable" in run.stderr
+    reason = (tmp_path / "failure").read_text()
+    assert "mobilenet_v2-b0353104.pth is not the file its name promises" in reason
+    assert "starts with b0353104" in reason
+    assert not (tmp_path / "model" / "model.pth").exists()
+
+
+def test_the_airflow_side_hands_over_the_file_each_backbone_looks_for():
+    from bin_counter import weights
+
+    expected = {arch: backbones.imagenet_filename(arch) for arch in backbones.ARCHITECTURES}
+    packaged = {package: str(Path(inside).parent) for package, inside, _ in backbones.OFFLINE_WEIGHTS.values()}
+    assert (expected, packaged, backbones.WEIGHTS_CHANNEL) == (weights.IMAGENET_FILES, weights.PACKAGES,
+                                                               weights.CHANNEL)
+    # Its finder, pointed at this environment's packages, finds the files backbones.py loads, and its
+    # check agrees with backbones.verified on them.
+    for arch in backbones.OFFLINE_WEIGHTS:
+        found = weights.find_weights(arch, weights.package_folders())
+        assert found == backbones.verified(backbones._offline_package_file(arch))
+        assert weights.checked(found.name, found.read_bytes())
 
 
 def test_mobilenet_imagenet_weights_come_from_the_offline_package(tmp_path, monkeypatch):
