@@ -33,9 +33,10 @@ the Params below.
 
 1. **dataset**: the version to train on (the `dataset_version` Param, else the asset event that
    triggered the run, else the newest in the bucket) and its train/validation/test prefixes.
-2. **settings**, **package_code**, **serving_model**: the SageMaker role and images (Airflow Variable
-   `bin_counter_sagemaker`), `sagemaker_code/` uploaded as `sourcedir.tar.gz`, and the model the
-   endpoint serves now (the *champion*), if any.
+2. **settings**, **package_code**, **package_weights**, **serving_model**: the SageMaker role and
+   images (Airflow Variable `bin_counter_sagemaker`), `sagemaker_code/` uploaded as `sourcedir.tar.gz`,
+   the backbone's ImageNet weights file uploaded once (every job's `weights` channel, so no job
+   downloads them), and the model the endpoint serves now (the *champion*), if any.
 3. **tune**: a SageMaker hyperparameter tuning job over epochs, batch size and learning rate,
    objective a validation metric of `train.py`, early stopping on. A failing trial does not fail it.
 4. **best_trial**: the best trial and its hyperparameters (task log and XCom).
@@ -67,6 +68,10 @@ connection (endpoint URLs per service); see the README.
   or the `bucket` does not exist, is someone else's, or is in another region than the connection, or
   AWS has no PyTorch image for the region and instance type. The message says what to set: the values
   are infra/pipeline.yaml's stack outputs.
+- *package_weights*: the backbone's ImageNet weights file found on the worker is not what its name says
+  (its sha256 does not start with the hash in the name): replace it. Not found at all, the task warns
+  and the jobs download the weights themselves; set `BIN_COUNTER_IMAGENET_WEIGHTS` on the workers to a
+  folder holding the file (README, "Retraining DAG").
 - *tune*: every trial failed. The log names the tuning job; each trial's FailureReason says why
   (often a hyperparameter `train.py` refuses, or an instance type the account has no quota for).
 - *retrain*: the log shows the job's own output and its FailureReason. A retry attaches to a job still
@@ -191,6 +196,15 @@ def bin_count_retrain():
         return upload_code(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), get_current_context()["params"]["bucket"])
 
     @task(execution_timeout=timedelta(minutes=5))
+    def package_weights() -> str | None:
+        """The backbone's ImageNet weights file, stored once per content hash: the jobs' `weights` channel."""
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        from bin_counter.retrain import upload_weights
+
+        return upload_weights(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), get_current_context()["params"])
+
+    @task(execution_timeout=timedelta(minutes=5))
     def serving_model() -> dict | None:
         """The champion: what the endpoint serves now; before the first deployment, the initial model."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -211,16 +225,17 @@ def bin_count_retrain():
         return initial
 
     @task(execution_timeout=timedelta(minutes=1))
-    def tuning_config(data: dict, account: dict, code_uri: str) -> dict:
+    def tuning_config(data: dict, account: dict, code_uri: str, weights_uri: str | None) -> dict:
         from bin_counter import retrain
 
         context = get_current_context()
         return retrain.tuning_request(context["params"], data, account, code_uri,
-                                      context["dag"].dag_id, context["run_id"])
+                                      context["dag"].dag_id, context["run_id"], weights_uri)
 
     data, account, code_uri, champion = dataset(), settings(), package_code(), serving_model()
+    weights_uri = package_weights()
     tune = ResumableTuningOperator(
-        task_id="tune", config=tuning_config(data, account, code_uri), aws_conn_id=AWS_CONN_ID,
+        task_id="tune", config=tuning_config(data, account, code_uri, weights_uri), aws_conn_id=AWS_CONN_ID,
         check_interval=POLL_S, execution_timeout=timedelta(hours=12),
         doc_md="The tuning job. Its trials are listed in the SageMaker console (or ListTrainingJobsFor"
                "HyperParameterTuningJob); a failed trial's FailureReason says why it failed.",
@@ -238,16 +253,17 @@ def bin_count_retrain():
         return best
 
     @task(execution_timeout=timedelta(minutes=1))
-    def retrain_config(data: dict, account: dict, code_uri: str, best: dict, champion: dict | None) -> dict:
+    def retrain_config(data: dict, account: dict, code_uri: str, weights_uri: str | None, best: dict,
+                       champion: dict | None) -> dict:
         from bin_counter import retrain
 
         context = get_current_context()
         return retrain.final_training_request(context["params"], data, account, code_uri, best, champion,
-                                              context["dag"].dag_id, context["run_id"])
+                                              context["dag"].dag_id, context["run_id"], weights_uri)
 
     retrain = ResumableTrainingOperator(
         task_id="retrain",
-        config=retrain_config(data, account, code_uri, best_trial(tune.output), champion),
+        config=retrain_config(data, account, code_uri, weights_uri, best_trial(tune.output), champion),
         aws_conn_id=AWS_CONN_ID, print_log=True, check_interval=POLL_S, retries=1,
         execution_timeout=timedelta(hours=6),
         doc_md="The final training job; its log (train.py's output) is in this task's log.",

@@ -60,6 +60,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def container_weights(container_python: Path = CONTAINER_PYTHON) -> str:
+    """BIN_COUNTER_IMAGENET_WEIGHTS for the local stack: the weights packages of the container-side
+    environment (this one has none), so that the retraining DAG hands every job the backbone's
+    weights as its `weights` channel, as it does on AWS."""
+    from bin_counter.weights import package_folders
+
+    site_packages = sorted(container_python.parent.parent.glob("lib/python*/site-packages"))
+    return os.pathsep.join(str(folder) for folder in package_folders(site_packages))
+
+
 def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
@@ -72,6 +82,7 @@ def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
         # What the README tells a user to copy from the pipeline stack's outputs, rendered for this account.
         "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": render(load_template()).outputs["SageMakerVariable"],
         "BIN_COUNTER_SAGEMAKER_POLL_S": "2",
+        "BIN_COUNTER_IMAGENET_WEIGHTS": env.get("BIN_COUNTER_IMAGENET_WEIGHTS") or container_weights(),
         # Airflow starts its task runners as `airflow ...` from the PATH.
         "PATH": os.pathsep.join([str(VENV_BIN), env.get("PATH", "")]),
         "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1",

@@ -7,7 +7,6 @@ and `champion:*` metrics); the gate compares those numbers, nothing else.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -15,7 +14,7 @@ import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from botocore.exceptions import ClientError
+from bin_counter.artifacts import content_key, put_once
 
 # The repository's published model (`make model`): the champion before any model serves.
 PUBLISHED_MODEL = Path(os.environ.get("BIN_COUNTER_PUBLISHED_MODEL",
@@ -107,11 +106,6 @@ def initial_champion(s3, bucket: str, spec: str) -> dict | None:
             raise FileNotFoundError(f"initial model {path} does not exist; run `make model`, or set the "
                                     "initial_model Param to none")
         archive = path.read_bytes()
-        key = f"{PUBLISHED_PREFIX}/{hashlib.sha256(archive).hexdigest()[:12]}/model.tar.gz"
-        try:
-            s3.head_object(Bucket=bucket, Key=key)
-        except ClientError:
-            s3.put_object(Bucket=bucket, Key=key, Body=archive)
-        uri = f"s3://{bucket}/{key}"
+        uri = put_once(s3, bucket, content_key(PUBLISHED_PREFIX, archive, "model.tar.gz", digits=12), archive)
     return {"endpoint": None, "status": "NotDeployed", "model": None, "model_data_url": uri,
             "model_version": model_version_of(archive), "published": True}

@@ -1,18 +1,19 @@
 """What the retraining DAG's own tasks build, as functions testable without Airflow: the training
-code's package, and the SageMaker requests of a run from its Params, dataset, account and champion.
+code's package, the backbone's ImageNet weights in the bucket, and the SageMaker requests of a run from
+its Params, dataset, account and champion.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from bin_counter import gate, sagemaker_config
+from bin_counter import gate, sagemaker_config, weights
+from bin_counter.artifacts import content_key, put_once
 
 CODE_DIR = Path(os.environ.get("BIN_COUNTER_CODE_DIR", Path(__file__).resolve().parents[2] / "sagemaker_code"))
 
@@ -36,9 +37,7 @@ def upload_code(s3, bucket: str, code_dir: Path = CODE_DIR) -> str:
     if not (code_dir / "train.py").is_file():
         raise FileNotFoundError(f"{code_dir} has no train.py: set BIN_COUNTER_CODE_DIR to the sagemaker_code folder")
     data = code_archive(code_dir)
-    key = f"code/{hashlib.sha256(data).hexdigest()[:16]}/sourcedir.tar.gz"
-    s3.put_object(Bucket=bucket, Key=key, Body=data)
-    return f"s3://{bucket}/{key}"
+    return put_once(s3, bucket, content_key("code", data, "sourcedir.tar.gz"), data)
 
 
 # -- requests the DAG sends, from its Params ------------------------------------------------------
@@ -47,15 +46,27 @@ def static_hyperparameters(params: Mapping) -> dict:
             **dict(params.get("extra_hyperparameters") or {})}
 
 
+def upload_weights(s3, params: Mapping) -> str | None:
+    """The S3 URI of the backbone's ImageNet weights file, stored once (bin_counter.weights): the jobs'
+    `weights` channel. None when the jobs do not start from ImageNet weights or the file is not here."""
+    hyperparameters = static_hyperparameters(params)
+    if not weights.uses_imagenet(hyperparameters):
+        print(f"the jobs start from --weights {hyperparameters['weights']}: no ImageNet weights to hand over")
+        return None
+    return weights.upload_weights(s3, params["bucket"], params["arch"])
+
+
 def tuning_request(params: Mapping, data: Mapping, account: Mapping, code_uri: str, dag_id: str,
-                   run_id: str) -> dict:
-    """CreateHyperParameterTuningJob for this run: trials train on train, are scored on validation."""
+                   run_id: str, weights_uri: str | None = None) -> dict:
+    """CreateHyperParameterTuningJob for this run: trials train on train, are scored on validation,
+    and start from the ImageNet weights file at `weights_uri` (their `weights` channel), if any."""
     names = sagemaker_config.run_job_names(dag_id, run_id)
     bucket = params["bucket"]
     trial = sagemaker_config.training_job_config(
         job_name=names["tuning_job"], image_uri=account["training_image"], role_arn=account["role_arn"],
         source_s3_uri=code_uri,
-        channels={"train": data["channels"]["train"], "validation": data["channels"]["validation"]},
+        channels={"train": data["channels"]["train"], "validation": data["channels"]["validation"],
+                  weights.CHANNEL: weights_uri},
         output_s3_uri=f"s3://{bucket}/models/tuning/", hyperparameters=static_hyperparameters(params),
         region=account["region"], instance_type=params["training_instance_type"],
         tags=sagemaker_config.resource_tags({"bin-counter:dataset-version": data["version"],
@@ -68,14 +79,17 @@ def tuning_request(params: Mapping, data: Mapping, account: Mapping, code_uri: s
 
 
 def final_training_request(params: Mapping, data: Mapping, account: Mapping, code_uri: str, best: Mapping,
-                           champion: Mapping | None, dag_id: str, run_id: str) -> dict:
-    """CreateTrainingJob with the best trial's hyperparameters on train + validation, scoring the new
-    model and the serving one (if any) on the test images."""
+                           champion: Mapping | None, dag_id: str, run_id: str, weights_uri: str | None = None) -> dict:
+    """CreateTrainingJob with the best trial's hyperparameters on train + validation (from the ImageNet
+    weights file at `weights_uri`, if any), scoring the new model and the serving one (if any) on the
+    test images."""
     names = sagemaker_config.run_job_names(dag_id, run_id)
     bucket = params["bucket"]
     channels = dict(data["channels"])
     if champion:
         channels["champion"] = champion["model_data_url"]
+    if weights_uri:
+        channels[weights.CHANNEL] = weights_uri
     hyperparameters = {**static_hyperparameters(params), **best["hyperparameters"], "train-on-validation": True}
     return sagemaker_config.training_job_config(
         job_name=names["training_job"], image_uri=account["training_image"], role_arn=account["role_arn"],

@@ -10,6 +10,7 @@ import pendulum
 import pytest
 
 from bin_counter.sagemaker_config import run_job_names
+from scripts import local_stack
 from tests.airflow_side.conftest import BASE_CONF, upload_dataset
 from tests.conftest import REPO, make_bin_image
 
@@ -21,6 +22,8 @@ def dag(airflow_db, monkeypatch, pipeline_stack):
     # The Variable exactly as the README tells a user to copy it from the stack's outputs.
     monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", pipeline_stack.outputs["SageMakerVariable"])
     monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
+    # Where the workers find the backbone's ImageNet weights, as the local stack sets it.
+    monkeypatch.setenv("BIN_COUNTER_IMAGENET_WEIGHTS", local_stack.container_weights())
     dag = DagBag(str(REPO / "dags")).get_dag("bin_count_retrain")
     for task in dag.tasks:
         task.retries = 0  # a failure here is a test failure, not something to wait out
@@ -110,6 +113,15 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     assert tags["bin-counter:training-job"] == first_model and tags["bin-counter:dataset-version"] == "v-test"
     assert "bin-counter:test-accuracy" in tags
     first_accuracy = final_metrics(stack, first_model)["test:accuracy"]
+    # Every job got the backbone's ImageNet weights as its `weights` channel, and the final job's log
+    # says it loaded them from there (no hub cache, package or download needed in the job).
+    [weights_key] = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="weights/")["Contents"]]
+    assert weights_key.endswith("/mobilenet_v2-b0353104.pth")
+    for job in [t["TrainingJobName"] for t in trials] + [first_model]:
+        channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+                    for c in sm.describe_training_job(TrainingJobName=job)["InputDataConfig"]}
+        assert channels["weights"] == f"s3://{bucket}/{weights_key}", job
+    assert "ImageNet weights for mobilenet_v2: mobilenet_v2-b0353104.pth from the weights channel" in log
 
     # 2. A model that cannot have learned anything (one epoch, a learning rate near zero, head only):
     #    scored against the serving one on the same test images, gated; the endpoint keeps its model.
@@ -175,6 +187,8 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     assert serving(stack).endswith("-published")
     assert sm_runtime_count(stack)["model_version"] == new_model  # the published archive's own version
     assert alerts() == []  # deploying the better of two is no alert
+    # Five runs, one copy of the weights: stored once by content.
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="weights/")["Contents"]] == [weights_key]
 
 
 def sm_runtime_count(stack) -> dict:

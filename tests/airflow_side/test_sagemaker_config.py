@@ -83,6 +83,11 @@ ACCOUNT = {"region": "eu-west-1", "role_arn": "arn:aws:iam::123456789012:role/bi
 CODE = "s3://bin-counter/code/0123456789abcdef/sourcedir.tar.gz"
 BEST = {"training_job": "bc-tune-0123456789ab-002-deadbeef", "hyperparameters": {"epochs": 6, "batch-size": 32,
                                                                                 "lr": 0.0011}}
+WEIGHTS = "s3://bin-counter/weights/b03531047ffacf1e/mobilenet_v2-b0353104.pth"
+
+
+def weights_channel(channels: list[dict]) -> dict | None:
+    return next((c for c in channels if c["ChannelName"] == "weights"), None)
 
 
 def test_run_job_names_are_stable_per_run_and_within_sagemakers_limits():
@@ -107,6 +112,26 @@ def test_tuning_request_is_valid_and_tunes_the_three_hyperparameters():
     assert config["HyperParameterTuningJobConfig"]["TrainingJobEarlyStoppingType"] == "Auto"
     channels = {c["ChannelName"] for c in config["TrainingJobDefinition"]["InputDataConfig"]}
     assert channels == {"train", "validation"}  # the trials never see the test images
+
+
+def test_every_job_gets_the_imagenet_weights_file_as_its_weights_channel():
+    from bin_counter.retrain import final_training_request, tuning_request
+
+    tuning = tuning_request(PARAMS, DATA, ACCOUNT, CODE, "bin_count_retrain", "manual__1", WEIGHTS)
+    final = final_training_request(PARAMS, DATA, ACCOUNT, CODE, BEST, None, "bin_count_retrain", "manual__1", WEIGHTS)
+    validate("CreateHyperParameterTuningJob", tuning)
+    validate("CreateTrainingJob", final)
+    for channels in (tuning["TrainingJobDefinition"]["InputDataConfig"], final["InputDataConfig"]):
+        # The one object, downloaded whole before the script starts (train.py finds it by name).
+        channel = weights_channel(channels)
+        assert channel["DataSource"]["S3DataSource"] == {"S3DataType": "S3Prefix", "S3Uri": WEIGHTS,
+                                                         "S3DataDistributionType": "FullyReplicated"}
+        assert channel["InputMode"] == "File"
+    assert {c["ChannelName"] for c in tuning["TrainingJobDefinition"]["InputDataConfig"]} == {
+        "train", "validation", "weights"}
+    # Without the file (not found on the worker, or --weights none) the jobs have no such channel.
+    assert weights_channel(tuning_request(PARAMS, DATA, ACCOUNT, CODE, "bin_count_retrain", "manual__1")[
+        "TrainingJobDefinition"]["InputDataConfig"]) is None
 
 
 def test_fixed_values_become_one_value_ranges():
