@@ -20,8 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
-from standin.lambda_api import LambdaApi
-from standin.sagemaker_api import AwsError
+from standin.awslambda.models import LambdaBackend
+from standin.core import Answer, AwsError
 
 ROUTE = "/count"
 BINARY_MEDIA_TYPES = ("image/jpeg", "image/png", "application/x-image", "application/octet-stream")
@@ -30,7 +30,7 @@ MAX_PAYLOAD = 10 * 1024 * 1024  # API Gateway's limit
 
 @dataclass
 class Gateway:
-    lambdas: LambdaApi
+    lambdas: LambdaBackend
     function: str = "bin-counter-api"
     api_key: str | None = None
     stage: str = "local"
@@ -58,7 +58,7 @@ class Gateway:
             "isBase64Encoded": binary,
         }
 
-    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
         """(status, headers, body) of the HTTP answer."""
         lowered = {k.lower(): v for k, v in headers.items()}
         if self.api_key and lowered.get("x-api-key") != self.api_key:
@@ -86,5 +86,5 @@ class Gateway:
             return self._message(502, "Internal server error")
 
     @staticmethod
-    def _message(status: int, message: str) -> tuple[int, dict, bytes]:
+    def _message(status: int, message: str) -> Answer:
         return status, {"Content-Type": "application/json"}, json.dumps({"message": message}).encode()

@@ -20,7 +20,7 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_ba
 from werkzeug.serving import run_simple
 
 from standin.aws_calls import CallLog, caller
-from standin.sagemaker_api import ACCOUNT
+from standin.core import ACCOUNT
 
 REGION_ACCOUNT = "us-east-1", ACCOUNT
 _SCOPE = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/([^/]+)/")

@@ -406,7 +406,7 @@ def test_restart_brings_endpoints_back(standin, job_inputs, moto_endpoint, tmp_p
 
 
 def test_median_stopping_rule():
-    from standin.tuning import stop_early
+    from standin.sagemaker.tuning import stop_early
 
     completed = [[0.5, 0.6, 0.7], [0.4, 0.5, 0.6], [0.3, 0.4, 0.5]]
     assert stop_early([0.2, 0.3], completed, maximize=True)  # below the median (0.5) after two reports

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from standin import model_worker
+from standin.sagemaker import model_worker
 from tests.conftest import REPO, REQUEST_FAULTS, make_bin_image, truncated_image
 
 import inference
@@ -113,7 +113,7 @@ def test_a_refusal_the_function_cannot_read_is_not_passed_on():
 
 @pytest.fixture
 def worker():
-    """standin/model_worker.py's server around inference.py and a model that fails on a marked image."""
+    """standin/sagemaker/model_worker.py's server around inference.py and a model that fails on a marked image."""
     failing = SimpleNamespace(**{name: getattr(inference, name) for name in ("input_fn", "output_fn")})
 
     def predict_fn(data, model):

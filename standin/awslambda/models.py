@@ -1,13 +1,14 @@
-"""The Lambda API of the stand-in (REST-JSON, `/2015-03-31/functions...`): create, get, update
-code and configuration, delete, and invoke (request/response).
+"""The Lambda backend: functions (configuration and code under `<state>/lambda/<name>/`) and the
+execution environments they run in. Requests arrive here already parsed and checked against
+botocore's service model (`responses`).
 
-Invocations run in execution environments (`standin/lambda_runner.py` processes) with the
-function's environment variables, its timeout and, where the OS allows, its memory size as an
-address-space limit. As on Lambda, an environment imports the function once and stays warm for the
-next invocation; concurrent invocations get environments of their own; a new code or configuration
-revision gets new ones; an environment that failed, timed out or ran out of memory is thrown away.
-A handler that raises, times out or runs out of memory answers 200 with
-`X-Amz-Function-Error: Unhandled` and the error payload, as Lambda does.
+Invocations run in execution environments (`runner.py` processes) with the function's environment
+variables, its timeout and, where the OS allows, its memory size as an address-space limit. As on
+Lambda, an environment imports the function once and stays warm for the next invocation; concurrent
+invocations get environments of their own; a new code or configuration revision gets new ones; an
+environment that failed, timed out or ran out of memory is thrown away. A handler that raises, times
+out or runs out of memory answers 200 with `X-Amz-Function-Error: Unhandled` and the error payload,
+as Lambda does.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-import botocore.session
-from botocore.validate import ParamValidator
-
 from standin.aws_calls import role_environment
+from standin.awslambda.exceptions import (
+    InvalidParameterValueException,
+    InvalidRequestContentException,
+    ResourceConflictException,
+    ResourceNotFoundException,
+)
+from standin.core import ACCOUNT
 from standin.roles import RoleCheck
-from standin.sagemaker_api import ACCOUNT, AwsError
 
-RUNNER = Path(__file__).resolve().parent / "lambda_runner.py"
+RUNNER = Path(__file__).resolve().parent / "runner.py"
 CONFIG_FIELDS = ("Role", "Handler", "Description", "Timeout", "MemorySize", "Environment", "Runtime")
 
 
@@ -71,25 +75,22 @@ class ExecutionEnvironment:
         self.log.close()
 
 
-class LambdaApi:
+class LambdaBackend:
+    """Functions: their records and code, and a pool of warm environments per function."""
+
     def __init__(self, state_dir: Path, python: str = sys.executable, region: str = "us-east-1",
                  roles: RoleCheck | None = None) -> None:
         self.roles = roles or RoleCheck(None)
-        self.model = botocore.session.get_session().get_service_model("lambda")
         self.root = Path(state_dir) / "lambda"
         self.root.mkdir(parents=True, exist_ok=True)
         self.python, self.region = python, region
         self.lock = threading.Lock()
         self.warm: dict[str, list[ExecutionEnvironment]] = {}  # function -> idle environments
 
-    def _validate(self, operation: str, params: dict) -> None:
-        report = ParamValidator().validate(params, self.model.operation_model(operation).input_shape)
-        if report.has_errors():
-            raise AwsError("InvalidParameterValueException", report.generate_report())
+    def _assume(self, role: str | None) -> None:
         # Lambda assumes the role at the request: one that does not trust Lambda is refused there.
-        if params.get("Role") and self.roles.refusal(params["Role"], "lambda.amazonaws.com"):
-            raise AwsError("InvalidParameterValueException", "The role defined for the function cannot be assumed "
-                                                             "by Lambda.")
+        if role and self.roles.refusal(role, "lambda.amazonaws.com"):
+            raise InvalidParameterValueException("The role defined for the function cannot be assumed by Lambda.")
 
     def arn(self, name: str) -> str:
         return f"arn:aws:lambda:{self.region}:{ACCOUNT}:function:{name}"
@@ -100,7 +101,7 @@ class LambdaApi:
     def _config(self, name: str) -> dict:
         path = self._folder(name) / "function.json"
         if not path.is_file():
-            raise AwsError("ResourceNotFoundException", f"Function not found: {self.arn(name)}", 404)
+            raise ResourceNotFoundException(f"Function not found: {self.arn(name)}")
         return json.loads(path.read_text())
 
     def _install_code(self, name: str, zip_bytes: bytes) -> dict:
@@ -111,7 +112,7 @@ class LambdaApi:
             with zipfile.ZipFile(io.BytesIO(zip_bytes)) as archive:
                 archive.extractall(staging)
         except zipfile.BadZipFile as exc:
-            raise AwsError("InvalidParameterValueException", f"Could not unzip uploaded file: {exc}") from exc
+            raise InvalidParameterValueException(f"Could not unzip uploaded file: {exc}") from exc
         shutil.rmtree(code, ignore_errors=True)
         staging.rename(code)
         return {"CodeSize": len(zip_bytes), "CodeSha256": base64.b64encode(hashlib.sha256(zip_bytes).digest()).decode()}
@@ -122,43 +123,42 @@ class LambdaApi:
         (self._folder(config["FunctionName"]) / "function.json").write_text(json.dumps(config))
         return config
 
-    def create_function(self, body: dict) -> dict:
-        code = dict(body.get("Code", {}))
-        if "ZipFile" in code:
-            code["ZipFile"] = base64.b64decode(code["ZipFile"])
-        self._validate("CreateFunction", {**body, "Code": code})
-        name = body["FunctionName"]
+    def create_function(self, params: dict) -> dict:
+        """CreateFunction, its code (`Code.ZipFile`) as bytes."""
+        self._assume(params.get("Role"))
+        code = params.get("Code", {})
+        name = params["FunctionName"]
         if "ZipFile" not in code:
-            raise AwsError("InvalidParameterValueException", "the stand-in takes the code as Code.ZipFile only")
+            raise InvalidParameterValueException("the stand-in takes the code as Code.ZipFile only")
         with self.lock:
             if (self._folder(name) / "function.json").exists():
-                raise AwsError("ResourceConflictException", f"Function already exist: {name}", 409)
+                raise ResourceConflictException(f"Function already exist: {name}")
             self._folder(name).mkdir(parents=True)
             sizes = self._install_code(name, code["ZipFile"])
             config = {"FunctionName": name, "FunctionArn": self.arn(name),
-                      "Runtime": body.get("Runtime", "python3.11"), "Timeout": body.get("Timeout", 3),
-                      "MemorySize": body.get("MemorySize", 128), "Version": "$LATEST", "State": "Active",
+                      "Runtime": params.get("Runtime", "python3.11"), "Timeout": params.get("Timeout", 3),
+                      "MemorySize": params.get("MemorySize", 128), "Version": "$LATEST", "State": "Active",
                       "LastUpdateStatus": "Successful", "PackageType": "Zip",
-                      **{k: body[k] for k in CONFIG_FIELDS if k in body}, **sizes}
+                      **{k: params[k] for k in CONFIG_FIELDS if k in params}, **sizes}
             return self._save(config)
 
     def get_function(self, name: str) -> dict:
         config = self._config(name)
         return {"Configuration": config, "Code": {"RepositoryType": "S3", "Location": f"file://{self._folder(name)}"}}
 
-    def update_code(self, name: str, body: dict) -> dict:
-        if "ZipFile" not in body:
-            raise AwsError("InvalidParameterValueException", "the stand-in takes the code as ZipFile only")
+    def update_code(self, name: str, zip_file: bytes | None) -> dict:
+        if zip_file is None:
+            raise InvalidParameterValueException("the stand-in takes the code as ZipFile only")
         with self.lock:
             config = self._config(name)
-            config.update(self._install_code(name, base64.b64decode(body["ZipFile"])))
+            config.update(self._install_code(name, zip_file))
             return self._save(config)
 
-    def update_configuration(self, name: str, body: dict) -> dict:
-        self._validate("UpdateFunctionConfiguration", {**body, "FunctionName": name})
+    def update_configuration(self, name: str, params: dict) -> dict:
+        self._assume(params.get("Role"))
         with self.lock:
             config = self._config(name)
-            config.update({k: body[k] for k in CONFIG_FIELDS if k in body})
+            config.update({k: params[k] for k in CONFIG_FIELDS if k in params})
             return self._save(config)
 
     def delete_function(self, name: str) -> None:
@@ -171,15 +171,14 @@ class LambdaApi:
     def invoke(self, name: str, payload: bytes, invocation_type: str) -> tuple[int, bytes, dict]:
         """(status, payload, headers) of one RequestResponse invocation."""
         if invocation_type not in ("RequestResponse", "DryRun", ""):
-            raise AwsError("InvalidParameterValueException",
-                           f"the stand-in runs RequestResponse only, not {invocation_type}")
+            raise InvalidParameterValueException(f"the stand-in runs RequestResponse only, not {invocation_type}")
         config = self._config(name)
         if invocation_type == "DryRun":
             return 204, b"", {}
         try:
             json.loads(payload or b"{}")
         except json.JSONDecodeError as exc:
-            raise AwsError("InvalidRequestContentException", f"Could not parse request body into json: {exc}") from exc
+            raise InvalidRequestContentException(f"Could not parse request body into json: {exc}") from exc
         environment = self._environment(name, config)
         started = time.time()
         try:

@@ -2,7 +2,7 @@
 container-side environment: `GET /ping`, `POST /invocations`, the model's `code/inference.py`
 loaded through its four handlers.
 
-  .venv-container/bin/python standin/model_worker.py --model-dir <extracted model.tar.gz> --port 8080
+  .venv-container/bin/python standin/sagemaker/model_worker.py --model-dir <extracted model.tar.gz> --port 8080
 
 Errors are answered as the inference toolkit's `Transformer.handle_error` answers them (this part is
 our imitation of sagemaker-inference, not the toolkit itself): a `BaseInferenceToolkitError` with its

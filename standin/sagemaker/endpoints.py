@@ -1,4 +1,4 @@
-"""Endpoint workers: one model server process (standin/model_worker.py) per endpoint, in the
+"""Endpoint workers: one model server process (`model_worker.py`) per endpoint, in the
 container-side environment, on a loopback port. An update starts the new worker beside the old one
 and switches only once it answers `/ping`, so requests in flight are not dropped and a model that
 fails to load leaves the old one serving.

@@ -1,7 +1,7 @@
 """One Lambda execution environment: imports the handler once, then answers invocations, one
 JSON event per line on stdin, one JSON answer per line on stdout, until stdin closes.
 
-  python standin/lambda_runner.py --code <unzipped function> --handler module.function --memory-mb 128
+  python standin/awslambda/runner.py --code <unzipped function> --handler module.function --memory-mb 128
 
 Each answer is {"result": <the handler's return value>} or {"error": <Lambda's error payload:
 errorMessage, errorType, stackTrace>}. What the function prints goes to stderr (its log), never into

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESERVED_PREFIX = "sagemaker_"
+TERMINAL = ("Completed", "Failed", "Stopped")  # the statuses a job (training or tuning) ends in
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

@@ -1,0 +1,498 @@
+"""The SageMaker backend: the resources the stand-in keeps (training and tuning jobs, models, endpoint
+configurations, endpoints), one JSON record each under the state directory, and what happens to them.
+A training job runs through `training`, a tuning job chooses and counts its trials through `tuning`,
+an endpoint serves through `endpoints`. Requests and answers are `responses`' business: the
+operations here take requests in the service model's terms, which `responses` has checked for those
+that come from outside (a tuning job's trials are the backend's own)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+
+from standin.aws_calls import role_credentials
+from standin.core import ACCOUNT, AwsError
+from standin.roles import RoleCheck
+from standin.sagemaker import training, tuning
+from standin.sagemaker.endpoints import EndpointHost, WorkerFailed
+from standin.sagemaker.exceptions import (
+    ModelError,
+    ModelNotReadyException,
+    ResourceInUse,
+    ServiceUnavailable,
+    ThrottlingException,
+    ValidationException,
+)
+from standin.sagemaker.training import TERMINAL
+
+log = logging.getLogger("standin")
+
+
+@dataclass(frozen=True)
+class Resource:
+    folder: str
+    name_field: str
+    arn_field: str
+    status_field: str | None  # what StatusEquals and SortBy=Status look at
+    missing: str  # AWS's message for a name that does not exist
+    duplicate_error: type[AwsError]
+    duplicate: str  # AWS's message for a name that exists already
+
+
+RESOURCES = {
+    "training-job": Resource(
+        "training-jobs", "TrainingJobName", "TrainingJobArn", "TrainingJobStatus",
+        "Requested resource not found: {arn}", ResourceInUse,
+        "Training job names must be unique within an AWS account and region, and a training job with this name "
+        "already exists ({arn})"),
+    "hyper-parameter-tuning-job": Resource(
+        "tuning-jobs", "HyperParameterTuningJobName", "HyperParameterTuningJobArn", "HyperParameterTuningJobStatus",
+        "Requested resource not found: {arn}", ResourceInUse,
+        "Tuning job names must be unique within an AWS account and region ({arn})"),
+    "model": Resource("models", "ModelName", "ModelArn", None, 'Could not find model "{arn}".',
+                      ValidationException, 'Cannot create already existing model "{arn}".'),
+    "endpoint": Resource(
+        "endpoints", "EndpointName", "EndpointArn", "EndpointStatus", 'Could not find endpoint "{arn}".',
+        ValidationException, 'Cannot create already existing endpoint "{arn}".'),
+    "endpoint-config": Resource(
+        "endpoint-configs", "EndpointConfigName", "EndpointConfigArn", None,
+        'Could not find endpoint configuration "{arn}".',
+        ValidationException, 'Cannot create already existing endpoint configuration "{arn}".'),
+}
+
+
+def arn(kind: str, name: str, region: str = "us-east-1") -> str:
+    # SageMaker writes names in lowercase in its ARNs, and IAM matches those.
+    return f"arn:aws:sagemaker:{region}:{ACCOUNT}:{kind}/{name.lower()}"
+
+
+class Store:
+    """The resources' records: `<state>/<folder>/<name>/resource.json`, written whole each time, so
+    that a restart finds every resource as it was."""
+
+    def __init__(self, root: Path, region: str) -> None:
+        self.root, self.region = root, region
+
+    def arn(self, kind: str, name: str) -> str:
+        return arn(kind, name, self.region)
+
+    def file(self, kind: str, name: str) -> Path:
+        return self.root / RESOURCES[kind].folder / name / "resource.json"
+
+    def get(self, kind: str, name: str) -> dict:
+        path = self.file(kind, name)
+        if not path.is_file():
+            raise ValidationException(RESOURCES[kind].missing.format(arn=self.arn(kind, name)))
+        return json.loads(path.read_text())
+
+    def put(self, kind: str, record: dict) -> None:
+        path = self.file(kind, record[RESOURCES[kind].name_field])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+
+    def all(self, kind: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in (self.root / RESOURCES[kind].folder).glob("*/resource.json")]
+
+    def create(self, kind: str, params: dict) -> dict:
+        """Store a new resource with its ARN and creation time; a duplicate name is refused."""
+        spec = RESOURCES[kind]
+        name = params[spec.name_field]
+        if self.file(kind, name).exists():
+            raise spec.duplicate_error(spec.duplicate.format(arn=self.arn(kind, name), name=name))
+        now = time.time()
+        record = {**params, spec.arn_field: self.arn(kind, name), "CreationTime": now, "LastModifiedTime": now}
+        self.put(kind, record)
+        return record
+
+    def delete(self, kind: str, name: str) -> None:
+        self.get(kind, name)
+        shutil.rmtree(self.file(kind, name).parent)
+
+
+class TokenBucket:
+    """Invocations per second with a burst, per endpoint: what makes AWS answer ThrottlingException."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, max(1, burst)
+        self.tokens: dict[str, tuple[float, float]] = {}  # endpoint -> (tokens, when)
+        self.lock = threading.Lock()
+
+    def take(self, key: str) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        with self.lock:
+            tokens, then = self.tokens.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+            allowed = tokens >= 1
+            self.tokens[key] = (tokens - 1 if allowed else tokens, now)
+            return allowed
+
+
+class SageMakerBackend:
+    """What SageMaker does with its resources: training jobs run, tuning jobs run trials, endpoints
+    deploy their configuration's model and serve it. One lock orders every change of state."""
+
+    def __init__(self, state_dir: Path, aws_endpoint: str, container_python: str, region: str = "us-east-1",
+                 invoke_rate: float = 0.0, invoke_burst: int = 1, unhealthy_models: str | None = None,
+                 roles: RoleCheck | None = None) -> None:
+        self.store = Store(Path(state_dir), region)
+        self.aws_endpoint, self.python, self.region = aws_endpoint, container_python, region
+        self.lock = threading.Lock()
+        self.processes: dict[str, object] = {}
+        self.series: dict[str, dict[str, list[float]]] = {}  # training job -> metric values so far
+        self.endpoints = EndpointHost(Path(state_dir) / "endpoint-workers", container_python,
+                                      lambda role_arn: self._client("s3", role_arn))
+        self.invoke_limit = TokenBucket(invoke_rate, invoke_burst)
+        self.roles = roles or RoleCheck(None)
+        # Failure drills: models whose name matches fail their health check, as a broken container would.
+        self.unhealthy_models = re.compile(unhealthy_models) if unhealthy_models else None
+        self._recover()
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _assume(self, role: str | None) -> None:
+        # SageMaker assumes the role at the request and refuses it there, before anything runs.
+        if role and self.roles.refusal(role, "sagemaker.amazonaws.com"):
+            raise ValidationException(f"Could not assume role {role}. Please ensure that the role exists "
+                                      "and allows principal 'sagemaker.amazonaws.com' to assume the role.")
+
+    def _client(self, service: str, role_arn: str):
+        """A client acting as `role_arn`: SageMaker reads and writes S3 and logs with the job's or
+        the model's role, never with the caller's rights."""
+        return boto3.client(service, endpoint_url=self.aws_endpoint, region_name=self.region,
+                            **role_credentials(role_arn))
+
+    def _recover(self) -> None:
+        # A job that was running when the stand-in stopped cannot be resumed: say so, as AWS
+        # would for a lost instance.
+        for job in self.store.all("training-job"):
+            if job["TrainingJobStatus"] not in TERMINAL:
+                job.update(TrainingJobStatus="Failed", SecondaryStatus="Failed",
+                           FailureReason="InternalServerError: the local stand-in restarted during the job")
+                self.store.put("training-job", job)
+        for job in self.store.all("hyper-parameter-tuning-job"):
+            if job["HyperParameterTuningJobStatus"] not in TERMINAL:
+                job.update(HyperParameterTuningJobStatus="Failed",
+                           FailureReason="InternalServerError: the local stand-in restarted during the tuning job")
+                self.store.put("hyper-parameter-tuning-job", job)
+        # Endpoints come back up with the configuration they were serving.
+        for endpoint in self.store.all("endpoint"):
+            if endpoint.get("EndpointConfigName"):
+                endpoint.update(EndpointStatus="Creating")
+                self.store.put("endpoint", endpoint)
+                self._deploy_async(endpoint["EndpointName"], endpoint["EndpointConfigName"], updating=False)
+
+    def shutdown(self) -> None:
+        """No model server or training process outlives the stand-in (their jobs are marked failed at
+        the next start)."""
+        self.endpoints.stop_all()
+        for process in list(self.processes.values()):
+            process.terminate()
+
+    # -- any resource ---------------------------------------------------------------------------
+    def describe(self, kind: str, name: str) -> dict:
+        return self.store.get(kind, name)
+
+    def records(self, kind: str) -> list[dict]:
+        with self.lock:  # a deletion removes folders that listing reads
+            return self.store.all(kind)
+
+    def tags(self, resource_arn: str) -> list[dict]:
+        """The tags a resource was created with (AddTags is not served: tags are set at creation)."""
+        for kind, spec in RESOURCES.items():
+            for record in self.store.all(kind):
+                if record.get(spec.arn_field) == resource_arn:
+                    return record.get("Tags", [])
+        raise ValidationException(f"Resource {resource_arn} not found")
+
+    def delete(self, kind: str, name: str) -> None:
+        with self.lock:
+            self.store.delete(kind, name)
+
+    # -- training jobs --------------------------------------------------------------------------
+    def create_training_job(self, params: dict) -> dict:
+        self._assume(params["RoleArn"])
+        name = params["TrainingJobName"]
+        with self.lock:
+            notes = []
+            resources = params.get("ResourceConfig", {})
+            if resources.get("InstanceType") or resources.get("InstanceCount", 1) != 1:
+                notes.append(f"instance {resources.get('InstanceType')} x{resources.get('InstanceCount')} "
+                             "not honoured: runs as one local process")
+            if params.get("EnableManagedSpotTraining"):
+                notes.append("managed spot not honoured locally")
+            if params.get("VpcConfig"):
+                notes.append("VPC config not honoured locally")
+            now = time.time()
+            message = "; ".join(["Starting the local process", *notes])
+            job = self.store.create("training-job", {
+                **params, "TrainingJobStatus": "InProgress", "SecondaryStatus": "Starting",
+                "SecondaryStatusTransitions": [{"Status": "Starting", "StartTime": now, "StatusMessage": message}]})
+        threading.Thread(target=self._run, args=(name,), daemon=True, name=f"job-{name}").start()
+        return job
+
+    def _run(self, name: str) -> None:
+        job = self.store.get("training-job", name)
+        root = self.store.file("training-job", name).parent / "opt-ml"
+
+        def update(status: str, secondary: str, message: str, **fields) -> None:
+            with self.lock:
+                current = self.store.get("training-job", name)
+                now = time.time()
+                if current["TrainingJobStatus"] == "Stopping" and status == "InProgress":
+                    return
+                transitions = current["SecondaryStatusTransitions"]
+                if transitions[-1]["Status"] != secondary:
+                    transitions[-1]["EndTime"] = now
+                    transitions.append({"Status": secondary, "StartTime": now, "StatusMessage": message})
+                if status == "InProgress" and "TrainingStartTime" not in current:
+                    current["TrainingStartTime"] = now
+                if status in TERMINAL:
+                    current["TrainingEndTime"] = now
+                current.update(TrainingJobStatus=status, SecondaryStatus=secondary, LastModifiedTime=now, **fields)
+                self.store.put("training-job", current)
+
+        try:
+            role = job["RoleArn"]
+            training.run_job(job, root, self._client("s3", role), self.python, update,
+                             started_process=lambda proc: self._started(name, proc),
+                             logs=self._client("logs", role),
+                             metrics_seen=lambda series: self.series.__setitem__(name, {
+                                 k: list(v) for k, v in series.items()}))
+        except Exception as exc:  # S3 unreachable, no credentials...: the job fails, saying why
+            reason = f"ClientError: {type(exc).__name__}: {exc}"
+            update(status="Failed", secondary="Failed", message=reason, FailureReason=reason[:1024])
+        finally:
+            self.processes.pop(name, None)
+
+    def _started(self, name: str, proc) -> None:
+        # A StopTrainingJob that came between "Training" and the process starting found no process to
+        # stop: it is stopped here instead of running to completion.
+        with self.lock:
+            self.processes[name] = proc
+            stopping = self.store.get("training-job", name)["TrainingJobStatus"] == "Stopping"
+        if stopping:
+            proc.terminate()
+
+    def stop_training_job(self, name: str) -> None:
+        with self.lock:
+            job = self.store.get("training-job", name)
+            if job["TrainingJobStatus"] in TERMINAL:
+                raise ValidationException(f"The training job {name} is already {job['TrainingJobStatus']}")
+            job.update(TrainingJobStatus="Stopping", SecondaryStatus="Stopping", LastModifiedTime=time.time())
+            self.store.put("training-job", job)
+        proc = self.processes.get(name)
+        if proc is not None:
+            proc.terminate()
+
+    # -- models and endpoint configurations (records; endpoints serve them) -------------------------
+    def create_model(self, params: dict) -> dict:
+        self._assume(params.get("ExecutionRoleArn"))
+        with self.lock:
+            return self.store.create("model", params)
+
+    def create_endpoint_config(self, params: dict) -> dict:
+        with self.lock:
+            for variant in params["ProductionVariants"]:
+                self.store.get("model", variant["ModelName"])  # AWS refuses a config of a model it does not know
+            return self.store.create("endpoint-config", params)
+
+    # -- endpoints ----------------------------------------------------------------------------------
+    def create_endpoint(self, params: dict) -> dict:
+        with self.lock:
+            self.store.get("endpoint-config", params["EndpointConfigName"])
+            endpoint = self.store.create("endpoint", {**params, "EndpointStatus": "Creating"})
+        self._deploy_async(params["EndpointName"], params["EndpointConfigName"], updating=False)
+        return endpoint
+
+    def update_endpoint(self, name: str, config_name: str) -> dict:
+        with self.lock:
+            endpoint = self.store.get("endpoint", name)
+            self.store.get("endpoint-config", config_name)
+            if endpoint["EndpointStatus"] != "InService":
+                raise ValidationException(f'Cannot update in-progress endpoint "{endpoint["EndpointArn"]}".')
+            endpoint.update(EndpointStatus="Updating", LastModifiedTime=time.time())
+            self.store.put("endpoint", endpoint)
+        self._deploy_async(name, config_name, updating=True)
+        return endpoint
+
+    def delete_endpoint(self, name: str) -> None:
+        with self.lock:
+            self.endpoints.stop(name)
+            self.store.delete("endpoint", name)
+
+    def _deploy_async(self, name: str, config_name: str, updating: bool) -> None:
+        threading.Thread(target=self._deploy, args=(name, config_name, updating), daemon=True,
+                         name=f"endpoint-{name}").start()
+
+    def _deploy(self, name: str, config_name: str, updating: bool) -> None:
+        config = self.store.get("endpoint-config", config_name)
+        variant = config["ProductionVariants"][0]
+        try:
+            model = self.store.get("model", variant["ModelName"])
+            if self.unhealthy_models and self.unhealthy_models.search(variant["ModelName"]):
+                raise WorkerFailed(f"The primary container for production variant {variant['VariantName']} did not "
+                                   "pass the ping health check. Please check CloudWatch logs for this endpoint. "
+                                   "(stand-in: the model name matches --unhealthy-models)")
+            worker = self.endpoints.start(name, config_name, model["PrimaryContainer"]["ModelDataUrl"],
+                                          model["ExecutionRoleArn"])
+        except (AwsError, WorkerFailed) as exc:
+            reason = exc.message if isinstance(exc, AwsError) else str(exc)
+            with self.lock:
+                endpoint = self.store.get("endpoint", name)
+                # A failed update leaves the old model serving; a failed creation leaves nothing.
+                endpoint.update(EndpointStatus="InService" if updating else "Failed",
+                                FailureReason=reason[:1024], LastModifiedTime=time.time())
+                self.store.put("endpoint", endpoint)
+            return
+        self.endpoints.switch(name, worker)
+        with self.lock:
+            endpoint = self.store.get("endpoint", name)
+            endpoint.pop("FailureReason", None)
+            endpoint.update(EndpointStatus="InService", EndpointConfigName=config_name, LastModifiedTime=time.time(),
+                            ProductionVariants=[{"VariantName": variant["VariantName"],
+                                                 "CurrentInstanceCount": 1, "DesiredInstanceCount": 1}])
+            self.store.put("endpoint", endpoint)
+
+    def invoke(self, name: str, body: bytes, content_type: str | None, accept: str | None) -> tuple[bytes, str]:
+        """SageMaker Runtime InvokeEndpoint: the model server's answer and its content type, or its
+        error as ModelError."""
+        endpoint = self.store.get("endpoint", name)
+        if endpoint["EndpointStatus"] not in ("InService", "Updating"):
+            raise ValidationException(f"Endpoint {name} is {endpoint['EndpointStatus']}, not InService.")
+        if not self.invoke_limit.take(name):
+            raise ThrottlingException("Rate exceeded")
+        try:
+            status, payload, response_type = self.endpoints.invoke(name, body, content_type, accept)
+        except KeyError as exc:
+            raise ServiceUnavailable(f"Endpoint {name} has no running model") from exc
+        except OSError as exc:
+            raise ModelNotReadyException(f"the model server did not answer: {exc}") from exc
+        if status != 200:
+            raise ModelError(status, payload.decode(errors="replace"))
+        return payload, response_type
+
+    # -- hyperparameter tuning jobs -------------------------------------------------------------------
+    def create_tuning_job(self, params: dict) -> dict:
+        config = params["HyperParameterTuningJobConfig"]
+        definition = params.get("TrainingJobDefinition")
+        if definition is None:
+            raise ValidationException("the stand-in needs TrainingJobDefinition (one definition)")
+        self._assume(definition["RoleArn"])
+        metric = config.get("HyperParameterTuningJobObjective", {}).get("MetricName")
+        names = {d["Name"] for d in definition["AlgorithmSpecification"].get("MetricDefinitions", [])}
+        if metric not in names:
+            raise ValidationException(f"The objective metric {metric} is not among the metric "
+                                      f"definitions of the training job definition ({sorted(names)})")
+        with self.lock:
+            job = self.store.create("hyper-parameter-tuning-job", {
+                **params, "HyperParameterTuningJobStatus": "InProgress",
+                "TrainingJobStatusCounters": {"Completed": 0, "InProgress": 0, "RetryableError": 0,
+                                              "NonRetryableError": 0, "Stopped": 0},
+                "ObjectiveStatusCounters": {"Succeeded": 0, "Pending": 0, "Failed": 0}})
+        threading.Thread(target=self._tune, args=(params["HyperParameterTuningJobName"],), daemon=True).start()
+        return job
+
+    def stop_tuning_job(self, name: str) -> None:
+        with self.lock:
+            job = self.store.get("hyper-parameter-tuning-job", name)
+            if job["HyperParameterTuningJobStatus"] in TERMINAL:
+                raise ValidationException("The tuning job has already ended")
+            job["HyperParameterTuningJobStatus"] = "Stopping"
+            self.store.put("hyper-parameter-tuning-job", job)
+
+    def trials(self, tuning_job: dict) -> list[dict]:
+        """The tuning job's training jobs, as it summarises them."""
+        objective = tuning_job["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]
+        return [tuning.trial_summary(t, objective) for t in self.store.all("training-job")
+                if t.get("TuningJobArn") == tuning_job["HyperParameterTuningJobArn"]]
+
+    def _tune(self, name: str) -> None:
+        job = self.store.get("hyper-parameter-tuning-job", name)
+        config, definition = job["HyperParameterTuningJobConfig"], job["TrainingJobDefinition"]
+        objective = config["HyperParameterTuningJobObjective"]
+        maximize = objective["Type"] == "Maximize"
+        limits = config["ResourceLimits"]
+        total = limits["MaxNumberOfTrainingJobs"]
+        # One core per trial at least: more parallel trials than cores only slows every one of them.
+        parallel = max(1, min(limits["MaxParallelTrainingJobs"], os.cpu_count() or 1))
+        rng = random.Random(int(hashlib.sha256(name.encode()).hexdigest(), 16) % 2**32)
+        trials: list[str] = []
+        history: list[tuple[dict, float]] = []
+        while True:
+            tuning_job = self.store.get("hyper-parameter-tuning-job", name)
+            stopping = tuning_job["HyperParameterTuningJobStatus"] == "Stopping"
+            states = {t: self.store.get("training-job", t) for t in trials}
+            running = [t for t, s in states.items() if s["TrainingJobStatus"] not in TERMINAL]
+            history = [(s["TunedHyperParameters"], v) for s in states.values()
+                       if (v := tuning.objective_value(s, objective["MetricName"])) is not None]
+            if config.get("TrainingJobEarlyStoppingType") == "Auto" and not stopping:
+                completed = [self.series.get(t, {}).get(objective["MetricName"], [])
+                             for t, s in states.items() if s["TrainingJobStatus"] == "Completed"]
+                for t in running:
+                    if tuning.stop_early(self.series.get(t, {}).get(objective["MetricName"], []), completed, maximize):
+                        log.info("tuning job %s: stopping %s early (below the median of completed trials)", name, t)
+                        self._stop_quietly(t)
+            if stopping:
+                for t in running:
+                    self._stop_quietly(t)
+            elif len(running) < parallel and len(trials) < total:
+                tuned = tuning.next_configuration(config.get("Strategy", "Bayesian"), config["ParameterRanges"],
+                                                  rng, history, maximize)
+                trials.append(self._start_trial(tuning_job, definition, len(trials) + 1, tuned))
+                continue
+            self._record_tuning_progress(name, states, objective, maximize, finished=not running and
+                                         (stopping or len(trials) >= total))
+            if not running and (stopping or len(trials) >= total):
+                return
+            time.sleep(0.5)
+
+    def _stop_quietly(self, trial: str) -> None:
+        with contextlib.suppress(AwsError):  # it may have ended on its own in the meantime
+            self.stop_training_job(trial)
+
+    def _start_trial(self, tuning_job: dict, definition: dict, number: int, tuned: dict[str, str]) -> str:
+        params = tuning.trial_request(tuning_job["HyperParameterTuningJobName"], definition, number, tuned)
+        trial = params["TrainingJobName"]
+        self.create_training_job(params)
+        with self.lock:
+            record = self.store.get("training-job", trial)
+            record.update(TuningJobArn=tuning_job["HyperParameterTuningJobArn"], TunedHyperParameters=tuned)
+            self.store.put("training-job", record)
+        return trial
+
+    def _record_tuning_progress(self, name: str, states: dict, objective: dict, maximize: bool,
+                                finished: bool) -> None:
+        summaries = [tuning.trial_summary(s, objective) for s in states.values()]
+        status_counts, objective_counts = tuning.counters(summaries)
+        best = tuning.best_trial(summaries, maximize)
+        with self.lock:
+            job = self.store.get("hyper-parameter-tuning-job", name)
+            job.update(TrainingJobStatusCounters=status_counts, ObjectiveStatusCounters=objective_counts,
+                       LastModifiedTime=time.time())
+            if best is not None:
+                job["BestTrainingJob"] = best
+            if finished:
+                job["HyperParameterTuningEndTime"] = time.time()
+                if job["HyperParameterTuningJobStatus"] == "Stopping":
+                    job["HyperParameterTuningJobStatus"] = "Stopped"
+                elif best is not None:
+                    job["HyperParameterTuningJobStatus"] = "Completed"
+                else:
+                    job.update(HyperParameterTuningJobStatus="Failed",
+                               FailureReason="All training jobs failed or reported no objective metric")
+            self.store.put("hyper-parameter-tuning-job", job)
