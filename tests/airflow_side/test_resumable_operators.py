@@ -27,7 +27,7 @@ def test_a_retried_training_task_attaches_to_its_job(local_stack_connection, job
     config = job_config(job_inputs, "bin-counter-retry-final")
     first = ResumableTrainingOperator(task_id="retrain", config=config, check_interval=1, print_log=False)
     # The first try starts the job and (say) its worker dies before it finishes waiting.
-    first.hook.create_training_job(first.config, wait_for_completion=False)
+    first.hook.create_training_job(first.config, wait_for_completion=False, print_log=False)
     second = ResumableTrainingOperator(task_id="retrain", config=job_config(job_inputs, "bin-counter-retry-final"),
                                        check_interval=1, print_log=False)
     result = second.execute(context={})
