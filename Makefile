@@ -27,7 +27,7 @@ ABID_SOURCE ?= s3://aft-vbi-pds
 DEMO_KEYS ?= 01000:01600
 DEMO_DIR ?= build/demo
 
-.PHONY: demo up test lint envs airflow-env container-env bench-train model lock clean
+.PHONY: demo up test lint envs airflow-env container-env bench-train model model-code lock clean
 
 envs: airflow-env container-env
 
@@ -86,6 +86,13 @@ model: envs
 	PYTHONPATH=plugins .venv-container/bin/python -m bench.train_vs_seed --abid ../shared/abid --work build/model --only default \
 	    --default-args "--epochs 10"
 	PYTHONPATH=sagemaker_code .venv-container/bin/python -m scripts.publish_model build/model/model-default --test build/model/split/test
+
+# The published model again with this checkout's serving code (same weights and card), after a change
+# to what train.py's SERVING_CODE lists: the endpoint runs the archive's code/, not the checkout's.
+model-code: container-env
+	rm -rf build/model-code && mkdir -p build/model-code
+	tar xzf models/bin-counter.tar.gz -C build/model-code model.pth model_card.json
+	PYTHONPATH=sagemaker_code .venv-container/bin/python -m scripts.publish_model build/model-code
 
 # Refresh the exact pins after changing requirements*.txt.
 lock:

@@ -12,9 +12,10 @@ Errors: {"error", "message", "request_id"}: the code, its status and message are
 sagemaker_code/api_contract.json's (lambda/README.md tabulates it), the table the model's serving code
 uses as well, so a fault has one code whether this function or the model finds it; its limits
 (request and image bytes, images per request, pixels) are that file's too. The function checks the
-request and each image's size, signature and intact end (lambda/contract.py) before it calls the
-model; the model's refusals come back with the model's code, and nothing else the endpoint says
-(tracebacks, account ids, ARNs) reaches the client.
+request and each image's size, signature and intact end with api_contract.py (the model's own
+checks, shipped from sagemaker_code/ beside the table) before it calls the model; the model's
+refusals come back with the model's code, and nothing else the endpoint says (tracebacks, account
+ids, ARNs) reaches the client.
 
 Configuration (environment): ENDPOINT_NAME (required), INVOKE_CONNECT_TIMEOUT_S (2),
 INVOKE_TIMEOUT_S (8), INVOKE_ATTEMPTS (2), MATCH_THRESHOLD (0.5), MISMATCH_THRESHOLD (0.1),
@@ -37,7 +38,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 from botocore.retries.standard import ExponentialBackoff
 
-from contract import ApiError, decode_base64, identify, model_refusal, parse_body
+from api_contract import ApiError, decode_base64, identify, parse_body
+from model_answer import model_refusal
 from verdicts import verdict
 
 log = logging.getLogger("bin_counter.api")

@@ -50,8 +50,9 @@ DIVERGED_LOSS_FACTOR = 20
 SMOOTHING_TARGETS = ("all", "neighbours")
 CLASS_WEIGHTINGS = ("none", "balanced")
 # Files that make up the model's `code/` folder in model.tar.gz (what the serving container imports).
-# api_contract.json: the API's error codes and limits, which the Lambda function reads too.
-SERVING_CODE = ("inference.py", "backbones.py", "efficientnet_lite.py", "preprocessing.py", "api_contract.json")
+# api_contract.py and .json: the API's request checks and error table, which the Lambda function uses too.
+SERVING_CODE = ("inference.py", "backbones.py", "efficientnet_lite.py", "preprocessing.py", "api_contract.py",
+                "api_contract.json")
 
 
 def in_sagemaker() -> bool:

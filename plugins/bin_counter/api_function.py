@@ -23,6 +23,8 @@ from bin_counter.retrain import CODE_DIR
 
 log = logging.getLogger(__name__)
 
+# The API's request checks and error table, which the model's serving code uses too (sagemaker_code/).
+API_CONTRACT = (CODE_DIR / "api_contract.py", CODE_DIR / "api_contract.json")
 LAMBDA_DIR = Path(os.environ.get("BIN_COUNTER_LAMBDA_DIR", Path(__file__).resolve().parents[2] / "lambda"))
 
 
@@ -31,7 +33,7 @@ def function_zip(lambda_dir: Path = LAMBDA_DIR) -> bytes:
     """The Lambda function's deployment package: the handler and its siblings (boto3 is in the runtime)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in [*sorted(lambda_dir.glob("*.py")), CODE_DIR / "api_contract.json"]:  # the API's error table
+        for path in [*sorted(lambda_dir.glob("*.py")), *API_CONTRACT]:
             archive.writestr(zipfile.ZipInfo(path.name, date_time=(1980, 1, 1, 0, 0, 0)), path.read_bytes())
     return buf.getvalue()
 

@@ -263,3 +263,14 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, f"report_{report.when}", report)
     return report
+
+
+def lambda_handler():
+    """lambda/handler.py as a module, importing its siblings from its folder as Lambda's runtime does
+    (api_contract, which its zip carries beside it, comes from sagemaker_code/ on the tests' path)."""
+    sys.path.insert(0, str(REPO / "lambda"))
+    try:
+        import handler
+    finally:
+        sys.path.remove(str(REPO / "lambda"))
+    return handler

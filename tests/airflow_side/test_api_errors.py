@@ -22,7 +22,7 @@ from botocore.stub import Stubber
 from bin_counter.api_function import function_zip
 from bin_counter.retrain import code_archive
 from scripts import api_contract_table
-from tests.airflow_side.test_api_template import lambda_handler
+from tests.airflow_side.conftest import lambda_handler
 from tests.conftest import REPO, REQUEST_FAULTS, make_bin_image
 
 CONTRACT_FILE = REPO / "sagemaker_code" / "api_contract.json"
@@ -204,11 +204,13 @@ def raised_codes(source: str, kind: str) -> set[str]:
 
 
 def test_every_code_raised_is_the_tables_and_every_code_of_the_table_is_raised():
-    function = "".join(p.read_text() for p in sorted((REPO / "lambda").glob("*.py")))
-    model = (REPO / "sagemaker_code" / "inference.py").read_text()
+    shared = (REPO / "sagemaker_code" / "api_contract.py").read_text()  # both layers run its checks
+    function = shared + "".join(p.read_text() for p in sorted((REPO / "lambda").glob("*.py")))
+    model = shared + (REPO / "sagemaker_code" / "inference.py").read_text()
     preprocessing = (REPO / "sagemaker_code" / "preprocessing.py").read_text()
     by_function = raised_codes(function, "ApiError")
-    by_model = raised_codes(model, "RequestError") | raised_codes(preprocessing, "ImageRejected")
+    by_model = raised_codes(model, "RequestError") | raised_codes(model, "ApiError") | raised_codes(
+        preprocessing, "ImageRejected")
     assert by_function <= set(ERRORS) and by_model <= set(ERRORS)
     assert {c for c, e in ERRORS.items() if "api" in e["checked_by"]} == by_function
     assert {c for c, e in ERRORS.items() if "model" in e["checked_by"]} == by_model
@@ -218,19 +220,22 @@ def test_every_code_raised_is_the_tables_and_every_code_of_the_table_is_raised()
 
 def test_the_function_zip_and_the_models_code_carry_the_table(tmp_path):
     table = CONTRACT_FILE.read_bytes()
+    checks = (REPO / "sagemaker_code" / "api_contract.py").read_bytes()
     with zipfile.ZipFile(io.BytesIO(function_zip())) as archive:
-        assert archive.read("api_contract.json") == table
+        assert archive.read("api_contract.json") == table and archive.read("api_contract.py") == checks
         archive.extractall(tmp_path / "function")  # noqa: S202 - our own zip
     # The packaged function reads the table from beside itself, as on Lambda (no checkout around it).
-    found = subprocess.run([sys.executable, "-E", "-c", "import handler, contract; print(contract.contract_path())"],
+    script = "import handler, api_contract; print(api_contract.contract_path())"
+    found = subprocess.run([sys.executable, "-E", "-c", script],
                            cwd=tmp_path / "function", capture_output=True, text=True, check=True).stdout.strip()
     assert found == str((tmp_path / "function" / "api_contract.json").resolve())
     # The training code's sourcedir.tar.gz, from which train.py copies SERVING_CODE into the model's code/.
     with tarfile.open(fileobj=io.BytesIO(code_archive())) as source:
         assert source.extractfile("api_contract.json").read() == table
+        assert source.extractfile("api_contract.py").read() == checks
     train = (REPO / "sagemaker_code" / "train.py").read_text()
     serving_code = re.search(r"^SERVING_CODE = \(([^)]*)\)", train, re.M).group(1)
-    assert '"api_contract.json"' in serving_code and '"inference.py"' in serving_code
+    assert all(f'"{name}"' in serving_code for name in ("inference.py", "api_contract.py", "api_contract.json"))
 
 
 def test_lambda_readme_shows_the_table_as_generated():

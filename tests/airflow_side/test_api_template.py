@@ -13,6 +13,7 @@ import pytest
 from cfnlint.decode import cfn_yaml
 
 from standin import gateway, iam
+from tests.airflow_side.conftest import lambda_handler
 from tests.conftest import REPO
 
 TEMPLATE = REPO / "lambda" / "template.yaml"
@@ -123,16 +124,6 @@ def test_the_local_gateway_and_the_handler_match_the_template(template):
     for variable in function["Environment"]["Variables"]:
         assert re.search(rf"\b{variable}\b", handler_source.split('"""', 2)[1]), f"{variable} not documented"
         assert f'"{variable}"' in function_source, f"{variable} not read by the function's code"
-
-
-def lambda_handler():
-    """lambda/handler.py as a module (it imports its siblings as Lambda's runtime does, from its folder)."""
-    sys.path.insert(0, str(REPO / "lambda"))
-    try:
-        import handler
-    finally:
-        sys.path.remove(str(REPO / "lambda"))
-    return handler
 
 
 def test_the_template_and_the_dag_created_function_share_one_set_of_limits(template):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import pytest
 
 from bin_counter import gate
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize(("metrics", "champion", "metric", "margin", "deploy", "says"), [
@@ -83,3 +85,15 @@ def test_the_repository_publishes_a_model_within_its_size_budget():
     assert gate.PUBLISHED_MODEL.stat().st_size <= 20 * 1024 * 1024
     assert gate.model_version_of(gate.PUBLISHED_MODEL.read_bytes())
     assert (gate.PUBLISHED_MODEL.parent / "MODEL_CARD.md").is_file()
+
+
+def test_the_published_model_serves_with_this_checkouts_code():
+    """An endpoint runs the archive's code/, so code/ must be what sagemaker_code/ serves with now."""
+    train = (REPO / "sagemaker_code" / "train.py").read_text()
+    serving_code = re.findall(r'"([\w.]+)"', re.search(r"^SERVING_CODE = \(([^)]*)\)", train, re.M).group(1))
+    with tarfile.open(gate.PUBLISHED_MODEL) as archive:
+        packed = {m.name.removeprefix("code/"): archive.extractfile(m).read() for m in archive.getmembers()
+                  if m.name.startswith("code/")}
+    stale = sorted(name for name in serving_code if packed.get(name) != (REPO / "sagemaker_code" / name).read_bytes())
+    assert serving_code and not stale, f"models/bin-counter.tar.gz serves with an older {stale}: run `make model-code`"
+    assert set(packed) == set(serving_code)

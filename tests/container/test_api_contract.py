@@ -1,4 +1,4 @@
-"""One fault, one code: the API function's own checks (lambda/contract.py, standard library only, so
+"""One fault, one code: the API function's own checks (lambda/api_contract.py, standard library only, so
 it runs here beside the model's code) and the model's (inference.py) answer every fault of a request
 with the same code, status and message of sagemaker_code/api_contract.json; a fault only the model
 finds reaches the client, through the inference toolkit's error answer and the function, as the
@@ -20,11 +20,12 @@ import torch
 from standin.sagemaker import model_worker
 from tests.conftest import REPO, REQUEST_FAULTS, make_bin_image, truncated_image
 
+import api_contract
 import inference
 
 sys.path.insert(0, str(REPO / "lambda"))
 try:
-    import contract
+    import model_answer  # the function's reading of the model's answer: standard library only
 finally:
     sys.path.remove(str(REPO / "lambda"))
 
@@ -39,10 +40,10 @@ def model_error(body: bytes, content_type: str | None) -> inference.RequestError
     return caught.value
 
 
-def api_error(body: bytes, content_type: str | None) -> contract.ApiError | None:
+def api_error(body: bytes, content_type: str | None) -> api_contract.ApiError | None:
     try:
-        contract.parse_body(body, content_type)
-    except contract.ApiError as exc:
+        api_contract.parse_body(body, content_type)
+    except api_contract.ApiError as exc:
         return exc
     return None
 
@@ -66,14 +67,14 @@ def toolkit_answer(exc: Exception) -> tuple[int, str, str]:
 
 
 def test_the_two_layers_read_one_table():
-    assert contract.CONTRACT == inference.CONTRACT
-    assert contract.contract_path() == (REPO / "sagemaker_code" / "api_contract.json")
+    assert inference.api_contract is api_contract
+    assert api_contract.contract_path() == (REPO / "sagemaker_code" / "api_contract.json")
 
 
 @pytest.mark.parametrize(("name", "body", "content_type", "code"), REQUEST_FAULTS,
                          ids=[case[0] for case in REQUEST_FAULTS])
 def test_one_fault_one_code_at_every_layer(name, body, content_type, code):
-    entry = contract.ERRORS[code]
+    entry = api_contract.ERRORS[code]
     from_model = model_error(body, content_type)
     assert (from_model.status_code, from_model.code) == (entry["status"], code)
     from_api = api_error(body, content_type)
@@ -86,14 +87,14 @@ def test_one_fault_one_code_at_every_layer(name, body, content_type, code):
     # passes on the model's code, the table's status and the model's one-line message, never the rest.
     status, phrase, answer = toolkit_answer(from_model)
     assert (status, phrase) == (entry["status"], code) and "Traceback" in answer
-    seen = contract.model_refusal(status, answer)
+    seen = model_answer.model_refusal(status, answer)
     assert (seen.status, seen.code, seen.message) == (entry["status"], code, from_model.detail)
     assert "Traceback" not in seen.message and "\n" not in seen.message
 
 
 def test_a_good_request_passes_both_layers():
     for body, content_type in ((make_bin_image(2, 3), "image/jpeg"), (make_bin_image(1, 2, fmt="PNG"), "image/png")):
-        images, single, _ = contract.parse_body(body, content_type)
+        images, single, _ = api_contract.parse_body(body, content_type)
         assert single and images == [body]
         data = inference.input_fn(body, content_type)
         assert inference.predict_fn(data, MODEL)["model_version"] == "contract-test"
@@ -104,11 +105,11 @@ def test_a_refusal_the_function_cannot_read_is_not_passed_on():
                  '{"error": "arn:aws:iam::123456789012:role/x", "message": "m"}\nTraceback',  # a code not in the table
                  '{"error": "model_error", "message": "m"}',  # not a client error
                  ""):
-        seen = contract.model_refusal(400, body)
+        seen = model_answer.model_refusal(400, body)
         assert (seen.status, seen.code) == (400, "rejected_by_model")
-        assert seen.message == contract.ERRORS["rejected_by_model"]["message"]
+        assert seen.message == api_contract.ERRORS["rejected_by_model"]["message"]
     long_message = '{"error": "truncated_image", "message": "%s"}' % ("x" * 1000)
-    assert contract.model_refusal(400, long_message).message == contract.ERRORS["truncated_image"]["message"]
+    assert model_answer.model_refusal(400, long_message).message == api_contract.ERRORS["truncated_image"]["message"]
 
 
 @pytest.fixture
@@ -151,7 +152,7 @@ def test_the_stand_ins_worker_answers_errors_as_the_toolkit_does(worker):
     assert (status, reason, content_type) == (400, "truncated_image", None)
     assert first == '{"error":"truncated_image","message":"image 0 is cut short (no JPEG end marker)"}'
     assert rest.startswith("Traceback (most recent call last):") and "RequestError" in rest
-    assert contract.model_refusal(status, body).code == "truncated_image"
+    assert model_answer.model_refusal(status, body).code == "truncated_image"
 
     # Any other exception: 500, its text as the phrase and the body's first line.
     status, reason, body, _ = post(worker, FAILING, "image/jpeg")

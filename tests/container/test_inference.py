@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import REQUEST_FAULTS, make_bin_image
 
+import api_contract
 import inference
 
 
@@ -85,7 +86,7 @@ def test_bad_input_is_a_client_error_with_the_tables_code(served, name, body, co
     with pytest.raises(inference.RequestError) as caught:
         invoke(served, body, content_type)
     error = caught.value
-    assert (error.status_code, error.code) == (inference.ERRORS[code]["status"], code)
+    assert (error.status_code, error.code) == (api_contract.ERRORS[code]["status"], code)
     assert 400 <= error.status_code < 500
     # The toolkit sends `message` as the body's first line and `phrase` as the reason line.
     assert "\n" not in error.message
@@ -109,7 +110,7 @@ def test_errors_use_the_inference_toolkits_contract():
     assert error.args == (413, '{"error":"too_large","message":"image 0 is 5 bytes; the limit is 4"}', "too_large")
     assert str(error) == "413 too_large: image 0 is 5 bytes; the limit is 4"
     # Fields a message needs but the raiser did not give: the table's public message.
-    assert inference.RequestError("too_large").detail == inference.ERRORS["too_large"]["message"]
+    assert inference.RequestError("too_large").detail == api_contract.ERRORS["too_large"]["message"]
 
 
 def test_decodings_read_the_most_likely_the_median_and_the_expected_count():

@@ -1,11 +1,11 @@
-"""The API's error vocabulary and the request checks the function makes before it calls the model.
+"""The public API's error vocabulary and its request checks, shared by the two layers that check a
+request: the Lambda function (lambda/handler.py, before it calls the model) and the model's serving
+code (inference.py), as preprocessing.py is shared by training and serving. The function's zip and
+the model's code/ both carry this module with its table, `api_contract.json` (the codes, their
+statuses and public messages, the limits, the image signatures), so a fault gets the same code and
+status whichever layer finds it.
 
-The codes, their statuses and public messages, the limits and the image signatures are data:
-`api_contract.json`, the one table the model's serving code (`sagemaker_code/inference.py`) reads
-too, so a fault gets the same code and status whichever layer finds it. The function's zip carries
-the file beside this module; in a checkout it is `sagemaker_code/api_contract.json`.
-
-Standard library only (no boto3), so the model's tests can hold both layers against each other.
+Standard library only: it runs in the Lambda runtime (no torch) and in the PyTorch containers.
 """
 
 from __future__ import annotations
@@ -17,17 +17,11 @@ from pathlib import Path
 from typing import Any
 
 CONTRACT_FILE = "api_contract.json"
-# The longest message of the model's that is passed on to a client; anything else gets the table's.
-MAX_MODEL_MESSAGE = 300
 
 
 def contract_path() -> Path:
-    """The table: beside this module in the function's zip, else the checkout's sagemaker_code/."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / CONTRACT_FILE, here.parent / "sagemaker_code" / CONTRACT_FILE):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{CONTRACT_FILE} is neither beside {__file__} nor in ../sagemaker_code")
+    """The table, beside this module wherever it ships (the function's zip, the model's code/)."""
+    return Path(__file__).resolve().parent / CONTRACT_FILE
 
 
 CONTRACT = json.loads(contract_path().read_text())
@@ -131,21 +125,3 @@ def parse_body(raw: bytes, content_type: str | None) -> tuple[list[bytes], bool,
     for index, data in enumerate(images):
         check_image(data, index)
     return images, single, document
-
-
-def model_refusal(status: int, body: str | None) -> ApiError:
-    """The client's error for a model's 4xx answer. The model's code travels in the first line of its
-    body, `{"error": code, "message": ...}` (the inference toolkit sends `message + "\\n" + traceback`);
-    only a code of the table's client errors and a short one-line message of it are passed on, never
-    the rest of the body."""
-    try:
-        detail = json.loads((body or "").split("\n", 1)[0])
-    except json.JSONDecodeError:
-        detail = None
-    code = detail.get("error") if isinstance(detail, dict) else None
-    if not (isinstance(code, str) and code in ERRORS and 400 <= ERRORS[code]["status"] < 500 and 400 <= status < 500):
-        return ApiError("rejected_by_model")
-    message = detail.get("message")
-    if not (isinstance(message, str) and 0 < len(message) <= MAX_MODEL_MESSAGE and message.isprintable()):
-        message = None
-    return ApiError(code, message)
