@@ -3,7 +3,9 @@
 For one job: fetch `sourcedir.tar.gz` and every channel from S3 into the job's folder, write the
 `/opt/ml/input/config` files, set the `SM_*` variables, run the entry point with the
 container-side Python (`--name value` per hyperparameter), read metrics from its output with the
-job's metric definitions, and upload `model.tar.gz` to `<S3OutputPath>/<job>/output/`.
+job's metric definitions, and upload `model.tar.gz` to `<S3OutputPath>/<job>/output/`. With a
+`CheckpointConfig`, its `LocalPath` is kept in step with its `S3Uri` as SageMaker keeps it
+(`CheckpointSync`).
 
 There is no container: `/opt/ml` is the job's folder, passed to the script as `SM_OPT_ML_ROOT`
 (and as the usual `SM_MODEL_DIR`, `SM_CHANNEL_*` ...).
@@ -16,8 +18,10 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +80,116 @@ class JobError(RuntimeError):
     """A failure that becomes the job's FailureReason as it is."""
 
 
+CONTAINER_ROOT = "/opt/ml"
+DEFAULT_CHECKPOINT_PATH = "/opt/ml/checkpoints"
+TEMPORARY_SUFFIX = ".tmp"  # train.py's save_atomic writes `<name>.tmp`, then renames it over `<name>`
+
+
+def checkpoint_folder(job: dict, root: Path) -> Path | None:
+    """The local folder standing for the job's `CheckpointConfig.LocalPath` (default
+    /opt/ml/checkpoints), or None without a CheckpointConfig. There is no container: only paths
+    under /opt/ml can be given a place, in the job's folder."""
+    config = job.get("CheckpointConfig")
+    if not config:
+        return None
+    local = (config.get("LocalPath") or DEFAULT_CHECKPOINT_PATH).rstrip("/")
+    relative = os.path.relpath(local, CONTAINER_ROOT)
+    if not local.startswith(CONTAINER_ROOT + "/") or relative.startswith(".."):
+        raise JobError(f"ClientError: CheckpointConfig.LocalPath {local} is not under {CONTAINER_ROOT} "
+                       "(the stand-in maps only /opt/ml into the job's folder)")
+    return root / relative
+
+
+class CheckpointSync:
+    """`CheckpointConfig` as SageMaker honours it: at the start, everything under `S3Uri` is copied
+    into the local folder (a retry under a new name resumes from what the earlier job left); while
+    the job runs, files written there are uploaded to `S3Uri` under the same relative path; at the
+    end (completed, failed or stopped) a last pass uploads what is left.
+
+    The folder is polled every `interval` seconds. A file is uploaded once it is complete and differs
+    (size, mtime, inode) from what was uploaded last: during the run, complete means not written to
+    for `quiet` seconds (a file renamed into place, as train.py's save_atomic does, is whole at
+    once; its mtime is the last write); after the run, everything is. The `*.tmp` files of an
+    atomic write are never uploaded. A file deleted locally stays in S3: nothing is deleted there."""
+
+    def __init__(self, s3, uri: str, folder: Path, interval: float = 1.0, quiet: float = 0.5,
+                 log: Callable[[str], None] = print) -> None:
+        self.s3, self.folder, self.interval, self.quiet, self.log = s3, folder, interval, quiet, log
+        self.bucket, key = split_s3_uri(uri)
+        self.prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+        self.uploaded: dict[str, tuple] = {}  # relative path -> the stat it was uploaded at
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _signature(stat: os.stat_result) -> tuple:
+        return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+    def restore(self) -> int:
+        """Copy every object under S3Uri into the folder; the number copied."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        count = 0
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for obj in page.get("Contents", []):
+                relative = obj["Key"][len(self.prefix):]
+                if not relative or relative.endswith("/"):
+                    continue
+                destination = self.folder / relative
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                body = self.s3.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"]
+                tmp = destination.with_name(destination.name + ".restoring")
+                with tmp.open("wb") as out:
+                    shutil.copyfileobj(body, out, 1 << 20)
+                tmp.replace(destination)
+                # What was just downloaded is not uploaded back unless the job changes it.
+                self.uploaded[relative] = self._signature(destination.stat())
+                count += 1
+        return count
+
+    def sync(self, final: bool = False) -> int:
+        """One pass: upload the files that are complete and new or changed; the number uploaded."""
+        with self.lock:
+            count = 0
+            for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
+                relative = path.relative_to(self.folder).as_posix()
+                if path.name.endswith(TEMPORARY_SUFFIX):
+                    continue
+                try:
+                    with path.open("rb") as handle:
+                        stat = os.fstat(handle.fileno())
+                        signature = self._signature(stat)
+                        complete = final or time.time_ns() - stat.st_mtime_ns >= self.quiet * 1e9
+                        if not complete or self.uploaded.get(relative) == signature:
+                            continue
+                        # The open handle keeps reading this version even if a rename replaces the file.
+                        self.s3.put_object(Bucket=self.bucket, Key=self.prefix + relative, Body=handle)
+                except FileNotFoundError:  # renamed or removed between the listing and the open
+                    continue
+                self.uploaded[relative] = signature
+                count += 1
+                self.log(f"checkpoint uploaded: {relative} -> s3://{self.bucket}/{self.prefix}{relative}")
+            return count
+
+    def _poll(self) -> None:
+        while not self.stopping.wait(self.interval):
+            try:
+                self.sync()
+            except Exception as exc:  # S3 unreachable for a moment: the next poll or the last pass retries
+                self.log(f"checkpoint upload failed, retrying: {type(exc).__name__}: {exc}")
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._poll, daemon=True, name=f"checkpoints-{self.folder}")
+        self.thread.start()
+
+    def finish(self) -> int:
+        """Stop polling and upload whatever is left."""
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join()
+        return self.sync(final=True)
+
+
 def prepare(job: dict, root: Path, s3) -> tuple[list[str], dict[str, str], Path]:
     """Lay out /opt/ml under `root`; return the command, its environment and its working folder."""
     hps = decode_hyperparameters(job.get("HyperParameters", {}))
@@ -109,6 +223,7 @@ def prepare(job: dict, root: Path, s3) -> tuple[list[str], dict[str, str], Path]
     (config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
     for folder in ("model", "output/data", "checkpoints"):
         (root / folder).mkdir(parents=True, exist_ok=True)
+    checkpoint_folder(job, root)  # a LocalPath the stand-in cannot place fails the job here
 
     user_hps = {k: v for k, v in hps.items() if not k.startswith(RESERVED_PREFIX)}
     env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
@@ -180,6 +295,12 @@ class CloudWatchLog:
         self.last = time.time()
 
 
+def _log_line(log_path: Path, line: str) -> None:
+    """A line of the stand-in's own in the job's job.log (not in CloudWatch: the script's output only)."""
+    with log_path.open("a") as log:
+        log.write(f"[standin] {line}\n")
+
+
 def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
             started_process: Callable[[subprocess.Popen], None] | None = None, logs=None,
             metrics_seen: Callable[[dict[str, list[float]]], None] | None = None) -> None:
@@ -193,26 +314,40 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
     except JobError as exc:
         update(status="Failed", secondary="Failed", message=str(exc), FailureReason=str(exc))
         return
+    checkpoints = None
+    if job.get("CheckpointConfig"):
+        checkpoints = CheckpointSync(s3, job["CheckpointConfig"]["S3Uri"], checkpoint_folder(job, root),
+                                     log=lambda line: _log_line(log_path, line))
+        restored = checkpoints.restore()
+        _log_line(log_path, f"checkpoints: {restored} file(s) restored from {job['CheckpointConfig']['S3Uri']}")
+        checkpoints.start()
     update(status="InProgress", secondary="Training", message="Training in progress (local process)")
     definitions = job.get("AlgorithmSpecification", {}).get("MetricDefinitions", [])
     metrics: dict[str, list[float]] = {}
     started = time.time()
     cloudwatch = CloudWatchLog(logs, job["TrainingJobName"]) if logs is not None else None
-    with log_path.open("a") as log:
-        proc = subprocess.Popen([python, *command], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        if started_process:
-            started_process(proc)
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if cloudwatch:
-                cloudwatch.write(line)
-            if parse_metrics(line, definitions, metrics) and metrics_seen:
-                metrics_seen(metrics)
-        code = proc.wait()
+    try:
+        with log_path.open("a") as log:
+            proc = subprocess.Popen([python, *command], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            if started_process:
+                started_process(proc)
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if cloudwatch:
+                    cloudwatch.write(line)
+                if parse_metrics(line, definitions, metrics) and metrics_seen:
+                    metrics_seen(metrics)
+            code = proc.wait()
+    except BaseException:
+        if checkpoints:  # no poller outlives its job
+            checkpoints.stopping.set()
+        raise
     if cloudwatch:
         cloudwatch.flush()
+    if checkpoints:  # completed, failed or stopped: SageMaker's last upload of the checkpoints
+        checkpoints.finish()
     seconds = int(time.time() - started)
     final = [{"MetricName": k, "Value": v[-1], "Timestamp": time.time()} for k, v in sorted(metrics.items())]
     if code < 0:  # killed by StopTrainingJob

@@ -469,3 +469,29 @@ def test_the_providers_tuning_model_and_endpoint_operators(standin, job_inputs, 
     answer = LambdaInvokeFunctionOperator(task_id="invoke", function_name="op-fn",
                                           payload=json.dumps({"n": 41})).execute(context={})
     assert json.loads(answer)["n"] == 42
+
+
+def test_checkpoint_sync_restores_uploads_complete_files_and_keeps_deleted_ones(s3, bucket, tmp_path):
+    from standin.sagemaker.training import CheckpointSync
+
+    s3.put_object(Bucket=bucket, Key="checkpoints/job/checkpoint.pth", Body=b"epoch 1")
+    s3.put_object(Bucket=bucket, Key="checkpoints/job-other/checkpoint.pth", Body=b"not this job's")
+    folder = tmp_path / "checkpoints"
+    sync = CheckpointSync(s3, f"s3://{bucket}/checkpoints/job", folder, quiet=0.2, log=lambda line: None)
+    assert sync.restore() == 1  # the S3Uri is a folder: checkpoints/job-other is not under it
+    assert (folder / "checkpoint.pth").read_bytes() == b"epoch 1"
+    assert sync.sync(final=True) == 0  # what was restored is not sent back
+
+    (folder / "checkpoint.pth.tmp").write_bytes(b"half-writ")  # an atomic write under way
+    (folder / "sub").mkdir()
+    (folder / "sub" / "notes.txt").write_text("just written")
+    assert sync.sync() == 0  # written this instant: not complete yet
+    time.sleep(0.3)
+    assert sync.sync() == 1  # sub/notes.txt; never the .tmp
+    (folder / "checkpoint.pth.tmp").write_bytes(b"epoch 2")
+    (folder / "checkpoint.pth.tmp").replace(folder / "checkpoint.pth")
+    (folder / "sub" / "notes.txt").unlink()
+    assert sync.sync(final=True) == 1
+    keys = {o["Key"]: o for o in s3.list_objects_v2(Bucket=bucket, Prefix="checkpoints/job/")["Contents"]}
+    assert set(keys) == {"checkpoints/job/checkpoint.pth", "checkpoints/job/sub/notes.txt"}  # deletions stay
+    assert s3.get_object(Bucket=bucket, Key="checkpoints/job/checkpoint.pth")["Body"].read() == b"epoch 2"
