@@ -3,12 +3,18 @@
 `POST /count` on the stand-in's port becomes the event API Gateway sends (payload format 1.0),
 the function runs through the Lambda stand-in, and its proxy response becomes the HTTP answer,
 as on AWS:
+- a body over the REST API's 10 MB is refused first, as API Gateway's front end refuses it: 413,
+  "HTTP content length exceeded 10485760 bytes." as text;
 - an API key in `x-api-key` is required when one is configured (`--api-key`); without it: 403
   {"message": "Forbidden"};
 - binary media types (images) arrive base64-encoded with `isBase64Encoded: true`;
 - requests beyond the concurrency limit get 429 {"message": "Too Many Requests"} at once;
-- a body over 10 MB gets 413; a function that fails or answers something that is not a proxy
-  response gets 502 {"message": "Internal server error"}.
+- an event Lambda refuses as too large (RequestEntityTooLargeException: a body under 10 MB whose
+  event, base64 and all, is over Lambda's 6 MB) gets 413 {"message": "Request Too Long"};
+- a function that fails (a response over Lambda's limit included) or answers something that is not a
+  proxy response gets 502 {"message": "Internal server error"}; one that has not answered after the
+  integration timeout (29 s) gets 504 {"message": "Endpoint request timed out"}.
+The limits and where they come from are below and in standin/README.md ("Limits").
 """
 
 from __future__ import annotations
@@ -20,12 +26,22 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
+from standin.awslambda.exceptions import RequestEntityTooLargeException
 from standin.awslambda.models import LambdaBackend
 from standin.core import Answer, AwsError
 
 ROUTE = "/count"
 BINARY_MEDIA_TYPES = ("image/jpeg", "image/png", "application/x-image", "application/octet-stream")
-MAX_PAYLOAD = 10 * 1024 * 1024  # API Gateway's limit
+# API Gateway's REST API quotas (https://docs.aws.amazon.com/apigateway/latest/developerguide/
+# api-gateway-execution-service-limits-table.html): "Payload size: 10 MB", not adjustable, which is
+# 10 MiB: a larger body gets 413 "HTTP content length exceeded 10485760 bytes." as text, and an event
+# over Lambda's limit 413 {"message": "Request Too Long"} (both seen on a REST API with a Lambda proxy
+# integration: koki-develop/lgtm-generator#10); the latter is the REQUEST_TOO_LARGE gateway response
+# (413), which the template's DEFAULT_4XX gives the CORS header. "Integration timeout: 50 milliseconds
+# - 29 seconds" for Lambda proxy integrations too (Regional APIs may ask for more since June 2024),
+# after which API Gateway answers 504 itself, the function still running.
+MAX_PAYLOAD = 10 * 1024 * 1024
+INTEGRATION_TIMEOUT_S = 29.0
 
 
 @dataclass
@@ -35,6 +51,7 @@ class Gateway:
     api_key: str | None = None
     stage: str = "local"
     max_in_flight: int = 8
+    integration_timeout_s: float = INTEGRATION_TIMEOUT_S
     _in_flight: threading.BoundedSemaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -60,18 +77,22 @@ class Gateway:
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
         """(status, headers, body) of the HTTP answer."""
+        if len(body) > MAX_PAYLOAD:
+            return 413, {"Content-Type": "text; charset=utf-8"}, \
+                f"HTTP content length exceeded {MAX_PAYLOAD} bytes.".encode()
         lowered = {k.lower(): v for k, v in headers.items()}
         if self.api_key and lowered.get("x-api-key") != self.api_key:
             return self._message(403, "Forbidden")
-        if len(body) > MAX_PAYLOAD:
-            return self._message(413, "Request Too Long")
         if not self._in_flight.acquire(blocking=False):
             return self._message(429, "Too Many Requests")
         try:
             event = self.event(method, path, headers, body)
-            status, payload, response_headers = self.lambdas.invoke(self.function, json.dumps(event).encode(),
-                                                                    "RequestResponse")
-        except AwsError:  # no such function, a payload Lambda refuses: API Gateway answers 502
+            status, payload, response_headers = self._invoke(json.dumps(event).encode())
+        except RequestEntityTooLargeException:  # the event is over Lambda's limit
+            return self._message(413, "Request Too Long", {"x-amzn-ErrorType": "BadRequestException"})
+        except TimeoutError:
+            return self._message(504, "Endpoint request timed out")
+        except AwsError:  # no such function: API Gateway answers 502
             return self._message(502, "Internal server error")
         finally:
             self._in_flight.release()
@@ -85,6 +106,27 @@ class Gateway:
         except (ValueError, KeyError, TypeError, AttributeError):
             return self._message(502, "Internal server error")
 
+    def _invoke(self, event: bytes) -> tuple[int, bytes, dict]:
+        """The function's answer to the event (Lambda's Invoke, RequestResponse), or TimeoutError after
+        the integration timeout; the function goes on running then, as on AWS."""
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["answer"] = self.lambdas.invoke(self.function, event, "RequestResponse")
+            except Exception as exc:  # handed to the request's thread below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=run, name="gateway-integration", daemon=True)
+        worker.start()
+        worker.join(self.integration_timeout_s)
+        if worker.is_alive():
+            raise TimeoutError
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["answer"]
+
     @staticmethod
-    def _message(status: int, message: str) -> Answer:
-        return status, {"Content-Type": "application/json"}, json.dumps({"message": message}).encode()
+    def _message(status: int, message: str, headers: dict[str, str] | None = None) -> Answer:
+        body = json.dumps({"message": message}).encode()
+        return status, {"Content-Type": "application/json", **(headers or {})}, body

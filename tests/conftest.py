@@ -43,6 +43,27 @@ def png_claiming_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def png_padded_to(size: int, count: int = 1, seed: int = 0) -> bytes:
+    """A small generated bin photo as a PNG of exactly `size` bytes: a private ancillary chunk before
+    IEND carries the padding, so the file stays intact and decodes as the small image it is."""
+    data = make_bin_image(count, seed, fmt="PNG")
+    pad = size - len(data) - 12  # a chunk's length, type and CRC
+    if pad < 0:
+        raise ValueError(f"a PNG of {size} bytes is smaller than the image ({len(data)} bytes)")
+    body = b"paDd" + bytes(pad)
+    chunk = struct.pack(">I", pad) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    return data[:-12] + chunk + data[-12:]
+
+
+def json_of_images(count: int, size: int) -> bytes:
+    """Compact {"images": [...]} of `count` generated PNGs, padded with trailing spaces to `size` bytes."""
+    per_image = (size - 13 - 3 * count) // count // 4 * 3  # raw bytes whose base64 fills the share
+    images = [base64.b64encode(png_padded_to(per_image, i % 3, i)).decode() for i in range(count)]
+    document = json.dumps({"images": images}, separators=(",", ":")).encode()
+    assert size - 64 <= len(document) <= size
+    return document + b" " * (size - len(document))
+
+
 def gif_bytes() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="GIF")

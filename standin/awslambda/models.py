@@ -8,7 +8,8 @@ Lambda, an environment imports the function once and stays warm for the next inv
 invocations get environments of their own; a new code or configuration revision gets new ones; an
 environment that failed, timed out or ran out of memory is thrown away. A handler that raises, times
 out or runs out of memory answers 200 with `X-Amz-Function-Error: Unhandled` and the error payload,
-as Lambda does.
+as Lambda does. Payloads keep Lambda's limits (`exceptions`): a request above them is refused before
+the function runs, a response above them is the function's error.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ from pathlib import Path
 
 from standin.aws_calls import role_environment
 from standin.awslambda.exceptions import (
+    MAX_REQUEST_PAYLOAD_BYTES,
+    MAX_RESPONSE_PAYLOAD_BYTES,
+    RESPONSE_TOO_LARGE,
     InvalidParameterValueException,
     InvalidRequestContentException,
+    RequestEntityTooLargeException,
     ResourceConflictException,
     ResourceNotFoundException,
 )
@@ -175,6 +180,8 @@ class LambdaBackend:
         config = self._config(name)
         if invocation_type == "DryRun":
             return 204, b"", {}
+        if len(payload) >= MAX_REQUEST_PAYLOAD_BYTES:  # before the function runs: it never sees the event
+            raise RequestEntityTooLargeException.for_invoke()
         try:
             json.loads(payload or b"{}")
         except json.JSONDecodeError as exc:
@@ -199,8 +206,13 @@ class LambdaBackend:
             environment.stop()
             return 200, json.dumps(answer["error"]).encode(), {"X-Amz-Function-Error": "Unhandled",
                                                                 "X-Amz-Executed-Version": "$LATEST"}
+        result = json.dumps(answer["result"]).encode()
+        if len(result) > MAX_RESPONSE_PAYLOAD_BYTES:  # the runtime cannot hand it over, and exits
+            environment.stop()
+            return 200, json.dumps(RESPONSE_TOO_LARGE).encode(), {"X-Amz-Function-Error": "Unhandled",
+                                                                  "X-Amz-Executed-Version": "$LATEST"}
         self._release(name, environment)
-        return 200, json.dumps(answer["result"]).encode(), {"X-Amz-Executed-Version": "$LATEST"}
+        return 200, result, {"X-Amz-Executed-Version": "$LATEST"}
 
     def _environment(self, name: str, config: dict) -> ExecutionEnvironment:
         """A warm environment of the function's current revision, or a new one (a cold start)."""

@@ -7,6 +7,18 @@ from __future__ import annotations
 
 from standin.core import AwsError
 
+# SageMaker Runtime InvokeEndpoint's largest request body for a real-time endpoint: 6 MB, which is
+# 6 MiB: botocore's sagemaker-runtime service model (which the API reference is generated from) gives
+# InvokeEndpoint's Body (BodyBlob) "max": 6291456, and AWS's support answers cite the 6 MB limit
+# (re:Post, "...received client error 413 from primary..."); serverless endpoints take 4 MB
+# (docs.aws.amazon.com/sagemaker/latest/dg/serverless-endpoints-invoke.html). boto3 does not check it
+# (botocore validates only minimums), so the service refuses the body: 400 ValidationError, "Request
+# <request id> has oversize body." (aws/sagemaker-python-sdk#4271, a serverless endpoint over its 4 MB). In front of
+# real-time endpoints in 2018, at the old 5 MB limit, an HTTP 413 without an error code was reported
+# ("HTTP content length exceeded 5246976 bytes.", aws/sagemaker-python-sdk#171); the stand-in answers
+# SageMaker Runtime's own, modelled error at the documented limit, which is at least as strict.
+MAX_INVOKE_BODY_BYTES = 6 * 1024 * 1024
+
 
 class ValidationException(AwsError):
     """A bad request, and also a name that does not exist: SageMaker answers this there, not the
@@ -20,6 +32,18 @@ class ResourceInUse(AwsError):
     gets ValidationException)."""
 
     code = "ResourceInUse"
+
+
+class RuntimeValidationError(AwsError):
+    """SageMaker Runtime's bad request: its service model names it ValidationError (the SageMaker API's
+    is ValidationException)."""
+
+    code = "ValidationError"
+
+    @classmethod
+    def oversize_body(cls, request_id: str) -> RuntimeValidationError:
+        """An InvokeEndpoint body above MAX_INVOKE_BODY_BYTES."""
+        return cls(f"Request {request_id} has oversize body.")
 
 
 class UnknownOperationException(AwsError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Mapping
 
 import botocore.session
@@ -19,7 +20,9 @@ from botocore.validate import ParamValidator
 from standin.aws_calls import CallLog, caller
 from standin.core import Answer, AwsError
 from standin.sagemaker.exceptions import (
+    MAX_INVOKE_BODY_BYTES,
     InternalFailure,
+    RuntimeValidationError,
     SerializationException,
     UnknownOperationException,
     ValidationException,
@@ -161,16 +164,22 @@ class SageMakerResponse:
         return handler(params)
 
     def invoke_endpoint(self, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
-        """SageMaker Runtime's InvokeEndpoint (REST-JSON): the model's answer as it came, or the error."""
+        """SageMaker Runtime's InvokeEndpoint (REST-JSON): the model's answer as it came, or the error.
+        A body above the service's limit is refused here, before the endpoint is looked up: no model
+        worker sees it, and it is no call of the endpoint's to authorise."""
         name = path.split("/")[2]
-        self.calls.record(caller(headers), [("sagemaker:InvokeEndpoint", arn("endpoint", name))], "standin")
+        request_id = str(uuid.uuid4())
         try:
+            if len(body) > MAX_INVOKE_BODY_BYTES:
+                raise RuntimeValidationError.oversize_body(request_id)
+            self.calls.record(caller(headers), [("sagemaker:InvokeEndpoint", arn("endpoint", name))], "standin")
             payload, content_type = self.backend.invoke(name, body, headers.get("Content-Type"),
                                                         headers.get("Accept"))
         except AwsError as exc:
-            return exc.status, {"x-amzn-ErrorType": exc.code, "Content-Type": "application/json"}, \
-                json.dumps(runtime_body(exc)).encode()
-        return 200, {"Content-Type": content_type, "x-Amzn-Invoked-Production-Variant": "AllTraffic"}, payload
+            return exc.status, {"x-amzn-ErrorType": exc.code, "Content-Type": "application/json",
+                                "x-amzn-RequestId": request_id}, json.dumps(runtime_body(exc)).encode()
+        return 200, {"Content-Type": content_type, "x-Amzn-Invoked-Production-Variant": "AllTraffic",
+                     "x-amzn-RequestId": request_id}, payload
 
     # -- any resource ---------------------------------------------------------------------------
     def op_ListTags(self, params: dict) -> dict:

@@ -22,8 +22,11 @@ from botocore.stub import Stubber
 from bin_counter.api_function import function_zip
 from bin_counter.retrain import code_archive
 from scripts import api_contract_table
+from standin.awslambda.exceptions import MAX_REQUEST_PAYLOAD_BYTES
+from standin.gateway import Gateway
+from standin.sagemaker.exceptions import MAX_INVOKE_BODY_BYTES
 from tests.airflow_side.conftest import lambda_handler
-from tests.conftest import REPO, REQUEST_FAULTS, make_bin_image
+from tests.conftest import REPO, REQUEST_FAULTS, json_of_images, make_bin_image, png_padded_to
 
 CONTRACT_FILE = REPO / "sagemaker_code" / "api_contract.json"
 CONTRACT = json.loads(CONTRACT_FILE.read_text())
@@ -190,6 +193,60 @@ def test_a_good_request_goes_to_the_model_once(api):
                        "Accept": "application/json"})
     status, answered, _ = answer(handler, event(JPEG, "image/png", queryStringParameters={"expected": "2"}))
     assert status == 200 and answered["count"] == 2 and answered["verdict"] == "match"
+
+
+# What API Gateway's event may carry on AWS beyond the local gateway's (its request context, and
+# headers and query string of up to 10240 bytes each, twice): lambda/README.md, "Request size".
+EVENT_MARGIN = 64 * 1024
+LIMITS = CONTRACT["limits"]
+
+
+def gateway_event(body: bytes, content_type: str) -> bytes:
+    """The event the local API gateway sends for a POST /count, as Lambda receives it."""
+    headers = {"Host": "api.example.com", "User-Agent": "bin-counter-client", "Accept": "*/*",
+               "Content-Type": content_type, "x-api-key": "k" * 40, "Content-Length": str(len(body))}
+    return json.dumps(Gateway(None).event("POST", "/count", headers, body)).encode()
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    (png_padded_to(LIMITS["max_image_bytes"]), "image/png"),
+    (json.dumps({"image": base64.b64encode(png_padded_to(LIMITS["max_image_bytes"])).decode()}).encode(),
+     "application/json"),
+    (json_of_images(LIMITS["max_images"], LIMITS["max_request_bytes"]), "application/json"),
+], ids=["the largest image", "the largest image as JSON", "the largest JSON of the most images"])
+def test_the_largest_requests_the_api_takes_fit_what_aws_takes(api, monkeypatch, body, content_type):
+    """Every request within our limits is one AWS lets through: its API Gateway event is under Lambda's
+    limit with the margin to spare, and what the function sends on is under InvokeEndpoint's. One byte
+    more is our 413, from the function, which AWS still lets reach it."""
+    handler, _ = api
+    forwarded = []
+
+    def invoke_endpoint(**params):
+        forwarded.append(len(params["Body"]))
+        single = params["ContentType"] != "application/json"
+        prediction = {"count": 1, "probabilities": [0.2, 0.8], "confidence": 0.8, "expected_count": 0.8}
+        answer = prediction if single else {"predictions": [prediction] * len(json.loads(params["Body"])["images"])}
+        data = json.dumps({**answer, "model_version": "m"}).encode()
+        return {"Body": StreamingBody(io.BytesIO(data), len(data))}
+
+    monkeypatch.setattr(handler._runtime, "invoke_endpoint", invoke_endpoint)
+    request = gateway_event(body, content_type)
+    assert len(request) + EVENT_MARGIN < MAX_REQUEST_PAYLOAD_BYTES
+    status, answered, _ = answer(handler, json.loads(request))
+    assert status == 200, answered
+    assert forwarded[-1] <= LIMITS["max_request_bytes"] + LIMITS["max_images"] < MAX_INVOKE_BODY_BYTES - EVENT_MARGIN
+
+    if content_type == "image/png":
+        bigger, what, limit = png_padded_to(len(body) + 1), "image 0", LIMITS["max_image_bytes"]
+    else:
+        limit = LIMITS["max_request_bytes"]
+        bigger, what = body + b" " * (limit + 1 - len(body)), "the request"
+    request = gateway_event(bigger, content_type)
+    assert len(request) + EVENT_MARGIN < MAX_REQUEST_PAYLOAD_BYTES
+    status, answered, _ = answer(handler, json.loads(request))
+    assert (status, answered["error"], answered["message"]) == (
+        413, "too_large", f"{what} is {len(bigger)} bytes; the limit is {limit}")
+    assert len(forwarded) == 1
 
 
 def test_without_an_endpoint_the_function_says_so(api, monkeypatch):

@@ -8,6 +8,8 @@ import base64
 import io
 import json
 import tarfile
+import urllib.error
+import urllib.request
 
 import boto3
 import pytest
@@ -24,11 +26,12 @@ from tests.airflow_side.conftest import (
     serving_endpoint,
     wait_endpoint,
 )
-from tests.conftest import make_bin_image, png_claiming_size
+from tests.conftest import REPO, json_of_images, make_bin_image, png_claiming_size, png_padded_to
 
 # That role may invoke the stack's one endpoint only (AWS would answer AccessDenied for any other), so
 # the functions pointed at other endpoints to see how the handler reports them run as another role.
 OTHER_ENDPOINTS_ROLE = "arn:aws:iam::000000000000:role/test-functions-for-other-endpoints"
+LIMITS = json.loads((REPO / "sagemaker_code" / "api_contract.json").read_text())["limits"]
 
 
 def rest_event(body: bytes | str, content_type: str | None, binary: bool = True, method: str = "POST",
@@ -126,6 +129,34 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
     assert status == 200 and body["model_version"] == "api-model", body
     status, body = post(other, API_KEY)  # sent as application/octet-stream
     assert (status, body["error"]) == (415, "unsupported_content_type")
+
+    # Sizes (lambda/README.md, "Request size"), through the gateway: a request at our limits is
+    # counted; one byte over them is our 413, from the function; an event over Lambda's limit (a 4.8 MB
+    # image is 6.4 MB of base64) is API Gateway's own 413, as on AWS.
+    def send(data: bytes, content_type: str) -> tuple[int, dict]:
+        request = urllib.request.Request(url, data=data, method="POST",  # noqa: S310 - loopback
+                                         headers={"Content-Type": content_type, "x-api-key": API_KEY})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    image_limit, request_limit = LIMITS["max_image_bytes"], LIMITS["max_request_bytes"]
+    status, body = send(png_padded_to(image_limit, 2, 5), "image/png")
+    assert status == 200 and body["model_version"] == "api-model", body
+    status, body = send(png_padded_to(image_limit + 1, 2, 5), "image/png")
+    assert (status, body["error"], body["message"]) == (
+        413, "too_large", f"image 0 is {image_limit + 1} bytes; the limit is {image_limit}")
+    status, body = send(png_padded_to(4_650_000), "image/png")  # over ours, and still AWS lets it through
+    assert (status, body["error"]) == (413, "too_large"), body
+    largest = json_of_images(2, request_limit)
+    status, body = send(largest, "application/json")
+    assert status == 200 and len(body["predictions"]) == 2, body
+    status, body = send(largest + b" ", "application/json")
+    assert (status, body["error"], body["message"]) == (
+        413, "too_large", f"the request is {request_limit + 1} bytes; the limit is {request_limit}")
+    assert send(png_padded_to(4_800_000), "image/png") == (413, {"message": "Request Too Long"})
 
 
 def test_the_cli_client_counts_a_folder_through_the_gateway(local_stack_connection, job_inputs, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import tarfile
 import time
@@ -16,8 +17,12 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
+from standin.awslambda.exceptions import MAX_REQUEST_PAYLOAD_BYTES, MAX_RESPONSE_PAYLOAD_BYTES
+from standin.gateway import INTEGRATION_TIMEOUT_S, MAX_PAYLOAD, Gateway
 from standin.launch import airflow_connection, start_standin
+from standin.sagemaker.exceptions import MAX_INVOKE_BODY_BYTES
 from tests.airflow_side.conftest import (
+    API_KEY,
     CONTAINER_PYTHON,
     deployed_model,
     job_config,
@@ -330,6 +335,100 @@ def test_lambda_functions_are_created_invoked_and_updated(standin, aws_connectio
     with pytest.raises(ClientError) as caught:
         aws_lambda.invoke(FunctionName="counter-api", Payload=b"{}")
     assert caught.value.response["Error"]["Code"] == "ResourceNotFoundException"
+
+
+ECHO_HANDLER = """
+import json
+
+def handle(event, context):
+    if "huge" in event:  # invoked directly: an answer of that many characters, quotes included
+        return "x" * (event["huge"] - 2)
+    if "pad" in event:
+        return len(event["pad"])
+    query = event.get("queryStringParameters") or {}
+    body = "x" * int(query["huge"]) if "huge" in query else json.dumps({"event_body": len(event["body"] or "")})
+    return {"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": body}
+"""
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - loopback
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def test_payloads_over_aws_limits_are_refused_as_aws_refuses_them(standin, aws_connection):
+    """The stand-in keeps SageMaker Runtime's, Lambda's and API Gateway's payload limits, with their
+    answers (standin/README.md, "Limits")."""
+    # InvokeEndpoint: a body over 6 MiB is a ValidationError before any endpoint is looked up; one of
+    # exactly 6 MiB reaches the lookup (there is no such endpoint).
+    runtime = boto3.client("sagemaker-runtime", endpoint_url=standin["endpoint"], region_name="us-east-1")
+    with pytest.raises(ClientError) as caught:
+        runtime.invoke_endpoint(EndpointName="nowhere", Body=bytes(MAX_INVOKE_BODY_BYTES + 1), ContentType="image/png")
+    error = caught.value.response
+    assert (error["ResponseMetadata"]["HTTPStatusCode"], error["Error"]["Code"]) == (400, "ValidationError")
+    assert re.fullmatch(r"Request [0-9a-f-]{36} has oversize body\.", error["Error"]["Message"])
+    with pytest.raises(ClientError) as caught:
+        runtime.invoke_endpoint(EndpointName="nowhere", Body=bytes(MAX_INVOKE_BODY_BYTES), ContentType="image/png")
+    assert "oversize" not in caught.value.response["Error"]["Message"]
+
+    # Lambda: a request payload of 6 MiB is refused before the function runs, one byte less runs; a
+    # response over 6 MiB + 100 bytes is the function's error.
+    aws_lambda = boto3.client("lambda", endpoint_url=standin["endpoint"], region_name="us-east-1")
+    aws_lambda.create_function(FunctionName="bin-counter-api", Runtime="python3.12", Handler="handler.handle",
+                               Role="arn:aws:iam::000000000000:role/local", Code={"ZipFile": zipped(ECHO_HANDLER)},
+                               MemorySize=256, Timeout=20)
+
+    def padded(size: int) -> bytes:
+        return b'{"pad": "' + b"x" * (size - 11) + b'"}'
+
+    with pytest.raises(ClientError) as caught:
+        aws_lambda.invoke(FunctionName="bin-counter-api", Payload=padded(MAX_REQUEST_PAYLOAD_BYTES))
+    error = caught.value.response
+    assert (error["ResponseMetadata"]["HTTPStatusCode"], error["Error"]["Code"]) == (413,
+                                                                                     "RequestEntityTooLargeException")
+    assert error["Error"]["Message"] == "Request must be smaller than 6291456 bytes for the InvokeFunction operation"
+    answer = aws_lambda.invoke(FunctionName="bin-counter-api", Payload=padded(MAX_REQUEST_PAYLOAD_BYTES - 1))
+    assert "FunctionError" not in answer and json.loads(answer["Payload"].read()) == MAX_REQUEST_PAYLOAD_BYTES - 12
+    largest = aws_lambda.invoke(FunctionName="bin-counter-api",
+                                Payload=json.dumps({"huge": MAX_RESPONSE_PAYLOAD_BYTES}))
+    assert "FunctionError" not in largest and len(largest["Payload"].read()) == MAX_RESPONSE_PAYLOAD_BYTES == 6291556
+    too_large = aws_lambda.invoke(FunctionName="bin-counter-api",
+                                  Payload=json.dumps({"huge": MAX_RESPONSE_PAYLOAD_BYTES + 1}))
+    assert too_large["StatusCode"] == 200 and too_large["FunctionError"] == "Unhandled"
+    assert json.loads(too_large["Payload"].read()) == {
+        "errorMessage": "Response payload size exceeded maximum allowed payload size (6291556 bytes).",
+        "errorType": "Function.ResponseSizeTooLarge"}
+
+    # The local API Gateway: over 10 MiB refused at the door (before the key is looked at); an event
+    # over Lambda's limit (a 4.8 MB image is 6.4 MB of base64) is API Gateway's 413, one that fits
+    # reaches the function; a response over Lambda's limit is a 502.
+    url = f"{standin['endpoint']}/count"
+    status, headers, body = post(url, bytes(MAX_PAYLOAD + 1), {"Content-Type": "image/png"})
+    assert (status, body) == (413, b"HTTP content length exceeded 10485760 bytes.")
+    assert headers["Content-Type"].startswith("text")
+    keyed = {"Content-Type": "image/png", "x-api-key": API_KEY}
+    status, headers, body = post(url, bytes(4_800_000), keyed)
+    assert (status, json.loads(body)) == (413, {"message": "Request Too Long"})
+    status, _, body = post(url, bytes(4_700_000), keyed)
+    assert (status, json.loads(body)) == (200, {"event_body": 4 * -(-4_700_000 // 3)})
+    status, _, body = post(f"{url}?huge={MAX_RESPONSE_PAYLOAD_BYTES}", b"\x89PNG", keyed)
+    assert (status, json.loads(body)) == (502, {"message": "Internal server error"})
+
+
+def test_the_gateway_answers_504_after_the_integration_timeout():
+    class SlowFunction:
+        def invoke(self, name: str, payload: bytes, invocation_type: str) -> tuple[int, bytes, dict]:
+            time.sleep(1)
+            return 200, json.dumps({"statusCode": 200, "body": "late"}).encode(), {}
+
+    gateway = Gateway(SlowFunction(), integration_timeout_s=0.2)
+    status, _, body = gateway.handle("POST", "/count", {"Content-Type": "image/png"}, b"\x89PNG")
+    assert (status, json.loads(body)) == (504, {"message": "Endpoint request timed out"})
+    assert INTEGRATION_TIMEOUT_S == 29
 
 
 def test_two_jobs_at_once(standin, job_inputs, aws_connection):
