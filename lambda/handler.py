@@ -146,7 +146,8 @@ def invoke(images: list[bytes], single: bool) -> dict:
             raise ApiError("api_misconfigured") from exc
         if code in ("ThrottlingException", "TooManyRequestsException"):
             raise ApiError("throttled") from exc
-        if code == "ValidationException" or code in ("ServiceUnavailable", "ModelNotReadyException"):
+        # ValidationError: SageMaker Runtime's answer for an endpoint that does not exist or is not in service.
+        if code in ("ValidationError", "ServiceUnavailable", "ModelNotReadyException"):
             raise ApiError("endpoint_unavailable") from exc
         raise ApiError("model_error") from exc
     except (ReadTimeoutError, ConnectTimeoutError) as exc:

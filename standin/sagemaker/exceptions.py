@@ -1,7 +1,7 @@
 """SageMaker's errors as AWS sends them: each code with its HTTP status, and the body that carries it
-in each protocol (AWS JSON 1.1 for the SageMaker API, REST-JSON for SageMaker Runtime). The same
-error can travel either way: InvokeEndpoint on a name that does not exist answers the API's
-ValidationException in Runtime's shape."""
+in each protocol (AWS JSON 1.1 for the SageMaker API, REST-JSON for SageMaker Runtime). The two
+services name a bad request differently: the API's ValidationException, Runtime's ValidationError
+(InvokeEndpoint on a missing endpoint: "Endpoint <name> of account <id> not found.")."""
 
 from __future__ import annotations
 

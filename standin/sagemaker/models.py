@@ -31,6 +31,7 @@ from standin.sagemaker.exceptions import (
     ModelError,
     ModelNotReadyException,
     ResourceInUse,
+    RuntimeValidationError,
     ServiceUnavailable,
     ThrottlingException,
     ValidationException,
@@ -371,9 +372,14 @@ class SageMakerBackend:
     def invoke(self, name: str, body: bytes, content_type: str | None, accept: str | None) -> tuple[bytes, str]:
         """SageMaker Runtime InvokeEndpoint: the model server's answer and its content type, or its
         error as ModelError."""
-        endpoint = self.store.get("endpoint", name)
+        # SageMaker Runtime's own error for an endpoint it cannot invoke (its service model's
+        # ValidationError, not the SageMaker API's ValidationException), with AWS's message for a missing one.
+        try:
+            endpoint = self.store.get("endpoint", name)
+        except ValidationException as exc:
+            raise RuntimeValidationError(f"Endpoint {name} of account {ACCOUNT} not found.") from exc
         if endpoint["EndpointStatus"] not in ("InService", "Updating"):
-            raise ValidationException(f"Endpoint {name} is {endpoint['EndpointStatus']}, not InService.")
+            raise RuntimeValidationError(f"Endpoint {name} is {endpoint['EndpointStatus']}, not InService.")
         if not self.invoke_limit.take(name):
             raise ThrottlingException("Rate exceeded")
         try:

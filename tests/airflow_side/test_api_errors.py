@@ -149,7 +149,7 @@ def test_a_model_answer_the_function_cannot_read_is_not_passed_on(api, status, b
 @pytest.mark.parametrize(("aws_code", "aws_status", "code"), [
     ("AccessDeniedException", 400, "api_misconfigured"),
     ("ThrottlingException", 400, "throttled"),
-    ("ValidationException", 400, "endpoint_unavailable"),
+    ("ValidationError", 400, "endpoint_unavailable"),
     ("ModelNotReadyException", 424, "endpoint_unavailable"),
     ("InternalFailure", 500, "model_error"),
 ])

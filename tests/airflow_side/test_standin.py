@@ -373,7 +373,9 @@ def test_payloads_over_aws_limits_are_refused_as_aws_refuses_them(standin, aws_c
     assert re.fullmatch(r"Request [0-9a-f-]{36} has oversize body\.", error["Error"]["Message"])
     with pytest.raises(ClientError) as caught:
         runtime.invoke_endpoint(EndpointName="nowhere", Body=bytes(MAX_INVOKE_BODY_BYTES), ContentType="image/png")
-    assert "oversize" not in caught.value.response["Error"]["Message"]
+    # ... where a missing endpoint is Runtime's ValidationError too, with AWS's message.
+    assert caught.value.response["Error"] == {"Code": "ValidationError",
+                                              "Message": "Endpoint nowhere of account 000000000000 not found."}
 
     # Lambda: a request payload of 6 MiB is refused before the function runs, one byte less runs; a
     # response over 6 MiB + 100 bytes is the function's error.
