@@ -1,7 +1,8 @@
 """The stand-in's costs: overhead per training job, an endpoint worker's peak memory, and
 InvokeEndpoint latency against calling inference.py's handlers in-process, side by side.
 
-  PYTHONPATH=plugins .venv/bin/python -m bench.standin_overhead --abid ../shared/abid [--requests 200]
+  PYTHONPATH=plugins .venv/bin/python -m bench.standin_overhead --abid ../shared/abid [--requests 200] \
+      [--container-python <another container env>/bin/python]
 
 Starts a moto server and the stand-in on loopback; trains a small real model (60 bin photos,
 96 px, 1 epoch) through CreateTrainingJob, deploys it, then times one-image requests.
@@ -55,7 +56,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--abid", default=str(ROOT.parent / "shared" / "abid"), help="local ABID mirror")
     parser.add_argument("--requests", type=int, default=200, help="one-image requests per side")
+    parser.add_argument("--container-python", type=Path, default=CONTAINER_PYTHON,
+                        help="the container side's Python, for jobs and the endpoint (default: .venv-container's)")
     args = parser.parse_args()
+    container_python = args.container_python
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     moto, moto_endpoint = start_moto()
@@ -63,7 +67,7 @@ def main() -> None:
                  "sagemaker.amazonaws.com")
     state = ROOT / "build" / "bench-standin"
     subprocess.run(["rm", "-rf", str(state)], check=True)
-    standin, endpoint = start_standin(state, moto_endpoint, CONTAINER_PYTHON)
+    standin, endpoint = start_standin(state, moto_endpoint, container_python)
     try:
         s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
         s3.create_bucket(Bucket="bench")
@@ -118,11 +122,12 @@ def main() -> None:
                                     check=False).stdout.split()
         if worker_pid:
             status = Path(f"/proc/{worker_pid[0]}/status").read_text()
-            peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
-            results["worker_peak_rss_mb"] = round(peak_kb / 1024, 1)
+            fields = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith("Vm")}
+            results["worker_peak_rss_mb"] = round(fields["VmHWM"] / 1024, 1)
+            results["worker_rss_mb"] = round(fields["VmRSS"] / 1024, 1)
 
         model_dir = next((state / "endpoint-workers" / "e").glob("m-*[0-9]"))
-        proc = subprocess.run([str(CONTAINER_PYTHON), "-c", IN_PROCESS, str(model_dir), str(image_path),
+        proc = subprocess.run([str(container_python), "-c", IN_PROCESS, str(model_dir), str(image_path),
                                str(args.requests)], capture_output=True, text=True, check=True)
         results["in_process_handlers"] = percentiles(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(results))

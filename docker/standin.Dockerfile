@@ -1,7 +1,9 @@
 # The local stand-in for SageMaker and Lambda, with what SageMaker's PyTorch images provide at the
 # framework in sagemaker_code/framework.json (torch 2.6.0, torchvision 0.21.0, Pillow, on Python 3.12,
-# the images' py312) plus the offline ImageNet weights, so training jobs and endpoints really run
-# train.py and inference.py; plus boto3 for the stand-in itself and the Lambda handler.
+# the images' py312) and the inference image's serving code (sagemaker-pytorch-inference 2.0.25, which
+# endpoints serve through), plus the offline ImageNet weights, so training jobs and endpoints really run
+# train.py and inference.py; plus the Airflow side's boto3 for the stand-in itself and the Lambda
+# handler (the toolkit's lock pulls a newer one; the stand-in validates against this one's models).
 FROM python:3.12-slim
 
 WORKDIR /opt/bin-counter

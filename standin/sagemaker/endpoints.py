@@ -7,6 +7,7 @@ fails to load leaves the old one serving.
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import tarfile
 import threading
@@ -40,9 +41,11 @@ class EndpointHost:
         self.retiring: list[Worker] = []  # replaced by an update, finishing their requests
         self.lock = threading.Lock()
 
-    def start(self, endpoint: str, config_name: str, model_data_url: str, role_arn: str) -> Worker:
+    def start(self, endpoint: str, config_name: str, model_data_url: str, role_arn: str,
+              environment: dict[str, str] | None = None) -> Worker:
         """Download and extract the model (with the model's execution role, as SageMaker does), start a
-        worker, wait until it answers /ping."""
+        worker with the model container's `Environment` (SAGEMAKER_PROGRAM, ...), wait until it
+        answers /ping."""
         bucket, _, key = model_data_url[5:].partition("/")
         model_dir = self.root / endpoint / f"{config_name}-{int(time.time() * 1000)}"
         model_dir.mkdir(parents=True)
@@ -57,9 +60,12 @@ class EndpointHost:
             raise WorkerFailed(f"{model_data_url} is not a model.tar.gz: {exc}") from exc
         port = free_port()
         log_path = model_dir.with_suffix(".log")
+        # The image's torchserve.py puts the model's code/ on PYTHONPATH before TorchServe starts; `-P`
+        # keeps this folder (the worker script's) off the path, so the model's modules are found first.
+        env = {**os.environ, **(environment or {}), "PYTHONPATH": str(model_dir / "code")}
         with log_path.open("w") as log:
-            process = subprocess.Popen([self.python, str(WORKER), "--model-dir", str(model_dir), "--port", str(port)],
-                                       stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen([self.python, "-P", str(WORKER), "--model-dir", str(model_dir),
+                                        "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + self.load_timeout
         while time.time() < deadline:
             if process.poll() is not None:

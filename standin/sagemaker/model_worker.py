@@ -1,96 +1,251 @@
-"""A model server with the SageMaker PyTorch inference container's contract, run in the
-container-side environment: `GET /ping`, `POST /invocations`, the model's `code/inference.py`
-loaded through its four handlers.
+"""A model server for one endpoint, in the container-side environment: `GET /ping` and
+`POST /invocations` as SageMaker's PyTorch inference image answers them, through that image's own
+code, the inference toolkit (sagemaker-pytorch-inference 2.0.25, which bundles sagemaker_inference).
 
-  .venv-container/bin/python standin/sagemaker/model_worker.py --model-dir <extracted model.tar.gz> --port 8080
+  PYTHONPATH=<model dir>/code .venv-container/bin/python -P standin/sagemaker/model_worker.py \\
+      --model-dir <extracted model.tar.gz> --port 8080
 
-Errors are answered as the inference toolkit's `Transformer.handle_error` answers them (this part is
-our imitation of sagemaker-inference, not the toolkit itself): a `BaseInferenceToolkitError` with its
-`status_code`, its `phrase` (line breaks removed) as the reason line and `message + "\n" + traceback`
-as the body, no Content-Type; any other error as status 500 with `str(error) + "\n" + traceback`.
-The process never exits because of a request.
+What is AWS's code: `sagemaker_pytorch_serving_container.handler_service.HandlerService`, the
+`DefaultHandlerService` around `Transformer(default_inference_handler=DefaultPytorchInferenceHandler())`.
+It finds the model's module (`SAGEMAKER_PROGRAM`, default inference.py, on the path through
+PYTHONPATH as the image's torchserve.py sets it), loads the model with `model_fn`, and answers every
+request with `Transformer.transform(data, context)`: content type and Accept from the request's
+headers, UTF-8 types decoded to text, input_fn / predict_fn / output_fn, and a handler's error through
+`Transformer.handle_error` (its status, its phrase as the reason line, `message + "\\n" + traceback`).
+
+What is ours, in place of TorchServe (whose Java front end the image runs): the HTTP front and the
+`Context` the toolkit is handed, the shape of TorchServe 0.12.0's `ts.context.Context` and
+`RequestProcessor`, filled as TorchServe's `Service.retrieve_data_for_inference` fills it; and the
+answer built from it as `create_predict_response` and the front end's `RestJob` build it: the status
+and phrase the toolkit set (an empty phrase on success, as TorchServe sends it), its content type
+(none on an error), the body as the toolkit returned it (text as UTF-8, other objects as indented
+JSON), TorchServe's cache headers and `x-request-id`, and `{"status": "Healthy"}` on `/ping`.
+One request at a time, as one TorchServe backend worker serves them. The process never exits
+because of a request.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import io
+import json
+import logging
+import os
 import sys
-import traceback
+import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-UTF8_TYPES = ("application/json", "text/csv")  # sagemaker_inference.content_types.UTF8_TYPES
+from sagemaker_pytorch_serving_container.handler_service import HandlerService
+
+MODEL_NAME = "model"  # the image's torchserve.py starts TorchServe with `--models model=/opt/ml/model`
+TS_VERSION = "0.12.0"  # the TorchServe of AWS's PyTorch 2.6.0 inference image
+# Every answer of TorchServe's front end (NettyUtils.sendHttpResponse) carries these.
+CACHE_HEADERS = (("Pragma", "no-cache"), ("Cache-Control", "no-cache; no-store, must-revalidate, private"),
+                 ("Expires", "Thu, 01 Jan 1970 00:00:00 UTC"))
+
+logger = logging.getLogger(__name__)
 
 
-def load_handlers(model_dir: Path):
-    sys.path.insert(0, str(model_dir / "code"))
-    module = importlib.import_module("inference")
-    model = module.model_fn(str(model_dir))
-    return module, model
+class RequestProcessor:
+    """TorchServe 0.12.0's ts.context.RequestProcessor: one request's headers and its answer's
+    status, phrase and headers."""
+
+    def __init__(self, request_header: dict) -> None:
+        self._status_code = 200
+        self._reason_phrase = None
+        self._response_header: dict[str, str] = {}
+        self._request_header = request_header
+
+    def get_request_property(self, key: str):
+        return self._request_header.get(key)
+
+    def report_status(self, code, reason_phrase=None) -> None:
+        self._status_code = code
+        self._reason_phrase = reason_phrase
+
+    def get_response_status_code(self) -> int:
+        return self._status_code
+
+    def get_response_status_phrase(self):
+        return self._reason_phrase
+
+    def add_response_property(self, key: str, value: str) -> None:
+        self._response_header[key] = value
+
+    def get_response_headers(self) -> dict:
+        return self._response_header
+
+    def get_response_header(self, key: str):
+        return self._response_header.get(key)
+
+    def get_request_properties(self) -> dict:
+        return self._request_header
 
 
-def toolkit_error(exc: BaseException) -> bool:
-    """Whether the toolkit would answer `exc` with its own status: a BaseInferenceToolkitError, the
-    toolkit's class or, where the toolkit is not installed, a class of that name with its contract."""
+class Context:
+    """TorchServe 0.12.0's ts.context.Context, the part a handler service reads and writes: the
+    model's system properties, the batch's request processors, the answers' status and headers."""
+
+    def __init__(self, model_name: str, model_dir: str, manifest: dict | None, batch_size: int, gpu: int | None,
+                 mms_version: str, limit_max_image_pixels: bool = True) -> None:
+        self.model_name = model_name
+        self.manifest = manifest
+        self._system_properties = {"model_dir": model_dir, "gpu_id": gpu, "batch_size": batch_size,
+                                   "server_name": "MMS", "server_version": mms_version,
+                                   "limit_max_image_pixels": limit_max_image_pixels}
+        self.request_ids = None
+        self.request_processor = None
+        self.metrics = None
+        self.model_yaml_config = {}
+        self.stopping_criteria = None
+
+    @property
+    def system_properties(self) -> dict:
+        return self._system_properties
+
+    def get_request_id(self, idx: int = 0):
+        return None if self.request_ids is None else self.request_ids.get(idx)
+
+    def get_request_header(self, idx: int, key: str):
+        return self.request_processor[idx].get_request_property(key)
+
+    def get_all_request_header(self, idx: int) -> dict:
+        return self.request_processor[idx].get_request_properties()
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.set_response_header(idx, "content-type", value)
+
+    def get_response_content_type(self, idx: int):
+        return self.get_response_headers(idx).get("content-type")
+
+    def get_response_status(self, idx: int):
+        return (self.request_processor[idx].get_response_status_code(),
+                self.request_processor[idx].get_response_status_phrase())
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        if self.request_processor is not None and self.request_processor[idx] is not None:
+            self.request_processor[idx].report_status(code, reason_phrase=phrase)
+
+    def set_all_response_status(self, code: int = 200, phrase: str = "") -> None:
+        for processor in self.request_processor:
+            processor.report_status(code, reason_phrase=phrase)
+
+    def get_response_headers(self, idx: int) -> dict:
+        return self.request_processor[idx].get_response_headers()
+
+    def set_response_header(self, idx, key, value) -> None:
+        self.request_processor[idx].add_response_property(key, value)
+
+
+def load(model_dir: str) -> tuple[HandlerService, Context]:
+    """The image's handler service, initialised as TorchServe initialises it when the model loads:
+    the user module found and `model_fn(model_dir)` run. A model that fails to load raises."""
+    import torch
+
+    gpu = 0 if torch.cuda.is_available() else None
+    context = Context(MODEL_NAME, model_dir, {"model": {"modelName": MODEL_NAME}}, 1, gpu, TS_VERSION)
+    service = HandlerService()
+    service.initialize(context)
+    return service, context
+
+
+def body_bytes(value) -> bytes:
+    """A response body as ts.protocol.otf_message_handler.create_predict_response encodes it."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        return buffer.getvalue()
+    return json.dumps(value, indent=2).encode("utf-8")
+
+
+def ts_error(status: int, kind: str, message: str) -> tuple[int, str | None, dict, bytes]:
+    """TorchServe's front end's own error (NettyUtils.sendError): an ErrorResponse as indented JSON."""
+    body = json.dumps({"code": status, "type": kind, "message": message}, indent=2) + "\n"
+    return status, None, {"content-type": "application/json"}, body.encode()
+
+
+def predict(service: HandlerService, context: Context, body: bytes, headers: list[tuple[str, str]],
+            request_id: str) -> tuple[int, str | None, dict, bytes]:
+    """(status, reason phrase, response headers, body) for one request, as TorchServe's backend
+    (Service.predict) and front end (RestJob.responseInference) make them of the handler's answer."""
+    mime = next((value for name, value in headers if name.lower() == "content-type"), "")
+    request_header = {"body": {"content-type": mime.split(";")[0].strip()}}  # the parameter's headers
+    request_header.update(headers)  # then the request's, names as sent
+    context.request_ids = {0: request_id}
+    context.request_processor = [RequestProcessor(request_header)]
     try:
-        from sagemaker_inference.errors import BaseInferenceToolkitError
-    except ImportError:
-        return any(c.__name__ == "BaseInferenceToolkitError" for c in type(exc).__mro__)
-    return isinstance(exc, BaseInferenceToolkitError)
+        answer = service.handle([{"body": body}], context)
+    except MemoryError:
+        logger.error("System out of memory", exc_info=True)
+        return ts_error(507, "InternalServerException", "Out of resources")
+    except Exception as exc:  # what TorchServe answers when the handler service itself fails
+        logger.warning("Invoking custom service failed.", exc_info=True)
+        if "CUDA" in str(exc):
+            return ts_error(507, "InternalServerException", "Out of resources")
+        return ts_error(503, "InternalServerException", "Prediction failed")
+    if not isinstance(answer, list):
+        return ts_error(503, "InternalServerException", "Invalid model predict output")
+    if len(answer) != 1:
+        return ts_error(503, "InternalServerException", "number of batch response mismatched")
+    try:
+        payload = body_bytes(answer[0])
+    except TypeError:
+        logger.warning("Unable to serialize model output.", exc_info=True)
+        return ts_error(503, "InternalServerException", "Unsupported model output data type.")
+    code, phrase = context.get_response_status(0)
+    # Netty writes the status line's phrase a byte per character, '?' for one beyond Latin-1.
+    phrase = (phrase or "").encode("latin-1", "replace").decode("latin-1")
+    return (200 if code is None else int(code)), phrase, dict(context.get_response_headers(0)), payload
 
 
-def error_answer(exc: BaseException, trace: str) -> tuple[int, str, bytes]:
-    """(status, reason phrase, body) as Transformer.transform and handle_error make them."""
-    if toolkit_error(exc):
-        status, message, phrase = exc.status_code, exc.message, exc.phrase
-    else:  # GenericInferenceToolkitError(500, str(e)): the message is its phrase too
-        status, message = 500, str(exc) or "Invalid Request"
-        phrase = message
-    phrase = str(phrase).replace("\r", "").replace("\n", "")  # utils.remove_crlf
-    phrase = phrase.encode("latin-1", "replace").decode("latin-1")  # what an HTTP status line can carry
-    return int(status), phrase, f"{message}\n{trace}".encode()
+def make_handler(service: HandlerService, context: Context):
+    one_at_a_time = threading.Lock()  # one TorchServe backend worker; the Context is shared
 
-
-def make_handler(module, model):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # Headers and body go out in two writes; without this, Nagle's algorithm and delayed ACKs
         # add about 40 ms to every answer.
         disable_nagle_algorithm = True
 
-        def _send(self, status: int, body: bytes, content_type: str | None, phrase: str | None = None) -> None:
-            self.send_response(status, phrase)
-            if content_type:
-                self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
+        def _send(self, status: int, phrase: str | None, headers: dict, body: bytes, request_id: str) -> None:
+            self.send_response(status, phrase)  # None: the status's standard phrase
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("x-request-id", request_id)
+            for name, value in CACHE_HEADERS:
+                self.send_header(name, value)
+            self.send_header("content-length", str(len(body)))
+            self.send_header("connection", "close" if status >= 400 else "keep-alive")
+            self.close_connection = status >= 400
             self.end_headers()
             self.wfile.write(body)
 
         def do_GET(self) -> None:
-            status = 200 if self.path == "/ping" else 404
-            self._send(status, b"" if status == 200 else b"not found", "text/plain")
+            request_id = str(uuid.uuid4())
+            if self.path.split("?")[0].rstrip("/") == "/ping":
+                body = (json.dumps({"status": "Healthy"}, indent=2) + "\n").encode()
+                self._send(200, None, {"content-type": "application/json"}, body, request_id)
+            else:
+                self._send(*ts_error(404, "ResourceNotFoundException",
+                                     "Requested resource is not found, please refer to API document."), request_id)
 
         def do_POST(self) -> None:
-            if self.path != "/invocations":
-                self._send(404, b"not found", "text/plain")
-                return
+            request_id = str(uuid.uuid4())
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            try:
-                if self.headers.get("Content-Type") in UTF8_TYPES:  # the toolkit hands these over as text
-                    body = body.decode("utf-8")
-                data = module.input_fn(body, self.headers.get("Content-Type"))
-                prediction = module.predict_fn(data, model)
-                payload, content_type = module.output_fn(prediction, self.headers.get("Accept"))
-                if isinstance(payload, str):
-                    payload = payload.encode()
-                self._send(200, payload, content_type)
-            except Exception as exc:
-                trace = traceback.format_exc()
-                status, phrase, answer = error_answer(exc, trace)
-                if status >= 500:
-                    print(trace, file=sys.stderr, flush=True)
-                self._send(status, answer, None, phrase)
+            if self.path.split("?")[0].rstrip("/") != "/invocations":
+                self._send(*ts_error(404, "ResourceNotFoundException",
+                                     "Requested resource is not found, please refer to API document."), request_id)
+                return
+            with one_at_a_time:
+                answer = predict(service, context, body, list(self.headers.items()), request_id)
+            self._send(*answer, request_id)
 
         def log_message(self, format: str, *args) -> None:
             pass
@@ -103,8 +258,13 @@ def main() -> int:
     parser.add_argument("--model-dir", required=True, help="the extracted model.tar.gz")
     parser.add_argument("--port", type=int, required=True, help="loopback port to serve on")
     args = parser.parse_args()
-    module, model = load_handlers(Path(args.model_dir))
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(module, model))
+    # TorchServe's backend worker logs to stdout (the toolkit's handle_error logs there too).
+    logging.basicConfig(stream=sys.stdout, format="%(message)s", level=logging.INFO)
+    code_dir = os.path.join(args.model_dir, "code")
+    if code_dir not in sys.path:  # PYTHONPATH names it when endpoints.py starts the worker, as torchserve.py does
+        sys.path.insert(0, code_dir)
+    service, context = load(args.model_dir)
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(service, context))
     print(f"serving {args.model_dir} on 127.0.0.1:{args.port}", flush=True)
     server.serve_forever()
     return 0

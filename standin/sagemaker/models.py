@@ -350,7 +350,7 @@ class SageMakerBackend:
                                    "pass the ping health check. Please check CloudWatch logs for this endpoint. "
                                    "(stand-in: the model name matches --unhealthy-models)")
             worker = self.endpoints.start(name, config_name, model["PrimaryContainer"]["ModelDataUrl"],
-                                          model["ExecutionRoleArn"])
+                                          model["ExecutionRoleArn"], model["PrimaryContainer"].get("Environment"))
         except (AwsError, WorkerFailed) as exc:
             reason = exc.message if isinstance(exc, AwsError) else str(exc)
             with self.lock:

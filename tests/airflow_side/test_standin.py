@@ -171,6 +171,8 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
         runtime.invoke_endpoint(EndpointName="bin-count", ContentType="text/csv", Body=b"1,2")
     assert caught.value.response["Error"]["Code"] == "ModelError"
     assert caught.value.response["OriginalStatusCode"] == 415
+    # answered by the image's own inference toolkit in the worker: its Transformer is in the traceback
+    assert "sagemaker_inference/transformer.py\", line" in caught.value.response["OriginalMessage"]
 
     # An update to a model that cannot load: the endpoint keeps serving the old one and says why.
     s3.put_object(Bucket=job_inputs, Key="broken/model.tar.gz", Body=b"not a tarball")

@@ -2,20 +2,25 @@
 it runs here beside the model's code) and the model's (inference.py) answer every fault of a request
 with the same code, status and message of sagemaker_code/api_contract.json; a fault only the model
 finds reaches the client, through the inference toolkit's error answer and the function, as the
-model's code and message and nothing else."""
+model's code and message and nothing else. The toolkit is AWS's own (sagemaker-pytorch-inference
+2.0.25, as the PyTorch 2.6.0 inference image has it), and the stand-in's model worker serves through it."""
 
 from __future__ import annotations
 
+import importlib.machinery
+import json
 import sys
 import threading
 import traceback
+import types
 import urllib.error
 import urllib.request
 from http.server import ThreadingHTTPServer
-from types import SimpleNamespace
 
 import pytest
+import sagemaker_inference
 import torch
+from sagemaker_inference.transformer import Transformer
 
 from standin.sagemaker import model_worker
 from tests.conftest import REPO, REQUEST_FAULTS, make_bin_image, truncated_image
@@ -49,21 +54,34 @@ def api_error(body: bytes, content_type: str | None) -> api_contract.ApiError | 
 
 
 def toolkit_answer(exc: Exception) -> tuple[int, str, str]:
-    """(status, reason phrase, body) of the inference toolkit for an error a handler raised: its own
-    Transformer.handle_error where sagemaker-inference is installed, else the stand-in's imitation."""
+    """(status, reason phrase, body) of the inference toolkit's own Transformer.handle_error for an
+    error a handler raised, with the TorchServe-shaped context the stand-in's worker hands it."""
     try:
         raise exc
     except Exception:
         trace = traceback.format_exc()
-    try:
-        from sagemaker_inference.transformer import Transformer
-    except ImportError:
-        status, phrase, body = model_worker.error_answer(exc, trace)
-        return status, phrase, body.decode()
-    seen = {}
-    context = SimpleNamespace(set_response_status=lambda code, phrase: seen.update(code=code, phrase=phrase))
+    context = model_worker.Context("model", "/opt/ml/model", None, 1, None, model_worker.TS_VERSION)
+    context.request_processor = [model_worker.RequestProcessor({})]
     body = Transformer.handle_error(context, exc, trace)[0]
-    return seen["code"], seen["phrase"], body
+    status, phrase = context.get_response_status(0)
+    return status, phrase, body
+
+
+def test_the_toolkit_is_the_images():
+    """sagemaker_inference is the copy bundled in sagemaker-pytorch-inference, not a separate package,
+    and inference.py's RequestError is the toolkit's own error class."""
+    from importlib.metadata import PackageNotFoundError, distribution, version
+
+    assert version("sagemaker-pytorch-inference") == "2.0.25"
+    with pytest.raises(PackageNotFoundError):
+        distribution("sagemaker-inference")
+    files = {str(f) for f in distribution("sagemaker-pytorch-inference").files}
+    assert "sagemaker_inference/transformer.py" in files
+    from sagemaker_inference.errors import BaseInferenceToolkitError
+
+    assert issubclass(inference.RequestError, BaseInferenceToolkitError)
+    assert inference.BaseInferenceToolkitError is BaseInferenceToolkitError
+    assert isinstance(model_worker.HandlerService()._service, Transformer)
 
 
 def test_the_two_layers_read_one_table():
@@ -112,40 +130,67 @@ def test_a_refusal_the_function_cannot_read_is_not_passed_on():
     assert model_answer.model_refusal(400, long_message).message == api_contract.ERRORS["truncated_image"]["message"]
 
 
-@pytest.fixture
-def worker():
-    """standin/sagemaker/model_worker.py's server around inference.py and a model that fails on a marked image."""
-    failing = SimpleNamespace(**{name: getattr(inference, name) for name in ("input_fn", "output_fn")})
+FAILING = make_bin_image(3, 3)
+MULTILINE = make_bin_image(2, 2)
+
+
+def failing_module() -> types.ModuleType:
+    """inference.py with a model_fn that returns MODEL and a predict_fn that fails on marked images."""
+    module = types.ModuleType("failing_inference")
+    module.__spec__ = importlib.machinery.ModuleSpec("failing_inference", None)  # importlib's find_spec finds it
+    module.input_fn, module.output_fn = inference.input_fn, inference.output_fn
+
+    def model_fn(model_dir):
+        return MODEL
 
     def predict_fn(data, model):
         if data["images"][0] == FAILING:
             raise RuntimeError("CUDA error: device-side assert")
+        if data["images"][0] == MULTILINE:
+            raise RuntimeError("line one\r\nline two")
         return inference.predict_fn(data, model)
 
-    failing.predict_fn = predict_fn
-    server = ThreadingHTTPServer(("127.0.0.1", 0), model_worker.make_handler(failing, MODEL))
+    module.model_fn, module.predict_fn = model_fn, predict_fn
+    return module
+
+
+@pytest.fixture
+def worker(monkeypatch, tmp_path):
+    """standin/sagemaker/model_worker.py's server: the toolkit's handler service, found the model's module
+    through SAGEMAKER_PROGRAM as in the image, around inference.py and a model that fails on marked images."""
+    monkeypatch.setitem(sys.modules, "failing_inference", failing_module())
+    monkeypatch.setenv("SAGEMAKER_PROGRAM", "failing_inference.py")
+    monkeypatch.delenv("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", raising=False)
+    monkeypatch.setenv("PYTHONPATH", "")  # HandlerService.initialize prepends the model's code/ to it
+    service, context = model_worker.load(str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), model_worker.make_handler(service, context))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/invocations"
+    yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
 
 
-FAILING = make_bin_image(3, 3)
-
-
-def post(url: str, body: bytes, content_type: str) -> tuple[int, str, str, str | None]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")  # noqa: S310
+def call(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, str, bytes, dict]:
+    request = urllib.request.Request(url, data=body, headers=headers or {},  # noqa: S310
+                                     method="GET" if body is None else "POST")
     try:
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback
-            return response.status, response.reason, response.read().decode(), response.headers.get("Content-Type")
+            return response.status, response.reason, response.read(), dict(response.headers)
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.reason, exc.read().decode(), exc.headers.get("Content-Type")
+        return exc.code, exc.reason, exc.read(), dict(exc.headers)
+
+
+def post(url: str, body: bytes, content_type: str, accept: str | None = None) -> tuple[int, str, str, str | None]:
+    headers = {"Content-Type": content_type, **({"Accept": accept} if accept else {})}
+    status, reason, answer, answer_headers = call(f"{url}/invocations", body, headers)
+    return status, reason, answer.decode(), {k.lower(): v for k, v in answer_headers.items()}.get("content-type")
 
 
 def test_the_stand_ins_worker_answers_errors_as_the_toolkit_does(worker):
     status, reason, body, content_type = post(worker, make_bin_image(1, 1), "image/jpeg")
     assert (status, content_type) == (200, "application/json") and "count" in body
+    assert reason == ""  # TorchServe sends the phrase the handler set, none on success
 
     status, reason, body, content_type = post(worker, truncated_image("JPEG"), "image/jpeg")
     first, rest = body.split("\n", 1)
@@ -158,3 +203,45 @@ def test_the_stand_ins_worker_answers_errors_as_the_toolkit_does(worker):
     status, reason, body, _ = post(worker, FAILING, "image/jpeg")
     assert (status, reason) == (500, "CUDA error: device-side assert")
     assert body.startswith("CUDA error: device-side assert\nTraceback (most recent call last):")
+
+
+def test_the_worker_runs_the_toolkits_transformer(worker):
+    """The error's traceback runs through sagemaker_inference's own Transformer.transform and
+    _default_transform_fn (the copy that sagemaker-pytorch-inference bundles); the phrase loses its line
+    breaks as the toolkit's utils.remove_crlf does it (each one a space)."""
+    toolkit = sagemaker_inference.__path__[0]
+    status, reason, body, _ = post(worker, FAILING, "image/jpeg")
+    for frame in ("in transform", "in _default_transform_fn", "in _run_handler_function"):
+        assert f'File "{toolkit}/transformer.py"' in body and frame in body, frame
+    status, reason, body, _ = post(worker, MULTILINE, "image/jpeg")
+    assert (status, reason) == (500, "line one  line two")
+    assert body.startswith("line one\r\nline two\nTraceback")
+
+
+def test_accept_and_content_type_as_the_toolkit_reads_them(worker, monkeypatch):
+    image = make_bin_image(1, 1)
+    # No Accept, or */*: the toolkit's default accept (SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT, application/json).
+    for accept in (None, "*/*"):
+        assert post(worker, image, "image/jpeg", accept)[:1] == (200,)
+    # An Accept the model does not answer: output_fn's RequestError, through the toolkit.
+    status, reason, body, content_type = post(worker, image, "image/jpeg", "text/csv")
+    assert (status, reason, content_type) == (406, "unsupported_accept", None)
+    detail = "accept type 'text/csv': the model answers application/json only"
+    assert json.loads(body.split("\n", 1)[0]) == {"error": "unsupported_accept", "message": detail}
+    # A content type the model does not read: input_fn's RequestError, through the toolkit.
+    status, reason, body, content_type = post(worker, image, "text/plain; charset=utf-8")
+    assert (status, reason, content_type) == (415, "unsupported_content_type", None)
+    assert "'text/plain'" in body.split("\n", 1)[0] and "RequestError" in body
+    # JSON the toolkit hands over as text (a UTF-8 type); a body that is not UTF-8 fails in the
+    # toolkit's own decoding, before input_fn: 500 with the UnicodeDecodeError's text.
+    status, reason, body, _ = post(worker, b"\xff\xfe", "application/json")
+    assert status == 500 and body.startswith("'utf-8' codec can't decode byte 0xff")
+    assert "input_data.decode" in body
+
+
+def test_ping_answers_as_torchserve(worker):
+    status, reason, body, headers = call(f"{worker}/ping")
+    assert (status, reason, body) == (200, "OK", b'{\n  "status": "Healthy"\n}\n')
+    assert {k.lower(): v for k, v in headers.items()}["content-type"] == "application/json"
+    status, _, body, _ = call(f"{worker}/nothing-here")
+    assert status == 404 and json.loads(body)["type"] == "ResourceNotFoundException"
