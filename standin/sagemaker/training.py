@@ -240,6 +240,9 @@ def prepare(job: dict, root: Path, s3) -> tuple[list[str], dict[str, str], Path]
         "SM_TRAINING_ENV": json.dumps({"job_name": job["TrainingJobName"], "hyperparameters": user_hps}),
         "TRAINING_JOB_NAME": job["TrainingJobName"],
         "PYTHONUNBUFFERED": "1",
+        # A fresh instance's torch hub cache is empty: the host's must not lend a job weights that the
+        # job did not bring (its weights channel) and could not download under network isolation.
+        "TORCH_HOME": str(root / "torch"),
     })
     env.update({f"SM_CHANNEL_{name.upper()}": path for name, path in channels.items()})
     env.update({f"SM_HP_{name.upper()}": str(value) for name, value in user_hps.items()})
