@@ -254,8 +254,13 @@ class SageMakerBackend:
             with self.lock:
                 current = self.store.get("training-job", name)
                 now = time.time()
-                if current["TrainingJobStatus"] == "Stopping" and status == "InProgress":
-                    return
+                if current["TrainingJobStatus"] == "Stopping":
+                    if status == "InProgress":
+                        return
+                    if status == "Completed":
+                        # The script finished just as StopTrainingJob came: a stop that SageMaker has
+                        # accepted always ends Stopped (with the model artifacts, as a stopped job keeps them).
+                        status, secondary, message = "Stopped", "Stopped", "Stopped by StopTrainingJob"
                 transitions = current["SecondaryStatusTransitions"]
                 if transitions[-1]["Status"] != secondary:
                     transitions[-1]["EndTime"] = now

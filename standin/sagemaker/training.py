@@ -353,9 +353,12 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
         checkpoints.finish()
     seconds = int(time.time() - started)
     final = [{"MetricName": k, "Value": v[-1], "Timestamp": time.time()} for k, v in sorted(metrics.items())]
-    if code < 0:  # killed by StopTrainingJob
+    if code < 0:  # killed by StopTrainingJob: what the script saved in /opt/ml/model is kept, as SageMaker keeps it
+        artifacts = {}
+        if any((root / "model").iterdir()):
+            artifacts = {"ModelArtifacts": {"S3ModelArtifacts": upload_model(job, root, s3)}}
         update(status="Stopped", secondary="Stopped", message="Stopped by StopTrainingJob",
-               FinalMetricDataList=final, TrainingTimeInSeconds=seconds)
+               FinalMetricDataList=final, TrainingTimeInSeconds=seconds, **artifacts)
         return
     if code != 0:
         failure = root / "output" / "failure"
@@ -365,9 +368,14 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
                FinalMetricDataList=final, TrainingTimeInSeconds=seconds)
         return
     update(status="InProgress", secondary="Uploading", message="Uploading generated training model")
+    update(status="Completed", secondary="Completed", message="Training job completed",
+           ModelArtifacts={"S3ModelArtifacts": upload_model(job, root, s3)}, FinalMetricDataList=final,
+           TrainingTimeInSeconds=seconds, BillableTimeInSeconds=seconds)
+
+
+def upload_model(job: dict, root: Path, s3) -> str:
+    """/opt/ml/model as `<S3OutputPath>/<job>/output/model.tar.gz`; its URI."""
     bucket, prefix = split_s3_uri(job["OutputDataConfig"]["S3OutputPath"])
     key = f"{prefix.rstrip('/')}/{job['TrainingJobName']}/output/model.tar.gz".lstrip("/")
     s3.put_object(Bucket=bucket, Key=key, Body=package_model(root / "model"))
-    update(status="Completed", secondary="Completed", message="Training job completed",
-           ModelArtifacts={"S3ModelArtifacts": f"s3://{bucket}/{key}"}, FinalMetricDataList=final,
-           TrainingTimeInSeconds=seconds, BillableTimeInSeconds=seconds)
+    return f"s3://{bucket}/{key}"

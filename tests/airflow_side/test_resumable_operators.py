@@ -98,13 +98,18 @@ def test_a_stopped_job_is_retried_from_its_checkpoint_in_s3(local_stack_connecti
     sm = sagemaker_client(local_stack_connection)
     first = ResumableTrainingOperator(task_id="retrain", config=config(), check_interval=1, print_log=False)
     first.hook.create_training_job(first.config, wait_for_completion=False, print_log=False)
-    key = "checkpoints/bin-counter-ckpt-final/checkpoint.pth"
-    while key not in list_objects(s3, job_inputs, "checkpoints/"):
+    # Stopped as soon as the first checkpoint is on the instance's disk (not once it is in S3, a poll
+    # later: a fast machine may have finished all six epochs by then). The stop's last upload takes it to S3.
+    local = (local_stack_connection["state"] / "training-jobs" / "bin-counter-ckpt-final" / "opt-ml" / "checkpoints"
+             / "checkpoint.pth")
+    while not local.is_file():
         assert sm.describe_training_job(TrainingJobName="bin-counter-ckpt-final")["TrainingJobStatus"] == "InProgress"
-        time.sleep(0.5)
+        time.sleep(0.05)
     sm.stop_training_job(TrainingJobName="bin-counter-ckpt-final")  # a spot interruption, a lost instance
     assert wait_training_job(sm, "bin-counter-ckpt-final")["TrainingJobStatus"] == "Stopped"
     assert "checkpoint uploaded: checkpoint.pth" in job_log(local_stack_connection, "bin-counter-ckpt-final")
+    key = "checkpoints/bin-counter-ckpt-final/checkpoint.pth"
+    assert key in list_objects(s3, job_inputs, "checkpoints/")
 
     # The retry: the stopped job gets a new name, the same CheckpointConfig, and starts from S3's checkpoint.
     result = ResumableTrainingOperator(task_id="retrain", config=config(), check_interval=1,
