@@ -25,10 +25,12 @@ def classify(p: float, match: float, mismatch: float) -> str:
     return "uncertain"
 
 
-def verdict(probabilities: list[float], expected: int) -> dict:
-    """The expected count's probability and the verdict, as the API returns them."""
+def verdict(probabilities: list[float], expected: int, limits: tuple[float, float] | None = None) -> dict:
+    """The expected count's probability and the verdict, as the API returns them; `limits` (match,
+    mismatch) default to thresholds()."""
     # The top class may mean "that many or more"; beyond it the model cannot tell counts apart.
     if not 0 <= expected < len(probabilities):
         return {"expected": expected, "expected_probability": None, "verdict": "uncertain"}
     p = probabilities[expected]
-    return {"expected": expected, "expected_probability": round(p, 4), "verdict": classify(p, *thresholds())}
+    match, mismatch = limits or thresholds()
+    return {"expected": expected, "expected_probability": round(p, 4), "verdict": classify(p, match, mismatch)}

@@ -17,6 +17,12 @@ The request checks are api_contract.py's, with its table (`api_contract.json`), 
 API's Lambda function checks requests with: a fault has the same code whichever layer finds it.
 The worker never dies on input.
 
+With `BIN_COUNTER_REFUSALS=answer` in the model's environment (the batch-counting DAG sets it on its
+transform jobs), a refused input is answered instead: status 200 and
+`{"error": code, "message": ..., "status": <the status it would have had>, "model_version": ...}`.
+Batch Transform fails the whole job on one non-200 record, and a nightly audit of thousands of photos
+must list a bad photo with its reason, not lose the other counts. Endpoints keep the default, `error`.
+
 The model card decides the architecture (`backbone`, and `head`: "linear" unless it says "ordinal")
 and how a count is read from the model: `test_time_augmentation` ("none", or
 "hflip" / "flips": class probabilities averaged over mirrored copies) and `decoding` ("argmax", the
@@ -28,6 +34,7 @@ Cards without them mean "none" and "argmax".
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -66,6 +73,29 @@ class RequestError(BaseInferenceToolkitError):
     def __str__(self) -> str:
         return f"{self.status_code} {self.code}: {self.detail}"
 
+    def answer(self) -> dict:
+        """The refusal as an answer's body (BIN_COUNTER_REFUSALS=answer)."""
+        return {"error": self.code, "message": self.detail, "status": self.status_code}
+
+
+REFUSALS_SETTING = "BIN_COUNTER_REFUSALS"
+REFUSAL_MODES = ("error", "answer")
+
+
+def refusals_answered() -> bool:
+    """Whether refused input is answered with 200 and the refusal (batch jobs) rather than raised."""
+    mode = os.environ.get(REFUSALS_SETTING) or "error"
+    if mode not in REFUSAL_MODES:
+        raise ValueError(f"{REFUSALS_SETTING}={mode!r}: choose one of {REFUSAL_MODES}")
+    return mode == "answer"
+
+
+def refuse(error: RequestError) -> dict:
+    """Raise `error` (endpoints), or return it as the refusal predict_fn passes on (batch jobs)."""
+    if not refusals_answered():
+        raise error
+    return {"refused": error.answer()}
+
 
 def model_fn(model_dir: str) -> dict:
     """Load model.pth with its model card; the card decides architecture and preprocessing."""
@@ -85,7 +115,7 @@ def input_fn(request_body, request_content_type: str) -> dict:
     try:
         images, single, _ = api_contract.parse_body(bytes(request_body or b""), request_content_type)
     except api_contract.ApiError as exc:
-        raise RequestError(exc.code, exc.message) from exc
+        return refuse(RequestError(exc.code, exc.message))
     # Decoding needs the model's input size, so it happens in predict_fn (same error contract).
     return {"images": images, "single": single, "max_pixels": api_contract.LIMITS["max_pixels"]}
 
@@ -123,6 +153,9 @@ def decode(probabilities: torch.Tensor, decoding: str = "argmax") -> torch.Tenso
 
 
 def predict_fn(input_object: dict, model: dict) -> dict:
+    version = model["card"]["model_version"]
+    if "refused" in input_object:
+        return {**input_object["refused"], "model_version": version}
     size = model["image_size"]
     batch = []
     for index, data in enumerate(input_object["images"]):
@@ -132,8 +165,9 @@ def predict_fn(input_object: dict, model: dict) -> dict:
             # preprocessing's reasons are the table's codes; input_fn has seen a JPEG or PNG signature
             # and end, so data Pillow cannot identify is a damaged image here.
             code = exc.reason if exc.reason in api_contract.ERRORS and exc.reason != "not_an_image" else "corrupt_image"
-            raise RequestError(code, index=index, limit=input_object["max_pixels"],
-                               format=exc.image_format or "another format") from exc
+            refused = refuse(RequestError(code, index=index, limit=input_object["max_pixels"],
+                                          format=exc.image_format or "another format"))
+            return {**refused["refused"], "model_version": version}
     images = preprocessing.normalize(torch.stack(batch).float() / 255)
     card = model["card"]
     probabilities = class_probabilities(model["model"], images, card.get("test_time_augmentation", "none"))
@@ -147,7 +181,6 @@ def predict_fn(input_object: dict, model: dict) -> dict:
             "confidence": round(probs[index].item(), 5),
             "expected_count": round(float((probs * classes).sum()), 4),
         })
-    version = model["card"]["model_version"]
     if input_object["single"]:
         return {**predictions[0], "model_version": version}
     return {"predictions": predictions, "model_version": version}
@@ -155,5 +188,6 @@ def predict_fn(input_object: dict, model: dict) -> dict:
 
 def output_fn(prediction: dict, accept: str | None) -> tuple[str, str]:
     if api_contract.base_content_type(accept) not in ACCEPT_TYPES:
-        raise RequestError("unsupported_accept", accept=accept)
+        refused = refuse(RequestError("unsupported_accept", accept=accept))
+        prediction = {**refused["refused"], "model_version": prediction.get("model_version")}
     return json.dumps(prediction), JSON_CONTENT_TYPE

@@ -127,7 +127,8 @@ def run_job_names(dag_id: str, run_id: str) -> dict[str, str]:
     finds the job its earlier try started. Tuning job names are limited to 32 characters."""
     digest = hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:12]
     final = f"bin-counter-{digest}-final"
-    return {"tuning_job": f"bc-tune-{digest}", "training_job": final, "model": final, "endpoint_config": final}
+    return {"tuning_job": f"bc-tune-{digest}", "training_job": final, "model": final, "endpoint_config": final,
+            "transform_job": f"bin-counter-{digest}-batch"}
 
 
 # -- hyperparameter tuning ------------------------------------------------------------------------
@@ -240,6 +241,36 @@ def endpoint_config(name: str, model_name: str, instance_type: str, instance_cou
         "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": model_name,
                                 "InstanceType": instance_type, "InitialInstanceCount": instance_count,
                                 "InitialVariantWeight": 1.0}],
+        "Tags": [{"Key": k, "Value": str(v)} for k, v in (tags or {}).items()],
+    }
+
+
+def transform_job_config(name: str, model_name: str, manifest_uri: str, output_uri: str, instance_type: str,
+                         instance_count: int = 1, max_concurrent: int = 1, max_payload_mb: int = 6,
+                         environment: Mapping[str, str] | None = None, invocation_timeout_s: int = 600,
+                         invocation_retries: int = 3, tags: Mapping[str, str] | None = None) -> dict:
+    """CreateTransformJob: every object the manifest lists sent whole as one record (a photo), each
+    answer written as `<output_uri><relative key>.out`, as SageMaker's batch transform writes it."""
+    if not 1 <= max_payload_mb <= 100:
+        raise ValueError(f"max_payload_mb={max_payload_mb}: SageMaker takes 1 to 100 (MB)")
+    if max_concurrent < 1 or max_concurrent * max_payload_mb > 100:
+        # SageMaker refuses MaxConcurrentTransforms x MaxPayloadInMB above 100 MB.
+        raise ValueError(f"max_concurrent={max_concurrent} x max_payload_mb={max_payload_mb} is above SageMaker's "
+                         "100 MB: lower one of them")
+    return {
+        "TransformJobName": name,
+        "ModelName": model_name,
+        "MaxConcurrentTransforms": max_concurrent,
+        "MaxPayloadInMB": max_payload_mb,
+        "BatchStrategy": "SingleRecord",
+        "ModelClientConfig": {"InvocationsTimeoutInSeconds": invocation_timeout_s,
+                              "InvocationsMaxRetries": invocation_retries},
+        "Environment": dict(environment or {}),
+        "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "ManifestFile", "S3Uri": manifest_uri}},
+                           # The model tells JPEG from PNG by their bytes: one type for every photo.
+                           "ContentType": "application/x-image", "CompressionType": "None", "SplitType": "None"},
+        "TransformOutput": {"S3OutputPath": output_uri, "Accept": "application/json", "AssembleWith": "None"},
+        "TransformResources": {"InstanceType": instance_type, "InstanceCount": instance_count},
         "Tags": [{"Key": k, "Value": str(v)} for k, v in (tags or {}).items()],
     }
 

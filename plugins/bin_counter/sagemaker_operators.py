@@ -1,5 +1,5 @@
-"""The Amazon provider's SageMaker training and tuning operators, made safe to retry, and a training
-operator whose task ends within one poll of its job.
+"""The Amazon provider's SageMaker training, tuning and transform operators, made safe to retry, and a
+training operator whose task ends within one poll of its job.
 
 The stock operators create a job on every try: with the default `action_if_job_exists="timestamp"`
 a retried task (a worker killed mid-wait, a scheduler restart) starts a second, identical job while
@@ -16,6 +16,7 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 from airflow.providers.amazon.aws.operators.sagemaker import (
     SageMakerTrainingOperator,
+    SageMakerTransformOperator,
     SageMakerTuningOperator,
     serialize,
 )
@@ -95,3 +96,25 @@ class ResumableTuningOperator(SageMakerTuningOperator):
                           job["HyperParameterTuningJobStatus"], job.get("FailureReason", "no reason given"), renamed)
             self.config["HyperParameterTuningJobName"] = renamed
         return super().execute(context)
+
+
+class ResumableTransformOperator(SageMakerTransformOperator):
+    """SageMakerTransformOperator that attaches to the transform job an earlier try of the task started
+    (the stock one would start a second job under a timestamped name, counting every photo again)."""
+
+    def execute(self, context: Any) -> dict:
+        name = self.config["TransformJobName"]
+        job = describe_or_none(self.hook.describe_transform_job, name)
+        if job is None or job["TransformJobStatus"] not in ATTACHABLE:
+            if job is not None:
+                # The stock operator then starts the job under a timestamped name, with the same output path.
+                self.log.info("Transform job %s from an earlier try is %s (%s); starting a new one.", name,
+                              job["TransformJobStatus"], job.get("FailureReason", "no reason given"))
+            return super().execute(context)
+        self.log.info("Transform job %s was started by an earlier try and is %s: attaching to it.", name,
+                      job["TransformJobStatus"])
+        if self.wait_for_completion:
+            # Raises with the FailureReason if the job fails.
+            self.hook.check_status(name, "TransformJobStatus", self.hook.describe_transform_job, self.check_interval,
+                                   self.max_ingestion_time)
+        return self.serialize_result(name)

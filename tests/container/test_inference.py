@@ -96,6 +96,26 @@ def test_bad_input_is_a_client_error_with_the_tables_code(served, name, body, co
     check_prediction(invoke(served, make_bin_image(1, 1)))
 
 
+@pytest.mark.parametrize(("name", "body", "content_type", "code"), REQUEST_FAULTS,
+                         ids=[case[0] for case in REQUEST_FAULTS])
+def test_batch_jobs_get_a_refusal_as_an_answer_with_the_same_code(served, monkeypatch, name, body, content_type,
+                                                                  code):
+    # BIN_COUNTER_REFUSALS=answer, as the batch DAG's transform jobs run: one bad photo must not fail the job.
+    monkeypatch.setenv(inference.REFUSALS_SETTING, "answer")
+    answer = invoke(served, body, content_type)
+    assert answer["error"] == code
+    assert answer["status"] == api_contract.ERRORS[code]["status"]
+    assert answer["message"] and answer["model_version"] == "bin-count-test-job"
+    assert "count" not in answer
+    check_prediction(invoke(served, make_bin_image(1, 1)))  # and good photos are counted as ever
+
+
+def test_an_unknown_refusal_mode_is_a_clear_error(served, monkeypatch):
+    monkeypatch.setenv(inference.REFUSALS_SETTING, "ignore")
+    with pytest.raises(ValueError, match="BIN_COUNTER_REFUSALS='ignore': choose one of"):
+        invoke(served, b"", "image/jpeg")
+
+
 def test_unsupported_accept_type(served):
     with pytest.raises(inference.RequestError) as caught:
         invoke(served, make_bin_image(1, 1), accept="text/csv")
