@@ -5,8 +5,9 @@ stand-in, and Airflow with its SQLite database, all on loopback.
   PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack up    # the same stack, and the Airflow UI on :8080
 
 `demo` runs bin_count_data_prep and then bin_count_retrain (with `airflow dags test`, the same
-DAG code a scheduler would run), prints counts from the deployed endpoint next to the truth, and
-writes the stage timings to <work>/demo-timings.json. `up` leaves Airflow's components (what
+DAG code a scheduler would run), prints counts from the deployed endpoint next to the truth, counts
+every test photo with bin_count_batch (a batch transform job), and writes the stage timings to
+<work>/demo-timings.json. `up` leaves Airflow's components (what
 `airflow standalone` runs) up with the connection and Variable set; stop it with Ctrl-C. The only
 thing that tells the DAGs they are not on AWS is the `aws_default` connection, printed at start.
 """
@@ -304,8 +305,32 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     if model.endswith("-published"):
         print("   (the published model won the gate on the demo's test images; those keys are part of the mirror "
               "it learned from, so its honest numbers are in models/MODEL_CARD.md)")
+    batch_count(env, log, timings, s3, version)
+    (work / "demo-timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print(f"timings: data prep {timings['bin_count_data_prep']:.0f} s, retrain {timings['bin_count_retrain']:.0f} s "
-          f"(training processes {train_wall:.0f} s of it); details in {work / 'demo-timings.json'}")
+          f"(training processes {train_wall:.0f} s of it), batch count {timings['bin_count_batch']:.0f} s; "
+          f"details in {work / 'demo-timings.json'}")
+
+
+def batch_count(env: dict[str, str], log: Path, timings: dict, s3, version: str) -> None:
+    """bin_count_batch over the dataset's test photos (its default input) with the endpoint's model;
+    prints the summary the report task logged."""
+    print(f"\n== bin_count_batch: every test photo of dataset {version}, one SageMaker batch transform job",
+          flush=True)
+    timings["bin_count_batch"] = airflow(["dags", "test", "bin_count_batch", "-c", json.dumps({"bucket": BUCKET})],
+                                         env, log)
+    state, tasks = dag_run_state(env, "bin_count_batch")
+    timings["batch_tasks"] = tasks
+    print(f"   {state} in {timings['bin_count_batch']:.0f} s", flush=True)
+    if state != "success":
+        raise SystemExit(f"bin_count_batch ended {state}: {json.dumps(tasks)}; see {log}")
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="batch-counts/")
+    newest = max((o for page in pages for o in page.get("Contents", []) if o["Key"].endswith("/summary.json")),
+                 key=lambda o: o["LastModified"])
+    from bin_counter.batch import summary_lines
+
+    for line in summary_lines(json.loads(s3.get_object(Bucket=BUCKET, Key=newest["Key"])["Body"].read()), 5):
+        print("   " + line)
 
 
 def up(args, env: dict[str, str], work: Path) -> None:

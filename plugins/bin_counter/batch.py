@@ -18,7 +18,6 @@ line of the report, never a failed job.
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
 import io
 import json
@@ -30,6 +29,7 @@ from pathlib import PurePosixPath
 from botocore.exceptions import ClientError
 
 from bin_counter.api_function import LAMBDA_DIR, function_settings
+from bin_counter.sagemaker_config import run_digest
 
 MANIFEST = "input/manifest.json"
 PLAN = "input/photos.json"
@@ -62,8 +62,7 @@ def folder(prefix: str) -> str:
 
 def run_output_uri(bucket: str, dag_id: str, run_id: str) -> str:
     """The run's output prefix when none is given: the same on every try and re-run of the run."""
-    digest = hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:12]
-    return f"s3://{bucket}/batch-counts/{digest}/"
+    return f"s3://{bucket}/batch-counts/{run_digest(dag_id, run_id)}/"
 
 
 # -- the model ------------------------------------------------------------------------------------

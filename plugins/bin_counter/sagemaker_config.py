@@ -122,10 +122,15 @@ def training_job_config(
 
 
 # -- names derived from the DAG run ---------------------------------------------------------------
+def run_digest(dag_id: str, run_id: str) -> str:
+    """A short name for a DAG run, the same on every try of its tasks and every re-run of it."""
+    return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:12]
+
+
 def run_job_names(dag_id: str, run_id: str) -> dict[str, str]:
     """Names of the run's SageMaker resources, the same on every try of a task, so a retried task
     finds the job its earlier try started. Tuning job names are limited to 32 characters."""
-    digest = hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:12]
+    digest = run_digest(dag_id, run_id)
     final = f"bin-counter-{digest}-final"
     return {"tuning_job": f"bc-tune-{digest}", "training_job": final, "model": final, "endpoint_config": final,
             "transform_job": f"bin-counter-{digest}-batch"}
