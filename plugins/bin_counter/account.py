@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from botocore.exceptions import ClientError
 
-from bin_counter.retrain import CODE_DIR
+from bin_counter.paths import CODE_DIR
 
 # The SageMaker PyTorch images the jobs and the endpoint run: one framework version for which the SDK
 # lists both a training and an inference image. sagemaker_code/framework.json is the one place for it:

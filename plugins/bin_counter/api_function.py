@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import logging
-import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,13 +18,12 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from bin_counter.dataset import DatasetNotFound
-from bin_counter.retrain import CODE_DIR
+from bin_counter.paths import CODE_DIR, LAMBDA_DIR
 
 log = logging.getLogger(__name__)
 
 # The API's request checks and error table, which the model's serving code uses too (sagemaker_code/).
 API_CONTRACT = (CODE_DIR / "api_contract.py", CODE_DIR / "api_contract.json")
-LAMBDA_DIR = Path(os.environ.get("BIN_COUNTER_LAMBDA_DIR", Path(__file__).resolve().parents[2] / "lambda"))
 
 
 # -- the function ---------------------------------------------------------------------------------

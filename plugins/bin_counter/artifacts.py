@@ -7,11 +7,23 @@ client's own exception classes), so the container-side tests can import what bui
 from __future__ import annotations
 
 import hashlib
+import json
+
+
+def digest(data: bytes | str | object, digits: int = 12) -> str:
+    """The first `digits` hex digits of the sha256 of `data`: bytes as they are, text as UTF-8, anything
+    else as JSON with sorted keys (the names and versions derived from parameters: the same parameters,
+    the same name)."""
+    if isinstance(data, str):
+        data = data.encode()
+    elif not isinstance(data, bytes | bytearray):
+        data = json.dumps(data, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:digits]
 
 
 def content_key(prefix: str, data: bytes, name: str, digits: int = 16) -> str:
     """`<prefix>/<first digits of the sha256 of data>/<name>`."""
-    return f"{prefix}/{hashlib.sha256(data).hexdigest()[:digits]}/{name}"
+    return f"{prefix}/{digest(data, digits)}/{name}"
 
 
 def put_once(s3, bucket: str, key: str, data: bytes) -> str:

@@ -28,7 +28,8 @@ from pathlib import PurePosixPath
 
 from botocore.exceptions import ClientError
 
-from bin_counter.api_function import LAMBDA_DIR, function_settings
+from bin_counter.api_function import function_settings
+from bin_counter.paths import LAMBDA_DIR
 from bin_counter.sagemaker_config import run_digest
 
 MANIFEST = "input/manifest.json"

@@ -10,7 +10,6 @@ changing the version.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from collections.abc import Mapping
 from botocore.exceptions import ClientError
 
 from bin_counter.abid import Store
+from bin_counter.artifacts import digest
 from bin_counter.split import DEFAULT_BLOCK_SIZE, DEFAULT_SHARES, SPLITS, check_shares
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ def dataset_version(keys_digest: str, enhancement: str, split: Mapping) -> str:
     enhancement) and the split parameters: the same inputs give the same version, so a re-run lands
     on the same prefix."""
     payload = {"keys": keys_digest, "enhancement": enhancement, **split}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-    return f"v-{digest}"
+    return f"v-{digest(payload)}"
 
 
 def plan(keys_digest: str, enhancement: str, split: Mapping) -> dict:

@@ -13,7 +13,6 @@ re-run skips what is already there.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -24,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image, ImageOps
 
 from bin_counter.abid import MissingObject, Source, Store, image_path
+from bin_counter.artifacts import digest
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ def resolve(method: str, params: Mapping[str, object] | None = None) -> dict[str
 def enhancement_id(method: str, params: Mapping[str, object] | None = None) -> str:
     """A short stable name for a method and its parameters, e.g. `autocontrast-3f2a9c1b`."""
     resolved = resolve(method, params)
-    digest = hashlib.sha256(json.dumps([method, resolved], sort_keys=True).encode()).hexdigest()[:8]
-    return method if method == "none" else f"{method}-{digest}"
+    return method if method == "none" else f"{method}-{digest([method, resolved], 8)}"
 
 
 def enhance_image(data: bytes, method: str, params: Mapping[str, object] | None = None) -> bytes:

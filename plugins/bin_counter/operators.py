@@ -10,12 +10,13 @@ operators stays fast to parse.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
 
 from airflow.sdk import BaseOperator
+
+from bin_counter.artifacts import digest
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def publish(context, result: dict) -> dict:
 
 
 def selection_id(payload: Mapping) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return digest(payload)
 
 
 class AbidFetchOperator(BaseOperator):

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from bin_counter import gate, sagemaker_config, weights
 from bin_counter.artifacts import content_key, put_once
-
-CODE_DIR = Path(os.environ.get("BIN_COUNTER_CODE_DIR", Path(__file__).resolve().parents[2] / "sagemaker_code"))
+from bin_counter.paths import CODE_DIR
 
 
 # -- the training code ----------------------------------------------------------------------------

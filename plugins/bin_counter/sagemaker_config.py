@@ -8,10 +8,11 @@ Standard library only: this module is imported by DAG tasks and by tests in both
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
+
+from bin_counter.artifacts import digest
 
 ENTRY_POINT = "train.py"
 # SageMaker's names are "<channel>:<metric>"; train.py prints "<prefix>_<metric>=<value>".
@@ -124,7 +125,7 @@ def training_job_config(
 # -- names derived from the DAG run ---------------------------------------------------------------
 def run_digest(dag_id: str, run_id: str) -> str:
     """A short name for a DAG run, the same on every try of its tasks and every re-run of it."""
-    return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:12]
+    return digest(f"{dag_id}/{run_id}")
 
 
 def run_job_names(dag_id: str, run_id: str) -> dict[str, str]:
