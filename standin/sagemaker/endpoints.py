@@ -1,7 +1,9 @@
-"""Endpoint workers: one model server process (`model_worker.py`) per endpoint, in the
-container-side environment, on a loopback port. An update starts the new worker beside the old one
-and switches only once it answers `/ping`, so requests in flight are not dropped and a model that
-fails to load leaves the old one serving.
+"""Model servers: `model_worker.py` processes in the container-side environment, on loopback ports.
+`serve_model` is how any of them starts (download and extract the model with the model's role,
+start the worker with the model container's `Environment`, wait for `/ping`) and `invoke` how any of
+them is asked, for endpoints and transform jobs alike. `EndpointHost` keeps one per endpoint: an
+update starts the new worker beside the old one and switches only once it answers `/ping`, so
+requests in flight are not dropped and a model that fails to load leaves the old one serving.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from standin.launch import free_port
 
 WORKER = Path(__file__).resolve().parent / "model_worker.py"
+LOAD_TIMEOUT_S = 180.0
 
 
 class WorkerFailed(RuntimeError):
@@ -27,15 +31,76 @@ class WorkerFailed(RuntimeError):
 
 
 @dataclass
-class Worker:
+class ModelServer:
     port: int
     process: subprocess.Popen
     model_dir: Path
+
+
+@dataclass
+class Worker(ModelServer):
     config_name: str
 
 
+def serve_model(model_dir: Path, model_data_url: str, s3, python: str, environment: dict[str, str] | None = None,
+                load_timeout: float = LOAD_TIMEOUT_S,
+                started: Callable[[subprocess.Popen], None] | None = None) -> ModelServer:
+    """Download `model_data_url` with `s3` (a client acting as the model's execution role, as SageMaker
+    downloads it) into the new folder `model_dir`, start a worker there with the model container's
+    `environment` (SAGEMAKER_PROGRAM, ...) and wait until it answers /ping. `started` learns the
+    process as soon as it exists, so that whoever may have to stop it (a stopped transform job, the
+    stand-in shutting down) need not wait for the model to load."""
+    bucket, _, key = model_data_url[5:].partition("/")
+    model_dir.mkdir(parents=True)
+    try:
+        archive = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:
+        raise WorkerFailed(f"could not download the model {model_data_url}: {exc}") from exc
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(model_dir, filter="data")
+    except tarfile.TarError as exc:
+        raise WorkerFailed(f"{model_data_url} is not a model.tar.gz: {exc}") from exc
+    port = free_port()
+    log_path = model_dir.with_suffix(".log")
+    # The image's torchserve.py puts the model's code/ on PYTHONPATH before TorchServe starts; `-P`
+    # keeps this folder (the worker script's) off the path, so the model's modules are found first.
+    env = {**os.environ, **(environment or {}), "PYTHONPATH": str(model_dir / "code")}
+    with log_path.open("w") as log:
+        process = subprocess.Popen([python, "-P", str(WORKER), "--model-dir", str(model_dir),
+                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    if started is not None:
+        started(process)
+    deadline = time.time() + load_timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text()[-800:]
+            raise WorkerFailed(f"the model server exited while loading the model: {tail}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+            return ModelServer(port, process, model_dir)
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise WorkerFailed(f"the model did not answer /ping within {load_timeout:.0f}s")
+
+
+def invoke(port: int, body: bytes, content_type: str | None, accept: str | None,
+           timeout: float = 60.0) -> tuple[int, bytes, str]:
+    """(status, body, content type) as the model server on `port` answered `POST /invocations`;
+    OSError (a timeout included) when it did not answer."""
+    headers = {"Content-Type": content_type or "application/octet-stream", "Accept": accept or "*/*"}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback
+            return response.status, response.read(), response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get("Content-Type", "")
+
+
 class EndpointHost:
-    def __init__(self, root: Path, python: str, s3_factory, load_timeout: float = 180.0) -> None:
+    def __init__(self, root: Path, python: str, s3_factory, load_timeout: float = LOAD_TIMEOUT_S) -> None:
         self.root, self.python, self.s3_factory, self.load_timeout = root, python, s3_factory, load_timeout
         self.live: dict[str, Worker] = {}
         self.retiring: list[Worker] = []  # replaced by an update, finishing their requests
@@ -43,41 +108,11 @@ class EndpointHost:
 
     def start(self, endpoint: str, config_name: str, model_data_url: str, role_arn: str,
               environment: dict[str, str] | None = None) -> Worker:
-        """Download and extract the model (with the model's execution role, as SageMaker does), start a
-        worker with the model container's `Environment` (SAGEMAKER_PROGRAM, ...), wait until it
-        answers /ping."""
-        bucket, _, key = model_data_url[5:].partition("/")
+        """A worker serving the model of `config_name`, loaded and answering /ping."""
         model_dir = self.root / endpoint / f"{config_name}-{int(time.time() * 1000)}"
-        model_dir.mkdir(parents=True)
-        try:
-            archive = self.s3_factory(role_arn).get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as exc:
-            raise WorkerFailed(f"could not download the model {model_data_url}: {exc}") from exc
-        try:
-            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-                tar.extractall(model_dir, filter="data")
-        except tarfile.TarError as exc:
-            raise WorkerFailed(f"{model_data_url} is not a model.tar.gz: {exc}") from exc
-        port = free_port()
-        log_path = model_dir.with_suffix(".log")
-        # The image's torchserve.py puts the model's code/ on PYTHONPATH before TorchServe starts; `-P`
-        # keeps this folder (the worker script's) off the path, so the model's modules are found first.
-        env = {**os.environ, **(environment or {}), "PYTHONPATH": str(model_dir / "code")}
-        with log_path.open("w") as log:
-            process = subprocess.Popen([self.python, "-P", str(WORKER), "--model-dir", str(model_dir),
-                                        "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + self.load_timeout
-        while time.time() < deadline:
-            if process.poll() is not None:
-                tail = log_path.read_text()[-800:]
-                raise WorkerFailed(f"the model server exited while loading the model: {tail}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                return Worker(port, process, model_dir, config_name)
-            except OSError:
-                time.sleep(0.2)
-        process.kill()
-        raise WorkerFailed(f"the model did not answer /ping within {self.load_timeout:.0f}s")
+        server = serve_model(model_dir, model_data_url, self.s3_factory(role_arn), self.python, environment,
+                             self.load_timeout)
+        return Worker(server.port, server.process, server.model_dir, config_name)
 
     def switch(self, endpoint: str, worker: Worker) -> None:
         with self.lock:
@@ -111,16 +146,9 @@ class EndpointHost:
 
     def invoke(self, endpoint: str, body: bytes, content_type: str | None, accept: str | None,
                timeout: float = 60.0) -> tuple[int, bytes, str]:
-        """(status, body, content type) as the model server answered."""
+        """(status, body, content type) as the endpoint's model server answered."""
         with self.lock:
             worker = self.live.get(endpoint)
         if worker is None:
             raise KeyError(endpoint)
-        headers = {"Content-Type": content_type or "application/octet-stream", "Accept": accept or "*/*"}
-        request = urllib.request.Request(f"http://127.0.0.1:{worker.port}/invocations", data=body,
-                                         headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback
-                return response.status, response.read(), response.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read(), exc.headers.get("Content-Type", "")
+        return invoke(worker.port, body, content_type, accept, timeout)

@@ -1,9 +1,10 @@
-"""The SageMaker backend: the resources the stand-in keeps (training and tuning jobs, models, endpoint
-configurations, endpoints), one JSON record each under the state directory, and what happens to them.
-A training job runs through `training`, a tuning job chooses and counts its trials through `tuning`,
-an endpoint serves through `endpoints`. Requests and answers are `responses`' business: the
-operations here take requests in the service model's terms, which `responses` has checked for those
-that come from outside (a tuning job's trials are the backend's own)."""
+"""The SageMaker backend: the resources the stand-in keeps (training, tuning and transform jobs, models,
+endpoint configurations, endpoints), one JSON record each under the state directory, and what happens
+to them. A training job runs through `training`, a tuning job chooses and counts its trials through
+`tuning`, an endpoint serves through `endpoints`, a transform job runs through `transform`. Requests
+and answers are `responses`' business: the operations here take requests in the service model's
+terms, which `responses` has checked for those that come from outside (a tuning job's trials are the
+backend's own)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import boto3
 from standin.aws_calls import role_credentials
 from standin.core import ACCOUNT, AwsError
 from standin.roles import RoleCheck
-from standin.sagemaker import training, tuning
+from standin.sagemaker import training, transform, tuning
 from standin.sagemaker.endpoints import EndpointHost, WorkerFailed
 from standin.sagemaker.exceptions import (
     ModelError,
@@ -62,6 +63,11 @@ RESOURCES = {
         "tuning-jobs", "HyperParameterTuningJobName", "HyperParameterTuningJobArn", "HyperParameterTuningJobStatus",
         "Requested resource not found: {arn}", ResourceInUse,
         "Tuning job names must be unique within an AWS account and region ({arn})"),
+    "transform-job": Resource(
+        "transform-jobs", "TransformJobName", "TransformJobArn", "TransformJobStatus",
+        "Could not find requested job with name {name}", ResourceInUse,
+        "Transform job names must be unique within an AWS account and region, and a transform job with this name "
+        "already exists ({arn})"),
     "model": Resource("models", "ModelName", "ModelArn", None, 'Could not find model "{arn}".',
                       ValidationException, 'Cannot create already existing model "{arn}".'),
     "endpoint": Resource(
@@ -95,7 +101,7 @@ class Store:
     def get(self, kind: str, name: str) -> dict:
         path = self.file(kind, name)
         if not path.is_file():
-            raise ValidationException(RESOURCES[kind].missing.format(arn=self.arn(kind, name)))
+            raise ValidationException(RESOURCES[kind].missing.format(arn=self.arn(kind, name), name=name))
         return json.loads(path.read_text())
 
     def put(self, kind: str, record: dict) -> None:
@@ -156,6 +162,8 @@ class SageMakerBackend:
         self.lock = threading.Lock()
         self.processes: dict[str, object] = {}
         self.series: dict[str, dict[str, list[float]]] = {}  # training job -> metric values so far
+        self.transforms: dict[str, transform.TransformRun] = {}  # running transform jobs
+        self.closing = False  # shutting down: a job's end is the next start's to record
         self.endpoints = EndpointHost(Path(state_dir) / "endpoint-workers", container_python,
                                       lambda role_arn: self._client("s3", role_arn))
         self.invoke_limit = TokenBucket(invoke_rate, invoke_burst)
@@ -190,6 +198,11 @@ class SageMakerBackend:
                 job.update(HyperParameterTuningJobStatus="Failed",
                            FailureReason="InternalServerError: the local stand-in restarted during the tuning job")
                 self.store.put("hyper-parameter-tuning-job", job)
+        for job in self.store.all("transform-job"):
+            if job["TransformJobStatus"] not in TERMINAL:
+                job.update(TransformJobStatus="Failed", TransformEndTime=time.time(), LastModifiedTime=time.time(),
+                           FailureReason="InternalServerError: the local stand-in restarted during the transform job")
+                self.store.put("transform-job", job)
         # Endpoints come back up with the configuration they were serving.
         for endpoint in self.store.all("endpoint"):
             if endpoint.get("EndpointConfigName"):
@@ -201,6 +214,9 @@ class SageMakerBackend:
         """No model server or training process outlives the stand-in (their jobs are marked failed at
         the next start)."""
         self.endpoints.stop_all()
+        self.closing = True
+        for run in list(self.transforms.values()):
+            run.stop()
         for process in list(self.processes.values()):
             process.terminate()
 
@@ -396,6 +412,68 @@ class SageMakerBackend:
         if status != 200:
             raise ModelError(status, payload.decode(errors="replace"))
         return payload, response_type
+
+    # -- batch transform jobs -------------------------------------------------------------------------
+    def create_transform_job(self, params: dict) -> dict:
+        transform.check_request(params)
+        model = self.store.get("model", params["ModelName"])  # AWS: 'Could not find model "<arn>".'
+        role = model.get("ExecutionRoleArn")
+        # SageMaker lists the input with the model's role at the request, and refuses an empty prefix there.
+        transform.check_input(self._client("s3", role), params["TransformInput"]["DataSource"], role, self.region)
+        with self.lock:
+            job = self.store.create("transform-job", {**transform.with_defaults(params),
+                                                      "TransformJobStatus": "InProgress"})
+        threading.Thread(target=self._transform, args=(params["TransformJobName"],), daemon=True,
+                         name=f"transform-{params['TransformJobName']}").start()
+        return job
+
+    def _transform(self, name: str) -> None:
+        job = self.store.get("transform-job", name)
+
+        def update(status: str, **fields) -> None:
+            with self.lock:
+                if self.closing:  # its workers were stopped by the shutdown, not by StopTransformJob
+                    return
+                current = self.store.get("transform-job", name)
+                if current["TransformJobStatus"] == "Stopping":
+                    # A job that StopTransformJob reached ends Stopped, however its work ended.
+                    status = "Stopping" if status == "InProgress" else "Stopped"
+                    fields.pop("FailureReason", None)
+                now = time.time()
+                if status in TERMINAL:
+                    current["TransformEndTime"] = now
+                current.update(TransformJobStatus=status, LastModifiedTime=now, **fields)
+                self.store.put("transform-job", current)
+
+        try:
+            model = self.store.get("model", job["ModelName"])
+            role = model.get("ExecutionRoleArn")
+            run = transform.TransformRun(job, model, self.store.file("transform-job", name).parent,
+                                         self._client("s3", role), self.python, update,
+                                         logs=self._client("logs", role), cpu_count=os.cpu_count() or 1)
+            with self.lock:
+                self.transforms[name] = run
+                stopping = self.store.get("transform-job", name)["TransformJobStatus"] == "Stopping"
+            if stopping:  # a StopTransformJob that came before the run existed
+                run.stop()
+            run.run()
+        except Exception as exc:  # the model deleted meanwhile, S3 or logs unreachable...: the job fails, saying why
+            reason = exc.message if isinstance(exc, AwsError) else f"ClientError: {type(exc).__name__}: {exc}"
+            log.exception("transform job %s failed", name)
+            update("Failed", FailureReason=reason[:1024])
+        finally:
+            self.transforms.pop(name, None)
+
+    def stop_transform_job(self, name: str) -> None:
+        with self.lock:
+            job = self.store.get("transform-job", name)
+            if job["TransformJobStatus"] in TERMINAL:
+                raise ValidationException(f"The transform job {name} is already {job['TransformJobStatus']}")
+            job.update(TransformJobStatus="Stopping", LastModifiedTime=time.time())
+            self.store.put("transform-job", job)
+            run = self.transforms.get(name)
+        if run is not None:
+            run.stop()
 
     # -- hyperparameter tuning jobs -------------------------------------------------------------------
     def create_tuning_job(self, params: dict) -> dict:

@@ -258,6 +258,23 @@ class SageMakerResponse:
         return _page(endpoints, params, "Endpoints", ("EndpointName", "EndpointArn", "CreationTime",
                                                       "LastModifiedTime", "EndpointStatus"))
 
+    # -- batch transform jobs -------------------------------------------------------------------------
+    def op_CreateTransformJob(self, params: dict) -> dict:
+        return {"TransformJobArn": self.backend.create_transform_job(params)["TransformJobArn"]}
+
+    def op_DescribeTransformJob(self, params: dict) -> dict:
+        return self.backend.describe("transform-job", params["TransformJobName"])
+
+    def op_StopTransformJob(self, params: dict) -> dict:
+        self.backend.stop_transform_job(params["TransformJobName"])
+        return {}
+
+    def op_ListTransformJobs(self, params: dict) -> dict:
+        jobs = _listed(self.backend.records("transform-job"), params, "transform-job")
+        return _page(jobs, params, "TransformJobSummaries", (
+            "TransformJobName", "TransformJobArn", "CreationTime", "TransformEndTime", "LastModifiedTime",
+            "TransformJobStatus", "FailureReason"))
+
     # -- hyperparameter tuning jobs -------------------------------------------------------------------
     def op_CreateHyperParameterTuningJob(self, params: dict) -> dict:
         job = self.backend.create_tuning_job(params)

@@ -275,15 +275,19 @@ LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 
 
 class CloudWatchLog:
-    """The job's output in CloudWatch Logs under SageMaker's names (`<job>/algo-1-<time>`), so the
-    Amazon provider's `print_log` shows it in the Airflow task log. Lines are sent in batches."""
+    """The job's output in CloudWatch Logs under SageMaker's names (a training job's
+    `/aws/sagemaker/TrainingJobs`, `<job>/algo-1-<time>`; a transform job names its own group and
+    stream), so the Amazon provider's `print_log` shows it in the Airflow task log. Lines are sent
+    in batches."""
 
-    def __init__(self, logs, job_name: str, flush_every: float = 1.0) -> None:
+    def __init__(self, logs, job_name: str, flush_every: float = 1.0, group: str = LOG_GROUP,
+                 stream: str | None = None) -> None:
         self.logs, self.pending, self.flush_every, self.last = logs, [], flush_every, time.time()
-        self.stream = f"{job_name}/algo-1-{int(time.time())}"
+        self.group = group
+        self.stream = stream or f"{job_name}/algo-1-{int(time.time())}"
         with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
-            logs.create_log_group(logGroupName=LOG_GROUP)
-        logs.create_log_stream(logGroupName=LOG_GROUP, logStreamName=self.stream)
+            logs.create_log_group(logGroupName=group)
+        logs.create_log_stream(logGroupName=group, logStreamName=self.stream)
 
     def write(self, line: str) -> None:
         # CloudWatch Logs refuses empty messages; a blank line (in a traceback, say) is kept as one space.
@@ -293,7 +297,7 @@ class CloudWatchLog:
 
     def flush(self) -> None:
         if self.pending:
-            self.logs.put_log_events(logGroupName=LOG_GROUP, logStreamName=self.stream, logEvents=self.pending)
+            self.logs.put_log_events(logGroupName=self.group, logStreamName=self.stream, logEvents=self.pending)
             self.pending = []
         self.last = time.time()
 
