@@ -148,6 +148,8 @@ def test_a_model_that_does_not_exist_fails_the_run_at_once_saying_what_to_set(da
     assert "the SageMaker model bin-counter-no-such-model does not exist" in log
     assert "Set the model Param" in log
     # And with no model Param and no endpoint: run bin_count_retrain first.
-    run = dag.test(**run_on(4), run_conf={"bucket": bucket, "input_uri": f"s3://{bucket}/{PHOTOS}"})
+    # (model given as None: dag.test keeps the previous run's conf in the DAG object's Params)
+    run = dag.test(**run_on(4), run_conf={"bucket": bucket, "input_uri": f"s3://{bucket}/{PHOTOS}", "model": None})
+    captured = capfd.readouterr()
     assert run.state == "failed"
-    assert "the endpoint bin-counter does not exist" in capfd.readouterr().out
+    assert "the endpoint bin-counter does not exist" in captured.out + captured.err, captured.out[-3000:]
