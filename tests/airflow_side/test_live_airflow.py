@@ -192,7 +192,7 @@ def open_trigger_form(page, url: str, dag_id: str):
     return dialog
 
 
-@pytest.mark.parametrize("dag_id", ["bin_count_data_prep", "bin_count_retrain"])
+@pytest.mark.parametrize("dag_id", ["bin_count_data_prep", "bin_count_retrain", "bin_count_batch"])
 def test_each_dags_trigger_form_accepts_its_defaults(live, page, dag_id):
     """Every Param renders as a field with its description, and the defaults pass the form's own
     validation: an operator can trigger a run without fixing anything first."""
@@ -267,7 +267,8 @@ def test_a_scheduler_killed_during_training_comes_back_and_no_job_runs_twice(liv
     sm = boto3.client("sagemaker", endpoint_url=live["standin"], region_name="us-east-1")
     conf = {"bucket": "ui-bucket", "max_count": 2, "epochs_min": 3, "epochs_max": 3, "batch_sizes": [8],
             "max_jobs": 1, "max_parallel_jobs": 1, "strategy": "Random", "initial_model": "none",
-            "smoke_images": 3, "extra_hyperparameters": QUICK}
+            "smoke_images": 3, "extra_hyperparameters": QUICK,
+            "deploy": False}  # the drill is about the training task's retry; deploying is test_retrain_dag's
     api.patch("/dags/bin_count_retrain", {"is_paused": False})
     run_id = api.post("/dags/bin_count_retrain/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
 

@@ -4,6 +4,7 @@ the module (a model worker start costs seconds); the tests read what those jobs 
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 
@@ -203,7 +204,8 @@ def test_list_filters_sorts_and_pages(stack):
     second = sm.list_transform_jobs(SortBy="Name", SortOrder="Ascending", MaxResults=1, NextToken=first["NextToken"])
     assert [first["TransformJobSummaries"][0]["TransformJobName"],
             second["TransformJobSummaries"][0]["TransformJobName"]] == ["manifest", "mixed"]
-    created = stack["jobs"]["manifest"]["CreationTime"]
+    # boto3 sends a timestamp rounded to the millisecond, which may fall just below the stored time.
+    created = stack["jobs"]["manifest"]["CreationTime"] + datetime.timedelta(milliseconds=1)
     later = sm.list_transform_jobs(CreationTimeAfter=created)["TransformJobSummaries"]
     assert "manifest" not in {s["TransformJobName"] for s in later}
 
