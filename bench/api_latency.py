@@ -13,10 +13,12 @@ Prints one JSON line per phase and a Markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -71,6 +73,30 @@ def serve(endpoint_url: str, s3, model: Path, name: str) -> None:
         raise SystemExit(f"the endpoint did not come up: {status}")
 
 
+@contextlib.contextmanager
+def api_stack(model: Path, state_prefix: str) -> Iterator[tuple[str, object]]:
+    """A moto server and the stand-in on loopback, `model` served at the endpoint `bin-counter` with
+    the API function in front of it; yields the stand-in's URL and an S3 client (bucket `bench`)."""
+    # Loopback servers only: any credentials do, and the stand-in (and its Lambda) inherit them.
+    for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ[name] = value
+    moto, moto_url = start_moto()
+    service_role(boto3.client("iam", endpoint_url=moto_url), ROLE.rsplit("/", 1)[1], "sagemaker.amazonaws.com",
+                 "lambda.amazonaws.com")
+    standin, url = start_standin(Path(tempfile.mkdtemp(prefix=state_prefix)), moto_url, CONTAINER_PYTHON,
+                                 api_key=API_KEY)
+    try:
+        s3 = boto3.client("s3", endpoint_url=moto_url)
+        serve(url, s3, model, "bin-counter")
+        ensure_function(boto3.client("lambda", endpoint_url=url), "bin-counter-api", "bin-counter", ROLE)
+        yield url, s3
+    finally:
+        for process in (standin, moto):
+            process.terminate()
+            process.wait(timeout=20)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a model.tar.gz as train.py writes it")
@@ -84,18 +110,7 @@ def main() -> None:
     if not images:
         raise SystemExit(f"no images in {args.images}")
 
-    # Loopback servers only: any credentials do, and the stand-in (and its Lambda) inherit them.
-    for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ[name] = value
-    moto, moto_url = start_moto()
-    service_role(boto3.client("iam", endpoint_url=moto_url), ROLE.rsplit("/", 1)[1], "sagemaker.amazonaws.com",
-                 "lambda.amazonaws.com")
-    state = Path(tempfile.mkdtemp(prefix="bench-api-"))
-    standin, url = start_standin(state, moto_url, CONTAINER_PYTHON, api_key=API_KEY)
-    try:
-        serve(url, boto3.client("s3", endpoint_url=moto_url), Path(args.model), "bin-counter")
-        ensure_function(boto3.client("lambda", endpoint_url=url), "bin-counter-api", "bin-counter", ROLE)
+    with api_stack(Path(args.model), "bench-api-") as (url, _):
         runtime = boto3.client("sagemaker-runtime", endpoint_url=url,
                                config=Config(retries={"mode": "standard", "total_max_attempts": 1},
                                              max_pool_connections=args.clients * 2))
@@ -114,10 +129,6 @@ def main() -> None:
         for name, s in rows:
             print(f"| {name} | {s['clients']} | {s['sent']} | {s['failed']} | {s['ok_per_s']} | {s['p50_ms']} "
                   f"| {s['p99_ms']} |")
-    finally:
-        for process in (standin, moto):
-            process.terminate()
-            process.wait(timeout=20)
 
 
 if __name__ == "__main__":

@@ -21,23 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
 
-from bench.api_latency import API_KEY, CONTAINER_PYTHON, ROLE, serve
+from bench.api_latency import API_KEY, api_stack
 from bin_counter import batch
 from bin_counter.abid import key_block, read_local_records
-from bin_counter.api_function import ensure_function
 from bin_counter.api_load import gateway_sender
 from bin_counter.sagemaker_config import transform_job_config
 from bin_counter.split import DEFAULT_SHARES, assign_splits
-from standin.iam import service_role
-from standin.launch import start_moto, start_standin
 
 PREFIX = "audits/bench/"
 
@@ -72,19 +67,8 @@ def main() -> None:
     if not photos:
         raise SystemExit(f"no photos in {abid}")
 
-    for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ[name] = value
-    moto, moto_url = start_moto()
-    service_role(boto3.client("iam", endpoint_url=moto_url), ROLE.rsplit("/", 1)[1], "sagemaker.amazonaws.com",
-                 "lambda.amazonaws.com")
-    state = Path(tempfile.mkdtemp(prefix="bench-batch-"))
-    standin, url = start_standin(state, moto_url, CONTAINER_PYTHON, api_key=API_KEY)
     rows = []
-    try:
-        s3 = boto3.client("s3", endpoint_url=moto_url)
-        serve(url, s3, Path(args.model), "bin-counter")  # creates the bench bucket
-        ensure_function(boto3.client("lambda", endpoint_url=url), "bin-counter-api", "bin-counter", ROLE)
+    with api_stack(Path(args.model), "bench-batch-") as (url, s3):
         expected_lines = ["key,expected"]
         truth: dict[str, tuple[int, int, bool]] = {}  # key -> (true, expected, in the test split)
         for index, record in enumerate(photos):
@@ -149,10 +133,6 @@ def main() -> None:
                 "caught": round(sum(r["verdict"] == "mismatch" for r in wrong) / len(wrong), 3),
                 "wrongly_matched": round(sum(r["verdict"] == "match" for r in wrong) / len(wrong), 3)}
         print(json.dumps({"verdicts": quality}), flush=True)
-    finally:
-        for process in (standin, moto):
-            process.terminate()
-            process.wait(timeout=20)
     print("| path | photos | answered | seconds | photos/s |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:

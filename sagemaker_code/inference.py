@@ -91,10 +91,10 @@ def refusals_answered() -> bool:
 
 
 def refuse(error: RequestError) -> dict:
-    """Raise `error` (endpoints), or return it as the refusal predict_fn passes on (batch jobs)."""
+    """Raise `error` (endpoints), or return the answer that says it (batch jobs)."""
     if not refusals_answered():
         raise error
-    return {"refused": error.answer()}
+    return error.answer()
 
 
 def model_fn(model_dir: str) -> dict:
@@ -115,7 +115,7 @@ def input_fn(request_body, request_content_type: str) -> dict:
     try:
         images, single, _ = api_contract.parse_body(bytes(request_body or b""), request_content_type)
     except api_contract.ApiError as exc:
-        return refuse(RequestError(exc.code, exc.message))
+        return {"refused": refuse(RequestError(exc.code, exc.message))}
     # Decoding needs the model's input size, so it happens in predict_fn (same error contract).
     return {"images": images, "single": single, "max_pixels": api_contract.LIMITS["max_pixels"]}
 
@@ -165,9 +165,8 @@ def predict_fn(input_object: dict, model: dict) -> dict:
             # preprocessing's reasons are the table's codes; input_fn has seen a JPEG or PNG signature
             # and end, so data Pillow cannot identify is a damaged image here.
             code = exc.reason if exc.reason in api_contract.ERRORS and exc.reason != "not_an_image" else "corrupt_image"
-            refused = refuse(RequestError(code, index=index, limit=input_object["max_pixels"],
-                                          format=exc.image_format or "another format"))
-            return {**refused["refused"], "model_version": version}
+            return {**refuse(RequestError(code, index=index, limit=input_object["max_pixels"],
+                                          format=exc.image_format or "another format")), "model_version": version}
     images = preprocessing.normalize(torch.stack(batch).float() / 255)
     card = model["card"]
     probabilities = class_probabilities(model["model"], images, card.get("test_time_augmentation", "none"))
@@ -188,6 +187,6 @@ def predict_fn(input_object: dict, model: dict) -> dict:
 
 def output_fn(prediction: dict, accept: str | None) -> tuple[str, str]:
     if api_contract.base_content_type(accept) not in ACCEPT_TYPES:
-        refused = refuse(RequestError("unsupported_accept", accept=accept))
-        prediction = {**refused["refused"], "model_version": prediction.get("model_version")}
+        prediction = {**refuse(RequestError("unsupported_accept", accept=accept)),
+                      "model_version": prediction.get("model_version")}
     return json.dumps(prediction), JSON_CONTENT_TYPE

@@ -28,6 +28,7 @@ from pathlib import PurePosixPath
 
 from botocore.exceptions import ClientError
 
+from bin_counter.abid import parse_count
 from bin_counter.api_function import function_settings
 from bin_counter.paths import LAMBDA_DIR
 from bin_counter.sagemaker_config import run_digest
@@ -163,30 +164,29 @@ def parse_expected_file(text: str) -> dict[str, int | None]:
     return found
 
 
-def expected_counts(s3, source: str, photos: list[dict]) -> dict[str, int | None]:
-    """Expected count per photo key (None where the source has none)."""
+def expected_counts(s3, source: str, bucket: str, photos: list[dict]) -> dict[str, int | None]:
+    """Expected count per photo key (None where the source has none); the photos are in `bucket`."""
     if source == "none":
         return {}
     if source == "dataset_folders":  # datasets/<version>/<split>/<count>/<key>.jpg
         return {p["key"]: _count(PurePosixPath(p["key"]).parent.name) for p in photos}
     if source == "abid_metadata":
         def read(photo: dict) -> tuple[str, int | None]:
-            bucket = photo["bucket"]
             try:
                 body = s3.get_object(Bucket=bucket, Key=metadata_key(photo["key"]))["Body"].read()
-                return photo["key"], _count(json.loads(body).get("EXPECTED_QUANTITY"))
+                return photo["key"], parse_count(body)
             except ClientError as exc:
                 if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
                     return photo["key"], None
                 raise
-            except (json.JSONDecodeError, AttributeError):
+            except ValueError:  # a metadata file without a usable EXPECTED_QUANTITY: no expectation
                 return photo["key"], None
 
         with ThreadPoolExecutor(READ_THREADS) as pool:
             return dict(pool.map(read, photos))
-    bucket, key = split_s3_uri(source)
+    list_bucket, key = split_s3_uri(source)
     try:
-        text = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8-sig")
+        text = s3.get_object(Bucket=list_bucket, Key=key)["Body"].read().decode("utf-8-sig")
     except ClientError as exc:
         raise BatchInputError(f"the expected counts file {source} cannot be read: {exc}") from exc
     listed = parse_expected_file(text)
@@ -212,9 +212,8 @@ def plan_photos(photos: list[dict], max_payload_mb: int) -> tuple[list[dict], li
 
 def manifest(input_uri: str, sent: Iterable[dict]) -> list:
     """SageMaker's ManifestFile: the prefix, then each object relative to it."""
-    return [{"prefix": "s3://" + "/".join(part for part in (split_s3_uri(input_uri)[0],
-                                                            folder(split_s3_uri(input_uri)[1])) if part)},
-            *[p["relative"] for p in sent]]
+    bucket, prefix = split_s3_uri(input_uri)
+    return [{"prefix": f"s3://{bucket}/{folder(prefix)}"}, *[p["relative"] for p in sent]]
 
 
 def prepare(s3, input_uri: str, output_uri: str, expected: str, max_payload_mb: int) -> dict:
@@ -226,9 +225,7 @@ def prepare(s3, input_uri: str, output_uri: str, expected: str, max_payload_mb: 
     photos = list_photos(s3, input_uri, skip_prefix=out_prefix if in_bucket == out_bucket else None)
     if not photos:
         raise BatchInputError(f"no objects under {input_uri}: nothing to count (is the prefix right?)")
-    for photo in photos:
-        photo["bucket"] = in_bucket
-    counts = expected_counts(s3, expected, photos)
+    counts = expected_counts(s3, expected, in_bucket, photos)
     sent, refused = plan_photos(photos, max_payload_mb)
     if not sent:
         raise BatchInputError(f"none of the {len(photos)} objects under {input_uri} can be sent: every one is "

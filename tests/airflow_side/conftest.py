@@ -207,19 +207,35 @@ def wait_endpoint(sm, name: str, timeout: float = 180) -> dict:
         time.sleep(0.3)
 
 
+def dag_without_retries(dag_id: str):
+    """A DAG as the DAG processor parses it from dags/, every task's retries off: a failure in a test
+    is the test's failure, not something to wait out. Set environment the DAG file reads first."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(str(REPO / "dags")).get_dag(dag_id)
+    for task in dag.tasks:
+        task.retries = 0
+    return dag
+
+
 def sagemaker_client(stack: dict):
     """A SageMaker client for a stand-in (the `standin` fixture, `local_stack_connection`)."""
     return boto3.client("sagemaker", endpoint_url=stack["endpoint"], region_name="us-east-1")
 
 
-def wait_training_job(sm, name: str, timeout: float = 240) -> dict:
-    """A training job's description once it has finished (or after `timeout`)."""
+def wait_ended(describe, status_field: str, timeout: float, poll: float = 0.5) -> dict:
+    """`describe()` once the job it describes has ended (Completed, Failed or Stopped) or after `timeout`."""
     deadline = time.time() + timeout
     while True:
-        job = sm.describe_training_job(TrainingJobName=name)
-        if job["TrainingJobStatus"] in ("Completed", "Failed", "Stopped") or time.time() > deadline:
+        job = describe()
+        if job[status_field] in ("Completed", "Failed", "Stopped") or time.time() > deadline:
             return job
-        time.sleep(0.5)
+        time.sleep(poll)
+
+
+def wait_training_job(sm, name: str, timeout: float = 240) -> dict:
+    """A training job's description once it has finished (or after `timeout`)."""
+    return wait_ended(lambda: sm.describe_training_job(TrainingJobName=name), "TrainingJobStatus", timeout)
 
 
 def serving_endpoint(sm, bucket: str, job: str, endpoint: str) -> None:

@@ -73,9 +73,7 @@ def test_an_expected_counts_file_names_photos_by_key_relative_key_or_abid_id(s3,
         put(s3, bucket, f"audits/a/{key}", make_bin_image(1, 1))
     put(s3, bucket, f"lists/expected.{name}", text)
     photos = batch.list_photos(s3, f"s3://{bucket}/audits/a/")
-    for photo in photos:
-        photo["bucket"] = bucket
-    counts = batch.expected_counts(s3, f"s3://{bucket}/lists/expected.{name}", photos)
+    counts = batch.expected_counts(s3, f"s3://{bucket}/lists/expected.{name}", bucket, photos)
     assert counts == {"audits/a/00003.jpg": 1, "audits/a/1.jpg": 3, "audits/a/2.jpg": 0, "audits/a/4.jpg": None}
 
 

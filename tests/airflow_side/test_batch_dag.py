@@ -12,7 +12,7 @@ import pytest
 from bin_counter import batch
 from bin_counter.sagemaker_config import run_job_names, transform_job_config
 from bin_counter.sagemaker_operators import ResumableTransformOperator
-from tests.airflow_side.conftest import CONTAINER_PYTHON, sagemaker_client, wait_endpoint
+from tests.airflow_side.conftest import CONTAINER_PYTHON, dag_without_retries, sagemaker_client, wait_endpoint
 from tests.conftest import REPO, make_bin_image
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
@@ -24,13 +24,8 @@ GOOD = {"00001": 0, "00002": 1, "00003": 2, "00004": 3}  # key -> the count the 
 
 @pytest.fixture
 def dag(airflow_db, monkeypatch):
-    from airflow.dag_processing.dagbag import DagBag
-
     monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
-    dag = DagBag(str(REPO / "dags")).get_dag("bin_count_batch")
-    for task in dag.tasks:
-        task.retries = 0  # a failure here is a test failure, not something to wait out
-    return dag
+    return dag_without_retries("bin_count_batch")
 
 
 @pytest.fixture

@@ -9,18 +9,13 @@ import time
 
 import pytest
 
-from tests.airflow_side.conftest import list_objects
-from tests.conftest import REPO, write_abid_dir
+from tests.airflow_side.conftest import dag_without_retries, list_objects
+from tests.conftest import write_abid_dir
 
 
 @pytest.fixture
 def dag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    dag = DagBag(str(REPO / "dags")).get_dag("bin_count_data_prep")
-    for task in dag.tasks:
-        task.retries = 0  # a failure here is a test failure, not something to wait out
-    return dag
+    return dag_without_retries("bin_count_data_prep")
 
 
 def asset_events(dag_id: str) -> list[dict]:

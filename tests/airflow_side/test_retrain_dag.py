@@ -11,23 +11,18 @@ import pytest
 
 from bin_counter.sagemaker_config import run_job_names
 from scripts import local_stack
-from tests.airflow_side.conftest import BASE_CONF, upload_dataset
-from tests.conftest import REPO, make_bin_image
+from tests.airflow_side.conftest import BASE_CONF, dag_without_retries, upload_dataset
+from tests.conftest import make_bin_image
 
 
 @pytest.fixture
 def dag(airflow_db, monkeypatch, pipeline_stack):
-    from airflow.dag_processing.dagbag import DagBag
-
     # The Variable exactly as the README tells a user to copy it from the stack's outputs.
     monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", pipeline_stack.outputs["SageMakerVariable"])
     monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
     # Where the workers find the backbone's ImageNet weights, as the local stack sets it.
     monkeypatch.setenv("BIN_COUNTER_IMAGENET_WEIGHTS", local_stack.container_weights())
-    dag = DagBag(str(REPO / "dags")).get_dag("bin_count_retrain")
-    for task in dag.tasks:
-        task.retries = 0  # a failure here is a test failure, not something to wait out
-    return dag
+    return dag_without_retries("bin_count_retrain")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import time
 
 import boto3
 import pytest
@@ -16,7 +15,7 @@ from standin.aws_calls import read_calls
 from standin.launch import start_standin
 from standin.sagemaker import transform
 from standin.sagemaker.models import arn
-from tests.airflow_side.conftest import CONTAINER_PYTHON, deployed_model, sagemaker_client
+from tests.airflow_side.conftest import CONTAINER_PYTHON, deployed_model, sagemaker_client, wait_ended
 from tests.conftest import REPO, make_bin_image, png_padded_to
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
@@ -37,12 +36,7 @@ def job_request(name: str, uri: str, output: str, data_type: str = "S3Prefix", *
 
 
 def wait_transform_job(sm, name: str, timeout: float = 180) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        job = sm.describe_transform_job(TransformJobName=name)
-        if job["TransformJobStatus"] in ("Completed", "Failed", "Stopped") or time.time() > deadline:
-            return job
-        time.sleep(0.3)
+    return wait_ended(lambda: sm.describe_transform_job(TransformJobName=name), "TransformJobStatus", timeout, 0.3)
 
 
 def keys(s3, prefix: str) -> set[str]:

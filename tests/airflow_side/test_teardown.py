@@ -13,7 +13,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from bin_counter import cleanup
-from tests.airflow_side.conftest import deployed_model, list_objects, wait_endpoint
+from tests.airflow_side.conftest import dag_without_retries, deployed_model, list_objects, wait_endpoint
 from tests.conftest import REPO
 
 ROLE = "arn:aws:iam::000000000000:role/local"
@@ -202,13 +202,8 @@ def test_deleting_an_endpoint_that_does_not_exist_is_nothing_to_delete(standin):
 # -- the DAG -------------------------------------------------------------------------------------------
 @pytest.fixture
 def dag(airflow_db, monkeypatch):
-    from airflow.dag_processing.dagbag import DagBag
-
     monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
-    dag = DagBag(str(REPO / "dags")).get_dag("bin_count_teardown")
-    for task in dag.tasks:
-        task.retries = 0  # a failure here is a test failure, not something to wait out
-    return dag
+    return dag_without_retries("bin_count_teardown")
 
 
 def test_the_dag_parses_with_its_params_described(airflow_db):
