@@ -131,6 +131,11 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
         "training_instance_type": Param("ml.g4dn.xlarge", type="string",
                                         description="Instance for tuning trials and the final training job"),
         "endpoint_instance_type": Param("ml.m5.large", type="string", description="Instance serving the endpoint"),
+        "serving_workers": Param(None, type=["null", "integer"], minimum=1, maximum=64,
+                                 description="Model workers per endpoint instance (SAGEMAKER_MODEL_SERVER_WORKERS). "
+                                             "Empty: TorchServe's one per vCPU, each on one core (the most answers "
+                                             "per second); 1: one worker on every core (the lowest latency at one "
+                                             "client, one worker's memory). BENCHMARKS.md, 'Serving fast'"),
         "gate_metric": Param("accuracy", enum=["accuracy", "rmse"],
                              description="Test metric the new model must not be worse on than the serving one"),
         "deploy_margin": Param(0.0, type="number", minimum=0,

@@ -39,6 +39,7 @@ import datasets
 import inference
 import metrics
 import preprocessing
+import serving_graph
 
 # SageMaker's fixed paths. The local stand-in runs jobs without a container and roots them in the
 # job's own folder through SM_OPT_ML_ROOT; on SageMaker that variable is not set.
@@ -51,8 +52,8 @@ SMOOTHING_TARGETS = ("all", "neighbours")
 CLASS_WEIGHTINGS = ("none", "balanced")
 # Files that make up the model's `code/` folder in model.tar.gz (what the serving container imports).
 # api_contract.py and .json: the API's request checks and error table, which the Lambda function uses too.
-SERVING_CODE = ("inference.py", "backbones.py", "efficientnet_lite.py", "preprocessing.py", "api_contract.py",
-                "api_contract.json")
+SERVING_CODE = ("inference.py", "serving_graph.py", "backbones.py", "efficientnet_lite.py", "preprocessing.py",
+                "api_contract.py", "api_contract.json")
 
 
 def in_sagemaker() -> bool:
@@ -437,9 +438,12 @@ def load_checkpoint(path: Path, signature: dict, model, optimizer, scheduler) ->
     return state
 
 
-def write_model(model_dir: Path, best_state: dict, card: dict) -> None:
+def write_model(model_dir: Path, best_state: dict, card: dict, graph: torch.jit.ScriptModule | None = None) -> None:
+    """model.pth, model_card.json, the serving graph model.pt (when given) and code/."""
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(best_state, model_dir / "model.pth")
+    if graph is not None:
+        serving_graph.save(graph, model_dir)
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     code_dir = model_dir / "code"
     code_dir.mkdir(exist_ok=True)
@@ -523,7 +527,11 @@ def main(args: argparse.Namespace) -> dict:
     model.load_state_dict(best["state"])
     result = {"best_epoch": best["epoch"], "validation": best["validation"]}
     card = model_card(args, result, history, sizes, fingerprint, time.time() - started, device, bf16)
-    write_model(Path(args.model_dir), best["state"], card)
+    # Traced from a CPU copy: the model itself stays on its device for the test evaluation below.
+    serving_net = backbones.build_model(args.arch, num_classes, weights="none", head=args.head)
+    serving_net.load_state_dict(best["state"])
+    graph = serving_graph.export(serving_net, args.image_size, len(inference.TTA_VIEWS[args.tta]))
+    write_model(Path(args.model_dir), best["state"], card, graph)
     if "test" in data:
         # Scored as clients will be served: the written model through the serving handlers (fp32),
         # and the serving model, if any, the same way on the same images. The loss comes from the

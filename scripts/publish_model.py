@@ -4,8 +4,9 @@ model.tar.gz an endpoint loads) and `models/MODEL_CARD.md`.
   PYTHONPATH=sagemaker_code .venv-container/bin/python -m scripts.publish_model build/model/model-default \\
       [--tta flips --decoding median]
 
-The archive carries model.pth, model_card.json and code/ with the serving code of this checkout
-(inference.py reads older cards as well), byte-identical for the same inputs. --tta and --decoding
+The archive carries model.pth, the serving graph traced from it (model.pt), model_card.json and code/
+with the serving code of this checkout (inference.py reads older cards as well), byte-identical for the
+same inputs. --tta and --decoding
 are written into the card, so the endpoint serves that way, and the card's test metrics are
 re-measured with them through the serving code when --test is given. Fails when the archive
 exceeds --max-mb.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import evaluate
 import inference
+import serving_graph
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +133,9 @@ def main() -> None:
         if args.decoding:
             card["decoding"] = args.decoding
         (staged / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        views = len(inference.TTA_VIEWS[card.get("test_time_augmentation", "none")])
+        serving_graph.save(serving_graph.export(serving_graph.rebuild(staged, card), card["preprocessing"]["resize"][0],
+                                                views), staged)
         if args.test:
             measured = evaluate.evaluate(str(staged), args.test, card["max_count"], 64)
             card["metrics"]["test"] = {**card["metrics"].get("test", {}), **measured}

@@ -114,7 +114,10 @@ def deployment_requests(params: Mapping, job: Mapping, data: Mapping, account: M
     tags = sagemaker_config.resource_tags({
         **labels, **{f"bin-counter:{k.replace(':', '-')}": round(v, 4) for k, v in metrics.items()
                      if k.startswith(("test:", "champion:"))}})
-    model = sagemaker_config.model_config(name, account["inference_image"], artifact, account["role_arn"], tags)
+    workers = params.get("serving_workers")
+    environment = {sagemaker_config.SERVING_WORKERS: str(workers)} if workers else None
+    model = sagemaker_config.model_config(name, account["inference_image"], artifact, account["role_arn"], tags,
+                                          environment)
     config = sagemaker_config.endpoint_config(name, name, params["endpoint_instance_type"], tags=tags)
     return {"model": model, "endpoint_config": config,
             "endpoint": {"EndpointName": params["endpoint_name"], "EndpointConfigName": name}}

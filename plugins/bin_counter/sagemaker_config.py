@@ -227,6 +227,11 @@ def best_trial(tuning_job: Mapping) -> dict:
 
 
 # -- serving ------------------------------------------------------------------------------------------
+# The inference toolkit's setting for TorchServe's workers per model (default: one per vCPU); the
+# model's inference.py gives each worker its share of the cores.
+SERVING_WORKERS = "SAGEMAKER_MODEL_SERVER_WORKERS"
+
+
 def model_config(name: str, image_uri: str, model_data_url: str, role_arn: str,
                  tags: Mapping[str, str] | None = None, environment: Mapping[str, str] | None = None) -> dict:
     """CreateModel for the PyTorch inference container: model.tar.gz carries code/inference.py."""

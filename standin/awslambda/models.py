@@ -62,7 +62,9 @@ class ExecutionEnvironment:
 
     def invoke(self, payload: bytes, timeout_s: float) -> dict:
         """The runner's answer ({"result": ...} or {"error": ...}); Timedout, or EOFError when it died."""
-        self.process.stdin.write(json.dumps(json.loads(payload or b"{}")).encode() + b"\n")
+        # One event per line: JSON's own text has no line breaks but between tokens.
+        line = payload if payload and b"\n" not in payload else json.dumps(json.loads(payload or b"{}")).encode()
+        self.process.stdin.write(line + b"\n")
         self.process.stdin.flush()
         with selectors.DefaultSelector() as selector:
             selector.register(self.process.stdout, selectors.EVENT_READ)
@@ -91,6 +93,9 @@ class LambdaBackend:
         self.python, self.region = python, region
         self.lock = threading.Lock()
         self.warm: dict[str, list[ExecutionEnvironment]] = {}  # function -> idle environments
+        # function -> its function.json as written: every change goes through _save, and an invocation
+        # should not read the disk twice (the API's every request invokes the function).
+        self.saved: dict[str, str] = {}
 
     def _assume(self, role: str | None) -> None:
         # Lambda assumes the role at the request: one that does not trust Lambda is refused there.
@@ -104,10 +109,13 @@ class LambdaBackend:
         return self.root / name
 
     def _config(self, name: str) -> dict:
-        path = self._folder(name) / "function.json"
-        if not path.is_file():
-            raise ResourceNotFoundException(f"Function not found: {self.arn(name)}")
-        return json.loads(path.read_text())
+        text = self.saved.get(name)
+        if text is None:
+            path = self._folder(name) / "function.json"
+            if not path.is_file():
+                raise ResourceNotFoundException(f"Function not found: {self.arn(name)}")
+            text = self.saved[name] = path.read_text()
+        return json.loads(text)
 
     def _install_code(self, name: str, zip_bytes: bytes) -> dict:
         code = self._folder(name) / "code"
@@ -125,7 +133,9 @@ class LambdaBackend:
     def _save(self, config: dict) -> dict:
         config["LastModified"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000+0000")
         config["RevisionId"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:36]
-        (self._folder(config["FunctionName"]) / "function.json").write_text(json.dumps(config))
+        text = json.dumps(config)
+        (self._folder(config["FunctionName"]) / "function.json").write_text(text)
+        self.saved[config["FunctionName"]] = text
         return config
 
     def create_function(self, params: dict) -> dict:
@@ -172,6 +182,7 @@ class LambdaBackend:
             for environment in self.warm.pop(name, []):
                 environment.stop()
             shutil.rmtree(self._folder(name))
+            self.saved.pop(name, None)
 
     def invoke(self, name: str, payload: bytes, invocation_type: str) -> tuple[int, bytes, dict]:
         """(status, payload, headers) of one RequestResponse invocation."""
@@ -239,8 +250,8 @@ class LambdaBackend:
 
     def _release(self, name: str, environment: ExecutionEnvironment) -> None:
         with self.lock:
-            current = self._folder(name) / "function.json"
-            if current.is_file() and json.loads(current.read_text())["RevisionId"] == environment.revision:
+            current = self.saved.get(name)
+            if current is not None and json.loads(current)["RevisionId"] == environment.revision:
                 self.warm.setdefault(name, []).append(environment)
                 return
         environment.stop()

@@ -1,20 +1,22 @@
-"""Model servers: `model_worker.py` processes in the container-side environment, on loopback ports.
+"""Model servers: `model_worker.py` processes in the container-side environment, on loopback ports
+(each a front end with its worker processes, as TorchServe serves a model).
 `serve_model` is how any of them starts (download and extract the model with the model's role,
-start the worker with the model container's `Environment`, wait for `/ping`) and `invoke` how any of
-them is asked, for endpoints and transform jobs alike. `EndpointHost` keeps one per endpoint: an
-update starts the new worker beside the old one and switches only once it answers `/ping`, so
+start the server with the model container's `Environment`, wait for `/ping`) and `invoke` how any of
+them is asked, over kept-alive connections, for endpoints and transform jobs alike. `EndpointHost`
+keeps one per endpoint: an update starts the new server beside the old one and switches only once it
+answers `/ping`, so
 requests in flight are not dropped and a model that fails to load leaves the old one serving.
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import subprocess
 import tarfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,18 +87,63 @@ def serve_model(model_dir: Path, model_data_url: str, s3, python: str, environme
     raise WorkerFailed(f"the model did not answer /ping within {load_timeout:.0f}s")
 
 
+class Connections:
+    """Kept-alive connections to the model servers, as a load balancer keeps them: a new TCP connection
+    per request costs the stand-in and the model server's front end a millisecond or two each."""
+
+    def __init__(self) -> None:
+        self.idle: dict[int, list[http.client.HTTPConnection]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, port: int, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        with self.lock:
+            pool = self.idle.get(port)
+            connection = pool.pop() if pool else None
+        if connection is None:
+            return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout), False
+        connection.timeout = timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        return connection, True
+
+    def give_back(self, port: int, connection: http.client.HTTPConnection) -> None:
+        with self.lock:
+            self.idle.setdefault(port, []).append(connection)
+
+    def forget(self, port: int) -> None:
+        """Close the connections to a model server that stopped."""
+        with self.lock:
+            pool = self.idle.pop(port, [])
+        for connection in pool:
+            connection.close()
+
+
+CONNECTIONS = Connections()
+
+
 def invoke(port: int, body: bytes, content_type: str | None, accept: str | None,
            timeout: float = 60.0) -> tuple[int, bytes, str]:
     """(status, body, content type) as the model server on `port` answered `POST /invocations`;
     OSError (a timeout included) when it did not answer."""
     headers = {"Content-Type": content_type or "application/octet-stream", "Accept": accept or "*/*"}
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                     headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback
-            return response.status, response.read(), response.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), exc.headers.get("Content-Type", "")
+    while True:
+        connection, reused = CONNECTIONS.take(port, timeout)
+        try:
+            connection.request("POST", "/invocations", body=body, headers=headers)
+            response = connection.getresponse()
+            payload = response.read()
+        except (http.client.HTTPException, OSError) as exc:
+            connection.close()
+            if reused and not isinstance(exc, TimeoutError):
+                continue  # the server closed a kept-alive connection: once more on a new one
+            if isinstance(exc, http.client.HTTPException):
+                raise ConnectionError(f"the model server's answer was cut short: {exc}") from exc
+            raise
+        if response.will_close:
+            connection.close()
+        else:
+            CONNECTIONS.give_back(port, connection)
+        return response.status, payload, response.headers.get("Content-Type", "")
 
 
 class EndpointHost:
@@ -128,6 +175,7 @@ class EndpointHost:
 
     def _retire(self, worker: Worker) -> None:
         worker.process.terminate()
+        CONNECTIONS.forget(worker.port)
         with self.lock:
             if worker in self.retiring:
                 self.retiring.remove(worker)
@@ -137,6 +185,7 @@ class EndpointHost:
             worker = self.live.pop(endpoint, None)
         if worker is not None:
             worker.process.terminate()
+            CONNECTIONS.forget(worker.port)
 
     def stop_all(self) -> None:
         for name in list(self.live):

@@ -1,45 +1,50 @@
-"""A model server for one endpoint, in the container-side environment: `GET /ping` and
-`POST /invocations` as SageMaker's PyTorch inference image answers them, through that image's own
-code, the inference toolkit (sagemaker-pytorch-inference 2.0.25, which bundles sagemaker_inference).
+"""A model server for one endpoint (or one transform instance), in the container-side environment:
+`GET /ping` and `POST /invocations` as SageMaker's PyTorch inference image answers them. Like TorchServe
+in that image, it is a front end and worker processes: this process takes the HTTP requests and hands
+each to an idle worker (`model_backend.py`, which serves through the image's own inference toolkit);
+a request waits while every worker is busy.
 
   PYTHONPATH=<model dir>/code .venv-container/bin/python -P standin/sagemaker/model_worker.py \\
-      --model-dir <extracted model.tar.gz> --port 8080
+      --model-dir <extracted model.tar.gz> --port 8080 [--workers N]
 
-What is AWS's code: `sagemaker_pytorch_serving_container.handler_service.HandlerService`, the
-`DefaultHandlerService` around `Transformer(default_inference_handler=DefaultPytorchInferenceHandler())`.
-It finds the model's module (`SAGEMAKER_PROGRAM`, default inference.py, on the path through
-PYTHONPATH as the image's torchserve.py sets it), loads the model with `model_fn`, and answers every
-request with `Transformer.transform(data, context)`: content type and Accept from the request's
-headers, UTF-8 types decoded to text, input_fn / predict_fn / output_fn, and a handler's error through
-`Transformer.handle_error` (its status, its phrase as the reason line, `message + "\\n" + traceback`).
+Workers: SAGEMAKER_MODEL_SERVER_WORKERS, the inference toolkit's setting (it becomes TorchServe's
+`default_workers_per_model`); unset, TorchServe starts one per logical CPU. Each worker loads the model
+itself, as TorchServe's do, so each holds its own memory; inference.py gives each its share of the
+cores. The front end answers `/ping` once every worker has loaded the model, and exits when one fails
+to, with the worker's traceback in the log. A worker that dies is replaced; its request is answered
+as TorchServe answers a failed prediction.
 
-What is ours, in place of TorchServe (whose Java front end the image runs): the HTTP front and the
-`Context` the toolkit is handed, the shape of TorchServe 0.12.0's `ts.context.Context` and
-`RequestProcessor`, filled as TorchServe's `Service.retrieve_data_for_inference` fills it; and the
-answer built from it as `create_predict_response` and the front end's `RestJob` build it: the status
-and phrase the toolkit set (an empty phrase on success, as TorchServe sends it), its content type
-(none on an error), the body as the toolkit returned it (text as UTF-8, other objects as indented
-JSON), TorchServe's cache headers and `x-request-id`, and `{"status": "Healthy"}` on `/ping`.
-One request at a time, as one TorchServe backend worker serves them. The process never exits
-because of a request.
+What is ours, in place of TorchServe's Java front end: the HTTP front, and the answer as its
+`RestJob` and `NettyUtils` send it: TorchServe's cache headers and `x-request-id` on every answer,
+its ErrorResponse JSON for its own errors, and `{"status": "Healthy"}` on `/ping`. The front end
+imports neither torch nor the toolkit, so it holds a few MB; the workers hold the model.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
+import queue
+import socket
+import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
+from pathlib import Path
 
-from sagemaker_pytorch_serving_container.handler_service import HandlerService
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # run with -P: the model's code/ (PYTHONPATH) comes first, then this folder
+    sys.path.append(str(HERE))
 
-MODEL_NAME = "model"  # the image's torchserve.py starts TorchServe with `--models model=/opt/ml/model`
-TS_VERSION = "0.12.0"  # the TorchServe of AWS's PyTorch 2.6.0 inference image
+from model_backend import ts_error  # noqa: E402 - after the path is set
+
+BACKEND = HERE / "model_backend.py"
+WORKERS_SETTING = "SAGEMAKER_MODEL_SERVER_WORKERS"
 # Every answer of TorchServe's front end (NettyUtils.sendHttpResponse) carries these.
 CACHE_HEADERS = (("Pragma", "no-cache"), ("Cache-Control", "no-cache; no-store, must-revalidate, private"),
                  ("Expires", "Thu, 01 Jan 1970 00:00:00 UTC"))
@@ -47,166 +52,95 @@ CACHE_HEADERS = (("Pragma", "no-cache"), ("Cache-Control", "no-cache; no-store, 
 logger = logging.getLogger(__name__)
 
 
-class RequestProcessor:
-    """TorchServe 0.12.0's ts.context.RequestProcessor: one request's headers and its answer's
-    status, phrase and headers."""
-
-    def __init__(self, request_header: dict) -> None:
-        self._status_code = 200
-        self._reason_phrase = None
-        self._response_header: dict[str, str] = {}
-        self._request_header = request_header
-
-    def get_request_property(self, key: str):
-        return self._request_header.get(key)
-
-    def report_status(self, code, reason_phrase=None) -> None:
-        self._status_code = code
-        self._reason_phrase = reason_phrase
-
-    def get_response_status_code(self) -> int:
-        return self._status_code
-
-    def get_response_status_phrase(self):
-        return self._reason_phrase
-
-    def add_response_property(self, key: str, value: str) -> None:
-        self._response_header[key] = value
-
-    def get_response_headers(self) -> dict:
-        return self._response_header
-
-    def get_response_header(self, key: str):
-        return self._response_header.get(key)
-
-    def get_request_properties(self) -> dict:
-        return self._request_header
+class WorkerDied(RuntimeError):
+    pass
 
 
-class Context:
-    """TorchServe 0.12.0's ts.context.Context, the part a handler service reads and writes: the
-    model's system properties, the batch's request processors, the answers' status and headers."""
+class Backend:
+    """One worker process and the socket to it."""
 
-    def __init__(self, model_name: str, model_dir: str, manifest: dict | None, batch_size: int, gpu: int | None,
-                 mms_version: str, limit_max_image_pixels: bool = True) -> None:
-        self.model_name = model_name
-        self.manifest = manifest
-        self._system_properties = {"model_dir": model_dir, "gpu_id": gpu, "batch_size": batch_size,
-                                   "server_name": "MMS", "server_version": mms_version,
-                                   "limit_max_image_pixels": limit_max_image_pixels}
-        self.request_ids = None
-        self.request_processor = None
-        self.metrics = None
-        self.model_yaml_config = {}
-        self.stopping_criteria = None
+    def __init__(self, model_dir: str) -> None:
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen([sys.executable, "-P", str(BACKEND), "--model-dir", model_dir,
+                                         "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.connection = Connection(ours.detach())
 
-    @property
-    def system_properties(self) -> dict:
-        return self._system_properties
+    def ready(self) -> None:
+        """Wait until the worker has loaded the model; WorkerDied when it could not."""
+        try:
+            if self.connection.recv() != "ready":
+                raise WorkerDied("the worker sent something else than ready")
+        except (EOFError, OSError) as exc:
+            raise WorkerDied(f"the worker exited while loading the model (exit status {self.process.wait()})") from exc
 
-    def get_request_id(self, idx: int = 0):
-        return None if self.request_ids is None else self.request_ids.get(idx)
+    def ask(self, body: bytes, headers: list[tuple[str, str]], request_id: str) -> tuple:
+        try:
+            self.connection.send((body, headers, request_id))
+            return self.connection.recv()
+        except (EOFError, OSError) as exc:
+            raise WorkerDied(str(exc)) from exc
 
-    def get_request_header(self, idx: int, key: str):
-        return self.request_processor[idx].get_request_property(key)
-
-    def get_all_request_header(self, idx: int) -> dict:
-        return self.request_processor[idx].get_request_properties()
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        self.set_response_header(idx, "content-type", value)
-
-    def get_response_content_type(self, idx: int):
-        return self.get_response_headers(idx).get("content-type")
-
-    def get_response_status(self, idx: int):
-        return (self.request_processor[idx].get_response_status_code(),
-                self.request_processor[idx].get_response_status_phrase())
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        if self.request_processor is not None and self.request_processor[idx] is not None:
-            self.request_processor[idx].report_status(code, reason_phrase=phrase)
-
-    def set_all_response_status(self, code: int = 200, phrase: str = "") -> None:
-        for processor in self.request_processor:
-            processor.report_status(code, reason_phrase=phrase)
-
-    def get_response_headers(self, idx: int) -> dict:
-        return self.request_processor[idx].get_response_headers()
-
-    def set_response_header(self, idx, key, value) -> None:
-        self.request_processor[idx].add_response_property(key, value)
+    def stop(self) -> None:
+        self.connection.close()
+        if self.process.poll() is None:
+            self.process.terminate()
 
 
-def load(model_dir: str) -> tuple[HandlerService, Context]:
-    """The image's handler service, initialised as TorchServe initialises it when the model loads:
-    the user module found and `model_fn(model_dir)` run. A model that fails to load raises."""
-    import torch
+class Workers:
+    """The model's workers; a request takes an idle one and gives it back."""
 
-    gpu = 0 if torch.cuda.is_available() else None
-    context = Context(MODEL_NAME, model_dir, {"model": {"modelName": MODEL_NAME}}, 1, gpu, TS_VERSION)
-    service = HandlerService()
-    service.initialize(context)
-    return service, context
+    def __init__(self, model_dir: str, count: int) -> None:
+        self.model_dir = model_dir
+        self.idle: queue.Queue[Backend] = queue.Queue()
+        started = [Backend(model_dir) for _ in range(count)]
+        try:
+            for backend in started:  # they load side by side
+                backend.ready()
+        except WorkerDied:
+            for backend in started:
+                backend.stop()
+            raise
+        for backend in started:
+            self.idle.put(backend)
+
+    def answer(self, body: bytes, headers: list[tuple[str, str]], request_id: str) -> tuple:
+        backend = self.idle.get()
+        try:
+            result = backend.ask(body, headers, request_id)
+        except WorkerDied:
+            logger.error("a model worker died (exit status %s); starting another", backend.process.wait())
+            threading.Thread(target=self._replace, args=(backend,), daemon=True).start()
+            return ts_error(503, "InternalServerException", "Prediction failed")
+        self.idle.put(backend)
+        return result
+
+    def _replace(self, dead: Backend) -> None:
+        dead.stop()
+        backend = Backend(self.model_dir)
+        try:
+            backend.ready()
+        except WorkerDied:
+            logger.error("the replacement worker could not load the model either")
+            return
+        self.idle.put(backend)
 
 
-def body_bytes(value) -> bytes:
-    """A response body as ts.protocol.otf_message_handler.create_predict_response encodes it."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        buffer = io.BytesIO()
-        torch.save(value, buffer)
-        return buffer.getvalue()
-    return json.dumps(value, indent=2).encode("utf-8")
-
-
-def ts_error(status: int, kind: str, message: str) -> tuple[int, str | None, dict, bytes]:
-    """TorchServe's front end's own error (NettyUtils.sendError): an ErrorResponse as indented JSON."""
-    body = json.dumps({"code": status, "type": kind, "message": message}, indent=2) + "\n"
-    return status, None, {"content-type": "application/json"}, body.encode()
-
-
-def predict(service: HandlerService, context: Context, body: bytes, headers: list[tuple[str, str]],
-            request_id: str) -> tuple[int, str | None, dict, bytes]:
-    """(status, reason phrase, response headers, body) for one request, as TorchServe's backend
-    (Service.predict) and front end (RestJob.responseInference) make them of the handler's answer."""
-    mime = next((value for name, value in headers if name.lower() == "content-type"), "")
-    request_header = {"body": {"content-type": mime.split(";")[0].strip()}}  # the parameter's headers
-    request_header.update(headers)  # then the request's, names as sent
-    context.request_ids = {0: request_id}
-    context.request_processor = [RequestProcessor(request_header)]
+def worker_count(environ: dict, cpus: int | None = None) -> int:
+    raw = environ.get(WORKERS_SETTING) or ""
+    if not raw:
+        return cpus or os.cpu_count() or 1  # TorchServe: one per logical processor without a GPU
     try:
-        answer = service.handle([{"body": body}], context)
-    except MemoryError:
-        logger.error("System out of memory", exc_info=True)
-        return ts_error(507, "InternalServerException", "Out of resources")
-    except Exception as exc:  # what TorchServe answers when the handler service itself fails
-        logger.warning("Invoking custom service failed.", exc_info=True)
-        if "CUDA" in str(exc):
-            return ts_error(507, "InternalServerException", "Out of resources")
-        return ts_error(503, "InternalServerException", "Prediction failed")
-    if not isinstance(answer, list):
-        return ts_error(503, "InternalServerException", "Invalid model predict output")
-    if len(answer) != 1:
-        return ts_error(503, "InternalServerException", "number of batch response mismatched")
-    try:
-        payload = body_bytes(answer[0])
-    except TypeError:
-        logger.warning("Unable to serialize model output.", exc_info=True)
-        return ts_error(503, "InternalServerException", "Unsupported model output data type.")
-    code, phrase = context.get_response_status(0)
-    # Netty writes the status line's phrase a byte per character, '?' for one beyond Latin-1.
-    phrase = (phrase or "").encode("latin-1", "replace").decode("latin-1")
-    return (200 if code is None else int(code)), phrase, dict(context.get_response_headers(0)), payload
+        count = int(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{WORKERS_SETTING}={raw!r} is not a whole number of workers") from exc
+    if count < 1:
+        raise SystemExit(f"{WORKERS_SETTING}={raw!r}: a model needs at least one worker")
+    return count
 
 
-def make_handler(service: HandlerService, context: Context):
-    one_at_a_time = threading.Lock()  # one TorchServe backend worker; the Context is shared
+def make_handler(answer: Callable[[bytes, list[tuple[str, str]], str], tuple]):
+    """The HTTP front; `answer(body, headers, request_id)` is a worker's (status, phrase, headers, body)."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -243,9 +177,7 @@ def make_handler(service: HandlerService, context: Context):
                 self._send(*ts_error(404, "ResourceNotFoundException",
                                      "Requested resource is not found, please refer to API document."), request_id)
                 return
-            with one_at_a_time:
-                answer = predict(service, context, body, list(self.headers.items()), request_id)
-            self._send(*answer, request_id)
+            self._send(*answer(body, list(self.headers.items()), request_id), request_id)
 
         def log_message(self, format: str, *args) -> None:
             pass
@@ -257,15 +189,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True, help="the extracted model.tar.gz")
     parser.add_argument("--port", type=int, required=True, help="loopback port to serve on")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"worker processes (default: {WORKERS_SETTING}, else one per logical CPU)")
     args = parser.parse_args()
-    # TorchServe's backend worker logs to stdout (the toolkit's handle_error logs there too).
     logging.basicConfig(stream=sys.stdout, format="%(message)s", level=logging.INFO)
-    code_dir = os.path.join(args.model_dir, "code")
-    if code_dir not in sys.path:  # PYTHONPATH names it when endpoints.py starts the worker, as torchserve.py does
-        sys.path.insert(0, code_dir)
-    service, context = load(args.model_dir)
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(service, context))
-    print(f"serving {args.model_dir} on 127.0.0.1:{args.port}", flush=True)
+    count = args.workers or worker_count(os.environ)
+    try:
+        workers = Workers(args.model_dir, count)
+    except WorkerDied as exc:
+        print(f"the model did not load: {exc}", flush=True)
+        return 1
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(workers.answer))
+    print(f"serving {args.model_dir} on 127.0.0.1:{args.port} with {count} worker(s)", flush=True)
     server.serve_forever()
     return 0
 

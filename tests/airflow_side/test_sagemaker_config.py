@@ -182,6 +182,12 @@ def test_deployment_requests_are_valid_and_tie_the_model_to_its_origin():
                     "bin-counter:dataset-version": "v-0123456789ab", "bin-counter:test-accuracy": "0.4568",
                     "bin-counter:champion-accuracy": "0.44"}
     assert requests["endpoint_config"]["ProductionVariants"][0]["ModelName"] == job["TrainingJobName"]
+    # Workers per instance: TorchServe's default unless the run asks for a number.
+    assert requests["model"]["PrimaryContainer"]["Environment"] == {"SAGEMAKER_PROGRAM": "inference.py"}
+    one = deployment_requests({**PARAMS, "serving_workers": 1}, job, DATA, ACCOUNT)["model"]
+    assert one["PrimaryContainer"]["Environment"] == {"SAGEMAKER_PROGRAM": "inference.py",
+                                                      "SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
+    validate("CreateModel", one)
 
 
 def test_best_trial_decodes_hyperparameters_and_explains_a_tuning_job_without_one():

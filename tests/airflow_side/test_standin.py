@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 import tarfile
 import time
@@ -174,6 +176,25 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
     # answered by the image's own inference toolkit in the worker: its Transformer is in the traceback
     assert "sagemaker_inference/transformer.py\", line" in caught.value.response["OriginalMessage"]
 
+    # The model server runs TorchServe's default workers, one per logical CPU; one that dies is
+    # replaced, and only the request it was answering fails (as TorchServe's failed prediction).
+    backends = worker_processes(standin["state"], (b"model_backend.py",))
+    assert len(backends) == os.cpu_count()
+    os.kill(backends[0], signal.SIGKILL)
+    statuses = []
+    for _ in range(3):
+        try:
+            runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg", Body=image)
+            statuses.append(200)
+        except ClientError as exc:
+            statuses.append(exc.response["OriginalStatusCode"])
+    assert statuses.count(503) <= 1 and statuses[-1] == 200, statuses
+    deadline = time.time() + 120
+    while len(replaced := worker_processes(standin["state"], (b"model_backend.py",))) < os.cpu_count() \
+            and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(replaced) == os.cpu_count() and backends[0] not in replaced
+
     # An update to a model that cannot load: the endpoint keeps serving the old one and says why.
     s3.put_object(Bucket=job_inputs, Key="broken/model.tar.gz", Body=b"not a tarball")
     deployed_model(sm, "broken", artifact=f"s3://{job_inputs}/broken/model.tar.gz")
@@ -189,15 +210,17 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
         runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg", Body=image)
 
 
-def worker_processes(state_dir) -> list[int]:
-    """PIDs of model workers serving from under `state_dir` (Linux /proc)."""
+def worker_processes(state_dir, scripts=(b"model_worker.py", b"model_backend.py")) -> list[int]:
+    """PIDs of model servers (front ends and their workers, or the `scripts` named) serving from under
+    `state_dir` (Linux /proc)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             words = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue  # the process ended while we looked
-        if any(b"model_worker.py" in w for w in words) and any(str(state_dir).encode() in w for w in words):
+        if any(w.endswith(scripts) for w in words) \
+                and any(str(state_dir).encode() in w for w in words):
             found.append(int(cmdline.parent.name))
     return found
 
@@ -210,7 +233,8 @@ def test_stopping_right_after_an_update_leaves_no_model_worker(standin, job_inpu
     sm.update_endpoint(EndpointName="bin-count", EndpointConfigName="job-again")
     time.sleep(0.5)
     assert wait_endpoint(sm, "bin-count")["EndpointConfigName"] == "job-again"
-    assert len(worker_processes(standin["state"])) == 2  # the old one finishes its requests for a few seconds
+    # The old server finishes its requests for a few seconds.
+    assert len(worker_processes(standin["state"], (b"model_worker.py",))) == 2
     standin["proc"].terminate()  # within those seconds
     standin["proc"].wait(timeout=20)
     deadline = time.time() + 10

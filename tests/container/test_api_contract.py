@@ -22,7 +22,7 @@ import sagemaker_inference
 import torch
 from sagemaker_inference.transformer import Transformer
 
-from standin.sagemaker import model_worker
+from standin.sagemaker import model_backend, model_worker
 from tests.conftest import REPO, REQUEST_FAULTS, make_bin_image, truncated_image
 
 import api_contract
@@ -60,8 +60,8 @@ def toolkit_answer(exc: Exception) -> tuple[int, str, str]:
         raise exc
     except Exception:
         trace = traceback.format_exc()
-    context = model_worker.Context("model", "/opt/ml/model", None, 1, None, model_worker.TS_VERSION)
-    context.request_processor = [model_worker.RequestProcessor({})]
+    context = model_backend.Context("model", "/opt/ml/model", None, 1, None, model_backend.TS_VERSION)
+    context.request_processor = [model_backend.RequestProcessor({})]
     body = Transformer.handle_error(context, exc, trace)[0]
     status, phrase = context.get_response_status(0)
     return status, phrase, body
@@ -81,7 +81,9 @@ def test_the_toolkit_is_the_images():
 
     assert issubclass(inference.RequestError, BaseInferenceToolkitError)
     assert inference.BaseInferenceToolkitError is BaseInferenceToolkitError
-    assert isinstance(model_worker.HandlerService()._service, Transformer)
+    from sagemaker_pytorch_serving_container.handler_service import HandlerService
+
+    assert isinstance(HandlerService()._service, Transformer)
 
 
 def test_the_two_layers_read_one_table():
@@ -156,14 +158,21 @@ def failing_module() -> types.ModuleType:
 
 @pytest.fixture
 def worker(monkeypatch, tmp_path):
-    """standin/sagemaker/model_worker.py's server: the toolkit's handler service, found the model's module
-    through SAGEMAKER_PROGRAM as in the image, around inference.py and a model that fails on marked images."""
+    """standin/sagemaker/model_worker.py's HTTP front on one worker's answers (model_backend.py's): the
+    toolkit's handler service, found the model's module through SAGEMAKER_PROGRAM as in the image, around
+    inference.py and a model that fails on marked images."""
     monkeypatch.setitem(sys.modules, "failing_inference", failing_module())
     monkeypatch.setenv("SAGEMAKER_PROGRAM", "failing_inference.py")
     monkeypatch.delenv("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", raising=False)
     monkeypatch.setenv("PYTHONPATH", "")  # HandlerService.initialize prepends the model's code/ to it
-    service, context = model_worker.load(str(tmp_path))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), model_worker.make_handler(service, context))
+    service, context = model_backend.load(str(tmp_path))
+    one_at_a_time = threading.Lock()  # one worker, as model_worker.Workers hands requests to it
+
+    def answer(body, headers, request_id):
+        with one_at_a_time:
+            return model_backend.predict(service, context, body, headers, request_id)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), model_worker.make_handler(answer))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
