@@ -1,4 +1,4 @@
-"""The stand-in's costs: overhead per training job, an endpoint worker's peak memory, and
+"""The stand-in's costs: overhead per training job, an endpoint's resident memory (every process), and
 InvokeEndpoint latency against calling inference.py's handlers in-process, side by side.
 
   PYTHONPATH=plugins .venv/bin/python -m bench.standin_overhead --abid ../shared/abid [--requests 200] \
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import boto3
 
+from bench.serving_speed import endpoint_processes, memory_mb
 from bin_counter.abid import read_local_records
 from bin_counter.sagemaker_config import training_job_config
 from standin.iam import service_role
@@ -118,13 +119,8 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         results["invoke_endpoint"] = percentiles(times)
 
-        worker_pid = subprocess.run(["pgrep", "-f", "model_worker.py"], capture_output=True, text=True,
-                                    check=False).stdout.split()
-        if worker_pid:
-            status = Path(f"/proc/{worker_pid[0]}/status").read_text()
-            fields = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith("Vm")}
-            results["worker_peak_rss_mb"] = round(fields["VmHWM"] / 1024, 1)
-            results["worker_rss_mb"] = round(fields["VmRSS"] / 1024, 1)
+        # Every process of the endpoint: the model server's front end and its workers.
+        results["endpoint_memory"] = memory_mb(endpoint_processes(str(state)))
 
         model_dir = next((state / "endpoint-workers" / "e").glob("m-*[0-9]"))
         proc = subprocess.run([str(container_python), "-c", IN_PROCESS, str(model_dir), str(image_path),

@@ -103,8 +103,9 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     assert first_model.endswith("-final")
     assert "no endpoint yet" in log and "DEPLOYING: no model is serving yet" in log
     assert "smoke check passed" in log
-    tags = {t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=sm.describe_model(ModelName=first_model)[
-        "ModelArn"])["Tags"]}
+    described = sm.describe_model(ModelName=first_model)
+    assert described["PrimaryContainer"]["Environment"]["SAGEMAKER_MODEL_SERVER_WORKERS"] == "1"  # serving_workers
+    tags = {t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=described["ModelArn"])["Tags"]}
     assert tags["bin-counter:training-job"] == first_model and tags["bin-counter:dataset-version"] == "v-test"
     assert "bin-counter:test-accuracy" in tags
     first_accuracy = final_metrics(stack, first_model)["test:accuracy"]
