@@ -15,7 +15,9 @@ One after the other, each in its own processes:
      arms), the API function in front; the endpoint's first ten answers, the model server directly,
      InvokeEndpoint and POST /count with 1 client, POST /count with --clients clients, the Lambda
      function's first (cold) answer, and the resident memory of every process of the endpoint.
-Prints one JSON line per arm and Markdown tables. The baseline tree comes from `git archive`.
+The arms run --repeat times, interleaved (baseline, then each of this checkout's, again), and the
+tables give each number's median: this machine's speed drifts by a quarter between minutes. Prints
+one JSON line per arm's run and Markdown tables. The baseline tree comes from `git archive`.
 """
 
 from __future__ import annotations
@@ -254,6 +256,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40, help="requests per one-client p50")
     parser.add_argument("--limit", type=int, default=20, help="photos sent in turn by the load phases")
     parser.add_argument("--skip-counts", action="store_true", help="leave out the 554-photo count comparison")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of every arm, interleaved; the tables give medians")
     args = parser.parse_args()
     abid = Path(args.abid)
     photo = str(abid / "bin-images" / PHOTO)
@@ -295,18 +298,36 @@ def main() -> None:
         photos = json.dumps([str(p) for p in images_in([str(abid / "bin-images")])[: args.limit]])
         arms = [("baseline", base, archives["baseline"], "")] + \
                [(f"current, {w} worker(s)", ROOT, archives["current"], w) for w in args.workers]
-        report["arms"] = []
-        for name, tree, archive, workers in arms:
-            command = [sys.executable, script, "arm", "--name", name, "--model", str(archive), "--photo", photo,
-                       "--photos", photos, "--workers", workers, "--seconds", str(args.seconds),
-                       "--clients", str(args.clients), "--runs", str(args.runs),
-                       "--container-python", str(CONTAINER_PYTHON)]
-            found = run_json(command, tree, {"PYTHONPATH": f"{tree}:{tree / 'plugins'}"})
-            print(json.dumps(found), flush=True)
-            report["arms"].append(found)
+        runs: dict[str, list[dict]] = {name: [] for name, *_ in arms}
+        for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every arm
+            for name, tree, archive, workers in arms:
+                command = [sys.executable, script, "arm", "--name", name, "--model", str(archive), "--photo", photo,
+                           "--photos", photos, "--workers", workers, "--seconds", str(args.seconds),
+                           "--clients", str(args.clients), "--runs", str(args.runs),
+                           "--container-python", str(CONTAINER_PYTHON)]
+                found = run_json(command, tree, {"PYTHONPATH": f"{tree}:{tree / 'plugins'}"})
+                print(json.dumps(found), flush=True)
+                runs[name].append(found)
+        report["arms"] = [median_of(found) for found in runs.values()]
         print_tables(report, args.clients)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def median_of(found: list[dict]) -> dict:
+    """One arm's repeats as one: each number their median; the throughput also as its range."""
+    def merge(values: list):
+        if isinstance(values[0], dict):
+            return {k: merge([v[k] for v in values]) for k in values[0]}
+        if isinstance(values[0], (int, float)) and not isinstance(values[0], bool):
+            return round(statistics.median(values), 2)
+        return values[0]
+
+    merged = merge(found)
+    merged["throughputs"] = sorted(f[k]["ok_per_s"] for f in found for k in f if k.startswith("api_") and
+                                   k.endswith("_clients") and k != "api_1_clients")
+    merged["repeats"] = len(found)
+    return merged
 
 
 def print_tables(report: dict, clients: int) -> None:
@@ -318,7 +339,8 @@ def print_tables(report: dict, clients: int) -> None:
         ("model server /invocations, p50 ms", lambda a: a["model_server_p50_ms"]),
         ("InvokeEndpoint, p50 ms", lambda a: a["invoke_endpoint_p50_ms"]),
         ("API (POST /count), 1 client, p50 / p99 ms", lambda a: f"{a['api_p50_ms']} / {a['api_p99_ms']}"),
-        (f"API, {clients} clients, answers/s", lambda a: a[f"api_{clients}_clients"]["ok_per_s"]),
+        (f"API, {clients} clients, answers/s (median; each run)",
+         lambda a: f"{a[f'api_{clients}_clients']['ok_per_s']} ({', '.join(map(str, a['throughputs']))})"),
         (f"API, {clients} clients, x the baseline",
          lambda a: round(a[f"api_{clients}_clients"]["ok_per_s"] / base[f"api_{clients}_clients"]["ok_per_s"], 2)),
         (f"API, {clients} clients, p50 / p99 ms",
