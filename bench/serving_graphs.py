@@ -17,25 +17,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
+from bench.serving_speed import p50, timed
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def p50(call, runs: int) -> float:
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - started) * 1000)
-    return round(statistics.median(times), 1)
 
 
 def variants(net, views, torch, extra_path: str | None) -> dict:
@@ -119,7 +108,7 @@ def main() -> None:
                     continue
                 run, per = run if isinstance(run, tuple) else (run, 1)
                 difference = f"{(torch.softmax(run().float(), 1) - reference).abs().max().item():.1e}"
-                rows.append((name, threads, round(p50(run, args.runs) / per, 1), difference))
+                rows.append((name, threads, round(p50(timed(run, args.runs)) / per, 1), difference))
                 print(json.dumps({"variant": name, "threads": threads, "p50_ms": rows[-1][2],
                                   "max_probability_difference": difference}), flush=True)
     print("\n| the four views of one photo | threads | p50 ms | max. difference of the probabilities |")

@@ -103,6 +103,8 @@ def handler_main(args: argparse.Namespace) -> None:
 
 # -- one arm's stack, in the Airflow-side environment of its own tree --------------------------------
 def endpoint_processes(state_dir: str) -> list[int]:
+    """The endpoint's processes. standin.sagemaker.endpoints.model_server_processes finds them in this
+    checkout; an arm runs on its own tree's stand-in, and the baseline's has no such function."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:

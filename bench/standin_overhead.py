@@ -22,11 +22,12 @@ from pathlib import Path
 
 import boto3
 
-from bench.serving_speed import endpoint_processes, memory_mb
+from bench.serving_speed import memory_mb
 from bin_counter.abid import read_local_records
 from bin_counter.sagemaker_config import training_job_config
 from standin.iam import service_role
 from standin.launch import start_moto, start_standin
+from standin.sagemaker.endpoints import model_server_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +121,7 @@ def main() -> None:
         results["invoke_endpoint"] = percentiles(times)
 
         # Every process of the endpoint: the model server's front end and its workers.
-        results["endpoint_memory"] = memory_mb(endpoint_processes(str(state)))
+        results["endpoint_memory"] = memory_mb(model_server_processes(state))
 
         model_dir = next((state / "endpoint-workers" / "e").glob("m-*[0-9]"))
         proc = subprocess.run([str(container_python), "-c", IN_PROCESS, str(model_dir), str(image_path),

@@ -47,7 +47,7 @@ def open_model(path: Path, workdir: Path) -> dict:
         path = workdir
     if not (path / "model_card.json").is_file():
         raise SystemExit(f"evaluate.py: {path} holds no model_card.json: not a model written by train.py")
-    return inference.model_fn(str(path))
+    return inference.load_model(str(path))
 
 
 def predict_counts(model: dict, samples: list[datasets.Sample], batch_size: int) -> list[dict]:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -102,11 +103,17 @@ def refuse(error: RequestError) -> dict:
 
 
 def model_fn(model_dir: str) -> dict:
-    """The serving graph with its model card, its threads set and warmed up."""
-    card = json.loads((Path(model_dir) / "model_card.json").read_text())
+    """The model as a worker serves it: this process's share of the cores, then `load_model`."""
     threads = serving_graph.set_threads()
+    return {**load_model(model_dir), "threads": threads}
+
+
+def load_model(model_dir: str) -> dict:
+    """The serving graph with its model card, warmed up; the threads left as they are (evaluate.py
+    and train.py score models with their own)."""
+    card = json.loads((Path(model_dir) / "model_card.json").read_text())
     model = {"model": serving_graph.load(Path(model_dir), card), "card": card,
-             "image_size": card["preprocessing"]["resize"][0], "threads": threads}
+             "image_size": card["preprocessing"]["resize"][0]}
     warm_up(model)
     return model
 
@@ -146,9 +153,11 @@ TTA_VIEWS = {"none": ("",), "hflip": ("", "h"), "flips": ("", "h", "v", "hv")}
 DECODINGS = ("argmax", "median", "expected")
 
 
-def class_probabilities(net, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+def class_probabilities(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                        tta: str = "none") -> torch.Tensor:
     """Softmax over count classes of a normalised batch, averaged over the TTA views: every view of
-    every image in one forward pass, which runs several times faster than a pass per view."""
+    every image in one forward pass (one call into the graph instead of one per view; a batch of n
+    images is n x views images in the network at once)."""
     if tta not in TTA_VIEWS:
         raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {sorted(TTA_VIEWS)}")
     views = TTA_VIEWS[tta]

@@ -6,7 +6,7 @@ model.tar.gz an endpoint loads) and `models/MODEL_CARD.md`.
 
 The archive carries model.pth, the serving graph traced from it (model.pt), model_card.json and code/
 with the serving code of this checkout (inference.py reads older cards as well), byte-identical for the
-same inputs. --tta and --decoding
+same inputs and environment (the graph's debug records name torchvision's folder). --tta and --decoding
 are written into the card, so the endpoint serves that way, and the card's test metrics are
 re-measured with them through the serving code when --test is given. Fails when the archive
 exceeds --max-mb.

@@ -96,6 +96,7 @@ class LambdaBackend:
         # function -> its function.json as written: every change goes through _save, and an invocation
         # should not read the disk twice (the API's every request invokes the function).
         self.saved: dict[str, str] = {}
+        self.saved_lock = threading.Lock()
 
     def _assume(self, role: str | None) -> None:
         # Lambda assumes the role at the request: one that does not trust Lambda is refused there.
@@ -109,12 +110,13 @@ class LambdaBackend:
         return self.root / name
 
     def _config(self, name: str) -> dict:
-        text = self.saved.get(name)
-        if text is None:
-            path = self._folder(name) / "function.json"
-            if not path.is_file():
-                raise ResourceNotFoundException(f"Function not found: {self.arn(name)}")
-            text = self.saved[name] = path.read_text()
+        with self.saved_lock:  # one reader or writer at a time: a deletion cannot be read back into it
+            text = self.saved.get(name)
+            if text is None:
+                path = self._folder(name) / "function.json"
+                if not path.is_file():
+                    raise ResourceNotFoundException(f"Function not found: {self.arn(name)}")
+                text = self.saved[name] = path.read_text()
         return json.loads(text)
 
     def _install_code(self, name: str, zip_bytes: bytes) -> dict:
@@ -134,8 +136,9 @@ class LambdaBackend:
         config["LastModified"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000+0000")
         config["RevisionId"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:36]
         text = json.dumps(config)
-        (self._folder(config["FunctionName"]) / "function.json").write_text(text)
-        self.saved[config["FunctionName"]] = text
+        with self.saved_lock:
+            (self._folder(config["FunctionName"]) / "function.json").write_text(text)
+            self.saved[config["FunctionName"]] = text
         return config
 
     def create_function(self, params: dict) -> dict:
@@ -181,8 +184,9 @@ class LambdaBackend:
             self._config(name)
             for environment in self.warm.pop(name, []):
                 environment.stop()
-            shutil.rmtree(self._folder(name))
-            self.saved.pop(name, None)
+            with self.saved_lock:
+                shutil.rmtree(self._folder(name))
+                self.saved.pop(name, None)
 
     def invoke(self, name: str, payload: bytes, invocation_type: str) -> tuple[int, bytes, dict]:
         """(status, payload, headers) of one RequestResponse invocation."""
@@ -250,7 +254,8 @@ class LambdaBackend:
 
     def _release(self, name: str, environment: ExecutionEnvironment) -> None:
         with self.lock:
-            current = self.saved.get(name)
+            with self.saved_lock:
+                current = self.saved.get(name)
             if current is not None and json.loads(current)["RevisionId"] == environment.revision:
                 self.warm.setdefault(name, []).append(environment)
                 return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import select
 import subprocess
 import tarfile
 import threading
@@ -64,6 +65,7 @@ def serve_model(model_dir: Path, model_data_url: str, s3, python: str, environme
     except tarfile.TarError as exc:
         raise WorkerFailed(f"{model_data_url} is not a model.tar.gz: {exc}") from exc
     port = free_port()
+    CONNECTIONS.started(port)
     log_path = model_dir.with_suffix(".log")
     # The image's torchserve.py puts the model's code/ on PYTHONPATH before TorchServe starts; `-P`
     # keeps this folder (the worker script's) off the path, so the model's modules are found first.
@@ -93,32 +95,47 @@ class Connections:
 
     def __init__(self) -> None:
         self.idle: dict[int, list[http.client.HTTPConnection]] = {}
+        self.stopped: set[int] = set()  # ports whose server stopped: what comes back there is closed
         self.lock = threading.Lock()
 
     def take(self, port: int, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
-        with self.lock:
-            pool = self.idle.get(port)
-            connection = pool.pop() if pool else None
-        if connection is None:
-            return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout), False
-        connection.timeout = timeout
-        if connection.sock is not None:
+        """A connection to `port` and whether it was kept alive; one the server closed meanwhile is dropped."""
+        while True:
+            with self.lock:
+                pool = self.idle.get(port)
+                connection = pool.pop() if pool else None
+            if connection is None:
+                return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout), False
+            if connection.sock is None or select.select([connection.sock], [], [], 0)[0]:
+                connection.close()  # readable while idle: the server closed it (EOF)
+                continue
             connection.sock.settimeout(timeout)
-        return connection, True
+            return connection, True
 
     def give_back(self, port: int, connection: http.client.HTTPConnection) -> None:
         with self.lock:
-            self.idle.setdefault(port, []).append(connection)
+            if port not in self.stopped:
+                self.idle.setdefault(port, []).append(connection)
+                return
+        connection.close()
+
+    def started(self, port: int) -> None:
+        """A new server listens on `port` (a stopped one's port may be handed out again)."""
+        with self.lock:
+            self.stopped.discard(port)
 
     def forget(self, port: int) -> None:
-        """Close the connections to a model server that stopped."""
+        """Close the connections to a model server that stopped, and those still in use when they come back."""
         with self.lock:
             pool = self.idle.pop(port, [])
+            self.stopped.add(port)
         for connection in pool:
             connection.close()
 
 
 CONNECTIONS = Connections()
+# A kept-alive connection that the server closed just as it was reused: sent again, once, on a new one.
+STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
 def invoke(port: int, body: bytes, content_type: str | None, accept: str | None,
@@ -126,24 +143,44 @@ def invoke(port: int, body: bytes, content_type: str | None, accept: str | None,
     """(status, body, content type) as the model server on `port` answered `POST /invocations`;
     OSError (a timeout included) when it did not answer."""
     headers = {"Content-Type": content_type or "application/octet-stream", "Accept": accept or "*/*"}
-    while True:
+    for attempt in (1, 2):
         connection, reused = CONNECTIONS.take(port, timeout)
         try:
             connection.request("POST", "/invocations", body=body, headers=headers)
             response = connection.getresponse()
             payload = response.read()
-        except (http.client.HTTPException, OSError) as exc:
+        except STALE:
             connection.close()
-            if reused and not isinstance(exc, TimeoutError):
-                continue  # the server closed a kept-alive connection: once more on a new one
-            if isinstance(exc, http.client.HTTPException):
-                raise ConnectionError(f"the model server's answer was cut short: {exc}") from exc
+            if reused and attempt == 1:
+                continue
+            raise
+        except http.client.HTTPException as exc:
+            connection.close()
+            raise ConnectionError(f"the model server's answer was cut short: {exc}") from exc
+        except OSError:
+            connection.close()
             raise
         if response.will_close:
             connection.close()
         else:
             CONNECTIONS.give_back(port, connection)
         return response.status, payload, response.headers.get("Content-Type", "")
+    raise AssertionError("unreachable")
+
+
+def model_server_processes(state_dir: str | os.PathLike,
+                           scripts: tuple[bytes, ...] = (b"model_worker.py", b"model_backend.py")) -> list[int]:
+    """PIDs of the model servers' processes (front ends and their workers, or the `scripts` named)
+    serving from under `state_dir` (Linux /proc): what an endpoint holds, and what must not outlive it."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # the process ended while we looked
+        if any(w.endswith(scripts) for w in words) and any(str(state_dir).encode() in w for w in words):
+            found.append(int(cmdline.parent.name))
+    return found
 
 
 class EndpointHost:

@@ -133,7 +133,7 @@ class Context:
         self.request_processor[idx].add_response_property(key, value)
 
 
-def load(model_dir: str):
+def load(model_dir: str) -> tuple[object, Context]:
     """The image's handler service and its Context, initialised as TorchServe initialises it when the
     model loads: the user module found and `model_fn(model_dir)` run. A model that fails to load raises."""
     import torch
@@ -167,7 +167,7 @@ def ts_error(status: int, kind: str, message: str) -> tuple[int, str | None, dic
     return status, None, {"content-type": "application/json"}, body.encode()
 
 
-def predict(service, context: Context, body: bytes, headers: list[tuple[str, str]],
+def predict(service: object, context: Context, body: bytes, headers: list[tuple[str, str]],
             request_id: str) -> tuple[int, str | None, dict, bytes]:
     """(status, reason phrase, response headers, body) for one request, as TorchServe's backend
     (Service.predict) and front end (RestJob.responseInference) make them of the handler's answer."""
@@ -215,14 +215,19 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def serve(connection: Connection, service, context: Context) -> None:
+def serve(connection: Connection, service: object, context: Context) -> None:
     """Answer requests from the front end until it closes the connection."""
     while True:
         try:
             body, headers, request_id = connection.recv()
         except (EOFError, OSError):
             return
-        connection.send(predict(service, context, body, headers, request_id))
+        try:
+            answer = predict(service, context, body, headers, request_id)
+        except Exception:  # the worker stays; TorchServe answers a failed prediction so
+            logger.warning("Invoking custom service failed.", exc_info=True)
+            answer = ts_error(503, "InternalServerException", "Prediction failed")
+        connection.send(answer)
 
 
 def main() -> int:

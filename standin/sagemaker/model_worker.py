@@ -11,8 +11,9 @@ Workers: SAGEMAKER_MODEL_SERVER_WORKERS, the inference toolkit's setting (it bec
 `default_workers_per_model`); unset, TorchServe starts one per logical CPU. Each worker loads the model
 itself, as TorchServe's do, so each holds its own memory; inference.py gives each its share of the
 cores. The front end answers `/ping` once every worker has loaded the model, and exits when one fails
-to, with the worker's traceback in the log. A worker that dies is replaced; its request is answered
-as TorchServe answers a failed prediction.
+to, with the worker's traceback in the log. A worker that dies is replaced (retried with backoff);
+its request is answered as TorchServe answers a failed prediction, `/ping` is 500 Unhealthy while no
+worker lives, and a request that finds no idle worker within 60 s gets TorchServe's 503.
 
 What is ours, in place of TorchServe's Java front end: the HTTP front, and the answer as its
 `RestJob` and `NettyUtils` send it: TorchServe's cache headers and `x-request-id` on every answer,
@@ -23,6 +24,7 @@ imports neither torch nor the toolkit, so it holds a few MB; the workers hold th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -31,8 +33,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -59,10 +62,13 @@ class WorkerDied(RuntimeError):
 class Backend:
     """One worker process and the socket to it."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, count: int) -> None:
         ours, theirs = socket.socketpair()
+        # The worker count travels in the environment, so that each worker's inference.py takes its share
+        # of the cores however the count was chosen.
         self.process = subprocess.Popen([sys.executable, "-P", str(BACKEND), "--model-dir", model_dir,
-                                         "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()])
+                                         "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                                        env={**os.environ, WORKERS_SETTING: str(count)})
         theirs.close()
         self.connection = Connection(ours.detach())
 
@@ -75,11 +81,12 @@ class Backend:
             raise WorkerDied(f"the worker exited while loading the model (exit status {self.process.wait()})") from exc
 
     def ask(self, body: bytes, headers: list[tuple[str, str]], request_id: str) -> tuple:
+        """The worker's (status, phrase, headers, body); WorkerDied when it gave none."""
         try:
             self.connection.send((body, headers, request_id))
             return self.connection.recv()
-        except (EOFError, OSError) as exc:
-            raise WorkerDied(str(exc)) from exc
+        except Exception as exc:  # a closed socket, or an answer that does not unpickle: the worker is lost
+            raise WorkerDied(f"{type(exc).__name__}: {exc}") from exc
 
     def stop(self) -> None:
         self.connection.close()
@@ -87,13 +94,20 @@ class Backend:
             self.process.terminate()
 
 
-class Workers:
-    """The model's workers; a request takes an idle one and gives it back."""
+# TorchServe's answer when a model has no worker to take a request.
+NO_WORKER = ("ServiceUnavailableException",
+             'Model "model" has no worker to serve inference request. Please use scale workers API to add workers.')
 
-    def __init__(self, model_dir: str, count: int) -> None:
-        self.model_dir = model_dir
+
+class Workers:
+    """The model's workers; a request takes an idle one and gives it back. A worker that dies is
+    replaced, retried with backoff while its model will not load; `/ping` is unhealthy while none lives."""
+
+    def __init__(self, model_dir: str, count: int, queue_timeout_s: float = 60.0) -> None:
+        self.model_dir, self.count, self.queue_timeout_s = model_dir, count, queue_timeout_s
         self.idle: queue.Queue[Backend] = queue.Queue()
-        started = [Backend(model_dir) for _ in range(count)]
+        self.lock = threading.Lock()
+        started = [Backend(model_dir, count) for _ in range(count)]
         try:
             for backend in started:  # they load side by side
                 backend.ready()
@@ -101,15 +115,25 @@ class Workers:
             for backend in started:
                 backend.stop()
             raise
+        self.alive = count
         for backend in started:
             self.idle.put(backend)
 
+    def healthy(self) -> bool:
+        with self.lock:
+            return self.alive > 0
+
     def answer(self, body: bytes, headers: list[tuple[str, str]], request_id: str) -> tuple:
-        backend = self.idle.get()
+        try:
+            backend = self.idle.get(timeout=self.queue_timeout_s)
+        except queue.Empty:
+            return ts_error(503, *NO_WORKER)
         try:
             result = backend.ask(body, headers, request_id)
-        except WorkerDied:
-            logger.error("a model worker died (exit status %s); starting another", backend.process.wait())
+        except WorkerDied as exc:
+            logger.error("a model worker died (%s, exit status %s); starting another", exc, backend.process.poll())
+            with self.lock:
+                self.alive -= 1
             threading.Thread(target=self._replace, args=(backend,), daemon=True).start()
             return ts_error(503, "InternalServerException", "Prediction failed")
         self.idle.put(backend)
@@ -117,19 +141,38 @@ class Workers:
 
     def _replace(self, dead: Backend) -> None:
         dead.stop()
-        backend = Backend(self.model_dir)
-        try:
-            backend.ready()
-        except WorkerDied:
-            logger.error("the replacement worker could not load the model either")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            dead.process.wait(timeout=10)
+        delay = 1.0
+        while True:
+            backend = Backend(self.model_dir, self.count)
+            try:
+                backend.ready()
+            except WorkerDied as exc:
+                logger.error("the replacement worker could not load the model (%s); again in %.0f s", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            with self.lock:
+                self.alive += 1
+            self.idle.put(backend)
             return
-        self.idle.put(backend)
 
 
-def worker_count(environ: dict, cpus: int | None = None) -> int:
+def usable_cpus() -> int:
+    """The logical CPUs this process may run on, as TorchServe counts them for its default."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(environ: Mapping[str, str], cpus: int | None = None) -> int:
+    """Workers for the model: SAGEMAKER_MODEL_SERVER_WORKERS, else one per usable logical CPU (TorchServe's
+    default without a GPU). inference.py reads the same setting to give each worker its threads."""
     raw = environ.get(WORKERS_SETTING) or ""
     if not raw:
-        return cpus or os.cpu_count() or 1  # TorchServe: one per logical processor without a GPU
+        return cpus or usable_cpus()
     try:
         count = int(raw)
     except ValueError as exc:
@@ -139,8 +182,10 @@ def worker_count(environ: dict, cpus: int | None = None) -> int:
     return count
 
 
-def make_handler(answer: Callable[[bytes, list[tuple[str, str]], str], tuple]):
-    """The HTTP front; `answer(body, headers, request_id)` is a worker's (status, phrase, headers, body)."""
+def make_handler(answer: Callable[[bytes, list[tuple[str, str]], str], tuple],
+                 healthy: Callable[[], bool] = lambda: True) -> type[BaseHTTPRequestHandler]:
+    """The HTTP front; `answer(body, headers, request_id)` is a worker's (status, phrase, headers, body),
+    and `healthy()` whether a worker lives (TorchServe's /ping answers 500 Unhealthy while none does)."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -164,8 +209,9 @@ def make_handler(answer: Callable[[bytes, list[tuple[str, str]], str], tuple]):
         def do_GET(self) -> None:
             request_id = str(uuid.uuid4())
             if self.path.split("?")[0].rstrip("/") == "/ping":
-                body = (json.dumps({"status": "Healthy"}, indent=2) + "\n").encode()
-                self._send(200, None, {"content-type": "application/json"}, body, request_id)
+                status, word = (200, "Healthy") if healthy() else (500, "Unhealthy")
+                body = (json.dumps({"status": word}, indent=2) + "\n").encode()
+                self._send(status, None, {"content-type": "application/json"}, body, request_id)
             else:
                 self._send(*ts_error(404, "ResourceNotFoundException",
                                      "Requested resource is not found, please refer to API document."), request_id)
@@ -199,7 +245,7 @@ def main() -> int:
     except WorkerDied as exc:
         print(f"the model did not load: {exc}", flush=True)
         return 1
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(workers.answer))
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(workers.answer, workers.healthy))
     print(f"serving {args.model_dir} on 127.0.0.1:{args.port} with {count} worker(s)", flush=True)
     server.serve_forever()
     return 0

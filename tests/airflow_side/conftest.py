@@ -187,12 +187,15 @@ def job_config(bucket: str, name: str, **hyperparameters) -> dict:
         output_s3_uri=f"s3://{bucket}/models/", hyperparameters=hps, region="us-east-1")
 
 
-def deployed_model(sm, name: str, training_job: str | None = None, artifact: str | None = None) -> str:
-    """A model and an endpoint config for a model.tar.gz (by default a finished training job's)."""
+def deployed_model(sm, name: str, training_job: str | None = None, artifact: str | None = None,
+                   environment: dict[str, str] | None = None) -> str:
+    """A model (with the container `environment`) and an endpoint config for a model.tar.gz (by default
+    a finished training job's)."""
     if artifact is None:
         artifact = sm.describe_training_job(TrainingJobName=training_job)["ModelArtifacts"]["S3ModelArtifacts"]
     sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::000000000000:role/local",
-                    PrimaryContainer={"Image": "local/pytorch-inference:cpu", "ModelDataUrl": artifact})
+                    PrimaryContainer={"Image": "local/pytorch-inference:cpu", "ModelDataUrl": artifact,
+                                      "Environment": environment or {}})
     sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
         {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
     return name
@@ -238,11 +241,12 @@ def wait_training_job(sm, name: str, timeout: float = 240) -> dict:
     return wait_ended(lambda: sm.describe_training_job(TrainingJobName=name), "TrainingJobStatus", timeout)
 
 
-def serving_endpoint(sm, bucket: str, job: str, endpoint: str) -> None:
-    """Train `job`, register its model and config under the job's name, serve it at `endpoint`."""
+def serving_endpoint(sm, bucket: str, job: str, endpoint: str, environment: dict[str, str] | None = None) -> None:
+    """Train `job`, register its model (with the container `environment`) and config under the job's
+    name, serve it at `endpoint`."""
     sm.create_training_job(**job_config(bucket, job))
     assert wait_training_job(sm, job)["TrainingJobStatus"] == "Completed"
-    deployed_model(sm, job, job)
+    deployed_model(sm, job, job, environment=environment)
     sm.create_endpoint(EndpointName=endpoint, EndpointConfigName=job)
     assert wait_endpoint(sm, endpoint)["EndpointStatus"] == "InService"
 

@@ -22,6 +22,7 @@ from botocore.exceptions import ClientError
 from standin.awslambda.exceptions import MAX_REQUEST_PAYLOAD_BYTES, MAX_RESPONSE_PAYLOAD_BYTES
 from standin.gateway import INTEGRATION_TIMEOUT_S, MAX_PAYLOAD, Gateway
 from standin.launch import airflow_connection, start_standin
+from standin.sagemaker.endpoints import model_server_processes
 from standin.sagemaker.exceptions import MAX_INVOKE_BODY_BYTES
 from tests.airflow_side.conftest import (
     API_KEY,
@@ -160,7 +161,7 @@ def test_models_and_endpoint_configs(standin, aws_connection):
 
 def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs, s3, tmp_path, aws_connection):
     sm = sagemaker_client(standin)
-    serving_endpoint(sm, job_inputs, "job-serve", "bin-count")
+    serving_endpoint(sm, job_inputs, "job-serve", "bin-count", {"SAGEMAKER_MODEL_SERVER_WORKERS": "2"})
 
     runtime = boto3.client("sagemaker-runtime", endpoint_url=standin["endpoint"], region_name="us-east-1")
     image = next((tmp_path / "train").rglob("*.jpg")).read_bytes()
@@ -176,24 +177,24 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
     # answered by the image's own inference toolkit in the worker: its Transformer is in the traceback
     assert "sagemaker_inference/transformer.py\", line" in caught.value.response["OriginalMessage"]
 
-    # The model server runs TorchServe's default workers, one per logical CPU; one that dies is
-    # replaced, and only the request it was answering fails (as TorchServe's failed prediction).
-    backends = worker_processes(standin["state"], (b"model_backend.py",))
-    assert len(backends) == os.cpu_count()
+    # The model server runs the workers its model asks for; one that dies is replaced, and only the
+    # request it was answering fails (as TorchServe's failed prediction).
+    backends = model_server_processes(standin["state"], (b"model_backend.py",))
+    assert len(backends) == 2
     os.kill(backends[0], signal.SIGKILL)
     statuses = []
-    for _ in range(3):
+    for _ in range(3):  # idle workers take requests in turn: the dead one is asked within two
         try:
             runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg", Body=image)
             statuses.append(200)
         except ClientError as exc:
             statuses.append(exc.response["OriginalStatusCode"])
-    assert statuses.count(503) <= 1 and statuses[-1] == 200, statuses
+    assert sorted(statuses) == [200, 200, 503], statuses
     deadline = time.time() + 120
-    while len(replaced := worker_processes(standin["state"], (b"model_backend.py",))) < os.cpu_count() \
+    while len(replaced := model_server_processes(standin["state"], (b"model_backend.py",))) < 2 \
             and time.time() < deadline:
         time.sleep(0.5)
-    assert len(replaced) == os.cpu_count() and backends[0] not in replaced
+    assert len(replaced) == 2 and backends[0] not in replaced
 
     # An update to a model that cannot load: the endpoint keeps serving the old one and says why.
     s3.put_object(Bucket=job_inputs, Key="broken/model.tar.gz", Body=b"not a tarball")
@@ -210,21 +211,6 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
         runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg", Body=image)
 
 
-def worker_processes(state_dir, scripts=(b"model_worker.py", b"model_backend.py")) -> list[int]:
-    """PIDs of model servers (front ends and their workers, or the `scripts` named) serving from under
-    `state_dir` (Linux /proc)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            words = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue  # the process ended while we looked
-        if any(w.endswith(scripts) for w in words) \
-                and any(str(state_dir).encode() in w for w in words):
-            found.append(int(cmdline.parent.name))
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc to find the worker processes")
 def test_stopping_right_after_an_update_leaves_no_model_worker(standin, job_inputs, aws_connection):
     sm = sagemaker_client(standin)
@@ -234,13 +220,13 @@ def test_stopping_right_after_an_update_leaves_no_model_worker(standin, job_inpu
     time.sleep(0.5)
     assert wait_endpoint(sm, "bin-count")["EndpointConfigName"] == "job-again"
     # The old server finishes its requests for a few seconds.
-    assert len(worker_processes(standin["state"], (b"model_worker.py",))) == 2
+    assert len(model_server_processes(standin["state"], (b"model_worker.py",))) == 2
     standin["proc"].terminate()  # within those seconds
     standin["proc"].wait(timeout=20)
     deadline = time.time() + 10
-    while worker_processes(standin["state"]) and time.time() < deadline:
+    while model_server_processes(standin["state"]) and time.time() < deadline:
         time.sleep(0.2)
-    assert worker_processes(standin["state"]) == []
+    assert model_server_processes(standin["state"]) == []
 
 
 def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws_connection):
