@@ -2,7 +2,7 @@
 1 and 2 threads: what serving_graph.py chose (a frozen TorchScript graph with oneDNN's kernels) against
 the eager network and the other candidates.
 
-  .venv-container/bin/python -m bench.serving_graphs --model models/bin-counter.tar.gz \\
+  PYTHONPATH=sagemaker_code .venv-container/bin/python -m bench.serving_graphs --model models/bin-counter.tar.gz \\
       [--extra-path /tmp/ortlib]  # a folder with onnx and onnxruntime, to add those rows
 
 Every variant runs the same normalised batch (00010.jpg's four views) in turn, --runs times after a
@@ -83,7 +83,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30, help="timed runs per variant")
     parser.add_argument("--extra-path", default=None, help="a folder holding onnx and onnxruntime")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "sagemaker_code"))
     import torch
 
     import inference

@@ -89,8 +89,7 @@ def handler_main(args: argparse.Namespace) -> None:
     else:
         import torchvision
 
-        sys.path.insert(0, str(ROOT / "sagemaker_code"))
-        import preprocessing
+        import preprocessing  # sagemaker_code/, on PYTHONPATH (main starts this process so)
 
         torch.set_num_threads(args.threads)
         net = torchvision.models.resnet34(num_classes=6).eval()
@@ -284,7 +283,8 @@ def main() -> None:
         bare = {}
         for threads in (1, 2):
             bare[threads] = run_json([str(CONTAINER_PYTHON), script, "handler", "--photo", photo, "--threads",
-                                      str(threads), "--runs", str(args.runs)], ROOT)["bare_p50_ms"]
+                                      str(threads), "--runs", str(args.runs)], ROOT,
+                                     {"PYTHONPATH": str(ROOT / "sagemaker_code")})["bare_p50_ms"]
         report["bare_resnet34_p50_ms"] = bare
         handlers = {"baseline": run_json([str(CONTAINER_PYTHON), script, "handler", "--photo", photo, "--model-dir",
                                           dirs["baseline"], "--runs", str(args.runs)], ROOT)}

@@ -251,6 +251,11 @@ def serving_endpoint(sm, bucket: str, job: str, endpoint: str, environment: dict
     assert wait_endpoint(sm, endpoint)["EndpointStatus"] == "InService"
 
 
+# A champion record of the published model (the serving_model task's answer before any model serves).
+PUBLISHED = {"endpoint": None, "model_data_url": "s3://b/models/published/x/model.tar.gz",
+             "model_version": "published-v1", "published": True}
+
+
 # Small and quick: 64-pixel images, counts 0 to 2, two tuning trials at most.
 BASE_CONF = {"arch": "mobilenet_v2", "mode": "finetune", "max_count": 2, "batch_sizes": [8],
              "epochs_min": 2, "epochs_max": 3, "lr_min": 0.001, "lr_max": 0.003, "max_jobs": 2,

@@ -11,6 +11,7 @@ import tarfile
 import pytest
 
 from bin_counter import gate
+from tests.airflow_side.conftest import PUBLISHED
 from tests.conftest import REPO
 
 
@@ -30,8 +31,6 @@ def test_deployment_decision(metrics, champion, metric, margin, deploy, says):
 
 
 SERVING = {"endpoint": "bin-counter", "model": "bin-counter-aaa-final", "model_data_url": "s3://b/m.tar.gz"}
-PUBLISHED = {"endpoint": None, "model_data_url": "s3://b/models/published/x/model.tar.gz",
-             "model_version": "published-v1", "published": True}
 
 
 @pytest.mark.parametrize(("metrics", "champion", "deploy_param", "deploy", "version", "held_back"), [

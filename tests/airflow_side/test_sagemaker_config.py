@@ -13,7 +13,7 @@ from botocore.validate import ParamValidator
 
 from bin_counter import sagemaker_config
 from bin_counter.retrain import code_archive
-from tests.airflow_side.test_gate import PUBLISHED
+from tests.airflow_side.conftest import PUBLISHED
 from tests.conftest import REPO
 
 
