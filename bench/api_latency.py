@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from bench.serving_speed import serve_endpoint
 from bin_counter.api_client import images_in
 from bin_counter.api_function import ensure_function
 from bin_counter.api_load import NO_ANSWER, gateway_sender, run_load
@@ -58,19 +58,7 @@ def endpoint_sender(runtime, endpoint: str, images: list[Path]):
 def serve(endpoint_url: str, s3, model: Path, name: str) -> None:
     s3.create_bucket(Bucket="bench")
     s3.upload_file(str(model), "bench", "model/model.tar.gz")
-    sm = boto3.client("sagemaker", endpoint_url=endpoint_url)
-    sm.create_model(ModelName=name, ExecutionRoleArn=ROLE, PrimaryContainer={
-        "Image": "local/pytorch-inference:cpu", "ModelDataUrl": "s3://bench/model/model.tar.gz"})
-    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
-        {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
-    sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
-    for _ in range(600):
-        status = sm.describe_endpoint(EndpointName=name)["EndpointStatus"]
-        if status != "Creating":
-            break
-        time.sleep(0.5)
-    if status != "InService":
-        raise SystemExit(f"the endpoint did not come up: {status}")
+    serve_endpoint(boto3.client("sagemaker", endpoint_url=endpoint_url), name, "s3://bench/model/model.tar.gz", ROLE)
 
 
 @contextlib.contextmanager

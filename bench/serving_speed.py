@@ -116,6 +116,25 @@ def endpoint_processes(state_dir: str) -> list[int]:
     return found
 
 
+def serve_endpoint(sm, name: str, model_data_url: str, role: str, environment: dict | None = None,
+                   timeout_s: float = 300) -> float:
+    """A model, its endpoint config and endpoint `name` (ml.m5.large, one instance) for `model_data_url`;
+    the seconds from CreateEndpoint to InService. SystemExit when it does not come up."""
+    sm.create_model(ModelName=name, ExecutionRoleArn=role, PrimaryContainer={
+        "Image": "local/pytorch-inference:cpu", "ModelDataUrl": model_data_url, "Environment": environment or {}})
+    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
+        {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+    started = time.perf_counter()
+    sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
+    while (status := sm.describe_endpoint(EndpointName=name)["EndpointStatus"]) == "Creating":
+        if time.perf_counter() - started > timeout_s:
+            break
+        time.sleep(0.1)
+    if status != "InService":
+        raise SystemExit(f"the endpoint {name} did not come up: {status}")
+    return round(time.perf_counter() - started, 1)
+
+
 def memory_mb(pids: list[int]) -> dict:
     """Resident memory of the processes: RSS (shared pages counted in each) and PSS (shared out)."""
     rss = pss = 0
@@ -163,16 +182,7 @@ def arm_main(args: argparse.Namespace) -> None:
         s3.upload_file(args.model, "bench", "model/model.tar.gz")
         sm = boto3.client("sagemaker", endpoint_url=url)
         environment = {"SAGEMAKER_PROGRAM": "inference.py", **({WORKERS: args.workers} if args.workers else {})}
-        sm.create_model(ModelName="m", ExecutionRoleArn=role, PrimaryContainer={
-            "Image": "local/pytorch-inference:cpu", "ModelDataUrl": "s3://bench/model/model.tar.gz",
-            "Environment": environment})
-        sm.create_endpoint_config(EndpointConfigName="m", ProductionVariants=[
-            {"VariantName": "AllTraffic", "ModelName": "m", "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
-        started = time.perf_counter()
-        sm.create_endpoint(EndpointName="bin-counter", EndpointConfigName="m")
-        while sm.describe_endpoint(EndpointName="bin-counter")["EndpointStatus"] == "Creating":
-            time.sleep(0.1)
-        result["ready_s"] = round(time.perf_counter() - started, 1)
+        result["ready_s"] = serve_endpoint(sm, "bin-counter", "s3://bench/model/model.tar.gz", role, environment)
         runtime = boto3.client("sagemaker-runtime", endpoint_url=url, config=Config(
             retries={"mode": "standard", "total_max_attempts": 1}, max_pool_connections=args.clients * 2))
 

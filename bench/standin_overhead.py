@@ -22,7 +22,7 @@ from pathlib import Path
 
 import boto3
 
-from bench.serving_speed import memory_mb
+from bench.serving_speed import memory_mb, serve_endpoint
 from bin_counter.abid import read_local_records
 from bin_counter.sagemaker_config import training_job_config
 from standin.iam import service_role
@@ -100,15 +100,8 @@ def main() -> None:
         results = {"job_status": job["TrainingJobStatus"], "job_wall_s": round(wall, 1),
                    "entry_point_s": round(script, 1), "overhead_s": round(wall - script, 1)}
 
-        sm.create_model(ModelName="m", ExecutionRoleArn="arn:aws:iam::000000000000:role/local",
-                        PrimaryContainer={"Image": "local", "ModelDataUrl": job["ModelArtifacts"]["S3ModelArtifacts"]})
-        sm.create_endpoint_config(EndpointConfigName="m", ProductionVariants=[
-            {"VariantName": "AllTraffic", "ModelName": "m", "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
-        started = time.perf_counter()
-        sm.create_endpoint(EndpointName="e", EndpointConfigName="m")
-        while sm.describe_endpoint(EndpointName="e")["EndpointStatus"] == "Creating":
-            time.sleep(0.1)
-        results["endpoint_ready_s"] = round(time.perf_counter() - started, 1)
+        results["endpoint_ready_s"] = serve_endpoint(sm, "e", job["ModelArtifacts"]["S3ModelArtifacts"],
+                                                     "arn:aws:iam::000000000000:role/local")
 
         image_path = Path(args.abid) / "bin-images" / "00010.jpg"  # an original photo, decoded at full size
         image = image_path.read_bytes()
@@ -123,7 +116,7 @@ def main() -> None:
         # Every process of the endpoint: the model server's front end and its workers.
         results["endpoint_memory"] = memory_mb(model_server_processes(state))
 
-        model_dir = next((state / "endpoint-workers" / "e").glob("m-*[0-9]"))
+        model_dir = next((state / "endpoint-workers" / "e").glob("e-*[0-9]"))
         proc = subprocess.run([str(container_python), "-c", IN_PROCESS, str(model_dir), str(image_path),
                                str(args.requests)], capture_output=True, text=True, check=True)
         results["in_process_handlers"] = percentiles(json.loads(proc.stdout.strip().splitlines()[-1]))
