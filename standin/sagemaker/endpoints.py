@@ -143,29 +143,35 @@ def invoke(port: int, body: bytes, content_type: str | None, accept: str | None,
     """(status, body, content type) as the model server on `port` answered `POST /invocations`;
     OSError (a timeout included) when it did not answer."""
     headers = {"Content-Type": content_type or "application/octet-stream", "Accept": accept or "*/*"}
-    for attempt in (1, 2):
-        connection, reused = CONNECTIONS.take(port, timeout)
-        try:
-            connection.request("POST", "/invocations", body=body, headers=headers)
-            response = connection.getresponse()
-            payload = response.read()
-        except STALE:
-            connection.close()
-            if reused and attempt == 1:
-                continue
+    connection, reused = CONNECTIONS.take(port, timeout)
+    try:
+        return _post(port, connection, body, headers)
+    except STALE:
+        if not reused:
             raise
-        except http.client.HTTPException as exc:
-            connection.close()
-            raise ConnectionError(f"the model server's answer was cut short: {exc}") from exc
-        except OSError:
-            connection.close()
-            raise
-        if response.will_close:
-            connection.close()
-        else:
-            CONNECTIONS.give_back(port, connection)
-        return response.status, payload, response.headers.get("Content-Type", "")
-    raise AssertionError("unreachable")
+    return _post(port, http.client.HTTPConnection("127.0.0.1", port, timeout=timeout), body, headers)
+
+
+def _post(port: int, connection: http.client.HTTPConnection, body: bytes,
+          headers: dict[str, str]) -> tuple[int, bytes, str]:
+    try:
+        connection.request("POST", "/invocations", body=body, headers=headers)
+        response = connection.getresponse()
+        payload = response.read()
+    except STALE:
+        connection.close()
+        raise
+    except http.client.HTTPException as exc:
+        connection.close()
+        raise ConnectionError(f"the model server's answer was cut short: {exc}") from exc
+    except OSError:
+        connection.close()
+        raise
+    if response.will_close:
+        connection.close()
+    else:
+        CONNECTIONS.give_back(port, connection)
+    return response.status, payload, response.headers.get("Content-Type", "")
 
 
 def model_server_processes(state_dir: str | os.PathLike,

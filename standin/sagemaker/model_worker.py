@@ -167,12 +167,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def worker_count(environ: Mapping[str, str], cpus: int | None = None) -> int:
+def worker_count(environ: Mapping[str, str]) -> int:
     """Workers for the model: SAGEMAKER_MODEL_SERVER_WORKERS, else one per usable logical CPU (TorchServe's
     default without a GPU). inference.py reads the same setting to give each worker its threads."""
     raw = environ.get(WORKERS_SETTING) or ""
     if not raw:
-        return cpus or usable_cpus()
+        return usable_cpus()
     try:
         count = int(raw)
     except ValueError as exc:
