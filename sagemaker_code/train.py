@@ -41,9 +41,9 @@ import metrics
 import preprocessing
 import serving_graph
 
-# SageMaker's fixed paths. The local stand-in runs jobs without a container and roots them in the
-# job's own folder through SM_OPT_ML_ROOT; on SageMaker that variable is not set.
-OPT_ML = os.environ.get("SM_OPT_ML_ROOT", "/opt/ml")
+# SageMaker's fixed paths. Outside a container they are rooted where SAGEMAKER_BASE_DIR says, the
+# training toolkit's own setting (the local stand-in sets it to the job's folder); on SageMaker it is unset.
+OPT_ML = os.environ.get("SAGEMAKER_BASE_DIR", "/opt/ml")
 SAGEMAKER_CHECKPOINT_DIR = f"{OPT_ML}/checkpoints"
 SAGEMAKER_FAILURE_FILE = f"{OPT_ML}/output/failure"
 CHECKPOINT_NAME = "checkpoint.pth"

@@ -249,13 +249,13 @@ class SageMakerBackend:
             resources = params.get("ResourceConfig", {})
             if resources.get("InstanceType") or resources.get("InstanceCount", 1) != 1:
                 notes.append(f"instance {resources.get('InstanceType')} x{resources.get('InstanceCount')} "
-                             "not honoured: runs as one local process")
+                             "not honoured: runs as one local container")
             if params.get("EnableManagedSpotTraining"):
                 notes.append("managed spot not honoured locally")
             if params.get("VpcConfig"):
                 notes.append("VPC config not honoured locally")
             now = time.time()
-            message = "; ".join(["Starting the local process", *notes])
+            message = "; ".join(["Starting the local container", *notes])
             job = self.store.create("training-job", {
                 **params, "TrainingJobStatus": "InProgress", "SecondaryStatus": "Starting",
                 "SecondaryStatusTransitions": [{"Status": "Starting", "StartTime": now, "StatusMessage": message}]})
@@ -294,7 +294,7 @@ class SageMakerBackend:
                              started_process=lambda proc: self._started(name, proc),
                              logs=self._client("logs", role),
                              metrics_seen=lambda series: self.series.__setitem__(name, {
-                                 k: list(v) for k, v in series.items()}))
+                                 k: list(v) for k, v in series.items()}), region=self.region)
         except Exception as exc:  # S3 unreachable, no credentials...: the job fails, saying why
             reason = f"ClientError: {type(exc).__name__}: {exc}"
             update(status="Failed", secondary="Failed", message=reason, FailureReason=reason[:1024])

@@ -1,14 +1,17 @@
-"""Running a SageMaker training job locally, in script mode, the way the PyTorch containers do.
+"""Running a SageMaker training job locally, the way the PyTorch training image runs it.
 
-For one job: fetch `sourcedir.tar.gz` and every channel from S3 into the job's folder, write the
-`/opt/ml/input/config` files, set the `SM_*` variables, run the entry point with the
-container-side Python (`--name value` per hyperparameter), read metrics from its output with the
-job's metric definitions, and upload `model.tar.gz` to `<S3OutputPath>/<job>/output/`. With a
-`CheckpointConfig`, its `LocalPath` is kept in step with its `S3Uri` as SageMaker keeps it
-(`CheckpointSync`).
+What SageMaker itself does before the container starts is ours: download every channel from S3
+into the job's folder, write the `/opt/ml/input/config` files as SageMaker writes them, and, with a
+`CheckpointConfig`, keep its `LocalPath` in step with its `S3Uri` (`CheckpointSync`). What runs in
+the container is AWS's: the image's entry point, SageMaker's training toolkit
+(`sagemaker-training`'s `train` with `SAGEMAKER_TRAINING_MODULE=sagemaker_pytorch_container.training:main`),
+which fetches `sourcedir.tar.gz` from S3 with the job's role, pip-installs its `requirements.txt`,
+sets the `SM_*` variables, runs the entry point with `--name value` per hyperparameter and writes
+`output/failure` when it fails. After it ends, ours again: the metrics read from its output with
+the job's metric definitions, and `/opt/ml/model` uploaded as `<S3OutputPath>/<job>/output/model.tar.gz`.
 
-There is no container: `/opt/ml` is the job's folder, passed to the script as `SM_OPT_ML_ROOT`
-(and as the usual `SM_MODEL_DIR`, `SM_CHANNEL_*` ...).
+There is no container: `/opt/ml` is the job's folder, named to the toolkit (and to train.py) by
+`SAGEMAKER_BASE_DIR`, the toolkit's own setting for running outside SageMaker.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tarfile
 import threading
@@ -26,7 +30,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-RESERVED_PREFIX = "sagemaker_"
+from standin.aws_calls import role_environment
+
 TERMINAL = ("Completed", "Failed", "Stopped")  # the statuses a job (training or tuning) ends in
 
 
@@ -35,27 +40,6 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
         raise ValueError(f"not an S3 URI: {uri}")
     bucket, _, key = uri[5:].partition("/")
     return bucket, key
-
-
-def decode_hyperparameters(hyperparameters: dict[str, str]) -> dict[str, object]:
-    """SageMaker stores strings; the SDK JSON-encodes values, plain strings pass through."""
-    decoded = {}
-    for name, value in hyperparameters.items():
-        try:
-            decoded[name] = json.loads(value)
-        except (json.JSONDecodeError, TypeError):
-            decoded[name] = value
-    return decoded
-
-
-def script_arguments(hyperparameters: dict[str, object]) -> list[str]:
-    """`--name value` for each of the user's hyperparameters (the SDK's own are left out)."""
-    args = []
-    for name, value in sorted(hyperparameters.items()):
-        if name.startswith(RESERVED_PREFIX):
-            continue
-        args += [f"--{name}", json.dumps(value) if isinstance(value, dict | list) else str(value)]
-    return args
 
 
 def download_prefix(s3, uri: str, target: Path) -> int:
@@ -190,64 +174,112 @@ class CheckpointSync:
         return self.sync(final=True)
 
 
-def prepare(job: dict, root: Path, s3) -> tuple[list[str], dict[str, str], Path]:
-    """Lay out /opt/ml under `root`; return the command, its environment and its working folder."""
-    hps = decode_hyperparameters(job.get("HyperParameters", {}))
-    program = hps.get("sagemaker_program")
-    submit = hps.get("sagemaker_submit_directory")
-    if not program or not submit:
-        raise JobError("ClientError: script mode needs the sagemaker_program and sagemaker_submit_directory "
-                       "hyperparameters (this stand-in runs script-mode jobs only)")
-    code = root / "code"
-    code.mkdir(parents=True, exist_ok=True)
-    bucket, key = split_s3_uri(submit)
-    try:
-        archive = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except s3.exceptions.NoSuchKey as exc:
-        raise JobError(f"ClientError: source code {submit} does not exist") from exc
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(code, filter="data")
-    if not (code / program).is_file():
-        raise JobError(f"ClientError: entry point {program} is not in {submit}")
+# The PyTorch training image's entry point: SageMaker's training toolkit, handing over to the
+# PyTorch toolkit's launcher (the image's SAGEMAKER_TRAINING_MODULE).
+TOOLKIT_COMMAND = ("-m", "sagemaker_training.cli.train")
+TRAINING_MODULE = "sagemaker_pytorch_container.training:main"
+# SageMaker's fixed name of a job's single host, and the instance group it belongs to.
+HOST = "algo-1"
+INSTANCE_GROUP = "homogeneousCluster"
+# What StopTrainingJob leaves a job between SIGTERM and SIGKILL ("Stop a training job": 120 s).
+STOP_GRACE_S = 120.0
 
-    channels = {}
+
+def resource_config(job: dict) -> dict:
+    """`resourceconfig.json` as SageMaker writes it for a one-instance job."""
+    instance_type = job.get("ResourceConfig", {}).get("InstanceType", "local")
+    return {"current_host": HOST, "current_instance_type": instance_type, "current_group_name": INSTANCE_GROUP,
+            "hosts": [HOST], "network_interface_name": "eth0",
+            "instance_groups": [{"instance_group_name": INSTANCE_GROUP, "instance_type": instance_type,
+                                 "hosts": [HOST]}]}
+
+
+def input_data_config(job: dict) -> dict:
+    """`inputdataconfig.json` as SageMaker writes it: each channel's input mode and S3 settings."""
+    config = {}
     for channel in job.get("InputDataConfig", []):
-        target = root / "input" / "data" / channel["ChannelName"]
-        download_prefix(s3, channel["DataSource"]["S3DataSource"]["S3Uri"], target)
-        channels[channel["ChannelName"]] = str(target)
+        source = channel["DataSource"]["S3DataSource"]
+        entry = {"TrainingInputMode": channel.get("InputMode") or job.get("AlgorithmSpecification", {}).get(
+                     "TrainingInputMode", "File"),
+                 "S3DistributionType": source.get("S3DataDistributionType", "FullyReplicated"),
+                 "RecordWrapperType": channel.get("RecordWrapperType", "None")}
+        if channel.get("ContentType"):
+            entry["ContentType"] = channel["ContentType"]
+        config[channel["ChannelName"]] = entry
+    return config
+
+
+def prepare(job: dict, root: Path, s3, region: str) -> tuple[list[str], dict[str, str]]:
+    """Do what SageMaker does before the container starts, under `root` standing for /opt/ml: the
+    channels in `input/data`, the `input/config` files, the empty folders. Return the toolkit's
+    arguments (after the container-side Python) and the container's environment."""
+    for channel in job.get("InputDataConfig", []):
+        download_prefix(s3, channel["DataSource"]["S3DataSource"]["S3Uri"],
+                        root / "input" / "data" / channel["ChannelName"])
     config = root / "input" / "config"
     config.mkdir(parents=True, exist_ok=True)
     (config / "hyperparameters.json").write_text(json.dumps(job.get("HyperParameters", {})))
-    (config / "inputdataconfig.json").write_text(json.dumps(
-        {c["ChannelName"]: {"TrainingInputMode": c.get("InputMode", "File")} for c in job.get("InputDataConfig", [])}))
-    (config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
-    for folder in ("model", "output/data", "checkpoints"):
+    (config / "inputdataconfig.json").write_text(json.dumps(input_data_config(job)))
+    (config / "resourceconfig.json").write_text(json.dumps(resource_config(job)))
+    # The toolkit needs model/ and output/ to exist (without output/ a failure can exit 0), and
+    # extracts the source only into an empty code/: one fresh folder per job.
+    for folder in ("model", "output/data", "code"):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    checkpoint_folder(job, root)  # a LocalPath the stand-in cannot place fails the job here
+    checkpoints = checkpoint_folder(job, root)  # a LocalPath the stand-in cannot place fails the job here
+    if checkpoints is not None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
 
-    user_hps = {k: v for k, v in hps.items() if not k.startswith(RESERVED_PREFIX)}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+    # The container's environment: the image's settings and SageMaker's, the job's role's
+    # credentials (the toolkit fetches the source with them), never the stand-in's own variables for
+    # the job (SM_*), credentials or import path.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SM_", "AWS_ACCESS_KEY", "AWS_SECRET", "AWS_SESSION", "AWS_PROFILE"))
+           and k not in ("PYTHONPATH", "SAGEMAKER_BASE_DIR")}
+    env.update(role_environment(job["RoleArn"]))
     env.update({
-        "SM_OPT_ML_ROOT": str(root),
-        "SM_MODEL_DIR": str(root / "model"),
-        "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
-        "SM_CHANNELS": json.dumps(sorted(channels)),
-        "SM_HPS": json.dumps(user_hps),
-        "SM_NUM_CPUS": str(os.cpu_count() or 1),
-        "SM_NUM_GPUS": "0",
-        "SM_HOSTS": json.dumps(["algo-1"]),
-        "SM_CURRENT_HOST": "algo-1",
-        "SM_TRAINING_ENV": json.dumps({"job_name": job["TrainingJobName"], "hyperparameters": user_hps}),
+        "AWS_REGION": region,
+        "AWS_DEFAULT_REGION": region,
         "TRAINING_JOB_NAME": job["TrainingJobName"],
+        "TRAINING_JOB_ARN": job.get("TrainingJobArn", ""),
+        "SAGEMAKER_TRAINING_MODULE": TRAINING_MODULE,
+        "SAGEMAKER_BASE_DIR": str(root),
+        # The toolkit waits up to 15 minutes for `algo-1` to resolve, as hosts come up on SageMaker;
+        # this is its own switch for a host that never will.
+        "SM_STUDIO_LOCAL_MODE": "true",
         "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
         # A fresh instance's torch hub cache is empty: the host's must not lend a job weights that the
         # job did not bring (its weights channel) and could not download under network isolation.
         "TORCH_HOME": str(root / "torch"),
     })
-    env.update({f"SM_CHANNEL_{name.upper()}": path for name, path in channels.items()})
-    env.update({f"SM_HP_{name.upper()}": str(value) for name, value in user_hps.items()})
     env.update(job.get("Environment", {}))
-    return [program, *script_arguments(hps)], env, code
+    return list(TOOLKIT_COMMAND), env
+
+
+class JobProcess:
+    """The container's processes: the toolkit and what it starts, in a process group of their own, so
+    that StopTrainingJob reaches the entry point too (SIGTERM to all, SIGKILL after the grace time)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path, grace_s: float = STOP_GRACE_S) -> None:
+        self.popen = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.grace_s = grace_s
+        self.stdout = self.popen.stdout
+
+    def _signal(self, number: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, number)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+        killer = threading.Timer(self.grace_s, self._signal, args=(signal.SIGKILL,))
+        killer.daemon = True
+        killer.start()
+
+    def wait(self) -> int:
+        code = self.popen.wait()
+        self._signal(signal.SIGKILL)  # nothing the entry point left behind outlives the job
+        return code
 
 
 def parse_metrics(line: str, definitions: list[dict], series: dict[str, list[float]]) -> bool:
@@ -309,15 +341,15 @@ def _log_line(log_path: Path, line: str) -> None:
 
 
 def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
-            started_process: Callable[[subprocess.Popen], None] | None = None, logs=None,
-            metrics_seen: Callable[[dict[str, list[float]]], None] | None = None) -> None:
+            started_process: Callable[[JobProcess], None] | None = None, logs=None,
+            metrics_seen: Callable[[dict[str, list[float]]], None] | None = None, region: str = "us-east-1") -> None:
     """Run `job` to its end, reporting through `update(status=..., secondary=..., **fields)`.
-    With a CloudWatch Logs client, the script's output also goes there; `metrics_seen` gets the
+    With a CloudWatch Logs client, the container's output also goes there; `metrics_seen` gets the
     metric series so far whenever a line adds to them (what early stopping looks at)."""
     log_path = root / "job.log"
-    update(status="InProgress", secondary="Downloading", message="Downloading input data and code")
+    update(status="InProgress", secondary="Downloading", message="Downloading input data")
     try:
-        command, env, cwd = prepare(job, root, s3)
+        command, env = prepare(job, root, s3, region)
     except JobError as exc:
         update(status="Failed", secondary="Failed", message=str(exc), FailureReason=str(exc))
         return
@@ -328,15 +360,14 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
         restored = checkpoints.restore()
         _log_line(log_path, f"checkpoints: {restored} file(s) restored from {job['CheckpointConfig']['S3Uri']}")
         checkpoints.start()
-    update(status="InProgress", secondary="Training", message="Training in progress (local process)")
+    update(status="InProgress", secondary="Training", message="Training in progress (SageMaker's training toolkit)")
     definitions = job.get("AlgorithmSpecification", {}).get("MetricDefinitions", [])
     metrics: dict[str, list[float]] = {}
     started = time.time()
     cloudwatch = CloudWatchLog(logs, job["TrainingJobName"]) if logs is not None else None
     try:
         with log_path.open("a") as log:
-            proc = subprocess.Popen([python, *command], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
+            proc = JobProcess([python, *command], env, root)
             if started_process:
                 started_process(proc)
             for line in proc.stdout:

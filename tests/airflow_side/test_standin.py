@@ -34,6 +34,7 @@ from tests.airflow_side.conftest import (
     wait_endpoint,
     wait_training_job,
 )
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
 
@@ -73,6 +74,88 @@ def test_bad_hyperparameter_fails_the_job_with_its_reason(standin, job_inputs, a
     assert job["TrainingJobStatus"] == "Failed"
     assert "--epochs must be at least 1" in job["FailureReason"]
     assert job["FailureReason"].startswith("AlgorithmError")
+
+
+PROBE_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+# What the training toolkit handed over: the arguments, the SM_* variables, the base folder.
+Path(os.environ["SM_MODEL_DIR"], "seen.json").write_text(json.dumps({
+    "argv": sys.argv[1:], "model_dir": os.environ["SM_MODEL_DIR"], "channels": json.loads(os.environ["SM_CHANNELS"]),
+    "base_dir": os.environ["SAGEMAKER_BASE_DIR"], "job": os.environ["TRAINING_JOB_NAME"],
+    "torch": os.environ.get("SM_DLC_TORCH_VERSION"),
+    "pythonpath_has_repo": "standin" in os.environ.get("PYTHONPATH", "")}))
+if "--fail" in sys.argv:
+    raise RuntimeError("the probe was asked to fail")
+"""
+
+
+def probe_source(s3, bucket: str, key: str, requirements: str | None) -> str:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        files = {"train.py": PROBE_SCRIPT, **({"requirements.txt": requirements} if requirements is not None else {})}
+        for name, text in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    s3.put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
+    return f"s3://{bucket}/{key}"
+
+
+def test_jobs_run_through_sagemakers_training_toolkit(standin, job_inputs, s3, aws_connection):
+    """The entry point is the PyTorch training image's: the toolkit fetches the source from S3 (with
+    the job's role: the call log check after this test holds it to the role's policy), pip-installs
+    its requirements.txt, passes hyperparameters and SM_* variables, and writes the failure file."""
+    sm = sagemaker_client(standin)
+
+    def run(name: str, requirements: str | None, **hps) -> dict:
+        config = job_config(job_inputs, name, **hps)
+        config["HyperParameters"]["sagemaker_submit_directory"] = json.dumps(
+            probe_source(s3, job_inputs, f"code/{name}/sourcedir.tar.gz", requirements))
+        sm.create_training_job(**config)
+        return wait_training_job(sm, name)
+
+    job = run("job-probe", "pillow\n", flag=True)
+    assert job["TrainingJobStatus"] == "Completed", job.get("FailureReason")
+    log = (standin["state"] / "training-jobs" / "job-probe" / "opt-ml" / "job.log").read_text()
+    assert "Installing dependencies from requirements.txt" in log
+    assert "Requirement already satisfied: pillow" in log  # what the image has is not installed again
+    artifact = s3.get_object(Bucket=job_inputs, Key="models/job-probe/output/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(artifact)) as tar:
+        seen = json.loads(tar.extractfile("seen.json").read())
+    # The toolkit's command line: keys sorted, values str()-ed (a boolean arrives as True), its own
+    # sagemaker_* hyperparameters left out.
+    assert seen["argv"][:4] == ["--arch", "mobilenet_v2", "--batch-size", "8"]
+    assert seen["argv"][seen["argv"].index("--flag") + 1] == "True"
+    assert not any(arg.startswith("--sagemaker_") for arg in seen["argv"])
+    assert seen["channels"] == ["train", "validation"] and seen["job"] == "job-probe"
+    assert seen["base_dir"] == str(standin["state"] / "training-jobs" / "job-probe" / "opt-ml")
+    assert seen["model_dir"] == seen["base_dir"] + "/model"
+    # The toolkit's own reading of the image's torch (PyPI's build is +cu124, AWS's +cpu or +cu126).
+    framework = json.loads((REPO / "sagemaker_code" / "framework.json").read_text())["framework_version"]
+    assert seen["torch"].split("+")[0] == framework
+    assert not seen["pythonpath_has_repo"]  # the stand-in's own import path is not the job's
+
+    # The entry point's exception: the toolkit's failure file, AWS's AlgorithmError.
+    job = run("job-probe-fails", None, fail=True)
+    assert job["TrainingJobStatus"] == "Failed"
+    assert job["FailureReason"].startswith("AlgorithmError: ExecuteUserScriptError:\nExitCode 1")
+    assert "RuntimeError: the probe was asked to fail" in job["FailureReason"]
+    # A requirement that cannot be installed fails the job before the entry point runs.
+    job = run("job-probe-requirements", "./no-such-wheel-1.0-py3-none-any.whl\n")
+    assert job["TrainingJobStatus"] == "Failed"
+    assert "InstallRequirementsError" in job["FailureReason"], job["FailureReason"]
+    # A source tarball that is not there: the toolkit's download fails with a traceback, which AWS's
+    # 1,024 characters of FailureReason cut before the reason; the log has it whole.
+    config = job_config(job_inputs, "job-no-source")
+    config["HyperParameters"]["sagemaker_submit_directory"] = json.dumps(f"s3://{job_inputs}/code/missing.tar.gz")
+    sm.create_training_job(**config)
+    job = wait_training_job(sm, "job-no-source")
+    assert job["TrainingJobStatus"] == "Failed"
+    assert job["FailureReason"].startswith("AlgorithmError: Framework Error") and len(job["FailureReason"]) <= 1024
+    assert "s3_download" in job["FailureReason"]
+    log = (standin["state"] / "training-jobs" / "job-no-source" / "opt-ml" / "job.log").read_text()
+    assert "Not Found" in log
 
 
 def test_errors_come_back_as_aws_sends_them(standin, job_inputs, aws_connection):
