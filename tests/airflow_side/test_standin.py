@@ -87,6 +87,9 @@ Path(os.environ["SM_MODEL_DIR"], "seen.json").write_text(json.dumps({
     "pythonpath_has_repo": "standin" in os.environ.get("PYTHONPATH", "")}))
 if "--fail" in sys.argv:
     raise RuntimeError("the probe was asked to fail")
+if "--sleep" in sys.argv:
+    import time
+    time.sleep(float(sys.argv[sys.argv.index("--sleep") + 1]))
 """
 
 
@@ -180,15 +183,37 @@ def test_errors_come_back_as_aws_sends_them(standin, job_inputs, aws_connection)
     wait_training_job(sm, "job-dup")
 
 
-def test_stop_and_restart_keep_the_state(standin, job_inputs, moto_endpoint, aws_connection):
+def processes_in(folder: Path) -> list[str]:
+    """The command lines of the processes working in `folder` or below it (a job's container)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")).is_relative_to(folder):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
+def test_stop_and_restart_keep_the_state(standin, job_inputs, s3, moto_endpoint, aws_connection):
     sm = sagemaker_client(standin)
-    sm.create_training_job(**job_config(job_inputs, "job-long", epochs=500))
+    # An entry point that sleeps without a word: only a signal ends it, not a closed output pipe.
+    config = job_config(job_inputs, "job-long", sleep=600)
+    config["HyperParameters"]["sagemaker_submit_directory"] = json.dumps(
+        probe_source(s3, job_inputs, "code/job-long/sourcedir.tar.gz", None))
+    sm.create_training_job(**config)
+    job_folder = standin["state"] / "training-jobs" / "job-long"
     deadline = time.time() + 120
-    while sm.describe_training_job(TrainingJobName="job-long")["SecondaryStatus"] != "Training":
+    while not any(" train.py " in command for command in processes_in(job_folder)):  # the toolkit started it
         assert time.time() < deadline
         time.sleep(0.2)
     sm.stop_training_job(TrainingJobName="job-long")
     assert wait_training_job(sm, "job-long")["TrainingJobStatus"] == "Stopped"
+    # The stop reached the container's every process: the toolkit and the train.py it started.
+    deadline = time.time() + 10
+    while processes_in(job_folder):
+        assert time.time() < deadline, processes_in(job_folder)
+        time.sleep(0.2)
 
     standin["proc"].terminate()
     standin["proc"].wait(timeout=10)
