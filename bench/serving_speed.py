@@ -146,6 +146,21 @@ def memory_mb(pids: list[int]) -> dict:
     return {"processes": len(pids), "rss_mb": round(rss / 1024), "pss_mb": round(pss / 1024)}
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), the ones that ended meanwhile left out."""
+    found, pending = [], [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            pending += children
+    return found
+
+
 def front_port(pids: list[int]) -> int:
     for pid in pids:
         words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
