@@ -365,11 +365,17 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
     metrics: dict[str, list[float]] = {}
     started = time.time()
     cloudwatch = CloudWatchLog(logs, job["TrainingJobName"]) if logs is not None else None
+    runtime_limit = job.get("StoppingCondition", {}).get("MaxRuntimeInSeconds")
+    exceeded, limit = threading.Event(), None
     try:
         with log_path.open("a") as log:
             proc = JobProcess([python, *command], env, root)
             if started_process:
                 started_process(proc)
+            if runtime_limit:  # StoppingCondition: SageMaker stops the job at its limit, as StopTrainingJob would
+                limit = threading.Timer(runtime_limit, lambda: (exceeded.set(), proc.terminate()))
+                limit.daemon = True
+                limit.start()
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
@@ -379,21 +385,27 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
                     metrics_seen(metrics)
             code = proc.wait()
     except BaseException:
+        if limit:
+            limit.cancel()
         if checkpoints:  # no poller outlives its job
             checkpoints.stopping.set()
         raise
+    if limit:
+        limit.cancel()
     if cloudwatch:
         cloudwatch.flush()
     if checkpoints:  # completed, failed or stopped: SageMaker's last upload of the checkpoints
         checkpoints.finish()
     seconds = int(time.time() - started)
     final = [{"MetricName": k, "Value": v[-1], "Timestamp": time.time()} for k, v in sorted(metrics.items())]
-    if code < 0:  # killed by StopTrainingJob: what the script saved in /opt/ml/model is kept, as SageMaker keeps it
+    if code < 0:  # stopped: what the script saved in /opt/ml/model is kept, as SageMaker keeps it
         artifacts = {}
         if any((root / "model").iterdir()):
             artifacts = {"ModelArtifacts": {"S3ModelArtifacts": upload_model(job, root, s3)}}
-        update(status="Stopped", secondary="Stopped", message="Stopped by StopTrainingJob",
-               FinalMetricDataList=final, TrainingTimeInSeconds=seconds, **artifacts)
+        secondary, message = (("MaxRuntimeExceeded", "Training job runtime exceeded MaxRuntimeInSeconds provided")
+                              if exceeded.is_set() else ("Stopped", "Stopped by StopTrainingJob"))
+        update(status="Stopped", secondary=secondary, message=message,
+               FinalMetricDataList=final, TrainingTimeInSeconds=seconds, BillableTimeInSeconds=seconds, **artifacts)
         return
     if code != 0:
         failure = root / "output" / "failure"

@@ -222,6 +222,19 @@ def test_stop_and_restart_keep_the_state(standin, job_inputs, s3, moto_endpoint,
     assert again["TrainingJobStatus"] == "Stopped"
 
 
+def test_a_job_past_its_max_runtime_is_stopped_as_sagemaker_stops_it(standin, job_inputs, s3, aws_connection):
+    sm = sagemaker_client(standin)
+    config = job_config(job_inputs, "job-overtime", sleep=600)
+    config["HyperParameters"]["sagemaker_submit_directory"] = json.dumps(
+        probe_source(s3, job_inputs, "code/job-overtime/sourcedir.tar.gz", None))
+    config["StoppingCondition"] = {"MaxRuntimeInSeconds": 6}
+    sm.create_training_job(**config)
+    job = wait_training_job(sm, "job-overtime")
+    assert (job["TrainingJobStatus"], job["SecondaryStatus"]) == ("Stopped", "MaxRuntimeExceeded")
+    assert "MaxRuntimeInSeconds" in job["SecondaryStatusTransitions"][-1]["StatusMessage"]
+    assert not processes_in(standin["state"] / "training-jobs" / "job-overtime")
+
+
 def test_the_providers_training_operator_runs_against_the_standin(standin, job_inputs, moto_endpoint, monkeypatch,
                                                                    capfd):
     # The DAG's training operator: the provider's SageMakerTrainingOperator, whose execute and log
