@@ -35,6 +35,12 @@ class InvalidParameterValueException(LambdaError):
     code = "InvalidParameterValueException"
 
 
+class ValidationException(LambdaError):
+    """A value outside the service model's constraints (length, pattern, range, enum)."""
+
+    code = "ValidationException"
+
+
 class InvalidRequestContentException(LambdaError):
     """An invocation payload that is not JSON."""
 

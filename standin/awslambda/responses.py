@@ -15,12 +15,14 @@ from collections.abc import Mapping
 import botocore.session
 from botocore.validate import ParamValidator
 
+from standin import constraints
 from standin.aws_calls import CallLog, caller
 from standin.awslambda.exceptions import (
     InvalidParameterValueException,
     LambdaError,
     ServiceException,
     UnknownOperationException,
+    ValidationException,
 )
 from standin.awslambda.models import LambdaBackend
 from standin.core import Answer
@@ -94,6 +96,10 @@ class LambdaResponse:
         return self.backend.create_function(params)
 
     def _validate(self, operation: str, params: dict) -> None:
-        report = ParamValidator().validate(params, self.model.operation_model(operation).input_shape)
+        shape = self.model.operation_model(operation).input_shape
+        report = ParamValidator().validate(params, shape)
         if report.has_errors():
             raise InvalidParameterValueException(report.generate_report())
+        refusal = constraints.report(params, shape)  # what AWS checks beyond botocore
+        if refusal:
+            raise ValidationException(refusal)

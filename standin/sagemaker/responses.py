@@ -17,6 +17,7 @@ import botocore.session
 from botocore.utils import parse_timestamp
 from botocore.validate import ParamValidator
 
+from standin import constraints
 from standin.aws_calls import CallLog, caller
 from standin.core import Answer, AwsError
 from standin.sagemaker.exceptions import (
@@ -104,9 +105,6 @@ def _page(records: list[dict], params: dict, list_field: str, fields: tuple[str,
     """One page of a List* answer, as AWS pages it: MaxResults (1 to 100, 10 by default) from
     NextToken on, and a NextToken while more remain."""
     size, token = params.get("MaxResults", 10), params.get("NextToken") or "0"
-    if size > 100:  # botocore's validator checks only the minimum
-        raise ValidationException(f"1 validation error detected: Value '{size}' at 'maxResults' failed to satisfy "
-                                  "constraint: Member must have value less than or equal to 100")
     if not token.isdigit():
         raise ValidationException("Invalid pagination token")
     start = int(token)
@@ -157,6 +155,9 @@ class SageMakerResponse:
         report = ParamValidator().validate(params, op_model.input_shape)
         if report.has_errors():
             raise ValidationException(report.generate_report())
+        refusal = constraints.report(params, op_model.input_shape)  # what AWS checks beyond botocore
+        if refusal:
+            raise ValidationException(refusal)
         handler = getattr(self, "op_" + operation, None)
         if handler is None:
             raise UnknownOperationException(f"{operation} is valid SageMaker but not served by the local stand-in "

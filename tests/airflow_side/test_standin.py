@@ -167,6 +167,13 @@ def test_errors_come_back_as_aws_sends_them(standin, job_inputs, aws_connection)
     with pytest.raises(ClientError) as caught:
         sm.create_training_job(**job_config(job_inputs, "job-dup"))
     assert caught.value.response["Error"]["Code"] == "ResourceInUse"
+    # What botocore does not check on the client and AWS refuses on the server: the name's pattern.
+    with pytest.raises(ClientError) as caught:
+        sm.create_training_job(**job_config(job_inputs, "job_underscored"))
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+    assert caught.value.response["Error"]["Message"] == (
+        "1 validation error detected: Value 'job_underscored' at 'trainingJobName' failed to satisfy constraint: "
+        "Member must satisfy regular expression pattern: [a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
     with pytest.raises(ClientError) as caught:
         sm.describe_training_job(TrainingJobName="no-such-job")
     assert caught.value.response["Error"]["Code"] == "ValidationException"  # as SageMaker answers
@@ -193,6 +200,35 @@ def processes_in(folder: Path) -> list[str]:
         except OSError:  # ended meanwhile
             continue
     return found
+
+
+def test_the_service_models_constraints_are_checked_as_aws_checks_them():
+    """Lengths, patterns, enums, entry counts and maximums, read from botocore's own service models."""
+    import botocore.session
+
+    from standin.constraints import report
+
+    shape = botocore.session.get_session().get_service_model("sagemaker").operation_model(
+        "CreateTrainingJob").input_shape
+    valid = {"TrainingJobName": "bin-counter-1", "ResourceConfig": {"InstanceType": "ml.m5.xlarge",
+             "InstanceCount": 1, "VolumeSizeInGB": 30}, "Tags": [{"Key": "dag_run", "Value": "manual__2026-12-02"}],
+             "StoppingCondition": {"MaxRuntimeInSeconds": 3600}, "HyperParameters": {"epochs": "4"}}
+    assert report(valid, shape) is None
+    refused = report({**valid, "TrainingJobName": "x" * 64, "ResourceConfig": {
+        **valid["ResourceConfig"], "InstanceType": "ml.m5.huge"},
+        "HyperParameters": {f"k{i}": "v" for i in range(101)}}, shape)
+    assert refused.startswith("4 validation errors detected: ")  # the name: too long, and off the pattern
+    assert f"Value '{'x' * 64}' at 'trainingJobName' failed to satisfy constraint: Member must have length less " \
+           "than or equal to 63" in refused
+    assert "at 'resourceConfig.instanceType' failed to satisfy constraint: Member must satisfy enum value set" \
+        in refused
+    assert "at 'hyperParameters' failed to satisfy constraint: Map value must have length less than or equal to 100" \
+        in refused
+    assert "at 'tags.1.member.value'" in report({**valid, "Tags": [{"Key": "k", "Value": "tab\x00"}]}, shape)
+    lambda_shape = botocore.session.get_session().get_service_model("lambda").operation_model(
+        "CreateFunction").input_shape
+    assert "at 'functionName' failed to satisfy constraint: Member must satisfy regular expression pattern" in report(
+        {"FunctionName": "bin counter", "Role": "arn:aws:iam::000000000000:role/r", "Code": {}}, lambda_shape)
 
 
 def test_stop_and_restart_keep_the_state(standin, job_inputs, s3, moto_endpoint, aws_connection):
