@@ -41,35 +41,25 @@ MB = 1024 * 1024
 # encoding of arbitrarily large payloads: here, no limit.
 DEFAULT_PAYLOAD_MB, MAX_PAYLOAD_MB = 6, 100
 # ModelClientConfig: InvocationsTimeoutInSeconds 1..3600 (default 600), InvocationsMaxRetries 0..3 (default 3).
-DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S = 600, 3600
-DEFAULT_RETRIES, MAX_RETRIES = 3, 3
+DEFAULT_TIMEOUT_S, DEFAULT_RETRIES = 600, 3
 SERVED_SPLIT_TYPES = ("None", "Line")
 SERVED_DATA_TYPES = ("S3Prefix", "ManifestFile")
 # DataProcessing's defaults: the whole input, the whole output, nothing joined.
 DEFAULT_DATA_PROCESSING = {"InputFilter": "$", "OutputFilter": "$", "JoinSource": "None"}
 
 
-def _at_most(value: int, limit: int, member: str) -> None:
-    # botocore's validator checks only minimums; the service answers the maximum in its own words.
-    if value > limit:
-        raise ValidationException(f"1 validation error detected: Value '{value}' at '{member}' failed to satisfy "
-                                  f"constraint: Member must have value less than or equal to {limit}")
-
-
 def check_request(params: dict) -> None:
-    """A CreateTransformJob request the stand-in takes, or ValidationException: AWS's limits, and
-    what the stand-in does not serve."""
+    """A CreateTransformJob request the stand-in takes, or ValidationException: AWS's limits that the
+    service model does not state (its own are checked for every operation, standin/constraints.py),
+    and what the stand-in does not serve."""
     payload = params.get("MaxPayloadInMB", DEFAULT_PAYLOAD_MB)
-    _at_most(payload, MAX_PAYLOAD_MB, "maxPayloadInMB")
+    if payload > MAX_PAYLOAD_MB:
+        raise ValidationException(f"1 validation error detected: Value '{payload}' at 'maxPayloadInMB' failed to "
+                                  f"satisfy constraint: Member must have value less than or equal to {MAX_PAYLOAD_MB}")
     concurrent = params.get("MaxConcurrentTransforms") or 1
     if concurrent * payload > MAX_PAYLOAD_MB:
         raise ValidationException(f"MaxConcurrentTransforms ({concurrent}) * MaxPayloadInMB ({payload}) = "
                                   f"{concurrent * payload} MB exceeds the limit of {MAX_PAYLOAD_MB} MB")
-    client = params.get("ModelClientConfig", {})
-    _at_most(client.get("InvocationsTimeoutInSeconds", DEFAULT_TIMEOUT_S), MAX_TIMEOUT_S,
-             "modelClientConfig.invocationsTimeoutInSeconds")
-    _at_most(client.get("InvocationsMaxRetries", DEFAULT_RETRIES), MAX_RETRIES,
-             "modelClientConfig.invocationsMaxRetries")
     source = params["TransformInput"]["DataSource"]["S3DataSource"]
     unserved = []
     if source["S3DataType"] not in SERVED_DATA_TYPES:

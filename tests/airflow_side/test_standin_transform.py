@@ -155,6 +155,9 @@ def test_requests_are_refused_as_aws_refuses_them(stack):
     assert error == {"Code": "ValidationException", "Message": f'Could not find model "{arn("model", "nowhere")}".'}
     assert refusal(**job_request("mixed", uri, out))["Code"] == "ResourceInUse"  # a name taken
     assert "less than or equal to 100" in refusal(**job_request("big", uri, out, MaxPayloadInMB=101))["Message"]
+    assert "at 'modelClientConfig.invocationsTimeoutInSeconds' failed to satisfy constraint: Member must have value " \
+        "less than or equal to 3600" in refusal(**job_request(
+            "slow", uri, out, ModelClientConfig={"InvocationsTimeoutInSeconds": 3601}))["Message"]
     message = refusal(**job_request("many", uri, out, MaxConcurrentTransforms=20))["Message"]
     assert message == "MaxConcurrentTransforms (20) * MaxPayloadInMB (6) = 120 MB exceeds the limit of 100 MB"
     recordio = job_request("recordio", uri, out)
