@@ -130,6 +130,13 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
                                                    "\"label-smoothing\": 0.1}"),
         "training_instance_type": Param("ml.g4dn.xlarge", type="string",
                                         description="Instance for tuning trials and the final training job"),
+        "distributed_training": Param(False, type="boolean",
+                                      description="Train data-parallel under SageMaker's torch_distributed (torchrun): "
+                                                  "one process per GPU of the training instance, gradients averaged; "
+                                                  "batch sizes are per process. Trials and the final job alike"),
+        "processes_per_instance": Param(None, type=["null", "integer"], minimum=1, maximum=64,
+                                        description="With distributed_training: processes per training instance. "
+                                                    "Empty: one per GPU (one on a CPU instance)"),
         "endpoint_instance_type": Param("ml.m5.large", type="string", description="Instance serving the endpoint"),
         "serving_workers": Param(None, type=["null", "integer"], minimum=1, maximum=64,
                                  description="Model workers per endpoint instance (SAGEMAKER_MODEL_SERVER_WORKERS). "

@@ -146,21 +146,30 @@ def decode_all(labelled: list[tuple[Sample, int]], size: int, workers: int) -> D
     return DecodedSet(images, labels, [sample for sample, _ in labelled], digests)
 
 
-def fingerprint(named_sets: dict[str, DecodedSet | list[tuple[Sample, int]]]) -> str:
-    """A digest of which files, with which bytes and labels, each channel held.
-
-    Decoded sets hash file contents; lazy (--cache none) sets hash names and sizes only.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(named_sets):
-        ds = named_sets[name]
+def fingerprint_rows(named_sets: dict[str, DecodedSet | list[tuple[Sample, int]]]) -> list[tuple[str, str, str]]:
+    """What `fingerprint` digests, one (channel, key, row) per image: which file, with which bytes
+    (decoded sets; names and sizes for lazy, --cache none, sets) and which label. Rows of several
+    processes' shares join into the whole set's."""
+    rows = []
+    for name, ds in named_sets.items():
         if isinstance(ds, DecodedSet):
-            rows = zip(ds.samples, ds.digests, ds.labels.tolist(), strict=True)
+            items = zip(ds.samples, ds.digests, ds.labels.tolist(), strict=True)
         else:
-            rows = ((s, f"size{os.path.getsize(s.path)}", label) for s, label in ds)
-        for sample, content, label in sorted(rows, key=lambda t: t[0].key):
-            digest.update(f"{name}/{sample.key}:{content}:{label}\n".encode())
+            items = ((s, f"size{os.path.getsize(s.path)}", label) for s, label in ds)
+        rows += [(name, sample.key, f"{name}/{sample.key}:{content}:{label}\n") for sample, content, label in items]
+    return rows
+
+
+def digest_rows(rows: list[tuple[str, str, str]]) -> str:
+    digest = hashlib.sha256()
+    for _, _, row in sorted(rows, key=lambda r: (r[0], r[1])):
+        digest.update(row.encode())
     return digest.hexdigest()
+
+
+def fingerprint(named_sets: dict[str, DecodedSet | list[tuple[Sample, int]]]) -> str:
+    """A digest of which files, with which bytes and labels, each channel held."""
+    return digest_rows(fingerprint_rows(named_sets))
 
 
 class LazyImageDataset(torch.utils.data.Dataset):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import backbones
 import datasets
+import distributed
 import inference
 import metrics
 import preprocessing
@@ -214,31 +215,40 @@ def use_bf16(amp: str, device: torch.device) -> bool:
         return False
 
 
-def load_channel(paths: list[str], args: argparse.Namespace) -> datasets.DecodedSet | list:
-    """One or more channels' images decoded into memory, or (with --cache none) their labelled files."""
+def load_channel(paths: list[str], args: argparse.Namespace,
+                 group: distributed.Group | None = None) -> datasets.DecodedSet | list:
+    """One or more channels' images decoded into memory, or (with --cache none) their labelled files;
+    with a `group` of training processes, only this process's share of them."""
     labelled = []
     for path in paths:
         labelled += datasets.apply_count_policy(datasets.list_samples(path), args.max_count, args.above_max)
     if not labelled:
         raise datasets.DataError(f"{', '.join(paths)}: no images with a count of at most {args.max_count}")
+    if group is not None:
+        labelled = distributed.share(labelled, group)
     if args.cache == "none":
         return labelled
     return datasets.decode_all(labelled, args.image_size, args.workers)
 
 
-def iterate_batches(data, batch_size: int, shuffle: bool, seed: int, workers: int, size: int):
-    """uint8 image batches with their labels, from the memory cache or decoding as it goes."""
+def iterate_batches(data, batch_size: int, shuffle: bool, seed: int, workers: int, size: int,
+                    length: int | None = None):
+    """uint8 image batches with their labels, from the memory cache or decoding as it goes. With
+    `length` above the set's size, the order wraps around to that many images: a process whose share
+    is smaller takes as many steps as the others."""
+    n = set_size(data)
     generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if length is not None and length > n:
+        order = order.repeat(-(-length // n))[:length]
     if isinstance(data, datasets.DecodedSet):
-        n = len(data.labels)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for start in range(0, n, batch_size):
+        for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             yield data.images[index], data.labels[index]
     else:
         loader = torch.utils.data.DataLoader(
-            datasets.LazyImageDataset(data, size), batch_size=batch_size, shuffle=shuffle,
-            generator=generator, num_workers=workers, persistent_workers=False,
+            datasets.LazyImageDataset(data, size), batch_size=batch_size, sampler=order.tolist(),
+            num_workers=workers, persistent_workers=False,
         )
         yield from loader
 
@@ -348,19 +358,24 @@ def training_labels(data) -> torch.Tensor:
     return torch.tensor([label for _, label in data], dtype=torch.int64)
 
 
-def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int, bf16: bool) -> float:
+def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int, bf16: bool,
+                    weights: torch.Tensor | None = None, group: distributed.Group = distributed.SINGLE,
+                    length: int | None = None) -> float:
+    """One pass over `data` (this process's share, `length` images); the mean training loss over
+    every process."""
+    net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     if args.mode == "head":
-        model.eval()  # frozen backbone: keep its batch-norm statistics as they are
+        net.eval()  # frozen backbone: keep its batch-norm statistics as they are
     else:
-        model.train()
+        net.train()
         if args.mode == "partial":
-            for stage in backbones.early_stages(model, args.arch):
+            for stage in backbones.early_stages(net, args.arch):
                 stage.eval()  # frozen stages keep their batch-norm statistics too
-    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    # Each process draws its own augmentations (one process: the seed as it always was).
+    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * group.rank)
     total_loss, seen = 0.0, 0
-    weights = class_weights(training_labels(data), args.max_count + 1, args.class_weights)
     for images_u8, labels in iterate_batches(data, args.batch_size, True, args.seed * 1000 + epoch,
-                                             args.workers, args.image_size):
+                                             args.workers, args.image_size, length):
         images = prepare(images_u8, device, generator if args.augment else None, args.rotate, args.zoom)
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -376,6 +391,7 @@ def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int,
         scheduler.step()
         total_loss += loss.item() * len(labels)
         seen += len(labels)
+    total_loss, seen = distributed.sum_floats([total_loss, seen], group)  # every process decides alike
     mean_loss = total_loss / seen
     # A model guessing at random scores ln(classes); tens of times that only comes from a learning
     # rate that threw the weights away, and the epochs after it would be wasted.
@@ -415,11 +431,15 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
-def config_signature(args: argparse.Namespace, fingerprint: str) -> dict:
-    """What must match for a checkpoint to be resumed: the recipe and the data."""
+def config_signature(args: argparse.Namespace, fingerprint: str, processes: int = 1) -> dict:
+    """What must match for a checkpoint to be resumed: the recipe, the data and, with several
+    training processes, their number (it sets the steps per epoch)."""
     keys = ("arch", "mode", "head", "weights", "max_count", "above_max", "image_size", "epochs", "batch_size", "lr",
             "label_smoothing", "smooth_to", "class_weights")
-    return {**{k: getattr(args, k) for k in keys}, "data": fingerprint}
+    signature = {**{k: getattr(args, k) for k in keys}, "data": fingerprint}
+    if processes > 1:  # absent for one, so that checkpoints written before distribution existed still resume
+        signature["processes"] = processes
+    return signature
 
 
 def load_checkpoint(path: Path, signature: dict, model, optimizer, scheduler) -> dict | None:
@@ -458,33 +478,47 @@ def main(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
+    group, device = distributed.setup(device)
     bf16 = use_bf16(args.amp, device)
     num_classes = args.max_count + 1
+
+    def say(line: str) -> None:  # the metric lines and the log, once: the main process's
+        if group.main:
+            print(line, flush=True)
 
     channels = {"train": [args.train], "validation": [args.validation], "test": [args.test]}
     if args.train_on_validation and args.validation:
         channels = {"train": [args.train, args.validation], "test": [args.test]}
-        print("training on train + validation: keeping the last epoch", flush=True)
+        say("training on train + validation: keeping the last epoch")
         args.select_metric = "last"
-    data = {name: load_channel(paths, args) for name, paths in channels.items() if all(paths)}
+    # Each process decodes its share of the training photos; the main process alone evaluates.
+    data = {name: load_channel(paths, args, group) if name == "train" else load_channel(paths, args)
+            for name, paths in channels.items() if all(paths) and (name == "train" or group.main)}
+    rows = datasets.fingerprint_rows(data)
+    fingerprint = datasets.digest_rows([row for part in distributed.gather(rows, group) for row in part])
+    signature = config_signature(args, fingerprint, group.world)
+    train_labels = torch.tensor([label for part in distributed.gather(training_labels(data["train"]).tolist(), group)
+                                 for label in part], dtype=torch.int64)
     sizes = {name: set_size(d) for name, d in data.items()}
-    fingerprint = datasets.fingerprint(data)
-    signature = config_signature(args, fingerprint)
-    print(f"data: {json.dumps(sizes)} classes=0..{args.max_count} above_max={args.above_max} "
-          f"cache={args.cache} decode_s={time.time() - started:.1f}", flush=True)
+    sizes["train"] = len(train_labels)
+    share = distributed.share_length(sizes["train"], group)  # images per process per epoch
+    say(f"data: {json.dumps(sizes)} classes=0..{args.max_count} above_max={args.above_max} "
+        f"cache={args.cache} decode_s={time.time() - started:.1f}"
+        + (f" processes={group.world} images_per_process={share}" if group.active else ""))
     if "validation" not in data and args.select_metric != "last":
-        print("no validation channel: keeping the last epoch", flush=True)
+        say("no validation channel: keeping the last epoch")
         args.select_metric = "last"
 
     model = backbones.build_model(args.arch, num_classes, args.weights, args.mode, args.head,
                                   weights_channel=args.weights_channel)
     if args.head == "ordinal":
-        counts = torch.bincount(training_labels(data["train"]), minlength=num_classes)
+        counts = torch.bincount(train_labels, minlength=num_classes)
         backbones.head_module(model, args.arch).start_from_prior(counts)
     model = model.to(device).to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(sizes["train"] / args.batch_size)
+    weights = class_weights(train_labels, num_classes, args.class_weights)
+    steps_per_epoch = math.ceil(share / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     warmup = int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
@@ -493,16 +527,22 @@ def main(args: argparse.Namespace) -> dict:
     start_epoch, history, best = 1, [], {"score": None, "epoch": 0, "state": None, "validation": None}
     if checkpoint_path:
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        # Every process resumes from the main process's checkpoint (the same file on one instance;
+        # SageMaker restores the same S3Uri into every instance's folder).
         resumed = load_checkpoint(checkpoint_path, signature, model, optimizer, scheduler)
         if resumed:
             start_epoch, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best"]
-            print(f"resumed from {checkpoint_path} after epoch {resumed['epoch']}", flush=True)
-    print(f"training {args.arch} ({args.mode}, weights={args.weights}) on {device}, bf16={bf16}, "
-          f"epochs {start_epoch}..{args.epochs}", flush=True)
+            say(f"resumed from {checkpoint_path} after epoch {resumed['epoch']}")
+    say(f"training {args.arch} ({args.mode}, weights={args.weights}) on {device}, bf16={bf16}, "
+        f"epochs {start_epoch}..{args.epochs}")
+    trainer = distributed.wrap(model, group, device)
 
     for epoch in range(start_epoch, args.epochs + 1):
         epoch_start = time.time()
-        train_loss = train_one_epoch(model, optimizer, scheduler, data["train"], args, device, epoch, bf16)
+        train_loss = train_one_epoch(trainer, optimizer, scheduler, data["train"], args, device, epoch, bf16,
+                                     weights, group, share)
+        if not group.main:
+            continue
         record = {"epoch": epoch, "train_loss": round(train_loss, 4)}
         line = f"epoch={epoch} train_loss={train_loss:.4f}"
         if "validation" in data:
@@ -512,7 +552,7 @@ def main(args: argparse.Namespace) -> dict:
         seconds = time.time() - epoch_start
         line += (f" lr={scheduler.get_last_lr()[0]:.6f} epoch_time_s={seconds:.1f}"
                  f" images_per_s={sizes['train'] / seconds:.1f}")
-        print(line, flush=True)
+        say(line)
         history.append(record)
 
         score = epoch_score(record, args.select_metric)
@@ -524,9 +564,13 @@ def main(args: argparse.Namespace) -> dict:
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "history": history, "best": best}, checkpoint_path)
 
+    distributed.check_in_step(model, group)
+    if not group.main:  # the main process writes the model; the others wait for it to finish
+        distributed.teardown(group)
+        return {}
     model.load_state_dict(best["state"])
     result = {"best_epoch": best["epoch"], "validation": best["validation"]}
-    card = model_card(args, result, history, sizes, fingerprint, time.time() - started, device, bf16)
+    card = model_card(args, result, history, sizes, fingerprint, time.time() - started, device, bf16, group)
     # Traced from a CPU copy: the model itself stays on its device for the test evaluation below.
     serving_net = backbones.build_model(args.arch, num_classes, weights="none", head=args.head)
     serving_net.load_state_dict(best["state"])
@@ -539,8 +583,8 @@ def main(args: argparse.Namespace) -> dict:
         loss = evaluate(model, data["test"], args, device, bf16, num_classes)["loss"]
         result["test"] = {**score_model(args.model_dir, args.test, args.max_count, args.eval_batch_size),
                           "loss": loss}
-        print(metric_line("test", result["test"]), flush=True)
-        print(f"test_per_class_accuracy={json.dumps(result['test']['per_class_accuracy'])}", flush=True)
+        say(metric_line("test", result["test"]))
+        say(f"test_per_class_accuracy={json.dumps(result['test']['per_class_accuracy'])}")
         if args.champion:
             result["champion"] = score_champion(args.champion, args.test, args.max_count, args.eval_batch_size)
         card["metrics"] = result
@@ -549,8 +593,9 @@ def main(args: argparse.Namespace) -> dict:
     out_dir = Path(args.output_data_dir or args.model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"model {card['model_version']} written to {args.model_dir} (best epoch {best['epoch']}) "
-          f"in {time.time() - started:.1f}s", flush=True)
+    say(f"model {card['model_version']} written to {args.model_dir} (best epoch {best['epoch']}) "
+        f"in {time.time() - started:.1f}s")
+    distributed.teardown(group)
     return card
 
 
@@ -597,7 +642,7 @@ def epoch_score(record: dict, select_metric: str):
 
 
 def model_card(args, result: dict, history: list, sizes: dict, fingerprint: str, seconds: float,
-               device: torch.device, bf16: bool) -> dict:
+               device: torch.device, bf16: bool, group: distributed.Group = distributed.SINGLE) -> dict:
     """model_card.json: what the model is, how it was made, from what data, and how good it is."""
     created = datetime.now(UTC)
     num_classes = args.max_count + 1
@@ -626,7 +671,7 @@ def model_card(args, result: dict, history: list, sizes: dict, fingerprint: str,
         "history": history,
         "data": {"images": sizes, "fingerprint": fingerprint},
         "training": {"seconds": round(seconds, 1), "device": str(device), "bf16": bf16,
-                     "torch": torch.__version__},
+                     "torch": torch.__version__, "processes": group.world},
         "created_at": created.isoformat(timespec="seconds"),
         "data_credit": "Amazon Bin Image Dataset, Amazon.com, CC BY-NC-SA 3.0 US",
     }

@@ -54,6 +54,13 @@ def upload_weights(s3, params: Mapping) -> str | None:
     return weights.upload_weights(s3, params["bucket"], params["arch"])
 
 
+def distribution(params: Mapping) -> dict:
+    """The jobs' data-parallel settings from the run's Params. Trials and the final job train alike:
+    the batch size is per process, so the best trial's hyperparameters mean the same in the final job."""
+    return {"distributed": bool(params.get("distributed_training")),
+            "processes_per_host": params.get("processes_per_instance") if params.get("distributed_training") else None}
+
+
 def tuning_request(params: Mapping, data: Mapping, account: Mapping, code_uri: str, dag_id: str,
                    run_id: str, weights_uri: str | None = None) -> dict:
     """CreateHyperParameterTuningJob for this run: trials train on train, are scored on validation,
@@ -68,7 +75,8 @@ def tuning_request(params: Mapping, data: Mapping, account: Mapping, code_uri: s
         output_s3_uri=f"s3://{bucket}/models/tuning/", hyperparameters=static_hyperparameters(params),
         region=account["region"], instance_type=params["training_instance_type"],
         tags=sagemaker_config.resource_tags({"bin-counter:dataset-version": data["version"],
-                                             "bin-counter:dag-run": run_id}))
+                                             "bin-counter:dag-run": run_id}),
+        **distribution(params))
     ranges = sagemaker_config.search_ranges((params["epochs_min"], params["epochs_max"]), params["batch_sizes"],
                                             (params["lr_min"], params["lr_max"]))
     return sagemaker_config.tuning_job_config(
@@ -96,7 +104,8 @@ def final_training_request(params: Mapping, data: Mapping, account: Mapping, cod
         checkpoint_s3_uri=f"s3://{bucket}/checkpoints/{names['training_job']}/",
         tags=sagemaker_config.resource_tags({"bin-counter:dataset-version": data["version"],
                                              "bin-counter:dag-run": run_id,
-                                             "bin-counter:best-trial": best["training_job"]}))
+                                             "bin-counter:best-trial": best["training_job"]}),
+        **distribution(params))
 
 
 def deployment_requests(params: Mapping, job: Mapping, data: Mapping, account: Mapping,

@@ -15,6 +15,10 @@ from collections.abc import Mapping, Sequence
 from bin_counter.artifacts import digest
 
 ENTRY_POINT = "train.py"
+# The training toolkit's switches for data-parallel training (sagemaker_training.params and
+# sagemaker_pytorch_container.training).
+TORCH_DISTRIBUTED = "sagemaker_torch_distributed_enabled"
+PROCESSES_PER_HOST = "sagemaker_mpi_num_of_processes_per_host"
 # SageMaker's names are "<channel>:<metric>"; train.py prints "<prefix>_<metric>=<value>".
 _NUMBER = r"([0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"
 METRIC_DEFINITIONS: list[dict[str, str]] = [
@@ -73,22 +77,34 @@ def training_job_config(
     use_spot: bool = False,
     max_wait_s: int | None = None,
     tags: Mapping[str, str] | None = None,
+    distributed: bool = False,
+    processes_per_host: int | None = None,
 ) -> dict:
     """A CreateTrainingJob request that runs train.py in script mode.
 
     channels: channel name (train, validation, test) -> S3 prefix in the `<count>/<key>.jpg` layout.
     source_s3_uri: the sourcedir.tar.gz holding sagemaker_code/.
+    distributed: train data-parallel under the image's `torch_distributed` launcher (torchrun), one
+    process per GPU of each instance, or `processes_per_host`.
     """
     if not channels.get("train"):
         raise ValueError("a training job needs a 'train' channel")
     if use_spot and not checkpoint_s3_uri:
         raise ValueError("spot training needs checkpoint_s3_uri, or an interruption loses the run")
+    if processes_per_host is not None and (not distributed or processes_per_host < 1):
+        raise ValueError("processes_per_host is for a distributed job, and at least 1")
     script_mode = {
         "sagemaker_program": ENTRY_POINT,
         "sagemaker_submit_directory": source_s3_uri,
         "sagemaker_region": region,
         "sagemaker_container_log_level": 20,
     }
+    if distributed:
+        # What the SDK's PyTorch estimator sends for distribution={"torch_distributed": {"enabled": True}};
+        # the training toolkit reads the process count from the MPI setting's name.
+        script_mode[TORCH_DISTRIBUTED] = True
+        if processes_per_host:
+            script_mode[PROCESSES_PER_HOST] = processes_per_host
     config: dict = {
         "TrainingJobName": job_name,
         "AlgorithmSpecification": {

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 import threading
@@ -209,7 +210,13 @@ def input_data_config(job: dict) -> dict:
     return config
 
 
-def prepare(job: dict, root: Path, s3, region: str) -> tuple[list[str], dict[str, str]]:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def prepare(job: dict, root: Path, s3, region: str, python: str) -> tuple[list[str], dict[str, str]]:
     """Do what SageMaker does before the container starts, under `root` standing for /opt/ml: the
     channels in `input/data`, the `input/config` files, the empty folders. Return the toolkit's
     arguments (after the container-side Python) and the container's environment."""
@@ -248,6 +255,11 @@ def prepare(job: dict, root: Path, s3, region: str) -> tuple[list[str], dict[str
         "SM_STUDIO_LOCAL_MODE": "true",
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
+        # The image's interpreter comes first on its PATH: the toolkit starts `torchrun` by name.
+        "PATH": os.pathsep.join([str(Path(python).parent), os.environ.get("PATH", "")]),
+        # On SageMaker each job has its instances to itself; here jobs share one host, so each job's
+        # torchrun (the toolkit's torch_distributed launcher) gets a rendezvous port of its own.
+        "PET_MASTER_PORT": str(free_port()),
         # A fresh instance's torch hub cache is empty: the host's must not lend a job weights that the
         # job did not bring (its weights channel) and could not download under network isolation.
         "TORCH_HOME": str(root / "torch"),
@@ -349,7 +361,7 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
     log_path = root / "job.log"
     update(status="InProgress", secondary="Downloading", message="Downloading input data")
     try:
-        command, env = prepare(job, root, s3, region)
+        command, env = prepare(job, root, s3, region, python)
     except JobError as exc:
         update(status="Failed", secondary="Failed", message=str(exc), FailureReason=str(exc))
         return

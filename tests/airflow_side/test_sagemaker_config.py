@@ -13,14 +13,19 @@ from botocore.validate import ParamValidator
 
 from bin_counter import sagemaker_config
 from bin_counter.retrain import code_archive
+from standin import constraints
 from tests.airflow_side.conftest import PUBLISHED
 from tests.conftest import REPO
 
 
 def validate(operation: str, params: dict) -> None:
-    model = botocore.session.get_session().get_service_model("sagemaker")
-    report = ParamValidator().validate(params, model.operation_model(operation).input_shape)
+    """The request as SageMaker would take it: botocore's checks, and the service's own constraints
+    (lengths, patterns, enums) that botocore leaves to the server."""
+    shape = botocore.session.get_session().get_service_model("sagemaker").operation_model(operation).input_shape
+    report = ParamValidator().validate(params, shape)
     assert not report.has_errors(), report.generate_report()
+    refusal = constraints.report(params, shape)
+    assert refusal is None, refusal
 
 
 def build(**overrides) -> dict:
@@ -136,6 +141,28 @@ def test_every_job_gets_the_imagenet_weights_file_as_its_weights_channel():
     # Without the file (not found on the worker, or --weights none) the jobs have no such channel.
     assert weights_channel(tuning_request(PARAMS, DATA, ACCOUNT, CODE, "bin_count_retrain", "manual__1")[
         "TrainingJobDefinition"]["InputDataConfig"]) is None
+
+
+def test_distributed_training_launches_the_images_torch_distributed_for_trials_and_the_final_job():
+    from bin_counter.retrain import final_training_request, tuning_request
+
+    params = {**PARAMS, "distributed_training": True, "processes_per_instance": 4}
+    tuning = tuning_request(params, DATA, ACCOUNT, CODE, "bin_count_retrain", "manual__1")
+    final = final_training_request(params, DATA, ACCOUNT, CODE, BEST, None, "bin_count_retrain", "manual__1")
+    validate("CreateHyperParameterTuningJob", tuning)
+    validate("CreateTrainingJob", final)
+    for hyperparameters in (tuning["TrainingJobDefinition"]["StaticHyperParameters"], final["HyperParameters"]):
+        assert json.loads(hyperparameters["sagemaker_torch_distributed_enabled"]) is True
+        assert json.loads(hyperparameters["sagemaker_mpi_num_of_processes_per_host"]) == 4
+    # Without a count the toolkit starts one process per GPU; without the Param, no torchrun at all.
+    per_gpu = final_training_request({**PARAMS, "distributed_training": True}, DATA, ACCOUNT, CODE, BEST, None,
+                                     "bin_count_retrain", "manual__1")["HyperParameters"]
+    assert "sagemaker_mpi_num_of_processes_per_host" not in per_gpu
+    plain = final_training_request({**PARAMS, "processes_per_instance": 4}, DATA, ACCOUNT, CODE, BEST, None,
+                                   "bin_count_retrain", "manual__1")["HyperParameters"]
+    assert not {"sagemaker_torch_distributed_enabled", "sagemaker_mpi_num_of_processes_per_host"} & set(plain)
+    with pytest.raises(ValueError, match="processes_per_host"):
+        build(processes_per_host=2)
 
 
 def test_fixed_values_become_one_value_ranges():

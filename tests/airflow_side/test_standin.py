@@ -19,6 +19,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
+from bin_counter.sagemaker_config import training_job_config
 from standin.awslambda.exceptions import MAX_REQUEST_PAYLOAD_BYTES, MAX_RESPONSE_PAYLOAD_BYTES
 from standin.gateway import INTEGRATION_TIMEOUT_S, MAX_PAYLOAD, Gateway
 from standin.launch import airflow_connection, start_standin
@@ -27,6 +28,7 @@ from standin.sagemaker.exceptions import MAX_INVOKE_BODY_BYTES
 from tests.airflow_side.conftest import (
     API_KEY,
     CONTAINER_PYTHON,
+    SAGEMAKER_ROLE,
     deployed_model,
     job_config,
     sagemaker_client,
@@ -34,7 +36,7 @@ from tests.airflow_side.conftest import (
     wait_endpoint,
     wait_training_job,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, write_split_dir
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
 
@@ -269,6 +271,60 @@ def test_a_job_past_its_max_runtime_is_stopped_as_sagemaker_stops_it(standin, jo
     assert (job["TrainingJobStatus"], job["SecondaryStatus"]) == ("Stopped", "MaxRuntimeExceeded")
     assert "MaxRuntimeInSeconds" in job["SecondaryStatusTransitions"][-1]["StatusMessage"]
     assert not processes_in(standin["state"] / "training-jobs" / "job-overtime")
+
+
+def learnable_channels(s3, bucket: str, tmp_path: Path) -> dict[str, str]:
+    """Generated bins that a small network learns to count (0 to 2 boxes) in a few epochs."""
+    channels = {}
+    for name, per_count, seed in (("train", 50, 0), ("validation", 20, 1)):
+        folder = write_split_dir(tmp_path / name, {0: per_count, 1: per_count, 2: per_count}, seed)
+        for image in folder.rglob("*.jpg"):
+            s3.put_object(Bucket=bucket, Key=f"datasets/learnable/{name}/{image.relative_to(folder)}",
+                          Body=image.read_bytes())
+        channels[name] = f"s3://{bucket}/datasets/learnable/{name}/"
+    return channels
+
+
+def test_two_processes_under_torchrun_train_as_well_as_one(standin, job_inputs, s3, tmp_path, aws_connection):
+    """SageMaker's torch_distributed: the training toolkit starts train.py under torchrun, here two
+    processes on one host (gloo on CPU). The same global batch (2 x 4 against 1 x 8) must give the same
+    model quality within noise, each process reading its share, metrics logged once, one model."""
+    sm = sagemaker_client(standin)
+    channels = learnable_channels(s3, job_inputs, tmp_path)
+    recipe = {"arch": "mobilenet_v2", "weights": "none", "image-size": 32, "epochs": 8, "lr": 0.003, "workers": 1,
+              "max-count": 2}
+
+    def train(name: str, processes: int) -> dict:
+        config = training_job_config(
+            job_name=name, image_uri="local/pytorch-training:cpu", role_arn=SAGEMAKER_ROLE,
+            source_s3_uri=f"s3://{job_inputs}/code/sourcedir.tar.gz", channels=channels,
+            output_s3_uri=f"s3://{job_inputs}/models/", region="us-east-1",
+            hyperparameters={**recipe, "batch-size": 8 // processes},
+            distributed=processes > 1, processes_per_host=processes if processes > 1 else None)
+        sm.create_training_job(**config)
+        job = wait_training_job(sm, name, timeout=600)
+        assert job["TrainingJobStatus"] == "Completed", job.get("FailureReason")
+        return job
+
+    one, two = train("job-one-process", 1), train("job-two-processes", 2)
+    log = (standin["state"] / "training-jobs" / "job-two-processes" / "opt-ml" / "job.log").read_text()
+    assert "Invoking TorchDistributed" in log and "torchrun --nnodes 1 --nproc_per_node 2 train.py" in log
+    assert "processes=2 images_per_process=75" in log  # each process decodes and trains on its half
+    assert len(re.findall(r"^epoch=\d+ ", log, re.MULTILINE)) == recipe["epochs"]  # logged once, not per process
+    artifact = s3.get_object(Bucket=job_inputs, Key="models/job-two-processes/output/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(artifact)) as tar:
+        card = json.loads(tar.extractfile("model_card.json").read())
+    assert card["training"]["processes"] == 2 and card["data"]["images"]["train"] == 150
+
+    def accuracy(job: dict) -> float:
+        return next(m["Value"] for m in job["FinalMetricDataList"] if m["MetricName"] == "validation:accuracy")
+
+    # Both learn (chance is 1/3), and the two differ by less than two standard errors of the
+    # difference of two accuracies on these 60 validation photos.
+    first, second = accuracy(one), accuracy(two)
+    assert min(first, second) > 0.5, (first, second)
+    noise = 2 * (2 * 0.25 / 60) ** 0.5
+    assert abs(first - second) < noise, (first, second, noise)
 
 
 def test_the_providers_training_operator_runs_against_the_standin(standin, job_inputs, moto_endpoint, monkeypatch,
