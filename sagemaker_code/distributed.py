@@ -102,6 +102,18 @@ def wrap(model: torch.nn.Module, group: Group, device: torch.device) -> torch.nn
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def average_statistics(model: torch.nn.Module, group: Group) -> None:
+    """Batch-norm running statistics averaged over the processes, each of which gathered them on
+    its own share: what the main process evaluates and saves then stands for the whole set."""
+    if not group.active:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for buffer in (module.running_mean, module.running_var):
+                dist.all_reduce(buffer)
+                buffer.div_(group.world)
+
+
 def check_in_step(model: torch.nn.Module, group: Group) -> None:
     """Every process must end with the same weights; one that does not means the gradients were
     not averaged, and the model the main process writes would stand for a share of the data."""

@@ -541,6 +541,7 @@ def main(args: argparse.Namespace) -> dict:
         epoch_start = time.time()
         train_loss = train_one_epoch(trainer, optimizer, scheduler, data["train"], args, device, epoch, bf16,
                                      weights, group, share)
+        distributed.average_statistics(model, group)
         if not group.main:
             continue
         record = {"epoch": epoch, "train_loss": round(train_loss, 4)}

@@ -19,6 +19,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
+from bin_counter import weights
 from bin_counter.sagemaker_config import training_job_config
 from standin.awslambda.exceptions import MAX_REQUEST_PAYLOAD_BYTES, MAX_RESPONSE_PAYLOAD_BYTES
 from standin.gateway import INTEGRATION_TIMEOUT_S, MAX_PAYLOAD, Gateway
@@ -274,14 +275,18 @@ def test_a_job_past_its_max_runtime_is_stopped_as_sagemaker_stops_it(standin, jo
 
 
 def learnable_channels(s3, bucket: str, tmp_path: Path) -> dict[str, str]:
-    """Generated bins that a small network learns to count (0 to 2 boxes) in a few epochs."""
+    """Generated bins with 0 to 5 boxes, which a head on ImageNet features learns to count part way in
+    a few epochs (about two in three right): room to see a run that learns less."""
     channels = {}
-    for name, per_count, seed in (("train", 50, 0), ("validation", 20, 1)):
-        folder = write_split_dir(tmp_path / name, {0: per_count, 1: per_count, 2: per_count}, seed)
+    for name, per_count, seed in (("train", 24, 0), ("validation", 10, 1)):
+        folder = write_split_dir(tmp_path / "learnable" / name, dict.fromkeys(range(6), per_count), seed)
         for image in folder.rglob("*.jpg"):
             s3.put_object(Bucket=bucket, Key=f"datasets/learnable/{name}/{image.relative_to(folder)}",
                           Body=image.read_bytes())
         channels[name] = f"s3://{bucket}/datasets/learnable/{name}/"
+    site_packages = next((REPO / ".venv-container" / "lib").glob("python3*/site-packages"))
+    channels[weights.CHANNEL] = weights.upload_weights(s3, bucket, "mobilenet_v2",
+                                                       weights.package_folders([site_packages]))
     return channels
 
 
@@ -291,8 +296,8 @@ def test_two_processes_under_torchrun_train_as_well_as_one(standin, job_inputs, 
     model quality within noise, each process reading its share, metrics logged once, one model."""
     sm = sagemaker_client(standin)
     channels = learnable_channels(s3, job_inputs, tmp_path)
-    recipe = {"arch": "mobilenet_v2", "weights": "none", "image-size": 32, "epochs": 8, "lr": 0.003, "workers": 1,
-              "max-count": 2}
+    recipe = {"arch": "mobilenet_v2", "weights": "imagenet", "mode": "head", "image-size": 64, "epochs": 4,
+              "lr": 0.01, "workers": 1, "max-count": 5}
 
     def train(name: str, processes: int) -> dict:
         config = training_job_config(
@@ -309,20 +314,20 @@ def test_two_processes_under_torchrun_train_as_well_as_one(standin, job_inputs, 
     one, two = train("job-one-process", 1), train("job-two-processes", 2)
     log = (standin["state"] / "training-jobs" / "job-two-processes" / "opt-ml" / "job.log").read_text()
     assert "Invoking TorchDistributed" in log and "torchrun --nnodes 1 --nproc_per_node 2 train.py" in log
-    assert "processes=2 images_per_process=75" in log  # each process decodes and trains on its half
+    assert "processes=2 images_per_process=72" in log  # each process decodes and trains on its half
     assert len(re.findall(r"^epoch=\d+ ", log, re.MULTILINE)) == recipe["epochs"]  # logged once, not per process
     artifact = s3.get_object(Bucket=job_inputs, Key="models/job-two-processes/output/model.tar.gz")["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(artifact)) as tar:
         card = json.loads(tar.extractfile("model_card.json").read())
-    assert card["training"]["processes"] == 2 and card["data"]["images"]["train"] == 150
+    assert card["training"]["processes"] == 2 and card["data"]["images"]["train"] == 144
 
     def accuracy(job: dict) -> float:
         return next(m["Value"] for m in job["FinalMetricDataList"] if m["MetricName"] == "validation:accuracy")
 
-    # Both learn (chance is 1/3), and the two differ by less than two standard errors of the
-    # difference of two accuracies on these 60 validation photos.
+    # Both learn (chance is 1/6), and they differ by less than two standard errors of the difference
+    # of two accuracies on these 60 validation photos.
     first, second = accuracy(one), accuracy(two)
-    assert min(first, second) > 0.5, (first, second)
+    assert min(first, second) > 0.4, (first, second)
     noise = 2 * (2 * 0.25 / 60) ** 0.5
     assert abs(first - second) < noise, (first, second, noise)
 
