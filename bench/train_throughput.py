@@ -1,6 +1,10 @@
 """Training throughput of the final recipe against the naive version of it, side by side in one run.
 
   .venv-container/bin/python -m bench.train_throughput --train build/bench-train/split/train --images 640
+  .venv-container/bin/python -m bench.train_throughput --train ... --compare processes
+
+--compare processes: one process against two under torchrun (SageMaker's torch_distributed), at the
+same global batch (each of the two takes half of --batch-size), the defaults otherwise.
 
 naive: fp32 (`--amp off`), every image decoded again in every epoch (`--cache none`), the same
 model, batch and image size otherwise. final: the defaults (bf16 autocast where the CPU has it,
@@ -24,6 +28,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "sagemaker_code" / "train.py"
 VARIANTS = {"naive (fp32, decode every epoch)": ["--amp", "off", "--cache", "none"], "final (defaults)": []}
+TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+
+def variants(compare: str, batch_size: int) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (what comes before train.py, its flags)."""
+    if compare == "processes":
+        return {"one process": ([], ["--batch-size", str(batch_size)]),
+                "two processes (torchrun)": (TORCHRUN, ["--batch-size", str(batch_size // 2)])}
+    return {name: ([], flags) for name, flags in VARIANTS.items()}
 
 
 def subset(train_dir: Path, images: int, out: Path) -> int:
@@ -44,13 +57,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=640, help="images taken from --train")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per variant")
     parser.add_argument("--extra", default="", help="more train.py flags for both (e.g. --arch efficientnet_lite0)")
+    parser.add_argument("--compare", choices=("recipe", "processes"), default="recipe",
+                        help="recipe: naive against final; processes: one process against two under torchrun")
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch size (--compare processes)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train"
         n = subset(Path(args.train), args.images, data)
         rows = []
-        for name, flags in VARIANTS.items():
-            command = [sys.executable, str(TRAIN), "--train", str(data), "--epochs", str(args.epochs),
+        for name, (launcher, flags) in variants(args.compare, args.batch_size).items():
+            command = [sys.executable, *launcher, str(TRAIN), "--train", str(data), "--epochs", str(args.epochs),
                        "--model-dir", str(Path(tmp) / "model"), "--warmup-epochs", "0", *flags, *args.extra.split()]
             started = time.time()
             run = subprocess.run(command, capture_output=True, text=True, check=True)

@@ -299,7 +299,7 @@ def test_two_processes_under_torchrun_train_as_well_as_one(standin, job_inputs, 
     recipe = {"arch": "mobilenet_v2", "weights": "imagenet", "mode": "head", "image-size": 64, "epochs": 4,
               "lr": 0.01, "workers": 1, "max-count": 5}
 
-    def train(name: str, processes: int) -> dict:
+    def start(name: str, processes: int) -> str:
         config = training_job_config(
             job_name=name, image_uri="local/pytorch-training:cpu", role_arn=SAGEMAKER_ROLE,
             source_s3_uri=f"s3://{job_inputs}/code/sourcedir.tar.gz", channels=channels,
@@ -307,11 +307,16 @@ def test_two_processes_under_torchrun_train_as_well_as_one(standin, job_inputs, 
             hyperparameters={**recipe, "batch-size": 8 // processes},
             distributed=processes > 1, processes_per_host=processes if processes > 1 else None)
         sm.create_training_job(**config)
+        return name
+
+    def finished(name: str) -> dict:
         job = wait_training_job(sm, name, timeout=600)
         assert job["TrainingJobStatus"] == "Completed", job.get("FailureReason")
         return job
 
-    one, two = train("job-one-process", 1), train("job-two-processes", 2)
+    # Side by side, as two jobs on two instances would run.
+    names = start("job-one-process", 1), start("job-two-processes", 2)
+    one, two = (finished(name) for name in names)
     log = (standin["state"] / "training-jobs" / "job-two-processes" / "opt-ml" / "job.log").read_text()
     assert "Invoking TorchDistributed" in log and "torchrun --nnodes 1 --nproc_per_node 2 train.py" in log
     assert "processes=2 images_per_process=72" in log  # each process decodes and trains on its half
