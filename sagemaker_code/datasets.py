@@ -147,9 +147,9 @@ def decode_all(labelled: list[tuple[Sample, int]], size: int, workers: int) -> D
 
 
 def fingerprint_rows(named_sets: dict[str, DecodedSet | list[tuple[Sample, int]]]) -> list[tuple[str, str, str]]:
-    """What `fingerprint` digests, one (channel, key, row) per image: which file, with which bytes
+    """The data fingerprint's rows, one (channel, key, row) per image: which file, with which bytes
     (decoded sets; names and sizes for lazy, --cache none, sets) and which label. Rows of several
-    processes' shares join into the whole set's."""
+    processes' shares join into the whole set's; `digest_rows` makes the fingerprint of them."""
     rows = []
     for name, ds in named_sets.items():
         if isinstance(ds, DecodedSet):
@@ -161,15 +161,11 @@ def fingerprint_rows(named_sets: dict[str, DecodedSet | list[tuple[Sample, int]]
 
 
 def digest_rows(rows: list[tuple[str, str, str]]) -> str:
+    """The fingerprint: a digest of which files, with which bytes and labels, each channel held."""
     digest = hashlib.sha256()
     for _, _, row in sorted(rows, key=lambda r: (r[0], r[1])):
         digest.update(row.encode())
     return digest.hexdigest()
-
-
-def fingerprint(named_sets: dict[str, DecodedSet | list[tuple[Sample, int]]]) -> str:
-    """A digest of which files, with which bytes and labels, each channel held."""
-    return digest_rows(fingerprint_rows(named_sets))
 
 
 class LazyImageDataset(torch.utils.data.Dataset):

@@ -65,7 +65,7 @@ def teardown(group: Group) -> None:
 
 def share(items: list, group: Group) -> list:
     """This process's share of `items`: every world-th one, from its rank on."""
-    return items[group.rank::group.world] if group.active else items
+    return items[group.rank::group.world]
 
 
 def share_length(total: int, group: Group) -> int:

@@ -501,10 +501,10 @@ def main(args: argparse.Namespace) -> dict:
                                  for label in part], dtype=torch.int64)
     sizes = {name: set_size(d) for name, d in data.items()}
     sizes["train"] = len(train_labels)
-    share = distributed.share_length(sizes["train"], group)  # images per process per epoch
+    per_process = distributed.share_length(sizes["train"], group)  # images per process per epoch
     say(f"data: {json.dumps(sizes)} classes=0..{args.max_count} above_max={args.above_max} "
         f"cache={args.cache} decode_s={time.time() - started:.1f}"
-        + (f" processes={group.world} images_per_process={share}" if group.active else ""))
+        + (f" processes={group.world} images_per_process={per_process}" if group.active else ""))
     if "validation" not in data and args.select_metric != "last":
         say("no validation channel: keeping the last epoch")
         args.select_metric = "last"
@@ -518,7 +518,7 @@ def main(args: argparse.Namespace) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     weights = class_weights(train_labels, num_classes, args.class_weights)
-    steps_per_epoch = math.ceil(share / args.batch_size)
+    steps_per_epoch = math.ceil(per_process / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     warmup = int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
@@ -540,7 +540,7 @@ def main(args: argparse.Namespace) -> dict:
     for epoch in range(start_epoch, args.epochs + 1):
         epoch_start = time.time()
         train_loss = train_one_epoch(trainer, optimizer, scheduler, data["train"], args, device, epoch, bf16,
-                                     weights, group, share)
+                                     weights, group, per_process)
         distributed.average_statistics(model, group)
         if not group.main:
             continue

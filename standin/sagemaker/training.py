@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import threading
@@ -32,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from standin.aws_calls import role_environment
+from standin.launch import free_port
 
 TERMINAL = ("Completed", "Failed", "Stopped")  # the statuses a job (training or tuning) ends in
 
@@ -208,12 +208,6 @@ def input_data_config(job: dict) -> dict:
             entry["ContentType"] = channel["ContentType"]
         config[channel["ChannelName"]] = entry
     return config
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def prepare(job: dict, root: Path, s3, region: str, python: str) -> tuple[list[str], dict[str, str]]:
@@ -397,13 +391,12 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
                     metrics_seen(metrics)
             code = proc.wait()
     except BaseException:
-        if limit:
-            limit.cancel()
         if checkpoints:  # no poller outlives its job
             checkpoints.stopping.set()
         raise
-    if limit:
-        limit.cancel()
+    finally:
+        if limit:
+            limit.cancel()
     if cloudwatch:
         cloudwatch.flush()
     if checkpoints:  # completed, failed or stopped: SageMaker's last upload of the checkpoints
