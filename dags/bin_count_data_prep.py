@@ -1,4 +1,5 @@
-"""bin_count_data_prep: fetch an ABID subset, enhance contrast, split by key blocks, publish a version."""
+"""bin_count_data_prep: fetch an ABID subset in shards, enhance contrast, split by key blocks into manifests,
+publish a version."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from bin_counter.alerts import failure_alert
 from bin_counter.assets import BIN_COUNT_DATASET
-from bin_counter.operators import AbidFetchOperator, BlockSplitOperator, ContrastEnhanceOperator
+from bin_counter.operators import (
+    AbidFetchOperator,
+    AbidSelectOperator,
+    BlockSplitOperator,
+    ContrastEnhanceOperator,
+    FetchReportOperator,
+)
 
 DOC = """
 ### Bin count data preparation
@@ -18,16 +25,21 @@ Builds a versioned training dataset from the Amazon Bin Image Dataset (ABID, Ama
 CC BY-NC-SA 3.0 US) in our bucket, and announces it on the `bin_count_dataset` asset, on which
 `bin_count_retrain` is scheduled.
 
-1. **fetch**: copies the subset (`file_list`: the seed project's 10,441 keys, or a `key_range`)
-   from `source` into `s3://<bucket>/abid/raw/`, checking that every image decodes and every
-   metadata file has `EXPECTED_QUANTITY`. Bad or missing keys are counted in the log and in
-   `abid/raw/reports/fetch-*.json`; the task fails only when they exceed `max_bad_share`.
-   A re-run skips what already arrived whole.
-2. **enhance**: applies the contrast method to every image into `abid/enhanced/<method-id>/`.
-3. **version**: derives the dataset version from the fetched keys, the enhancement and the split
+1. **select**: the subset (`file_list`: the seed project's 10,441 keys, or a `key_range`) cut into
+   shards of `shard_size` keys, written to `abid/raw/reports/<selection>/`.
+2. **fetch** (one mapped task per shard, side by side on a Celery or Kubernetes executor): copies the
+   shard from `source` into `s3://<bucket>/abid/raw/`, checking that every image decodes and every
+   metadata file has `EXPECTED_QUANTITY`. A shard that fails retries alone, and a re-run skips what
+   already arrived whole.
+3. **report**: joins the shards' reports. Bad or missing keys are counted in the log and in
+   `abid/raw/reports/fetch-*.json`; the task fails only when they exceed `max_bad_share` of the subset.
+4. **enhance** (mapped per shard): applies the contrast method to every image, with its metadata,
+   into `abid/enhanced/<method-id>/` (method `none`: nothing is written).
+5. **version**: derives the dataset version from the fetched keys, the enhancement and the split
    parameters below, and hands both to the split.
-4. **split**: train/validation/test by blocks of consecutive keys, stratified by count, into
-   `datasets/<version>/<split>/<count>/<key>.jpg` with `manifest.csv`; then updates the asset.
+6. **split**: train/validation/test by blocks of consecutive keys, stratified by count, into
+   `datasets/<version>/<split>.manifest` (SageMaker ManifestFiles: the photos stay where the fetch or
+   the enhancement put them, nothing is copied) with `manifest.csv`; then updates the asset.
 
 The same parameters give the same version: a second run writes nothing new.
 
@@ -37,16 +49,22 @@ The same parameters give the same version: a second run writes nothing new.
 **When a task fails**
 - *fetch*, "cannot read from ...": the source is unreachable (network, permissions, bucket name).
   Check the `source` Param and, for S3 sources, the `source_aws_conn_id` connection.
-- *fetch*, "N of M keys missing or invalid": the subset does not match the source (a partial
+- *fetch*, one shard failed: its log names the error; clear that map index alone, or let it retry.
+- *report*, "N of M keys missing or invalid": the subset does not match the source (a partial
   mirror?). The report object named in the log lists the keys; raise `max_bad_share` only if
   that is expected.
-- *enhance* / *split*, `NoSuchKey` or "no images to split": the objects of an earlier step are gone
-  from the bucket; clear and re-run from *fetch*.
+- *enhance* / *split*, `NoSuchKey`, "have no image or metadata" or "no images to split": the objects
+  of an earlier step are gone from the bucket; clear and re-run from *select*.
 - Any task, credentials or endpoint errors: the `aws_default` connection (on a laptop it points at
   the moto server on loopback).
 """
 
 RAW_PREFIX = "abid/raw"
+
+
+def good_keys_path(fetched: dict) -> str:
+    """A fetched shard's good keys, which its enhancement task reads."""
+    return fetched["good_path"]
 
 
 @dag(
@@ -74,6 +92,9 @@ RAW_PREFIX = "abid/raw"
                        description="With file_list: at most this many keys, drawn evenly across counts"),
         "key_range": Param("01000:01600", type="string", pattern=r"^\d+:\d+$",
                            description="With key_range: START:STOP, zero-padded"),
+        "shard_size": Param(5000, type="integer", minimum=1, maximum=100000,
+                            description="Keys per fetch and enhance task: the unit that runs side by side and "
+                                        "retries alone (the whole public dataset at 5,000: 107 shards)"),
         "max_bad_share": Param(0.5, type="number", minimum=0, maximum=1,
                                description="Fail the fetch when more than this share of keys is missing or invalid"),
         "enhancement": Param("none", enum=["none", "autocontrast", "equalize"],
@@ -94,8 +115,8 @@ RAW_PREFIX = "abid/raw"
     },
 )
 def bin_count_data_prep():
-    fetch = AbidFetchOperator(
-        task_id="fetch",
+    select = AbidSelectOperator(
+        task_id="select",
         bucket="{{ params.bucket }}",
         prefix=RAW_PREFIX,
         source="{{ params.source }}",
@@ -103,41 +124,68 @@ def bin_count_data_prep():
         counts="{{ params.counts }}",
         limit="{{ params.limit }}",
         key_range="{{ params.key_range }}",
-        max_bad_share="{{ params.max_bad_share }}",
-        execution_timeout=timedelta(hours=2),
-        doc_md="Copies and checks the subset. Its report object lists missing and invalid keys.",
+        shard_size="{{ params.shard_size }}",
+        execution_timeout=timedelta(minutes=10),
+        doc_md="Chooses the keys and writes one key list per shard.",
     )
-    enhance = ContrastEnhanceOperator(
+    fetch = AbidFetchOperator.partial(
+        task_id="fetch",
+        bucket="{{ params.bucket }}",
+        prefix=RAW_PREFIX,
+        source="{{ params.source }}",
+        subset="{{ params.subset }}",
+        counts="{{ params.counts }}",
+        # Each shard reads with 8 threads: 16 shards at once keep 128 requests in flight, which S3
+        # serves without throttling and a laptop's moto server still answers.
+        max_active_tis_per_dagrun=16,
+        execution_timeout=timedelta(minutes=45),
+        doc_md="Copies and checks one shard. Its report lists the shard's missing and invalid keys.",
+    ).expand(shard=select.output)
+    report = FetchReportOperator(
+        task_id="report",
+        bucket="{{ params.bucket }}",
+        prefix=RAW_PREFIX,
+        shards=fetch.output,
+        max_bad_share="{{ params.max_bad_share }}",
+        retries=0,  # it only reads what the shards wrote: a second try would say the same
+        execution_timeout=timedelta(minutes=10),
+        doc_md="Joins the shards' reports; fails when too many keys are missing or invalid.",
+    )
+    enhance = ContrastEnhanceOperator.partial(
         task_id="enhance",
         bucket="{{ params.bucket }}",
         source_prefix=RAW_PREFIX,
-        keys_path=fetch.output["keys_path"],
         method="{{ params.enhancement }}",
         method_params="{{ {'cutoff': params.autocontrast_cutoff} if params.enhancement == 'autocontrast' else {} }}",
-        execution_timeout=timedelta(hours=1),
-    )
+        max_active_tis_per_dagrun=16,
+        execution_timeout=timedelta(minutes=45),
+    ).expand(keys_path=fetch.output.map(good_keys_path))
+    report >> enhance
 
-    @task(retries=0, execution_timeout=timedelta(minutes=1))
-    def version(fetched: dict, enhanced: dict) -> dict:
-        """The dataset to write: the split parameters, read from the Params here only, and the version
-        derived from them, the fetched keys and the enhancement."""
+    @task(retries=0, execution_timeout=timedelta(minutes=1), multiple_outputs=True)
+    def version(fetched: dict, enhanced: list[dict]) -> dict:
+        """The dataset to write: the split parameters, read from the Params here only, the version
+        derived from them, the fetched keys and the enhancement, and where the photos are."""
         from bin_counter import dataset
 
         p = get_current_context()["params"]
         split = dataset.split_parameters(
             {"train": p["train_share"], "validation": p["validation_share"], "test": p["test_share"]},
             p["block_size"], p["split_seed"], p["max_count"])
-        return dataset.plan(fetched["keys_digest"], enhanced["id"], split)
+        first = enhanced[0]  # every shard's enhancement is the same: the shards differ in keys only
+        return {**dataset.plan(fetched["keys_digest"], first["id"], split), "image_prefix": first["prefix"],
+                "enhancement": first["id"], "enhancement_params": first["params"]}
 
+    planned = version(report.output, enhance.output)
     BlockSplitOperator(
         task_id="split",
         bucket="{{ params.bucket }}",
         keys_prefix=RAW_PREFIX,
-        keys_path=fetch.output["keys_path"],
-        image_prefix=enhance.output["prefix"],
-        dataset=version(fetch.output, enhance.output),
-        extra={"enhancement": enhance.output["id"], "enhancement_params": enhance.output["params"],
-               "fetch_report": fetch.output["report_path"]},
+        keys_path=report.output["keys_path"],
+        image_prefix=planned["image_prefix"],
+        dataset=planned,
+        extra={"enhancement": planned["enhancement"], "enhancement_params": planned["enhancement_params"],
+               "fetch_report": report.output["report_path"]},
         outlets=[BIN_COUNT_DATASET],
         execution_timeout=timedelta(hours=1),
     )

@@ -358,11 +358,12 @@ def bin_count_retrain():
 
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
+        from bin_counter import dataset
         from bin_counter.api_function import api_event, smoke_images
 
         params = get_current_context()["params"]
-        images = smoke_images(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"], f"{data['prefix']}/test/",
-                              params["smoke_images"])
+        s3 = S3Hook(aws_conn_id=AWS_CONN_ID).get_conn()
+        images = smoke_images(s3, dataset.photos(s3, params["bucket"], data, "test"), params["smoke_images"])
         sent = [{k: i[k] for k in ("key", "count")} for i in images]
         return {"payload": json.dumps(api_event(images)), "images": sent}
 

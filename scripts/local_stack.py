@@ -289,10 +289,11 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     runtime = boto3.client("sagemaker-runtime", endpoint_url=standin, region_name="us-east-1")
     from bin_counter.api_function import smoke_images
-    from bin_counter.dataset import latest_version, prefix_of
+    from bin_counter.dataset import photos, resolve_dataset
 
-    version = latest_version(s3, BUCKET)
-    images = smoke_images(s3, BUCKET, f"{prefix_of(version)}/test/", args.show)
+    data = resolve_dataset(s3, BUCKET, None, None)
+    version = data["version"]
+    images = smoke_images(s3, photos(s3, BUCKET, data, "test"), args.show)
     show_counts(runtime, "bin-counter", version, images)
     count_through_the_api(standin, images[0], work)
     model = sm.describe_endpoint_config(EndpointConfigName=sm.describe_endpoint(EndpointName="bin-counter")[

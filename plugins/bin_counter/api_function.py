@@ -85,23 +85,20 @@ def _wait_updated(lambda_client, name: str) -> None:
 
 
 # -- the smoke check -----------------------------------------------------------------------------
-def smoke_images(s3, bucket: str, test_prefix: str, how_many: int) -> list[dict]:
-    """Up to `how_many` test images, one per count first: [{"key", "count", "base64"}]."""
-    by_count: dict[int, list[str]] = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=test_prefix):
-        for obj in page.get("Contents", []):
-            parts = obj["Key"][len(test_prefix):].strip("/").split("/")
-            if len(parts) == 2 and parts[0].isdigit() and parts[1].endswith(".jpg"):
-                by_count.setdefault(int(parts[0]), []).append(obj["Key"])
+def smoke_images(s3, photos: list[dict], how_many: int) -> list[dict]:
+    """Up to `how_many` of a split's photos (`bin_counter.dataset.photos`), one per count first:
+    [{"key", "count", "base64"}]."""
+    by_count: dict[int, list[dict]] = {}
+    for photo in photos:
+        by_count.setdefault(photo["count"], []).append(photo)
     if not by_count:
-        raise DatasetNotFound(f"no test images under s3://{bucket}/{test_prefix}")
-    chosen: list[tuple[int, str]] = []
-    rounds = max(len(keys) for keys in by_count.values())
-    for i in range(rounds):
-        chosen += [(count, keys[i]) for count, keys in sorted(by_count.items()) if i < len(keys)]
-    return [{"key": key, "count": count,
-             "base64": base64.b64encode(s3.get_object(Bucket=bucket, Key=key)["Body"].read()).decode()}
-            for count, key in chosen[:how_many]]
+        raise DatasetNotFound("the dataset lists no test photos")
+    chosen: list[dict] = []
+    for i in range(max(len(group) for group in by_count.values())):
+        chosen += [group[i] for _, group in sorted(by_count.items()) if i < len(group)]
+    return [{"key": p["key"], "count": p["count"],
+             "base64": base64.b64encode(s3.get_object(Bucket=p["bucket"], Key=p["object"])["Body"].read()).decode()}
+            for p in chosen[:how_many]]
 
 
 def api_event(images: list[dict]) -> dict:

@@ -28,10 +28,10 @@ from pathlib import PurePosixPath
 
 from botocore.exceptions import ClientError
 
-from bin_counter.abid import parse_count
+from bin_counter.abid import IMAGE_PREFIX, parse_count
 from bin_counter.api_function import function_settings
 from bin_counter.paths import LAMBDA_DIR
-from bin_counter.sagemaker_config import run_digest
+from bin_counter.sagemaker_config import MANIFEST_SUFFIX, run_digest
 
 MANIFEST = "input/manifest.json"
 PLAN = "input/photos.json"
@@ -93,10 +93,14 @@ def batch_model(sm, model_name: str | None, endpoint_name: str) -> dict:
 
 
 # -- the photos -----------------------------------------------------------------------------------
-def list_photos(s3, input_uri: str, skip_prefix: str | None = None) -> list[dict]:
-    """Every object under the input prefix (key, relative key, size), sorted; folder markers and
-    anything under `skip_prefix` (the run's own output, when it lies inside the input) left out."""
+def list_photos(s3, input_uri: str, skip_prefix: str | None = None) -> tuple[str, list[dict]]:
+    """The input's root (the prefix its objects are relative to) and its objects (key, relative key,
+    size), sorted. The input is a prefix: every object under it but folder markers and anything under
+    `skip_prefix` (the run's own output, when it lies inside the input). Or a dataset split's
+    `.manifest`: the photos it lists (their metadata stays behind: it is read for the expected counts)."""
     bucket, prefix = split_s3_uri(input_uri)
+    if input_uri.endswith(MANIFEST_SUFFIX):
+        return manifest_photos(s3, input_uri)
     prefix = folder(prefix)
     photos = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -105,7 +109,27 @@ def list_photos(s3, input_uri: str, skip_prefix: str | None = None) -> list[dict
             if key.endswith("/") or (skip_prefix and key.startswith(skip_prefix)):
                 continue
             photos.append({"key": key, "relative": key[len(prefix):], "size": obj["Size"]})
-    return sorted(photos, key=lambda p: p["key"])
+    return f"s3://{bucket}/{prefix}", sorted(photos, key=lambda p: p["key"])
+
+
+def manifest_photos(s3, manifest_uri: str) -> tuple[str, list[dict]]:
+    """The photos (`bin-images/...`) a ManifestFile lists, their sizes listed from their folder."""
+    bucket, key = split_s3_uri(manifest_uri)
+    try:
+        manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        root_bucket, root = split_s3_uri(manifest[0]["prefix"])
+    except (ClientError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise BatchInputError(f"the manifest {manifest_uri} cannot be read as a SageMaker ManifestFile: {exc}") from exc
+    entries = [entry for entry in manifest[1:] if entry.startswith(IMAGE_PREFIX)]
+    sizes = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=root_bucket, Prefix=root + IMAGE_PREFIX):
+        sizes.update((obj["Key"], obj["Size"]) for obj in page.get("Contents", []))
+    gone = [entry for entry in entries if root + entry not in sizes]
+    if gone:
+        raise BatchInputError(f"{len(gone)} photos that {manifest_uri} lists are not in s3://{root_bucket}/{root} "
+                              f"(first: {gone[:3]}): the dataset's photos were deleted")
+    photos = [{"key": root + entry, "relative": entry, "size": sizes[root + entry]} for entry in entries]
+    return f"s3://{root_bucket}/{root}", sorted(photos, key=lambda p: p["key"])
 
 
 def expected_source(source: str | None, input_is_dataset: bool, input_uri: str) -> str:
@@ -117,8 +141,10 @@ def expected_source(source: str | None, input_is_dataset: bool, input_uri: str) 
             raise BatchInputError(f"expected={source!r}: choose one of {EXPECTED_SOURCES} or an s3:// URI of a "
                                   "CSV (key,expected) or JSON lines ({\"key\": ..., \"expected\": ...}) file")
         return source
-    if input_is_dataset:
-        return "dataset_folders"
+    if input_is_dataset:  # a dataset's split: its manifest (ABID's layout) or, copied, its count folders
+        return "abid_metadata" if input_uri.endswith(MANIFEST_SUFFIX) else "dataset_folders"
+    if input_uri.endswith(MANIFEST_SUFFIX):
+        return "abid_metadata"
     return "abid_metadata" if folder(split_s3_uri(input_uri)[1]).endswith("bin-images/") else "none"
 
 
@@ -210,9 +236,9 @@ def plan_photos(photos: list[dict], max_payload_mb: int) -> tuple[list[dict], li
     return sent, refused
 
 
-def manifest(input_uri: str, sent: Iterable[dict]) -> list:
+def manifest(root_uri: str, sent: Iterable[dict]) -> list:
     """SageMaker's ManifestFile: the prefix, then each object relative to it."""
-    bucket, prefix = split_s3_uri(input_uri)
+    bucket, prefix = split_s3_uri(root_uri)
     return [{"prefix": f"s3://{bucket}/{folder(prefix)}"}, *[p["relative"] for p in sent]]
 
 
@@ -222,10 +248,10 @@ def prepare(s3, input_uri: str, output_uri: str, expected: str, max_payload_mb: 
     out_bucket, out_prefix = split_s3_uri(output_uri)
     out_prefix = folder(out_prefix)
     in_bucket = split_s3_uri(input_uri)[0]
-    photos = list_photos(s3, input_uri, skip_prefix=out_prefix if in_bucket == out_bucket else None)
+    root, photos = list_photos(s3, input_uri, skip_prefix=out_prefix if in_bucket == out_bucket else None)
     if not photos:
         raise BatchInputError(f"no objects under {input_uri}: nothing to count (is the prefix right?)")
-    counts = expected_counts(s3, expected, in_bucket, photos)
+    counts = expected_counts(s3, expected, split_s3_uri(root)[0], photos)
     sent, refused = plan_photos(photos, max_payload_mb)
     if not sent:
         raise BatchInputError(f"none of the {len(photos)} objects under {input_uri} can be sent: every one is "
@@ -233,7 +259,7 @@ def prepare(s3, input_uri: str, output_uri: str, expected: str, max_payload_mb: 
     rows = [{"key": p["key"], "relative": p["relative"], "size": p["size"], "expected": counts.get(p["key"]),
              **({"error": p["error"], "message": p["message"]} if "error" in p else {})}
             for p in sorted(sent + refused, key=lambda p: p["key"])]
-    s3.put_object(Bucket=out_bucket, Key=out_prefix + MANIFEST, Body=json.dumps(manifest(input_uri, sent)).encode())
+    s3.put_object(Bucket=out_bucket, Key=out_prefix + MANIFEST, Body=json.dumps(manifest(root, sent)).encode())
     s3.put_object(Bucket=out_bucket, Key=out_prefix + PLAN, Body=json.dumps(rows).encode())
     return {"input_uri": input_uri, "output_uri": f"s3://{out_bucket}/{out_prefix}", "expected": expected,
             "manifest_uri": f"s3://{out_bucket}/{out_prefix}{MANIFEST}",

@@ -8,7 +8,9 @@ Methods, each with its parameters:
 
 The method and its parameters are written with the output (`enhancement.json`), and the output
 prefix is derived from them (`enhancement_id`), so outputs of different settings never mix and a
-re-run skips what is already there.
+re-run skips what is already there. Each photo's metadata is copied beside it, so that the output is
+in ABID's own layout (`bin-images/` + `metadata/`), the layout a dataset's manifests point a training
+channel at.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image, ImageOps
 
-from bin_counter.abid import MissingObject, Source, Store, image_path
+from bin_counter.abid import MissingObject, Source, Store, image_path, metadata_path
 from bin_counter.artifacts import digest
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,20 @@ def enhance_image(data: bytes, method: str, params: Mapping[str, object] | None 
     return buf.getvalue()
 
 
+def record(method: str, params: Mapping[str, object] | None = None) -> dict:
+    """What `enhancement.json` says: the method, its full parameters and the id they give."""
+    resolved = resolve(method, params)
+    return {"method": method, "params": resolved, "id": enhancement_id(method, resolved)}
+
+
+def write_record(dest: Store, method: str, params: Mapping[str, object] | None = None) -> dict:
+    """`enhancement.json` into `dest`: the same for every shard of one enhancement, so shards that
+    write it side by side agree."""
+    written = record(method, params)
+    dest.write(RECORD, json.dumps(written, indent=2).encode())
+    return written
+
+
 def enhance_keys(
     source: Source,
     dest: Store,
@@ -85,21 +101,29 @@ def enhance_keys(
     workers: int = 4,
     progress_every: float = 10.0,
 ) -> dict:
-    """Enhance `bin-images/<key>.jpg` of each key from `source` into `dest`, skipping keys whose
-    output exists. Writes `enhancement.json` to `dest` and returns it."""
+    """Enhance `bin-images/<key>.jpg` of each key from `source` into `dest` and copy its
+    `metadata/<key>.json` beside it, skipping what `dest` already holds. Returns what was done."""
     resolved = resolve(method, params)
     started = last_log = time.time()
     done = {"written": 0, "skipped": 0}
 
-    def one(key: str) -> str:
-        path = image_path(key)
+    def missing(path: str) -> bool:
         try:
             dest.size(path)
-            return "skipped"
+            return False
         except MissingObject:
-            pass
-        dest.write(path, enhance_image(source.read(path), method, resolved))
-        return "written"
+            return True
+
+    def one(key: str) -> str:
+        image, metadata = image_path(key), metadata_path(key)
+        wrote = False
+        if missing(image):
+            dest.write(image, enhance_image(source.read(image), method, resolved))
+            wrote = True
+        if missing(metadata):  # last: a key interrupted half way is finished by the next run
+            dest.write(metadata, source.read(metadata))
+            wrote = True
+        return "written" if wrote else "skipped"
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for n, outcome in enumerate(pool.map(one, keys), 1):
@@ -108,9 +132,7 @@ def enhance_keys(
             if now - last_log >= progress_every:
                 last_log = now
                 log.info("enhance progress: %d/%d images (%.1f/s)", n, len(keys), n / (now - started))
-    record = {"method": method, "params": resolved, "id": enhancement_id(method, resolved),
-              "images": len(keys), **done, "seconds": round(time.time() - started, 2)}
-    dest.write(RECORD, json.dumps(record, indent=2).encode())
+    result = {**record(method, resolved), "images": len(keys), **done, "seconds": round(time.time() - started, 2)}
     log.info("enhanced %d images with %s %s: %d written, %d already there, in %.1fs",
-             len(keys), method, resolved, done["written"], done["skipped"], record["seconds"])
-    return record
+             len(keys), method, resolved, done["written"], done["skipped"], result["seconds"])
+    return result

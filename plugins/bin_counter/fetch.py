@@ -10,6 +10,9 @@ Plain functions: the data-prep operator wraps them, the demo calls them directly
 - Every image must decode and every metadata file must carry EXPECTED_QUANTITY. Keys missing at
   the source or failing the checks are reported, not fatal, unless their share exceeds
   `max_bad_share`.
+- Sharded: `shard_keys` cuts a selection into shards that fetch on their own (the data-prep DAG maps
+  one task over them), and `merge_reports` joins the shards' reports into the selection's, where the
+  bad share is judged over the whole selection.
 """
 
 from __future__ import annotations
@@ -64,6 +67,42 @@ class FetchReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "summary": self.summary()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FetchReport:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+
+
+def shard_keys(keys: Sequence[str], shard_size: int) -> list[list[str]]:
+    """`keys` without repeats, in their order, cut into shards of at most `shard_size`."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    unique = list(dict.fromkeys(keys))
+    return [unique[i:i + shard_size] for i in range(0, len(unique), shard_size)]
+
+
+def merge_reports(reports: Sequence[FetchReport]) -> FetchReport:
+    """The shards' reports as one: lists joined in shard order, seconds summed (the time spent, not the
+    wall time of shards that ran side by side)."""
+    merged = FetchReport(source=reports[0].source if reports else "")
+    for report in reports:
+        merged.requested += report.requested
+        for name in ("fetched", "skipped", "missing", "filtered"):
+            getattr(merged, name).extend(getattr(report, name))
+        merged.invalid.update(report.invalid)
+        merged.counts.update(report.counts)
+        merged.seconds = round(merged.seconds + report.seconds, 2)
+    return merged
+
+
+def check_bad_share(report: FetchReport, max_bad_share: float) -> None:
+    """TooManyBadKeys when missing + invalid keys exceed `max_bad_share` of those requested."""
+    if report.requested and report.bad / report.requested > max_bad_share:
+        raise TooManyBadKeys(
+            f"{report.bad} of {report.requested} keys missing or invalid, above the allowed share "
+            f"{max_bad_share:.0%} (missing: {report.missing[:5]}, invalid: {list(report.invalid.items())[:3]})",
+            report,
+        )
 
 
 def check_image(data: bytes) -> None:
@@ -194,10 +233,5 @@ def fetch_subset(
     pool.shutdown()
     report.seconds = round(time.time() - started, 2)
     log.info("%s", report.summary())
-    if unique and report.bad / len(unique) > max_bad_share:
-        raise TooManyBadKeys(
-            f"{report.bad} of {len(unique)} keys missing or invalid, above the allowed share "
-            f"{max_bad_share:.0%} (missing: {report.missing[:5]}, invalid: {list(report.invalid.items())[:3]})",
-            report,
-        )
+    check_bad_share(report, max_bad_share)
     return report

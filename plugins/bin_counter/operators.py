@@ -1,4 +1,5 @@
-"""Airflow operators for data preparation: fetch, contrast enhancement, split.
+"""Airflow operators for data preparation: select and shard, fetch a shard, join the shards' reports,
+contrast enhancement, split.
 
 Each is a thin shell around the plain functions of this package, reading and writing S3 through
 the Amazon provider's S3 hook (so the Airflow AWS connection decides whether that is AWS or a
@@ -47,43 +48,34 @@ def selection_id(payload: Mapping) -> str:
     return digest(payload)
 
 
-class AbidFetchOperator(BaseOperator):
-    """Copy an ABID subset into `s3://<bucket>/<prefix>/` (`bin-images/` + `metadata/`).
+def shard_path(selection: str, index: int, what: str) -> str:
+    """A shard's files beside the selection's reports: its keys, its fetch report, its good keys."""
+    return f"reports/{selection}/shard-{index:05d}-{what}.json"
+
+
+class AbidSelectOperator(BaseOperator):
+    """Choose the keys to fetch and cut them into shards that fetch on their own.
 
     subset: "file_list" (the seed's 10,441 keys; `counts` and `limit` narrow it) or "key_range"
-    (`key_range` = "01000:01600"; `counts` keeps only keys with those EXPECTED_QUANTITY values).
-    source: the public bucket (anonymous), `s3://...` read through `source_aws_conn_id`,
-    `https://...`, or a local folder. Returns, through XCom, where the list of
-    good keys and their counts was written, and a summary of the report.
+    (`key_range` = "01000:01600"). source: the public bucket (anonymous), `s3://...` read through
+    `source_aws_conn_id`, `https://...`, or a local folder. Each shard's keys are written to
+    `s3://<bucket>/<prefix>/reports/<selection>/shard-NNNNN-keys.json`; returns one small dict per shard
+    (for XCom, and for mapping `AbidFetchOperator` over them).
     """
 
     template_fields: Sequence[str] = ("source", "bucket", "prefix", "subset", "key_range", "counts", "limit",
-                                      "max_bad_share")
+                                      "shard_size")
     ui_color = "#d9ecf2"
 
-    def __init__(
-        self,
-        *,
-        bucket: str,
-        prefix: str = "abid/raw",
-        source: str = "s3://aft-vbi-pds",
-        source_aws_conn_id: str | None = None,
-        subset: str = "file_list",
-        key_range: str = "01000:01600",
-        counts: Sequence[int] | None = None,
-        limit: int | None = None,
-        seed: int = 0,
-        workers: int = 8,
-        retries_per_object: int = 3,
-        max_bad_share: float = 0.5,
-        aws_conn_id: str | None = "aws_default",
-        **kwargs,
-    ) -> None:
+    def __init__(self, *, bucket: str, prefix: str = "abid/raw", source: str = "s3://aft-vbi-pds",
+                 source_aws_conn_id: str | None = None, subset: str = "file_list", key_range: str = "01000:01600",
+                 counts: Sequence[int] | None = None, limit: int | None = None, seed: int = 0,
+                 shard_size: int = 5000, aws_conn_id: str | None = "aws_default", **kwargs) -> None:
         super().__init__(**kwargs)
         self.bucket, self.prefix, self.source = bucket, prefix, source
         self.source_aws_conn_id, self.subset, self.key_range = source_aws_conn_id, subset, key_range
-        self.counts, self.limit, self.seed, self.workers = counts, limit, seed, workers
-        self.retries_per_object, self.max_bad_share, self.aws_conn_id = retries_per_object, max_bad_share, aws_conn_id
+        self.counts, self.limit, self.seed, self.shard_size = counts, limit, seed, shard_size
+        self.aws_conn_id = aws_conn_id
 
     def select(self, source) -> list[str]:
         from bin_counter import abid
@@ -97,29 +89,107 @@ class AbidFetchOperator(BaseOperator):
         limit = int(self.limit) if self.limit else None
         return abid.select_keys(abid.file_list_from(source), counts, limit, int(self.seed))
 
+    def execute(self, context) -> list[dict]:
+        from bin_counter import abid, fetch
+
+        source_client = _s3_client(self.source_aws_conn_id) if self.source_aws_conn_id else None
+        source = abid.open_source(self.source, s3_client=source_client)
+        keys = list(dict.fromkeys(self.select(source)))
+        # Named by the selection, not the run: the same selection again lands on the same files.
+        selection = selection_id({"source": source.uri, "keys": keys})
+        shards = fetch.shard_keys(keys, int(self.shard_size))
+        dest = _store(_s3_client(self.aws_conn_id), self.bucket, self.prefix)
+        described = []
+        for index, shard in enumerate(shards):
+            path = shard_path(selection, index, "keys")
+            dest.write(path, json.dumps(shard).encode())
+            described.append({"selection": selection, "source": source.uri, "index": index, "shards": len(shards),
+                              "keys": len(shard), "keys_path": path})
+        log.info("%d keys from %s in %d shards of at most %s: s3://%s/%s/reports/%s/", len(keys), source.uri,
+                 len(shards), self.shard_size, self.bucket, self.prefix, selection)
+        return described
+
+
+class AbidFetchOperator(BaseOperator):
+    """Copy one shard of keys into `s3://<bucket>/<prefix>/` (`bin-images/` + `metadata/`), checking
+    every file; map it over `AbidSelectOperator`'s shards.
+
+    Resumable and idempotent: a key already there whole is skipped, so a retried or re-run shard
+    fetches only what it lacks. Missing or invalid keys never fail a shard (the selection's share of
+    them is judged by `FetchReportOperator`); a source that stops answering does, and the shard retries
+    alone. Writes the shard's report and its good keys; returns where they are.
+    """
+
+    template_fields: Sequence[str] = ("source", "bucket", "prefix", "shard", "subset", "counts")
+    ui_color = "#d9ecf2"
+
+    def __init__(self, *, bucket: str, shard: Mapping, prefix: str = "abid/raw", source: str = "s3://aft-vbi-pds",
+                 source_aws_conn_id: str | None = None, subset: str = "file_list",
+                 counts: Sequence[int] | None = None, workers: int = 8, retries_per_object: int = 3,
+                 aws_conn_id: str | None = "aws_default", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bucket, self.prefix, self.source, self.shard = bucket, prefix, source, shard
+        self.source_aws_conn_id, self.subset, self.counts = source_aws_conn_id, subset, counts
+        self.workers, self.retries_per_object, self.aws_conn_id = workers, retries_per_object, aws_conn_id
+
     def execute(self, context) -> dict:
         from bin_counter import abid, fetch
 
-        client = _s3_client(self.aws_conn_id)
+        shard = dict(self.shard)
         source_client = _s3_client(self.source_aws_conn_id) if self.source_aws_conn_id else None
         source = abid.open_source(self.source, s3_client=source_client)
-        keys = self.select(source)
-        log.info("fetching %d keys from %s into s3://%s/%s", len(keys), source.uri, self.bucket, self.prefix)
-        dest = _store(client, self.bucket, self.prefix)
-        try:
-            counts = [int(c) for c in self.counts] if self.counts and self.subset == "key_range" else None
-            report = fetch.fetch_subset(source, keys, dest, workers=self.workers, retries=self.retries_per_object,
-                                        max_bad_share=float(self.max_bad_share), counts=counts)
-        except fetch.TooManyBadKeys as exc:
-            self._write_report(dest, keys, exc.report)
-            raise
-        return publish(context, self._write_report(dest, keys, report))
+        dest = _store(_s3_client(self.aws_conn_id), self.bucket, self.prefix)
+        keys = json.loads(dest.read(shard["keys_path"]))
+        # With a key range the counts are only known from the metadata: other keys are left out there.
+        counts = [int(c) for c in self.counts] if self.counts and self.subset == "key_range" else None
+        log.info("shard %d of %d: fetching %d keys from %s into s3://%s/%s", shard["index"] + 1, shard["shards"],
+                 len(keys), source.uri, self.bucket, self.prefix)
+        report = fetch.fetch_subset(source, keys, dest, workers=self.workers, retries=self.retries_per_object,
+                                    max_bad_share=1.0, counts=counts)
+        report_path = shard_path(shard["selection"], shard["index"], "fetch")
+        good_path = shard_path(shard["selection"], shard["index"], "good")
+        dest.write(good_path, json.dumps(dict(sorted(report.counts.items()))).encode())
+        dest.write(report_path, json.dumps(report.to_dict()).encode())  # last: the shard is done
+        return {**shard, "report_path": report_path, "good_path": good_path, "good": len(report.counts),
+                "bad": report.bad}
 
-    def _write_report(self, dest, keys: list[str], report) -> dict:
-        # Named by the selection, not the run: the same selection fetched again overwrites it.
-        ident = selection_id({"source": report.source, "keys": keys})
-        report_path = f"reports/fetch-{ident}.json"
-        keys_path = f"reports/keys-{ident}.json"
+
+class FetchReportOperator(BaseOperator):
+    """Join the fetched shards' reports into the selection's: `reports/fetch-<selection>.json` (what
+    happened to every key) and `reports/keys-<selection>.json` (the good keys and their counts, which
+    the split reads). Fails when missing and invalid keys exceed `max_bad_share` of the selection,
+    after writing the report that lists them."""
+
+    template_fields: Sequence[str] = ("bucket", "prefix", "shards", "max_bad_share")
+    ui_color = "#d9ecf2"
+
+    def __init__(self, *, bucket: str, shards: Sequence[Mapping], prefix: str = "abid/raw",
+                 max_bad_share: float = 0.5, aws_conn_id: str | None = "aws_default", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bucket, self.prefix, self.shards = bucket, prefix, shards
+        self.max_bad_share, self.aws_conn_id = max_bad_share, aws_conn_id
+
+    def execute(self, context) -> dict:
+        from bin_counter import fetch
+
+        shards = sorted((dict(s) for s in self.shards), key=lambda s: s["index"])
+        if not shards:
+            raise ValueError("no shards were fetched: the selection is empty")
+        if len(shards) != shards[0]["shards"]:
+            raise ValueError(f"{len(shards)} of {shards[0]['shards']} shards were fetched: run the missing ones")
+        dest = _store(_s3_client(self.aws_conn_id), self.bucket, self.prefix)
+        report = fetch.merge_reports([fetch.FetchReport.from_dict(json.loads(dest.read(s["report_path"])))
+                                      for s in shards])
+        try:
+            fetch.check_bad_share(report, float(self.max_bad_share))
+        except fetch.TooManyBadKeys as exc:
+            self._write_report(dest, shards[0], exc.report)
+            raise
+        return publish(context, self._write_report(dest, shards[0], report))
+
+    def _write_report(self, dest, shard: Mapping, report) -> dict:
+        selection = shard["selection"]
+        report_path, keys_path = f"reports/fetch-{selection}.json", f"reports/keys-{selection}.json"
         dest.write(report_path, json.dumps(report.to_dict(), indent=2).encode())
         dest.write(keys_path, json.dumps(dict(sorted(report.counts.items()))).encode())
         log.info("%s; report at s3://%s/%s/%s", report.summary(), self.bucket, self.prefix, report_path)
@@ -129,12 +199,12 @@ class AbidFetchOperator(BaseOperator):
 
 
 class ContrastEnhanceOperator(BaseOperator):
-    """Enhance every fetched image from `source_prefix` into `<dest_root>/<enhancement id>/`.
+    """Enhance the photos of a key list (`keys_path`, relative to `source_prefix`: a fetched shard's good
+    keys, or the selection's) from `source_prefix` into `<dest_root>/<enhancement id>/`, with their
+    metadata beside them (ABID's layout); map it over the fetched shards.
 
     Method "none" (the default: see BENCHMARKS.md) writes nothing and points at `source_prefix`.
-
-    `keys_path` is the key list the fetch wrote (relative to `source_prefix`). Returns the
-    enhancement record (method, parameters, id, prefix).
+    Returns the enhancement (method, parameters, id, prefix) and what this call wrote.
     """
 
     template_fields: Sequence[str] = ("bucket", "source_prefix", "dest_root", "keys_path", "method", "method_params")
@@ -154,21 +224,21 @@ class ContrastEnhanceOperator(BaseOperator):
         client = _s3_client(self.aws_conn_id)
         source = _store(client, self.bucket, self.source_prefix)
         keys = sorted(json.loads(source.read(self.keys_path)))
-        ident = enhance.enhancement_id(self.method, self.method_params)
-        if self.method == "none":  # nothing to change: the split reads the fetched images directly
+        if self.method == "none":  # nothing to change: the split lists the fetched images directly
             log.info("enhancement 'none': %d images used as fetched", len(keys))
-            return publish(context, {"method": "none", "params": {}, "id": ident, "images": len(keys), "written": 0,
+            return publish(context, {**enhance.record("none"), "images": len(keys), "written": 0,
                                      "skipped": len(keys), "bucket": self.bucket, "prefix": self.source_prefix})
-        prefix = f"{self.dest_root}/{ident}"
-        record = enhance.enhance_keys(source, _store(client, self.bucket, prefix), keys, self.method,
-                                      self.method_params, workers=self.workers)
-        return publish(context, {**record, "bucket": self.bucket, "prefix": prefix})
+        prefix = f"{self.dest_root}/{enhance.enhancement_id(self.method, self.method_params)}"
+        dest = _store(client, self.bucket, prefix)
+        enhance.write_record(dest, self.method, self.method_params)
+        result = enhance.enhance_keys(source, dest, keys, self.method, self.method_params, workers=self.workers)
+        return publish(context, {**result, "bucket": self.bucket, "prefix": prefix})
 
 
 class BlockSplitOperator(BaseOperator):
-    """Split by key blocks into `s3://<bucket>/datasets/<version>/<split>/<count>/<key>.jpg` plus
-    `manifest.csv` and `dataset.json`, reading counts from the fetch's key list and images from
-    `image_prefix`.
+    """Split by key blocks into `s3://<bucket>/datasets/<version>/`: a SageMaker ManifestFile per split
+    (`<split>.manifest`, the photos and their metadata listed where they lie under `image_prefix`,
+    nothing copied), `manifest.csv` and `dataset.json`, reading counts from the fetch's key list.
 
     `dataset` is what `bin_counter.dataset.plan` returns: the version and the split parameters it was
     derived from, so the split is made with exactly the parameters its version names. With
@@ -198,12 +268,13 @@ class BlockSplitOperator(BaseOperator):
             raise ValueError(f"no images to split in s3://{self.bucket}/{self.keys_prefix}/{self.keys_path}")
         assignment = split.assign_splits(records, parameters["shares"], parameters["block_size"], parameters["seed"])
         dest = _store(client, self.bucket, dest_prefix)
-        rows = split.write_split_layout(records, assignment, _store(client, self.bucket, self.image_prefix), dest,
-                                        f"s3://{self.bucket}/{self.image_prefix}", parameters["block_size"])
+        rows = split.write_manifests(records, assignment, _store(client, self.bucket, self.image_prefix), dest,
+                                     parameters["block_size"])
         table = split.summarize(records, assignment)
         log.info("split %d images into s3://%s/%s: %s", len(rows), self.bucket, dest_prefix, json.dumps(table))
-        result = {"bucket": self.bucket, "prefix": dest_prefix, "images": table,
-                  "uri": f"s3://{self.bucket}/{dest_prefix}", "version": version, **parameters, **(self.extra or {})}
+        result = {"bucket": self.bucket, "prefix": dest_prefix, "images": table, "layout": dataset.LAYOUT,
+                  "image_prefix": self.image_prefix, "uri": f"s3://{self.bucket}/{dest_prefix}", "version": version,
+                  **parameters, **(self.extra or {})}
         dataset.write_record(dest, result)
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = result

@@ -60,6 +60,15 @@ def encode_hyperparameters(hyperparameters: Mapping[str, object]) -> dict[str, s
     return {str(k): json.dumps(v) for k, v in hyperparameters.items()}
 
 
+MANIFEST_SUFFIX = ".manifest"
+
+
+def s3_data_type(uri: str) -> str:
+    """A channel's S3DataType: ManifestFile for a `.manifest` object (as the data-prep DAG names a split's
+    manifest, and AWS's examples name theirs), S3Prefix for anything else."""
+    return "ManifestFile" if uri.endswith(MANIFEST_SUFFIX) else "S3Prefix"
+
+
 def training_job_config(
     job_name: str,
     image_uri: str,
@@ -82,7 +91,8 @@ def training_job_config(
 ) -> dict:
     """A CreateTrainingJob request that runs train.py in script mode.
 
-    channels: channel name (train, validation, test) -> S3 prefix in the `<count>/<key>.jpg` layout.
+    channels: channel name (train, validation, test, ...) -> S3 URI: a `.manifest` object (a dataset's
+    ManifestFile, `s3_data_type`) or a prefix; train.py reads either layout a channel then holds.
     source_s3_uri: the sourcedir.tar.gz holding sagemaker_code/.
     distributed: train data-parallel under the image's `torch_distributed` launcher (torchrun), one
     process per GPU of each instance, or `processes_per_host`.
@@ -117,7 +127,7 @@ def training_job_config(
         "InputDataConfig": [
             {
                 "ChannelName": name,
-                "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
+                "DataSource": {"S3DataSource": {"S3DataType": s3_data_type(uri), "S3Uri": uri,
                                                 "S3DataDistributionType": "FullyReplicated"}},
                 "ContentType": "application/x-image",
                 "InputMode": "File",

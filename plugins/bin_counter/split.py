@@ -3,6 +3,13 @@
 Consecutive keys are often the same bin photographed again after one item was picked; a random
 split puts near-duplicates on both sides and overstates accuracy. Whole blocks of keys go to one
 split, and blocks are dealt so that each split's count distribution follows the overall one.
+
+Two ways to write a split:
+- `write_manifests` (the data-prep DAG's): nothing is copied. Each split is a SageMaker ManifestFile
+  (`<split>.manifest`) listing its photos and their metadata where they already lie, in ABID's layout,
+  which train.py reads as it reads the public bucket.
+- `write_split_layout` (local folders: the CLI, the benchmarks): every photo copied into
+  `<split>/<count>/<key>.jpg`.
 """
 
 from __future__ import annotations
@@ -10,17 +17,32 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 
-from bin_counter.abid import MissingObject, Record, Source, Store, image_path, key_block
+from bin_counter.abid import (
+    IMAGE_PREFIX,
+    METADATA_PREFIX,
+    MissingObject,
+    Record,
+    S3Store,
+    Source,
+    Store,
+    image_path,
+    key_block,
+    metadata_path,
+)
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
 DEFAULT_BLOCK_SIZE = 100
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ("key", "count", "split", "block", "source", "sha256")
+# A manifest split's rows name each photo by its S3 ETag (listed, never read), not by a digest of its bytes.
+REFERENCE_FIELDS = ("key", "count", "split", "block", "source", "etag")
+CHANNEL_MANIFEST = "{split}.manifest"
 
 
 def check_shares(shares: Mapping[str, float]) -> dict[str, float]:
@@ -84,10 +106,9 @@ def write_split_layout(
 
     A store that already holds a manifest is complete: nothing is read or written again.
     """
-    try:
-        return list(csv.DictReader(io.StringIO(out.read(MANIFEST).decode())))
-    except MissingObject:
-        pass
+    existing = read_manifest_rows(out)
+    if existing is not None:
+        return existing
     rows = []
     for record in sorted(records, key=lambda r: r.key):
         split = assignment[record.key]
@@ -96,11 +117,64 @@ def write_split_layout(
         rows.append({"key": record.key, "count": record.count, "split": split,
                      "block": key_block(record.key, block_size), "source": source_label,
                      "sha256": hashlib.sha256(data).hexdigest()})
+    write_rows(out, rows, MANIFEST_FIELDS)
+    return rows
+
+
+def read_manifest_rows(out: Store) -> list[dict] | None:
+    """The rows of `out`'s `manifest.csv`, or None while it has none (the split is not complete)."""
+    try:
+        return list(csv.DictReader(io.StringIO(out.read(MANIFEST).decode())))
+    except MissingObject:
+        return None
+
+
+def write_rows(out: Store, rows: list[dict], fields: tuple[str, ...]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     out.write(MANIFEST, buf.getvalue().encode())
+
+
+def channel_manifest(images_uri: str, keys: Iterable[str]) -> list:
+    """SageMaker's ManifestFile for one channel: the prefix, then each photo and its metadata relative
+    to it, so that the channel holds ABID's layout (`bin-images/`, `metadata/`)."""
+    return [{"prefix": images_uri.rstrip("/") + "/"}, *[path for key in keys for path in (image_path(key),
+                                                                                          metadata_path(key))]]
+
+
+def write_manifests(
+    records: Iterable[Record],
+    assignment: Mapping[str, str],
+    images: S3Store,
+    out: Store,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> list[dict]:
+    """Write `<split>.manifest` for each split that has photos, then `manifest.csv` (last: its presence
+    marks the split complete). Returns the manifest rows. Nothing is copied: the photos stay in
+    `images`, which is listed (a request per thousand objects) so that a photo gone from it fails here,
+    naming it, rather than the training job later.
+
+    A store that already holds a `manifest.csv` is complete: nothing is listed or written again.
+    """
+    existing = read_manifest_rows(out)
+    if existing is not None:
+        return existing
+    records = sorted(records, key=lambda r: r.key)
+    photos, metadata = images.listing(IMAGE_PREFIX), images.listing(METADATA_PREFIX)
+    absent = [r.key for r in records if image_path(r.key) not in photos or metadata_path(r.key) not in metadata]
+    if absent:
+        raise MissingObject(f"{len(absent)} of the {len(records)} photos to split have no image or metadata in "
+                            f"{images.uri} (first: {absent[:5]}): they were fetched and are gone; clear the run "
+                            "and run it again from the fetch")
+    rows = [{"key": r.key, "count": r.count, "split": assignment[r.key], "block": key_block(r.key, block_size),
+             "source": images.uri, "etag": photos[image_path(r.key)]} for r in records]
+    for name in SPLITS:
+        keys = [row["key"] for row in rows if row["split"] == name]
+        if keys:
+            out.write(CHANNEL_MANIFEST.format(split=name), json.dumps(channel_manifest(images.uri, keys)).encode())
+    write_rows(out, rows, REFERENCE_FIELDS)
     return rows
 
 

@@ -43,22 +43,77 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+# SageMaker downloads a channel's objects several at a time; one at a time, a channel of small photos
+# would spend its time in round trips.
+DOWNLOAD_THREADS = 8
+
+
+def _download(s3, objects: list[tuple[str, str, Path]]) -> None:
+    """Each (bucket, key, destination), several at a time; an object that cannot be read fails the job
+    as SageMaker fails it, naming the object."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item: tuple[str, str, Path]) -> None:
+        bucket, key, destination = item
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+            raise JobError(f"ClientError: Data download failed: could not download s3://{bucket}/{key} ({code})"
+                           ) from exc
+        destination.write_bytes(body)
+
+    with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+        list(pool.map(one, objects))
+
+
 def download_prefix(s3, uri: str, target: Path) -> int:
+    """S3Prefix: every object under `uri`, relative to it."""
     bucket, prefix = split_s3_uri(uri)
-    count = 0
+    objects = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             # A prefix naming one object whole (a model.tar.gz) gives that file under its own name.
             relative = obj["Key"][len(prefix):].lstrip("/") or obj["Key"].rsplit("/", 1)[-1]
-            if relative.endswith("/"):
-                continue
-            destination = target / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, obj["Key"], str(destination))
-            count += 1
-    if count == 0:
+            if not relative.endswith("/"):
+                objects.append((bucket, obj["Key"], target / relative))
+    if not objects:
         raise JobError(f"ClientError: no data in channel {uri}")
-    return count
+    _download(s3, objects)
+    return len(objects)
+
+
+def read_manifest(s3, uri: str) -> tuple[str, str, list[str]]:
+    """A ManifestFile (`[{"prefix": "s3://bucket/prefix/"}, "relative/key", ...]`): its prefix's bucket
+    and key, and its relative keys."""
+    bucket, key = split_s3_uri(uri)
+    try:
+        manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except Exception as exc:
+        raise JobError(f"ClientError: could not read the manifest file {uri}: {exc}") from exc
+    if (not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict)
+            or not str(manifest[0].get("prefix", "")).startswith("s3://")
+            or not all(isinstance(entry, str) for entry in manifest[1:])):
+        raise JobError(f'ClientError: the manifest file {uri} is not [{{"prefix": "s3://..."}}, "relative/key", ...]')
+    prefix_bucket, prefix = split_s3_uri(manifest[0]["prefix"])
+    return prefix_bucket, prefix, manifest[1:]
+
+
+def download_manifest(s3, uri: str, target: Path) -> int:
+    """ManifestFile: each object the manifest lists, at its path relative to the manifest's prefix."""
+    bucket, prefix, entries = read_manifest(s3, uri)
+    if not entries:
+        raise JobError(f"ClientError: the manifest file {uri} lists no objects")
+    _download(s3, [(bucket, prefix + entry, target / entry) for entry in entries])
+    return len(entries)
+
+
+def download_channel(s3, channel: dict, target: Path) -> int:
+    source = channel["DataSource"]["S3DataSource"]
+    if source["S3DataType"] == "ManifestFile":
+        return download_manifest(s3, source["S3Uri"], target)
+    return download_prefix(s3, source["S3Uri"], target)
 
 
 class JobError(RuntimeError):
@@ -215,8 +270,7 @@ def prepare(job: dict, root: Path, s3, region: str, python: str) -> tuple[list[s
     channels in `input/data`, the `input/config` files, the empty folders. Return the toolkit's
     arguments (after the container-side Python) and the container's environment."""
     for channel in job.get("InputDataConfig", []):
-        download_prefix(s3, channel["DataSource"]["S3DataSource"]["S3Uri"],
-                        root / "input" / "data" / channel["ChannelName"])
+        download_channel(s3, channel, root / "input" / "data" / channel["ChannelName"])
     config = root / "input" / "config"
     config.mkdir(parents=True, exist_ok=True)
     (config / "hyperparameters.json").write_text(json.dumps(job.get("HyperParameters", {})))

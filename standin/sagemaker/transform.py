@@ -16,7 +16,6 @@ stands for one instance); the job's first log lines say so.
 from __future__ import annotations
 
 import gzip
-import json
 import queue
 import threading
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from standin.sagemaker import endpoints
 from standin.sagemaker.endpoints import ModelServer, WorkerFailed
 from standin.sagemaker.exceptions import ValidationException
-from standin.sagemaker.training import CloudWatchLog, split_s3_uri
+from standin.sagemaker.training import CloudWatchLog, JobError, read_manifest, split_s3_uri
 
 LOG_GROUP = "/aws/sagemaker/TransformJobs"
 # MaxPayloadInMB is in MB, which SageMaker's limits mean as MiB (InvokeEndpoint's 6 MB is 6,291,456
@@ -131,18 +130,11 @@ def input_objects(s3, source: dict) -> list[InputObject]:
         keys = [obj["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
                 for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
         return [InputObject(bucket, key, key[len(folder):]) for key in sorted(keys)]
-    bucket, key = split_s3_uri(source["S3Uri"])
     try:
-        manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    except Exception as exc:
-        raise TransformError(f"ClientError: could not read the manifest file {source['S3Uri']}: {exc}") from exc
-    if (not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict)
-            or not str(manifest[0].get("prefix", "")).startswith("s3://")
-            or not all(isinstance(entry, str) for entry in manifest[1:])):
-        raise TransformError(f'ClientError: the manifest file {source["S3Uri"]} is not [{{"prefix": "s3://..."}}, '
-                             '"relative/key", ...]')
-    prefix_bucket, prefix = split_s3_uri(manifest[0]["prefix"])
-    return [InputObject(prefix_bucket, prefix + entry, entry) for entry in manifest[1:]]
+        prefix_bucket, prefix, entries = read_manifest(s3, source["S3Uri"])
+    except JobError as exc:
+        raise TransformError(str(exc)) from exc
+    return [InputObject(prefix_bucket, prefix + entry, entry) for entry in entries]
 
 
 def output_location(output_path: str, relative: str) -> tuple[str, str]:

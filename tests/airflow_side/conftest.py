@@ -265,21 +265,33 @@ BASE_CONF = {"arch": "mobilenet_v2", "mode": "finetune", "max_count": 2, "batch_
 
 
 def upload_dataset(s3, bucket: str, version: str, per_split: dict[str, int], corrupt_test: bool = False) -> None:
-    """A dataset as bin_count_data_prep leaves it: <split>/<count>/<key>.jpg and dataset.json."""
-    images: dict[str, dict[int, int]] = {}
+    """A dataset as bin_count_data_prep leaves it, made by its own split writer: the photos and their
+    metadata under abid/raw/ (ABID's layout), `<split>.manifest`, `manifest.csv` and `dataset.json`.
+    `per_split`: photos per count (0, 1, 2) in each split."""
+    from bin_counter import dataset, split
+    from bin_counter.abid import Record, S3Store
+
+    raw = S3Store(bucket, "abid/raw", s3)
+    records, assignment, images = [], {}, {}
     n = 0
-    for split, per_count in per_split.items():
+    for name, per_count in per_split.items():
         for count in range(3):
             for _ in range(per_count):
                 n += 1
+                key = f"{version}-{n:05d}"  # the datasets of one bucket share abid/raw/
                 body = make_bin_image(count, 7000 + n)
-                if corrupt_test and split == "test":
+                if corrupt_test and name == "test":
                     body = body[: len(body) // 3]  # cut short between the stages
-                s3.put_object(Bucket=bucket, Key=f"datasets/{version}/{split}/{count}/{n:05d}.jpg", Body=body)
-                images.setdefault(split, {}).setdefault(count, 0)
-                images[split][count] += 1
-    record = {"version": version, "bucket": bucket, "prefix": f"datasets/{version}", "images": images}
-    s3.put_object(Bucket=bucket, Key=f"datasets/{version}/dataset.json", Body=json.dumps(record).encode())
+                raw.write(f"bin-images/{key}.jpg", body)
+                raw.write(f"metadata/{key}.json", json.dumps({"EXPECTED_QUANTITY": count}).encode())
+                records.append(Record(key, count))
+                assignment[key] = name
+                images.setdefault(name, {}).setdefault(count, 0)
+                images[name][count] += 1
+    out = S3Store(bucket, dataset.prefix_of(version), s3)
+    split.write_manifests(records, assignment, raw, out)
+    dataset.write_record(out, {"version": version, "bucket": bucket, "prefix": dataset.prefix_of(version),
+                               "images": images, "layout": dataset.LAYOUT, "image_prefix": "abid/raw"})
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -72,7 +72,8 @@ def test_an_expected_counts_file_names_photos_by_key_relative_key_or_abid_id(s3,
     for key in ("1.jpg", "2.jpg", "00003.jpg", "4.jpg"):
         put(s3, bucket, f"audits/a/{key}", make_bin_image(1, 1))
     put(s3, bucket, f"lists/expected.{name}", text)
-    photos = batch.list_photos(s3, f"s3://{bucket}/audits/a/")
+    root, photos = batch.list_photos(s3, f"s3://{bucket}/audits/a/")
+    assert root == f"s3://{bucket}/audits/a/"
     counts = batch.expected_counts(s3, f"s3://{bucket}/lists/expected.{name}", bucket, photos)
     assert counts == {"audits/a/00003.jpg": 1, "audits/a/1.jpg": 3, "audits/a/2.jpg": 0, "audits/a/4.jpg": None}
 
@@ -146,3 +147,28 @@ def test_the_transform_request_sends_each_photo_whole_and_keeps_within_sagemaker
         transform_job_config("n", "m", "s3://b/m", "s3://b/o/", "ml.m5.xlarge", 1, 20, 6)
     with pytest.raises(ValueError, match="1 to 100"):
         transform_job_config("n", "m", "s3://b/m", "s3://b/o/", "ml.m5.xlarge", 1, 1, 0)
+
+
+def test_a_dataset_splits_manifest_is_counted_where_its_photos_lie(s3, bucket):
+    from bin_counter.split import channel_manifest
+
+    for key, count in (("00001", 2), ("00002", 0)):
+        put(s3, bucket, f"abid/raw/bin-images/{key}.jpg", make_bin_image(count, 1))
+        put(s3, bucket, f"abid/raw/metadata/{key}.json", json.dumps({"EXPECTED_QUANTITY": count}))
+    put(s3, bucket, "abid/raw/bin-images/00009.jpg", make_bin_image(1, 1))  # beside, not listed
+    uri = f"s3://{bucket}/datasets/v1/test.manifest"
+    put(s3, bucket, "datasets/v1/test.manifest", json.dumps(channel_manifest(f"s3://{bucket}/abid/raw",
+                                                                            ["00001", "00002"])))
+    source = batch.expected_source("auto", True, uri)
+    assert source == "abid_metadata"
+    plan = batch.prepare(s3, uri, f"s3://{bucket}/batch-counts/t5/", source, 6)
+    assert (plan["photos"], plan["sent"], plan["with_expected"]) == (2, 2, 2)
+    rows = json.loads(s3.get_object(Bucket=bucket, Key="batch-counts/t5/input/photos.json")["Body"].read())
+    assert [(r["key"], r["expected"]) for r in rows] == [("abid/raw/bin-images/00001.jpg", 2),
+                                                         ("abid/raw/bin-images/00002.jpg", 0)]
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="batch-counts/t5/input/manifest.json")["Body"].read())
+    assert manifest == [{"prefix": f"s3://{bucket}/abid/raw/"}, "bin-images/00001.jpg", "bin-images/00002.jpg"]
+
+    s3.delete_object(Bucket=bucket, Key="abid/raw/bin-images/00002.jpg")
+    with pytest.raises(batch.BatchInputError, match=r"1 photos that .*test.manifest lists are not in"):
+        batch.prepare(s3, uri, f"s3://{bucket}/batch-counts/t6/", source, 6)

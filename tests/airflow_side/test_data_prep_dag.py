@@ -26,23 +26,41 @@ def asset_events(dag_id: str) -> list[dict]:
         return [e.extra for e in session.query(AssetEvent).filter(AssetEvent.source_dag_id == dag_id)]
 
 
+def task_states(run, task_id: str) -> dict[int, str]:
+    """map index -> state of a task's instances in a run."""
+    return {ti.map_index: ti.state for ti in run.get_task_instances() if ti.task_id == task_id}
+
+
 def test_data_prep_run_publishes_a_versioned_dataset(dag, s3, bucket, aws_connection, tmp_path):
     source = write_abid_dir(tmp_path / "abid", {f"{i:05d}": i % 6 for i in range(1000, 1100)})
     conf = {"bucket": bucket, "source": str(source), "subset": "key_range", "key_range": "01000:01100",
-            "block_size": 10, "enhancement": "autocontrast"}
+            "block_size": 10, "enhancement": "autocontrast", "shard_size": 30}
     run = dag.test(run_conf=conf)
     assert run.state == "success"
+    # One fetch and one enhancement task per shard of 30 keys.
+    assert task_states(run, "fetch") == task_states(run, "enhance") == dict.fromkeys(range(4), "success")
     event = asset_events("bin_count_data_prep")[-1]
     version = event["version"]
-    assert version.startswith("v-") and event["prefix"] == f"datasets/{version}"
+    assert version.startswith("v-") and event["prefix"] == f"datasets/{version}" and event["layout"] == "manifest"
     assert event["enhancement"].startswith("autocontrast-") and event["enhancement_params"]["cutoff"] == 1.0
     manifest = s3.get_object(Bucket=bucket, Key=f"datasets/{version}/manifest.csv")["Body"].read().decode()
     rows = list(csv.DictReader(io.StringIO(manifest)))
     assert len(rows) == 100 and {r["split"] for r in rows} == {"train", "validation", "test"}
-    for row in rows[:5]:
-        s3.head_object(Bucket=bucket, Key=f"datasets/{version}/{row['split']}/{row['count']}/{row['key']}.jpg")
+    # Each split is a ManifestFile of its photos and their metadata where the enhancement wrote them:
+    # nothing was copied under datasets/.
+    images = f"abid/enhanced/{event['enhancement']}/"
+    listed = []
+    for name in ("train", "validation", "test"):
+        channel = json.loads(s3.get_object(Bucket=bucket, Key=f"datasets/{version}/{name}.manifest")["Body"].read())
+        assert channel[0] == {"prefix": f"s3://{bucket}/{images}"}
+        keys = sorted(r["key"] for r in rows if r["split"] == name)
+        assert channel[1:] == [p for k in keys for p in (f"bin-images/{k}.jpg", f"metadata/{k}.json")]
+        listed += channel[1:]
+    for entry in listed:
+        s3.head_object(Bucket=bucket, Key=images + entry)
+    assert not [k for k in list_objects(s3, bucket, "datasets/") if k.endswith(".jpg")]
     dataset = json.loads(s3.get_object(Bucket=bucket, Key=f"datasets/{version}/dataset.json")["Body"].read())
-    assert dataset["version"] == version
+    assert dataset["version"] == version and dataset["image_prefix"] == images.rstrip("/")
 
     # The same run again: same version, nothing rewritten.
     before = list_objects(s3, bucket, "datasets/") | list_objects(s3, bucket, "abid/enhanced/")
@@ -60,6 +78,39 @@ def test_data_prep_run_publishes_a_versioned_dataset(dag, s3, bucket, aws_connec
     assert asset_events("bin_count_data_prep")[-1]["version"] != version
 
 
-def test_a_source_that_does_not_exist_fails_the_fetch(dag, bucket, aws_connection, tmp_path):
+def test_a_source_that_does_not_exist_fails_the_selection(dag, bucket, aws_connection, tmp_path):
     run = dag.test(run_conf={"bucket": bucket, "source": str(tmp_path / "nowhere"), "subset": "key_range"})
     assert run.state == "failed"
+    assert task_states(run, "select") == {-1: "failed"}
+
+
+def test_a_shard_that_fails_fails_alone_and_a_rerun_fetches_only_its_keys(dag, s3, bucket, aws_connection, tmp_path,
+                                                                          monkeypatch):
+    from bin_counter import abid
+
+    source = write_abid_dir(tmp_path / "abid", {f"{i:05d}": i % 4 for i in range(2000, 2060)})
+    conf = {"bucket": bucket, "source": str(source), "subset": "key_range", "key_range": "02000:02060",
+            "block_size": 10, "shard_size": 20}
+    read = abid.LocalStore.read
+
+    def unreadable(self, path):  # the source stops answering for one key of the second shard
+        if path == "bin-images/02025.jpg":
+            raise OSError("connection reset by peer")
+        return read(self, path)
+
+    monkeypatch.setattr(abid.LocalStore, "read", unreadable)
+    monkeypatch.setattr("bin_counter.fetch.time.sleep", lambda s: None)  # the per-object retries' backoff
+    run = dag.test(run_conf=conf)
+    assert run.state == "failed"
+    assert task_states(run, "fetch") == {0: "success", 1: "failed", 2: "success"}
+    assert task_states(run, "report") == {-1: "upstream_failed"}
+    assert not list_objects(s3, bucket, "datasets/")
+
+    monkeypatch.setattr(abid.LocalStore, "read", read)
+    again = dag.test(run_conf=conf)
+    assert again.state == "success"
+    reports = [k for k in list_objects(s3, bucket, "abid/raw/reports/") if k.split("/")[-1].startswith("fetch-")]
+    report = json.loads(s3.get_object(Bucket=bucket, Key=reports[0])["Body"].read())
+    # The shards that had succeeded found their keys whole; the failed one fetched what it lacked.
+    assert set(report["fetched"]) <= {f"{i:05d}" for i in range(2020, 2040)} and "02025" in report["fetched"]
+    assert len(report["fetched"]) + len(report["skipped"]) == 60

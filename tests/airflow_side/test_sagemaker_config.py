@@ -61,6 +61,16 @@ def test_spot_without_checkpoints_is_refused():
         build(use_spot=True)
 
 
+def test_a_datasets_manifests_are_manifest_file_channels_and_folders_prefixes():
+    config = build(channels={"train": "s3://bin-counter/datasets/v1/train.manifest",
+                             "validation": "s3://bin-counter/datasets/v1/validation/"})
+    validate("CreateTrainingJob", config)
+    sources = {c["ChannelName"]: c["DataSource"]["S3DataSource"] for c in config["InputDataConfig"]}
+    assert sources["train"] == {"S3DataType": "ManifestFile", "S3Uri": "s3://bin-counter/datasets/v1/train.manifest",
+                                "S3DataDistributionType": "FullyReplicated"}
+    assert sources["validation"]["S3DataType"] == "S3Prefix"
+
+
 def test_a_job_needs_training_data():
     with pytest.raises(ValueError, match="train"):
         build(channels={"validation": "s3://x/y/"})

@@ -836,3 +836,37 @@ def test_checkpoint_sync_restores_uploads_complete_files_and_keeps_deleted_ones(
     keys = {o["Key"]: o for o in s3.list_objects_v2(Bucket=bucket, Prefix="checkpoints/job/")["Contents"]}
     assert set(keys) == {"checkpoints/job/checkpoint.pth", "checkpoints/job/sub/notes.txt"}  # deletions stay
     assert s3.get_object(Bucket=bucket, Key="checkpoints/job/checkpoint.pth")["Body"].read() == b"epoch 2"
+
+
+def test_channels_are_downloaded_as_sagemaker_downloads_prefixes_and_manifests(s3, bucket, tmp_path):
+    from standin.sagemaker.training import JobError, download_channel
+
+    for key in ("00001", "00002", "00003"):
+        s3.put_object(Bucket=bucket, Key=f"abid/raw/bin-images/{key}.jpg", Body=key.encode())
+        s3.put_object(Bucket=bucket, Key=f"abid/raw/metadata/{key}.json", Body=b"{}")
+    listed = [{"prefix": f"s3://{bucket}/abid/raw/"}, "bin-images/00001.jpg", "metadata/00001.json",
+              "bin-images/00003.jpg", "metadata/00003.json"]
+    s3.put_object(Bucket=bucket, Key="datasets/v/train.manifest", Body=json.dumps(listed).encode())
+
+    def channel(data_type: str, uri: str) -> dict:
+        return {"ChannelName": "train", "DataSource": {"S3DataSource": {"S3DataType": data_type, "S3Uri": uri}}}
+
+    # ManifestFile: exactly the objects listed, at their paths relative to the manifest's prefix.
+    target = tmp_path / "manifest"
+    assert download_channel(s3, channel("ManifestFile", f"s3://{bucket}/datasets/v/train.manifest"), target) == 4
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == [
+        "bin-images/00001.jpg", "bin-images/00003.jpg", "metadata/00001.json", "metadata/00003.json"]
+    assert (target / "bin-images" / "00003.jpg").read_bytes() == b"00003"
+    # S3Prefix: everything under the prefix.
+    target = tmp_path / "prefix"
+    assert download_channel(s3, channel("S3Prefix", f"s3://{bucket}/abid/raw/bin-images/"), target) == 3
+
+    # A listed object that is gone fails the job naming it; so does a manifest that is not one.
+    s3.delete_object(Bucket=bucket, Key="abid/raw/bin-images/00003.jpg")
+    with pytest.raises(JobError, match=r"Data download failed: .*abid/raw/bin-images/00003\.jpg \(NoSuchKey\)"):
+        download_channel(s3, channel("ManifestFile", f"s3://{bucket}/datasets/v/train.manifest"), tmp_path / "gone")
+    s3.put_object(Bucket=bucket, Key="datasets/v/bad.manifest", Body=b'{"prefix": "s3://x/"}')
+    with pytest.raises(JobError, match=r"is not \[\{\"prefix\""):
+        download_channel(s3, channel("ManifestFile", f"s3://{bucket}/datasets/v/bad.manifest"), tmp_path / "bad")
+    with pytest.raises(JobError, match="could not read the manifest file"):
+        download_channel(s3, channel("ManifestFile", f"s3://{bucket}/datasets/v/none.manifest"), tmp_path / "none")
