@@ -11,8 +11,13 @@ import pytest
 
 from bin_counter import enhance
 from bin_counter.dataset import split_parameters
-from bin_counter.operators import (AbidFetchOperator, AbidSelectOperator, BlockSplitOperator, ContrastEnhanceOperator,
-                                   FetchReportOperator)
+from bin_counter.operators import (
+    AbidFetchOperator,
+    AbidSelectOperator,
+    BlockSplitOperator,
+    ContrastEnhanceOperator,
+    FetchReportOperator,
+)
 from tests.airflow_side.conftest import list_objects
 from tests.conftest import write_abid_dir
 
@@ -83,14 +88,14 @@ def test_select_fetch_report_enhance_split_chain(s3, bucket, source, aws_connect
 
 
 def test_a_second_run_writes_nothing_new(s3, bucket, source, aws_connection):
-    shards, fetched = fetch_all(bucket, source)
+    _, fetched = fetch_all(bucket, source)
     enhanced = enhance_op(fetched["keys_path"], bucket, method="equalize").execute(context={})
     split = BlockSplitOperator(task_id="split", bucket=bucket, keys_prefix="abid/raw", keys_path=fetched["keys_path"],
                                image_prefix=enhanced["prefix"], dataset=planned("v-test", block_size=5))
     split.execute(context={})
     data_before = {k: v for k, v in list_objects(s3, bucket).items() if k.endswith((".jpg", ".csv", ".manifest"))}
     time.sleep(1.1)  # LastModified has a resolution of one second
-    shards_again, fetched_again = fetch_all(bucket, source)
+    _, fetched_again = fetch_all(bucket, source)
     assert fetched_again["good"] == 59 and fetched_again["keys_path"] == fetched["keys_path"]
     report = json.loads(s3.get_object(Bucket=bucket, Key=f"abid/raw/{fetched['report_path']}")["Body"].read())
     assert (len(report["fetched"]), len(report["skipped"])) == (0, 59)
