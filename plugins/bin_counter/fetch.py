@@ -4,7 +4,9 @@ Plain functions: the data-prep operator wraps them, the demo calls them directly
 
 - Parallel with a bounded pool; each object retried with exponential backoff on transient errors.
 - Resumable: a key whose image and metadata are already at the destination with the source's
-  sizes is skipped, so a re-run after an interruption fetches only the rest. The metadata is
+  sizes is skipped, so a re-run after an interruption fetches only the rest. Where a store can list
+  (S3), the sizes of a whole shard come from a listing of its key range (a request per thousand
+  objects) instead of a HEAD per file. The metadata is
   written last, so a key interrupted half way has no metadata and is fetched again; local files
   are written under a temporary name and renamed.
 - Every image must decode and every metadata file must carry EXPECTED_QUANTITY. Keys missing at
@@ -27,7 +29,17 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from bin_counter.abid import LocalStore, MissingObject, Source, Store, image_path, metadata_path, parse_count
+from bin_counter.abid import (
+    IMAGE_PREFIX,
+    METADATA_PREFIX,
+    LocalStore,
+    MissingObject,
+    Source,
+    Store,
+    image_path,
+    metadata_path,
+    parse_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +144,33 @@ def _with_retries(call: Callable[[], bytes], retries: int, backoff: float) -> by
     raise AssertionError("unreachable")
 
 
-def _already_complete(source: Source, dest: Store, key: str) -> bool:
+def known_sizes(store: Source, keys: Sequence[str]) -> dict[str, int] | None:
+    """The sizes of `keys`' images and metadata in `store`, from listings of the range of their
+    paths: every path in the range is either listed or absent, so the answer is authoritative for
+    all of them. None for a store that cannot list (a local folder, HTTPS): ask it file by file."""
+    listing = getattr(store, "listing", None)
+    if listing is None or not keys:
+        return None
+    sizes = {}
+    for folder, path_of in ((IMAGE_PREFIX, image_path), (METADATA_PREFIX, metadata_path)):
+        paths = [path_of(key) for key in keys]
+        sizes.update({path: size for path, (size, _) in listing(folder, min(paths), max(paths)).items()})
+    return sizes
+
+
+def _size(store: Source, path: str, known: dict[str, int] | None) -> int:
+    if known is None:
+        return store.size(path)
+    if path not in known:
+        raise MissingObject(f"{store.uri}/{path}")
+    return known[path]
+
+
+def _already_complete(source: Source, dest: Store, key: str, source_sizes: dict[str, int] | None = None,
+                      dest_sizes: dict[str, int] | None = None) -> bool:
     for path in (metadata_path(key), image_path(key)):
         try:
-            if dest.size(path) != source.size(path):
+            if _size(dest, path, dest_sizes) != _size(source, path, source_sizes):
                 return False
         except MissingObject:
             return False
@@ -149,10 +184,13 @@ def fetch_key(
     retries: int = 3,
     backoff: float = 0.5,
     counts: Collection[int] | None = None,
+    source_sizes: dict[str, int] | None = None,
+    dest_sizes: dict[str, int] | None = None,
 ) -> tuple[str, object]:
     """Fetch one key. Returns ("fetched"|"skipped", count), ("filtered", count) when its count is not
-    in `counts` (its image is then not downloaded), ("missing", path) or ("invalid", reason)."""
-    if _already_complete(source, dest, key):
+    in `counts` (its image is then not downloaded), ("missing", path) or ("invalid", reason).
+    `source_sizes` and `dest_sizes` (from `known_sizes`) spare a request per file where given."""
+    if _already_complete(source, dest, key, source_sizes, dest_sizes):
         count = parse_count(dest.read(metadata_path(key)))
         return ("skipped" if counts is None or count in counts else "filtered"), count
     try:
@@ -204,7 +242,11 @@ def fetch_subset(
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
         wanted = None if counts is None else frozenset(int(c) for c in counts)
-        results = pool.map(lambda k: (k, *fetch_key(source, dest, k, retries, backoff, wanted)), unique)
+        dest_sizes = known_sizes(dest, unique)
+        # Against an empty destination every key is fetched: the source's sizes would not be asked.
+        source_sizes = None if dest_sizes == {} else known_sizes(source, unique)
+        results = pool.map(lambda k: (k, *fetch_key(source, dest, k, retries, backoff, wanted, source_sizes,
+                                                    dest_sizes)), unique)
         for done, (key, outcome, detail) in enumerate(results, 1):
             if outcome in ("fetched", "skipped"):
                 getattr(report, outcome).append(key)

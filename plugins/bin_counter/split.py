@@ -169,7 +169,7 @@ def write_manifests(
                             f"{images.uri} (first: {absent[:5]}): they were fetched and are gone; clear the run "
                             "and run it again from the fetch")
     rows = [{"key": r.key, "count": r.count, "split": assignment[r.key], "block": key_block(r.key, block_size),
-             "source": images.uri, "etag": photos[image_path(r.key)]} for r in records]
+             "source": images.uri, "etag": photos[image_path(r.key)][1]} for r in records]
     for name in SPLITS:
         keys = [row["key"] for row in rows if row["split"] == name]
         if keys:

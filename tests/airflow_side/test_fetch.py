@@ -147,3 +147,36 @@ def test_count_filter_leaves_other_counts_out_without_downloading_them(source_di
     assert sorted(report.filtered) == sorted(k for k in keys if int(k) % 6 not in (0, 1))
     assert CountingReads.images_read == len(report.fetched)
     assert not (tmp_path / "dest" / "bin-images" / "00008.jpg").exists()
+
+
+def test_a_resumed_fetch_into_s3_lists_instead_of_asking_file_by_file(s3, bucket, source_dir):
+    class CountingStore(abid.S3Store):
+        sizes_asked = 0
+
+        def size(self, path):
+            CountingStore.sizes_asked += 1
+            return super().size(path)
+
+    dest = CountingStore(bucket, "raw", s3)
+    first = fetch.fetch_subset(abid.LocalStore(source_dir), KEYS[:8], dest)
+    # A photo cut short at the destination (a copy killed mid-write elsewhere): its size differs.
+    s3.put_object(Bucket=bucket, Key="raw/bin-images/00002.jpg", Body=b"\xff\xd8 cut")
+    again = fetch.fetch_subset(abid.LocalStore(source_dir), KEYS, dest)
+    assert CountingStore.sizes_asked == 0
+    assert "00002" in again.fetched and sorted(again.skipped) == sorted(k for k in first.fetched if k != "00002")
+    assert s3.get_object(Bucket=bucket, Key="raw/bin-images/00002.jpg")["Body"].read() == (
+        source_dir / "bin-images" / "00002.jpg").read_bytes()
+
+
+def test_a_listing_of_a_key_range_holds_exactly_the_paths_in_it(s3, bucket):
+    store = abid.S3Store(bucket, "raw", s3)
+    for key in ("0099", "01", "0100", "0100x", "0101", "0102", "2"):
+        store.write(abid.image_path(key), key.encode())
+    store.write("metadata/0100.json", b"{}")
+    sizes = fetch.known_sizes(store, ["0100", "0101", "01"])
+    # Every path between the smallest and the largest asked for is listed, and nothing beyond.
+    assert sorted(sizes) == ["bin-images/01.jpg", "bin-images/0100.jpg", "bin-images/0100x.jpg",
+                             "bin-images/0101.jpg", "metadata/0100.json"]
+    assert sizes["bin-images/0101.jpg"] == 4
+    # A store that cannot list is asked file by file.
+    assert fetch.known_sizes(abid.HttpsSource("https://example.invalid"), ["1"]) is None
