@@ -130,6 +130,14 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
                                                    "\"label-smoothing\": 0.1}"),
         "training_instance_type": Param("ml.g4dn.xlarge", type="string",
                                         description="Instance for tuning trials and the final training job"),
+        "training_instance_count": Param(1, type="integer", minimum=1, maximum=16,
+                                         description="Instances per training job; above 1 needs "
+                                                     "distributed_training (each instance then trains on its share)"),
+        "training_volume_gb": Param(30, type="integer", minimum=1, maximum=16384,
+                                    description="Storage per training instance: the channels are downloaded onto it "
+                                                "(the whole public dataset: about 30 GB of photos)"),
+        "training_max_hours": Param(4.0, type="number", exclusiveMinimum=0, maximum=120,
+                                    description="Each training job is stopped after this long (MaxRuntimeInSeconds)"),
         "distributed_training": Param(False, type="boolean",
                                       description="Train data-parallel under SageMaker's torch_distributed (torchrun): "
                                                   "one process per GPU of the training instance, gradients averaged; "

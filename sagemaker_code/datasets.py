@@ -1,14 +1,15 @@
 """Finding labelled images on disk, mapping counts to classes, and decoding them once.
 
 Two layouts are read:
-- split layout (what the data-prep split step writes and SageMaker channels hold):
-  `<root>/<count>/<key>.jpg`
-- ABID layout (the public bucket's): `<root>/bin-images/<key>.jpg` + `<root>/metadata/<key>.json`
-  with `EXPECTED_QUANTITY`.
+- split layout (a local split, and datasets of earlier releases): `<root>/<count>/<key>.jpg`
+- ABID layout (the public bucket's): `<root>/bin-images/<key>.jpg` with its count either in
+  `<root>/metadata/<key>.json` (`EXPECTED_QUANTITY`), or in a labels file `<root>/labels/*.csv`
+  (`key,count`), which is what a channel of the data-prep DAG's manifests holds.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import multiprocessing
@@ -37,7 +38,24 @@ class DataError(ValueError):
 
 
 def is_abid_layout(root: str | os.PathLike) -> bool:
-    return (Path(root) / "bin-images").is_dir() and (Path(root) / "metadata").is_dir()
+    root = Path(root)
+    return (root / "bin-images").is_dir() and ((root / "metadata").is_dir() or (root / "labels").is_dir())
+
+
+def read_labels(root: Path) -> dict[str, int] | None:
+    """key -> count from the channel's labels files (`labels/*.csv`, `key,count`), or None without any."""
+    files = sorted((root / "labels").glob("*.csv")) if (root / "labels").is_dir() else []
+    if not files:
+        return None
+    counts = {}
+    for path in files:
+        with path.open(newline="") as handle:
+            for number, row in enumerate(csv.DictReader(handle), 2):
+                try:
+                    counts[row["key"]] = int(row["count"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise DataError(f"{path}, line {number}: need key,count, got {row}") from exc
+    return counts
 
 
 def list_split_layout(root: str | os.PathLike) -> list[Sample]:
@@ -56,9 +74,15 @@ def list_split_layout(root: str | os.PathLike) -> list[Sample]:
 
 def list_abid_layout(root: str | os.PathLike) -> list[Sample]:
     root = Path(root)
+    labels = read_labels(root)
     samples = []
     for image in sorted((root / "bin-images").iterdir()):
         if image.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if labels is not None:
+            if image.stem not in labels:
+                raise DataError(f"{image}: not in the channel's labels ({root / 'labels'})")
+            samples.append(Sample(str(image), labels[image.stem], image.stem))
             continue
         meta_path = root / "metadata" / f"{image.stem}.json"
         if not meta_path.is_file():

@@ -163,7 +163,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     runtime.add_argument("--cache", default="memory", choices=("memory", "none"),
                          help="memory: decode each image once for the whole run; none: decode every epoch")
     runtime.add_argument("--workers", type=int, default=int(env("SM_NUM_CPUS", os.cpu_count() or 1)),
-                         help="processes decoding images")
+                         help="processes decoding images on the instance (its vCPUs); training processes "
+                              "under torchrun share them")
     runtime.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     runtime.add_argument("--eval-batch-size", type=int, default=64, help="images per evaluation step")
     return parser
@@ -479,6 +480,9 @@ def main(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
     group, device = distributed.setup(device)
+    # --workers counts an instance's decoding processes (SM_NUM_CPUS by default): under torchrun the
+    # instance's training processes share them, or four GPUs' processes would start four times the CPUs.
+    args.workers = max(1, args.workers // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     bf16 = use_bf16(args.amp, device)
     num_classes = args.max_count + 1
 

@@ -53,6 +53,17 @@ def shard_path(selection: str, index: int, what: str) -> str:
     return f"reports/{selection}/shard-{index:05d}-{what}.json"
 
 
+def check_map_length(keys: int, shards: int, shard_size: int) -> None:
+    """Airflow refuses to map a task over more than `[core] max_map_length` values (1024 by default):
+    say so before any shard is written, with the shard size that fits."""
+    from airflow.configuration import conf
+
+    limit = conf.getint("core", "max_map_length", fallback=1024)
+    if shards > limit:
+        raise ValueError(f"{keys} keys in shards of {shard_size} make {shards} shards, more than Airflow maps one task "
+                         f"over ([core] max_map_length = {limit}): set shard_size to at least {-(-keys // limit)}")
+
+
 class AbidSelectOperator(BaseOperator):
     """Choose the keys to fetch and cut them into shards that fetch on their own.
 
@@ -98,6 +109,7 @@ class AbidSelectOperator(BaseOperator):
         # Named by the selection, not the run: the same selection again lands on the same files.
         selection = selection_id({"source": source.uri, "keys": keys})
         shards = fetch.shard_keys(keys, int(self.shard_size))
+        check_map_length(len(keys), len(shards), int(self.shard_size))
         dest = _store(_s3_client(self.aws_conn_id), self.bucket, self.prefix)
         described = []
         for index, shard in enumerate(shards):
@@ -237,8 +249,9 @@ class ContrastEnhanceOperator(BaseOperator):
 
 class BlockSplitOperator(BaseOperator):
     """Split by key blocks into `s3://<bucket>/datasets/<version>/`: a SageMaker ManifestFile per split
-    (`<split>.manifest`, the photos and their metadata listed where they lie under `image_prefix`,
-    nothing copied), `manifest.csv` and `dataset.json`, reading counts from the fetch's key list.
+    (`<split>.manifest`, the photos listed where they lie under `image_prefix`, with a labels file
+    written beside them; nothing copied), `manifest.csv` and `dataset.json`, reading counts from the
+    fetch's key list.
 
     `dataset` is what `bin_counter.dataset.plan` returns: the version and the split parameters it was
     derived from, so the split is made with exactly the parameters its version names. With
@@ -269,7 +282,7 @@ class BlockSplitOperator(BaseOperator):
         assignment = split.assign_splits(records, parameters["shares"], parameters["block_size"], parameters["seed"])
         dest = _store(client, self.bucket, dest_prefix)
         rows = split.write_manifests(records, assignment, _store(client, self.bucket, self.image_prefix), dest,
-                                     parameters["block_size"])
+                                     version, parameters["block_size"])
         table = split.summarize(records, assignment)
         log.info("split %d images into s3://%s/%s: %s", len(rows), self.bucket, dest_prefix, json.dumps(table))
         result = {"bucket": self.bucket, "prefix": dest_prefix, "images": table, "layout": dataset.LAYOUT,

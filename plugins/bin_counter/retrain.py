@@ -61,6 +61,14 @@ def distribution(params: Mapping) -> dict:
             "processes_per_host": params.get("processes_per_instance") if params.get("distributed_training") else None}
 
 
+def resources(params: Mapping) -> dict:
+    """The jobs' instances, storage and time limit from the run's Params, trials and the final job alike."""
+    return {"instance_type": params["training_instance_type"],
+            "instance_count": int(params.get("training_instance_count") or 1),
+            "volume_gb": int(params.get("training_volume_gb") or 30),
+            "max_runtime_s": int(float(params.get("training_max_hours") or 4) * 3600)}
+
+
 def tuning_request(params: Mapping, data: Mapping, account: Mapping, code_uri: str, dag_id: str,
                    run_id: str, weights_uri: str | None = None) -> dict:
     """CreateHyperParameterTuningJob for this run: trials train on train, are scored on validation,
@@ -73,10 +81,10 @@ def tuning_request(params: Mapping, data: Mapping, account: Mapping, code_uri: s
         channels={"train": data["channels"]["train"], "validation": data["channels"]["validation"],
                   weights.CHANNEL: weights_uri},
         output_s3_uri=f"s3://{bucket}/models/tuning/", hyperparameters=static_hyperparameters(params),
-        region=account["region"], instance_type=params["training_instance_type"],
+        region=account["region"],
         tags=sagemaker_config.resource_tags({"bin-counter:dataset-version": data["version"],
                                              "bin-counter:dag-run": run_id}),
-        **distribution(params))
+        **resources(params), **distribution(params))
     ranges = sagemaker_config.search_ranges((params["epochs_min"], params["epochs_max"]), params["batch_sizes"],
                                             (params["lr_min"], params["lr_max"]))
     return sagemaker_config.tuning_job_config(
@@ -100,7 +108,7 @@ def final_training_request(params: Mapping, data: Mapping, account: Mapping, cod
     return sagemaker_config.training_job_config(
         job_name=names["training_job"], image_uri=account["training_image"], role_arn=account["role_arn"],
         source_s3_uri=code_uri, channels=channels, output_s3_uri=f"s3://{bucket}/models/",
-        hyperparameters=hyperparameters, region=account["region"], instance_type=params["training_instance_type"],
+        hyperparameters=hyperparameters, region=account["region"], **resources(params),
         checkpoint_s3_uri=f"s3://{bucket}/checkpoints/{names['training_job']}/",
         tags=sagemaker_config.resource_tags({"bin-counter:dataset-version": data["version"],
                                              "bin-counter:dag-run": run_id,

@@ -99,6 +99,9 @@ def training_job_config(
     """
     if not channels.get("train"):
         raise ValueError("a training job needs a 'train' channel")
+    if instance_count > 1 and not distributed:
+        raise ValueError(f"{instance_count} instances without distributed training would each train alone on the "
+                         "whole data: set distributed_training, or one instance")
     if use_spot and not checkpoint_s3_uri:
         raise ValueError("spot training needs checkpoint_s3_uri, or an interruption loses the run")
     if processes_per_host is not None and (not distributed or processes_per_host < 1):

@@ -6,8 +6,9 @@ split, and blocks are dealt so that each split's count distribution follows the 
 
 Two ways to write a split:
 - `write_manifests` (the data-prep DAG's): nothing is copied. Each split is a SageMaker ManifestFile
-  (`<split>.manifest`) listing its photos and their metadata where they already lie, in ABID's layout,
-  which train.py reads as it reads the public bucket.
+  (`<split>.manifest`) listing its photos where they already lie (`bin-images/<key>.jpg`) and one
+  labels file beside them (`labels/<version>-<split>.csv`: key, count), so that a training channel
+  holds one object per photo and one more; train.py reads the counts from it.
 - `write_split_layout` (local folders: the CLI, the benchmarks): every photo copied into
   `<split>/<count>/<key>.jpg`.
 """
@@ -24,7 +25,6 @@ from collections.abc import Iterable, Mapping
 
 from bin_counter.abid import (
     IMAGE_PREFIX,
-    METADATA_PREFIX,
     MissingObject,
     Record,
     S3Store,
@@ -32,7 +32,6 @@ from bin_counter.abid import (
     Store,
     image_path,
     key_block,
-    metadata_path,
 )
 
 SPLITS = ("train", "validation", "test")
@@ -43,6 +42,9 @@ MANIFEST_FIELDS = ("key", "count", "split", "block", "source", "sha256")
 # A manifest split's rows name each photo by its S3 ETag (listed, never read), not by a digest of its bytes.
 REFERENCE_FIELDS = ("key", "count", "split", "block", "source", "etag")
 CHANNEL_MANIFEST = "{split}.manifest"
+# Beside the photos, because a manifest's objects share one prefix: a channel gets it with them.
+LABELS = "labels/{version}-{split}.csv"
+LABEL_FIELDS = ("key", "count")
 
 
 def check_shares(shares: Mapping[str, float]) -> dict[str, float]:
@@ -137,11 +139,11 @@ def write_rows(out: Store, rows: list[dict], fields: tuple[str, ...]) -> None:
     out.write(MANIFEST, buf.getvalue().encode())
 
 
-def channel_manifest(images_uri: str, keys: Iterable[str]) -> list:
-    """SageMaker's ManifestFile for one channel: the prefix, then each photo and its metadata relative
-    to it, so that the channel holds ABID's layout (`bin-images/`, `metadata/`)."""
-    return [{"prefix": images_uri.rstrip("/") + "/"}, *[path for key in keys for path in (image_path(key),
-                                                                                          metadata_path(key))]]
+def channel_manifest(images_uri: str, keys: Iterable[str], labels: str) -> list:
+    """SageMaker's ManifestFile for one channel: the prefix, then each photo relative to it, then the
+    labels file, so that the channel holds `bin-images/` and `labels/` (ABID's layout, its counts in
+    one file rather than a metadata file per photo)."""
+    return [{"prefix": images_uri.rstrip("/") + "/"}, *[image_path(key) for key in keys], labels]
 
 
 def write_manifests(
@@ -149,12 +151,13 @@ def write_manifests(
     assignment: Mapping[str, str],
     images: S3Store,
     out: Store,
+    version: str,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> list[dict]:
-    """Write `<split>.manifest` for each split that has photos, then `manifest.csv` (last: its presence
-    marks the split complete). Returns the manifest rows. Nothing is copied: the photos stay in
-    `images`, which is listed (a request per thousand objects) so that a photo gone from it fails here,
-    naming it, rather than the training job later.
+    """Write, for each split that has photos, its labels file into `images` and `<split>.manifest` into
+    `out`; then `manifest.csv` (last: its presence marks the split complete). Returns the manifest
+    rows. No photo is copied: they stay in `images`, which is listed (a request per thousand objects)
+    so that a photo gone from it fails here, naming it, rather than the training job later.
 
     A store that already holds a `manifest.csv` is complete: nothing is listed or written again.
     """
@@ -162,18 +165,26 @@ def write_manifests(
     if existing is not None:
         return existing
     records = sorted(records, key=lambda r: r.key)
-    photos, metadata = images.listing(IMAGE_PREFIX), images.listing(METADATA_PREFIX)
-    absent = [r.key for r in records if image_path(r.key) not in photos or metadata_path(r.key) not in metadata]
+    photos = images.listing(IMAGE_PREFIX)
+    absent = [r.key for r in records if image_path(r.key) not in photos]
     if absent:
-        raise MissingObject(f"{len(absent)} of the {len(records)} photos to split have no image or metadata in "
-                            f"{images.uri} (first: {absent[:5]}): they were fetched and are gone; clear the run "
-                            "and run it again from the fetch")
+        raise MissingObject(f"{len(absent)} of the {len(records)} photos to split are not in {images.uri} "
+                            f"(first: {absent[:5]}): they were fetched and are gone; clear the run and run it "
+                            "again from the fetch")
     rows = [{"key": r.key, "count": r.count, "split": assignment[r.key], "block": key_block(r.key, block_size),
              "source": images.uri, "etag": photos[image_path(r.key)][1]} for r in records]
     for name in SPLITS:
-        keys = [row["key"] for row in rows if row["split"] == name]
-        if keys:
-            out.write(CHANNEL_MANIFEST.format(split=name), json.dumps(channel_manifest(images.uri, keys)).encode())
+        chosen = [row for row in rows if row["split"] == name]
+        if not chosen:
+            continue
+        labels = LABELS.format(version=version, split=name)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=LABEL_FIELDS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(chosen)
+        images.write(labels, buf.getvalue().encode())
+        manifest = channel_manifest(images.uri, [row["key"] for row in chosen], labels)
+        out.write(CHANNEL_MANIFEST.format(split=name), json.dumps(manifest).encode())
     write_rows(out, rows, REFERENCE_FIELDS)
     return rows
 

@@ -289,7 +289,7 @@ def upload_dataset(s3, bucket: str, version: str, per_split: dict[str, int], cor
                 images.setdefault(name, {}).setdefault(count, 0)
                 images[name][count] += 1
     out = S3Store(bucket, dataset.prefix_of(version), s3)
-    split.write_manifests(records, assignment, raw, out)
+    split.write_manifests(records, assignment, raw, out, version)
     dataset.write_record(out, {"version": version, "bucket": bucket, "prefix": dataset.prefix_of(version),
                                "images": images, "layout": dataset.LAYOUT, "image_prefix": "abid/raw"})
 

@@ -158,7 +158,7 @@ def test_a_dataset_splits_manifest_is_counted_where_its_photos_lie(s3, bucket):
     put(s3, bucket, "abid/raw/bin-images/00009.jpg", make_bin_image(1, 1))  # beside, not listed
     uri = f"s3://{bucket}/datasets/v1/test.manifest"
     put(s3, bucket, "datasets/v1/test.manifest", json.dumps(channel_manifest(f"s3://{bucket}/abid/raw",
-                                                                            ["00001", "00002"])))
+                                                                            ["00001", "00002"], "labels/v1-test.csv")))
     source = batch.expected_source("auto", True, uri)
     assert source == "abid_metadata"
     plan = batch.prepare(s3, uri, f"s3://{bucket}/batch-counts/t5/", source, 6)

@@ -46,18 +46,18 @@ def test_data_prep_run_publishes_a_versioned_dataset(dag, s3, bucket, aws_connec
     manifest = s3.get_object(Bucket=bucket, Key=f"datasets/{version}/manifest.csv")["Body"].read().decode()
     rows = list(csv.DictReader(io.StringIO(manifest)))
     assert len(rows) == 100 and {r["split"] for r in rows} == {"train", "validation", "test"}
-    # Each split is a ManifestFile of its photos and their metadata where the enhancement wrote them:
-    # nothing was copied under datasets/.
+    # Each split is a ManifestFile of its photos where the enhancement wrote them and of its labels
+    # file beside them: nothing was copied under datasets/.
     images = f"abid/enhanced/{event['enhancement']}/"
-    listed = []
     for name in ("train", "validation", "test"):
         channel = json.loads(s3.get_object(Bucket=bucket, Key=f"datasets/{version}/{name}.manifest")["Body"].read())
         assert channel[0] == {"prefix": f"s3://{bucket}/{images}"}
-        keys = sorted(r["key"] for r in rows if r["split"] == name)
-        assert channel[1:] == [p for k in keys for p in (f"bin-images/{k}.jpg", f"metadata/{k}.json")]
-        listed += channel[1:]
-    for entry in listed:
-        s3.head_object(Bucket=bucket, Key=images + entry)
+        chosen = sorted((r["key"], r["count"]) for r in rows if r["split"] == name)
+        assert channel[1:] == [f"bin-images/{k}.jpg" for k, _ in chosen] + [f"labels/{version}-{name}.csv"]
+        for entry in channel[1:]:
+            s3.head_object(Bucket=bucket, Key=images + entry)
+        labels = s3.get_object(Bucket=bucket, Key=f"{images}labels/{version}-{name}.csv")["Body"].read().decode()
+        assert sorted((r["key"], r["count"]) for r in csv.DictReader(io.StringIO(labels))) == chosen
     assert not [k for k in list_objects(s3, bucket, "datasets/") if k.endswith(".jpg")]
     dataset = json.loads(s3.get_object(Bucket=bucket, Key=f"datasets/{version}/dataset.json")["Body"].read())
     assert dataset["version"] == version and dataset["image_prefix"] == images.rstrip("/")

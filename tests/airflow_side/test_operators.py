@@ -82,7 +82,7 @@ def test_select_fetch_report_enhance_split_chain(s3, bucket, source, aws_connect
     metadata = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/metadata/{row['key']}.json")["Body"].read())
     assert metadata["EXPECTED_QUANTITY"] == int(row["count"])
     channel = json.loads(s3.get_object(Bucket=bucket, Key=f"datasets/v-test/{row['split']}.manifest")["Body"].read())
-    assert f"bin-images/{row['key']}.jpg" in channel and f"metadata/{row['key']}.json" in channel
+    assert f"bin-images/{row['key']}.jpg" in channel and channel[-1] == f"labels/v-test-{row['split']}.csv"
     dataset = json.loads(s3.get_object(Bucket=bucket, Key="datasets/v-test/dataset.json")["Body"].read())
     assert dataset["prefix"] == "datasets/v-test" and dataset["block_size"] == 5 and dataset["layout"] == "manifest"
 

@@ -95,7 +95,8 @@ PARAMS = {"bucket": "bin-counter", "arch": "mobilenet_v2", "mode": "finetune", "
           "training_instance_type": "ml.g4dn.xlarge", "endpoint_instance_type": "ml.m5.large",
           "endpoint_name": "bin-counter"}
 DATA = {"version": "v-0123456789ab",
-        "channels": {s: f"s3://bin-counter/datasets/v-0123456789ab/{s}/" for s in ("train", "validation", "test")}}
+        "channels": {s: f"s3://bin-counter/datasets/v-0123456789ab/{s}.manifest" for s in ("train", "validation",
+                                                                                          "test")}}
 ACCOUNT = {"region": "eu-west-1", "role_arn": "arn:aws:iam::123456789012:role/bin-counter-sagemaker",
            "training_image": "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312",
            "inference_image": "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312"}
@@ -173,6 +174,28 @@ def test_distributed_training_launches_the_images_torch_distributed_for_trials_a
     assert not {"sagemaker_torch_distributed_enabled", "sagemaker_mpi_num_of_processes_per_host"} & set(plain)
     with pytest.raises(ValueError, match="processes_per_host"):
         build(processes_per_host=2)
+
+
+def test_instances_storage_and_time_limit_come_from_the_params_for_trials_and_the_final_job():
+    from bin_counter.retrain import final_training_request, tuning_request
+
+    params = {**PARAMS, "distributed_training": True, "training_instance_count": 2, "training_volume_gb": 100,
+              "training_max_hours": 12}
+    tuning = tuning_request(params, DATA, ACCOUNT, CODE, "bin_count_retrain", "manual__1")
+    final = final_training_request(params, DATA, ACCOUNT, CODE, BEST, None, "bin_count_retrain", "manual__1")
+    validate("CreateHyperParameterTuningJob", tuning)
+    validate("CreateTrainingJob", final)
+    for request in (tuning["TrainingJobDefinition"], final):
+        assert request["ResourceConfig"] == {"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 2,
+                                             "VolumeSizeInGB": 100}
+        assert request["StoppingCondition"]["MaxRuntimeInSeconds"] == 12 * 3600
+    # Without the Params: one instance, 30 GB, four hours.
+    plain = final_training_request(PARAMS, DATA, ACCOUNT, CODE, BEST, None, "bin_count_retrain", "manual__1")
+    assert plain["ResourceConfig"]["InstanceCount"] == 1 and plain["ResourceConfig"]["VolumeSizeInGB"] == 30
+    assert plain["StoppingCondition"]["MaxRuntimeInSeconds"] == 4 * 3600
+    with pytest.raises(ValueError, match="2 instances without distributed training would each train alone"):
+        final_training_request({**PARAMS, "training_instance_count": 2}, DATA, ACCOUNT, CODE, BEST, None,
+                               "bin_count_retrain", "manual__1")
 
 
 def test_fixed_values_become_one_value_ranges():

@@ -435,3 +435,27 @@ def test_an_ordinal_model_trains_resumes_by_its_head_and_serves(split_channels, 
     assert served.returncode == 0, served.stderr
     answer = json.loads(served.stdout)
     assert answer["count"] in range(6) and abs(sum(answer["probabilities"]) - 1) < 1e-3
+
+
+def test_a_manifest_channel_reads_its_counts_from_the_labels_file(tmp_path):
+    from tests.conftest import write_abid_dir
+
+    import datasets
+
+    counts = {"00001": 0, "00002": 3, "00007": 1}
+    with_metadata = write_abid_dir(tmp_path / "metadata-layout", counts)
+    # What a channel of the data-prep DAG's manifests holds: the photos and one labels file.
+    listed = tmp_path / "labels-layout"
+    shutil.copytree(with_metadata / "bin-images", listed / "bin-images")
+    (listed / "labels").mkdir()
+    (listed / "labels" / "v-1-train.csv").write_text("key,count\n" + "".join(f"{k},{c}\n" for k, c in counts.items()))
+    by_labels = datasets.list_samples(listed)
+    assert [(s.key, s.count) for s in by_labels] == [(s.key, s.count) for s in datasets.list_samples(with_metadata)]
+    assert [(s.key, s.count) for s in by_labels] == sorted(counts.items())
+
+    (listed / "labels" / "v-1-train.csv").write_text("key,count\n00001,0\n00002,3\n")
+    with pytest.raises(datasets.DataError, match=r"00007\.jpg: not in the channel's labels"):
+        datasets.list_samples(listed)
+    (listed / "labels" / "v-1-train.csv").write_text("key,count\n00001,zero\n")
+    with pytest.raises(datasets.DataError, match=r"v-1-train\.csv, line 2: need key,count"):
+        datasets.list_samples(listed)
