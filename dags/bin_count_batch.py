@@ -76,13 +76,14 @@ writes the same report to the same place.
         "bucket": Param("bin-counter", type="string",
                         description="Our S3 bucket: the default output prefix and, without input_uri, the dataset"),
         "input_uri": Param(None, type=["null", "string"], pattern="^s3://",
-                           description="The photos to count (every object under this s3:// prefix). Empty: the "
-                                       "test photos of the newest dataset in the bucket"),
+                           description="The photos to count: every object under this s3:// prefix, or the photos a "
+                                       "dataset's .manifest lists. Empty: the test photos of the newest dataset"),
         "expected": Param("auto", type="string",
                           description="Each photo's expected count: 'abid_metadata' (metadata/<id>.json beside "
                                       "bin-images/), 'dataset_folders' (<count>/<photo>), an s3:// URI of a CSV "
-                                      "(key,expected) or JSON lines file, 'none', or 'auto' (the dataset's folders "
-                                      "without input_uri, ABID metadata for a bin-images/ prefix, else none)"),
+                                      "(key,expected) or JSON lines file, 'none', or 'auto' (ABID metadata for a "
+                                      "dataset's manifest or a bin-images/ prefix, a copied dataset's folders, else "
+                                      "none)"),
         "output_uri": Param(None, type=["null", "string"], pattern="^s3://",
                             description="Where the outputs and the report go. Empty: s3://<bucket>/batch-counts/<run>/"),
         "model": Param(None, type=["null", "string"],

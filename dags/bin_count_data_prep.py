@@ -94,9 +94,9 @@ def good_keys_path(fetched: dict) -> str:
                            description="With key_range: START:STOP, zero-padded"),
         "shard_size": Param(5000, type="integer", minimum=1, maximum=100000,
                             description="Keys per fetch and enhance task: the unit that runs side by side and "
-                                        "retries alone (the whole public dataset at 5,000: 107 shards)"),
+                                        "retries alone (the whole public dataset at 5,000: 108 shards)"),
         "max_bad_share": Param(0.5, type="number", minimum=0, maximum=1,
-                               description="Fail the fetch when more than this share of keys is missing or invalid"),
+                               description="Fail the report when more than this share of keys is missing or invalid"),
         "enhancement": Param("none", enum=["none", "autocontrast", "equalize"],
                              description="Contrast method applied to every image (see BENCHMARKS.md for its effect)"),
         "autocontrast_cutoff": Param(1.0, type="number", minimum=0, maximum=49,
@@ -147,7 +147,6 @@ def bin_count_data_prep():
         prefix=RAW_PREFIX,
         shards=fetch.output,
         max_bad_share="{{ params.max_bad_share }}",
-        retries=0,  # it only reads what the shards wrote: a second try would say the same
         execution_timeout=timedelta(minutes=10),
         doc_md="Joins the shards' reports; fails when too many keys are missing or invalid.",
     )

@@ -79,11 +79,9 @@ def list_abid_layout(root: str | os.PathLike) -> list[Sample]:
     for image in sorted((root / "bin-images").iterdir()):
         if image.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        if labels is not None:
-            if image.stem not in labels:
-                raise DataError(f"{image}: not in the channel's labels ({root / 'labels'})")
+        if labels is not None and image.stem in labels:
             samples.append(Sample(str(image), labels[image.stem], image.stem))
-            continue
+            continue  # a photo the labels do not name (a mirror of many datasets' photos) may have metadata
         meta_path = root / "metadata" / f"{image.stem}.json"
         if not meta_path.is_file():
             continue  # an image without its label cannot be used for training or evaluation

@@ -10,7 +10,8 @@ SageMaker contract (and the flag that overrides each part outside SageMaker):
   /opt/ml/output/failure                   --failure-file     (becomes the job's FailureReason)
 Hyperparameters arrive as `--name value`.
 
-Channels use the layout `<count>/<key>.jpg`. Counts above --max-count are dropped by default
+Channels use ABID's layout (`bin-images/` with `labels/*.csv` or `metadata/`) or `<count>/<key>.jpg`.
+Counts above --max-count are dropped by default
 (`--above-max drop`, the published "counts 0 to 5" task); `--above-max clip` keeps them in the
 top class, which then means "max-count or more".
 
@@ -80,7 +81,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     env = os.environ.get
     parser = ArgumentParser(description="Train the ABID bin item counter", add_help=add_help)
     paths = parser.add_argument_group("paths (default to SageMaker's environment)")
-    paths.add_argument("--train", default=env("SM_CHANNEL_TRAIN"), help="training images, <count>/<key>.jpg")
+    paths.add_argument("--train", default=env("SM_CHANNEL_TRAIN"),
+                       help="training images: bin-images/ with labels/ or metadata/, or <count>/<key>.jpg")
     paths.add_argument("--validation", default=env("SM_CHANNEL_VALIDATION"),
                        help="validation images; picks the best epoch. Optional (then the last epoch is kept)")
     paths.add_argument("--test", default=env("SM_CHANNEL_TEST"),

@@ -133,8 +133,8 @@ def manifest_photos(s3, manifest_uri: str) -> tuple[str, list[dict]]:
 
 
 def expected_source(source: str | None, input_is_dataset: bool, input_uri: str) -> str:
-    """The expected-count source to use: `auto` is dataset_folders for a dataset split, abid_metadata
-    for an ABID `bin-images/` prefix, else none."""
+    """The expected-count source to use: `auto` is abid_metadata for a dataset's manifest or an ABID
+    `bin-images/` prefix, dataset_folders for a copied dataset's split, else none."""
     source = source or "auto"
     if source != "auto":
         if source not in EXPECTED_SOURCES and not source.startswith("s3://"):

@@ -25,10 +25,10 @@ MODEL_PREFIX = "bin-counter-"
 # retrains with the best trial's hyperparameters) and checkpoints (only a retry of the same job
 # resumes from them).
 EXPIRING_PREFIXES = ("models/tuning/", "checkpoints/")
-# Never deleted, whatever a caller asks: datasets (a model's record of what it learned from), the
-# training code, the published models, and the final artifacts under models/<job>/ that a model
-# (serving, gated, or kept to redeploy) points at.
-PROTECTED_PREFIXES = ("datasets/", "code/", "models/published/")
+# Never deleted, whatever a caller asks: datasets (a model's record of what it learned from) and the
+# photos and labels their manifests point at (abid/), the training code, the published models, and
+# the final artifacts under models/<job>/ that a model (serving, gated, or kept to redeploy) points at.
+PROTECTED_PREFIXES = ("datasets/", "abid/", "code/", "models/published/")
 DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
 LIST_PAGE = 100  # the most a SageMaker List* call returns at once
 

@@ -151,10 +151,23 @@ def known_sizes(store: Source, keys: Sequence[str]) -> dict[str, int] | None:
     listing = getattr(store, "listing", None)
     if listing is None or not keys:
         return None
+    # Keys of one length at a time: "99999" and "100000" are neighbours as numbers, not as strings,
+    # and one range from the first to the second would list nearly the whole bucket.
+    by_length: dict[int, list[str]] = {}
+    for key in keys:
+        by_length.setdefault(len(key), []).append(key)
     sizes = {}
-    for folder, path_of in ((IMAGE_PREFIX, image_path), (METADATA_PREFIX, metadata_path)):
-        paths = [path_of(key) for key in keys]
-        sizes.update({path: size for path, (size, _) in listing(folder, min(paths), max(paths)).items()})
+    try:
+        for group in by_length.values():
+            for folder, path_of in ((IMAGE_PREFIX, image_path), (METADATA_PREFIX, metadata_path)):
+                paths = [path_of(key) for key in group]
+                sizes.update({path: size for path, (size, _) in listing(folder, min(paths), max(paths)).items()})
+    except Exception as exc:  # a store that may be read but not listed (s3:ListBucket denied)
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        if code not in ("AccessDenied", "403"):
+            raise
+        log.warning("%s cannot be listed (%s): asking file by file", store.uri, code)
+        return None
     return sizes
 
 

@@ -48,9 +48,10 @@ def selection_id(payload: Mapping) -> str:
     return digest(payload)
 
 
-def shard_path(selection: str, index: int, what: str) -> str:
-    """A shard's files beside the selection's reports: its keys, its fetch report, its good keys."""
-    return f"reports/{selection}/shard-{index:05d}-{what}.json"
+def shard_path(selection: str, shard_size: int, index: int, what: str) -> str:
+    """A shard's files beside the selection's reports: its keys, its fetch report, its good keys. The
+    shard size is in the path: shards of another size are other keys under the same index."""
+    return f"reports/{selection}/shards-of-{shard_size}/shard-{index:05d}-{what}.json"
 
 
 def check_map_length(keys: int, shards: int, shard_size: int) -> None:
@@ -106,6 +107,9 @@ class AbidSelectOperator(BaseOperator):
         source_client = _s3_client(self.source_aws_conn_id) if self.source_aws_conn_id else None
         source = abid.open_source(self.source, s3_client=source_client)
         keys = list(dict.fromkeys(self.select(source)))
+        if not keys:  # else every later task is skipped and the run ends "success" with no dataset
+            raise ValueError(f"the selection is empty: subset {self.subset!r} of {source.uri} with counts "
+                             f"{self.counts} and limit {self.limit} names no key")
         # Named by the selection, not the run: the same selection again lands on the same files.
         selection = selection_id({"source": source.uri, "keys": keys})
         shards = fetch.shard_keys(keys, int(self.shard_size))
@@ -113,10 +117,10 @@ class AbidSelectOperator(BaseOperator):
         dest = _store(_s3_client(self.aws_conn_id), self.bucket, self.prefix)
         described = []
         for index, shard in enumerate(shards):
-            path = shard_path(selection, index, "keys")
+            path = shard_path(selection, int(self.shard_size), index, "keys")
             dest.write(path, json.dumps(shard).encode())
             described.append({"selection": selection, "source": source.uri, "index": index, "shards": len(shards),
-                              "keys": len(shard), "keys_path": path})
+                              "shard_size": int(self.shard_size), "keys": len(shard), "keys_path": path})
         log.info("%d keys from %s in %d shards of at most %s: s3://%s/%s/reports/%s/", len(keys), source.uri,
                  len(shards), self.shard_size, self.bucket, self.prefix, selection)
         return described
@@ -158,8 +162,8 @@ class AbidFetchOperator(BaseOperator):
                  len(keys), source.uri, self.bucket, self.prefix)
         report = fetch.fetch_subset(source, keys, dest, workers=self.workers, retries=self.retries_per_object,
                                     max_bad_share=1.0, counts=counts)
-        report_path = shard_path(shard["selection"], shard["index"], "fetch")
-        good_path = shard_path(shard["selection"], shard["index"], "good")
+        report_path = shard_path(shard["selection"], shard["shard_size"], shard["index"], "fetch")
+        good_path = shard_path(shard["selection"], shard["shard_size"], shard["index"], "good")
         dest.write(good_path, json.dumps(dict(sorted(report.counts.items()))).encode())
         dest.write(report_path, json.dumps(report.to_dict()).encode())  # last: the shard is done
         return {**shard, "report_path": report_path, "good_path": good_path, "good": len(report.counts),
@@ -195,8 +199,12 @@ class FetchReportOperator(BaseOperator):
         try:
             fetch.check_bad_share(report, float(self.max_bad_share))
         except fetch.TooManyBadKeys as exc:
+            from airflow.sdk.exceptions import AirflowFailException
+
             self._write_report(dest, shards[0], exc.report)
-            raise
+            # Fails for good: a retry would count the same keys again (reading the reports can retry).
+            raise AirflowFailException(f"{exc}; the report lists them: s3://{self.bucket}/{self.prefix}/"
+                                       f"reports/fetch-{shards[0]['selection']}.json") from exc
         return publish(context, self._write_report(dest, shards[0], report))
 
     def _write_report(self, dest, shard: Mapping, report) -> dict:

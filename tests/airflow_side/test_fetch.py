@@ -180,3 +180,12 @@ def test_a_listing_of_a_key_range_holds_exactly_the_paths_in_it(s3, bucket):
     assert sizes["bin-images/0101.jpg"] == 4
     # A store that cannot list is asked file by file.
     assert fetch.known_sizes(abid.HttpsSource("https://example.invalid"), ["1"]) is None
+
+
+def test_keys_of_two_lengths_are_listed_as_two_narrow_ranges(s3, bucket):
+    store = abid.S3Store(bucket, "raw", s3)
+    for key in ("99998", "99999", "100000", "100001", "123456"):
+        store.write(abid.image_path(key), b"x")
+    # As strings, 100000.jpg < 123456.jpg < 99998.jpg: one range would hold 123456 as well.
+    assert sorted(fetch.known_sizes(store, ["99998", "99999", "100000", "100001"])) == [
+        "bin-images/100000.jpg", "bin-images/100001.jpg", "bin-images/99998.jpg", "bin-images/99999.jpg"]

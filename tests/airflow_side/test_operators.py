@@ -117,9 +117,9 @@ def test_an_interrupted_enhancement_finishes_what_it_left(s3, bucket, source, aw
 
 
 def test_too_many_bad_keys_fail_the_report_and_keep_it(s3, bucket, source, aws_connection):
-    from bin_counter.fetch import TooManyBadKeys
+    from airflow.sdk.exceptions import AirflowFailException
 
-    with pytest.raises(TooManyBadKeys, match="6 of 65 keys missing or invalid"):
+    with pytest.raises(AirflowFailException, match=r"6 of 65 keys missing or invalid.*the report lists them"):
         fetch_all(bucket, source, max_bad_share=0.05)
     reports = [k for k in list_objects(s3, bucket, "abid/raw/reports/") if k.split("/")[-1].startswith("fetch-")]
     assert len(reports) == 1
@@ -179,3 +179,11 @@ def test_real_mirror_sample_through_fetch_and_split(real_abid, s3, bucket, aws_c
                                 image_prefix="abid/raw",
                                 dataset=planned("v-real", block_size=10, max_count=5)).execute(context={})
     assert all(int(count) <= 5 for table in result["images"].values() for count in table)
+
+
+def test_an_empty_selection_fails_instead_of_skipping_everything(s3, bucket, source, aws_connection):
+    op = AbidSelectOperator(task_id="select", bucket=bucket, source=str(source), subset="key_range",
+                            key_range="00100:00165", limit=None, counts=[9])
+    op.select = lambda _: []  # a file list whose counts match none of those asked for
+    with pytest.raises(ValueError, match="the selection is empty"):
+        op.execute(context={})

@@ -453,9 +453,11 @@ def test_a_manifest_channel_reads_its_counts_from_the_labels_file(tmp_path):
     assert [(s.key, s.count) for s in by_labels] == [(s.key, s.count) for s in datasets.list_samples(with_metadata)]
     assert [(s.key, s.count) for s in by_labels] == sorted(counts.items())
 
+    # A photo the labels do not name is read by its metadata if it has one, else left out.
     (listed / "labels" / "v-1-train.csv").write_text("key,count\n00001,0\n00002,3\n")
-    with pytest.raises(datasets.DataError, match=r"00007\.jpg: not in the channel's labels"):
-        datasets.list_samples(listed)
+    assert [s.key for s in datasets.list_samples(listed)] == ["00001", "00002"]
+    shutil.copytree(with_metadata / "metadata", listed / "metadata")
+    assert [(s.key, s.count) for s in datasets.list_samples(listed)] == sorted(counts.items())
     (listed / "labels" / "v-1-train.csv").write_text("key,count\n00001,zero\n")
     with pytest.raises(datasets.DataError, match=r"v-1-train\.csv, line 2: need key,count"):
         datasets.list_samples(listed)
