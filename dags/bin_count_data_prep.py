@@ -115,13 +115,12 @@ def good_keys_path(fetched: dict) -> str:
     },
 )
 def bin_count_data_prep():
+    # What select and fetch both read: where the keys come from and where they go.
+    where = {"bucket": "{{ params.bucket }}", "prefix": RAW_PREFIX, "source": "{{ params.source }}",
+             "subset": "{{ params.subset }}", "counts": "{{ params.counts }}"}
     select = AbidSelectOperator(
         task_id="select",
-        bucket="{{ params.bucket }}",
-        prefix=RAW_PREFIX,
-        source="{{ params.source }}",
-        subset="{{ params.subset }}",
-        counts="{{ params.counts }}",
+        **where,
         limit="{{ params.limit }}",
         key_range="{{ params.key_range }}",
         shard_size="{{ params.shard_size }}",
@@ -130,11 +129,7 @@ def bin_count_data_prep():
     )
     fetch = AbidFetchOperator.partial(
         task_id="fetch",
-        bucket="{{ params.bucket }}",
-        prefix=RAW_PREFIX,
-        source="{{ params.source }}",
-        subset="{{ params.subset }}",
-        counts="{{ params.counts }}",
+        **where,
         # Each shard reads with 8 threads: 16 shards at once keep 128 requests in flight, which S3
         # serves without throttling and a laptop's moto server still answers.
         max_active_tis_per_dagrun=16,

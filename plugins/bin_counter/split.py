@@ -131,12 +131,13 @@ def read_manifest_rows(out: Store) -> list[dict] | None:
         return None
 
 
-def write_rows(out: Store, rows: list[dict], fields: tuple[str, ...]) -> None:
+def write_rows(out: Store, rows: list[dict], fields: tuple[str, ...], path: str = MANIFEST) -> None:
+    """`rows` as a CSV of `fields` (others left out) at `path` in `out`."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    out.write(MANIFEST, buf.getvalue().encode())
+    out.write(path, buf.getvalue().encode())
 
 
 def channel_manifest(images_uri: str, keys: Iterable[str], labels: str) -> list:
@@ -178,11 +179,7 @@ def write_manifests(
         if not chosen:
             continue
         labels = LABELS.format(version=version, split=name)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=LABEL_FIELDS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(chosen)
-        images.write(labels, buf.getvalue().encode())
+        write_rows(images, chosen, LABEL_FIELDS, labels)
         manifest = channel_manifest(images.uri, [row["key"] for row in chosen], labels)
         out.write(CHANNEL_MANIFEST.format(split=name), json.dumps(manifest).encode())
     write_rows(out, rows, REFERENCE_FIELDS)
