@@ -39,7 +39,7 @@ ABID_SOURCE ?= s3://aft-vbi-pds
 DEMO_KEYS ?= 01000:01600
 DEMO_DIR ?= build/demo
 
-.PHONY: demo up test lint envs airflow-env container-env bench-train model model-code lock lock-airflow lock-container clean
+.PHONY: demo up test lint compose-check compose-tools envs airflow-env container-env bench-train model model-code lock lock-airflow lock-container clean
 
 envs: airflow-env container-env
 
@@ -85,6 +85,22 @@ demo: envs
 # The same stack with the Airflow UI on http://127.0.0.1:8080 (Ctrl-C stops it all).
 up: envs
 	PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack up --work build/stack
+
+# docker-compose.yaml started for real, both DAGs run through it, torn down (scripts/compose_check.py):
+# with Docker where an engine answers, else with podman (as root: apt-get install podman runc mmdebstrap)
+# and images built from docker/offline/. COMPOSE_ENGINE=docker|podman picks one.
+COMPOSE_TOOLS_ENV := $(ENV_CACHE)/compose-tools-$(shell cat docker/offline/requirements.txt | sha256sum | cut -c1-16)
+
+$(COMPOSE_TOOLS_ENV)/.complete:
+	rm -rf "$(COMPOSE_TOOLS_ENV)"
+	$(PYTHON) -m venv "$(COMPOSE_TOOLS_ENV)"
+	"$(COMPOSE_TOOLS_ENV)/bin/pip" install $(PIP_FLAGS) -r docker/offline/requirements.txt
+	touch "$@"
+
+compose-tools: $(COMPOSE_TOOLS_ENV)/.complete
+
+compose-check: airflow-env compose-tools
+	PATH="$(COMPOSE_TOOLS_ENV)/bin:$$PATH" PYTHONPATH=plugins .venv/bin/python -m scripts.compose_check
 
 # Long runs live in bench/ (see BENCHMARKS.md); not part of `make test`.
 bench-train: envs

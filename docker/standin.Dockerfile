@@ -7,6 +7,11 @@
 FROM python:3.12-slim
 
 WORKDIR /opt/bin-counter
+# A C compiler: sagemaker-training builds an extension of its own at install (python:3.12-slim has
+# none), and a training job's requirements.txt may build more, as on SageMaker's images, which have one.
+RUN apt-get update -qq \
+    && apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null \
+    && rm -rf /var/lib/apt/lists/*
 COPY requirements-container.txt constraints/container.txt /opt/bin-counter/pins/
 RUN pip install --no-cache-dir -r pins/requirements-container.txt -c pins/container.txt \
     && pip install --no-cache-dir --no-deps -c pins/container.txt \

@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
+from bin_counter import gate
 from standin.launch import airflow_connection
 from tests.conftest import REPO
 
@@ -96,6 +97,9 @@ def test_airflow_finds_what_the_dags_need():
     assert targets[env["BIN_COUNTER_CODE_DIR"]] == "./sagemaker_code"
     assert targets[env["BIN_COUNTER_LAMBDA_DIR"]] == "./lambda"
     assert targets["/opt/airflow/dags"] == "./dags" and targets["/opt/airflow/plugins"] == "./plugins"
+    # The gate finds the published model beside the plugins folder: that folder is mounted too.
+    published = gate.PUBLISHED_MODEL.parent.relative_to(REPO)
+    assert targets[f"/opt/airflow/{published}"] == f"./{published}"
     # The connection: S3 and logs on moto, SageMaker and Lambda on the stand-in, as in `make demo`.
     connection = json.loads(env["AIRFLOW_CONN_AWS_DEFAULT"])
     assert connection == airflow_connection("http://moto:5000", "http://standin:5055", login="local")
@@ -110,3 +114,11 @@ def test_the_aws_override_only_changes_the_connection_and_the_local_stack():
         if name.startswith("airflow-"):
             connection = service["environment"]["AIRFLOW_CONN_AWS_DEFAULT"]
             assert "endpoint_url" not in connection and "service_config" not in connection
+
+
+def test_every_long_running_service_says_when_it_is_healthy():
+    """The compose check (and `docker compose up --wait`) waits on these; a one-off (airflow-init)
+    is waited for until it exits instead."""
+    for name, service in load("docker-compose.yaml")["services"].items():
+        if service.get("restart") != "no":
+            assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"

@@ -19,9 +19,9 @@ import time
 
 import boto3
 import pytest
-import requests
 
 from scripts import local_stack
+from scripts.airflow_api import Api, wait_until
 from standin.launch import free_port, start_standin
 from tests.airflow_side.conftest import API_KEY, BASE_CONF, CONTAINER_PYTHON, upload_dataset
 from tests.conftest import REPO
@@ -36,47 +36,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 QUICK = BASE_CONF["extra_hyperparameters"]
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
-
-
-class Api:
-    """Airflow's REST API as the operator's user: what the tests check the UI against."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.token = self._call("POST", "/auth/token", {"username": USER, "password": PASSWORD},
-                                auth=False)["access_token"]
-
-    def _call(self, method: str, path: str, body: dict | None = None, auth: bool = True) -> dict:
-        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
-        response = requests.request(method, f"{self.url}{path}", json=body, headers=headers, timeout=30)
-        response.raise_for_status()
-        return response.json() if response.content else {}
-
-    def get(self, path: str) -> dict:
-        return self._call("GET", f"/api/v2{path}")
-
-    def post(self, path: str, body: dict) -> dict:
-        return self._call("POST", f"/api/v2{path}", body)
-
-    def patch(self, path: str, body: dict) -> dict:
-        return self._call("PATCH", f"/api/v2{path}", body)
-
-    def runs(self, dag_id: str) -> list[dict]:
-        return self.get(f"/dags/{dag_id}/dagRuns?order_by=-run_after")["dag_runs"]
-
-    def tasks(self, dag_id: str, run_id: str) -> dict[str, dict]:
-        found = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
-        return {ti["task_id"]: ti for ti in found}
-
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 900) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            run = self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
-            if run["state"] in ("success", "failed"):
-                return run
-            time.sleep(3)
-        states = {t: ti["state"] for t, ti in self.tasks(dag_id, run_id).items()}
-        raise AssertionError(f"{dag_id} {run_id} still {run['state']} after {timeout:.0f} s: {states}")
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +66,7 @@ def _live(moto_endpoint, tmp_path_factory):
     local_stack.airflow(["db", "migrate"], env, work / "migrate.log")
     airflow = local_stack.LiveAirflow(env, work, port).start()
     try:
-        api = Api(airflow.url)
+        api = Api(airflow.url, USER, PASSWORD)
         wait_until(lambda: {"bin_count_data_prep", "bin_count_retrain"} <= {
             d["dag_id"] for d in api.get("/dags")["dags"]}, 120, "the DAG processor to parse both DAGs")
         yield {"airflow": airflow, "api": api, "standin": standin, "work": work}
@@ -115,18 +74,6 @@ def _live(moto_endpoint, tmp_path_factory):
         airflow.stop()
         standin_proc.terminate()
         standin_proc.wait(timeout=20)
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if condition():
-                return
-        except OSError:
-            pass  # not up yet
-        time.sleep(2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture

@@ -1,0 +1,579 @@
+"""`make compose-check`: docker-compose.yaml, unchanged, started for real and a DAG run through it.
+
+  PYTHONPATH=plugins .venv/bin/python -m scripts.compose_check [--engine auto|docker|podman] [--keep]
+
+It builds what the compose file needs, starts every service, waits until each is healthy, puts a tiny
+ABID-layout source in the stack's moto, triggers bin_count_data_prep and then bin_count_retrain (the
+demo's quick hyperparameters) through Airflow's REST API on the Postgres-backed scheduler, waits for
+both to succeed, counts a photo through `POST /count` on the stand-in's container, and tears it all
+down, checking that no container, volume or network of its project is left.
+
+Which engine (`--engine auto`, the default): Docker where a Docker engine answers (`docker info`) and
+`docker compose` exists; the images are then the real ones (`postgres:16`, `motoserver/moto`, the
+official Airflow image), pulled by Docker as a user's `docker compose up` would. Otherwise rootful
+podman with podman-compose (Debian's podman, podman-compose from PyPI): no registry is reachable
+there, so the images the compose file pulls, and the bases our Dockerfiles build on, are built first
+under the same names from docker/offline/ (a Debian base made by mmdebstrap, the host's CPython,
+PyPI), cached by the digest of what goes into each. podman 4.3's quirks are handled here, not in the
+compose file: it ignores `service_healthy` and its `--requires` keeps dependants down, so services
+start in the compose file's order of dependencies, each with `--no-deps`, and health checks are run
+on demand (`podman healthcheck run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yaml"
+OFFLINE = ROOT / "docker" / "offline"
+PROJECT = "bin-counter-check"
+BUCKET = "bin-counter"
+SOURCE_BUCKET = "abid-mini"  # the tiny ABID-layout source, in the stack's own moto
+API_KEY = "local-demo-key"  # docker-compose.yaml's default BIN_COUNTER_API_KEY
+ADMIN = "admin"  # docker-compose.yaml's default AIRFLOW_ADMIN_USER
+# The generated admin password, where SimpleAuthManager writes it in the API server's AIRFLOW_HOME.
+PASSWORDS_FILE = "/opt/airflow/simple_auth_manager_passwords.json.generated"
+DEBIAN_SUITE, DEBIAN_MIRROR = "bookworm", "http://deb.debian.org/debian"
+OFFLINE_PREFIX = "localhost/bin-counter-offline"
+# The images' own health checks: the Airflow ones wait 30 s after start, then every 30 s.
+HEALTH_TIMEOUT_S = 420
+# Counts 0 to 2, ten keys a block: 60 keys give 6 blocks, one each for validation and test.
+SOURCE_COUNTS = 60
+CA_BUNDLE = Path(os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["auto", "docker", "podman"],
+                        default=os.environ.get("COMPOSE_ENGINE", "auto"),
+                        help="Container engine: docker (real images, pulled), podman (images built from "
+                             "docker/offline/), or auto: docker where an engine answers, else podman "
+                             "(default: $COMPOSE_ENGINE or auto)")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "compose-check",
+                        help="Build contexts, the podman configuration and the services' logs")
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="Seconds each DAG run may take before the check fails (default: 1800)")
+    parser.add_argument("--keep", action="store_true",
+                        help="Leave the stack up at the end (tear it down with the printed command)")
+    parser.add_argument("--build-only", action="store_true",
+                        help="Build (or find cached) the images, and stop there")
+    return parser
+
+
+# -- which engine ------------------------------------------------------------------------------------
+
+def _answers(command: list[str]) -> bool:
+    try:
+        return subprocess.run(command, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pick_engine(choice: str, answers=_answers) -> str:
+    """The engine the check runs on: `choice` if given, else docker where its engine answers and it
+    has compose, else podman where installed; a clear error when neither can run it."""
+    if choice != "auto":
+        return choice
+    if answers(["docker", "info"]) and answers(["docker", "compose", "version"]):
+        return "docker"
+    if answers(["podman", "--version"]):
+        return "podman"
+    raise SystemExit("no container engine: neither a Docker engine (`docker info`) nor podman answers. Install "
+                     "Docker with its compose plugin, or (Debian, as root) `apt-get install podman runc "
+                     "mmdebstrap` and podman-compose from PyPI (make compose-check does the latter)")
+
+
+# -- the images -------------------------------------------------------------------------------------
+
+def compose_config(path: Path = COMPOSE_FILE) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _default(value: str) -> str:
+    """`${VAR:-default}` -> default (what the compose file gives when the variable is unset)."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+
+
+def pulled_images(config: dict) -> set[str]:
+    """The images the compose file pulls: those of services without a `build`."""
+    return {_default(s["image"]) for s in config["services"].values() if "build" not in s}
+
+
+def built_images(config: dict) -> dict[str, dict]:
+    """image -> its `build` (context, dockerfile), for the services the compose file builds."""
+    return {_default(s["image"]): s["build"] for s in config["services"].values() if "build" in s}
+
+
+def dockerfile_bases(dockerfile: Path) -> set[str]:
+    """The images a Dockerfile builds FROM (stages named in it excluded)."""
+    bases, stages = set(), set()
+    for line in dockerfile.read_text().splitlines():
+        match = re.match(r"\s*FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            if match.group(1) not in stages:
+                bases.add(match.group(1))
+            if match.group(2):
+                stages.add(match.group(2))
+    return bases
+
+
+def qualified(image: str) -> str:
+    """An image name as podman stores it: docker.io/library/postgres:16 for postgres:16."""
+    first = image.split("/")[0]
+    if "/" in image and ("." in first or ":" in first or first == "localhost"):
+        return image
+    return f"docker.io/{image}" if "/" in image else f"docker.io/library/{image}"
+
+
+@dataclass
+class OfflineImage:
+    """One image built from docker/offline/ under the name the compose file or a Dockerfile expects."""
+
+    name: str  # e.g. postgres:16
+    containerfile: str
+    files: dict[str, Path] = field(default_factory=dict)  # context path -> source
+    build_args: dict[str, str] = field(default_factory=dict)
+    needs: list[str] = field(default_factory=list)  # offline images it builds on (their names)
+    note: str = ""  # what goes in that the files do not show (a Python build's version)
+
+
+def python_prefix(version: str) -> tuple[Path, str]:
+    """The base prefix and full version of this machine's CPython `version` (3.11, 3.12): on the PATH,
+    else pyenv's (whose shim answers only when that version is selected)."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = [f"python{version}", *sorted(str(p) for p in pyenv.glob(f"{version}.*/bin/python{version}"))]
+    for candidate in candidates:
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            out = subprocess.run([candidate, "-c", "import sys; print(sys.base_prefix); print(sys.version.split()[0])"],
+                                 capture_output=True, text=True, check=True).stdout.split()
+            return Path(out[0]), out[1]
+    raise SystemExit(f"no Python {version} on this machine for the local python:{version} image")
+
+
+def offline_images(config: dict, root: Path = ROOT) -> list[OfflineImage]:
+    """What podman must build before the compose file can start here, in build order: a Python image per
+    version our Dockerfiles and the other images need, then every image the compose file pulls, and
+    every base our own Dockerfiles build FROM. A name docker/offline/ cannot build is an error."""
+    needed = pulled_images(config) | {base for build in built_images(config).values()
+                                      for base in dockerfile_bases(root / build["context"] / build["dockerfile"])}
+    airflow_txt = root / "constraints" / "airflow.txt"
+    images: list[OfflineImage] = []
+    pythons = {"3.11"} | {m.group(1) for n in needed if (m := re.fullmatch(r"python:(3\.\d+)-slim", n))}
+    for version in sorted(pythons):
+        images.append(OfflineImage(f"python:{version}-slim", "python.Containerfile", build_args={"PY": version},
+                                   needs=["debian"]))
+    for name in sorted(needed):
+        if re.fullmatch(r"python:3\.\d+-slim", name):
+            continue
+        if match := re.fullmatch(r"postgres:(\d+)", name):
+            if match.group(1) != "16":
+                raise SystemExit(f"docker/offline/ builds PostgreSQL 16 only; the compose file asks for {name}")
+            images.append(OfflineImage(name, "postgres.Containerfile",
+                                       {"postgres-entrypoint.sh": OFFLINE / "postgres-entrypoint.sh"},
+                                       needs=["debian", "python:3.11-slim"]))
+        elif match := re.fullmatch(r"motoserver/moto:([\d.]+)", name):
+            images.append(OfflineImage(name, "moto.Containerfile", {"airflow.txt": airflow_txt},
+                                       {"MOTO_VERSION": match.group(1)}, needs=["python:3.11-slim"]))
+        elif match := re.fullmatch(r"apache/airflow:([\d.]+)-python(3\.\d+)", name):
+            images.append(OfflineImage(name, "airflow.Containerfile",
+                                       {"airflow.txt": airflow_txt, "airflow-entrypoint.sh":
+                                        OFFLINE / "airflow-entrypoint.sh"},
+                                       {"AIRFLOW_VERSION": match.group(1)}, needs=[f"python:{match.group(2)}-slim"]))
+        else:
+            raise SystemExit(f"the compose file needs {name}, which docker/offline/ has no recipe for")
+    return images
+
+
+def digest(parts: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()[:16]
+
+
+def image_digest(image: OfflineImage, base_digests: dict[str, str]) -> str:
+    """What the image is made of: its recipe, the files copied in, its build arguments, the images it
+    builds on; an image already stored under this digest is not built again."""
+    parts = [(OFFLINE / image.containerfile).read_bytes(), json.dumps(image.build_args, sort_keys=True).encode(),
+             image.note.encode(), *(base_digests[n].encode() for n in image.needs)]
+    parts += [name.encode() + path.read_bytes() for name, path in sorted(image.files.items())]
+    return digest(parts)
+
+
+class Podman:
+    """podman and podman-compose as this machine runs them: runc (crun rejects its hybrid cgroups), no
+    default ulimits (they cannot be raised here), through a containers.conf of our own."""
+
+    engine = "podman"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        conf = work / "containers.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text('[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n'
+                        'cgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
+        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+        compose = shutil.which("podman-compose") or str(Path(sys.executable).parent / "podman-compose")
+        self.compose_command = [compose]
+
+    def run(self, *args: str, check: bool = True, capture: bool = False, timeout: float | None = None):
+        return subprocess.run(["podman", *args], env=self.env, check=check, capture_output=capture, text=True,
+                              timeout=timeout)
+
+    def compose(self, *args: str, check: bool = True, env: dict | None = None):
+        """`compose <args>` on the project; its output is shown only when it fails."""
+        done = subprocess.run([*self.compose_command, "-p", PROJECT, "-f", str(COMPOSE_FILE), *args],
+                              env={**self.env, **(env or {})}, cwd=ROOT, capture_output=True, text=True)
+        if check and done.returncode != 0:
+            raise SystemExit(f"`compose {' '.join(args)}` failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        return done
+
+    def exists(self, image: str) -> bool:
+        return self.run("image", "exists", image, check=False).returncode == 0
+
+
+def stage_python(context: Path, version: str) -> str:
+    """The host's CPython `version` without its site-packages and tests, as python.Containerfile
+    copies it; returns the full version."""
+    prefix, full = python_prefix(version)
+    target = context / "python"
+    shutil.rmtree(target, ignore_errors=True)
+    lib = prefix / "lib" / f"python{version}"
+
+    def skipped(folder: str, names: list[str]) -> set[str]:
+        if Path(folder) == lib / "site-packages":
+            return set(names)
+        return {n for n in names if n == "__pycache__" or (Path(folder) == lib and n == "test")}
+
+    shutil.copytree(prefix, target, symlinks=True, ignore=skipped)
+    return f"{full} from {prefix}"
+
+
+def build(engine, dockerfile: Path, context: Path, tags: list[str], extra: list[str] | None = None) -> None:
+    """One image build; on failure, the build's last lines in the error."""
+    tagged = [arg for tag in tags for arg in ("-t", tag)]
+    done = engine.run("build", "-f", str(dockerfile), *(extra or []), *tagged, str(context),
+                      check=False, capture=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
+        raise SystemExit(f"building {tags[0]} from {dockerfile.relative_to(ROOT)} failed:\n{tail}")
+
+
+def build_offline(podman: Podman, config: dict) -> list[str]:
+    """Every image of offline_images, built where not already stored under its digest; returns lines
+    saying what was built and what was cached."""
+    said, digests = [], {}
+    debian = f"{OFFLINE_PREFIX}/debian:{DEBIAN_SUITE}-{digest([DEBIAN_SUITE.encode(), DEBIAN_MIRROR.encode()])}"
+    digests["debian"] = debian
+    if not podman.exists(debian):
+        started = time.time()
+        tarball = podman.work / f"debian-{DEBIAN_SUITE}.tar"
+        subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=ca-certificates", DEBIAN_SUITE,
+                        str(tarball), DEBIAN_MIRROR], check=True)
+        podman.run("import", str(tarball), debian, capture=True)
+        tarball.unlink()
+        said.append(f"built {debian} with mmdebstrap in {time.time() - started:.0f} s")
+    else:
+        said.append(f"cached {debian}")
+    for image in offline_images(config):
+        context = podman.work / "context" / image.name.replace("/", "_").replace(":", "_")
+        context.mkdir(parents=True, exist_ok=True)
+        if image.containerfile == "python.Containerfile":
+            image.note = stage_python(context, image.build_args["PY"])
+            shutil.copyfile(CA_BUNDLE, context / "ca-certificates.crt")
+            image.files["ca-certificates.crt"] = CA_BUNDLE
+        for name, source in image.files.items():
+            shutil.copy2(source, context / name)
+        tag = f"{OFFLINE_PREFIX}/{image.name.replace('/', '_').replace(':', '-')}:{image_digest(image, digests)}"
+        digests[image.name] = tag
+        if podman.exists(tag):
+            said.append(f"cached {qualified(image.name)} ({tag})")
+        else:
+            started = time.time()
+            args = {**image.build_args, "BASE": digests["debian"]}
+            pythons = [n for n in image.needs if n.startswith("python:")]
+            if pythons:
+                args["PYTHON"] = digests[pythons[0]]
+            build(podman, OFFLINE / image.containerfile, context, [tag],
+                  [f"--build-arg={k}={v}" for k, v in args.items()])
+            said.append(f"built {qualified(image.name)} in {time.time() - started:.0f} s")
+        podman.run("tag", tag, qualified(image.name))
+    return said
+
+
+def build_project(engine, config: dict) -> list[str]:
+    """The compose file's own images (docker/airflow.Dockerfile, docker/standin.Dockerfile), built as
+    `compose build` would, once per image name; the engine's layer cache makes a rebuild quick."""
+    said = []
+    for image, spec in built_images(config).items():
+        started = time.time()
+        build(engine, ROOT / spec["context"] / spec["dockerfile"], ROOT / spec["context"], [image])
+        said.append(f"built {image} in {time.time() - started:.0f} s (the engine's layer cache reused where it could)")
+    return said
+
+
+class Docker(Podman):
+    """A Docker engine with its compose plugin: the real images, pulled; `up --wait` honours health."""
+
+    engine = "docker"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
+        self.compose_command = ["docker", "compose"]
+
+    def run(self, *args: str, check: bool = True, capture: bool = False, timeout: float | None = None):
+        return subprocess.run(["docker", *args], env=self.env, check=check, capture_output=capture, text=True,
+                              timeout=timeout)
+
+    def exists(self, image: str) -> bool:
+        return self.run("image", "inspect", image, check=False, capture=True).returncode == 0
+
+
+# -- the stack -------------------------------------------------------------------------------------
+
+def start_order(config: dict) -> list[list[str]]:
+    """The services in waves: each wave's dependencies (depends_on) are all in earlier waves."""
+    services = config["services"]
+    deps = {name: set(s.get("depends_on") or {}) for name, s in services.items()}
+    waves, placed = [], set()
+    while len(placed) < len(services):
+        wave = sorted(n for n in services if n not in placed and deps[n] <= placed)
+        if not wave:
+            raise SystemExit(f"the compose file's depends_on has a cycle among {sorted(set(services) - placed)}")
+        waves.append(wave)
+        placed |= set(wave)
+    return waves
+
+
+def containers(engine, project: str = PROJECT) -> dict[str, str]:
+    """service -> container id, for the project's containers (running or not)."""
+    out = engine.run("ps", "-a", "--filter", f"label=com.docker.compose.project={project}", "--format",
+                     '{{.ID}} {{index .Labels "com.docker.compose.service"}}', capture=True).stdout
+    return {service: cid for cid, service in (line.split() for line in out.splitlines() if line.strip())}
+
+
+def health(engine, cid: str) -> str:
+    """healthy, unhealthy, exited <code>, running (no health check), or starting."""
+    state = json.loads(engine.run("inspect", cid, "--format", "{{json .State}}", capture=True).stdout)
+    if state.get("Status") == "exited":
+        return f"exited {state.get('ExitCode')}"
+    has_check = engine.run("inspect", cid, "--format", "{{json .Config.Healthcheck}}", capture=True).stdout.strip()
+    if has_check in ("null", "", "{}"):
+        return "running"
+    if engine.engine == "podman":  # podman 4.3 runs health checks only when asked
+        return "healthy" if engine.run("healthcheck", "run", cid, check=False, capture=True).returncode == 0 \
+            else "starting"
+    return (state.get("Health") or {}).get("Status", "starting")
+
+
+def wait_healthy(engine, service: str, cid: str, want: str, timeout: float = HEALTH_TIMEOUT_S) -> float:
+    """Wait until the service is `want` (healthy, or exited 0 for a one-off); its log tail on failure."""
+    started = time.time()
+    while time.time() - started < timeout:
+        now = health(engine, cid)
+        if now == want or (want == "healthy" and now == "running"):
+            return time.time() - started
+        if now.startswith("exited"):
+            break
+        time.sleep(3)
+    logs = engine.run("logs", "--tail", "40", cid, check=False, capture=True)
+    raise SystemExit(f"{service} is {health(engine, cid)} after {time.time() - started:.0f} s, not {want}; "
+                     f"its last lines:\n{logs.stdout}{logs.stderr}")
+
+
+def free_ports() -> dict[str, str]:
+    """Host ports for the published services, free now: a running `make up` or demo keeps its own."""
+    ports = {}
+    for name in ("AIRFLOW_PORT", "MOTO_PORT", "STANDIN_PORT"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports[name] = str(sock.getsockname()[1])
+    return ports
+
+
+def start_stack(engine, config: dict, env: dict[str, str]) -> list[str]:
+    """Every service up and healthy (a one-off exited 0), in dependency order; returns the timings."""
+    said = []
+    if engine.engine == "docker":
+        started = time.time()
+        engine.compose("up", "-d", "--build", "--wait", env=env)
+        return [f"all services healthy in {time.time() - started:.0f} s"]
+    for wave in start_order(config):
+        started = time.time()
+        engine.compose("up", "-d", "--no-deps", *wave, env=env)
+        ids = containers(engine)
+        for service in wave:
+            one_off = config["services"][service].get("restart") == "no"
+            waited = wait_healthy(engine, service, ids[service], "exited 0" if one_off else "healthy")
+            said.append(f"{service} {'done' if one_off else 'healthy'} after {waited:.0f} s")
+        said.append(f"  wave {wave} in {time.time() - started:.0f} s")
+    return said
+
+
+def leftovers(engine, project: str = PROJECT) -> list[str]:
+    """The project's containers, volumes and networks still there."""
+    found = []
+    label = f"label=com.docker.compose.project={project}"
+    found += [f"container {c}" for c in containers(engine, project).values()]
+    for kind in ("volume", "network"):
+        out = engine.run(kind, "ls", "--filter", label, "--format", "{{.Name}}", check=False, capture=True).stdout
+        found += [f"{kind} {n}" for n in out.split() if n]
+    return found
+
+
+def tear_down(engine, env: dict[str, str]) -> list[str]:
+    """`compose down -v`, then anything of the project still there removed by hand; what was left."""
+    engine.compose("down", "-v", check=False, env=env)
+    left = leftovers(engine)
+    for item in left:
+        kind, name = item.split(" ", 1)
+        engine.run(*({"container": ["rm", "-f"], "volume": ["volume", "rm", "-f"],
+                      "network": ["network", "rm", "-f"]}[kind]), name, check=False, capture=True)
+    return left
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+def write_source(s3, bucket: str, how_many: int = SOURCE_COUNTS) -> str:
+    """A tiny source in ABID's bucket layout (generated photos, counts 0 to 2), readable by anyone as
+    ABID's objects are; the key range to select."""
+    from tests.conftest import make_bin_image
+
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=bucket)
+    for n in range(1, how_many + 1):
+        key, count = f"{n:05d}", n % 3
+        s3.put_object(Bucket=bucket, Key=f"bin-images/{key}.jpg", Body=make_bin_image(count, n),
+                      ACL="public-read")
+        s3.put_object(Bucket=bucket, Key=f"metadata/{key}.json",
+                      Body=json.dumps({"EXPECTED_QUANTITY": count, "BIN_FCSKU_DATA": {}}).encode(), ACL="public-read")
+    return f"00001:{how_many + 1:05d}"
+
+
+def prep_conf(key_range: str) -> dict:
+    """The tiny source's keys, ten to a block. ABID is read over HTTP, as the public bucket can be:
+    moto answers anonymous GETs under its name on the compose network."""
+    return {"bucket": BUCKET, "source": f"http://moto:5000/{SOURCE_BUCKET}", "subset": "key_range",
+            "key_range": key_range, "block_size": 10, "max_count": 2}
+
+
+def retrain_conf() -> dict:
+    """The demo's quick search (scripts.local_stack.DEMO_RETRAIN) on 64-pixel photos with counts 0 to 2,
+    one model worker: the generated photos are small, and the check is about the stack, not the model."""
+    from scripts.local_stack import DEMO_RETRAIN
+
+    return {**DEMO_RETRAIN, "bucket": BUCKET, "epochs_min": 1, "epochs_max": 2, "max_count": 2, "smoke_images": 3,
+            "serving_workers": 1, "extra_hyperparameters": {"image-size": 64, "workers": 1}}
+
+
+def run_dag(api, dag_id: str, conf: dict, timeout: float) -> tuple[dict, float]:
+    started = time.time()
+    api.patch(f"/dags/{dag_id}", {"is_paused": False})
+    run_id = api.trigger(dag_id, conf)
+    run = api.wait_for_run(dag_id, run_id, timeout)
+    if run["state"] != "success":
+        states = {t: ti["state"] for t, ti in api.tasks(dag_id, run_id).items()}
+        raise SystemExit(f"{dag_id} run {run_id} ended {run['state']}: {states}\n{api.failures(dag_id, run_id)}")
+    return run, time.time() - started
+
+
+def exercise(engine, ports: dict[str, str], timeout: float) -> list[str]:
+    """Both DAGs through the REST API, then a count through the stand-in's API gateway."""
+    import boto3
+    import requests
+
+    from scripts.airflow_api import Api, wait_until
+
+    said = []
+    moto = f"http://127.0.0.1:{ports['MOTO_PORT']}"
+    s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="local",
+                      aws_secret_access_key="local")  # noqa: S106 - moto's, as the compose file's
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=BUCKET)  # infra/pipeline.yaml's bucket on AWS
+    key_range = write_source(s3, SOURCE_BUCKET)
+    apiserver = containers(engine)["airflow-apiserver"]
+    password = json.loads(engine.run("exec", apiserver, "cat", PASSWORDS_FILE, capture=True).stdout)[ADMIN]
+    api = Api(f"http://127.0.0.1:{ports['AIRFLOW_PORT']}", ADMIN, password)
+    wait_until(lambda: {"bin_count_data_prep", "bin_count_retrain"} <= {d["dag_id"] for d in api.get("/dags")["dags"]},
+               300, "the DAG processor to parse both DAGs")
+    _, seconds = run_dag(api, "bin_count_data_prep", prep_conf(key_range), timeout)
+    said.append(f"bin_count_data_prep succeeded in {seconds:.0f} s ({SOURCE_COUNTS} photos)")
+    _, seconds = run_dag(api, "bin_count_retrain", retrain_conf(), timeout)
+    said.append(f"bin_count_retrain succeeded in {seconds:.0f} s (tune, retrain, gate, deploy, smoke check)")
+    from tests.conftest import make_bin_image
+
+    response = requests.post(f"http://127.0.0.1:{ports['STANDIN_PORT']}/count", data=make_bin_image(2, 999),
+                             headers={"x-api-key": API_KEY, "Content-Type": "image/jpeg"}, timeout=60)
+    if response.status_code != 200 or "count" not in response.json():
+        raise SystemExit(f"POST /count answered {response.status_code}: {response.text}")
+    said.append(f"POST /count on the stand-in's container: {response.text.strip()}")
+    return said
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    started = time.time()
+    engine_name = pick_engine(args.engine)
+    engine = Docker(args.work) if engine_name == "docker" else Podman(args.work)
+    config = compose_config()
+    print(f"== compose check with {engine_name} (project {PROJECT})", flush=True)
+    if engine_name == "podman":
+        for line in build_offline(engine, config):
+            print("   " + line, flush=True)
+    for line in build_project(engine, config) if engine_name == "podman" else []:
+        print("   " + line, flush=True)
+    print(f"   images ready after {time.time() - started:.0f} s", flush=True)
+    if args.build_only:
+        return 0
+    env = free_ports()
+    ok = False
+    try:
+        tear_down(engine, env)  # what a killed earlier check left
+        for line in start_stack(engine, config, env):
+            print("   " + line, flush=True)
+        for line in exercise(engine, env, args.timeout):
+            print("   " + line, flush=True)
+        ok = True
+    finally:
+        if args.keep:
+            print(f"   left up: CONTAINERS_CONF={args.work / 'containers.conf'} {' '.join(engine.compose_command)} "
+                  f"-p {PROJECT} down -v")
+        else:
+            if not ok:
+                with contextlib.suppress(Exception):
+                    for service, cid in containers(engine).items():
+                        log = args.work / f"{service}.log"
+                        out = engine.run("logs", cid, check=False, capture=True)
+                        log.write_text(out.stdout + out.stderr)
+                    print(f"   the services' logs: {args.work}/<service>.log", flush=True)
+            left = tear_down(engine, env)
+            if left:
+                print(f"   `down -v` left {left}; removed them by hand", flush=True)
+            remaining = leftovers(engine)
+            if remaining:
+                raise SystemExit(f"the stack is not gone: {remaining}")
+            print("   torn down: no container, volume or network of the project left", flush=True)
+    print(f"== compose check passed in {time.time() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

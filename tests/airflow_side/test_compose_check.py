@@ -1,0 +1,107 @@
+"""scripts/compose_check.py's plan, read off the real compose file and Dockerfiles: which engine it
+picks, which images podman must build first and in what order the services start. The check itself
+(`make compose-check`) starts the stack; it runs after `make test` in .ci/run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from scripts import compose_check
+from tests.airflow_side.conftest import dag_without_retries
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return compose_check.compose_config()
+
+
+@pytest.mark.parametrize(("answering", "engine"), [
+    ({"docker info", "docker compose version", "podman --version"}, "docker"),
+    ({"docker compose version", "podman --version"}, "podman"),  # a Docker client without an engine
+    ({"docker info", "podman --version"}, "podman"),  # an engine without the compose plugin
+])
+def test_docker_is_used_where_its_engine_and_compose_answer_else_podman(answering, engine):
+    assert compose_check.pick_engine("auto", lambda command: " ".join(command) in answering) == engine
+
+
+def test_no_engine_is_a_clear_error_and_a_named_engine_is_taken_as_asked():
+    with pytest.raises(SystemExit, match="apt-get install podman runc mmdebstrap"):
+        compose_check.pick_engine("auto", lambda command: False)
+    assert compose_check.pick_engine("podman", lambda command: False) == "podman"
+
+
+def test_podman_builds_every_image_the_compose_file_pulls_and_every_base_our_dockerfiles_use(config):
+    images = compose_check.offline_images(config)
+    names = [image.name for image in images]
+    assert set(names) >= compose_check.pulled_images(config) == {"postgres:16", "motoserver/moto:5.2.5"}
+    assert {"apache/airflow:3.3.2-python3.11", "python:3.12-slim"} <= set(names)
+    for image in images:
+        assert (compose_check.OFFLINE / image.containerfile).is_file()
+        assert all(path.is_file() for path in image.files.values())
+        # What an image builds on is built before it.
+        assert all(need == "debian" or names.index(need) < names.index(image.name) for need in image.needs)
+    assert compose_check.built_images(config).keys() == {"bin-counter-airflow:local", "bin-counter-standin:local"}
+
+
+@pytest.mark.parametrize(("service", "image", "refusal"), [
+    ("moto", "localstack/localstack:4", "localstack/localstack:4, which docker/offline/ has no recipe for"),
+    ("postgres", "postgres:17", "PostgreSQL 16 only"),
+])
+def test_an_image_docker_offline_cannot_build_is_refused(config, service, image, refusal):
+    changed = yaml.safe_load(yaml.safe_dump(config))
+    changed["services"][service]["image"] = image
+    with pytest.raises(SystemExit, match=refusal):
+        compose_check.offline_images(changed)
+
+
+def test_an_image_is_rebuilt_when_what_goes_into_it_changes(config, tmp_path):
+    moto = next(i for i in compose_check.offline_images(config) if i.name.startswith("motoserver/"))
+    bases = {"python:3.11-slim": "python-a"}
+    before = compose_check.image_digest(moto, bases)
+    assert compose_check.image_digest(moto, bases) == before
+    assert compose_check.image_digest(moto, {"python:3.11-slim": "python-b"}) != before
+    changed = tmp_path / "airflow.txt"
+    shutil.copyfile(REPO / "constraints" / "airflow.txt", changed)
+    changed.write_text(changed.read_text() + "six==1.16.0\n")
+    moto.files["airflow.txt"] = changed
+    assert compose_check.image_digest(moto, bases) != before
+
+
+def test_services_start_after_what_they_depend_on(config):
+    waves = compose_check.start_order(config)
+    position = {service: n for n, wave in enumerate(waves) for service in wave}
+    assert position.keys() == config["services"].keys()
+    for service, spec in config["services"].items():
+        assert all(position[dep] < position[service] for dep in spec.get("depends_on") or {}), service
+    assert position["airflow-init"] < position["airflow-scheduler"] and position["moto"] < position["standin"]
+
+
+def test_a_dependency_cycle_is_refused():
+    cycle = {"services": {"a": {"depends_on": ["b"]}, "b": {"depends_on": {"a": {}}}}}
+    with pytest.raises(SystemExit, match="cycle"):
+        compose_check.start_order(cycle)
+
+
+@pytest.mark.parametrize(("name", "stored"), [
+    ("postgres:16", "docker.io/library/postgres:16"),
+    ("motoserver/moto:5.2.5", "docker.io/motoserver/moto:5.2.5"),
+    ("localhost/bin-counter-offline/debian:x", "localhost/bin-counter-offline/debian:x"),
+    ("ghcr.io/org/image:1", "ghcr.io/org/image:1"),
+])
+def test_image_names_are_qualified_as_podman_stores_them(name, stored):
+    assert compose_check.qualified(name) == stored
+
+
+@pytest.mark.parametrize("dag_id", ["bin_count_data_prep", "bin_count_retrain"])
+def test_the_confs_it_triggers_are_ones_the_dags_accept(dag_id, airflow_db):
+    import copy
+
+    conf = compose_check.prep_conf("00001:00061") if dag_id == "bin_count_data_prep" else compose_check.retrain_conf()
+    params = copy.deepcopy(dag_without_retries(dag_id).params)
+    assert set(conf) <= set(params)
+    params.update(conf)
+    params.validate()
