@@ -44,8 +44,8 @@ OFFLINE = ROOT / "docker" / "offline"
 PROJECT = "bin-counter-check"
 BUCKET = "bin-counter"
 SOURCE_BUCKET = "abid-mini"  # the tiny ABID-layout source, in the stack's own moto
-API_KEY = "local-demo-key"  # docker-compose.yaml's default BIN_COUNTER_API_KEY
-ADMIN = "admin"  # docker-compose.yaml's default AIRFLOW_ADMIN_USER
+API_KEY = "local-demo-key"  # BIN_COUNTER_API_KEY, set for the check (docker-compose.yaml's default)
+ADMIN = "admin"  # AIRFLOW_ADMIN_USER, set for the check (docker-compose.yaml's default)
 # The generated admin password, where SimpleAuthManager writes it in the API server's AIRFLOW_HOME.
 PASSWORDS_FILE = "/opt/airflow/simple_auth_manager_passwords.json.generated"
 DEBIAN_SUITE, DEBIAN_MIRROR = "bookworm", "http://deb.debian.org/debian"
@@ -365,8 +365,11 @@ def start_order(config: dict) -> list[list[str]]:
 
 def containers(engine, project: str = PROJECT) -> dict[str, str]:
     """service -> container id, for the project's containers (running or not)."""
+    # Docker's ps gives the labels as one string (with a .Label method), podman's as a map.
+    service = '{{.Label "com.docker.compose.service"}}' if engine.engine == "docker" else \
+        '{{index .Labels "com.docker.compose.service"}}'
     out = engine.run("ps", "-a", "--filter", f"label=com.docker.compose.project={project}", "--format",
-                     '{{.ID}} {{index .Labels "com.docker.compose.service"}}', capture=True).stdout
+                     "{{.ID}} " + service, capture=True).stdout
     return {service: cid for cid, service in (line.split() for line in out.splitlines() if line.strip())}
 
 
@@ -399,14 +402,15 @@ def wait_healthy(engine, service: str, cid: str, want: str, timeout: float = HEA
                      f"its last lines:\n{logs.stdout}{logs.stderr}")
 
 
-def free_ports() -> dict[str, str]:
-    """Host ports for the published services, free now: a running `make up` or demo keeps its own."""
-    ports = {}
+def stack_env() -> dict[str, str]:
+    """The compose variables the check sets, over any .env: host ports free now (a running `make up`
+    or demo keeps its own), and the admin user and API key it logs in and counts with."""
+    env = {"AIRFLOW_ADMIN_USER": ADMIN, "BIN_COUNTER_API_KEY": API_KEY}
     for name in ("AIRFLOW_PORT", "MOTO_PORT", "STANDIN_PORT"):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
-            ports[name] = str(sock.getsockname()[1])
-    return ports
+            env[name] = str(sock.getsockname()[1])
+    return env
 
 
 def start_stack(engine, config: dict, env: dict[str, str]) -> list[str]:
@@ -543,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   images ready after {time.time() - started:.0f} s", flush=True)
     if args.build_only:
         return 0
-    env = free_ports()
+    env = stack_env()
     ok = False
     try:
         tear_down(engine, env)  # what a killed earlier check left

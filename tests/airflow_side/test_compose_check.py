@@ -105,3 +105,12 @@ def test_the_confs_it_triggers_are_ones_the_dags_accept(dag_id, airflow_db):
     assert set(conf) <= set(params)
     params.update(conf)
     params.validate()
+
+
+def test_what_the_check_sets_are_variables_the_compose_file_reads():
+    import re
+
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)", compose_check.COMPOSE_FILE.read_text()))
+    env = compose_check.stack_env()
+    assert set(env) <= used
+    assert len({env[p] for p in ("AIRFLOW_PORT", "MOTO_PORT", "STANDIN_PORT")}) == 3
