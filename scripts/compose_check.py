@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -176,8 +175,8 @@ def offline_images(config: dict, root: Path = ROOT) -> list[OfflineImage]:
     images: list[OfflineImage] = []
     pythons = {"3.11"} | {m.group(1) for n in needed if (m := re.fullmatch(r"python:(3\.\d+)-slim", n))}
     for version in sorted(pythons):
-        images.append(OfflineImage(f"python:{version}-slim", "python.Containerfile", build_args={"PY": version},
-                                   needs=["debian"]))
+        images.append(OfflineImage(f"python:{version}-slim", "python.Containerfile",
+                                   {"ca-certificates.crt": CA_BUNDLE}, {"PY": version}, needs=["debian"]))
     for name in sorted(needed):
         if re.fullmatch(r"python:3\.\d+-slim", name):
             continue
@@ -216,25 +215,14 @@ def image_digest(image: OfflineImage, base_digests: dict[str, str]) -> str:
     return digest(parts)
 
 
-class Podman:
-    """podman and podman-compose as this machine runs them: runc (crun rejects its hybrid cgroups), no
-    default ulimits (they cannot be raised here), through a containers.conf of our own."""
+class Engine:
+    """A container engine (`podman` or `docker`) and its compose command, on the check's project."""
 
-    engine = "podman"
+    def __init__(self, name: str, env: dict[str, str], compose_command: list[str]) -> None:
+        self.name, self.env, self.compose_command = name, env, compose_command
 
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        conf = work / "containers.conf"
-        conf.parent.mkdir(parents=True, exist_ok=True)
-        conf.write_text('[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n'
-                        'cgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
-        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
-        compose = shutil.which("podman-compose") or str(Path(sys.executable).parent / "podman-compose")
-        self.compose_command = [compose]
-
-    def run(self, *args: str, check: bool = True, capture: bool = False, timeout: float | None = None):
-        return subprocess.run(["podman", *args], env=self.env, check=check, capture_output=capture, text=True,
-                              timeout=timeout)
+    def run(self, *args: str, check: bool = True, capture: bool = False):
+        return subprocess.run([self.name, *args], env=self.env, check=check, capture_output=capture, text=True)
 
     def compose(self, *args: str, check: bool = True, env: dict | None = None):
         """`compose <args>` on the project; its output is shown only when it fails."""
@@ -245,7 +233,23 @@ class Podman:
         return done
 
     def exists(self, image: str) -> bool:
-        return self.run("image", "exists", image, check=False).returncode == 0
+        return self.run("image", "inspect", image, check=False, capture=True).returncode == 0
+
+
+def podman(work: Path) -> Engine:
+    """podman and podman-compose as this machine runs them: runc (crun rejects its hybrid cgroups), no
+    default ulimits (they cannot be raised here), through a containers.conf of our own."""
+    conf = work / "containers.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text('[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n'
+                    'cgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
+    compose = shutil.which("podman-compose") or str(Path(sys.executable).parent / "podman-compose")
+    return Engine("podman", {**os.environ, "CONTAINERS_CONF": str(conf)}, [compose])
+
+
+def docker() -> Engine:
+    """A Docker engine with its compose plugin: the real images, pulled; `up --wait` honours health."""
+    return Engine("docker", dict(os.environ), ["docker", "compose"])
 
 
 def stage_python(context: Path, version: str) -> str:
@@ -275,34 +279,33 @@ def build(engine, dockerfile: Path, context: Path, tags: list[str], extra: list[
         raise SystemExit(f"building {tags[0]} from {dockerfile.relative_to(ROOT)} failed:\n{tail}")
 
 
-def build_offline(podman: Podman, config: dict) -> list[str]:
+def build_offline(engine: Engine, config: dict, work: Path) -> list[str]:
     """Every image of offline_images, built where not already stored under its digest; returns lines
     saying what was built and what was cached."""
     said, digests = [], {}
     debian = f"{OFFLINE_PREFIX}/debian:{DEBIAN_SUITE}-{digest([DEBIAN_SUITE.encode(), DEBIAN_MIRROR.encode()])}"
     digests["debian"] = debian
-    if not podman.exists(debian):
+    if not engine.exists(debian):
         started = time.time()
-        tarball = podman.work / f"debian-{DEBIAN_SUITE}.tar"
+        tarball = work / f"debian-{DEBIAN_SUITE}.tar"
         subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=ca-certificates", DEBIAN_SUITE,
                         str(tarball), DEBIAN_MIRROR], check=True)
-        podman.run("import", str(tarball), debian, capture=True)
+        engine.run("import", str(tarball), debian, capture=True)
         tarball.unlink()
         said.append(f"built {debian} with mmdebstrap in {time.time() - started:.0f} s")
     else:
         said.append(f"cached {debian}")
     for image in offline_images(config):
-        context = podman.work / "context" / image.name.replace("/", "_").replace(":", "_")
+        slug = image.name.replace("/", "_").replace(":", "-")
+        context = work / "context" / slug
         context.mkdir(parents=True, exist_ok=True)
         if image.containerfile == "python.Containerfile":
             image.note = stage_python(context, image.build_args["PY"])
-            shutil.copyfile(CA_BUNDLE, context / "ca-certificates.crt")
-            image.files["ca-certificates.crt"] = CA_BUNDLE
         for name, source in image.files.items():
             shutil.copy2(source, context / name)
-        tag = f"{OFFLINE_PREFIX}/{image.name.replace('/', '_').replace(':', '-')}:{image_digest(image, digests)}"
+        tag = f"{OFFLINE_PREFIX}/{slug}:{image_digest(image, digests)}"
         digests[image.name] = tag
-        if podman.exists(tag):
+        if engine.exists(tag):
             said.append(f"cached {qualified(image.name)} ({tag})")
         else:
             started = time.time()
@@ -310,10 +313,10 @@ def build_offline(podman: Podman, config: dict) -> list[str]:
             pythons = [n for n in image.needs if n.startswith("python:")]
             if pythons:
                 args["PYTHON"] = digests[pythons[0]]
-            build(podman, OFFLINE / image.containerfile, context, [tag],
+            build(engine, OFFLINE / image.containerfile, context, [tag],
                   [f"--build-arg={k}={v}" for k, v in args.items()])
             said.append(f"built {qualified(image.name)} in {time.time() - started:.0f} s")
-        podman.run("tag", tag, qualified(image.name))
+        engine.run("tag", tag, qualified(image.name))
     return said
 
 
@@ -326,25 +329,6 @@ def build_project(engine, config: dict) -> list[str]:
         build(engine, ROOT / spec["context"] / spec["dockerfile"], ROOT / spec["context"], [image])
         said.append(f"built {image} in {time.time() - started:.0f} s (the engine's layer cache reused where it could)")
     return said
-
-
-class Docker(Podman):
-    """A Docker engine with its compose plugin: the real images, pulled; `up --wait` honours health."""
-
-    engine = "docker"
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        work.mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ)
-        self.compose_command = ["docker", "compose"]
-
-    def run(self, *args: str, check: bool = True, capture: bool = False, timeout: float | None = None):
-        return subprocess.run(["docker", *args], env=self.env, check=check, capture_output=capture, text=True,
-                              timeout=timeout)
-
-    def exists(self, image: str) -> bool:
-        return self.run("image", "inspect", image, check=False, capture=True).returncode == 0
 
 
 # -- the stack -------------------------------------------------------------------------------------
@@ -366,7 +350,7 @@ def start_order(config: dict) -> list[list[str]]:
 def containers(engine, project: str = PROJECT) -> dict[str, str]:
     """service -> container id, for the project's containers (running or not)."""
     # Docker's ps gives the labels as one string (with a .Label method), podman's as a map.
-    service = '{{.Label "com.docker.compose.service"}}' if engine.engine == "docker" else \
+    service = '{{.Label "com.docker.compose.service"}}' if engine.name == "docker" else \
         '{{index .Labels "com.docker.compose.service"}}'
     out = engine.run("ps", "-a", "--filter", f"label=com.docker.compose.project={project}", "--format",
                      "{{.ID}} " + service, capture=True).stdout
@@ -381,7 +365,7 @@ def health(engine, cid: str) -> str:
     has_check = engine.run("inspect", cid, "--format", "{{json .Config.Healthcheck}}", capture=True).stdout.strip()
     if has_check in ("null", "", "{}"):
         return "running"
-    if engine.engine == "podman":  # podman 4.3 runs health checks only when asked
+    if engine.name == "podman":  # podman 4.3 runs health checks only when asked
         return "healthy" if engine.run("healthcheck", "run", cid, check=False, capture=True).returncode == 0 \
             else "starting"
     return (state.get("Health") or {}).get("Status", "starting")
@@ -406,17 +390,16 @@ def stack_env() -> dict[str, str]:
     """The compose variables the check sets, over any .env: host ports free now (a running `make up`
     or demo keeps its own), and the admin user and API key it logs in and counts with."""
     env = {"AIRFLOW_ADMIN_USER": ADMIN, "BIN_COUNTER_API_KEY": API_KEY}
-    for name in ("AIRFLOW_PORT", "MOTO_PORT", "STANDIN_PORT"):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            env[name] = str(sock.getsockname()[1])
+    from standin.launch import free_port
+
+    env.update({name: str(free_port()) for name in ("AIRFLOW_PORT", "MOTO_PORT", "STANDIN_PORT")})
     return env
 
 
 def start_stack(engine, config: dict, env: dict[str, str]) -> list[str]:
     """Every service up and healthy (a one-off exited 0), in dependency order; returns the timings."""
     said = []
-    if engine.engine == "docker":
+    if engine.name == "docker":
         started = time.time()
         engine.compose("up", "-d", "--build", "--wait", env=env)
         return [f"all services healthy in {time.time() - started:.0f} s"]
@@ -536,14 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     started = time.time()
     engine_name = pick_engine(args.engine)
-    engine = Docker(args.work) if engine_name == "docker" else Podman(args.work)
+    engine = docker() if engine_name == "docker" else podman(args.work)
     config = compose_config()
     print(f"== compose check with {engine_name} (project {PROJECT})", flush=True)
-    if engine_name == "podman":
-        for line in build_offline(engine, config):
+    if engine_name == "podman":  # docker compose up --build pulls and builds itself
+        for line in [*build_offline(engine, config, args.work), *build_project(engine, config)]:
             print("   " + line, flush=True)
-    for line in build_project(engine, config) if engine_name == "podman" else []:
-        print("   " + line, flush=True)
     print(f"   images ready after {time.time() - started:.0f} s", flush=True)
     if args.build_only:
         return 0
