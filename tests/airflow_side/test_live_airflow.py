@@ -217,7 +217,7 @@ def test_a_scheduler_killed_during_training_comes_back_and_no_job_runs_twice(liv
             "smoke_images": 3, "extra_hyperparameters": QUICK,
             "deploy": False}  # the drill is about the training task's retry; deploying is test_retrain_dag's
     api.patch("/dags/bin_count_retrain", {"is_paused": False})
-    run_id = api.post("/dags/bin_count_retrain/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
+    run_id = api.trigger("bin_count_retrain", conf)
 
     def final_job_running() -> bool:
         job = api.tasks("bin_count_retrain", run_id).get("retrain_config", {})
