@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import auxiliary
+import averaging
 import backbones
 import datasets
 import distributed
@@ -149,6 +151,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--select-metric", default="val_accuracy", choices=("val_accuracy", "val_loss", "last"),
                        help="which epoch's weights are kept")
     optim.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
+    optim.add_argument("--aux-weight", type=float, default=0.0,
+                       help="weight of the auxiliary metadata loss beside the count loss: extra heads predict "
+                            "the number of distinct products, the total and largest item volume and the total "
+                            "weight from BIN_FCSKU_DATA (training only; the served model has no such head). "
+                            "0: off")
+    optim.add_argument("--ema-decay", type=float, default=0.0,
+                       help="keep an exponential moving average of the weights with this decay per step "
+                            "(0.995: about the last 200 steps); validation then scores, and the model keeps, "
+                            "the averaged weights. 0: off")
+    optim.add_argument("--aux-metadata", default=env("SM_CHANNEL_METADATA", ""),
+                       help="with --aux-weight: a folder of ABID metadata records (<key>.json), looked in "
+                            "before each training channel's own metadata/ folder (the job's 'metadata' "
+                            "input channel on SageMaker)")
 
     serving = parser.add_argument_group("serving (recorded in the model card; inference.py follows it)")
     serving.add_argument("--tta", default="flips", choices=sorted(inference.TTA_VIEWS),
@@ -196,6 +211,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit("train.py: --zoom must be in (0, 1] and --rotate between 0 and 45 degrees")
     if args.max_count < 1:
         raise SystemExit("train.py: --max-count must be at least 1")
+    if args.aux_weight < 0:
+        raise SystemExit("train.py: --aux-weight must be 0 (off) or positive")
+    if not 0 <= args.ema_decay < 1:
+        raise SystemExit("train.py: --ema-decay must be 0 (off) or between 0 and 1")
+    if args.aux_weight and args.cache != "memory":
+        raise SystemExit("train.py: --aux-weight needs --cache memory (the targets follow the decoded photos)")
     return args
 
 
@@ -236,9 +257,10 @@ def load_channel(paths: list[str], args: argparse.Namespace,
 
 def iterate_batches(data, batch_size: int, shuffle: bool, seed: int, workers: int, size: int,
                     length: int | None = None):
-    """uint8 image batches with their labels, from the memory cache or decoding as it goes. With
-    `length` above the set's size, the order wraps around to that many images: a process whose share
-    is smaller takes as many steps as the others."""
+    """uint8 image batches with their labels and their positions in `data` (None when decoding as
+    it goes), from the memory cache or decoding as it goes. With `length` above the set's size, the
+    order wraps around to that many images: a process whose share is smaller takes as many steps as
+    the others."""
     n = set_size(data)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -247,13 +269,14 @@ def iterate_batches(data, batch_size: int, shuffle: bool, seed: int, workers: in
     if isinstance(data, datasets.DecodedSet):
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            yield data.images[index], data.labels[index]
+            yield data.images[index], data.labels[index], index
     else:
         loader = torch.utils.data.DataLoader(
             datasets.LazyImageDataset(data, size), batch_size=batch_size, sampler=order.tolist(),
             num_workers=workers, persistent_workers=False,
         )
-        yield from loader
+        for images, labels in loader:
+            yield images, labels, None
 
 
 def set_size(data) -> int:
@@ -363,9 +386,11 @@ def training_labels(data) -> torch.Tensor:
 
 def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int, bf16: bool,
                     weights: torch.Tensor | None = None, group: distributed.Group = distributed.SINGLE,
-                    length: int | None = None) -> float:
+                    length: int | None = None, aux_targets: torch.Tensor | None = None,
+                    ema: averaging.WeightAverage | None = None) -> float:
     """One pass over `data` (this process's share, `length` images); the mean training loss over
-    every process."""
+    every process. With `aux_targets` (one standardised row per photo of `data`), the loss adds
+    --aux-weight times the auxiliary heads' loss. `ema` is updated after every step."""
     net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     if args.mode == "head":
         net.eval()  # frozen backbone: keep its batch-norm statistics as they are
@@ -377,13 +402,16 @@ def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int,
     # Each process draws its own augmentations (one process: the seed as it always was).
     generator = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * group.rank)
     total_loss, seen = 0.0, 0
-    for images_u8, labels in iterate_batches(data, args.batch_size, True, args.seed * 1000 + epoch,
-                                             args.workers, args.image_size, length):
+    for images_u8, labels, index in iterate_batches(data, args.batch_size, True, args.seed * 1000 + epoch,
+                                                    args.workers, args.image_size, length):
         images = prepare(images_u8, device, generator if args.augment else None, args.rotate, args.zoom)
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(images)
         loss = count_loss(logits.float(), labels, args, weights)
+        if aux_targets is not None:
+            predicted = net.auxiliary.latest
+            loss = loss + args.aux_weight * auxiliary.auxiliary_loss(predicted, aux_targets[index].to(device))
         if not torch.isfinite(loss):
             # Nothing useful comes after a non-finite loss: stop now and say what to change.
             raise TrainingDiverged(f"training diverged: the loss became {loss.item()} in epoch {epoch}; "
@@ -392,6 +420,8 @@ def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int,
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(net)
         total_loss += loss.item() * len(labels)
         seen += len(labels)
     total_loss, seen = distributed.sum_floats([total_loss, seen], group)  # every process decides alike
@@ -410,7 +440,8 @@ def evaluate(model, data, args, device, bf16: bool, num_classes: int) -> dict:
     """Loss and counting metrics of `model` on one channel."""
     model.eval()
     truths, predictions, total_loss = [], [], 0.0
-    for images_u8, labels in iterate_batches(data, args.eval_batch_size, False, 0, args.workers, args.image_size):
+    for images_u8, labels, _ in iterate_batches(data, args.eval_batch_size, False, 0, args.workers,
+                                                args.image_size):
         images = prepare(images_u8, device, None)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(images).float()
@@ -442,7 +473,31 @@ def config_signature(args: argparse.Namespace, fingerprint: str, processes: int 
     signature = {**{k: getattr(args, k) for k in keys}, "data": fingerprint}
     if processes > 1:  # absent for one, so that checkpoints written before distribution existed still resume
         signature["processes"] = processes
+    for key in ("aux_weight", "ema_decay"):  # absent when off, for the same reason
+        if getattr(args, key):
+            signature[key] = getattr(args, key)
     return signature
+
+
+def auxiliary_targets(train: datasets.DecodedSet, paths: list[str], metadata: str,
+                      group: distributed.Group = distributed.SINGLE) -> tuple[torch.Tensor, dict]:
+    """The training photos' standardised auxiliary targets (one row per photo of this process's
+    share; NaN where unknown) and what the model card records of them. Every process standardises
+    with the whole training set's statistics."""
+    folders = ([Path(metadata)] if metadata else []) + [Path(p) / "metadata" for p in paths]
+    raw = auxiliary.read_targets([sample.key for sample in train.samples], folders)
+    every = torch.tensor([row for part in distributed.gather(raw.tolist(), group) for row in part],
+                         dtype=torch.float32).view(-1, len(auxiliary.TARGETS))
+    known = (~torch.isnan(every)).all(1)
+    if not known.any():
+        raise datasets.DataError(
+            f"--aux-weight: none of the {len(every)} training photos has a usable metadata record; looked for "
+            f"<key>.json in {', '.join(map(str, folders))}. Pass --aux-metadata, or --aux-weight 0")
+    mean, std = auxiliary.standardize(every)
+    summary = {"targets": list(auxiliary.TARGETS), "photos_with_all": int(known.sum()),
+               "photos": len(every), "mean": [round(v, 4) for v in mean.tolist()],
+               "std": [round(v, 4) for v in std.tolist()]}
+    return (raw - mean) / std, summary
 
 
 def load_checkpoint(path: Path, signature: dict, model, optimizer, scheduler) -> dict | None:
@@ -450,7 +505,8 @@ def load_checkpoint(path: Path, signature: dict, model, optimizer, scheduler) ->
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["signature"] != signature:
-        differs = sorted(k for k in signature if state["signature"].get(k) != signature[k])
+        differs = sorted(k for k in {**state["signature"], **signature}
+                         if state["signature"].get(k) != signature.get(k))
         raise SystemExit(
             f"train.py: {path} was written by another configuration or other data (differs in: "
             f"{', '.join(differs)}). Remove it or use another --checkpoint-dir."
@@ -511,6 +567,11 @@ def main(args: argparse.Namespace) -> dict:
     say(f"data: {json.dumps(sizes)} classes=0..{args.max_count} above_max={args.above_max} "
         f"cache={args.cache} decode_s={time.time() - started:.1f}"
         + (f" processes={group.world} images_per_process={per_process}" if group.active else ""))
+    aux_targets, aux_summary = None, None
+    if args.aux_weight:
+        aux_targets, aux_summary = auxiliary_targets(data["train"], channels["train"], args.aux_metadata, group)
+        say(f"auxiliary targets: {aux_summary['photos_with_all']} of {aux_summary['photos']} training photos "
+            f"have all of {', '.join(auxiliary.TARGETS)}; weight {args.aux_weight:g}")
     if "validation" not in data and args.select_metric != "last":
         say("no validation channel: keeping the last epoch")
         args.select_metric = "last"
@@ -520,6 +581,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.head == "ordinal":
         counts = torch.bincount(train_labels, minlength=num_classes)
         backbones.head_module(model, args.arch).start_from_prior(counts)
+    if args.aux_weight:
+        auxiliary.attach(model, backbones.head_module(model, args.arch))
     model = model.to(device).to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -528,6 +591,11 @@ def main(args: argparse.Namespace) -> dict:
     total_steps = steps_per_epoch * args.epochs
     warmup = int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    ema, scored = None, model  # `scored`: the weights that validation scores and the model keeps
+    if args.ema_decay:
+        ema = averaging.WeightAverage(model, args.ema_decay, keep=lambda key: not key.startswith(auxiliary.PREFIX))
+        scored = backbones.build_model(args.arch, num_classes, head=args.head).to(device).to(
+            memory_format=torch.channels_last)
 
     checkpoint_path = Path(args.checkpoint_dir) / CHECKPOINT_NAME if args.checkpoint_dir else None
     start_epoch, history, best = 1, [], {"score": None, "epoch": 0, "state": None, "validation": None}
@@ -538,6 +606,8 @@ def main(args: argparse.Namespace) -> dict:
         resumed = load_checkpoint(checkpoint_path, signature, model, optimizer, scheduler)
         if resumed:
             start_epoch, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best"]
+            if ema is not None:
+                ema.load_state_dict(resumed["ema"])
             say(f"resumed from {checkpoint_path} after epoch {resumed['epoch']}")
     say(f"training {args.arch} ({args.mode}, weights={args.weights}) on {device}, bf16={bf16}, "
         f"epochs {start_epoch}..{args.epochs}")
@@ -546,14 +616,16 @@ def main(args: argparse.Namespace) -> dict:
     for epoch in range(start_epoch, args.epochs + 1):
         epoch_start = time.time()
         train_loss = train_one_epoch(trainer, optimizer, scheduler, data["train"], args, device, epoch, bf16,
-                                     weights, group, per_process)
+                                     weights, group, per_process, aux_targets, ema)
         distributed.average_statistics(model, group)
         if not group.main:
             continue
         record = {"epoch": epoch, "train_loss": round(train_loss, 4)}
         line = f"epoch={epoch} train_loss={train_loss:.4f}"
+        if ema is not None:
+            scored.load_state_dict(ema.average)
         if "validation" in data:
-            val = evaluate(model, data["validation"], args, device, bf16, num_classes)
+            val = evaluate(scored, data["validation"], args, device, bf16, num_classes)
             record["validation"] = val
             line += " " + metric_line("val", val)
         seconds = time.time() - epoch_start
@@ -564,20 +636,27 @@ def main(args: argparse.Namespace) -> dict:
 
         score = epoch_score(record, args.select_metric)
         if best["score"] is None or score > best["score"]:
+            # The serving model's weights: without the auxiliary head, which only training reads.
+            state = auxiliary.serving_state(scored.state_dict())
             best = {"score": score, "epoch": epoch, "validation": record.get("validation"),
-                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                    "state": {k: v.detach().cpu().clone() for k, v in state.items()}}
         if checkpoint_path:
             save_atomic({"epoch": epoch, "signature": signature, "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "history": history, "best": best}, checkpoint_path)
+                         "history": history, "best": best, **({"ema": ema.state_dict()} if ema else {})},
+                        checkpoint_path)
 
     distributed.check_in_step(model, group)
     if not group.main:  # the main process writes the model; the others wait for it to finish
         distributed.teardown(group)
         return {}
-    model.load_state_dict(best["state"])
+    model.load_state_dict(best["state"], strict=not args.aux_weight)
     result = {"best_epoch": best["epoch"], "validation": best["validation"]}
     card = model_card(args, result, history, sizes, fingerprint, time.time() - started, device, bf16, group)
+    if aux_summary:
+        card["auxiliary_supervision"] = {**aux_summary, "weight": args.aux_weight,
+                                         "source": "BIN_FCSKU_DATA of each training photo's metadata record",
+                                         "served": False}
     # Traced from a CPU copy: the model itself stays on its device for the test evaluation below.
     serving_net = backbones.build_model(args.arch, num_classes, weights="none", head=args.head)
     serving_net.load_state_dict(best["state"])
@@ -672,7 +751,7 @@ def model_card(args, result: dict, history: list, sizes: dict, fingerprint: str,
         "decoding": args.decoding,
         "hyperparameters": {k: v for k, v in vars(args).items()
                             if k not in ("train", "validation", "test", "champion", "weights_channel",
-                                         "model_dir", "output_data_dir",
+                                         "aux_metadata", "model_dir", "output_data_dir",
                                          "checkpoint_dir", "failure_file", "model_version")},
         "metrics": result,
         "history": history,
