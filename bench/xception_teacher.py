@@ -1,7 +1,7 @@
 """A counting teacher on Xception's cached spatial features, and its soft counts for distillation.
 
-    PYTHONPATH=plugins .venv-container/bin/python -m bench.xception_teacher \
-        --keras kitchenware_xception_model_val-acc_0.901.keras --split build/exp/ema-s0/split \
+    PYTHONPATH=sagemaker_code .venv-container/bin/python -m bench.xception_teacher \
+        --keras kitchenware_xception_model_val-acc_0.901.keras --split build/exp/aux03-s0/split \
         --out build/exp/teacher
 
 The frozen Xception backbone (bench/xception.py) runs once over every photo of a key-block split
@@ -18,9 +18,9 @@ and `<out>/teacher-probs.json` ({photo file name: [p(0), ..., p(max_count)]}).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -30,10 +30,8 @@ from torch.nn import functional as F
 
 from bench import xception
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "sagemaker_code"))
-import datasets  # noqa: E402
-import metrics  # noqa: E402
+import datasets
+import metrics
 
 SPLITS = ("train", "validation", "test")
 
@@ -89,6 +87,13 @@ def extract(model: xception.Xception, images_u8: torch.Tensor, batch_size: int) 
     return torch.stack(views)
 
 
+@functools.cache
+def backbone(model_path: str) -> xception.Xception:
+    """The backbone, read from the .keras file once for all the splits whose features are not cached."""
+    model, _ = xception.load(model_path)
+    return model.to(memory_format=torch.channels_last)
+
+
 def cached_features(model_path: str, data: datasets.DecodedSet, cache: Path, batch_size: int) -> torch.Tensor:
     """Features of `data`, from `cache` when it holds them for exactly these photos."""
     digest = hashlib.sha256("".join(data.digests).encode()).hexdigest()[:16]
@@ -96,8 +101,7 @@ def cached_features(model_path: str, data: datasets.DecodedSet, cache: Path, bat
         stored = torch.load(cache)
         if stored["digest"] == digest:
             return stored["features"]
-    model, _ = xception.load(model_path)
-    features = extract(model.to(memory_format=torch.channels_last), data.images, batch_size)
+    features = extract(backbone(model_path), data.images, batch_size)
     torch.save({"digest": digest, "features": features}, cache)
     return features
 
@@ -171,7 +175,7 @@ def main(args: argparse.Namespace) -> dict:
         "validation": score(predict(head, features["validation"]), sets["validation"].labels, args.max_count),
         "test": score(predict(head, features["test"]), sets["test"].labels, args.max_count),
         "seconds": {"features": round(extracted, 1), "total": round(time.perf_counter() - started, 1)},
-        "args": {key: value for key, value in vars(args).items()},
+        "args": vars(args),
     }
     (out / "teacher-probs.json").write_text(json.dumps(
         {name: [round(p, 5) for p in row] for name, row in zip(names, out_of_fold.tolist(), strict=True)}))
