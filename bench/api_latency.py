@@ -43,8 +43,9 @@ def endpoint_sender(runtime, endpoint: str, images: list[Path]):
 
     def send(number: int) -> int:
         try:
-            answer = runtime.invoke_endpoint(EndpointName=endpoint, ContentType="image/jpeg",
-                                             Body=bodies[number % len(bodies)])
+            answer = runtime.invoke_endpoint(
+                EndpointName=endpoint, ContentType="image/jpeg", Body=bodies[number % len(bodies)]
+            )
             json.loads(answer["Body"].read())
             return 200
         except ClientError as exc:
@@ -66,14 +67,22 @@ def api_stack(model: Path, state_prefix: str) -> Iterator[tuple[str, object]]:
     """A moto server and the stand-in on loopback, `model` served at the endpoint `bin-counter` with
     the API function in front of it; yields the stand-in's URL and an S3 client (bucket `bench`)."""
     # Loopback servers only: any credentials do, and the stand-in (and its Lambda) inherit them.
-    for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         os.environ[name] = value
     moto, moto_url = start_moto()
-    service_role(boto3.client("iam", endpoint_url=moto_url), ROLE.rsplit("/", 1)[1], "sagemaker.amazonaws.com",
-                 "lambda.amazonaws.com")
-    standin, url = start_standin(Path(tempfile.mkdtemp(prefix=state_prefix)), moto_url, CONTAINER_PYTHON,
-                                 api_key=API_KEY)
+    service_role(
+        boto3.client("iam", endpoint_url=moto_url),
+        ROLE.rsplit("/", 1)[1],
+        "sagemaker.amazonaws.com",
+        "lambda.amazonaws.com",
+    )
+    standin, url = start_standin(
+        Path(tempfile.mkdtemp(prefix=state_prefix)), moto_url, CONTAINER_PYTHON, api_key=API_KEY
+    )
     try:
         s3 = boto3.client("s3", endpoint_url=moto_url)
         serve(url, s3, model, "bin-counter")
@@ -88,8 +97,9 @@ def api_stack(model: Path, state_prefix: str) -> Iterator[tuple[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a model.tar.gz as train.py writes it")
-    parser.add_argument("--images", default=str(ROOT.parent / "shared" / "abid" / "bin-images"),
-                        help="a folder of bin photos")
+    parser.add_argument(
+        "--images", default=str(ROOT.parent / "shared" / "abid" / "bin-images"), help="a folder of bin photos"
+    )
     parser.add_argument("--limit", type=int, default=20, help="photos taken from --images, sent in turn")
     parser.add_argument("--seconds", type=float, default=30, help="seconds per phase")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients of the second phase of each path")
@@ -99,11 +109,15 @@ def main() -> None:
         raise SystemExit(f"no images in {args.images}")
 
     with api_stack(Path(args.model), "bench-api-") as (url, _):
-        runtime = boto3.client("sagemaker-runtime", endpoint_url=url,
-                               config=Config(retries={"mode": "standard", "total_max_attempts": 1},
-                                             max_pool_connections=args.clients * 2))
-        paths = {"endpoint alone (InvokeEndpoint)": endpoint_sender(runtime, "bin-counter", images),
-                 "gateway -> Lambda -> endpoint (POST /count)": gateway_sender(f"{url}/count", API_KEY, images)}
+        runtime = boto3.client(
+            "sagemaker-runtime",
+            endpoint_url=url,
+            config=Config(retries={"mode": "standard", "total_max_attempts": 1}, max_pool_connections=args.clients * 2),
+        )
+        paths = {
+            "endpoint alone (InvokeEndpoint)": endpoint_sender(runtime, "bin-counter", images),
+            "gateway -> Lambda -> endpoint (POST /count)": gateway_sender(f"{url}/count", API_KEY, images),
+        }
         for send in paths.values():  # warm both paths: the model's first requests, Lambda's cold starts
             run_load(send, args.clients, 3)
         rows = []
@@ -115,8 +129,10 @@ def main() -> None:
         print("| path | clients | requests | failed | answers/s | p50 ms | p99 ms |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for name, s in rows:
-            print(f"| {name} | {s['clients']} | {s['sent']} | {s['failed']} | {s['ok_per_s']} | {s['p50_ms']} "
-                  f"| {s['p99_ms']} |")
+            print(
+                f"| {name} | {s['clients']} | {s['sent']} | {s['failed']} | {s['ok_per_s']} | {s['p50_ms']} "
+                f"| {s['p99_ms']} |"
+            )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a model.tar.gz as train.py writes it")
     parser.add_argument("--abid", required=True, help="the ABID mirror (bin-images/, metadata/)")
     parser.add_argument("--photos", type=int, default=2000, help="photos counted by each path")
-    parser.add_argument("--clients", type=int, default=4,
-                        help="API clients at once, and the transform job's MaxConcurrentTransforms")
+    parser.add_argument(
+        "--clients", type=int, default=4, help="API clients at once, and the transform job's MaxConcurrentTransforms"
+    )
     parser.add_argument("--instances", type=int, default=1, help="the transform job's instance count")
     args = parser.parse_args()
     abid = Path(args.abid)
@@ -72,8 +73,11 @@ def main() -> None:
         expected_lines = ["key,expected"]
         truth: dict[str, tuple[int, int, bool]] = {}  # key -> (true, expected, in the test split)
         for index, record in enumerate(photos):
-            s3.put_object(Bucket="bench", Key=f"{PREFIX}bin-images/{record.key}.jpg",
-                          Body=(abid / "bin-images" / f"{record.key}.jpg").read_bytes())
+            s3.put_object(
+                Bucket="bench",
+                Key=f"{PREFIX}bin-images/{record.key}.jpg",
+                Body=(abid / "bin-images" / f"{record.key}.jpg").read_bytes(),
+            )
             expected = record.count if index % 2 == 0 else wrong_count(record.count, index // 2, 5)
             expected_lines.append(f"{record.key},{expected}")
             truth[f"{PREFIX}bin-images/{record.key}.jpg"] = (record.count, expected, record.key in test_keys)
@@ -87,37 +91,62 @@ def main() -> None:
             started = time.time()
             statuses = list(pool.map(send, range(len(files))))
         seconds = time.time() - started
-        api = {"path": f"API, {args.clients} clients (POST /count)", "photos": len(files),
-               "answered_200": statuses.count(200), "seconds": round(seconds, 1),
-               "photos_per_s": round(len(files) / seconds, 2)}
+        api = {
+            "path": f"API, {args.clients} clients (POST /count)",
+            "photos": len(files),
+            "answered_200": statuses.count(200),
+            "seconds": round(seconds, 1),
+            "photos_per_s": round(len(files) / seconds, 2),
+        }
         print(json.dumps(api), flush=True)
         rows.append(api)
 
         # 2. The batch count, as bin_count_batch's tasks run it.
         sm = boto3.client("sagemaker", endpoint_url=url)
         started = time.time()
-        plan = batch.prepare(s3, f"s3://bench/{PREFIX}bin-images/", "s3://bench/batch-counts/bench/",
-                             "s3://bench/lists/expected.csv", 6)
-        config = transform_job_config("bin-counter-bench-batch", "bin-counter", plan["manifest_uri"],
-                                      plan["transform_output_uri"], "ml.m5.xlarge", args.instances, args.clients,
-                                      6, environment=batch.REFUSALS_ENVIRONMENT)
+        plan = batch.prepare(
+            s3, f"s3://bench/{PREFIX}bin-images/", "s3://bench/batch-counts/bench/", "s3://bench/lists/expected.csv", 6
+        )
+        config = transform_job_config(
+            "bin-counter-bench-batch",
+            "bin-counter",
+            plan["manifest_uri"],
+            plan["transform_output_uri"],
+            "ml.m5.xlarge",
+            args.instances,
+            args.clients,
+            6,
+            environment=batch.REFUSALS_ENVIRONMENT,
+        )
         sm.create_transform_job(**config)
-        while (job := sm.describe_transform_job(TransformJobName="bin-counter-bench-batch"))[
-                "TransformJobStatus"] in ("InProgress", "Stopping"):
+        while (job := sm.describe_transform_job(TransformJobName="bin-counter-bench-batch"))["TransformJobStatus"] in (
+            "InProgress",
+            "Stopping",
+        ):
             time.sleep(1)
         if job["TransformJobStatus"] != "Completed":
             raise SystemExit(f"the transform job ended {job['TransformJobStatus']}: {job.get('FailureReason')}")
         summary = batch.write_report(s3, plan, job, {"model": "bin-counter"})
         seconds = time.time() - started
         job_s = (job["TransformEndTime"] - job["TransformStartTime"]).total_seconds()
-        batch_row = {"path": f"batch transform, MaxConcurrentTransforms {args.clients}, {args.instances} instance(s)",
-                     "photos": summary["photos"], "answered_200": summary["counted"], "seconds": round(seconds, 1),
-                     "photos_per_s": round(summary["photos"] / seconds, 2), "job_seconds": round(job_s, 1)}
+        batch_row = {
+            "path": f"batch transform, MaxConcurrentTransforms {args.clients}, {args.instances} instance(s)",
+            "photos": summary["photos"],
+            "answered_200": summary["counted"],
+            "seconds": round(seconds, 1),
+            "photos_per_s": round(summary["photos"] / seconds, 2),
+            "job_seconds": round(job_s, 1),
+        }
         print(json.dumps(batch_row), flush=True)
         rows.append(batch_row)
 
-        report = [json.loads(line) for line in s3.get_object(Bucket="bench", Key="batch-counts/bench/report.jsonl")[
-            "Body"].read().decode().splitlines()]
+        report = [
+            json.loads(line)
+            for line in s3.get_object(Bucket="bench", Key="batch-counts/bench/report.jsonl")["Body"]
+            .read()
+            .decode()
+            .splitlines()
+        ]
         quality = {}
         for subset, keep in (("test split", lambda k: truth[k][2]), ("all photos", lambda k: True)):
             chosen = [r for r in report if keep(r["key"]) and r.get("verdict") not in (None, "failed")]
@@ -126,12 +155,13 @@ def main() -> None:
             quality[subset] = {
                 "photos": len(chosen),
                 "accuracy": round(sum(r["count"] == truth[r["key"]][0] for r in chosen) / len(chosen), 4),
-                "right_expected": len(right), "false_alarms": round(
-                    sum(r["verdict"] == "mismatch" for r in right) / len(right), 3),
+                "right_expected": len(right),
+                "false_alarms": round(sum(r["verdict"] == "mismatch" for r in right) / len(right), 3),
                 "right_matched": round(sum(r["verdict"] == "match" for r in right) / len(right), 3),
                 "wrong_expected": len(wrong),
                 "caught": round(sum(r["verdict"] == "mismatch" for r in wrong) / len(wrong), 3),
-                "wrongly_matched": round(sum(r["verdict"] == "match" for r in wrong) / len(wrong), 3)}
+                "wrongly_matched": round(sum(r["verdict"] == "match" for r in wrong) / len(wrong), 3),
+            }
         print(json.dumps({"verdicts": quality}), flush=True)
     print("| path | photos | answered | seconds | photos/s |")
     print("| --- | --- | --- | --- | --- |")
@@ -140,8 +170,10 @@ def main() -> None:
     print("\n| photos | accuracy | right expectations: false alarms / matched | wrong ones: caught / wrongly matched |")
     print("| --- | --- | --- | --- |")
     for subset, q in quality.items():
-        print(f"| {subset} ({q['photos']}) | {q['accuracy']} | {q['false_alarms']} / {q['right_matched']} "
-              f"| {q['caught']} / {q['wrongly_matched']} |")
+        print(
+            f"| {subset} ({q['photos']}) | {q['accuracy']} | {q['false_alarms']} / {q['right_matched']} "
+            f"| {q['caught']} / {q['wrongly_matched']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -74,14 +74,21 @@ def copy_split(bucket: str, keys_path: str, version: str) -> dict:
     counts = json.loads(_store(client, bucket, "abid/raw").read(keys_path))
     records = [abid.Record(k, int(c)) for k, c in counts.items()]
     assignment = split.assign_splits(records)
-    rows = split.write_split_layout(records, assignment, _store(client, bucket, "abid/raw"),
-                                    _store(client, bucket, f"datasets/{version}"), "raw")
+    rows = split.write_split_layout(
+        records, assignment, _store(client, bucket, "abid/raw"), _store(client, bucket, f"datasets/{version}"), "raw"
+    )
     return {"images": len(rows)}
 
 
 def in_process(spec: dict, env: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "bench.data_prep_scale", "--task", json.dumps(spec)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.data_prep_scale", "--task", json.dumps(spec)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode:
         raise RuntimeError(f"{spec['operator']} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -94,28 +101,48 @@ def prepare(size: int, source: Path, shard_size: int, env: dict) -> dict:
 
     common = {"bucket": BUCKET, "source": str(source), "subset": "key_range"}
     timings: dict = {"keys": size}
-    select = in_process({"operator": "AbidSelectOperator", **common, "key_range": f"000000:{size:06d}",
-                         "shard_size": shard_size}, env)
+    select = in_process(
+        {"operator": "AbidSelectOperator", **common, "key_range": f"000000:{size:06d}", "shard_size": shard_size}, env
+    )
     shards = select["result"]
     fetches = [in_process({"operator": "AbidFetchOperator", **common, "shard": shard}, env) for shard in shards]
-    report = in_process({"operator": "FetchReportOperator", "bucket": BUCKET, "shards": [f["result"] for f in fetches],
-                         "max_bad_share": 0.0}, env)
+    report = in_process(
+        {
+            "operator": "FetchReportOperator",
+            "bucket": BUCKET,
+            "shards": [f["result"] for f in fetches],
+            "max_bad_share": 0.0,
+        },
+        env,
+    )
     keys_path = report["result"]["keys_path"]
-    split = in_process({"operator": "BlockSplitOperator", "bucket": BUCKET, "keys_prefix": "abid/raw",
-                        "keys_path": keys_path, "image_prefix": "abid/raw",
-                        "dataset": {"version": f"v-{size}", "split": split_parameters()}}, env)
+    split = in_process(
+        {
+            "operator": "BlockSplitOperator",
+            "bucket": BUCKET,
+            "keys_prefix": "abid/raw",
+            "keys_path": keys_path,
+            "image_prefix": "abid/raw",
+            "dataset": {"version": f"v-{size}", "split": split_parameters()},
+        },
+        env,
+    )
     fetch_seconds = [f["seconds"] for f in fetches]
-    timings.update({
-        "shards": len(shards),
-        "select": {k: select[k] for k in ("seconds", "peak_rss_mb")},
-        "fetch_per_shard": {"seconds_mean": round(sum(fetch_seconds) / len(fetch_seconds), 2),
-                            "seconds_max": max(fetch_seconds),
-                            "peak_rss_mb_max": max(f["peak_rss_mb"] for f in fetches)},
-        "fetch_task_seconds_total": round(sum(fetch_seconds), 1),
-        "report": {k: report[k] for k in ("seconds", "peak_rss_mb")},
-        "split_manifests": {k: split[k] for k in ("seconds", "peak_rss_mb")},
-        "keys_path": keys_path,
-    })
+    timings.update(
+        {
+            "shards": len(shards),
+            "select": {k: select[k] for k in ("seconds", "peak_rss_mb")},
+            "fetch_per_shard": {
+                "seconds_mean": round(sum(fetch_seconds) / len(fetch_seconds), 2),
+                "seconds_max": max(fetch_seconds),
+                "peak_rss_mb_max": max(f["peak_rss_mb"] for f in fetches),
+            },
+            "fetch_task_seconds_total": round(sum(fetch_seconds), 1),
+            "report": {k: report[k] for k in ("seconds", "peak_rss_mb")},
+            "split_manifests": {k: split[k] for k in ("seconds", "peak_rss_mb")},
+            "keys_path": keys_path,
+        }
+    )
     timings["sequential_wall_s"] = round(sum(t["seconds"] for t in (select, report, split)) + sum(fetch_seconds), 1)
     return timings
 
@@ -126,13 +153,15 @@ def compare_layouts(size: int, keys_path: str, env: dict, work: Path) -> dict:
 
     from standin.sagemaker.training import download_channel
 
-    copied = in_process({"operator": "copy_split", "bucket": BUCKET, "keys_path": keys_path,
-                         "version": f"copied-{size}"}, env)
+    copied = in_process(
+        {"operator": "copy_split", "bucket": BUCKET, "keys_path": keys_path, "version": f"copied-{size}"}, env
+    )
     s3 = boto3.client("s3", endpoint_url=env["BENCH_MOTO"], region_name="us-east-1")
     downloads = {}
-    for name, source in (("manifest", {"S3DataType": "ManifestFile",
-                                       "S3Uri": f"s3://{BUCKET}/datasets/v-{size}/train.manifest"}),
-                         ("copied", {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/datasets/copied-{size}/train/"})):
+    for name, source in (
+        ("manifest", {"S3DataType": "ManifestFile", "S3Uri": f"s3://{BUCKET}/datasets/v-{size}/train.manifest"}),
+        ("copied", {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/datasets/copied-{size}/train/"}),
+    ):
         started = time.perf_counter()
         objects = download_channel(s3, {"DataSource": {"S3DataSource": source}}, work / f"channel-{name}")
         downloads[name] = {"objects": objects, "seconds": round(time.perf_counter() - started, 1)}
@@ -169,9 +198,12 @@ def main() -> None:
             import boto3
 
             boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT)]),
-                   "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(airflow_connection(endpoint, login=None)),
-                   "BENCH_MOTO": endpoint}
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT)]),
+                "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(airflow_connection(endpoint, login=None)),
+                "BENCH_MOTO": endpoint,
+            }
             run = prepare(size, source, args.shard_size, env)
             if not args.no_compare and size == min(args.sizes):
                 run["layouts"] = compare_layouts(size, run["keys_path"], env, work / f"channels-{size}")

@@ -44,8 +44,9 @@ def main() -> None:
             seconds = time.perf_counter() - started
             rate = round(len(report.fetched) / seconds, 1)
             results[f"fetch_{name}"] = {"seconds": round(seconds, 1), "images_per_s": rate}
-        results["fetch_speedup"] = round(results[f"fetch_concurrent_{args.workers}"]["images_per_s"]
-                                         / results["fetch_sequential"]["images_per_s"], 2)
+        results["fetch_speedup"] = round(
+            results[f"fetch_concurrent_{args.workers}"]["images_per_s"] / results["fetch_sequential"]["images_per_s"], 2
+        )
 
         raw = abid.S3Store("bench", "raw", s3)
         started = time.perf_counter()
@@ -57,8 +58,9 @@ def main() -> None:
         records = [abid.Record(k, c) for k, c in report.counts.items()]
         started = time.perf_counter()
         assignment = split.assign_splits(records)
-        split.write_split_layout(records, assignment, abid.S3Store("bench", "enhanced", s3),
-                                 abid.S3Store("bench", "dataset", s3), "bench")
+        split.write_split_layout(
+            records, assignment, abid.S3Store("bench", "enhanced", s3), abid.S3Store("bench", "dataset", s3), "bench"
+        )
         results["split_whole_mirror_s"] = round(time.perf_counter() - started, 1)
         print(json.dumps(results))
     finally:

@@ -43,8 +43,11 @@ def probabilities(run: Path, split: str, max_count: int, tta: str) -> tuple[list
         model = evaluate.open_model(run / "model-default", Path(workdir))
         model["card"]["test_time_augmentation"] = tta
         predictions = evaluate.predict_counts(model, samples, 64)
-    return ([s.key for s in samples], torch.tensor([s.count for s in samples]),
-            torch.tensor([p["probabilities"] for p in predictions]))
+    return (
+        [s.key for s in samples],
+        torch.tensor([s.count for s in samples]),
+        torch.tensor([p["probabilities"] for p in predictions]),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: (-r["validation"]["accuracy"], r["validation"]["rmse"]))
     print(f"\n| models (TTA {args.tta}) | decoding | validation accuracy / RMSE | test accuracy / RMSE / within 1 |")
     print("| --- | --- | --- | --- |")
-    for row in rows[:args.top]:
+    for row in rows[: args.top]:
         v, t = row["validation"], row["test"]
-        print(f"| {' + '.join(row['models'])} | {row['decoding']} | {v['accuracy']:.3f} / {v['rmse']:.3f} | "
-              f"{t['accuracy']:.3f} / {t['rmse']:.3f} / {t['within_1']:.3f} |")
+        print(
+            f"| {' + '.join(row['models'])} | {row['decoding']} | {v['accuracy']:.3f} / {v['rmse']:.3f} | "
+            f"{t['accuracy']:.3f} / {t['rmse']:.3f} / {t['within_1']:.3f} |"
+        )
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -96,9 +96,13 @@ def split_times(timings: dict, logs: Path, dag_id: str, run_id: str) -> list[dic
         begin, finish = execute_bounds(log) if log.exists() else (None, None)
         if begin is None or finish is None:
             continue
-        row = {"task": task_id, "latency": (start - scheduled).total_seconds(),
-               "startup": (begin - start).total_seconds(), "work": (finish - begin).total_seconds(),
-               "teardown": (end - finish).total_seconds()}
+        row = {
+            "task": task_id,
+            "latency": (start - scheduled).total_seconds(),
+            "startup": (begin - start).total_seconds(),
+            "work": (finish - begin).total_seconds(),
+            "teardown": (end - finish).total_seconds(),
+        }
         row["overhead"] = row["latency"] + row["startup"] + row["teardown"]
         rows.append(row)
     return rows
@@ -106,15 +110,21 @@ def split_times(timings: dict, logs: Path, dag_id: str, run_id: str) -> list[dic
 
 def report(dag_id: str, timings: dict, rows: list[dict]) -> str:
     wall = (datetime.fromisoformat(timings["end"]) - datetime.fromisoformat(timings["start"])).total_seconds()
-    lines = [f"\n{dag_id}: {timings['state']} in {wall:.0f} s, {len(rows)} tasks ran",
-             "| task | latency s | startup s | work s | teardown s | overhead s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"\n{dag_id}: {timings['state']} in {wall:.0f} s, {len(rows)} tasks ran",
+        "| task | latency s | startup s | work s | teardown s | overhead s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['latency']:.1f} | {r['startup']:.1f} | {r['work']:.1f} | "
-                     f"{r['teardown']:.1f} | {r['overhead']:.1f} |")
+        lines.append(
+            f"| {r['task']} | {r['latency']:.1f} | {r['startup']:.1f} | {r['work']:.1f} | "
+            f"{r['teardown']:.1f} | {r['overhead']:.1f} |"
+        )
     overheads = [r["overhead"] for r in rows]
-    lines.append(f"overhead per task: median {statistics.median(overheads):.1f} s, max {max(overheads):.1f} s, "
-                 f"sum {sum(overheads):.0f} s; work sum {sum(r['work'] for r in rows):.0f} s")
+    lines.append(
+        f"overhead per task: median {statistics.median(overheads):.1f} s, max {max(overheads):.1f} s, "
+        f"sum {sum(overheads):.0f} s; work sum {sum(r['work'] for r in rows):.0f} s"
+    )
     return "\n".join(lines)
 
 
@@ -149,16 +159,33 @@ def main(argv: list[str] | None = None) -> int:
                 if time.time() > deadline:
                     raise
                 time.sleep(5)
-        prep_conf = {"bucket": stack.BUCKET, "source": str(Path(args.source).resolve())
-                     if Path(args.source).exists() else args.source, "subset": "key_range", "key_range": args.keys,
-                     "block_size": 20, "max_count": 5}
+        prep_conf = {
+            "bucket": stack.BUCKET,
+            "source": str(Path(args.source).resolve()) if Path(args.source).exists() else args.source,
+            "subset": "key_range",
+            "key_range": args.keys,
+            "block_size": 20,
+            "max_count": 5,
+        }
         # bin_count_retrain stays paused meanwhile: the dataset's asset event would start it with its
         # production defaults; it is triggered below with the demo's small search instead.
-        stack.airflow(["dags", "trigger", "bin_count_data_prep", "--run-id", "bench-prep", "-c",
-                       json.dumps(prep_conf)], env, log)
+        stack.airflow(
+            ["dags", "trigger", "bin_count_data_prep", "--run-id", "bench-prep", "-c", json.dumps(prep_conf)], env, log
+        )
         prep = wait_for(env, "bin_count_data_prep", "bench-prep", args.timeout)
-        stack.airflow(["dags", "trigger", "bin_count_retrain", "--run-id", "bench-retrain", "-c",
-                       json.dumps({"bucket": stack.BUCKET, **stack.DEMO_RETRAIN})], env, log)
+        stack.airflow(
+            [
+                "dags",
+                "trigger",
+                "bin_count_retrain",
+                "--run-id",
+                "bench-retrain",
+                "-c",
+                json.dumps({"bucket": stack.BUCKET, **stack.DEMO_RETRAIN}),
+            ],
+            env,
+            log,
+        )
         stack.airflow(["dags", "unpause", "bin_count_retrain"], env, log)
         retrain = wait_for(env, "bin_count_retrain", "bench-retrain", args.timeout)
     finally:
@@ -168,14 +195,18 @@ def main(argv: list[str] | None = None) -> int:
             process.terminate()
     logs = work / "airflow" / "logs"
     result = {}
-    for dag_id, run_id, timings in (("bin_count_data_prep", "bench-prep", prep),
-                                    ("bin_count_retrain", "bench-retrain", retrain)):
+    for dag_id, run_id, timings in (
+        ("bin_count_data_prep", "bench-prep", prep),
+        ("bin_count_retrain", "bench-retrain", retrain),
+    ):
         rows = split_times(timings, logs, dag_id, run_id)
         print(report(dag_id, timings, rows), flush=True)
         result[dag_id] = {"timings": timings, "rows": rows}
     every = [r["overhead"] for d in result.values() for r in d["rows"]]
-    print(f"\nall {len(every)} tasks: overhead median {statistics.median(every):.1f} s, "
-          f"mean {statistics.mean(every):.1f} s")
+    print(
+        f"\nall {len(every)} tasks: overhead median {statistics.median(every):.1f} s, "
+        f"mean {statistics.mean(every):.1f} s"
+    )
     (work / "scheduler-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0 if prep["state"] == retrain["state"] == "success" else 1
 

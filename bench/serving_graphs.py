@@ -31,8 +31,10 @@ def variants(net, views, torch, extra_path: str | None) -> dict:
     """name -> a callable running the four views (or the reason it could not be built)."""
     import serving_graph
 
-    found: dict = {"eager, a pass per view (the baseline's way)": lambda: torch.cat([net(v[None]) for v in views]),
-                   "eager, the views as one batch": lambda: net(views)}
+    found: dict = {
+        "eager, a pass per view (the baseline's way)": lambda: torch.cat([net(v[None]) for v in views]),
+        "eager, the views as one batch": lambda: net(views),
+    }
     channels_last = copy.deepcopy(net).to(memory_format=torch.channels_last)
     views_cl = views.contiguous(memory_format=torch.channels_last)
     found["eager, one batch, channels-last"] = lambda: channels_last(views_cl)
@@ -44,7 +46,9 @@ def variants(net, views, torch, extra_path: str | None) -> dict:
     for photos in (2, 4):
         many = views.repeat(photos, 1, 1, 1)
         found[f"served, {photos} photos' views in one pass, per photo"] = (
-            lambda m=many, n=photos: optimized(m)[: len(views)], photos)
+            lambda m=many, n=photos: optimized(m)[: len(views)],
+            photos,
+        )
     try:
         from torch.ao.quantization import get_default_qconfig_mapping
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -69,7 +73,8 @@ def variants(net, views, torch, extra_path: str | None) -> dict:
             session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             array = views.numpy()
             found[f"ONNX Runtime {onnxruntime.__version__}"] = lambda: torch.from_numpy(
-                session.run(None, {"x": array})[0])
+                session.run(None, {"x": array})[0]
+            )
         except Exception as exc:  # a row left out, with why
             found["ONNX Runtime"] = f"not built: {type(exc).__name__}: {exc}"
     return found
@@ -78,8 +83,11 @@ def variants(net, views, torch, extra_path: str | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "bin-counter.tar.gz"), help="a model.tar.gz")
-    parser.add_argument("--photo", default=str(ROOT.parent / "shared" / "abid" / "bin-images" / "00010.jpg"),
-                        help="the photo whose views are run")
+    parser.add_argument(
+        "--photo",
+        default=str(ROOT.parent / "shared" / "abid" / "bin-images" / "00010.jpg"),
+        help="the photo whose views are run",
+    )
     parser.add_argument("--runs", type=int, default=30, help="timed runs per variant")
     parser.add_argument("--extra-path", default=None, help="a folder holding onnx and onnxruntime")
     args = parser.parse_args()
@@ -108,8 +116,17 @@ def main() -> None:
                 run, per = run if isinstance(run, tuple) else (run, 1)
                 difference = f"{(torch.softmax(run().float(), 1) - reference).abs().max().item():.1e}"
                 rows.append((name, threads, round(p50(timed(run, args.runs)) / per, 1), difference))
-                print(json.dumps({"variant": name, "threads": threads, "p50_ms": rows[-1][2],
-                                  "max_probability_difference": difference}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "variant": name,
+                            "threads": threads,
+                            "p50_ms": rows[-1][2],
+                            "max_probability_difference": difference,
+                        }
+                    ),
+                    flush=True,
+                )
     print("\n| the four views of one photo | threads | p50 ms | max. difference of the probabilities |")
     print("| --- | --- | --- | --- |")
     for name, threads, value, difference in rows:

@@ -82,8 +82,9 @@ def handler_main(args: argparse.Namespace) -> None:
         model = inference.model_fn(args.model_dir)
 
         def answer():
-            return inference.output_fn(inference.predict_fn(inference.input_fn(data, "image/jpeg"), model),
-                                       "application/json")
+            return inference.output_fn(
+                inference.predict_fn(inference.input_fn(data, "image/jpeg"), model), "application/json"
+            )
 
         result["handlers_p50_ms"] = p50(timed(answer, args.runs))
     else:
@@ -110,20 +111,33 @@ def endpoint_processes(state_dir: str) -> list[int]:
             words = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(w.endswith((b"model_worker.py", b"model_backend.py")) for w in words) \
-                and any(state_dir.encode() in w for w in words):
+        if any(w.endswith((b"model_worker.py", b"model_backend.py")) for w in words) and any(
+            state_dir.encode() in w for w in words
+        ):
             found.append(int(cmdline.parent.name))
     return found
 
 
-def serve_endpoint(sm, name: str, model_data_url: str, role: str, environment: dict | None = None,
-                   timeout_s: float = 300) -> float:
+def serve_endpoint(
+    sm, name: str, model_data_url: str, role: str, environment: dict | None = None, timeout_s: float = 300
+) -> float:
     """A model, its endpoint config and endpoint `name` (ml.m5.large, one instance) for `model_data_url`;
     the seconds from CreateEndpoint to InService. SystemExit when it does not come up."""
-    sm.create_model(ModelName=name, ExecutionRoleArn=role, PrimaryContainer={
-        "Image": "local/pytorch-inference:cpu", "ModelDataUrl": model_data_url, "Environment": environment or {}})
-    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
-        {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+    sm.create_model(
+        ModelName=name,
+        ExecutionRoleArn=role,
+        PrimaryContainer={
+            "Image": "local/pytorch-inference:cpu",
+            "ModelDataUrl": model_data_url,
+            "Environment": environment or {},
+        },
+    )
+    sm.create_endpoint_config(
+        EndpointConfigName=name,
+        ProductionVariants=[
+            {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}
+        ],
+    )
     started = time.perf_counter()
     sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
     while (status := sm.describe_endpoint(EndpointName=name)["EndpointStatus"]) == "Creating":
@@ -198,8 +212,11 @@ def arm_main(args: argparse.Namespace) -> None:
         sm = boto3.client("sagemaker", endpoint_url=url)
         environment = {"SAGEMAKER_PROGRAM": "inference.py", **({WORKERS: args.workers} if args.workers else {})}
         result["ready_s"] = serve_endpoint(sm, "bin-counter", "s3://bench/model/model.tar.gz", role, environment)
-        runtime = boto3.client("sagemaker-runtime", endpoint_url=url, config=Config(
-            retries={"mode": "standard", "total_max_attempts": 1}, max_pool_connections=args.clients * 2))
+        runtime = boto3.client(
+            "sagemaker-runtime",
+            endpoint_url=url,
+            config=Config(retries={"mode": "standard", "total_max_attempts": 1}, max_pool_connections=args.clients * 2),
+        )
 
         def invoke_endpoint():
             runtime.invoke_endpoint(EndpointName="bin-counter", ContentType="image/jpeg", Body=body)["Body"].read()
@@ -210,8 +227,9 @@ def arm_main(args: argparse.Namespace) -> None:
         port = front_port(pids)
 
         def direct():
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, method="POST",
-                                             headers={"Content-Type": "image/jpeg"})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data=body, method="POST", headers={"Content-Type": "image/jpeg"}
+            )
             with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 - loopback
                 answer.read()
 
@@ -272,11 +290,15 @@ def test_keys(abid: Path) -> tuple[list[str], dict[str, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline-ref", default="c0da49b", help="the commit whose serving code is the baseline")
-    parser.add_argument("--model", default=str(ROOT / "models" / "bin-counter.tar.gz"),
-                        help="this checkout's model archive (the baseline's is its commit's models/bin-counter.tar.gz)")
+    parser.add_argument(
+        "--model",
+        default=str(ROOT / "models" / "bin-counter.tar.gz"),
+        help="this checkout's model archive (the baseline's is its commit's models/bin-counter.tar.gz)",
+    )
     parser.add_argument("--abid", default=str(ROOT.parent / "shared" / "abid"), help="the ABID mirror")
-    parser.add_argument("--workers", nargs="+", default=["1", "2"],
-                        help=f"{WORKERS} of this checkout's arms, one arm each")
+    parser.add_argument(
+        "--workers", nargs="+", default=["1", "2"], help=f"{WORKERS} of this checkout's arms, one arm each"
+    )
     parser.add_argument("--seconds", type=float, default=20, help="seconds per load phase")
     parser.add_argument("--clients", type=int, default=4, help="clients of the concurrent phase")
     parser.add_argument("--runs", type=int, default=40, help="requests per one-client p50")
@@ -297,41 +319,120 @@ def main() -> None:
         if not args.skip_counts:
             keys, truth = test_keys(abid)
             (work / "keys.json").write_text(json.dumps(keys))
-            counts = {name: run_json([str(CONTAINER_PYTHON), script, "counts", "--model-dir", d, "--keys",
-                                      str(work / "keys.json"), "--abid", str(abid)], ROOT) for name, d in dirs.items()}
+            counts = {
+                name: run_json(
+                    [
+                        str(CONTAINER_PYTHON),
+                        script,
+                        "counts",
+                        "--model-dir",
+                        d,
+                        "--keys",
+                        str(work / "keys.json"),
+                        "--abid",
+                        str(abid),
+                    ],
+                    ROOT,
+                )
+                for name, d in dirs.items()
+            }
             changed = sum(counts["baseline"][k] != counts["current"][k] for k in keys)
-            report["counts"] = {"photos": len(keys), "changed": changed, "changed_share": round(changed / len(keys), 4),
-                                **{f"accuracy_{n}": round(sum(c[k] == truth[k] for k in keys) / len(keys), 4)
-                                   for n, c in counts.items()}}
+            report["counts"] = {
+                "photos": len(keys),
+                "changed": changed,
+                "changed_share": round(changed / len(keys), 4),
+                **{
+                    f"accuracy_{n}": round(sum(c[k] == truth[k] for k in keys) / len(keys), 4)
+                    for n, c in counts.items()
+                },
+            }
             print(json.dumps(report["counts"]), flush=True)
 
         bare = {}
         for threads in (1, 2):
-            bare[threads] = run_json([str(CONTAINER_PYTHON), script, "handler", "--photo", photo, "--threads",
-                                      str(threads), "--runs", str(args.runs)], ROOT,
-                                     {"PYTHONPATH": str(ROOT / "sagemaker_code")})["bare_p50_ms"]
+            bare[threads] = run_json(
+                [
+                    str(CONTAINER_PYTHON),
+                    script,
+                    "handler",
+                    "--photo",
+                    photo,
+                    "--threads",
+                    str(threads),
+                    "--runs",
+                    str(args.runs),
+                ],
+                ROOT,
+                {"PYTHONPATH": str(ROOT / "sagemaker_code")},
+            )["bare_p50_ms"]
         report["bare_resnet34_p50_ms"] = bare
-        handlers = {"baseline": run_json([str(CONTAINER_PYTHON), script, "handler", "--photo", photo, "--model-dir",
-                                          dirs["baseline"], "--runs", str(args.runs)], ROOT)}
+        handlers = {
+            "baseline": run_json(
+                [
+                    str(CONTAINER_PYTHON),
+                    script,
+                    "handler",
+                    "--photo",
+                    photo,
+                    "--model-dir",
+                    dirs["baseline"],
+                    "--runs",
+                    str(args.runs),
+                ],
+                ROOT,
+            )
+        }
         for workers in args.workers:
             handlers[f"current, {workers} worker(s)"] = run_json(
-                [str(CONTAINER_PYTHON), script, "handler", "--photo", photo, "--model-dir", dirs["current"], "--runs",
-                 str(args.runs)], ROOT, {WORKERS: workers})
+                [
+                    str(CONTAINER_PYTHON),
+                    script,
+                    "handler",
+                    "--photo",
+                    photo,
+                    "--model-dir",
+                    dirs["current"],
+                    "--runs",
+                    str(args.runs),
+                ],
+                ROOT,
+                {WORKERS: workers},
+            )
         report["handlers_in_process"] = handlers
         print(json.dumps({"bare": bare, "handlers": handlers}), flush=True)
 
         from bin_counter.api_client import images_in
 
         photos = json.dumps([str(p) for p in images_in([str(abid / "bin-images")])[: args.limit]])
-        arms = [("baseline", base, archives["baseline"], "")] + \
-               [(f"current, {w} worker(s)", ROOT, archives["current"], w) for w in args.workers]
+        arms = [("baseline", base, archives["baseline"], "")] + [
+            (f"current, {w} worker(s)", ROOT, archives["current"], w) for w in args.workers
+        ]
         runs: dict[str, list[dict]] = {name: [] for name, *_ in arms}
         for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every arm
             for name, tree, archive, workers in arms:
-                command = [sys.executable, script, "arm", "--name", name, "--model", str(archive), "--photo", photo,
-                           "--photos", photos, "--workers", workers, "--seconds", str(args.seconds),
-                           "--clients", str(args.clients), "--runs", str(args.runs),
-                           "--container-python", str(CONTAINER_PYTHON)]
+                command = [
+                    sys.executable,
+                    script,
+                    "arm",
+                    "--name",
+                    name,
+                    "--model",
+                    str(archive),
+                    "--photo",
+                    photo,
+                    "--photos",
+                    photos,
+                    "--workers",
+                    workers,
+                    "--seconds",
+                    str(args.seconds),
+                    "--clients",
+                    str(args.clients),
+                    "--runs",
+                    str(args.runs),
+                    "--container-python",
+                    str(CONTAINER_PYTHON),
+                ]
                 found = run_json(command, tree, {"PYTHONPATH": f"{tree}:{tree / 'plugins'}"})
                 print(json.dumps(found), flush=True)
                 runs[name].append(found)
@@ -343,6 +444,7 @@ def main() -> None:
 
 def median_of(found: list[dict]) -> dict:
     """One arm's repeats as one: each number their median; the throughput also as its range."""
+
     def merge(values: list):
         if isinstance(values[0], dict):
             return {k: merge([v[k] for v in values]) for k in values[0]}
@@ -351,8 +453,12 @@ def median_of(found: list[dict]) -> dict:
         return values[0]
 
     merged = merge(found)
-    merged["throughputs"] = sorted(f[k]["ok_per_s"] for f in found for k in f if k.startswith("api_") and
-                                   k.endswith("_clients") and k != "api_1_clients")
+    merged["throughputs"] = sorted(
+        f[k]["ok_per_s"]
+        for f in found
+        for k in f
+        if k.startswith("api_") and k.endswith("_clients") and k != "api_1_clients"
+    )
     merged["repeats"] = len(found)
     return merged
 
@@ -366,14 +472,22 @@ def print_tables(report: dict, clients: int) -> None:
         ("model server /invocations, p50 ms", lambda a: a["model_server_p50_ms"]),
         ("InvokeEndpoint, p50 ms", lambda a: a["invoke_endpoint_p50_ms"]),
         ("API (POST /count), 1 client, p50 / p99 ms", lambda a: f"{a['api_p50_ms']} / {a['api_p99_ms']}"),
-        (f"API, {clients} clients, answers/s (median; each run)",
-         lambda a: f"{a[f'api_{clients}_clients']['ok_per_s']} ({', '.join(map(str, a['throughputs']))})"),
-        (f"API, {clients} clients, x the baseline",
-         lambda a: round(a[f"api_{clients}_clients"]["ok_per_s"] / base[f"api_{clients}_clients"]["ok_per_s"], 2)),
-        (f"API, {clients} clients, p50 / p99 ms",
-         lambda a: f"{a[f'api_{clients}_clients']['p50_ms']} / {a[f'api_{clients}_clients']['p99_ms']}"),
-        ("endpoint memory: processes, RSS MB, PSS MB",
-         lambda a: f"{a['memory']['processes']}, {a['memory']['rss_mb']}, {a['memory']['pss_mb']}"),
+        (
+            f"API, {clients} clients, answers/s (median; each run)",
+            lambda a: f"{a[f'api_{clients}_clients']['ok_per_s']} ({', '.join(map(str, a['throughputs']))})",
+        ),
+        (
+            f"API, {clients} clients, x the baseline",
+            lambda a: round(a[f"api_{clients}_clients"]["ok_per_s"] / base[f"api_{clients}_clients"]["ok_per_s"], 2),
+        ),
+        (
+            f"API, {clients} clients, p50 / p99 ms",
+            lambda a: f"{a[f'api_{clients}_clients']['p50_ms']} / {a[f'api_{clients}_clients']['p99_ms']}",
+        ),
+        (
+            "endpoint memory: processes, RSS MB, PSS MB",
+            lambda a: f"{a['memory']['processes']}, {a['memory']['rss_mb']}, {a['memory']['pss_mb']}",
+        ),
         ("endpoint ready (CreateEndpoint to InService), s", lambda a: a["ready_s"]),
         ("first / tenth answer of a new endpoint, ms", lambda a: f"{a['first_ms']} / {a['tenth_ms']}"),
         ("Lambda cold start: first POST /count, ms", lambda a: a["lambda_cold_ms"]),
@@ -384,8 +498,10 @@ def print_tables(report: dict, clients: int) -> None:
     print(f"\nseed-style bare pass (eager ResNet34, one view, fp32): p50 {bare[1]} ms on 1 thread, {bare[2]} ms on 2")
     if "counts" in report:
         c = report["counts"]
-        print(f"counts: {c['changed']} of {c['photos']} photos changed ({c['changed_share']:.2%}); accuracy "
-              f"{c['accuracy_baseline']} (baseline) / {c['accuracy_current']} (current)")
+        print(
+            f"counts: {c['changed']} of {c['photos']} photos changed ({c['changed_share']:.2%}); accuracy "
+            f"{c['accuracy_baseline']} (baseline) / {c['accuracy_current']} (current)"
+        )
 
 
 def get_args_parser_for(command: str) -> argparse.ArgumentParser:

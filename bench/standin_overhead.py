@@ -50,24 +50,31 @@ print(json.dumps(times))
 
 def percentiles(times: list[float]) -> dict:
     ordered = sorted(times)
-    return {"p50_ms": round(1000 * statistics.median(ordered), 1),
-            "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
-            "per_s": round(len(times) / sum(times), 1)}
+    return {
+        "p50_ms": round(1000 * statistics.median(ordered), 1),
+        "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
+        "per_s": round(len(times) / sum(times), 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--abid", default=str(ROOT.parent / "shared" / "abid"), help="local ABID mirror")
     parser.add_argument("--requests", type=int, default=200, help="one-image requests per side")
-    parser.add_argument("--container-python", type=Path, default=CONTAINER_PYTHON,
-                        help="the container side's Python, for jobs and the endpoint (default: .venv-container's)")
+    parser.add_argument(
+        "--container-python",
+        type=Path,
+        default=CONTAINER_PYTHON,
+        help="the container side's Python, for jobs and the endpoint (default: .venv-container's)",
+    )
     args = parser.parse_args()
     container_python = args.container_python
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     moto, moto_endpoint = start_moto()
-    service_role(boto3.client("iam", endpoint_url=moto_endpoint, region_name="us-east-1"), "local",
-                 "sagemaker.amazonaws.com")
+    service_role(
+        boto3.client("iam", endpoint_url=moto_endpoint, region_name="us-east-1"), "local", "sagemaker.amazonaws.com"
+    )
     state = ROOT / "build" / "bench-standin"
     subprocess.run(["rm", "-rf", str(state)], check=True)
     standin, endpoint = start_standin(state, moto_endpoint, container_python)
@@ -86,11 +93,15 @@ def main() -> None:
             s3.put_object(Bucket="bench", Key=f"data/{channel}/{record.count}/{record.key}.jpg", Body=body)
         sm = boto3.client("sagemaker", endpoint_url=endpoint, region_name="us-east-1")
         config = training_job_config(
-            job_name="bench-job", image_uri="local", role_arn="arn:aws:iam::000000000000:role/local",
+            job_name="bench-job",
+            image_uri="local",
+            role_arn="arn:aws:iam::000000000000:role/local",
             source_s3_uri="s3://bench/code/sourcedir.tar.gz",
             channels={"train": "s3://bench/data/train/", "validation": "s3://bench/data/validation/"},
-            output_s3_uri="s3://bench/models/", region="us-east-1",
-            hyperparameters={"epochs": 1, "image-size": 96, "workers": 2})
+            output_s3_uri="s3://bench/models/",
+            region="us-east-1",
+            hyperparameters={"epochs": 1, "image-size": 96, "workers": 2},
+        )
         started = time.perf_counter()
         sm.create_training_job(**config)
         peak = {"processes": 0, "rss_mb": 0, "pss_mb": 0}  # the job's processes (the stand-in's children)
@@ -102,11 +113,17 @@ def main() -> None:
         wall = time.perf_counter() - started
         steps = {t["Status"]: t for t in job["SecondaryStatusTransitions"]}
         script = (steps["Uploading"]["StartTime"] - steps["Training"]["StartTime"]).total_seconds()
-        results = {"job_status": job["TrainingJobStatus"], "job_wall_s": round(wall, 1),
-                   "container_s": round(script, 1), "overhead_s": round(wall - script, 1), "job_memory_peak": peak}
+        results = {
+            "job_status": job["TrainingJobStatus"],
+            "job_wall_s": round(wall, 1),
+            "container_s": round(script, 1),
+            "overhead_s": round(wall - script, 1),
+            "job_memory_peak": peak,
+        }
 
-        results["endpoint_ready_s"] = serve_endpoint(sm, "e", job["ModelArtifacts"]["S3ModelArtifacts"],
-                                                     "arn:aws:iam::000000000000:role/local")
+        results["endpoint_ready_s"] = serve_endpoint(
+            sm, "e", job["ModelArtifacts"]["S3ModelArtifacts"], "arn:aws:iam::000000000000:role/local"
+        )
 
         image_path = Path(args.abid) / "bin-images" / "00010.jpg"  # an original photo, decoded at full size
         image = image_path.read_bytes()
@@ -122,8 +139,12 @@ def main() -> None:
         results["endpoint_memory"] = memory_mb(model_server_processes(state))
 
         model_dir = next((state / "endpoint-workers" / "e").glob("e-*[0-9]"))
-        proc = subprocess.run([str(container_python), "-c", IN_PROCESS, str(model_dir), str(image_path),
-                               str(args.requests)], capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [str(container_python), "-c", IN_PROCESS, str(model_dir), str(image_path), str(args.requests)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results["in_process_handlers"] = percentiles(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(results))
     finally:

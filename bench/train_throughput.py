@@ -40,11 +40,15 @@ TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
 def variants(compare: str, batch_size: int, workers: int = 2) -> dict[str, tuple[list[str], list[str]]]:
     """name -> (what comes before train.py, its flags)."""
     if compare == "cache":
-        return {"memory cache": ([], ["--cache", "memory"]),
-                f"streaming ({workers} decoding workers)": ([], ["--cache", "none", "--workers", str(workers)])}
+        return {
+            "memory cache": ([], ["--cache", "memory"]),
+            f"streaming ({workers} decoding workers)": ([], ["--cache", "none", "--workers", str(workers)]),
+        }
     if compare == "processes":
-        return {"one process": ([], ["--batch-size", str(batch_size)]),
-                "two processes (torchrun)": (TORCHRUN, ["--batch-size", str(batch_size // 2)])}
+        return {
+            "one process": ([], ["--batch-size", str(batch_size)]),
+            "two processes (torchrun)": (TORCHRUN, ["--batch-size", str(batch_size // 2)]),
+        }
     return {name: ([], flags) for name, flags in VARIANTS.items()}
 
 
@@ -63,13 +67,22 @@ def subset(train_dir: Path, images: int, out: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", required=True, help="a training split folder (<count>/<key>.jpg)")
-    parser.add_argument("--images", type=int, nargs="+", default=[640],
-                        help="images taken from --train (several: each variant at each count)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        nargs="+",
+        default=[640],
+        help="images taken from --train (several: each variant at each count)",
+    )
     parser.add_argument("--epochs", type=int, default=2, help="epochs per variant")
     parser.add_argument("--extra", default="", help="more train.py flags for both (e.g. --arch efficientnet_lite0)")
-    parser.add_argument("--compare", choices=("recipe", "processes", "cache"), default="recipe",
-                        help="recipe: naive against final; processes: one process against two under torchrun; "
-                             "cache: the memory cache against streaming")
+    parser.add_argument(
+        "--compare",
+        choices=("recipe", "processes", "cache"),
+        default="recipe",
+        help="recipe: naive against final; processes: one process against two under torchrun; "
+        "cache: the memory cache against streaming",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="global batch size (--compare processes)")
     parser.add_argument("--workers", type=int, default=2, help="decoding workers of the streaming variant")
     args = parser.parse_args()
@@ -79,26 +92,51 @@ def main() -> None:
             data = Path(tmp) / f"train-{images}"
             n = subset(Path(args.train), images, data)
             for name, (launcher, flags) in variants(args.compare, args.batch_size, args.workers).items():
-                command = [sys.executable, *launcher, str(TRAIN), "--train", str(data), "--epochs", str(args.epochs),
-                           "--model-dir", str(Path(tmp) / "model"), "--warmup-epochs", "0", *flags,
-                           *args.extra.split()]
+                command = [
+                    sys.executable,
+                    *launcher,
+                    str(TRAIN),
+                    "--train",
+                    str(data),
+                    "--epochs",
+                    str(args.epochs),
+                    "--model-dir",
+                    str(Path(tmp) / "model"),
+                    "--warmup-epochs",
+                    "0",
+                    *flags,
+                    *args.extra.split(),
+                ]
                 started = time.time()
                 stdout, peak = run_measured(command)
                 wall = time.time() - started
                 rates = [float(x) for x in re.findall(r"images_per_s=([\d.]+)", stdout)]
-                rows.append({"variant": name, "images": n, "epochs": args.epochs,
-                             "last_epoch_images_per_s": rates[-1], "wall_s": round(wall, 1),
-                             "peak_pss_mb": peak["pss_mb"], "processes": peak["processes"], "flags": " ".join(flags)})
+                rows.append(
+                    {
+                        "variant": name,
+                        "images": n,
+                        "epochs": args.epochs,
+                        "last_epoch_images_per_s": rates[-1],
+                        "wall_s": round(wall, 1),
+                        "peak_pss_mb": peak["pss_mb"],
+                        "processes": peak["processes"],
+                        "flags": " ".join(flags),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     print("| variant | images | images per s (last epoch) | wall time, whole run | peak memory (PSS) |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['variant']} | {row['images']} | {row['last_epoch_images_per_s']} | {row['wall_s']} s | "
-              f"{row['peak_pss_mb']} MB ({row['processes']} processes) |")
+        print(
+            f"| {row['variant']} | {row['images']} | {row['last_epoch_images_per_s']} | {row['wall_s']} s | "
+            f"{row['peak_pss_mb']} MB ({row['processes']} processes) |"
+        )
     for first, second in zip(rows[::2], rows[1::2], strict=True):
-        print(f"{first['images']} images: {second['variant']} against {first['variant']}: "
-              f"{second['last_epoch_images_per_s'] / first['last_epoch_images_per_s']:.2f}x per epoch, "
-              f"{first['wall_s'] / second['wall_s']:.2f}x whole run")
+        print(
+            f"{first['images']} images: {second['variant']} against {first['variant']}: "
+            f"{second['last_epoch_images_per_s'] / first['last_epoch_images_per_s']:.2f}x per epoch, "
+            f"{first['wall_s'] / second['wall_s']:.2f}x whole run"
+        )
 
 
 def run_measured(command: list[str]) -> tuple[str, dict]:

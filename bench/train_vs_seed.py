@@ -38,15 +38,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed-lr", type=float, default=3e-3, help="learning rate of the seed recipe")
     parser.add_argument("--default-args", default="", help="extra train.py flags for the default recipe")
     parser.add_argument("--only", choices=("seed", "default"), default=None, help="run one recipe only")
-    parser.add_argument("--train-above-max", action="store_true",
-                        help="also put images with more than --max-count items into the training split (blocks "
-                             "already assigned to train only, so validation and test stay the same); pair with "
-                             "--default-args '--above-max clip'")
+    parser.add_argument(
+        "--train-above-max",
+        action="store_true",
+        help="also put images with more than --max-count items into the training split (blocks "
+        "already assigned to train only, so validation and test stay the same); pair with "
+        "--default-args '--above-max clip'",
+    )
     return parser
 
 
-def prepare_split(abid: Path, work: Path, max_count: int, block_size: int, seed: int,
-                  train_above_max: bool = False) -> dict:
+def prepare_split(
+    abid: Path, work: Path, max_count: int, block_size: int, seed: int, train_above_max: bool = False
+) -> dict:
     every = read_local_records(abid)
     records = [r for r in every if r.count <= max_count]
     # The split is drawn from the 0..max-count images alone, so it is the same with or without extras.
@@ -63,41 +67,71 @@ def prepare_split(abid: Path, work: Path, max_count: int, block_size: int, seed:
 
 def run_recipe(name: str, split_dir: Path, work: Path, flags: list[str]) -> dict:
     model_dir = work / f"model-{name}"
-    command = [sys.executable, str(TRAIN), "--train", str(split_dir / "train"),
-               "--validation", str(split_dir / "validation"), "--test", str(split_dir / "test"),
-               "--model-dir", str(model_dir), *flags]
+    command = [
+        sys.executable,
+        str(TRAIN),
+        "--train",
+        str(split_dir / "train"),
+        "--validation",
+        str(split_dir / "validation"),
+        "--test",
+        str(split_dir / "test"),
+        "--model-dir",
+        str(model_dir),
+        *flags,
+    ]
     print("$", " ".join(command), flush=True)
     started = time.time()
     subprocess.run(command, check=True)
     seconds = time.time() - started
     card = json.loads((model_dir / "model_card.json").read_text())
     test = card["metrics"]["test"]
-    return {"recipe": name, "flags": " ".join(flags), "train_seconds": round(seconds, 1),
-            "best_epoch": card["metrics"]["best_epoch"], "test": test,
-            "images": card["data"]["images"]}
+    return {
+        "recipe": name,
+        "flags": " ".join(flags),
+        "train_seconds": round(seconds, 1),
+        "best_epoch": card["metrics"]["best_epoch"],
+        "test": test,
+        "images": card["data"]["images"],
+    }
 
 
 def main() -> None:
     args = get_args_parser().parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    split = prepare_split(Path(args.abid), work, args.max_count, args.block_size, args.split_seed,
-                          args.train_above_max)
+    split = prepare_split(Path(args.abid), work, args.max_count, args.block_size, args.split_seed, args.train_above_max)
     print(f"split (images per count): {json.dumps(split['summary'])}", flush=True)
     recipes = {
-        "seed": ["--arch", args.seed_arch, "--mode", "head", "--weights", "imagenet",
-                 "--epochs", str(args.seed_epochs), "--lr", str(args.seed_lr), "--label-smoothing", "0",
-                 "--augment", "false"],
+        "seed": [
+            "--arch",
+            args.seed_arch,
+            "--mode",
+            "head",
+            "--weights",
+            "imagenet",
+            "--epochs",
+            str(args.seed_epochs),
+            "--lr",
+            str(args.seed_lr),
+            "--label-smoothing",
+            "0",
+            "--augment",
+            "false",
+        ],
         "default": args.default_args.split(),
     }
-    results = [run_recipe(name, split["dir"], work, flags) for name, flags in recipes.items()
-               if args.only in (None, name)]
+    results = [
+        run_recipe(name, split["dir"], work, flags) for name, flags in recipes.items() if args.only in (None, name)
+    ]
     summary = {"split": split["summary"], "results": results}
     (work / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     for r in results:
         t = r["test"]
-        print(f"| {r['recipe']} | {t['n']} | {t['accuracy']:.3f} | {t['rmse']:.3f} | {t['within_1']:.3f} "
-              f"| {r['train_seconds'] / 60:.1f} min |")
+        print(
+            f"| {r['recipe']} | {t['n']} | {t['accuracy']:.3f} | {t['rmse']:.3f} | {t['within_1']:.3f} "
+            f"| {r['train_seconds'] / 60:.1f} min |"
+        )
     print(json.dumps(summary))
 
 

@@ -79,26 +79,37 @@ def main() -> None:
     tuned = threshold_for(queries(validation, (0,)), args.false_alarm)
     far = tuple(range(2, args.max_count + 1))
     rows = {}
-    for name, mismatch in (("handler defaults", DEFAULT_MISMATCH_THRESHOLD),
-                           (f"tuned for {args.false_alarm:.0%} false alarms", tuned)):
+    for name, mismatch in (
+        ("handler defaults", DEFAULT_MISMATCH_THRESHOLD),
+        (f"tuned for {args.false_alarm:.0%} false alarms", tuned),
+    ):
         rows[name] = {
             "mismatch_threshold": round(mismatch, 4),
             "right count (false alarm = mismatch)": shares(queries(test, (0,)), DEFAULT_MATCH_THRESHOLD, mismatch),
             "one off (caught = mismatch)": shares(queries(test, (1,)), DEFAULT_MATCH_THRESHOLD, mismatch),
             "two or more off": shares(queries(test, far), DEFAULT_MATCH_THRESHOLD, mismatch),
         }
-    result = {"model": args.model, "test_photos": len(test), "validation_photos": len(validation),
-              "match_threshold": DEFAULT_MATCH_THRESHOLD, "rows": rows}
+    result = {
+        "model": args.model,
+        "test_photos": len(test),
+        "validation_photos": len(validation),
+        "match_threshold": DEFAULT_MATCH_THRESHOLD,
+        "rows": rows,
+    }
     print(json.dumps(result))
     if args.markdown:
-        print("| thresholds | mismatch below | right count: false alarms / match / uncertain | one off: caught / "
-              "wrongly matched / uncertain | two or more off: caught / wrongly matched |")
+        print(
+            "| thresholds | mismatch below | right count: false alarms / match / uncertain | one off: caught / "
+            "wrongly matched / uncertain | two or more off: caught / wrongly matched |"
+        )
         print("| --- | --- | --- | --- | --- |")
         for name, row in rows.items():
             right, one, far = (row[k] for k in list(row)[1:])
-            print(f"| {name} | {row['mismatch_threshold']} | {right['mismatch']} / {right['match']} / "
-                  f"{right['uncertain']} | {one['mismatch']} / {one['match']} / {one['uncertain']} | "
-                  f"{far['mismatch']} / {far['match']} |")
+            print(
+                f"| {name} | {row['mismatch_threshold']} | {right['mismatch']} / {right['match']} / "
+                f"{right['uncertain']} | {one['mismatch']} / {one['match']} / {one['uncertain']} | "
+                f"{far['mismatch']} / {far['match']} |"
+            )
 
 
 if __name__ == "__main__":

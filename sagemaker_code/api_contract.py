@@ -53,7 +53,9 @@ class ApiError(Exception):
 
 
 def _matches(data: bytes, signature: str) -> bool:
-    pattern = [None if signature[i:i + 2] == ".." else int(signature[i:i + 2], 16) for i in range(0, len(signature), 2)]
+    pattern = [
+        None if signature[i : i + 2] == ".." else int(signature[i : i + 2], 16) for i in range(0, len(signature), 2)
+    ]
     return len(data) >= len(pattern) and all(b is None or data[i] == b for i, b in enumerate(pattern))
 
 
@@ -64,7 +66,7 @@ def identify(data: bytes) -> dict | None:
 
 def intact(data: bytes, image_format: dict) -> bool:
     """Whether the file ends as an intact one does (a truncated upload loses its end marker)."""
-    return bytes.fromhex(image_format["end"]) in data.rstrip(b"\x00")[-image_format["end_within"]:]
+    return bytes.fromhex(image_format["end"]) in data.rstrip(b"\x00")[-image_format["end_within"] :]
 
 
 def check_image(data: bytes, index: int) -> str:

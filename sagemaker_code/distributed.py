@@ -65,7 +65,7 @@ def teardown(group: Group) -> None:
 
 def share(items: list, group: Group) -> list:
     """This process's share of `items`: every world-th one, from its rank on."""
-    return items[group.rank::group.world]
+    return items[group.rank :: group.world]
 
 
 def share_length(total: int, group: Group) -> int:
@@ -126,5 +126,7 @@ def check_in_step(model: torch.nn.Module, group: Group) -> None:
         digest.update(name.encode() + parameter.detach().cpu().float().numpy().tobytes())
     digests = gather(digest.hexdigest(), group)
     if len(set(digests)) != 1:
-        raise RuntimeError(f"the training processes ended with different weights ({len(set(digests))} versions "
-                           f"among {group.world} processes): the gradients were not averaged")
+        raise RuntimeError(
+            f"the training processes ended with different weights ({len(set(digests))} versions "
+            f"among {group.world} processes): the gradients were not averaged"
+        )

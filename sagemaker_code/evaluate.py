@@ -28,15 +28,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a bin counter on labelled images")
     parser.add_argument("--model", required=True, help="model directory or model.tar.gz (as SageMaker writes it)")
     parser.add_argument("--data", required=True, help="images in the split layout or the ABID layout")
-    parser.add_argument("--max-count", type=int, default=None,
-                        help="keep only images whose true count is at most this (default: all)")
+    parser.add_argument(
+        "--max-count", type=int, default=None, help="keep only images whose true count is at most this (default: all)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--output", default=None, help="also write the metrics JSON to this file")
     parser.add_argument("--show", type=int, default=0, help="print this many individual predictions first")
-    parser.add_argument("--tta", default=None, choices=sorted(inference.TTA_VIEWS),
-                        help="test-time augmentation instead of the model card's (to measure one before adopting it)")
-    parser.add_argument("--decoding", default=None, choices=inference.DECODINGS,
-                        help="how a count is read from the probabilities, instead of the model card's")
+    parser.add_argument(
+        "--tta",
+        default=None,
+        choices=sorted(inference.TTA_VIEWS),
+        help="test-time augmentation instead of the model card's (to measure one before adopting it)",
+    )
+    parser.add_argument(
+        "--decoding",
+        default=None,
+        choices=inference.DECODINGS,
+        help="how a count is read from the probabilities, instead of the model card's",
+    )
     return parser
 
 
@@ -54,14 +63,21 @@ def predict_counts(model: dict, samples: list[datasets.Sample], batch_size: int)
     """Predictions for each sample, through the same predict_fn the endpoint runs."""
     predictions = []
     for start in range(0, len(samples), batch_size):
-        batch = [Path(s.path).read_bytes() for s in samples[start:start + batch_size]]
+        batch = [Path(s.path).read_bytes() for s in samples[start : start + batch_size]]
         request = {"images": batch, "single": False, "max_pixels": preprocessing.DEFAULT_MAX_PIXELS}
         predictions += inference.predict_fn(request, model)["predictions"]
     return predictions
 
 
-def evaluate(model_path: str, data: str, max_count: int | None, batch_size: int, show: int = 0,
-             tta: str | None = None, decoding: str | None = None) -> dict:
+def evaluate(
+    model_path: str,
+    data: str,
+    max_count: int | None,
+    batch_size: int,
+    show: int = 0,
+    tta: str | None = None,
+    decoding: str | None = None,
+) -> dict:
     started = time.time()
     samples = datasets.list_samples(data)
     if max_count is not None:
@@ -76,10 +92,13 @@ def evaluate(model_path: str, data: str, max_count: int | None, batch_size: int,
             model["card"]["decoding"] = decoding
         predictions = predict_counts(model, samples, batch_size)
     for sample, prediction in list(zip(samples, predictions, strict=True))[:show]:
-        print(f"image {sample.key}: true count {sample.count}, predicted {prediction['count']} "
-              f"(confidence {prediction['confidence']:.2f})")
-    result = metrics.count_metrics([s.count for s in samples], [p["count"] for p in predictions],
-                                   len(model["card"]["classes"]))
+        print(
+            f"image {sample.key}: true count {sample.count}, predicted {prediction['count']} "
+            f"(confidence {prediction['confidence']:.2f})"
+        )
+    result = metrics.count_metrics(
+        [s.count for s in samples], [p["count"] for p in predictions], len(model["card"]["classes"])
+    )
     result["model_version"] = model["card"]["model_version"]
     result["test_time_augmentation"] = model["card"].get("test_time_augmentation", "none")
     result["decoding"] = model["card"].get("decoding", "argmax")

@@ -72,8 +72,9 @@ class RequestError(BaseInferenceToolkitError):
     def __init__(self, code: str, message: str | None = None, **fields) -> None:
         error = api_contract.ApiError(code, message, **fields)
         self.code, self.detail = code, error.message
-        super().__init__(error.status, json.dumps({"error": code, "message": error.message}, separators=(",", ":")),
-                         code)
+        super().__init__(
+            error.status, json.dumps({"error": code, "message": error.message}, separators=(",", ":")), code
+        )
 
     def __str__(self) -> str:
         return f"{self.status_code} {self.code}: {self.detail}"
@@ -112,8 +113,11 @@ def load_model(model_dir: str) -> dict:
     """The serving graph with its model card, warmed up; the threads left as they are (evaluate.py
     and train.py score models with their own)."""
     card = json.loads((Path(model_dir) / "model_card.json").read_text())
-    model = {"model": serving_graph.load(Path(model_dir), card), "card": card,
-             "image_size": card["preprocessing"]["resize"][0]}
+    model = {
+        "model": serving_graph.load(Path(model_dir), card),
+        "card": card,
+        "image_size": card["preprocessing"]["resize"][0],
+    }
     warm_up(model)
     return model
 
@@ -153,8 +157,9 @@ TTA_VIEWS = {"none": ("",), "hflip": ("", "h"), "flips": ("", "h", "v", "hv")}
 DECODINGS = ("argmax", "median", "expected")
 
 
-def class_probabilities(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                        tta: str = "none") -> torch.Tensor:
+def class_probabilities(
+    net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, tta: str = "none"
+) -> torch.Tensor:
     """Softmax over count classes of a normalised batch, averaged over the TTA views: every view of
     every image in one forward pass (one call into the graph instead of one per view; a batch of n
     images is n x views images in the network at once)."""
@@ -199,8 +204,14 @@ def predict_fn(input_object: dict, model: dict) -> dict:
             # preprocessing's reasons are the table's codes; input_fn has seen a JPEG or PNG signature
             # and end, so data Pillow cannot identify is a damaged image here.
             code = exc.reason if exc.reason in api_contract.ERRORS and exc.reason != "not_an_image" else "corrupt_image"
-            return {**refuse(RequestError(code, index=index, limit=input_object["max_pixels"],
-                                          format=exc.image_format or "another format")), "model_version": version}
+            return {
+                **refuse(
+                    RequestError(
+                        code, index=index, limit=input_object["max_pixels"], format=exc.image_format or "another format"
+                    )
+                ),
+                "model_version": version,
+            }
     images = preprocessing.normalize(torch.stack(batch).float() / 255)
     card = model["card"]
     probabilities = class_probabilities(model["model"], images, card.get("test_time_augmentation", "none"))
@@ -208,12 +219,14 @@ def predict_fn(input_object: dict, model: dict) -> dict:
     classes = torch.tensor(card["classes"], dtype=torch.float32)
     predictions = []
     for probs, index in zip(probabilities, chosen.tolist(), strict=True):
-        predictions.append({
-            "count": int(card["classes"][index]),
-            "probabilities": [round(p, 5) for p in probs.tolist()],
-            "confidence": round(probs[index].item(), 5),
-            "expected_count": round(float((probs * classes).sum()), 4),
-        })
+        predictions.append(
+            {
+                "count": int(card["classes"][index]),
+                "probabilities": [round(p, 5) for p in probs.tolist()],
+                "confidence": round(probs[index].item(), 5),
+                "expected_count": round(float((probs * classes).sum()), 4),
+            }
+        )
     if input_object["single"]:
         return {**predictions[0], "model_version": version}
     return {"predictions": predictions, "model_version": version}
@@ -221,6 +234,8 @@ def predict_fn(input_object: dict, model: dict) -> dict:
 
 def output_fn(prediction: dict, accept: str | None) -> tuple[str, str]:
     if api_contract.base_content_type(accept) not in ACCEPT_TYPES:
-        prediction = {**refuse(RequestError("unsupported_accept", accept=accept)),
-                      "model_version": prediction.get("model_version")}
+        prediction = {
+            **refuse(RequestError("unsupported_accept", accept=accept)),
+            "model_version": prediction.get("model_version"),
+        }
     return json.dumps(prediction), JSON_CONTENT_TYPE

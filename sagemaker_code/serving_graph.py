@@ -52,8 +52,7 @@ def rebuild(model_dir: Path, card: dict) -> torch.nn.Module:
     """The network of `model.pth`, as train.py built it (for archives without the graph file)."""
     import backbones  # imports torchvision: only archives without model.pt pay for it
 
-    net = backbones.build_model(card["backbone"], len(card["classes"]), weights="none",
-                                head=card.get("head", "linear"))
+    net = backbones.build_model(card["backbone"], len(card["classes"]), weights="none", head=card.get("head", "linear"))
     state = torch.load(Path(model_dir) / "model.pth", map_location="cpu", weights_only=True)
     net.load_state_dict(state)
     return net.eval()

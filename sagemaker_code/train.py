@@ -56,8 +56,15 @@ SMOOTHING_TARGETS = ("all", "neighbours")
 CLASS_WEIGHTINGS = ("none", "balanced")
 # Files that make up the model's `code/` folder in model.tar.gz (what the serving container imports).
 # api_contract.py and .json: the API's request checks and error table, which the Lambda function uses too.
-SERVING_CODE = ("inference.py", "serving_graph.py", "backbones.py", "efficientnet_lite.py", "preprocessing.py",
-                "api_contract.py", "api_contract.json")
+SERVING_CODE = (
+    "inference.py",
+    "serving_graph.py",
+    "backbones.py",
+    "efficientnet_lite.py",
+    "preprocessing.py",
+    "api_contract.py",
+    "api_contract.json",
+)
 
 
 def in_sagemaker() -> bool:
@@ -83,47 +90,88 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     env = os.environ.get
     parser = ArgumentParser(description="Train the ABID bin item counter", add_help=add_help)
     paths = parser.add_argument_group("paths (default to SageMaker's environment)")
-    paths.add_argument("--train", default=env("SM_CHANNEL_TRAIN"),
-                       help="training images: bin-images/ with labels/ or metadata/, or <count>/<key>.jpg")
-    paths.add_argument("--validation", default=env("SM_CHANNEL_VALIDATION"),
-                       help="validation images; picks the best epoch. Optional (then the last epoch is kept)")
-    paths.add_argument("--test", default=env("SM_CHANNEL_TEST"),
-                       help="test images, evaluated once with the final model. Optional")
-    paths.add_argument("--champion", default=env("SM_CHANNEL_CHAMPION"),
-                       help="the model serving now (model.tar.gz, or a folder holding one or a model dir), "
-                            "scored on the test images through the serving code after training, so the "
-                            "deployment gate compares both models on the same images. Optional")
+    paths.add_argument(
+        "--train",
+        default=env("SM_CHANNEL_TRAIN"),
+        help="training images: bin-images/ with labels/ or metadata/, or <count>/<key>.jpg",
+    )
+    paths.add_argument(
+        "--validation",
+        default=env("SM_CHANNEL_VALIDATION"),
+        help="validation images; picks the best epoch. Optional (then the last epoch is kept)",
+    )
+    paths.add_argument(
+        "--test", default=env("SM_CHANNEL_TEST"), help="test images, evaluated once with the final model. Optional"
+    )
+    paths.add_argument(
+        "--champion",
+        default=env("SM_CHANNEL_CHAMPION"),
+        help="the model serving now (model.tar.gz, or a folder holding one or a model dir), "
+        "scored on the test images through the serving code after training, so the "
+        "deployment gate compares both models on the same images. Optional",
+    )
     paths.add_argument("--model-dir", default=env("SM_MODEL_DIR", "model"), help="where the model is written")
-    paths.add_argument("--output-data-dir", default=env("SM_OUTPUT_DATA_DIR"),
-                       help="where metrics.json is written (default: the model dir)")
-    paths.add_argument("--checkpoint-dir", default=SAGEMAKER_CHECKPOINT_DIR if in_sagemaker() else "",
-                       help="per-epoch checkpoints; a run restarted with the same dir resumes. Empty: none")
-    paths.add_argument("--failure-file", default=SAGEMAKER_FAILURE_FILE if in_sagemaker() else "",
-                       help="on failure the reason is written here (SageMaker's FailureReason). Empty: none")
+    paths.add_argument(
+        "--output-data-dir",
+        default=env("SM_OUTPUT_DATA_DIR"),
+        help="where metrics.json is written (default: the model dir)",
+    )
+    paths.add_argument(
+        "--checkpoint-dir",
+        default=SAGEMAKER_CHECKPOINT_DIR if in_sagemaker() else "",
+        help="per-epoch checkpoints; a run restarted with the same dir resumes. Empty: none",
+    )
+    paths.add_argument(
+        "--failure-file",
+        default=SAGEMAKER_FAILURE_FILE if in_sagemaker() else "",
+        help="on failure the reason is written here (SageMaker's FailureReason). Empty: none",
+    )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", default="mobilenet_v2", choices=sorted(backbones.ARCHITECTURES),
-                       help="torchvision backbone")
-    model.add_argument("--mode", default="finetune", choices=backbones.MODES,
-                       help="head: train only a new last layer (the seed's recipe); partial: freeze the first "
-                            "half of the backbone; finetune: all layers")
-    model.add_argument("--head", default="linear", choices=backbones.HEADS,
-                       help="linear: one logit per count; ordinal: one score and ordered thresholds "
-                            "(cumulative-link, CORAL-style: 'more than k?' answers that cannot contradict)")
-    model.add_argument("--weights", default="imagenet",
-                       help="backbone init: imagenet (torchvision's ImageNet weights: from --weights-channel, "
-                            "the torch hub cache, the offline package, else a download), none, or a state dict path")
-    model.add_argument("--weights-channel", default=env("SM_CHANNEL_WEIGHTS", f"{OPT_ML}/input/data/weights"),
-                       help="folder holding torchvision's ImageNet weights file for --arch (the job's 'weights' "
-                            "input channel), checked against the hash in its name; looked in first for "
-                            "--weights imagenet")
+    model.add_argument(
+        "--arch", default="mobilenet_v2", choices=sorted(backbones.ARCHITECTURES), help="torchvision backbone"
+    )
+    model.add_argument(
+        "--mode",
+        default="finetune",
+        choices=backbones.MODES,
+        help="head: train only a new last layer (the seed's recipe); partial: freeze the first "
+        "half of the backbone; finetune: all layers",
+    )
+    model.add_argument(
+        "--head",
+        default="linear",
+        choices=backbones.HEADS,
+        help="linear: one logit per count; ordinal: one score and ordered thresholds "
+        "(cumulative-link, CORAL-style: 'more than k?' answers that cannot contradict)",
+    )
+    model.add_argument(
+        "--weights",
+        default="imagenet",
+        help="backbone init: imagenet (torchvision's ImageNet weights: from --weights-channel, "
+        "the torch hub cache, the offline package, else a download), none, or a state dict path",
+    )
+    model.add_argument(
+        "--weights-channel",
+        default=env("SM_CHANNEL_WEIGHTS", f"{OPT_ML}/input/data/weights"),
+        help="folder holding torchvision's ImageNet weights file for --arch (the job's 'weights' "
+        "input channel), checked against the hash in its name; looked in first for "
+        "--weights imagenet",
+    )
     model.add_argument("--max-count", type=int, default=5, help="top count class; classes are 0..max-count")
-    model.add_argument("--above-max", default="drop", choices=datasets.ABOVE_MAX_POLICIES,
-                       help="images with more items than --max-count: drop them, or clip into the top class")
+    model.add_argument(
+        "--above-max",
+        default="drop",
+        choices=datasets.ABOVE_MAX_POLICIES,
+        help="images with more items than --max-count: drop them, or clip into the top class",
+    )
     model.add_argument("--image-size", type=int, default=224, help="square input size in pixels")
-    model.add_argument("--model-version", default=env("TRAINING_JOB_NAME", ""),
-                       help="version string served with every prediction (default: the SageMaker job name, "
-                            "else derived from the architecture, data and time)")
+    model.add_argument(
+        "--model-version",
+        default=env("TRAINING_JOB_NAME", ""),
+        help="version string served with every prediction (default: the SageMaker job name, "
+        "else derived from the architecture, data and time)",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=6, help="passes over the training data")
@@ -132,56 +180,113 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     optim.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up before the cosine decay")
     optim.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
-    optim.add_argument("--smooth-to", default="all", choices=SMOOTHING_TARGETS,
-                       help="where the smoothed mass goes: all classes (plain label smoothing) or only the "
-                            "counts one either side of the true count (neighbour-aware, counts are ordered)")
-    optim.add_argument("--class-weights", default="none", choices=CLASS_WEIGHTINGS,
-                       help="none, or balanced: weight each count's loss by the inverse of its share "
-                            "of the training images")
-    optim.add_argument("--augment", type=str2bool, default=True,
-                       help="count-preserving augmentation: flips, brightness and contrast jitter")
-    optim.add_argument("--rotate", type=float, default=0.0,
-                       help="with --augment: random rotation up to this many degrees either way (0: none)")
-    optim.add_argument("--zoom", type=float, default=1.0,
-                       help="with --augment: random zoom into the centre down to this share of the side "
-                            "(1: none; 0.9 keeps at least 90%% of the bin in view)")
-    optim.add_argument("--train-on-validation", type=str2bool, default=False,
-                       help="add the validation images to the training set and keep the last epoch: the "
-                            "final retraining once tuning has chosen the hyperparameters")
-    optim.add_argument("--select-metric", default="val_accuracy", choices=("val_accuracy", "val_loss", "last"),
-                       help="which epoch's weights are kept")
+    optim.add_argument(
+        "--smooth-to",
+        default="all",
+        choices=SMOOTHING_TARGETS,
+        help="where the smoothed mass goes: all classes (plain label smoothing) or only the "
+        "counts one either side of the true count (neighbour-aware, counts are ordered)",
+    )
+    optim.add_argument(
+        "--class-weights",
+        default="none",
+        choices=CLASS_WEIGHTINGS,
+        help="none, or balanced: weight each count's loss by the inverse of its share of the training images",
+    )
+    optim.add_argument(
+        "--augment",
+        type=str2bool,
+        default=True,
+        help="count-preserving augmentation: flips, brightness and contrast jitter",
+    )
+    optim.add_argument(
+        "--rotate",
+        type=float,
+        default=0.0,
+        help="with --augment: random rotation up to this many degrees either way (0: none)",
+    )
+    optim.add_argument(
+        "--zoom",
+        type=float,
+        default=1.0,
+        help="with --augment: random zoom into the centre down to this share of the side "
+        "(1: none; 0.9 keeps at least 90%% of the bin in view)",
+    )
+    optim.add_argument(
+        "--train-on-validation",
+        type=str2bool,
+        default=False,
+        help="add the validation images to the training set and keep the last epoch: the "
+        "final retraining once tuning has chosen the hyperparameters",
+    )
+    optim.add_argument(
+        "--select-metric",
+        default="val_accuracy",
+        choices=("val_accuracy", "val_loss", "last"),
+        help="which epoch's weights are kept",
+    )
     optim.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
-    optim.add_argument("--aux-weight", type=float, default=0.0,
-                       help="weight of the auxiliary metadata loss beside the count loss: extra heads predict "
-                            "the number of distinct products, the total and largest item volume and the total "
-                            "weight from BIN_FCSKU_DATA (training only; the served model has no such head). "
-                            "0: off")
-    optim.add_argument("--ema-decay", type=float, default=0.0,
-                       help="keep an exponential moving average of the weights with this decay per step "
-                            "(0.995: about the last 200 steps); validation then scores, and the model keeps, "
-                            "the averaged weights. 0: off")
-    optim.add_argument("--aux-metadata", default=env("SM_CHANNEL_METADATA", ""),
-                       help="with --aux-weight: a folder of ABID metadata records (<key>.json), looked in "
-                            "before each training channel's own metadata/ folder (the job's 'metadata' "
-                            "input channel on SageMaker)")
+    optim.add_argument(
+        "--aux-weight",
+        type=float,
+        default=0.0,
+        help="weight of the auxiliary metadata loss beside the count loss: extra heads predict "
+        "the number of distinct products, the total and largest item volume and the total "
+        "weight from BIN_FCSKU_DATA (training only; the served model has no such head). "
+        "0: off",
+    )
+    optim.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="keep an exponential moving average of the weights with this decay per step "
+        "(0.995: about the last 200 steps); validation then scores, and the model keeps, "
+        "the averaged weights. 0: off",
+    )
+    optim.add_argument(
+        "--aux-metadata",
+        default=env("SM_CHANNEL_METADATA", ""),
+        help="with --aux-weight: a folder of ABID metadata records (<key>.json), looked in "
+        "before each training channel's own metadata/ folder (the job's 'metadata' "
+        "input channel on SageMaker)",
+    )
 
     serving = parser.add_argument_group("serving (recorded in the model card; inference.py follows it)")
-    serving.add_argument("--tta", default="flips", choices=sorted(inference.TTA_VIEWS),
-                         help="test-time augmentation: class probabilities averaged over mirrored copies "
-                              "(flips: the photo and its three mirror images)")
-    serving.add_argument("--decoding", default="median", choices=inference.DECODINGS,
-                         help="argmax: the most likely count; median: the count where the cumulative "
-                              "probability reaches one half; expected: the expected count, rounded")
+    serving.add_argument(
+        "--tta",
+        default="flips",
+        choices=sorted(inference.TTA_VIEWS),
+        help="test-time augmentation: class probabilities averaged over mirrored copies "
+        "(flips: the photo and its three mirror images)",
+    )
+    serving.add_argument(
+        "--decoding",
+        default="median",
+        choices=inference.DECODINGS,
+        help="argmax: the most likely count; median: the count where the cumulative "
+        "probability reaches one half; expected: the expected count, rounded",
+    )
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
-    runtime.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"),
-                         help="bf16 autocast: auto uses it on CUDA and on CPUs with native bf16")
-    runtime.add_argument("--cache", default="memory", choices=("memory", "none"),
-                         help="memory: decode each image once for the whole run; none: decode every epoch")
-    runtime.add_argument("--workers", type=int, default=int(env("SM_NUM_CPUS", os.cpu_count() or 1)),
-                         help="processes decoding images on the instance (its vCPUs); training processes "
-                              "under torchrun share them")
+    runtime.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "bf16", "off"),
+        help="bf16 autocast: auto uses it on CUDA and on CPUs with native bf16",
+    )
+    runtime.add_argument(
+        "--cache",
+        default="memory",
+        choices=("memory", "none"),
+        help="memory: decode each image once for the whole run; none: decode every epoch",
+    )
+    runtime.add_argument(
+        "--workers",
+        type=int,
+        default=int(env("SM_NUM_CPUS", os.cpu_count() or 1)),
+        help="processes decoding images on the instance (its vCPUs); training processes under torchrun share them",
+    )
     runtime.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     runtime.add_argument("--eval-batch-size", type=int, default=64, help="images per evaluation step")
     return parser
@@ -239,8 +344,9 @@ def use_bf16(amp: str, device: torch.device) -> bool:
         return False
 
 
-def load_channel(paths: list[str], args: argparse.Namespace,
-                 group: distributed.Group | None = None) -> datasets.DecodedSet | list:
+def load_channel(
+    paths: list[str], args: argparse.Namespace, group: distributed.Group | None = None
+) -> datasets.DecodedSet | list:
     """One or more channels' images decoded into memory, or (with --cache none) their labelled files;
     with a `group` of training processes, only this process's share of them."""
     labelled = []
@@ -255,8 +361,9 @@ def load_channel(paths: list[str], args: argparse.Namespace,
     return datasets.decode_all(labelled, args.image_size, args.workers)
 
 
-def iterate_batches(data, batch_size: int, shuffle: bool, seed: int, workers: int, size: int,
-                    length: int | None = None):
+def iterate_batches(
+    data, batch_size: int, shuffle: bool, seed: int, workers: int, size: int, length: int | None = None
+):
     """uint8 image batches with their labels and their positions in `data` (None when decoding as
     it goes), from the memory cache or decoding as it goes. With `length` above the set's size, the
     order wraps around to that many images: a process whose share is smaller takes as many steps as
@@ -268,12 +375,15 @@ def iterate_batches(data, batch_size: int, shuffle: bool, seed: int, workers: in
         order = order.repeat(-(-length // n))[:length]
     if isinstance(data, datasets.DecodedSet):
         for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             yield data.images[index], data.labels[index], index
     else:
         loader = torch.utils.data.DataLoader(
-            datasets.LazyImageDataset(data, size), batch_size=batch_size, sampler=order.tolist(),
-            num_workers=workers, persistent_workers=False,
+            datasets.LazyImageDataset(data, size),
+            batch_size=batch_size,
+            sampler=order.tolist(),
+            num_workers=workers,
+            persistent_workers=False,
         )
         for images, labels in loader:
             yield images, labels, None
@@ -315,8 +425,13 @@ def rotate_and_zoom(images: torch.Tensor, generator: torch.Generator, degrees: f
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def prepare(images_u8: torch.Tensor, device: torch.device, augment_with: torch.Generator | None,
-            degrees: float = 0.0, zoom: float = 1.0) -> torch.Tensor:
+def prepare(
+    images_u8: torch.Tensor,
+    device: torch.device,
+    augment_with: torch.Generator | None,
+    degrees: float = 0.0,
+    zoom: float = 1.0,
+) -> torch.Tensor:
     images = images_u8.to(device, non_blocking=True).float().div_(255)
     if augment_with is not None:
         images = augment(images, augment_with)
@@ -367,8 +482,9 @@ def class_weights(labels: torch.Tensor, num_classes: int, weighting: str) -> tor
     return weights
 
 
-def count_loss(logits: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
-               weights: torch.Tensor | None) -> torch.Tensor:
+def count_loss(
+    logits: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, weights: torch.Tensor | None
+) -> torch.Tensor:
     """The training loss: cross-entropy against `soft_targets`, optionally class-weighted."""
     targets = soft_targets(labels, logits.shape[1], args.label_smoothing, args.smooth_to)
     per_image = -(targets * F.log_softmax(logits, dim=1)).sum(1)
@@ -384,10 +500,21 @@ def training_labels(data) -> torch.Tensor:
     return torch.tensor([label for _, label in data], dtype=torch.int64)
 
 
-def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int, bf16: bool,
-                    weights: torch.Tensor | None = None, group: distributed.Group = distributed.SINGLE,
-                    length: int | None = None, aux_targets: torch.Tensor | None = None,
-                    ema: averaging.WeightAverage | None = None) -> float:
+def train_one_epoch(
+    model,
+    optimizer,
+    scheduler,
+    data,
+    args,
+    device,
+    epoch: int,
+    bf16: bool,
+    weights: torch.Tensor | None = None,
+    group: distributed.Group = distributed.SINGLE,
+    length: int | None = None,
+    aux_targets: torch.Tensor | None = None,
+    ema: averaging.WeightAverage | None = None,
+) -> float:
     """One pass over `data` (this process's share, `length` images); the mean training loss over
     every process. With `aux_targets` (one standardised row per photo of `data`), the loss adds
     --aux-weight times the auxiliary heads' loss. `ema` is updated after every step."""
@@ -402,8 +529,9 @@ def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int,
     # Each process draws its own augmentations (one process: the seed as it always was).
     generator = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * group.rank)
     total_loss, seen = 0.0, 0
-    for images_u8, labels, index in iterate_batches(data, args.batch_size, True, args.seed * 1000 + epoch,
-                                                    args.workers, args.image_size, length):
+    for images_u8, labels, index in iterate_batches(
+        data, args.batch_size, True, args.seed * 1000 + epoch, args.workers, args.image_size, length
+    ):
         images = prepare(images_u8, device, generator if args.augment else None, args.rotate, args.zoom)
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -414,8 +542,9 @@ def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int,
             loss = loss + args.aux_weight * auxiliary.auxiliary_loss(predicted, aux_targets[index].to(device))
         if not torch.isfinite(loss):
             # Nothing useful comes after a non-finite loss: stop now and say what to change.
-            raise TrainingDiverged(f"training diverged: the loss became {loss.item()} in epoch {epoch}; "
-                                   f"lower --lr (was {args.lr:g})")
+            raise TrainingDiverged(
+                f"training diverged: the loss became {loss.item()} in epoch {epoch}; lower --lr (was {args.lr:g})"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -430,8 +559,10 @@ def train_one_epoch(model, optimizer, scheduler, data, args, device, epoch: int,
     # rate that threw the weights away, and the epochs after it would be wasted.
     limit = DIVERGED_LOSS_FACTOR * math.log(args.max_count + 1)
     if mean_loss > limit:
-        raise TrainingDiverged(f"training diverged: the mean loss of epoch {epoch} is {mean_loss:.1f} (a random "
-                               f"guess scores {math.log(args.max_count + 1):.2f}); lower --lr (was {args.lr:g})")
+        raise TrainingDiverged(
+            f"training diverged: the mean loss of epoch {epoch} is {mean_loss:.1f} (a random "
+            f"guess scores {math.log(args.max_count + 1):.2f}); lower --lr (was {args.lr:g})"
+        )
     return mean_loss
 
 
@@ -440,8 +571,7 @@ def evaluate(model, data, args, device, bf16: bool, num_classes: int) -> dict:
     """Loss and counting metrics of `model` on one channel."""
     model.eval()
     truths, predictions, total_loss = [], [], 0.0
-    for images_u8, labels, _ in iterate_batches(data, args.eval_batch_size, False, 0, args.workers,
-                                                args.image_size):
+    for images_u8, labels, _ in iterate_batches(data, args.eval_batch_size, False, 0, args.workers, args.image_size):
         images = prepare(images_u8, device, None)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(images).float()
@@ -468,8 +598,21 @@ def save_atomic(obj, path: Path) -> None:
 def config_signature(args: argparse.Namespace, fingerprint: str, processes: int = 1) -> dict:
     """What must match for a checkpoint to be resumed: the recipe, the data and, with several
     training processes, their number (it sets the steps per epoch)."""
-    keys = ("arch", "mode", "head", "weights", "max_count", "above_max", "image_size", "epochs", "batch_size", "lr",
-            "label_smoothing", "smooth_to", "class_weights")
+    keys = (
+        "arch",
+        "mode",
+        "head",
+        "weights",
+        "max_count",
+        "above_max",
+        "image_size",
+        "epochs",
+        "batch_size",
+        "lr",
+        "label_smoothing",
+        "smooth_to",
+        "class_weights",
+    )
     signature = {**{k: getattr(args, k) for k in keys}, "data": fingerprint}
     if processes > 1:  # absent for one, so that checkpoints written before distribution existed still resume
         signature["processes"] = processes
@@ -479,24 +622,31 @@ def config_signature(args: argparse.Namespace, fingerprint: str, processes: int 
     return signature
 
 
-def auxiliary_targets(train: datasets.DecodedSet, paths: list[str], metadata: str,
-                      group: distributed.Group = distributed.SINGLE) -> tuple[torch.Tensor, dict]:
+def auxiliary_targets(
+    train: datasets.DecodedSet, paths: list[str], metadata: str, group: distributed.Group = distributed.SINGLE
+) -> tuple[torch.Tensor, dict]:
     """The training photos' standardised auxiliary targets (one row per photo of this process's
     share; NaN where unknown) and what the model card records of them. Every process standardises
     with the whole training set's statistics."""
     folders = ([Path(metadata)] if metadata else []) + [Path(p) / "metadata" for p in paths]
     raw = auxiliary.read_targets([sample.key for sample in train.samples], folders)
-    every = torch.tensor([row for part in distributed.gather(raw.tolist(), group) for row in part],
-                         dtype=torch.float32).view(-1, len(auxiliary.TARGETS))
+    every = torch.tensor(
+        [row for part in distributed.gather(raw.tolist(), group) for row in part], dtype=torch.float32
+    ).view(-1, len(auxiliary.TARGETS))
     known = (~torch.isnan(every)).all(1)
     if not known.any():
         raise datasets.DataError(
             f"--aux-weight: none of the {len(every)} training photos has a usable metadata record; looked for "
-            f"<key>.json in {', '.join(map(str, folders))}. Pass --aux-metadata, or --aux-weight 0")
+            f"<key>.json in {', '.join(map(str, folders))}. Pass --aux-metadata, or --aux-weight 0"
+        )
     mean, std = auxiliary.standardize(every)
-    summary = {"targets": list(auxiliary.TARGETS), "photos_with_all": int(known.sum()),
-               "photos": len(every), "mean": [round(v, 4) for v in mean.tolist()],
-               "std": [round(v, 4) for v in std.tolist()]}
+    summary = {
+        "targets": list(auxiliary.TARGETS),
+        "photos_with_all": int(known.sum()),
+        "photos": len(every),
+        "mean": [round(v, 4) for v in mean.tolist()],
+        "std": [round(v, 4) for v in std.tolist()],
+    }
     return (raw - mean) / std, summary
 
 
@@ -505,8 +655,9 @@ def load_checkpoint(path: Path, signature: dict, model, optimizer, scheduler) ->
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["signature"] != signature:
-        differs = sorted(k for k in {**state["signature"], **signature}
-                         if state["signature"].get(k) != signature.get(k))
+        differs = sorted(
+            k for k in {**state["signature"], **signature} if state["signature"].get(k) != signature.get(k)
+        )
         raise SystemExit(
             f"train.py: {path} was written by another configuration or other data (differs in: "
             f"{', '.join(differs)}). Remove it or use another --checkpoint-dir."
@@ -554,30 +705,40 @@ def main(args: argparse.Namespace) -> dict:
         say("training on train + validation: keeping the last epoch")
         args.select_metric = "last"
     # Each process decodes its share of the training photos; the main process alone evaluates.
-    data = {name: load_channel(paths, args, group) if name == "train" else load_channel(paths, args)
-            for name, paths in channels.items() if all(paths) and (name == "train" or group.main)}
+    data = {
+        name: load_channel(paths, args, group) if name == "train" else load_channel(paths, args)
+        for name, paths in channels.items()
+        if all(paths) and (name == "train" or group.main)
+    }
     rows = datasets.fingerprint_rows(data)
     fingerprint = datasets.digest_rows([row for part in distributed.gather(rows, group) for row in part])
     signature = config_signature(args, fingerprint, group.world)
-    train_labels = torch.tensor([label for part in distributed.gather(training_labels(data["train"]).tolist(), group)
-                                 for label in part], dtype=torch.int64)
+    train_labels = torch.tensor(
+        [label for part in distributed.gather(training_labels(data["train"]).tolist(), group) for label in part],
+        dtype=torch.int64,
+    )
     sizes = {name: set_size(d) for name, d in data.items()}
     sizes["train"] = len(train_labels)
     per_process = distributed.share_length(sizes["train"], group)  # images per process per epoch
-    say(f"data: {json.dumps(sizes)} classes=0..{args.max_count} above_max={args.above_max} "
+    say(
+        f"data: {json.dumps(sizes)} classes=0..{args.max_count} above_max={args.above_max} "
         f"cache={args.cache} decode_s={time.time() - started:.1f}"
-        + (f" processes={group.world} images_per_process={per_process}" if group.active else ""))
+        + (f" processes={group.world} images_per_process={per_process}" if group.active else "")
+    )
     aux_targets, aux_summary = None, None
     if args.aux_weight:
         aux_targets, aux_summary = auxiliary_targets(data["train"], channels["train"], args.aux_metadata, group)
-        say(f"auxiliary targets: {aux_summary['photos_with_all']} of {aux_summary['photos']} training photos "
-            f"have all of {', '.join(auxiliary.TARGETS)}; weight {args.aux_weight:g}")
+        say(
+            f"auxiliary targets: {aux_summary['photos_with_all']} of {aux_summary['photos']} training photos "
+            f"have all of {', '.join(auxiliary.TARGETS)}; weight {args.aux_weight:g}"
+        )
     if "validation" not in data and args.select_metric != "last":
         say("no validation channel: keeping the last epoch")
         args.select_metric = "last"
 
-    model = backbones.build_model(args.arch, num_classes, args.weights, args.mode, args.head,
-                                  weights_channel=args.weights_channel)
+    model = backbones.build_model(
+        args.arch, num_classes, args.weights, args.mode, args.head, weights_channel=args.weights_channel
+    )
     if args.head == "ordinal":
         counts = torch.bincount(train_labels, minlength=num_classes)
         backbones.head_module(model, args.arch).start_from_prior(counts)
@@ -594,8 +755,11 @@ def main(args: argparse.Namespace) -> dict:
     ema, scored = None, model  # `scored`: the weights that validation scores and the model keeps
     if args.ema_decay:
         ema = averaging.WeightAverage(model, args.ema_decay, keep=lambda key: not key.startswith(auxiliary.PREFIX))
-        scored = backbones.build_model(args.arch, num_classes, head=args.head).to(device).to(
-            memory_format=torch.channels_last)
+        scored = (
+            backbones.build_model(args.arch, num_classes, head=args.head)
+            .to(device)
+            .to(memory_format=torch.channels_last)
+        )
 
     checkpoint_path = Path(args.checkpoint_dir) / CHECKPOINT_NAME if args.checkpoint_dir else None
     start_epoch, history, best = 1, [], {"score": None, "epoch": 0, "state": None, "validation": None}
@@ -609,14 +773,29 @@ def main(args: argparse.Namespace) -> dict:
             if ema is not None:
                 ema.load_state_dict(resumed["ema"])
             say(f"resumed from {checkpoint_path} after epoch {resumed['epoch']}")
-    say(f"training {args.arch} ({args.mode}, weights={args.weights}) on {device}, bf16={bf16}, "
-        f"epochs {start_epoch}..{args.epochs}")
+    say(
+        f"training {args.arch} ({args.mode}, weights={args.weights}) on {device}, bf16={bf16}, "
+        f"epochs {start_epoch}..{args.epochs}"
+    )
     trainer = distributed.wrap(model, group, device)
 
     for epoch in range(start_epoch, args.epochs + 1):
         epoch_start = time.time()
-        train_loss = train_one_epoch(trainer, optimizer, scheduler, data["train"], args, device, epoch, bf16,
-                                     weights, group, per_process, aux_targets, ema)
+        train_loss = train_one_epoch(
+            trainer,
+            optimizer,
+            scheduler,
+            data["train"],
+            args,
+            device,
+            epoch,
+            bf16,
+            weights,
+            group,
+            per_process,
+            aux_targets,
+            ema,
+        )
         distributed.average_statistics(model, group)
         if not group.main:
             continue
@@ -629,8 +808,10 @@ def main(args: argparse.Namespace) -> dict:
             record["validation"] = val
             line += " " + metric_line("val", val)
         seconds = time.time() - epoch_start
-        line += (f" lr={scheduler.get_last_lr()[0]:.6f} epoch_time_s={seconds:.1f}"
-                 f" images_per_s={sizes['train'] / seconds:.1f}")
+        line += (
+            f" lr={scheduler.get_last_lr()[0]:.6f} epoch_time_s={seconds:.1f}"
+            f" images_per_s={sizes['train'] / seconds:.1f}"
+        )
         say(line)
         history.append(record)
 
@@ -638,13 +819,26 @@ def main(args: argparse.Namespace) -> dict:
         if best["score"] is None or score > best["score"]:
             # The serving model's weights: without the auxiliary head, which only training reads.
             state = auxiliary.serving_state(scored.state_dict())
-            best = {"score": score, "epoch": epoch, "validation": record.get("validation"),
-                    "state": {k: v.detach().cpu().clone() for k, v in state.items()}}
+            best = {
+                "score": score,
+                "epoch": epoch,
+                "validation": record.get("validation"),
+                "state": {k: v.detach().cpu().clone() for k, v in state.items()},
+            }
         if checkpoint_path:
-            save_atomic({"epoch": epoch, "signature": signature, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "history": history, "best": best, **({"ema": ema.state_dict()} if ema else {})},
-                        checkpoint_path)
+            save_atomic(
+                {
+                    "epoch": epoch,
+                    "signature": signature,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                    "best": best,
+                    **({"ema": ema.state_dict()} if ema else {}),
+                },
+                checkpoint_path,
+            )
 
     distributed.check_in_step(model, group)
     if not group.main:  # the main process writes the model; the others wait for it to finish
@@ -654,9 +848,12 @@ def main(args: argparse.Namespace) -> dict:
     result = {"best_epoch": best["epoch"], "validation": best["validation"]}
     card = model_card(args, result, history, sizes, fingerprint, time.time() - started, device, bf16, group)
     if aux_summary:
-        card["auxiliary_supervision"] = {**aux_summary, "weight": args.aux_weight,
-                                         "source": "BIN_FCSKU_DATA of each training photo's metadata record",
-                                         "served": False}
+        card["auxiliary_supervision"] = {
+            **aux_summary,
+            "weight": args.aux_weight,
+            "source": "BIN_FCSKU_DATA of each training photo's metadata record",
+            "served": False,
+        }
     # Traced from a CPU copy: the model itself stays on its device for the test evaluation below.
     serving_net = backbones.build_model(args.arch, num_classes, weights="none", head=args.head)
     serving_net.load_state_dict(best["state"])
@@ -667,8 +864,7 @@ def main(args: argparse.Namespace) -> dict:
         # and the serving model, if any, the same way on the same images. The loss comes from the
         # training-time evaluation.
         loss = evaluate(model, data["test"], args, device, bf16, num_classes)["loss"]
-        result["test"] = {**score_model(args.model_dir, args.test, args.max_count, args.eval_batch_size),
-                          "loss": loss}
+        result["test"] = {**score_model(args.model_dir, args.test, args.max_count, args.eval_batch_size), "loss": loss}
         say(metric_line("test", result["test"]))
         say(f"test_per_class_accuracy={json.dumps(result['test']['per_class_accuracy'])}")
         if args.champion:
@@ -679,8 +875,10 @@ def main(args: argparse.Namespace) -> dict:
     out_dir = Path(args.output_data_dir or args.model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    say(f"model {card['model_version']} written to {args.model_dir} (best epoch {best['epoch']}) "
-        f"in {time.time() - started:.1f}s")
+    say(
+        f"model {card['model_version']} written to {args.model_dir} (best epoch {best['epoch']}) "
+        f"in {time.time() - started:.1f}s"
+    )
     distributed.teardown(group)
     return card
 
@@ -727,8 +925,17 @@ def epoch_score(record: dict, select_metric: str):
     return (record["validation"]["accuracy"], -record["validation"]["loss"])
 
 
-def model_card(args, result: dict, history: list, sizes: dict, fingerprint: str, seconds: float,
-               device: torch.device, bf16: bool, group: distributed.Group = distributed.SINGLE) -> dict:
+def model_card(
+    args,
+    result: dict,
+    history: list,
+    sizes: dict,
+    fingerprint: str,
+    seconds: float,
+    device: torch.device,
+    bf16: bool,
+    group: distributed.Group = distributed.SINGLE,
+) -> dict:
     """model_card.json: what the model is, how it was made, from what data, and how good it is."""
     created = datetime.now(UTC)
     num_classes = args.max_count + 1
@@ -744,20 +951,42 @@ def model_card(args, result: dict, history: list, sizes: dict, fingerprint: str,
         "classes": list(range(num_classes)),
         "max_count": args.max_count,
         "above_max": args.above_max,
-        "top_class_meaning": (f"{args.max_count} or more items" if args.above_max == "clip"
-                              else f"{args.max_count} items (trained without larger counts)"),
+        "top_class_meaning": (
+            f"{args.max_count} or more items"
+            if args.above_max == "clip"
+            else f"{args.max_count} items (trained without larger counts)"
+        ),
         "preprocessing": preprocessing.describe(args.image_size),
         "test_time_augmentation": args.tta,
         "decoding": args.decoding,
-        "hyperparameters": {k: v for k, v in vars(args).items()
-                            if k not in ("train", "validation", "test", "champion", "weights_channel",
-                                         "aux_metadata", "model_dir", "output_data_dir",
-                                         "checkpoint_dir", "failure_file", "model_version")},
+        "hyperparameters": {
+            k: v
+            for k, v in vars(args).items()
+            if k
+            not in (
+                "train",
+                "validation",
+                "test",
+                "champion",
+                "weights_channel",
+                "aux_metadata",
+                "model_dir",
+                "output_data_dir",
+                "checkpoint_dir",
+                "failure_file",
+                "model_version",
+            )
+        },
         "metrics": result,
         "history": history,
         "data": {"images": sizes, "fingerprint": fingerprint},
-        "training": {"seconds": round(seconds, 1), "device": str(device), "bf16": bf16,
-                     "torch": torch.__version__, "processes": group.world},
+        "training": {
+            "seconds": round(seconds, 1),
+            "device": str(device),
+            "bf16": bf16,
+            "torch": torch.__version__,
+            "processes": group.world,
+        },
         "created_at": created.isoformat(timespec="seconds"),
         "data_credit": "Amazon Bin Image Dataset, Amazon.com, CC BY-NC-SA 3.0 US",
     }

@@ -13,8 +13,9 @@ class Api:
 
     def __init__(self, url: str, user: str, password: str) -> None:
         self.url = url
-        self.token = self._call("POST", "/auth/token", {"username": user, "password": password},
-                                auth=False)["access_token"]
+        self.token = self._call("POST", "/auth/token", {"username": user, "password": password}, auth=False)[
+            "access_token"
+        ]
 
     def _call(self, method: str, path: str, body: dict | None = None, auth: bool = True) -> dict:
         headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
@@ -44,8 +45,10 @@ class Api:
 
     def task_log(self, dag_id: str, run_id: str, ti: dict) -> list[str]:
         """A task instance's log (one of `tasks`' values): its structured lines as text."""
-        found = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/logs/{ti['try_number']}"
-                         f"?full_content=true&map_index={ti.get('map_index', -1)}")["content"]
+        found = self.get(
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/logs/{ti['try_number']}"
+            f"?full_content=true&map_index={ti.get('map_index', -1)}"
+        )["content"]
         lines = []
         for entry in found:
             if isinstance(entry, dict):

@@ -19,8 +19,12 @@ README = ROOT / "lambda" / "README.md"
 BEGIN = "<!-- generated from sagemaker_code/api_contract.json by scripts/api_contract_table.py: do not edit -->"
 END = "<!-- end of the generated table -->"
 FOUND_BY = {("api",): "function", ("model",): "model", ("api", "model"): "function or model"}
-LIMIT_NAMES = {"max_request_bytes": "request body, bytes", "max_image_bytes": "one image, bytes",
-               "max_images": "images per request", "max_pixels": "pixels per image (width x height)"}
+LIMIT_NAMES = {
+    "max_request_bytes": "request body, bytes",
+    "max_image_bytes": "one image, bytes",
+    "max_images": "images per request",
+    "max_pixels": "pixels per image (width x height)",
+}
 
 
 def cell(text: str) -> str:
@@ -31,8 +35,11 @@ def render(contract: dict | None = None) -> str:
     contract = contract or json.loads(CONTRACT.read_text())
     lines = ["| limit | value |", "| --- | --- |"]
     lines += [f"| {LIMIT_NAMES.get(name, name)} | {value:,} |" for name, value in contract["limits"].items()]
-    lines += ["", "| status | `error` | found by | `message` (where a layer knows more: which image, and what) |",
-              "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| status | `error` | found by | `message` (where a layer knows more: which image, and what) |",
+        "| --- | --- | --- | --- |",
+    ]
     for code, entry in sorted(contract["errors"].items(), key=lambda item: item[1]["status"]):
         found_by = FOUND_BY[tuple(sorted(entry["checked_by"]))]
         lines.append(f"| {entry['status']} | `{code}` | {found_by} | {cell(entry['message'])} |")

@@ -57,25 +57,38 @@ CA_BUNDLE = Path(os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", choices=["auto", "docker", "podman"],
-                        default=os.environ.get("COMPOSE_ENGINE", "auto"),
-                        help="Container engine: docker (real images, pulled), podman (images built from "
-                             "docker/offline/), or auto: docker where an engine answers, else podman "
-                             "(default: $COMPOSE_ENGINE or auto)")
-    parser.add_argument("--work", type=Path, default=ROOT / "build" / "compose-check",
-                        help="Build contexts, the podman configuration and the services' logs")
-    parser.add_argument("--timeout", type=float, default=1800,
-                        help="Seconds each DAG run may take before the check fails (default: 1800)")
-    parser.add_argument("--keep", action="store_true",
-                        help="Leave the stack up at the end (tear it down with the printed command)")
-    parser.add_argument("--build-only", action="store_true",
-                        help="Build (or find cached) the images, and stop there")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "docker", "podman"],
+        default=os.environ.get("COMPOSE_ENGINE", "auto"),
+        help="Container engine: docker (real images, pulled), podman (images built from "
+        "docker/offline/), or auto: docker where an engine answers, else podman "
+        "(default: $COMPOSE_ENGINE or auto)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "build" / "compose-check",
+        help="Build contexts, the podman configuration and the services' logs",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="Seconds each DAG run may take before the check fails (default: 1800)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="Leave the stack up at the end (tear it down with the printed command)"
+    )
+    parser.add_argument("--build-only", action="store_true", help="Build (or find cached) the images, and stop there")
     return parser
 
 
 # -- which engine ------------------------------------------------------------------------------------
+
 
 def _answers(command: list[str]) -> bool:
     try:
@@ -93,12 +106,15 @@ def pick_engine(choice: str, answers=_answers) -> str:
         return "docker"
     if answers(["podman", "--version"]):
         return "podman"
-    raise SystemExit("no container engine: neither a Docker engine (`docker info`) nor podman answers. Install "
-                     "Docker with its compose plugin, or (Debian, as root) `apt-get install podman runc "
-                     "mmdebstrap` and podman-compose from PyPI (make compose-check does the latter)")
+    raise SystemExit(
+        "no container engine: neither a Docker engine (`docker info`) nor podman answers. Install "
+        "Docker with its compose plugin, or (Debian, as root) `apt-get install podman runc "
+        "mmdebstrap` and podman-compose from PyPI (make compose-check does the latter)"
+    )
 
 
 # -- the images -------------------------------------------------------------------------------------
+
 
 def compose_config(path: Path = COMPOSE_FILE) -> dict:
     return yaml.safe_load(path.read_text())
@@ -159,8 +175,12 @@ def python_prefix(version: str) -> tuple[Path, str]:
     candidates = [f"python{version}", *sorted(str(p) for p in pyenv.glob(f"{version}.*/bin/python{version}"))]
     for candidate in candidates:
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
-            out = subprocess.run([candidate, "-c", "import sys; print(sys.base_prefix); print(sys.version.split()[0])"],
-                                 capture_output=True, text=True, check=True).stdout.split()
+            out = subprocess.run(
+                [candidate, "-c", "import sys; print(sys.base_prefix); print(sys.version.split()[0])"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
             return Path(out[0]), out[1]
     raise SystemExit(f"no Python {version} on this machine for the local python:{version} image")
 
@@ -169,31 +189,58 @@ def offline_images(config: dict, root: Path = ROOT) -> list[OfflineImage]:
     """What podman must build before the compose file can start here, in build order: a Python image per
     version our Dockerfiles and the other images need, then every image the compose file pulls, and
     every base our own Dockerfiles build FROM. A name docker/offline/ cannot build is an error."""
-    needed = pulled_images(config) | {base for build in built_images(config).values()
-                                      for base in dockerfile_bases(root / build["context"] / build["dockerfile"])}
+    needed = pulled_images(config) | {
+        base
+        for build in built_images(config).values()
+        for base in dockerfile_bases(root / build["context"] / build["dockerfile"])
+    }
     airflow_txt = root / "constraints" / "airflow.txt"
     images: list[OfflineImage] = []
     pythons = {"3.11"} | {m.group(1) for n in needed if (m := re.fullmatch(r"python:(3\.\d+)-slim", n))}
     for version in sorted(pythons):
-        images.append(OfflineImage(f"python:{version}-slim", "python.Containerfile",
-                                   {"ca-certificates.crt": CA_BUNDLE}, {"PY": version}, needs=["debian"]))
+        images.append(
+            OfflineImage(
+                f"python:{version}-slim",
+                "python.Containerfile",
+                {"ca-certificates.crt": CA_BUNDLE},
+                {"PY": version},
+                needs=["debian"],
+            )
+        )
     for name in sorted(needed):
         if re.fullmatch(r"python:3\.\d+-slim", name):
             continue
         if match := re.fullmatch(r"postgres:(\d+)", name):
             if match.group(1) != "16":
                 raise SystemExit(f"docker/offline/ builds PostgreSQL 16 only; the compose file asks for {name}")
-            images.append(OfflineImage(name, "postgres.Containerfile",
-                                       {"postgres-entrypoint.sh": OFFLINE / "postgres-entrypoint.sh"},
-                                       needs=["debian", "python:3.11-slim"]))
+            images.append(
+                OfflineImage(
+                    name,
+                    "postgres.Containerfile",
+                    {"postgres-entrypoint.sh": OFFLINE / "postgres-entrypoint.sh"},
+                    needs=["debian", "python:3.11-slim"],
+                )
+            )
         elif match := re.fullmatch(r"motoserver/moto:([\d.]+)", name):
-            images.append(OfflineImage(name, "moto.Containerfile", {"airflow.txt": airflow_txt},
-                                       {"MOTO_VERSION": match.group(1)}, needs=["python:3.11-slim"]))
+            images.append(
+                OfflineImage(
+                    name,
+                    "moto.Containerfile",
+                    {"airflow.txt": airflow_txt},
+                    {"MOTO_VERSION": match.group(1)},
+                    needs=["python:3.11-slim"],
+                )
+            )
         elif match := re.fullmatch(r"apache/airflow:([\d.]+)-python(3\.\d+)", name):
-            images.append(OfflineImage(name, "airflow.Containerfile",
-                                       {"airflow.txt": airflow_txt, "airflow-entrypoint.sh":
-                                        OFFLINE / "airflow-entrypoint.sh"},
-                                       {"AIRFLOW_VERSION": match.group(1)}, needs=[f"python:{match.group(2)}-slim"]))
+            images.append(
+                OfflineImage(
+                    name,
+                    "airflow.Containerfile",
+                    {"airflow.txt": airflow_txt, "airflow-entrypoint.sh": OFFLINE / "airflow-entrypoint.sh"},
+                    {"AIRFLOW_VERSION": match.group(1)},
+                    needs=[f"python:{match.group(2)}-slim"],
+                )
+            )
         else:
             raise SystemExit(f"the compose file needs {name}, which docker/offline/ has no recipe for")
     return images
@@ -209,8 +256,12 @@ def digest(parts: list[bytes]) -> str:
 def image_digest(image: OfflineImage, base_digests: dict[str, str]) -> str:
     """What the image is made of: its recipe, the files copied in, its build arguments, the images it
     builds on; an image already stored under this digest is not built again."""
-    parts = [(OFFLINE / image.containerfile).read_bytes(), json.dumps(image.build_args, sort_keys=True).encode(),
-             image.note.encode(), *(base_digests[n].encode() for n in image.needs)]
+    parts = [
+        (OFFLINE / image.containerfile).read_bytes(),
+        json.dumps(image.build_args, sort_keys=True).encode(),
+        image.note.encode(),
+        *(base_digests[n].encode() for n in image.needs),
+    ]
     parts += [name.encode() + path.read_bytes() for name, path in sorted(image.files.items())]
     return digest(parts)
 
@@ -226,8 +277,13 @@ class Engine:
 
     def compose(self, *args: str, check: bool = True, env: dict | None = None):
         """`compose <args>` on the project; its output is shown only when it fails."""
-        done = subprocess.run([*self.compose_command, "-p", PROJECT, "-f", str(COMPOSE_FILE), *args],
-                              env={**self.env, **(env or {})}, cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run(
+            [*self.compose_command, "-p", PROJECT, "-f", str(COMPOSE_FILE), *args],
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         if check and done.returncode != 0:
             raise SystemExit(f"`compose {' '.join(args)}` failed ({done.returncode}):\n{done.stdout}{done.stderr}")
         return done
@@ -241,8 +297,10 @@ def podman(work: Path) -> Engine:
     default ulimits (they cannot be raised here), through a containers.conf of our own."""
     conf = work / "containers.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
-    conf.write_text('[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n'
-                    'cgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
+    conf.write_text(
+        '[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n'
+        'cgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+    )
     compose = shutil.which("podman-compose") or str(Path(sys.executable).parent / "podman-compose")
     return Engine("podman", {**os.environ, "CONTAINERS_CONF": str(conf)}, [compose])
 
@@ -272,8 +330,7 @@ def stage_python(context: Path, version: str) -> str:
 def build(engine, dockerfile: Path, context: Path, tags: list[str], extra: list[str] | None = None) -> None:
     """One image build; on failure, the build's last lines in the error."""
     tagged = [arg for tag in tags for arg in ("-t", tag)]
-    done = engine.run("build", "-f", str(dockerfile), *(extra or []), *tagged, str(context),
-                      check=False, capture=True)
+    done = engine.run("build", "-f", str(dockerfile), *(extra or []), *tagged, str(context), check=False, capture=True)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
         raise SystemExit(f"building {tags[0]} from {dockerfile.relative_to(ROOT)} failed:\n{tail}")
@@ -288,8 +345,18 @@ def build_offline(engine: Engine, config: dict, work: Path) -> list[str]:
     if not engine.exists(debian):
         started = time.time()
         tarball = work / f"debian-{DEBIAN_SUITE}.tar"
-        subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=ca-certificates", DEBIAN_SUITE,
-                        str(tarball), DEBIAN_MIRROR], check=True)
+        subprocess.run(
+            [
+                "mmdebstrap",
+                "--quiet",
+                "--variant=minbase",
+                "--include=ca-certificates",
+                DEBIAN_SUITE,
+                str(tarball),
+                DEBIAN_MIRROR,
+            ],
+            check=True,
+        )
         engine.run("import", str(tarball), debian, capture=True)
         tarball.unlink()
         said.append(f"built {debian} with mmdebstrap in {time.time() - started:.0f} s")
@@ -313,8 +380,9 @@ def build_offline(engine: Engine, config: dict, work: Path) -> list[str]:
             pythons = [n for n in image.needs if n.startswith("python:")]
             if pythons:
                 args["PYTHON"] = digests[pythons[0]]
-            build(engine, OFFLINE / image.containerfile, context, [tag],
-                  [f"--build-arg={k}={v}" for k, v in args.items()])
+            build(
+                engine, OFFLINE / image.containerfile, context, [tag], [f"--build-arg={k}={v}" for k, v in args.items()]
+            )
             said.append(f"built {qualified(image.name)} in {time.time() - started:.0f} s")
         engine.run("tag", tag, qualified(image.name))
     return said
@@ -333,6 +401,7 @@ def build_project(engine, config: dict) -> list[str]:
 
 # -- the stack -------------------------------------------------------------------------------------
 
+
 def start_order(config: dict) -> list[list[str]]:
     """The services in waves: each wave's dependencies (depends_on) are all in earlier waves."""
     services = config["services"]
@@ -350,10 +419,20 @@ def start_order(config: dict) -> list[list[str]]:
 def containers(engine, project: str = PROJECT) -> dict[str, str]:
     """service -> container id, for the project's containers (running or not)."""
     # Docker's ps gives the labels as one string (with a .Label method), podman's as a map.
-    service = '{{.Label "com.docker.compose.service"}}' if engine.name == "docker" else \
-        '{{index .Labels "com.docker.compose.service"}}'
-    out = engine.run("ps", "-a", "--filter", f"label=com.docker.compose.project={project}", "--format",
-                     "{{.ID}} " + service, capture=True).stdout
+    service = (
+        '{{.Label "com.docker.compose.service"}}'
+        if engine.name == "docker"
+        else '{{index .Labels "com.docker.compose.service"}}'
+    )
+    out = engine.run(
+        "ps",
+        "-a",
+        "--filter",
+        f"label=com.docker.compose.project={project}",
+        "--format",
+        "{{.ID}} " + service,
+        capture=True,
+    ).stdout
     return {service: cid for cid, service in (line.split() for line in out.splitlines() if line.strip())}
 
 
@@ -366,8 +445,11 @@ def health(engine, cid: str) -> str:
     if has_check in ("null", "", "{}"):
         return "running"
     if engine.name == "podman":  # podman 4.3 runs health checks only when asked
-        return "healthy" if engine.run("healthcheck", "run", cid, check=False, capture=True).returncode == 0 \
+        return (
+            "healthy"
+            if engine.run("healthcheck", "run", cid, check=False, capture=True).returncode == 0
             else "starting"
+        )
     return (state.get("Health") or {}).get("Status", "starting")
 
 
@@ -382,8 +464,10 @@ def wait_healthy(engine, service: str, cid: str, want: str, timeout: float = HEA
             break
         time.sleep(3)
     logs = engine.run("logs", "--tail", "40", cid, check=False, capture=True)
-    raise SystemExit(f"{service} is {health(engine, cid)} after {time.time() - started:.0f} s, not {want}; "
-                     f"its last lines:\n{logs.stdout}{logs.stderr}")
+    raise SystemExit(
+        f"{service} is {health(engine, cid)} after {time.time() - started:.0f} s, not {want}; "
+        f"its last lines:\n{logs.stdout}{logs.stderr}"
+    )
 
 
 def stack_env() -> dict[str, str]:
@@ -432,12 +516,17 @@ def tear_down(engine, env: dict[str, str]) -> list[str]:
     left = leftovers(engine)
     for item in left:
         kind, name = item.split(" ", 1)
-        engine.run(*({"container": ["rm", "-f"], "volume": ["volume", "rm", "-f"],
-                      "network": ["network", "rm", "-f"]}[kind]), name, check=False, capture=True)
+        engine.run(
+            *({"container": ["rm", "-f"], "volume": ["volume", "rm", "-f"], "network": ["network", "rm", "-f"]}[kind]),
+            name,
+            check=False,
+            capture=True,
+        )
     return left
 
 
 # -- the run -----------------------------------------------------------------------------------------
+
 
 def write_source(s3, bucket: str, how_many: int = SOURCE_COUNTS) -> str:
     """A tiny source in ABID's bucket layout (generated photos, counts 0 to 2), readable by anyone as
@@ -448,18 +537,27 @@ def write_source(s3, bucket: str, how_many: int = SOURCE_COUNTS) -> str:
         s3.create_bucket(Bucket=bucket)
     for n in range(1, how_many + 1):
         key, count = f"{n:05d}", n % 3
-        s3.put_object(Bucket=bucket, Key=f"bin-images/{key}.jpg", Body=make_bin_image(count, n),
-                      ACL="public-read")
-        s3.put_object(Bucket=bucket, Key=f"metadata/{key}.json",
-                      Body=json.dumps({"EXPECTED_QUANTITY": count, "BIN_FCSKU_DATA": {}}).encode(), ACL="public-read")
+        s3.put_object(Bucket=bucket, Key=f"bin-images/{key}.jpg", Body=make_bin_image(count, n), ACL="public-read")
+        s3.put_object(
+            Bucket=bucket,
+            Key=f"metadata/{key}.json",
+            Body=json.dumps({"EXPECTED_QUANTITY": count, "BIN_FCSKU_DATA": {}}).encode(),
+            ACL="public-read",
+        )
     return f"00001:{how_many + 1:05d}"
 
 
 def prep_conf(key_range: str) -> dict:
     """The tiny source's keys, ten to a block. ABID is read over HTTP, as the public bucket can be:
     moto answers anonymous GETs under its name on the compose network."""
-    return {"bucket": BUCKET, "source": f"http://moto:5000/{SOURCE_BUCKET}", "subset": "key_range",
-            "key_range": key_range, "block_size": 10, "max_count": 2}
+    return {
+        "bucket": BUCKET,
+        "source": f"http://moto:5000/{SOURCE_BUCKET}",
+        "subset": "key_range",
+        "key_range": key_range,
+        "block_size": 10,
+        "max_count": 2,
+    }
 
 
 def retrain_conf() -> dict:
@@ -467,8 +565,16 @@ def retrain_conf() -> dict:
     one model worker: the generated photos are small, and the check is about the stack, not the model."""
     from scripts.local_stack import DEMO_RETRAIN
 
-    return {**DEMO_RETRAIN, "bucket": BUCKET, "epochs_min": 1, "epochs_max": 2, "max_count": 2, "smoke_images": 3,
-            "serving_workers": 1, "extra_hyperparameters": {"image-size": 64, "workers": 1}}
+    return {
+        **DEMO_RETRAIN,
+        "bucket": BUCKET,
+        "epochs_min": 1,
+        "epochs_max": 2,
+        "max_count": 2,
+        "smoke_images": 3,
+        "serving_workers": 1,
+        "extra_hyperparameters": {"image-size": 64, "workers": 1},
+    }
 
 
 def run_dag(api, dag_id: str, conf: dict, timeout: float) -> tuple[dict, float]:
@@ -491,24 +597,36 @@ def exercise(engine, ports: dict[str, str], timeout: float) -> list[str]:
 
     said = []
     moto = f"http://127.0.0.1:{ports['MOTO_PORT']}"
-    s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="local",
-                      aws_secret_access_key="local")  # noqa: S106 - moto's, as the compose file's
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",  # noqa: S106
+    )
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
         s3.create_bucket(Bucket=BUCKET)  # infra/pipeline.yaml's bucket on AWS
     key_range = write_source(s3, SOURCE_BUCKET)
     apiserver = containers(engine)["airflow-apiserver"]
     password = json.loads(engine.run("exec", apiserver, "cat", PASSWORDS_FILE, capture=True).stdout)[ADMIN]
     api = Api(f"http://127.0.0.1:{ports['AIRFLOW_PORT']}", ADMIN, password)
-    wait_until(lambda: {"bin_count_data_prep", "bin_count_retrain"} <= {d["dag_id"] for d in api.get("/dags")["dags"]},
-               300, "the DAG processor to parse both DAGs")
+    wait_until(
+        lambda: {"bin_count_data_prep", "bin_count_retrain"} <= {d["dag_id"] for d in api.get("/dags")["dags"]},
+        300,
+        "the DAG processor to parse both DAGs",
+    )
     _, seconds = run_dag(api, "bin_count_data_prep", prep_conf(key_range), timeout)
     said.append(f"bin_count_data_prep succeeded in {seconds:.0f} s ({SOURCE_COUNTS} photos)")
     _, seconds = run_dag(api, "bin_count_retrain", retrain_conf(), timeout)
     said.append(f"bin_count_retrain succeeded in {seconds:.0f} s (tune, retrain, gate, deploy, smoke check)")
     from tests.conftest import make_bin_image
 
-    response = requests.post(f"http://127.0.0.1:{ports['STANDIN_PORT']}/count", data=make_bin_image(2, 999),
-                             headers={"x-api-key": API_KEY, "Content-Type": "image/jpeg"}, timeout=60)
+    response = requests.post(
+        f"http://127.0.0.1:{ports['STANDIN_PORT']}/count",
+        data=make_bin_image(2, 999),
+        headers={"x-api-key": API_KEY, "Content-Type": "image/jpeg"},
+        timeout=60,
+    )
     if response.status_code != 200 or "count" not in response.json():
         raise SystemExit(f"POST /count answered {response.status_code}: {response.text}")
     said.append(f"POST /count on the stand-in's container: {response.text.strip()}")
@@ -539,8 +657,10 @@ def main(argv: list[str] | None = None) -> int:
         ok = True
     finally:
         if args.keep:
-            print(f"   left up: CONTAINERS_CONF={args.work / 'containers.conf'} {' '.join(engine.compose_command)} "
-                  f"-p {PROJECT} down -v")
+            print(
+                f"   left up: CONTAINERS_CONF={args.work / 'containers.conf'} {' '.join(engine.compose_command)} "
+                f"-p {PROJECT} down -v"
+            )
         else:
             if not ok:
                 with contextlib.suppress(Exception):

@@ -39,9 +39,18 @@ BUCKET = "bin-counter"
 API_KEY = "local-demo-key"  # what the local API gateway asks for in x-api-key
 # A small search that fits two cores: two trials one after the other (side by side, each trial's
 # threads fight the other's for the same two cores: 231 s each instead of about 60), then the final job.
-DEMO_RETRAIN = {"epochs_min": 3, "epochs_max": 4, "batch_sizes": [32], "lr_min": 5e-4, "lr_max": 2e-3,
-                "max_jobs": 2, "max_parallel_jobs": 1, "strategy": "Random", "smoke_images": 6,
-                "training_instance_type": "ml.m5.xlarge"}
+DEMO_RETRAIN = {
+    "epochs_min": 3,
+    "epochs_max": 4,
+    "batch_sizes": [32],
+    "lr_min": 5e-4,
+    "lr_max": 2e-3,
+    "max_jobs": 2,
+    "max_parallel_jobs": 1,
+    "strategy": "Random",
+    "smoke_images": 6,
+    "training_instance_type": "ml.m5.xlarge",
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -51,12 +60,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", default="s3://aft-vbi-pds", help="ABID source for the data-prep DAG")
     parser.add_argument("--keys", default="01000:01600", help="key range START:STOP the demo prepares")
     parser.add_argument("--block-size", type=int, default=20, help="keys per split block in the demo")
-    parser.add_argument("--moto-port", type=int, default=int(os.environ.get("MOTO_PORT", 5050)),
-                        help="port of the moto server")
-    parser.add_argument("--standin-port", type=int, default=int(os.environ.get("STANDIN_PORT", 5055)),
-                        help="port of the SageMaker and Lambda stand-in")
-    parser.add_argument("--ui-port", type=int, default=int(os.environ.get("AIRFLOW_PORT", 8080)),
-                        help="port of the Airflow UI (up)")
+    parser.add_argument(
+        "--moto-port", type=int, default=int(os.environ.get("MOTO_PORT", 5050)), help="port of the moto server"
+    )
+    parser.add_argument(
+        "--standin-port",
+        type=int,
+        default=int(os.environ.get("STANDIN_PORT", 5055)),
+        help="port of the SageMaker and Lambda stand-in",
+    )
+    parser.add_argument(
+        "--ui-port", type=int, default=int(os.environ.get("AIRFLOW_PORT", 8080)), help="port of the Airflow UI (up)"
+    )
     parser.add_argument("--show", type=int, default=8, help="demo: test images to count at the end")
     return parser
 
@@ -73,21 +88,25 @@ def container_weights(container_python: Path = CONTAINER_PYTHON) -> str:
 
 def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "AIRFLOW_HOME": str((work / "airflow").resolve()),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(airflow_connection(moto, standin)),
-        # What the README tells a user to copy from the pipeline stack's outputs, rendered for this account.
-        "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": render(load_template()).outputs["SageMakerVariable"],
-        "BIN_COUNTER_SAGEMAKER_POLL_S": "2",
-        "BIN_COUNTER_IMAGENET_WEIGHTS": env.get("BIN_COUNTER_IMAGENET_WEIGHTS") or container_weights(),
-        # Airflow starts its task runners as `airflow ...` from the PATH.
-        "PATH": os.pathsep.join([str(VENV_BIN), env.get("PATH", "")]),
-        "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1",
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str((work / "airflow").resolve()),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(airflow_connection(moto, standin)),
+            # What the README tells a user to copy from the pipeline stack's outputs, rendered for this account.
+            "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": render(load_template()).outputs["SageMakerVariable"],
+            "BIN_COUNTER_SAGEMAKER_POLL_S": "2",
+            "BIN_COUNTER_IMAGENET_WEIGHTS": env.get("BIN_COUNTER_IMAGENET_WEIGHTS") or container_weights(),
+            # Airflow starts its task runners as `airflow ...` from the PATH.
+            "PATH": os.pathsep.join([str(VENV_BIN), env.get("PATH", "")]),
+            "AWS_ACCESS_KEY_ID": "local",
+            "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     return env
 
 
@@ -98,15 +117,23 @@ AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 def server_env(env: dict[str, str], port: int, users: str = "", passwords_file: Path | None = None) -> dict[str, str]:
     """`env` for Airflow's long-running components on 127.0.0.1:`port`. With `users` ("name:role,...")
     and their `passwords_file` ({"name": "password"}) the UI asks to log in; without, everyone is admin."""
-    env = {**env, "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
-           "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-           # Task processes reach the API server here; every component must sign with the same secret.
-           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-           "AIRFLOW__API_AUTH__JWT_SECRET": env.get("AIRFLOW__API_AUTH__JWT_SECRET", "bin-counter-local-only"),
-           "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5"}
+    env = {
+        **env,
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        # Task processes reach the API server here; every component must sign with the same secret.
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API_AUTH__JWT_SECRET": env.get("AIRFLOW__API_AUTH__JWT_SECRET", "bin-counter-local-only"),
+        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+    }
     if users:
-        env.update({"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
-                    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file)})
+        env.update(
+            {
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
+            }
+        )
     else:
         env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "True"
     return env
@@ -115,8 +142,9 @@ def server_env(env: dict[str, str], port: int, users: str = "", passwords_file: 
 def start_component(name: str, env: dict[str, str], work: Path) -> subprocess.Popen:
     """One Airflow component (`airflow <name>`) in its own process group, its output in <work>/<name>.log."""
     with (work / f"{name}.log").open("ab") as out:
-        return subprocess.Popen([str(VENV_BIN / "airflow"), name], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [str(VENV_BIN / "airflow"), name], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def stop_component(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
@@ -161,8 +189,9 @@ def airflow(args: list[str], env: dict[str, str], log: Path) -> float:
     """Run an airflow CLI command, its output into `log`; its wall time in seconds."""
     started = time.time()
     with log.open("ab") as out:
-        proc = subprocess.run([str(VENV_BIN / "airflow"), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                              check=False)
+        proc = subprocess.run(
+            [str(VENV_BIN / "airflow"), *args], env=env, stdout=out, stderr=subprocess.STDOUT, check=False
+        )
     if proc.returncode != 0:
         raise SystemExit(f"airflow {' '.join(args[:3])} failed (exit {proc.returncode}); its log: {log}")
     return time.time() - started
@@ -211,20 +240,39 @@ def show_counts(runtime, endpoint: str, version: str, images: list[dict]) -> Non
     """Count real test images with the deployed endpoint, next to the truth."""
     print(f"\n== counts from endpoint {endpoint!r} for held-out test images of dataset {version}")
     for image in images:
-        answer = json.loads(runtime.invoke_endpoint(EndpointName=endpoint, Body=base64.b64decode(image["base64"]),
-                                                    ContentType="image/jpeg")["Body"].read())
-        print(f"  {image['key']}: true count {image['count']}, counted {answer['count']} "
-              f"(confidence {answer['confidence']:.2f}, model {answer['model_version']})")
+        answer = json.loads(
+            runtime.invoke_endpoint(
+                EndpointName=endpoint, Body=base64.b64decode(image["base64"]), ContentType="image/jpeg"
+            )["Body"].read()
+        )
+        print(
+            f"  {image['key']}: true count {image['count']}, counted {answer['count']} "
+            f"(confidence {answer['confidence']:.2f}, model {answer['model_version']})"
+        )
 
 
 def count_through_the_api(standin: str, image: dict, work: Path) -> None:
     """One real test image through the local API gateway and the Lambda function, with curl."""
     path = work / f"{Path(image['key']).name}"
     path.write_bytes(base64.b64decode(image["base64"]))
-    command = ["curl", "-s", "-X", "POST", f"{standin}/count", "-H", f"x-api-key: {API_KEY}",
-               "-H", "Content-Type: image/jpeg", "--data-binary", f"@{path}"]
-    print(f"\n== the public API on loopback (true count {image['count']}):\n$ " + " ".join(
-        f"'{part}'" if " " in part else part for part in command), flush=True)
+    command = [
+        "curl",
+        "-s",
+        "-X",
+        "POST",
+        f"{standin}/count",
+        "-H",
+        f"x-api-key: {API_KEY}",
+        "-H",
+        "Content-Type: image/jpeg",
+        "--data-binary",
+        f"@{path}",
+    ]
+    print(
+        f"\n== the public API on loopback (true count {image['count']}):\n$ "
+        + " ".join(f"'{part}'" if " " in part else part for part in command),
+        flush=True,
+    )
     if shutil.which("curl"):
         subprocess.run(command, check=False)
         print(flush=True)
@@ -254,26 +302,35 @@ def check_source(source: str, first_key: str) -> None:
     try:
         open_source(source).read(metadata_path(first_key))
     except Exception as exc:  # any reason the first metadata file cannot be read
-        raise SystemExit(f"cannot read {metadata_path(first_key)} from {source} ({type(exc).__name__}: {exc}). "
-                         "Without internet access, use a local mirror in the ABID layout: "
-                         "make demo ABID_SOURCE=../shared/abid") from exc
+        raise SystemExit(
+            f"cannot read {metadata_path(first_key)} from {source} ({type(exc).__name__}: {exc}). "
+            "Without internet access, use a local mirror in the ABID layout: "
+            "make demo ABID_SOURCE=../shared/abid"
+        ) from exc
 
 
 def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None:
     log = work / "airflow.log"
     timings: dict = {}
-    prep_conf = {"bucket": BUCKET, "source": str(Path(args.source).resolve()) if Path(args.source).exists()
-                 else args.source, "subset": "key_range", "key_range": args.keys, "block_size": args.block_size,
-                 "max_count": 5}
+    prep_conf = {
+        "bucket": BUCKET,
+        "source": str(Path(args.source).resolve()) if Path(args.source).exists() else args.source,
+        "subset": "key_range",
+        "key_range": args.keys,
+        "block_size": args.block_size,
+        "max_count": 5,
+    }
     check_source(prep_conf["source"], args.keys.split(":")[0])
     print(f"== bin_count_data_prep: {args.keys} from {args.source} (log: {log})", flush=True)
-    timings["bin_count_data_prep"] = airflow(["dags", "test", "bin_count_data_prep", "-c", json.dumps(prep_conf)],
-                                             env, log)
+    timings["bin_count_data_prep"] = airflow(
+        ["dags", "test", "bin_count_data_prep", "-c", json.dumps(prep_conf)], env, log
+    )
     state, tasks = dag_run_state(env, "bin_count_data_prep")
     print(f"   {state} in {timings['bin_count_data_prep']:.0f} s", flush=True)
     print("== bin_count_retrain: tune (2 trials), retrain, gate, deploy, smoke-check through Lambda", flush=True)
-    timings["bin_count_retrain"] = airflow(["dags", "test", "bin_count_retrain", "-c",
-                                            json.dumps({"bucket": BUCKET, **DEMO_RETRAIN})], env, log)
+    timings["bin_count_retrain"] = airflow(
+        ["dags", "test", "bin_count_retrain", "-c", json.dumps({"bucket": BUCKET, **DEMO_RETRAIN})], env, log
+    )
     state, retrain_tasks = dag_run_state(env, "bin_count_retrain")
     print(f"   {state} in {timings['bin_count_retrain']:.0f} s", flush=True)
     if state != "success":
@@ -281,10 +338,15 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     sm = boto3.client("sagemaker", endpoint_url=standin, region_name="us-east-1")
     jobs = training_seconds(sm)
     train_wall = covered_seconds(jobs.values())
-    timings.update({"data_prep_tasks": tasks, "retrain_tasks": retrain_tasks,
-                    "training_jobs_s": {k: round((b - a).total_seconds(), 1) for k, (a, b) in jobs.items()},
-                    "training_wall_s": round(train_wall, 1),
-                    "retrain_overhead_share": round(1 - train_wall / timings["bin_count_retrain"], 3)})
+    timings.update(
+        {
+            "data_prep_tasks": tasks,
+            "retrain_tasks": retrain_tasks,
+            "training_jobs_s": {k: round((b - a).total_seconds(), 1) for k, (a, b) in jobs.items()},
+            "training_wall_s": round(train_wall, 1),
+            "retrain_overhead_share": round(1 - train_wall / timings["bin_count_retrain"], 3),
+        }
+    )
     (work / "demo-timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     runtime = boto3.client("sagemaker-runtime", endpoint_url=standin, region_name="us-east-1")
@@ -296,38 +358,48 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     images = smoke_images(s3, photos(s3, BUCKET, data, "test"), args.show)
     show_counts(runtime, "bin-counter", version, images)
     count_through_the_api(standin, images[0], work)
-    model = sm.describe_endpoint_config(EndpointConfigName=sm.describe_endpoint(EndpointName="bin-counter")[
-        "EndpointConfigName"])["ProductionVariants"][0]["ModelName"]
+    model = sm.describe_endpoint_config(
+        EndpointConfigName=sm.describe_endpoint(EndpointName="bin-counter")["EndpointConfigName"]
+    )["ProductionVariants"][0]["ModelName"]
     # The model's tags carry its test metrics, whether it is this run's model or the published one.
-    tags = {t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=sm.describe_model(ModelName=model)["ModelArn"])[
-        "Tags"]}
-    print(f"\nserving {model}: test accuracy {tags.get('bin-counter:test-accuracy')}, RMSE "
-          f"{tags.get('bin-counter:test-rmse')}, within 1 {tags.get('bin-counter:test-within_1')}")
+    tags = {
+        t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=sm.describe_model(ModelName=model)["ModelArn"])["Tags"]
+    }
+    print(
+        f"\nserving {model}: test accuracy {tags.get('bin-counter:test-accuracy')}, RMSE "
+        f"{tags.get('bin-counter:test-rmse')}, within 1 {tags.get('bin-counter:test-within_1')}"
+    )
     if model.endswith("-published"):
-        print("   (the published model won the gate on the demo's test images; those keys are part of the mirror "
-              "it learned from, so its honest numbers are in models/MODEL_CARD.md)")
+        print(
+            "   (the published model won the gate on the demo's test images; those keys are part of the mirror "
+            "it learned from, so its honest numbers are in models/MODEL_CARD.md)"
+        )
     batch_count(env, log, timings, s3, version)
     (work / "demo-timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-    print(f"timings: data prep {timings['bin_count_data_prep']:.0f} s, retrain {timings['bin_count_retrain']:.0f} s "
-          f"(training processes {train_wall:.0f} s of it), batch count {timings['bin_count_batch']:.0f} s; "
-          f"details in {work / 'demo-timings.json'}")
+    print(
+        f"timings: data prep {timings['bin_count_data_prep']:.0f} s, retrain {timings['bin_count_retrain']:.0f} s "
+        f"(training processes {train_wall:.0f} s of it), batch count {timings['bin_count_batch']:.0f} s; "
+        f"details in {work / 'demo-timings.json'}"
+    )
 
 
 def batch_count(env: dict[str, str], log: Path, timings: dict, s3, version: str) -> None:
     """bin_count_batch over the dataset's test photos (its default input) with the endpoint's model;
     prints the summary the report task logged."""
-    print(f"\n== bin_count_batch: every test photo of dataset {version}, one SageMaker batch transform job",
-          flush=True)
-    timings["bin_count_batch"] = airflow(["dags", "test", "bin_count_batch", "-c", json.dumps({"bucket": BUCKET})],
-                                         env, log)
+    print(f"\n== bin_count_batch: every test photo of dataset {version}, one SageMaker batch transform job", flush=True)
+    timings["bin_count_batch"] = airflow(
+        ["dags", "test", "bin_count_batch", "-c", json.dumps({"bucket": BUCKET})], env, log
+    )
     state, tasks = dag_run_state(env, "bin_count_batch")
     timings["batch_tasks"] = tasks
     print(f"   {state} in {timings['bin_count_batch']:.0f} s", flush=True)
     if state != "success":
         raise SystemExit(f"bin_count_batch ended {state}: {json.dumps(tasks)}; see {log}")
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="batch-counts/")
-    newest = max((o for page in pages for o in page.get("Contents", []) if o["Key"].endswith("/summary.json")),
-                 key=lambda o: o["LastModified"])
+    newest = max(
+        (o for page in pages for o in page.get("Contents", []) if o["Key"].endswith("/summary.json")),
+        key=lambda o: o["LastModified"],
+    )
     from bin_counter.batch import summary_lines
 
     for line in summary_lines(json.loads(s3.get_object(Bucket=BUCKET, Key=newest["Key"])["Body"].read()), 5):
@@ -336,8 +408,10 @@ def batch_count(env: dict[str, str], log: Path, timings: dict, s3, version: str)
 
 def up(args, env: dict[str, str], work: Path) -> None:
     live = LiveAirflow(server_env(env, args.ui_port), work, args.ui_port)
-    print(f"== Airflow on {live.url} ({', '.join(AIRFLOW_COMPONENTS)}; logs in {work}); Ctrl-C stops everything",
-          flush=True)
+    print(
+        f"== Airflow on {live.url} ({', '.join(AIRFLOW_COMPONENTS)}; logs in {work}); Ctrl-C stops everything",
+        flush=True,
+    )
     try:
         live.start()
         print("   up: trigger bin_count_data_prep from the UI; bin_count_retrain follows on its asset", flush=True)
@@ -366,8 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     processes, moto, standin = start_servers(work, args.moto_port, args.standin_port)
     env = airflow_env(work, moto, standin)
-    print(f"== local stack: S3 (moto) {moto}, SageMaker + Lambda stand-in {standin}\n"
-          f"   AIRFLOW_CONN_AWS_DEFAULT='{env['AIRFLOW_CONN_AWS_DEFAULT']}'", flush=True)
+    print(
+        f"== local stack: S3 (moto) {moto}, SageMaker + Lambda stand-in {standin}\n"
+        f"   AIRFLOW_CONN_AWS_DEFAULT='{env['AIRFLOW_CONN_AWS_DEFAULT']}'",
+        flush=True,
+    )
     try:
         airflow(["db", "migrate"], env, work / "airflow.log")
         if args.command == "demo":

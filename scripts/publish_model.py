@@ -48,27 +48,31 @@ def pack(model_dir: Path) -> bytes:
 def card_markdown(card: dict, size_mb: float, command: str) -> str:
     test = card["metrics"].get("test", {})
     hp, size, training = card["hyperparameters"], card["preprocessing"]["resize"], card["training"]
-    serving = f"test-time augmentation `{card.get('test_time_augmentation', 'none')}`, " \
-              f"decoding `{card.get('decoding', 'argmax')}`"
-    recipe = f"{hp['epochs']} epochs, batch {hp['batch_size']}, lr {hp['lr']}, weight decay {hp['weight_decay']}, " \
-             f"label smoothing {hp['label_smoothing']}, augmentation {hp['augment']}"
+    serving = (
+        f"test-time augmentation `{card.get('test_time_augmentation', 'none')}`, "
+        f"decoding `{card.get('decoding', 'argmax')}`"
+    )
+    recipe = (
+        f"{hp['epochs']} epochs, batch {hp['batch_size']}, lr {hp['lr']}, weight decay {hp['weight_decay']}, "
+        f"label smoothing {hp['label_smoothing']}, augmentation {hp['augment']}"
+    )
     per_class = test.get("per_class_accuracy", {})
     rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in per_class.items())
     return f"""# Model card: `models/{ARCHIVE}`
 
 The model the retraining DAG treats as the initial champion and `make demo` deploys when no model
-serves yet. Counts the items in an Amazon Bin Image Dataset photo, 0 to {card['max_count']}
-({card['top_class_meaning']}).
+serves yet. Counts the items in an Amazon Bin Image Dataset photo, 0 to {card["max_count"]}
+({card["top_class_meaning"]}).
 
 | | |
 | --- | --- |
-| version | `{card['model_version']}` |
-| backbone | {card['backbone']} ({card['mode']}, from {card['initial_weights']} weights) |
+| version | `{card["model_version"]}` |
+| backbone | {card["backbone"]} ({card["mode"]}, from {card["initial_weights"]} weights) |
 | input | {size[0]} x {size[1]} RGB, squashed, ImageNet normalisation |
 | serving | {serving} |
 | recipe | {recipe} |
-| training data | {card['data']['images']} images (`train` / `validation` / `test` channels) |
-| training time | {training['seconds'] / 60:.1f} min on {training['device']} (bf16 {training['bf16']}) |
+| training data | {card["data"]["images"]} images (`train` / `validation` / `test` channels) |
+| training time | {training["seconds"] / 60:.1f} min on {training["device"]} (bf16 {training["bf16"]}) |
 | archive | {size_mb:.1f} MB |
 
 ## How good it is
@@ -78,11 +82,11 @@ training step saw), through the serving code:
 
 | metric | value |
 | --- | --- |
-| images | {test.get('n')} |
-| accuracy | {test.get('accuracy', float('nan')):.3f} |
-| RMSE | {test.get('rmse', float('nan')):.3f} |
-| MAE | {test.get('mae', float('nan')):.3f} |
-| within one | {test.get('within_1', float('nan')):.3f} |
+| images | {test.get("n")} |
+| accuracy | {test.get("accuracy", float("nan")):.3f} |
+| RMSE | {test.get("rmse", float("nan")):.3f} |
+| MAE | {test.get("mae", float("nan")):.3f} |
+| within one | {test.get("within_1", float("nan")):.3f} |
 
 | true count | accuracy |
 | --- | --- |
@@ -96,8 +100,8 @@ BENCHMARKS.md ("Accuracy experiments") has the other recipes measured on the sam
   trained on all of them) is 0.557 accuracy, RMSE 0.93.
 - Most training photos are 224 x 224 copies squashed from the originals; photos of other sizes are
   squashed the same way by the serving code.
-- Bins with more than {card['max_count']} items were left out of training; the model will call them
-  {card['max_count']} or fewer. Use the API's `expected` verdicts to route doubtful bins to a person.
+- Bins with more than {card["max_count"]} items were left out of training; the model will call them
+  {card["max_count"]} or fewer. Use the API's `expected` verdicts to route doubtful bins to a person.
 
 ## Other networks
 
@@ -146,8 +150,9 @@ def main() -> None:
             card["decoding"] = args.decoding
         (staged / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
         views = len(inference.TTA_VIEWS[card.get("test_time_augmentation", "none")])
-        serving_graph.save(serving_graph.export(serving_graph.rebuild(staged, card), card["preprocessing"]["resize"][0],
-                                                views), staged)
+        serving_graph.save(
+            serving_graph.export(serving_graph.rebuild(staged, card), card["preprocessing"]["resize"][0], views), staged
+        )
         if args.test:
             measured = evaluate.evaluate(str(staged), args.test, card["max_count"], 64)
             card["metrics"]["test"] = {**card["metrics"].get("test", {}), **measured}
@@ -160,8 +165,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / ARCHIVE).write_bytes(archive)
     (out / "MODEL_CARD.md").write_text(card_markdown(card, size_mb, args.command))
-    print(json.dumps({"archive": str(out / ARCHIVE), "mb": round(size_mb, 2), "version": card["model_version"],
-                      "test": {k: card["metrics"].get("test", {}).get(k) for k in ("n", "accuracy", "rmse")}}))
+    print(
+        json.dumps(
+            {
+                "archive": str(out / ARCHIVE),
+                "mb": round(size_mb, 2),
+                "version": card["model_version"],
+                "test": {k: card["metrics"].get("test", {}).get(k) for k in ("n", "accuracy", "rmse")},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

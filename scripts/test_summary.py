@@ -1,6 +1,6 @@
 """Sum JUnit XML reports of several pytest runs into one closing line; fail if none ran.
 
-  python scripts/test_summary.py build/test-results/*.xml
+python scripts/test_summary.py build/test-results/*.xml
 """
 
 from __future__ import annotations

@@ -28,16 +28,21 @@ _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
 
 def role_credentials(role_arn: str) -> dict[str, str]:
     """boto3 client keyword arguments for acting as `role_arn`."""
-    return {"aws_access_key_id": ASSUMED_ROLE_KEY_ID, "aws_secret_access_key": "local",
-            "aws_session_token": ROLE_TOKEN_PREFIX + role_arn}
+    return {
+        "aws_access_key_id": ASSUMED_ROLE_KEY_ID,
+        "aws_secret_access_key": "local",
+        "aws_session_token": ROLE_TOKEN_PREFIX + role_arn,
+    }
 
 
 def role_environment(role_arn: str) -> dict[str, str]:
     """The same credentials as the environment variables Lambda gives a function."""
     credentials = role_credentials(role_arn)
-    return {"AWS_ACCESS_KEY_ID": credentials["aws_access_key_id"],
-            "AWS_SECRET_ACCESS_KEY": credentials["aws_secret_access_key"],
-            "AWS_SESSION_TOKEN": credentials["aws_session_token"]}
+    return {
+        "AWS_ACCESS_KEY_ID": credentials["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": credentials["aws_secret_access_key"],
+        "AWS_SESSION_TOKEN": credentials["aws_session_token"],
+    }
 
 
 def caller(headers: Mapping[str, str]) -> str:
@@ -61,9 +66,20 @@ class CallLog:
         """`actions`: (action, resource) or (action, resource, condition context) tuples."""
         if self.path is None:
             return
-        lines = "".join(json.dumps({"time": time.time(), "caller": who, "action": entry[0], "resource": entry[1],
-                                    "context": entry[2] if len(entry) > 2 else {}, "server": server}) + "\n"
-                        for entry in actions)
+        lines = "".join(
+            json.dumps(
+                {
+                    "time": time.time(),
+                    "caller": who,
+                    "action": entry[0],
+                    "resource": entry[1],
+                    "context": entry[2] if len(entry) > 2 else {},
+                    "server": server,
+                }
+            )
+            + "\n"
+            for entry in actions
+        )
         with self.lock, self.path.open("a") as log:
             log.write(lines)
 

@@ -54,32 +54,48 @@ def violations(value: object, shape: Shape, path: str = "") -> list[str]:
                 found += violations(value[name], member, _member_path(path, name))
     elif shape.type_name == "list" and isinstance(value, list):
         if "max" in meta and len(value) > meta["max"]:
-            found.append(f"Value '{_shown(value)}' {where} failed to satisfy constraint: Member must have length "
-                         f"less than or equal to {meta['max']}")
+            found.append(
+                f"Value '{_shown(value)}' {where} failed to satisfy constraint: Member must have length "
+                f"less than or equal to {meta['max']}"
+            )
         for index, item in enumerate(value, start=1):
             found += violations(item, shape.member, f"{path}.{index}.member")
     elif shape.type_name == "map" and isinstance(value, dict):
         if "max" in meta and len(value) > meta["max"]:
-            found.append(f"Value '{_shown(value)}' {where} failed to satisfy constraint: Map value must have "
-                         f"length less than or equal to {meta['max']}")
+            found.append(
+                f"Value '{_shown(value)}' {where} failed to satisfy constraint: Map value must have "
+                f"length less than or equal to {meta['max']}"
+            )
         for key, item in value.items():
             found += violations(key, shape.key, f"{path}.key")
             found += violations(item, shape.value, f"{path}.{key}")
     elif shape.type_name == "string" and isinstance(value, str):
         if "max" in meta and len(value) > meta["max"]:
-            found.append(f"Value '{_shown(value)}' {where} failed to satisfy constraint: Member must have length "
-                         f"less than or equal to {meta['max']}")
+            found.append(
+                f"Value '{_shown(value)}' {where} failed to satisfy constraint: Member must have length "
+                f"less than or equal to {meta['max']}"
+            )
         pattern = _pattern(meta["pattern"]) if "pattern" in meta else None
         if pattern is not None and not pattern.fullmatch(value):
-            found.append(f"Value '{_shown(value)}' {where} failed to satisfy constraint: Member must satisfy "
-                         f"regular expression pattern: {meta['pattern']}")
+            found.append(
+                f"Value '{_shown(value)}' {where} failed to satisfy constraint: Member must satisfy "
+                f"regular expression pattern: {meta['pattern']}"
+            )
         if shape.enum and value not in shape.enum:
-            found.append(f"Value '{_shown(value)}' {where} failed to satisfy constraint: Member must satisfy enum "
-                         f"value set: [{', '.join(shape.enum)}]")
-    elif (shape.type_name in ("integer", "long", "float", "double") and isinstance(value, int | float)
-          and "max" in meta and value > meta["max"]):
-        found.append(f"Value '{value}' {where} failed to satisfy constraint: Member must have value less than "
-                     f"or equal to {meta['max']}")
+            found.append(
+                f"Value '{_shown(value)}' {where} failed to satisfy constraint: Member must satisfy enum "
+                f"value set: [{', '.join(shape.enum)}]"
+            )
+    elif (
+        shape.type_name in ("integer", "long", "float", "double")
+        and isinstance(value, int | float)
+        and "max" in meta
+        and value > meta["max"]
+    ):
+        found.append(
+            f"Value '{value}' {where} failed to satisfy constraint: Member must have value less than "
+            f"or equal to {meta['max']}"
+        )
     return found
 
 

@@ -64,13 +64,23 @@ class Gateway:
         query = dict(parse_qsl(url.query)) or None
         request_id = str(uuid.uuid4())
         return {
-            "resource": ROUTE, "path": url.path, "httpMethod": method, "headers": dict(headers),
-            "multiValueHeaders": {k: [v] for k, v in headers.items()}, "queryStringParameters": query,
+            "resource": ROUTE,
+            "path": url.path,
+            "httpMethod": method,
+            "headers": dict(headers),
+            "multiValueHeaders": {k: [v] for k, v in headers.items()},
+            "queryStringParameters": query,
             "multiValueQueryStringParameters": {k: [v] for k, v in (query or {}).items()} or None,
-            "pathParameters": None, "stageVariables": None,
-            "requestContext": {"resourcePath": ROUTE, "httpMethod": method, "path": f"/{self.stage}{url.path}",
-                               "stage": self.stage, "requestId": request_id,
-                               "identity": {"apiKey": headers.get("x-api-key"), "sourceIp": "127.0.0.1"}},
+            "pathParameters": None,
+            "stageVariables": None,
+            "requestContext": {
+                "resourcePath": ROUTE,
+                "httpMethod": method,
+                "path": f"/{self.stage}{url.path}",
+                "stage": self.stage,
+                "requestId": request_id,
+                "identity": {"apiKey": headers.get("x-api-key"), "sourceIp": "127.0.0.1"},
+            },
             "body": base64.b64encode(body).decode() if binary else body.decode("utf-8", errors="replace"),
             "isBase64Encoded": binary,
         }
@@ -78,8 +88,11 @@ class Gateway:
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
         """(status, headers, body) of the HTTP answer."""
         if len(body) > MAX_PAYLOAD:
-            return 413, {"Content-Type": "text; charset=utf-8"}, \
-                f"HTTP content length exceeded {MAX_PAYLOAD} bytes.".encode()
+            return (
+                413,
+                {"Content-Type": "text; charset=utf-8"},
+                f"HTTP content length exceeded {MAX_PAYLOAD} bytes.".encode(),
+            )
         lowered = {k.lower(): v for k, v in headers.items()}
         if self.api_key and lowered.get("x-api-key") != self.api_key:
             return self._message(403, "Forbidden")

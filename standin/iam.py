@@ -30,6 +30,7 @@ ACTIONS_LEDGER = ROOT / "infra" / "aws-actions.json"
 @dataclass
 class Stack:
     """A rendered stack: each IAM role's and managed policy's ARN and documents, and the outputs."""
+
     roles: dict[str, dict] = field(default_factory=dict)  # logical id -> {"arn", "trust", "policies"}
     managed_policies: dict[str, dict] = field(default_factory=dict)  # logical id -> {"arn", "document"}
     outputs: dict[str, str] = field(default_factory=dict)
@@ -53,9 +54,15 @@ class _Resolver:
     def __init__(self, template: dict, parameters: Mapping[str, str], account: str, region: str, stack_name: str):
         self.template, self.stack_name = template, stack_name
         defaults = {k: str(v.get("Default", "")) for k, v in template.get("Parameters", {}).items()}
-        self.values = {**defaults, **{k: str(v) for k, v in parameters.items()},
-                       "AWS::AccountId": account, "AWS::Region": region, "AWS::Partition": "aws",
-                       "AWS::URLSuffix": "amazonaws.com", "AWS::StackName": stack_name}
+        self.values = {
+            **defaults,
+            **{k: str(v) for k, v in parameters.items()},
+            "AWS::AccountId": account,
+            "AWS::Region": region,
+            "AWS::Partition": "aws",
+            "AWS::URLSuffix": "amazonaws.com",
+            "AWS::StackName": stack_name,
+        }
         self.conditions = {name: self(body) for name, body in template.get("Conditions", {}).items()}
 
     def physical(self, logical: str) -> str:
@@ -91,6 +98,7 @@ class _Resolver:
                 return self.values[name]
             logical, _, attribute = name.partition(".")
             return self.attribute(logical, attribute) if attribute else self.physical(logical)
+
         return re.sub(r"\$\{([^}!]+)\}", replace, text)
 
     def __call__(self, node):
@@ -99,7 +107,7 @@ class _Resolver:
         if not isinstance(node, dict):
             return node
         if len(node) == 1:
-            (key, value), = node.items()
+            ((key, value),) = node.items()
             if key == "Ref":
                 return self.values[value] if value in self.values else self.physical(value)
             if key == "Fn::GetAtt":
@@ -122,20 +130,29 @@ class _Resolver:
         return {k: self(v) for k, v in node.items()}
 
 
-def render(template: dict, parameters: Mapping[str, str] | None = None, account: str = "000000000000",
-           region: str = "us-east-1", stack_name: str = "bin-counter") -> Stack:
+def render(
+    template: dict,
+    parameters: Mapping[str, str] | None = None,
+    account: str = "000000000000",
+    region: str = "us-east-1",
+    stack_name: str = "bin-counter",
+) -> Stack:
     """The stack's IAM and outputs as CloudFormation would create them from `template`."""
     resolve = _Resolver(template, parameters or {}, account, region, stack_name)
     stack = Stack()
     for logical, resource in template["Resources"].items():
         props = resource.get("Properties", {})
         if resource["Type"] == "AWS::IAM::Role":
-            stack.roles[logical] = {"arn": resolve.attribute(logical, "Arn"),
-                                    "trust": resolve(props["AssumeRolePolicyDocument"]),
-                                    "policies": [resolve(p["PolicyDocument"]) for p in props.get("Policies", [])]}
+            stack.roles[logical] = {
+                "arn": resolve.attribute(logical, "Arn"),
+                "trust": resolve(props["AssumeRolePolicyDocument"]),
+                "policies": [resolve(p["PolicyDocument"]) for p in props.get("Policies", [])],
+            }
         elif resource["Type"] == "AWS::IAM::ManagedPolicy":
-            stack.managed_policies[logical] = {"arn": resolve.physical(logical),
-                                               "document": resolve(props["PolicyDocument"])}
+            stack.managed_policies[logical] = {
+                "arn": resolve.physical(logical),
+                "document": resolve(props["PolicyDocument"]),
+            }
     stack.outputs = {name: resolve(output["Value"]) for name, output in template.get("Outputs", {}).items()}
     return stack
 
@@ -168,8 +185,10 @@ CONDITION_OPERATORS = {
 def _conditions_match(conditions: Mapping, context: Mapping[str, str]) -> bool:
     for operator, tests in conditions.items():
         if operator not in CONDITION_OPERATORS:
-            raise ValueError(f"condition operator {operator} is not evaluated here: use one of "
-                             f"{sorted(CONDITION_OPERATORS)} or extend standin/iam.py")
+            raise ValueError(
+                f"condition operator {operator} is not evaluated here: use one of "
+                f"{sorted(CONDITION_OPERATORS)} or extend standin/iam.py"
+            )
         for key, wanted in tests.items():
             if key not in context or not CONDITION_OPERATORS[operator](context[key], as_list(wanted)):
                 return False
@@ -188,8 +207,9 @@ def statement_applies(statement: Mapping, action: str, resource: str, context: M
     return _conditions_match(statement.get("Condition", {}), context)
 
 
-def is_allowed(documents: Iterable[Mapping], action: str, resource: str,
-               context: Mapping[str, str] | None = None) -> bool:
+def is_allowed(
+    documents: Iterable[Mapping], action: str, resource: str, context: Mapping[str, str] | None = None
+) -> bool:
     """IAM's decision for an identity with these policy documents."""
     context = context or {}
     applicable = [s for d in documents for s in statements(d) if statement_applies(s, action, resource, context)]
@@ -200,8 +220,13 @@ def is_allowed(documents: Iterable[Mapping], action: str, resource: str,
 
 def granted_actions(documents: Iterable[Mapping]) -> set[str]:
     """Every action an Allow statement names (wildcards kept as written)."""
-    return {action for document in documents for s in statements(document) if s["Effect"] == "Allow"
-            for action in as_list(s.get("Action", []))}
+    return {
+        action
+        for document in documents
+        for s in statements(document)
+        if s["Effect"] == "Allow"
+        for action in as_list(s.get("Action", []))
+    }
 
 
 def load_ledger(path: Path = ACTIONS_LEDGER) -> dict:
@@ -209,8 +234,11 @@ def load_ledger(path: Path = ACTIONS_LEDGER) -> dict:
 
 
 # Who is who in the call log: the workers sign with their access key; SageMaker and Lambda act as roles.
-PRINCIPALS = {"airflow-worker": "AirflowWorkerPolicy", "sagemaker-execution-role": "SageMakerExecutionRole",
-              "api-function-role": "ApiFunctionRole"}
+PRINCIPALS = {
+    "airflow-worker": "AirflowWorkerPolicy",
+    "sagemaker-execution-role": "SageMakerExecutionRole",
+    "api-function-role": "ApiFunctionRole",
+}
 
 
 def identities(stack: Stack, worker_key_id: str) -> dict[str, tuple[str, list[dict]]]:
@@ -227,12 +255,17 @@ def _aliased(resource: str, bucket_alias: Mapping[str, str]) -> str:
         for separator in ("/", ""):
             prefix = f"arn:aws:s3:::{test_bucket}{separator}"
             if resource.startswith(prefix) and (separator or resource == prefix):
-                return f"arn:aws:s3:::{stack_bucket}{separator}" + resource[len(prefix):]
+                return f"arn:aws:s3:::{stack_bucket}{separator}" + resource[len(prefix) :]
     return resource
 
 
-def refused_calls(calls: Iterable[Mapping], stack: Stack, worker_key_id: str, ledger: Mapping,
-                  bucket_alias: Mapping[str, str] | None = None) -> list[str]:
+def refused_calls(
+    calls: Iterable[Mapping],
+    stack: Stack,
+    worker_key_id: str,
+    ledger: Mapping,
+    bucket_alias: Mapping[str, str] | None = None,
+) -> list[str]:
     """What AWS would refuse, or what nobody wrote down, among recorded calls: each call of a known
     principal must be in the ledger under that principal and allowed by its policies. `bucket_alias`
     maps a test's own bucket to the stack's (tests make a bucket each; the stack has one). One line
@@ -245,16 +278,22 @@ def refused_calls(calls: Iterable[Mapping], stack: Stack, worker_key_id: str, le
         principal, documents = who[call["caller"]]
         resource = _aliased(call["resource"], bucket_alias or {})
         if call["action"] not in ledger.get(principal, {}):
-            problem = (f"{principal}: {call['action']} is not in infra/aws-actions.json: record it there (why the "
-                       "DAGs need it) and grant it in infra/pipeline.yaml")
+            problem = (
+                f"{principal}: {call['action']} is not in infra/aws-actions.json: record it there (why the "
+                "DAGs need it) and grant it in infra/pipeline.yaml"
+            )
         elif not is_allowed(documents, call["action"], resource, call.get("context")):
-            problem = (f"{principal}: {call['action']} would be refused on AWS (AccessDenied): "
-                       "infra/pipeline.yaml does not allow it")
+            problem = (
+                f"{principal}: {call['action']} would be refused on AWS (AccessDenied): "
+                "infra/pipeline.yaml does not allow it"
+            )
         else:
             continue
         problems.setdefault(problem, []).append(resource)
-    return [f"{problem}; {len(set(found))} resource(s), e.g. {sorted(found)[0]}" for problem, found in
-            sorted(problems.items())]
+    return [
+        f"{problem}; {len(set(found))} resource(s), e.g. {sorted(found)[0]}"
+        for problem, found in sorted(problems.items())
+    ]
 
 
 def create_roles(iam_client, stack: Stack) -> dict[str, str]:
@@ -267,8 +306,9 @@ def create_roles(iam_client, stack: Stack) -> dict[str, str]:
         with contextlib.suppress(iam_client.exceptions.EntityAlreadyExistsException):
             iam_client.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(role["trust"]))
         for number, document in enumerate(role["policies"]):
-            iam_client.put_role_policy(RoleName=name, PolicyName=f"{name}-{number}",
-                                       PolicyDocument=json.dumps(document))
+            iam_client.put_role_policy(
+                RoleName=name, PolicyName=f"{name}-{number}", PolicyDocument=json.dumps(document)
+            )
         created[logical] = role["arn"]
     return created
 
@@ -276,8 +316,10 @@ def create_roles(iam_client, stack: Stack) -> dict[str, str]:
 def service_role(iam_client, name: str, *services: str) -> str:
     """A role that `services` may assume and that grants nothing: for tests and benchmarks whose calls
     no policy of ours is meant to cover. Returns its ARN."""
-    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": list(services)},
-                                                     "Action": "sts:AssumeRole"}]}
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"Service": list(services)}, "Action": "sts:AssumeRole"}],
+    }
     try:
         return iam_client.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
     except iam_client.exceptions.EntityAlreadyExistsException:

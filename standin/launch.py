@@ -25,8 +25,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def airflow_connection(moto: str, standin: str | None = None, *, login: str | None = WORKER_ACCESS_KEY_ID,
-                       services: tuple[str, ...] = STANDIN_SERVICES) -> dict:
+def airflow_connection(
+    moto: str,
+    standin: str | None = None,
+    *,
+    login: str | None = WORKER_ACCESS_KEY_ID,
+    services: tuple[str, ...] = STANDIN_SERVICES,
+) -> dict:
     """The Airflow AWS connection of the local stack: S3, logs and SNS on the moto server at `moto`,
     `services` (SageMaker, SageMaker Runtime and Lambda) on the stand-in at `standin`, signing as
     `login` (the Airflow worker's key; None: the environment's credentials). On AWS the same DAGs run
@@ -57,16 +62,26 @@ def start_moto(port: int | None = None, call_log: Path | None = None) -> tuple[s
     With `call_log`, every request's IAM actions are written there (standin.aws_calls)."""
     port = port or free_port()
     log = ["--call-log", str(call_log)] if call_log else []
-    process = subprocess.Popen([sys.executable, "-m", "standin.moto_server", "-H", "127.0.0.1", "-p", str(port), *log],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "standin.moto_server", "-H", "127.0.0.1", "-p", str(port), *log],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     wait_until_up(f"{endpoint}/moto-api/", process)
     return process, endpoint
 
 
-def start_standin(state_dir: Path, aws_endpoint: str, container_python: Path, port: int | None = None,
-                  api_key: str | None = None, extra_args: tuple[str, ...] = (),
-                  call_log: Path | None = None) -> tuple[subprocess.Popen, str]:
+def start_standin(
+    state_dir: Path,
+    aws_endpoint: str,
+    container_python: Path,
+    port: int | None = None,
+    api_key: str | None = None,
+    extra_args: tuple[str, ...] = (),
+    call_log: Path | None = None,
+) -> tuple[subprocess.Popen, str]:
     """The SageMaker and Lambda stand-in (and the local API gateway, requiring `api_key` when given)
     on loopback; returns the process and its endpoint. `extra_args` are more `standin.server` flags;
     with `call_log`, every request's IAM actions are written there (standin.aws_calls)."""
@@ -74,10 +89,25 @@ def start_standin(state_dir: Path, aws_endpoint: str, container_python: Path, po
     key = ["--api-key", api_key, *extra_args] if api_key else list(extra_args)
     if call_log:
         key += ["--call-log", str(call_log)]
-    process = subprocess.Popen([sys.executable, "-m", "standin.server", "--port", str(port), "--state-dir",
-                                str(state_dir), "--aws-endpoint", aws_endpoint, "--container-python",
-                                str(container_python), *key], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "standin.server",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(state_dir),
+            "--aws-endpoint",
+            aws_endpoint,
+            "--container-python",
+            str(container_python),
+            *key,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     wait_until_up(f"{endpoint}/health", process)
     return process, endpoint

@@ -26,8 +26,9 @@ REGION_ACCOUNT = "us-east-1", ACCOUNT
 _SCOPE = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/([^/]+)/")
 
 
-def s3_actions(method: str, path: str, query: dict[str, list[str]], headers: dict[str, str],
-               body: bytes) -> list[tuple[str, str]]:
+def s3_actions(
+    method: str, path: str, query: dict[str, list[str]], headers: dict[str, str], body: bytes
+) -> list[tuple[str, str]]:
     """The IAM actions one S3 REST request needs (the Service Authorization Reference's names, which
     differ from the API's: HeadObject is s3:GetObject, ListObjectsV2 is s3:ListBucket, ...)."""
     bucket, _, key = unquote(path).lstrip("/").partition("/")
@@ -38,9 +39,14 @@ def s3_actions(method: str, path: str, query: dict[str, list[str]], headers: dic
         if method == "POST" and "delete" in query:  # DeleteObjects: s3:DeleteObject on each key
             keys = re.findall(rb"<Key>(.*?)</Key>", body)
             return [("s3:DeleteObject", f"{bucket_arn}/{k.decode()}") for k in keys]
-        by_query = {"location": "s3:GetBucketLocation", "versions": "s3:ListBucketVersions",
-                    "uploads": "s3:ListBucketMultipartUploads", "policy": f"s3:{method.title()}BucketPolicy",
-                    "tagging": f"s3:{method.title()}BucketTagging", "notification": "s3:PutBucketNotification"}
+        by_query = {
+            "location": "s3:GetBucketLocation",
+            "versions": "s3:ListBucketVersions",
+            "uploads": "s3:ListBucketMultipartUploads",
+            "policy": f"s3:{method.title()}BucketPolicy",
+            "tagging": f"s3:{method.title()}BucketTagging",
+            "notification": "s3:PutBucketNotification",
+        }
         for name, action in by_query.items():
             if name in query:
                 return [(action, bucket_arn)]
@@ -109,8 +115,11 @@ class RecordingMiddleware:
     def _body(environ, headers: dict[str, str]) -> bytes:
         # Only what an action's resource depends on is read: JSON and form bodies, DeleteObjects' list.
         content_type = headers.get("content-type", "")
-        wanted = ("json" in content_type or "x-www-form-urlencoded" in content_type
-                  or "delete" in environ.get("QUERY_STRING", ""))
+        wanted = (
+            "json" in content_type
+            or "x-www-form-urlencoded" in content_type
+            or "delete" in environ.get("QUERY_STRING", "")
+        )
         length = int(environ.get("CONTENT_LENGTH") or 0)
         if not wanted or not length:
             return b""
@@ -138,16 +147,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-H", "--host", default="127.0.0.1", help="address to bind (loopback by default)")
     parser.add_argument("-p", "--port", type=int, default=int(os.environ.get("MOTO_PORT", 5000)), help="port")
-    parser.add_argument("--call-log", default=os.environ.get("BIN_COUNTER_AWS_CALL_LOG"),
-                        help="append each request's IAM actions here as JSON lines (default: "
-                             "$BIN_COUNTER_AWS_CALL_LOG; none: no log)")
+    parser.add_argument(
+        "--call-log",
+        default=os.environ.get("BIN_COUNTER_AWS_CALL_LOG"),
+        help="append each request's IAM actions here as JSON lines (default: $BIN_COUNTER_AWS_CALL_LOG; none: no log)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MOTO_PORT", str(args.port))  # moto builds some URLs (SQS queues) from it
     # One account for the whole local stack: moto's ARNs (topics, queues) name the stand-in's account.
     os.environ.setdefault("MOTO_ACCOUNT_ID", ACCOUNT)
     app = DomainDispatcherApplication(create_backend_app)
-    run_simple(args.host, args.port, RecordingMiddleware(app, CallLog(args.call_log)), threaded=True,
-               use_reloader=False)
+    run_simple(
+        args.host, args.port, RecordingMiddleware(app, CallLog(args.call_log)), threaded=True, use_reloader=False
+    )
 
 
 if __name__ == "__main__":

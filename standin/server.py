@@ -68,8 +68,11 @@ def make_handler(sagemaker: SageMakerResponse, lambdas: LambdaResponse, gateway:
             elif self.path == "/health":
                 self._write(json_answer(200, {"status": "ok"}, request_id))
             else:
-                self._write(json_answer(404, {"__type": "UnknownOperationException",
-                                              "message": f"no such path {self.path}"}, request_id))
+                self._write(
+                    json_answer(
+                        404, {"__type": "UnknownOperationException", "message": f"no such path {self.path}"}, request_id
+                    )
+                )
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
@@ -102,30 +105,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     parser.add_argument("--port", type=int, default=5055, help="port to listen on")
     parser.add_argument("--state-dir", default="build/standin", help="jobs and their files; kept across restarts")
-    parser.add_argument("--aws-endpoint", required=True,
-                        help="endpoint of the other AWS services: S3 and CloudWatch Logs (the moto server)")
+    parser.add_argument(
+        "--aws-endpoint",
+        required=True,
+        help="endpoint of the other AWS services: S3 and CloudWatch Logs (the moto server)",
+    )
     parser.add_argument("--container-python", required=True, help="Python of the container-side environment")
     parser.add_argument("--log-file", default=None, help="log here as well as to stderr")
-    parser.add_argument("--call-log", default=os.environ.get("BIN_COUNTER_AWS_CALL_LOG"),
-                        help="append each request's IAM actions here as JSON lines, as standin.moto_server does "
-                             "(default: $BIN_COUNTER_AWS_CALL_LOG; none: no log)")
-    parser.add_argument("--api-function", default="bin-counter-api",
-                        help="the Lambda function behind the local API Gateway route POST /count")
-    parser.add_argument("--api-key", default=os.environ.get("BIN_COUNTER_API_KEY") or None,
-                        help="API key the local gateway requires in x-api-key (default: $BIN_COUNTER_API_KEY; "
-                             "none: no key needed)")
-    parser.add_argument("--api-max-in-flight", type=int, default=8,
-                        help="requests the local gateway runs at once; more get 429 (API Gateway's throttling)")
-    parser.add_argument("--invoke-rate", type=float, default=0.0,
-                        help="InvokeEndpoint calls per second per endpoint before ThrottlingException "
-                             "(0: unlimited)")
+    parser.add_argument(
+        "--call-log",
+        default=os.environ.get("BIN_COUNTER_AWS_CALL_LOG"),
+        help="append each request's IAM actions here as JSON lines, as standin.moto_server does "
+        "(default: $BIN_COUNTER_AWS_CALL_LOG; none: no log)",
+    )
+    parser.add_argument(
+        "--api-function",
+        default="bin-counter-api",
+        help="the Lambda function behind the local API Gateway route POST /count",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("BIN_COUNTER_API_KEY") or None,
+        help="API key the local gateway requires in x-api-key (default: $BIN_COUNTER_API_KEY; none: no key needed)",
+    )
+    parser.add_argument(
+        "--api-max-in-flight",
+        type=int,
+        default=8,
+        help="requests the local gateway runs at once; more get 429 (API Gateway's throttling)",
+    )
+    parser.add_argument(
+        "--invoke-rate",
+        type=float,
+        default=0.0,
+        help="InvokeEndpoint calls per second per endpoint before ThrottlingException (0: unlimited)",
+    )
     parser.add_argument("--invoke-burst", type=int, default=1, help="calls allowed at once above --invoke-rate")
-    parser.add_argument("--role-check", choices=("iam", "off"), default="iam",
-                        help="iam (default): refuse a job, model or function whose role does not exist in IAM on "
-                             "--aws-endpoint or does not trust the service, as AWS does; off: accept any role")
-    parser.add_argument("--unhealthy-models", default=None, metavar="REGEX",
-                        help="failure drills: endpoints fail to create or update onto models whose name matches "
-                             "REGEX, with SageMaker's health-check FailureReason (an update is rolled back)")
+    parser.add_argument(
+        "--role-check",
+        choices=("iam", "off"),
+        default="iam",
+        help="iam (default): refuse a job, model or function whose role does not exist in IAM on "
+        "--aws-endpoint or does not trust the service, as AWS does; off: accept any role",
+    )
+    parser.add_argument(
+        "--unhealthy-models",
+        default=None,
+        metavar="REGEX",
+        help="failure drills: endpoints fail to create or update onto models whose name matches "
+        "REGEX, with SageMaker's health-check FailureReason (an update is rolled back)",
+    )
     args = parser.parse_args(argv)
     handlers = [logging.StreamHandler()]
     if args.log_file:
@@ -139,9 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AWS_ENDPOINT_URL", args.aws_endpoint)
     # Absolute: jobs run in their own working folders and find /opt/ml through this path.
     roles = RoleCheck(args.aws_endpoint, enabled=args.role_check == "iam")
-    sagemaker = SageMakerBackend(Path(args.state_dir).resolve(), args.aws_endpoint, args.container_python,
-                                 invoke_rate=args.invoke_rate, invoke_burst=args.invoke_burst,
-                                 unhealthy_models=args.unhealthy_models, roles=roles)
+    sagemaker = SageMakerBackend(
+        Path(args.state_dir).resolve(),
+        args.aws_endpoint,
+        args.container_python,
+        invoke_rate=args.invoke_rate,
+        invoke_burst=args.invoke_burst,
+        unhealthy_models=args.unhealthy_models,
+        roles=roles,
+    )
     lambdas = LambdaBackend(Path(args.state_dir).resolve(), roles=roles)
     gateway = Gateway(lambdas, args.api_function, args.api_key, max_in_flight=args.api_max_in_flight)
     calls = CallLog(args.call_log)

@@ -37,9 +37,9 @@ def png_claiming_size(width: int, height: int) -> bytes:
     """A small PNG whose header claims `width` x `height` pixels: a decompression bomb's shape."""
     data = bytearray(make_bin_image(1, 0, (16, 16), "PNG"))
     ihdr = 8 + 8  # signature, then length and type of the IHDR chunk
-    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])) & 0xFFFFFFFF
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])) & 0xFFFFFFFF
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
     return bytes(data)
 
 
@@ -100,8 +100,12 @@ REQUEST_FAULTS = [
     ("octet-stream", _JPEG, "application/octet-stream", "unsupported_content_type"),
     ("not JSON", b'{"image": ', "application/json", "malformed_json"),
     ("JSON without an image", b'{"picture": "abc"}', "application/json", "malformed_request"),
-    ("both image and images", _json({"image": _b64(_JPEG), "images": [_b64(_JPEG)]}), "application/json",
-     "malformed_request"),
+    (
+        "both image and images",
+        _json({"image": _b64(_JPEG), "images": [_b64(_JPEG)]}),
+        "application/json",
+        "malformed_request",
+    ),
     ("a bare list", _json([_b64(_JPEG)]), "application/json", "malformed_request"),
     ("an empty list", b'{"images": []}', "application/json", "malformed_request"),
     ("an image that is no string", b'{"image": 12}', "application/json", "malformed_request"),
@@ -148,8 +152,9 @@ def split_channels(tmp_path_factory) -> dict[str, Path]:
     """train/validation/test channels of generated images, counts 0..3 plus some 7s."""
     root = tmp_path_factory.mktemp("channels")
     per_count = {0: 5, 1: 5, 2: 5, 3: 5, 7: 3}
-    return {name: write_split_dir(root / name, per_count, seed) for seed, name in
-            enumerate(("train", "validation", "test"))}
+    return {
+        name: write_split_dir(root / name, per_count, seed) for seed, name in enumerate(("train", "validation", "test"))
+    }
 
 
 @pytest.fixture

@@ -222,17 +222,20 @@ class S3Store:
     def write(self, path: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data)
 
-    def listing(self, folder: str = "", first: str | None = None,
-                last: str | None = None) -> dict[str, tuple[int, str]]:
+    def listing(
+        self, folder: str = "", first: str | None = None, last: str | None = None
+    ) -> dict[str, tuple[int, str]]:
         """The objects under `folder`, or only those whose paths lie between `first` and `last`
         (inclusive, in S3's order): path -> (size, ETag). One request per thousand objects, where a
         HEAD per object would take one each."""
         found = {}
         start = len(self._key(""))
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self._key(folder),
+            Bucket=self.bucket,
+            Prefix=self._key(folder),
             # StartAfter is exclusive: start just before `first` (a string one character shorter sorts first).
-            **({"StartAfter": self._key(first)[:-1]} if first else {}))
+            **({"StartAfter": self._key(first)[:-1]} if first else {}),
+        )
         for page in pages:
             for obj in page.get("Contents", []):
                 path = obj["Key"][start:]

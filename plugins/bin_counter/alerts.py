@@ -48,8 +48,11 @@ class AlertNotifier(SnsNotifier):
 
     def notify(self, context) -> None:
         if not self.target_arn:
-            log.warning("alerts are off: set the Airflow Variable %s to an SNS topic ARN (alert: %s)",
-                        TOPIC_VARIABLE, self.subject)
+            log.warning(
+                "alerts are off: set the Airflow Variable %s to an SNS topic ARN (alert: %s)",
+                TOPIC_VARIABLE,
+                self.subject,
+            )
             return
         try:
             super().notify(context)

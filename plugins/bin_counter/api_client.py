@@ -29,8 +29,11 @@ def add_target_arguments(parser: argparse.ArgumentParser, paths_help: str) -> No
     """The images and the API they go to: what every command-line tool of the API takes."""
     parser.add_argument("paths", nargs="+", help=paths_help)
     parser.add_argument("--url", required=True, help="the API's POST /count URL")
-    parser.add_argument("--api-key", default=os.environ.get("BIN_COUNTER_API_KEY"),
-                        help="sent as x-api-key (default: $BIN_COUNTER_API_KEY)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("BIN_COUNTER_API_KEY"),
+        help="sent as x-api-key (default: $BIN_COUNTER_API_KEY)",
+    )
 
 
 def request_headers(image: Path, api_key: str | None) -> dict[str, str]:
@@ -59,8 +62,9 @@ def images_in(paths: list[str]) -> list[Path]:
     return found
 
 
-def count(url: str, image: Path, api_key: str | None, expected: int | None, timeout: float,
-          attempts: int) -> tuple[int, dict]:
+def count(
+    url: str, image: Path, api_key: str | None, expected: int | None, timeout: float, attempts: int
+) -> tuple[int, dict]:
     """(HTTP status, answer) for one image."""
     target = f"{url}?expected={expected}" if expected is not None else url
     headers = request_headers(image, api_key)
@@ -85,8 +89,9 @@ def describe(image: Path, status: int, answer: dict) -> str:
     if status != 200:
         error = answer.get("error", "error")
         return f"{image}: {status} {error}: {answer.get('message', '')}"
-    line = (f"{image}: {answer['count']} items (confidence {answer['confidence']:.2f}, "
-            f"model {answer.get('model_version')})")
+    line = (
+        f"{image}: {answer['count']} items (confidence {answer['confidence']:.2f}, model {answer.get('model_version')})"
+    )
     if "verdict" in answer:
         line += f"; expected {answer['expected']}: {answer['verdict']} (p={answer['expected_probability']})"
     return line
@@ -109,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, urllib.error.URLError) as exc:
             status, answer = 0, {"error": "unreachable", "message": str(exc)}
         failures += status != 200
-        print(json.dumps({"image": str(image), "status": status, **answer}) if args.json
-              else describe(image, status, answer), flush=True)
+        print(
+            json.dumps({"image": str(image), "status": status, **answer})
+            if args.json
+            else describe(image, status, answer),
+            flush=True,
+        )
     return 1 if failures else 0
 
 

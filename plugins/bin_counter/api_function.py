@@ -59,10 +59,16 @@ def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str)
         existing = None
     if existing is None:
         created = lambda_client.create_function(
-            FunctionName=name, Runtime=settings["Runtime"], Role=role_arn, Handler=settings["Handler"],
-            Code={"ZipFile": code}, Timeout=settings["Timeout"], MemorySize=settings["MemorySize"],
+            FunctionName=name,
+            Runtime=settings["Runtime"],
+            Role=role_arn,
+            Handler=settings["Handler"],
+            Code={"ZipFile": code},
+            Timeout=settings["Timeout"],
+            MemorySize=settings["MemorySize"],
             Environment={"Variables": {**settings["Environment"], "ENDPOINT_NAME": endpoint_name}},
-            Description="bin-counter public API: counts items in a bin photo")
+            Description="bin-counter public API: counts items in a bin photo",
+        )
         log.info("created Lambda function %s for endpoint %s", name, endpoint_name)
         arn = created["FunctionArn"]
     else:
@@ -80,8 +86,9 @@ def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str)
 
 def _wait_updated(lambda_client, name: str) -> None:
     # On AWS a function takes seconds to apply an update and refuses a second one meanwhile.
-    lambda_client.get_waiter("function_updated_v2").wait(FunctionName=name,
-                                                         WaiterConfig={"Delay": 2, "MaxAttempts": 60})
+    lambda_client.get_waiter("function_updated_v2").wait(
+        FunctionName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 60}
+    )
 
 
 # -- the smoke check -----------------------------------------------------------------------------
@@ -96,17 +103,28 @@ def smoke_images(s3, photos: list[dict], how_many: int) -> list[dict]:
     chosen: list[dict] = []
     for i in range(max(len(group) for group in by_count.values())):
         chosen += [group[i] for _, group in sorted(by_count.items()) if i < len(group)]
-    return [{"key": p["key"], "count": p["count"],
-             "base64": base64.b64encode(s3.get_object(Bucket=p["bucket"], Key=p["object"])["Body"].read()).decode()}
-            for p in chosen[:how_many]]
+    return [
+        {
+            "key": p["key"],
+            "count": p["count"],
+            "base64": base64.b64encode(s3.get_object(Bucket=p["bucket"], Key=p["object"])["Body"].read()).decode(),
+        }
+        for p in chosen[:how_many]
+    ]
 
 
 def api_event(images: list[dict]) -> dict:
     """The event API Gateway (REST, proxy integration) sends for a JSON request with these images."""
-    return {"resource": "/count", "path": "/count", "httpMethod": "POST",
-            "headers": {"Content-Type": "application/json"}, "queryStringParameters": None,
-            "requestContext": {"resourcePath": "/count", "httpMethod": "POST", "stage": "smoke-check"},
-            "body": json.dumps({"images": [i["base64"] for i in images]}), "isBase64Encoded": False}
+    return {
+        "resource": "/count",
+        "path": "/count",
+        "httpMethod": "POST",
+        "headers": {"Content-Type": "application/json"},
+        "queryStringParameters": None,
+        "requestContext": {"resourcePath": "/count", "httpMethod": "POST", "stage": "smoke-check"},
+        "body": json.dumps({"images": [i["base64"] for i in images]}),
+        "isBase64Encoded": False,
+    }
 
 
 class SmokeCheckFailed(AssertionError):
@@ -133,11 +151,26 @@ def check_answers(payload: str | bytes | Mapping, images: list[dict], classes: i
     for image, prediction in zip(images, predictions, strict=True):
         probabilities = prediction.get("probabilities")
         count = prediction.get("count")
-        if (not isinstance(count, int) or not isinstance(probabilities, list) or not probabilities
-                or abs(sum(probabilities) - 1) > 1e-3 or not 0 <= count < len(probabilities)
-                or (classes is not None and len(probabilities) != classes)):
+        if (
+            not isinstance(count, int)
+            or not isinstance(probabilities, list)
+            or not probabilities
+            or abs(sum(probabilities) - 1) > 1e-3
+            or not 0 <= count < len(probabilities)
+            or (classes is not None and len(probabilities) != classes)
+        ):
             raise SmokeCheckFailed(f"malformed prediction for {image['key']}: {json.dumps(prediction)[:300]}")
-        rows.append({"key": image["key"], "true": image["count"], "predicted": count,
-                     "confidence": prediction.get("confidence")})
-    return {"model_version": body.get("model_version"), "request_id": body.get("request_id"),
-            "correct": sum(r["true"] == r["predicted"] for r in rows), "images": rows}
+        rows.append(
+            {
+                "key": image["key"],
+                "true": image["count"],
+                "predicted": count,
+                "confidence": prediction.get("confidence"),
+            }
+        )
+    return {
+        "model_version": body.get("model_version"),
+        "request_id": body.get("request_id"),
+        "correct": sum(r["true"] == r["predicted"] for r in rows),
+        "images": rows,
+    }

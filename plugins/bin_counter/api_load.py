@@ -43,7 +43,10 @@ class LoadResult:
         answered = sum(n for status, n in self.statuses.items() if status != NO_ANSWER)
         ok = sorted(self.latencies_ms)
         return {
-            "clients": self.clients, "seconds": round(self.seconds, 1), "sent": self.sent, "answered": answered,
+            "clients": self.clients,
+            "seconds": round(self.seconds, 1),
+            "sent": self.sent,
+            "answered": answered,
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "failed": sum(n for status, n in self.statuses.items() if status != 200 and status not in allowed),
             "ok_per_s": round(len(ok) / self.seconds, 2) if self.seconds else 0.0,
@@ -114,8 +117,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_target_arguments(parser, "images, or folders of .jpg/.png images, sent in turn")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients, each sending back to back")
     parser.add_argument("--seconds", type=float, default=30, help="how long to send")
-    parser.add_argument("--expected-status", type=int, action="append", default=[],
-                        help="a status that is not a failure besides 200 (e.g. 429 above the rated load)")
+    parser.add_argument(
+        "--expected-status",
+        type=int,
+        action="append",
+        default=[],
+        help="a status that is not a failure besides 200 (e.g. 429 above the rated load)",
+    )
     return parser
 
 

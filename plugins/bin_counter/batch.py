@@ -78,18 +78,28 @@ def batch_model(sm, model_name: str | None, endpoint_name: str) -> dict:
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ValidationException":
                 raise
-            raise BatchInputError(f"the SageMaker model {model_name} does not exist (SageMaker says: "
-                                  f"{exc.response['Error'].get('Message')}). Set the model Param to a model that "
-                                  "exists (aws sagemaker list-models), or leave it empty to count with the one "
-                                  f"the endpoint {endpoint_name} serves.") from exc
-        return {"model": model_name, "model_data_url": model["PrimaryContainer"]["ModelDataUrl"],
-                "source": "the model Param"}
+            raise BatchInputError(
+                f"the SageMaker model {model_name} does not exist (SageMaker says: "
+                f"{exc.response['Error'].get('Message')}). Set the model Param to a model that "
+                "exists (aws sagemaker list-models), or leave it empty to count with the one "
+                f"the endpoint {endpoint_name} serves."
+            ) from exc
+        return {
+            "model": model_name,
+            "model_data_url": model["PrimaryContainer"]["ModelDataUrl"],
+            "source": "the model Param",
+        }
     serving = serving_model(sm, endpoint_name)
     if serving is None:
-        raise BatchInputError(f"the endpoint {endpoint_name} does not exist, so there is no serving model to count "
-                              "with: run bin_count_retrain first, or set the model Param to a SageMaker model.")
-    return {"model": serving["model"], "model_data_url": serving["model_data_url"],
-            "source": f"endpoint {endpoint_name} ({serving['endpoint_config']})"}
+        raise BatchInputError(
+            f"the endpoint {endpoint_name} does not exist, so there is no serving model to count "
+            "with: run bin_count_retrain first, or set the model Param to a SageMaker model."
+        )
+    return {
+        "model": serving["model"],
+        "model_data_url": serving["model_data_url"],
+        "source": f"endpoint {endpoint_name} ({serving['endpoint_config']})",
+    }
 
 
 # -- the photos -----------------------------------------------------------------------------------
@@ -108,7 +118,7 @@ def list_photos(s3, input_uri: str, skip_prefix: str | None = None) -> tuple[str
             key = obj["Key"]
             if key.endswith("/") or (skip_prefix and key.startswith(skip_prefix)):
                 continue
-            photos.append({"key": key, "relative": key[len(prefix):], "size": obj["Size"]})
+            photos.append({"key": key, "relative": key[len(prefix) :], "size": obj["Size"]})
     return f"s3://{bucket}/{prefix}", sorted(photos, key=lambda p: p["key"])
 
 
@@ -126,8 +136,10 @@ def manifest_photos(s3, manifest_uri: str) -> tuple[str, list[dict]]:
         sizes.update((obj["Key"], obj["Size"]) for obj in page.get("Contents", []))
     gone = [entry for entry in entries if root + entry not in sizes]
     if gone:
-        raise BatchInputError(f"{len(gone)} photos that {manifest_uri} lists are not in s3://{root_bucket}/{root} "
-                              f"(first: {gone[:3]}): the dataset's photos were deleted")
+        raise BatchInputError(
+            f"{len(gone)} photos that {manifest_uri} lists are not in s3://{root_bucket}/{root} "
+            f"(first: {gone[:3]}): the dataset's photos were deleted"
+        )
     photos = [{"key": root + entry, "relative": entry, "size": sizes[root + entry]} for entry in entries]
     return f"s3://{root_bucket}/{root}", sorted(photos, key=lambda p: p["key"])
 
@@ -138,8 +150,10 @@ def expected_source(source: str | None, input_is_dataset: bool, input_uri: str) 
     source = source or "auto"
     if source != "auto":
         if source not in EXPECTED_SOURCES and not source.startswith("s3://"):
-            raise BatchInputError(f"expected={source!r}: choose one of {EXPECTED_SOURCES} or an s3:// URI of a "
-                                  "CSV (key,expected) or JSON lines ({\"key\": ..., \"expected\": ...}) file")
+            raise BatchInputError(
+                f"expected={source!r}: choose one of {EXPECTED_SOURCES} or an s3:// URI of a "
+                'CSV (key,expected) or JSON lines ({"key": ..., "expected": ...}) file'
+            )
         return source
     if input_is_dataset:  # a dataset's split: its manifest (ABID's layout) or, copied, its count folders
         return "abid_metadata" if input_uri.endswith(MANIFEST_SUFFIX) else "dataset_folders"
@@ -178,8 +192,9 @@ def parse_expected_file(text: str) -> dict[str, int | None]:
                 record = json.loads(line)
                 found[str(record["key"])] = _count(record.get("expected"))
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise BatchInputError(f"expected counts, line {number}: not a JSON object with a key: {line[:80]!r}"
-                                      ) from exc
+                raise BatchInputError(
+                    f"expected counts, line {number}: not a JSON object with a key: {line[:80]!r}"
+                ) from exc
         return found
     for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
         if not row or (number == 1 and row[0].strip().lower() == "key"):
@@ -197,6 +212,7 @@ def expected_counts(s3, source: str, bucket: str, photos: list[dict]) -> dict[st
     if source == "dataset_folders":  # datasets/<version>/<split>/<count>/<key>.jpg
         return {p["key"]: _count(PurePosixPath(p["key"]).parent.name) for p in photos}
     if source == "abid_metadata":
+
         def read(photo: dict) -> tuple[str, int | None]:
             try:
                 body = s3.get_object(Bucket=bucket, Key=metadata_key(photo["key"]))["Body"].read()
@@ -217,8 +233,12 @@ def expected_counts(s3, source: str, bucket: str, photos: list[dict]) -> dict[st
         raise BatchInputError(f"the expected counts file {source} cannot be read: {exc}") from exc
     listed = parse_expected_file(text)
     # A file names photos by their key, their key relative to the input prefix, or their ABID id.
-    return {p["key"]: next((listed[k] for k in (p["key"], p["relative"], PurePosixPath(p["key"]).stem)
-                            if k in listed), None) for p in photos}
+    return {
+        p["key"]: next(
+            (listed[k] for k in (p["key"], p["relative"], PurePosixPath(p["key"]).stem) if k in listed), None
+        )
+        for p in photos
+    }
 
 
 def plan_photos(photos: list[dict], max_payload_mb: int) -> tuple[list[dict], list[dict]]:
@@ -228,9 +248,14 @@ def plan_photos(photos: list[dict], max_payload_mb: int) -> tuple[list[dict], li
     sent, refused = [], []
     for photo in photos:
         if photo["size"] > limit:
-            refused.append({**photo, "error": "too_large",
-                            "message": f"the photo is {photo['size']} bytes; the transform job's MaxPayloadInMB "
-                                       f"is {max_payload_mb} ({limit} bytes)"})
+            refused.append(
+                {
+                    **photo,
+                    "error": "too_large",
+                    "message": f"the photo is {photo['size']} bytes; the transform job's MaxPayloadInMB "
+                    f"is {max_payload_mb} ({limit} bytes)",
+                }
+            )
         else:
             sent.append(photo)
     return sent, refused
@@ -254,18 +279,33 @@ def prepare(s3, input_uri: str, output_uri: str, expected: str, max_payload_mb: 
     counts = expected_counts(s3, expected, split_s3_uri(root)[0], photos)
     sent, refused = plan_photos(photos, max_payload_mb)
     if not sent:
-        raise BatchInputError(f"none of the {len(photos)} objects under {input_uri} can be sent: every one is "
-                              f"bigger than MaxPayloadInMB={max_payload_mb}")
-    rows = [{"key": p["key"], "relative": p["relative"], "size": p["size"], "expected": counts.get(p["key"]),
-             **({"error": p["error"], "message": p["message"]} if "error" in p else {})}
-            for p in sorted(sent + refused, key=lambda p: p["key"])]
+        raise BatchInputError(
+            f"none of the {len(photos)} objects under {input_uri} can be sent: every one is "
+            f"bigger than MaxPayloadInMB={max_payload_mb}"
+        )
+    rows = [
+        {
+            "key": p["key"],
+            "relative": p["relative"],
+            "size": p["size"],
+            "expected": counts.get(p["key"]),
+            **({"error": p["error"], "message": p["message"]} if "error" in p else {}),
+        }
+        for p in sorted(sent + refused, key=lambda p: p["key"])
+    ]
     s3.put_object(Bucket=out_bucket, Key=out_prefix + MANIFEST, Body=json.dumps(manifest(root, sent)).encode())
     s3.put_object(Bucket=out_bucket, Key=out_prefix + PLAN, Body=json.dumps(rows).encode())
-    return {"input_uri": input_uri, "output_uri": f"s3://{out_bucket}/{out_prefix}", "expected": expected,
-            "manifest_uri": f"s3://{out_bucket}/{out_prefix}{MANIFEST}",
-            "transform_output_uri": f"s3://{out_bucket}/{out_prefix}{TRANSFORM}",
-            "photos": len(photos), "sent": len(sent), "refused": len(refused),
-            "with_expected": sum(1 for r in rows if r["expected"] is not None)}
+    return {
+        "input_uri": input_uri,
+        "output_uri": f"s3://{out_bucket}/{out_prefix}",
+        "expected": expected,
+        "manifest_uri": f"s3://{out_bucket}/{out_prefix}{MANIFEST}",
+        "transform_output_uri": f"s3://{out_bucket}/{out_prefix}{TRANSFORM}",
+        "photos": len(photos),
+        "sent": len(sent),
+        "refused": len(refused),
+        "with_expected": sum(1 for r in rows if r["expected"] is not None),
+    }
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -276,8 +316,10 @@ def api_verdict() -> Callable[[list[float], int], dict]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     settings = function_settings().get("Environment", {})
-    limits = (float(settings.get("MATCH_THRESHOLD", module.DEFAULT_MATCH_THRESHOLD)),
-              float(settings.get("MISMATCH_THRESHOLD", module.DEFAULT_MISMATCH_THRESHOLD)))
+    limits = (
+        float(settings.get("MATCH_THRESHOLD", module.DEFAULT_MATCH_THRESHOLD)),
+        float(settings.get("MISMATCH_THRESHOLD", module.DEFAULT_MISMATCH_THRESHOLD)),
+    )
 
     def judge(probabilities: list[float], expected: int) -> dict:
         return module.verdict(probabilities, expected, limits)
@@ -291,18 +333,38 @@ def report_row(planned: Mapping, answer: bytes | None, judge: Callable[[list[flo
     if "error" in planned:
         return {**row, "count": None, "verdict": "failed", "error": planned["error"], "message": planned["message"]}
     if answer is None:
-        return {**row, "count": None, "verdict": "failed", "error": "no_output",
-                "message": "the transform job wrote no output for this photo (see the job's log)"}
+        return {
+            **row,
+            "count": None,
+            "verdict": "failed",
+            "error": "no_output",
+            "message": "the transform job wrote no output for this photo (see the job's log)",
+        }
     try:
         result = json.loads(answer)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return {**row, "count": None, "verdict": "failed", "error": "malformed_output",
-                "message": f"the model's output is not JSON: {answer[:80]!r}"}
+        return {
+            **row,
+            "count": None,
+            "verdict": "failed",
+            "error": "malformed_output",
+            "message": f"the model's output is not JSON: {answer[:80]!r}",
+        }
     if "error" in result:
-        return {**row, "count": None, "verdict": "failed", "error": result["error"],
-                "message": result.get("message", ""), "model_version": result.get("model_version")}
-    row.update(count=result["count"], confidence=result["confidence"], expected_count=result.get("expected_count"),
-               model_version=result.get("model_version"))
+        return {
+            **row,
+            "count": None,
+            "verdict": "failed",
+            "error": result["error"],
+            "message": result.get("message", ""),
+            "model_version": result.get("model_version"),
+        }
+    row.update(
+        count=result["count"],
+        confidence=result["confidence"],
+        expected_count=result.get("expected_count"),
+        model_version=result.get("model_version"),
+    )
     if planned["expected"] is None:
         return {**row, "verdict": None}
     return {**row, **judge(result["probabilities"], planned["expected"])}
@@ -332,13 +394,16 @@ def summarize(rows: list[dict], job: Mapping, model: Mapping) -> dict:
     verdicts = Counter(r["verdict"] for r in rows if r["verdict"] not in (None, "failed"))
     versions = sorted({r["model_version"] for r in counted if r.get("model_version")})
     return {
-        "photos": len(rows), "counted": len(counted), "failed": len(failures),
+        "photos": len(rows),
+        "counted": len(counted),
+        "failed": len(failures),
         "counts": {str(k): v for k, v in sorted(Counter(r["count"] for r in counted).items())},
         "with_expected": sum(1 for r in rows if r["expected"] is not None),
         "verdicts": {v: verdicts.get(v, 0) for v in ("match", "mismatch", "uncertain")},
         "failures_by_reason": dict(sorted(Counter(f["error"] for f in failures).items())),
         "failures": failures,
-        "model": model["model"], "model_versions": versions,
+        "model": model["model"],
+        "model_versions": versions,
         "transform_job": job.get("TransformJobName"),
     }
 
@@ -352,28 +417,37 @@ def write_report(s3, plan: Mapping, job: Mapping, model: Mapping) -> dict:
     rows = [report_row(p, outputs.get(p["key"]), judge) for p in planned]
     report = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
     s3.put_object(Bucket=out_bucket, Key=out_prefix + REPORT, Body=report.encode())
-    summary = {**summarize(rows, job, model), "report": f"s3://{out_bucket}/{out_prefix}{REPORT}",
-               "input": plan["input_uri"], "expected_source": plan["expected"]}
+    summary = {
+        **summarize(rows, job, model),
+        "report": f"s3://{out_bucket}/{out_prefix}{REPORT}",
+        "input": plan["input_uri"],
+        "expected_source": plan["expected"],
+    }
     s3.put_object(Bucket=out_bucket, Key=out_prefix + SUMMARY, Body=json.dumps(summary, indent=1).encode())
     return summary
 
 
 def summary_lines(summary: Mapping, failures_shown: int = 20) -> list[str]:
     """The summary as on-call staff read it in the task log."""
-    lines = [f"{summary['photos']} photos under {summary['input']}: {summary['counted']} counted, "
-             f"{summary['failed']} not counted; model {summary['model']} "
-             f"(version {', '.join(summary['model_versions']) or 'none'}), job {summary['transform_job']}",
-             "counts: " + (", ".join(f"{k}: {v}" for k, v in summary["counts"].items()) or "none")]
+    lines = [
+        f"{summary['photos']} photos under {summary['input']}: {summary['counted']} counted, "
+        f"{summary['failed']} not counted; model {summary['model']} "
+        f"(version {', '.join(summary['model_versions']) or 'none'}), job {summary['transform_job']}",
+        "counts: " + (", ".join(f"{k}: {v}" for k, v in summary["counts"].items()) or "none"),
+    ]
     if summary["with_expected"]:
         v = summary["verdicts"]
-        lines.append(f"against the expected counts ({summary['with_expected']} photos, from "
-                     f"{summary['expected_source']}): {v['match']} match, {v['mismatch']} mismatch, "
-                     f"{v['uncertain']} uncertain")
+        lines.append(
+            f"against the expected counts ({summary['with_expected']} photos, from "
+            f"{summary['expected_source']}): {v['match']} match, {v['mismatch']} mismatch, "
+            f"{v['uncertain']} uncertain"
+        )
     else:
         lines.append("no expected counts: no verdicts")
     if summary["failed"]:
-        lines.append("not counted, by reason: " + ", ".join(f"{k} {n}" for k, n in
-                                                             summary["failures_by_reason"].items()))
+        lines.append(
+            "not counted, by reason: " + ", ".join(f"{k} {n}" for k, n in summary["failures_by_reason"].items())
+        )
         for failure in summary["failures"][:failures_shown]:
             lines.append(f"  {failure['key']}: {failure['error']}: {failure['message']}")
         if summary["failed"] > failures_shown:

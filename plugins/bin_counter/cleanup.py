@@ -102,8 +102,9 @@ def endpoints_in_use(sm) -> dict[str, list[str]]:
 
 def serving_models(sm) -> set[str]:
     """The models any endpoint serves: whatever a deletion must leave alone."""
-    return {model for configs in endpoints_in_use(sm).values() for config in configs
-            for model in _config_models(sm, config)}
+    return {
+        model for configs in endpoints_in_use(sm).values() for config in configs for model in _config_models(sm, config)
+    }
 
 
 def delete_endpoint(sm, endpoint_name: str, dry_run: bool, poll_s: float = 15, max_wait_s: float = 900) -> dict:
@@ -117,22 +118,37 @@ def delete_endpoint(sm, endpoint_name: str, dry_run: bool, poll_s: float = 15, m
         endpoint = sm.describe_endpoint(EndpointName=endpoint_name)
     except ClientError as exc:
         if _not_found(exc):
-            return {"endpoint": endpoint_name, "deleted": False, "dry_run": dry_run, "endpoint_configs": [],
-                    "models_kept": [], "summary": f"nothing to delete: there is no endpoint {endpoint_name}"}
+            return {
+                "endpoint": endpoint_name,
+                "deleted": False,
+                "dry_run": dry_run,
+                "endpoint_configs": [],
+                "models_kept": [],
+                "summary": f"nothing to delete: there is no endpoint {endpoint_name}",
+            }
         raise
     configs = _endpoint_configs(endpoint)
     models = sorted({m for c in configs for m in _config_models(sm, c)})
-    report = {"endpoint": endpoint_name, "deleted": not dry_run, "dry_run": dry_run,
-              "status": endpoint["EndpointStatus"], "endpoint_configs": configs, "models_kept": models}
+    report = {
+        "endpoint": endpoint_name,
+        "deleted": not dry_run,
+        "dry_run": dry_run,
+        "status": endpoint["EndpointStatus"],
+        "endpoint_configs": configs,
+        "models_kept": models,
+    }
     if dry_run:
-        report["summary"] = (f"dry run: would delete endpoint {endpoint_name} ({endpoint['EndpointStatus']}) and "
-                             f"its configuration {', '.join(configs) or '(none)'}; would keep model(s) "
-                             f"{', '.join(models) or '(none)'}")
+        report["summary"] = (
+            f"dry run: would delete endpoint {endpoint_name} ({endpoint['EndpointStatus']}) and "
+            f"its configuration {', '.join(configs) or '(none)'}; would keep model(s) "
+            f"{', '.join(models) or '(none)'}"
+        )
         return report
     sm.delete_endpoint(EndpointName=endpoint_name)
     sm.get_waiter("endpoint_deleted").wait(
         EndpointName=endpoint_name,
-        WaiterConfig={"Delay": max(1, round(poll_s)), "MaxAttempts": max(1, int(max_wait_s // max(poll_s, 1)))})
+        WaiterConfig={"Delay": max(1, round(poll_s)), "MaxAttempts": max(1, int(max_wait_s // max(poll_s, 1)))},
+    )
     elsewhere = {c for other, used in endpoints_in_use(sm).items() if other != endpoint_name for c in used}
     report["endpoint_configs_kept"] = sorted(set(configs) & elsewhere)
     report["endpoint_configs"] = [c for c in configs if c not in elsewhere]
@@ -142,11 +158,16 @@ def delete_endpoint(sm, endpoint_name: str, dry_run: bool, poll_s: float = 15, m
         except ClientError as exc:
             if not _not_found(exc):
                 raise
-    kept = f"; kept configuration(s) {', '.join(report['endpoint_configs_kept'])} (other endpoints serve them)" \
-        if report["endpoint_configs_kept"] else ""
-    report["summary"] = (f"deleted endpoint {endpoint_name} and its configuration "
-                         f"{', '.join(report['endpoint_configs']) or '(none)'}{kept}; kept model(s) "
-                         f"{', '.join(models) or '(none)'}")
+    kept = (
+        f"; kept configuration(s) {', '.join(report['endpoint_configs_kept'])} (other endpoints serve them)"
+        if report["endpoint_configs_kept"]
+        else ""
+    )
+    report["summary"] = (
+        f"deleted endpoint {endpoint_name} and its configuration "
+        f"{', '.join(report['endpoint_configs']) or '(none)'}{kept}; kept model(s) "
+        f"{', '.join(models) or '(none)'}"
+    )
     return report
 
 
@@ -160,9 +181,15 @@ def expired_models(sm, serving_model_names: Iterable[str], older_than: datetime,
     an operator wants kept. `keep_latest` keeps the newest models whatever their age, so that after
     the endpoint is torn down there is still one to redeploy."""
     older_than, serving = _aware(older_than), set(serving_model_names)
-    ours = sorted((m for m in _sagemaker_list(sm, "list_models", "Models", NameContains=MODEL_PREFIX)
-                   if m["ModelName"].startswith(MODEL_PREFIX)), key=lambda m: m["CreationTime"])
-    newest = {m["ModelName"] for m in ours[len(ours) - keep_latest:]} if keep_latest > 0 else set()
+    ours = sorted(
+        (
+            m
+            for m in _sagemaker_list(sm, "list_models", "Models", NameContains=MODEL_PREFIX)
+            if m["ModelName"].startswith(MODEL_PREFIX)
+        ),
+        key=lambda m: m["CreationTime"],
+    )
+    newest = {m["ModelName"] for m in ours[len(ours) - keep_latest :]} if keep_latest > 0 else set()
     expired = [m for m in ours if m["CreationTime"] < older_than and m["ModelName"] not in serving | newest]
     if not expired:
         return []
@@ -171,8 +198,14 @@ def expired_models(sm, serving_model_names: Iterable[str], older_than: datetime,
         if summary["EndpointConfigName"].startswith(MODEL_PREFIX):
             for model in _config_models(sm, summary["EndpointConfigName"]):
                 by_model.setdefault(model, []).append(summary["EndpointConfigName"])
-    return [{"model": m["ModelName"], "created": m["CreationTime"].isoformat(),
-             "endpoint_configs": sorted(by_model.get(m["ModelName"], []))} for m in expired]
+    return [
+        {
+            "model": m["ModelName"],
+            "created": m["CreationTime"].isoformat(),
+            "endpoint_configs": sorted(by_model.get(m["ModelName"], [])),
+        }
+        for m in expired
+    ]
 
 
 def delete_models(sm, expired: Sequence[dict], dry_run: bool) -> dict:
@@ -185,15 +218,22 @@ def delete_models(sm, expired: Sequence[dict], dry_run: bool) -> dict:
         return {"dry_run": True, "models": models, "endpoint_configs": configs, "errors": []}
     errors, deleted_configs, deleted_models = [], [], []
     for kind, names, delete, done in (
-            ("endpoint config", configs, lambda n: sm.delete_endpoint_config(EndpointConfigName=n), deleted_configs),
-            ("model", models, lambda n: sm.delete_model(ModelName=n), deleted_models)):
+        ("endpoint config", configs, lambda n: sm.delete_endpoint_config(EndpointConfigName=n), deleted_configs),
+        ("model", models, lambda n: sm.delete_model(ModelName=n), deleted_models),
+    ):
         for name in names:
             try:
                 delete(name)
             except ClientError as exc:
                 if not _not_found(exc):
-                    errors.append({"kind": kind, "name": name, "code": exc.response["Error"]["Code"],
-                                   "message": exc.response["Error"].get("Message", "")})
+                    errors.append(
+                        {
+                            "kind": kind,
+                            "name": name,
+                            "code": exc.response["Error"]["Code"],
+                            "message": exc.response["Error"].get("Message", ""),
+                        }
+                    )
                     continue
             done.append(name)
     return {"dry_run": False, "models": deleted_models, "endpoint_configs": deleted_configs, "errors": errors}
@@ -204,8 +244,7 @@ def _deletable(key: str) -> bool:
     return key.startswith(EXPIRING_PREFIXES) and not key.startswith(PROTECTED_PREFIXES)
 
 
-def expired_objects(s3, bucket: str, older_than: datetime,
-                    prefixes: Sequence[str] = EXPIRING_PREFIXES) -> list[dict]:
+def expired_objects(s3, bucket: str, older_than: datetime, prefixes: Sequence[str] = EXPIRING_PREFIXES) -> list[dict]:
     """Objects under `prefixes` last written before `older_than`: [{"key", "size", "last_modified"}].
 
     Only prefixes inside models/tuning/ and checkpoints/ are accepted: anything else (datasets/,
@@ -214,13 +253,18 @@ def expired_objects(s3, bucket: str, older_than: datetime,
     older_than = _aware(older_than)
     for prefix in prefixes:
         if not _deletable(prefix):
-            raise ValueError(f"refusing to expire objects under {prefix!r}: only prefixes inside "
-                             f"{', '.join(EXPIRING_PREFIXES)} may be cleaned up")
+            raise ValueError(
+                f"refusing to expire objects under {prefix!r}: only prefixes inside "
+                f"{', '.join(EXPIRING_PREFIXES)} may be cleaned up"
+            )
     found = []
     for prefix in prefixes:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            found += [{"key": o["Key"], "size": o["Size"], "last_modified": o["LastModified"].isoformat()}
-                      for o in page.get("Contents", []) if o["LastModified"] < older_than]
+            found += [
+                {"key": o["Key"], "size": o["Size"], "last_modified": o["LastModified"].isoformat()}
+                for o in page.get("Contents", [])
+                if o["LastModified"] < older_than
+            ]
     return found
 
 
@@ -229,14 +273,15 @@ def delete_objects(s3, bucket: str, keys: Iterable[str], dry_run: bool) -> dict:
     [{"key", "code", "message"}]}: S3 answers per key, and one key it refuses does not stop the rest.
     A key outside models/tuning/ and checkpoints/ is refused, never sent."""
     keys = list(dict.fromkeys(keys))
-    refused = [{"key": k, "code": "Refused", "message": "not under an expiring prefix"} for k in keys
-               if not _deletable(k)]
+    refused = [
+        {"key": k, "code": "Refused", "message": "not under an expiring prefix"} for k in keys if not _deletable(k)
+    ]
     keys = [k for k in keys if _deletable(k)]
     if dry_run:
         return {"dry_run": True, "deleted": keys, "errors": refused}
     deleted, errors = [], list(refused)
     for start in range(0, len(keys), DELETE_BATCH):
-        batch = keys[start:start + DELETE_BATCH]
+        batch = keys[start : start + DELETE_BATCH]
         # Quiet: S3 lists only the keys it failed to delete, which keeps the answer small.
         answer = s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
         failed = {e["Key"]: e for e in answer.get("Errors", [])}

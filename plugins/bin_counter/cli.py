@@ -1,8 +1,8 @@
 """Command line for the data functions, for use without Airflow (the demo, benchmarks, by hand).
 
-  python -m bin_counter.cli fetch --source s3://aft-vbi-pds --keys 01000:01600 --dest data/abid
-  python -m bin_counter.cli fetch --source ../shared/abid --file-list --counts 1,2,3 --limit 300 --dest data/abid
-  python -m bin_counter.cli split --abid data/abid --out data/split --max-count 5
+python -m bin_counter.cli fetch --source s3://aft-vbi-pds --keys 01000:01600 --dest data/abid
+python -m bin_counter.cli fetch --source ../shared/abid --file-list --counts 1,2,3 --limit 300 --dest data/abid
+python -m bin_counter.cli split --abid data/abid --out data/split --max-count 5
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     f = commands.add_parser("fetch", help="copy an ABID subset into a local folder, checking every file")
-    f.add_argument("--source", default=abid.PUBLIC_SOURCE,
-                   help="s3://bucket[/prefix], https://... or a local folder in the ABID layout")
+    f.add_argument(
+        "--source",
+        default=abid.PUBLIC_SOURCE,
+        help="s3://bucket[/prefix], https://... or a local folder in the ABID layout",
+    )
     which = f.add_mutually_exclusive_group(required=True)
     which.add_argument("--keys", type=parse_key_range, help="consecutive keys START:STOP, e.g. 01000:01600")
     which.add_argument("--file-list", action="store_true", help="keys from the source's file_list.json")
@@ -47,8 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="with --file-list and --limit: which keys are drawn")
     f.add_argument("--dest", required=True, help="local folder; written in the ABID layout")
     f.add_argument("--workers", type=int, default=8, help="parallel downloads")
-    f.add_argument("--max-bad-share", type=float, default=0.5,
-                   help="fail when more than this share of keys is missing or invalid")
+    f.add_argument(
+        "--max-bad-share", type=float, default=0.5, help="fail when more than this share of keys is missing or invalid"
+    )
     f.add_argument("--report", default=None, help="write the fetch report (JSON) here")
 
     s = commands.add_parser("split", help="split a local ABID folder into train/validation/test by key blocks")
@@ -89,8 +93,9 @@ def run_split(args: argparse.Namespace) -> dict:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-    split.write_split_layout(records, assignment, abid.LocalStore(args.abid), abid.LocalStore(out, create=True),
-                             args.abid, args.block_size)
+    split.write_split_layout(
+        records, assignment, abid.LocalStore(args.abid), abid.LocalStore(out, create=True), args.abid, args.block_size
+    )
     return {"manifest": str(out / split.MANIFEST), "images": split.summarize(records, assignment)}
 
 

@@ -43,12 +43,20 @@ def prefix_of(version: str) -> str:
 
 
 # -- what a version is made of ----------------------------------------------------------------------
-def split_parameters(shares: Mapping[str, float] | None = None, block_size: int = DEFAULT_BLOCK_SIZE, seed: int = 0,
-                     max_count: int | None = None) -> dict:
+def split_parameters(
+    shares: Mapping[str, float] | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    seed: int = 0,
+    max_count: int | None = None,
+) -> dict:
     """Every parameter that shapes a split, checked and in the form the version digests. A new one
     belongs here: then it reaches both the version and the split."""
-    return {"shares": check_shares(shares or DEFAULT_SHARES), "block_size": int(block_size), "seed": int(seed),
-            "max_count": None if max_count in (None, "") else int(max_count)}
+    return {
+        "shares": check_shares(shares or DEFAULT_SHARES),
+        "block_size": int(block_size),
+        "seed": int(seed),
+        "max_count": None if max_count in (None, "") else int(max_count),
+    }
 
 
 def dataset_version(keys_digest: str, enhancement: str, split: Mapping) -> str:
@@ -78,8 +86,9 @@ def read_record(s3, bucket: str, version: str) -> dict:
         return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     except ClientError as exc:
         if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
-            raise DatasetNotFound(f"s3://{bucket}/{key} does not exist: run bin_count_data_prep first, or "
-                                  "check the dataset_version Param") from exc
+            raise DatasetNotFound(
+                f"s3://{bucket}/{key} does not exist: run bin_count_data_prep first, or check the dataset_version Param"
+            ) from exc
         raise
 
 
@@ -113,8 +122,14 @@ def resolve_dataset(s3, bucket: str, requested: str | None, event_extra: Mapping
         raise DatasetNotFound(f"dataset {version} has no {' or '.join(missing)} images ({json.dumps(images)})")
     layout = record.get("layout", "copy")
     log.info("training on dataset %s (chosen by %s, layout %s): %s", version, how, layout, json.dumps(images))
-    return {"version": version, "chosen_by": how, "images": images, "prefix": prefix, "layout": layout,
-            "channels": {s: channel_uri(bucket, prefix, s, layout) for s in SPLITS}}
+    return {
+        "version": version,
+        "chosen_by": how,
+        "images": images,
+        "prefix": prefix,
+        "layout": layout,
+        "channels": {s: channel_uri(bucket, prefix, s, layout) for s in SPLITS},
+    }
 
 
 def channel_uri(bucket: str, prefix: str, split: str, layout: str) -> str:
@@ -134,7 +149,7 @@ def photos(s3, bucket: str, data: Mapping, split: str) -> list[dict]:
         if row["split"] != split:
             continue
         if data.get("layout", "copy") == "manifest":
-            source_bucket, _, root = row["source"][len("s3://"):].partition("/")
+            source_bucket, _, root = row["source"][len("s3://") :].partition("/")
             location = (source_bucket, f"{root}/{image_path(row['key'])}" if root else image_path(row["key"]))
         else:
             location = (bucket, f"{data['prefix']}/{split}/{row['count']}/{row['key']}.jpg")

@@ -21,9 +21,13 @@ def serving_model(sm, endpoint_name: str) -> dict | None:
     config = sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
     model_name = config["ProductionVariants"][0]["ModelName"]
     model = sm.describe_model(ModelName=model_name)
-    return {"endpoint": endpoint_name, "status": endpoint["EndpointStatus"],
-            "endpoint_config": endpoint["EndpointConfigName"], "model": model_name,
-            "model_data_url": model["PrimaryContainer"]["ModelDataUrl"]}
+    return {
+        "endpoint": endpoint_name,
+        "status": endpoint["EndpointStatus"],
+        "endpoint_config": endpoint["EndpointConfigName"],
+        "model": model_name,
+        "model_data_url": model["PrimaryContainer"]["ModelDataUrl"],
+    }
 
 
 class DeploymentFailed(RuntimeError):
@@ -41,6 +45,7 @@ def confirm_deployment(sm, endpoint_name: str, config_name: str) -> dict:
     if status != "InService" or serving != config_name:
         reason = endpoint.get("FailureReason") or "no FailureReason given"
         keeps = f"it still serves {serving}" if status == "InService" else f"it is {status}"
-        raise DeploymentFailed(f"endpoint {endpoint_name} did not switch to {config_name}: {keeps}. "
-                               f"SageMaker says: {reason}")
+        raise DeploymentFailed(
+            f"endpoint {endpoint_name} did not switch to {config_name}: {keeps}. SageMaker says: {reason}"
+        )
     return {"endpoint": endpoint_name, "endpoint_config": serving, "status": status}

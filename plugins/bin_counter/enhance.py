@@ -133,6 +133,13 @@ def enhance_keys(
                 last_log = now
                 log.info("enhance progress: %d/%d images (%.1f/s)", n, len(keys), n / (now - started))
     result = {**record(method, resolved), "images": len(keys), **done, "seconds": round(time.time() - started, 2)}
-    log.info("enhanced %d images with %s %s: %d written, %d already there, in %.1fs",
-             len(keys), method, resolved, done["written"], done["skipped"], result["seconds"])
+    log.info(
+        "enhanced %d images with %s %s: %d written, %d already there, in %.1fs",
+        len(keys),
+        method,
+        resolved,
+        done["written"],
+        done["skipped"],
+        result["seconds"],
+    )
     return result

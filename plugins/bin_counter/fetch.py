@@ -73,9 +73,11 @@ class FetchReport:
         return len(self.missing) + len(self.invalid)
 
     def summary(self) -> str:
-        return (f"{self.requested} requested from {self.source}: {len(self.fetched)} fetched, "
-                f"{len(self.skipped)} already present, {len(self.filtered)} of other counts left out, "
-                f"{len(self.missing)} missing at the source, {len(self.invalid)} invalid, in {self.seconds:.1f}s")
+        return (
+            f"{self.requested} requested from {self.source}: {len(self.fetched)} fetched, "
+            f"{len(self.skipped)} already present, {len(self.filtered)} of other counts left out, "
+            f"{len(self.missing)} missing at the source, {len(self.invalid)} invalid, in {self.seconds:.1f}s"
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "summary": self.summary()}
@@ -90,7 +92,7 @@ def shard_keys(keys: Sequence[str], shard_size: int) -> list[list[str]]:
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     unique = list(dict.fromkeys(keys))
-    return [unique[i:i + shard_size] for i in range(0, len(unique), shard_size)]
+    return [unique[i : i + shard_size] for i in range(0, len(unique), shard_size)]
 
 
 def merge_reports(reports: Sequence[FetchReport]) -> FetchReport:
@@ -138,8 +140,14 @@ def _with_retries(call: Callable[[], bytes], retries: int, backoff: float) -> by
             if attempt == retries:
                 raise
             delay = backoff * 2**attempt
-            log.warning("retrying after %s: %s (attempt %d of %d, waiting %.1fs)",
-                        type(exc).__name__, exc, attempt + 1, retries, delay)
+            log.warning(
+                "retrying after %s: %s (attempt %d of %d, waiting %.1fs)",
+                type(exc).__name__,
+                exc,
+                attempt + 1,
+                retries,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -179,8 +187,13 @@ def _size(store: Source, path: str, known: dict[str, int] | None) -> int:
     return known[path]
 
 
-def _already_complete(source: Source, dest: Store, key: str, source_sizes: dict[str, int] | None = None,
-                      dest_sizes: dict[str, int] | None = None) -> bool:
+def _already_complete(
+    source: Source,
+    dest: Store,
+    key: str,
+    source_sizes: dict[str, int] | None = None,
+    dest_sizes: dict[str, int] | None = None,
+) -> bool:
     for path in (metadata_path(key), image_path(key)):
         try:
             if _size(dest, path, dest_sizes) != _size(source, path, source_sizes):
@@ -258,8 +271,9 @@ def fetch_subset(
         dest_sizes = known_sizes(dest, unique)
         # Against an empty destination every key is fetched: the source's sizes would not be asked.
         source_sizes = None if dest_sizes == {} else known_sizes(source, unique)
-        results = pool.map(lambda k: (k, *fetch_key(source, dest, k, retries, backoff, wanted, source_sizes,
-                                                    dest_sizes)), unique)
+        results = pool.map(
+            lambda k: (k, *fetch_key(source, dest, k, retries, backoff, wanted, source_sizes, dest_sizes)), unique
+        )
         for done, (key, outcome, detail) in enumerate(results, 1):
             if outcome in ("fetched", "skipped"):
                 getattr(report, outcome).append(key)
@@ -274,8 +288,13 @@ def fetch_subset(
             now = time.time()
             if now - last_log >= progress_every:
                 last_log = now
-                log.info("fetch progress: %d/%d keys (%.1f/s), %d bad so far",
-                         done, len(unique), done / (now - started), report.bad)
+                log.info(
+                    "fetch progress: %d/%d keys (%.1f/s), %d bad so far",
+                    done,
+                    len(unique),
+                    done / (now - started),
+                    report.bad,
+                )
     except Exception as exc:
         # One key failing after all its retries means the source itself is failing: stop now
         # instead of retrying every remaining key. What arrived is kept; a re-run resumes.

@@ -17,8 +17,9 @@ from pathlib import Path
 from bin_counter.artifacts import content_key, put_once
 
 # The repository's published model (`make model`): the champion before any model serves.
-PUBLISHED_MODEL = Path(os.environ.get("BIN_COUNTER_PUBLISHED_MODEL",
-                                      Path(__file__).resolve().parents[2] / "models" / "bin-counter.tar.gz"))
+PUBLISHED_MODEL = Path(
+    os.environ.get("BIN_COUNTER_PUBLISHED_MODEL", Path(__file__).resolve().parents[2] / "models" / "bin-counter.tar.gz")
+)
 PUBLISHED_PREFIX = "models/published"
 # The test metrics the gate may compare on, and which way is better.
 GATE_METRICS = {"accuracy": "Maximize", "rmse": "Minimize"}
@@ -29,8 +30,14 @@ def final_metrics(training_job: Mapping) -> dict[str, float]:
     return {m["MetricName"]: m["Value"] for m in training_job.get("FinalMetricDataList", [])}
 
 
-def choose_deployment(metrics: Mapping[str, float], champion: Mapping | None, job_name: str, gate_metric: str,
-                      margin: float, deploy: bool = True) -> dict:
+def choose_deployment(
+    metrics: Mapping[str, float],
+    champion: Mapping | None,
+    job_name: str,
+    gate_metric: str,
+    margin: float,
+    deploy: bool = True,
+) -> dict:
     """What the gate decides: {"deploy": "new" | "published" | None, "model_version", "reason",
     "held_back"} (held_back: a serving model was kept, which on-call staff hear about).
 
@@ -39,23 +46,39 @@ def choose_deployment(metrics: Mapping[str, float], champion: Mapping | None, jo
     published = bool(champion and champion.get("published"))
     ok, reason = deployment_decision(metrics, champion is not None, gate_metric, margin)
     if published and not ok and metrics.get(f"champion:{gate_metric}") is not None:
-        choice = {"deploy": "published", "model_version": champion["model_version"],
-                  "reason": f"nothing serves yet; the published model is better: {reason}", "held_back": False}
+        choice = {
+            "deploy": "published",
+            "model_version": champion["model_version"],
+            "reason": f"nothing serves yet; the published model is better: {reason}",
+            "held_back": False,
+        }
     elif published and not ok:
-        choice = {"deploy": "new", "model_version": job_name,
-                  "reason": f"nothing serves yet and the published model could not be scored: {reason}",
-                  "held_back": False}
+        choice = {
+            "deploy": "new",
+            "model_version": job_name,
+            "reason": f"nothing serves yet and the published model could not be scored: {reason}",
+            "held_back": False,
+        }
     else:
-        choice = {"deploy": "new" if ok else None, "model_version": job_name if ok else None, "reason": reason,
-                  "held_back": not ok}
+        choice = {
+            "deploy": "new" if ok else None,
+            "model_version": job_name if ok else None,
+            "reason": reason,
+            "held_back": not ok,
+        }
     if choice["deploy"] and not deploy:
-        return {"deploy": None, "model_version": None, "reason": f"the deploy Param is off ({choice['reason']})",
-                "held_back": False}
+        return {
+            "deploy": None,
+            "model_version": None,
+            "reason": f"the deploy Param is off ({choice['reason']})",
+            "held_back": False,
+        }
     return choice
 
 
-def deployment_decision(metrics: Mapping[str, float], has_champion: bool, gate_metric: str,
-                        margin: float) -> tuple[bool, str]:
+def deployment_decision(
+    metrics: Mapping[str, float], has_champion: bool, gate_metric: str, margin: float
+) -> tuple[bool, str]:
     """Whether the newly trained model may replace the serving one, and why.
 
     Both were scored by the same training job on the same test images (`test:*` and `champion:*`).
@@ -70,8 +93,10 @@ def deployment_decision(metrics: Mapping[str, float], has_champion: bool, gate_m
         return True, f"no model is serving yet: deploying the new one (test {gate_metric} {new:.4f})"
     old = metrics.get(f"champion:{gate_metric}")
     if old is None:
-        return False, ("the serving model could not be scored on the test images (see the training job's "
-                       "log); not replacing it automatically")
+        return False, (
+            "the serving model could not be scored on the test images (see the training job's "
+            "log); not replacing it automatically"
+        )
     maximize = GATE_METRICS[gate_metric] == "Maximize"
     worse_by = (old - new) if maximize else (new - old)
     summary = f"test {gate_metric}: new {new:.4f}, serving {old:.4f}, margin {margin:.4f}"
@@ -103,9 +128,16 @@ def initial_champion(s3, bucket: str, spec: str) -> dict | None:
     else:
         path = PUBLISHED_MODEL if spec == "published" else Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"initial model {path} does not exist; run `make model`, or set the "
-                                    "initial_model Param to none")
+            raise FileNotFoundError(
+                f"initial model {path} does not exist; run `make model`, or set the initial_model Param to none"
+            )
         archive = path.read_bytes()
         uri = put_once(s3, bucket, content_key(PUBLISHED_PREFIX, archive, "model.tar.gz", digits=12), archive)
-    return {"endpoint": None, "status": "NotDeployed", "model": None, "model_data_url": uri,
-            "model_version": model_version_of(archive), "published": True}
+    return {
+        "endpoint": None,
+        "status": "NotDeployed",
+        "model": None,
+        "model_data_url": uri,
+        "model_version": model_version_of(archive),
+        "published": True,
+    }

@@ -61,8 +61,10 @@ def check_map_length(keys: int, shards: int, shard_size: int) -> None:
 
     limit = conf.getint("core", "max_map_length", fallback=1024)
     if shards > limit:
-        raise ValueError(f"{keys} keys in shards of {shard_size} make {shards} shards, more than Airflow maps one task "
-                         f"over ([core] max_map_length = {limit}): set shard_size to at least {-(-keys // limit)}")
+        raise ValueError(
+            f"{keys} keys in shards of {shard_size} make {shards} shards, more than Airflow maps one task "
+            f"over ([core] max_map_length = {limit}): set shard_size to at least {-(-keys // limit)}"
+        )
 
 
 class AbidSelectOperator(BaseOperator):
@@ -75,14 +77,34 @@ class AbidSelectOperator(BaseOperator):
     (for XCom, and for mapping `AbidFetchOperator` over them).
     """
 
-    template_fields: Sequence[str] = ("source", "bucket", "prefix", "subset", "key_range", "counts", "limit",
-                                      "shard_size")
+    template_fields: Sequence[str] = (
+        "source",
+        "bucket",
+        "prefix",
+        "subset",
+        "key_range",
+        "counts",
+        "limit",
+        "shard_size",
+    )
     ui_color = "#d9ecf2"
 
-    def __init__(self, *, bucket: str, prefix: str = "abid/raw", source: str = "s3://aft-vbi-pds",
-                 source_aws_conn_id: str | None = None, subset: str = "file_list", key_range: str = "01000:01600",
-                 counts: Sequence[int] | None = None, limit: int | None = None, seed: int = 0,
-                 shard_size: int = 5000, aws_conn_id: str | None = "aws_default", **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        prefix: str = "abid/raw",
+        source: str = "s3://aft-vbi-pds",
+        source_aws_conn_id: str | None = None,
+        subset: str = "file_list",
+        key_range: str = "01000:01600",
+        counts: Sequence[int] | None = None,
+        limit: int | None = None,
+        seed: int = 0,
+        shard_size: int = 5000,
+        aws_conn_id: str | None = "aws_default",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.bucket, self.prefix, self.source = bucket, prefix, source
         self.source_aws_conn_id, self.subset, self.key_range = source_aws_conn_id, subset, key_range
@@ -108,8 +130,10 @@ class AbidSelectOperator(BaseOperator):
         source = abid.open_source(self.source, s3_client=source_client)
         keys = list(dict.fromkeys(self.select(source)))
         if not keys:  # else every later task is skipped and the run ends "success" with no dataset
-            raise ValueError(f"the selection is empty: subset {self.subset!r} of {source.uri} with counts "
-                             f"{self.counts} and limit {self.limit} names no key")
+            raise ValueError(
+                f"the selection is empty: subset {self.subset!r} of {source.uri} with counts "
+                f"{self.counts} and limit {self.limit} names no key"
+            )
         # Named by the selection, not the run: the same selection again lands on the same files.
         selection = selection_id({"source": source.uri, "keys": keys})
         shards = fetch.shard_keys(keys, int(self.shard_size))
@@ -119,10 +143,27 @@ class AbidSelectOperator(BaseOperator):
         for index, shard in enumerate(shards):
             path = shard_path(selection, int(self.shard_size), index, "keys")
             dest.write(path, json.dumps(shard).encode())
-            described.append({"selection": selection, "source": source.uri, "index": index, "shards": len(shards),
-                              "shard_size": int(self.shard_size), "keys": len(shard), "keys_path": path})
-        log.info("%d keys from %s in %d shards of at most %s: s3://%s/%s/reports/%s/", len(keys), source.uri,
-                 len(shards), self.shard_size, self.bucket, self.prefix, selection)
+            described.append(
+                {
+                    "selection": selection,
+                    "source": source.uri,
+                    "index": index,
+                    "shards": len(shards),
+                    "shard_size": int(self.shard_size),
+                    "keys": len(shard),
+                    "keys_path": path,
+                }
+            )
+        log.info(
+            "%d keys from %s in %d shards of at most %s: s3://%s/%s/reports/%s/",
+            len(keys),
+            source.uri,
+            len(shards),
+            self.shard_size,
+            self.bucket,
+            self.prefix,
+            selection,
+        )
         return described
 
 
@@ -139,10 +180,21 @@ class AbidFetchOperator(BaseOperator):
     template_fields: Sequence[str] = ("source", "bucket", "prefix", "shard", "subset", "counts")
     ui_color = "#d9ecf2"
 
-    def __init__(self, *, bucket: str, shard: Mapping, prefix: str = "abid/raw", source: str = "s3://aft-vbi-pds",
-                 source_aws_conn_id: str | None = None, subset: str = "file_list",
-                 counts: Sequence[int] | None = None, workers: int = 8, retries_per_object: int = 3,
-                 aws_conn_id: str | None = "aws_default", **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        shard: Mapping,
+        prefix: str = "abid/raw",
+        source: str = "s3://aft-vbi-pds",
+        source_aws_conn_id: str | None = None,
+        subset: str = "file_list",
+        counts: Sequence[int] | None = None,
+        workers: int = 8,
+        retries_per_object: int = 3,
+        aws_conn_id: str | None = "aws_default",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.bucket, self.prefix, self.source, self.shard = bucket, prefix, source, shard
         self.source_aws_conn_id, self.subset, self.counts = source_aws_conn_id, subset, counts
@@ -158,16 +210,29 @@ class AbidFetchOperator(BaseOperator):
         keys = json.loads(dest.read(shard["keys_path"]))
         # With a key range the counts are only known from the metadata: other keys are left out there.
         counts = [int(c) for c in self.counts] if self.counts and self.subset == "key_range" else None
-        log.info("shard %d of %d: fetching %d keys from %s into s3://%s/%s", shard["index"] + 1, shard["shards"],
-                 len(keys), source.uri, self.bucket, self.prefix)
-        report = fetch.fetch_subset(source, keys, dest, workers=self.workers, retries=self.retries_per_object,
-                                    max_bad_share=1.0, counts=counts)
+        log.info(
+            "shard %d of %d: fetching %d keys from %s into s3://%s/%s",
+            shard["index"] + 1,
+            shard["shards"],
+            len(keys),
+            source.uri,
+            self.bucket,
+            self.prefix,
+        )
+        report = fetch.fetch_subset(
+            source, keys, dest, workers=self.workers, retries=self.retries_per_object, max_bad_share=1.0, counts=counts
+        )
         report_path = shard_path(shard["selection"], shard["shard_size"], shard["index"], "fetch")
         good_path = shard_path(shard["selection"], shard["shard_size"], shard["index"], "good")
         dest.write(good_path, json.dumps(dict(sorted(report.counts.items()))).encode())
         dest.write(report_path, json.dumps(report.to_dict()).encode())  # last: the shard is done
-        return {**shard, "report_path": report_path, "good_path": good_path, "good": len(report.counts),
-                "bad": report.bad}
+        return {
+            **shard,
+            "report_path": report_path,
+            "good_path": good_path,
+            "good": len(report.counts),
+            "bad": report.bad,
+        }
 
 
 class FetchReportOperator(BaseOperator):
@@ -179,8 +244,16 @@ class FetchReportOperator(BaseOperator):
     template_fields: Sequence[str] = ("bucket", "prefix", "shards", "max_bad_share")
     ui_color = "#d9ecf2"
 
-    def __init__(self, *, bucket: str, shards: Sequence[Mapping], prefix: str = "abid/raw",
-                 max_bad_share: float = 0.5, aws_conn_id: str | None = "aws_default", **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        shards: Sequence[Mapping],
+        prefix: str = "abid/raw",
+        max_bad_share: float = 0.5,
+        aws_conn_id: str | None = "aws_default",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.bucket, self.prefix, self.shards = bucket, prefix, shards
         self.max_bad_share, self.aws_conn_id = max_bad_share, aws_conn_id
@@ -194,8 +267,9 @@ class FetchReportOperator(BaseOperator):
         if len(shards) != shards[0]["shards"]:
             raise ValueError(f"{len(shards)} of {shards[0]['shards']} shards were fetched: run the missing ones")
         dest = _store(_s3_client(self.aws_conn_id), self.bucket, self.prefix)
-        report = fetch.merge_reports([fetch.FetchReport.from_dict(json.loads(dest.read(s["report_path"])))
-                                      for s in shards])
+        report = fetch.merge_reports(
+            [fetch.FetchReport.from_dict(json.loads(dest.read(s["report_path"]))) for s in shards]
+        )
         try:
             fetch.check_bad_share(report, float(self.max_bad_share))
         except fetch.TooManyBadKeys as exc:
@@ -203,8 +277,10 @@ class FetchReportOperator(BaseOperator):
 
             self._write_report(dest, shards[0], exc.report)
             # Fails for good: a retry would count the same keys again (reading the reports can retry).
-            raise AirflowFailException(f"{exc}; the report lists them: s3://{self.bucket}/{self.prefix}/"
-                                       f"reports/fetch-{shards[0]['selection']}.json") from exc
+            raise AirflowFailException(
+                f"{exc}; the report lists them: s3://{self.bucket}/{self.prefix}/"
+                f"reports/fetch-{shards[0]['selection']}.json"
+            ) from exc
         return publish(context, self._write_report(dest, shards[0], report))
 
     def _write_report(self, dest, shard: Mapping, report) -> dict:
@@ -213,9 +289,17 @@ class FetchReportOperator(BaseOperator):
         dest.write(report_path, json.dumps(report.to_dict(), indent=2).encode())
         dest.write(keys_path, json.dumps(dict(sorted(report.counts.items()))).encode())
         log.info("%s; report at s3://%s/%s/%s", report.summary(), self.bucket, self.prefix, report_path)
-        return {"bucket": self.bucket, "prefix": self.prefix, "keys_path": keys_path, "report_path": report_path,
-                "source": report.source, "good": len(report.counts), "missing": len(report.missing),
-                "invalid": len(report.invalid), "keys_digest": selection_id(report.counts)}
+        return {
+            "bucket": self.bucket,
+            "prefix": self.prefix,
+            "keys_path": keys_path,
+            "report_path": report_path,
+            "source": report.source,
+            "good": len(report.counts),
+            "missing": len(report.missing),
+            "invalid": len(report.invalid),
+            "keys_digest": selection_id(report.counts),
+        }
 
 
 class ContrastEnhanceOperator(BaseOperator):
@@ -230,9 +314,19 @@ class ContrastEnhanceOperator(BaseOperator):
     template_fields: Sequence[str] = ("bucket", "source_prefix", "dest_root", "keys_path", "method", "method_params")
     ui_color = "#f2e8d9"
 
-    def __init__(self, *, bucket: str, source_prefix: str, keys_path: str, method: str = "none",
-                 method_params: Mapping | None = None, dest_root: str = "abid/enhanced", workers: int = 4,
-                 aws_conn_id: str | None = "aws_default", **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        source_prefix: str,
+        keys_path: str,
+        method: str = "none",
+        method_params: Mapping | None = None,
+        dest_root: str = "abid/enhanced",
+        workers: int = 4,
+        aws_conn_id: str | None = "aws_default",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.bucket, self.source_prefix, self.keys_path = bucket, source_prefix, keys_path
         self.method, self.method_params, self.dest_root = method, method_params, dest_root
@@ -246,8 +340,17 @@ class ContrastEnhanceOperator(BaseOperator):
         keys = sorted(json.loads(source.read(self.keys_path)))
         if self.method == "none":  # nothing to change: the split lists the fetched images directly
             log.info("enhancement 'none': %d images used as fetched", len(keys))
-            return publish(context, {**enhance.record("none"), "images": len(keys), "written": 0,
-                                     "skipped": len(keys), "bucket": self.bucket, "prefix": self.source_prefix})
+            return publish(
+                context,
+                {
+                    **enhance.record("none"),
+                    "images": len(keys),
+                    "written": 0,
+                    "skipped": len(keys),
+                    "bucket": self.bucket,
+                    "prefix": self.source_prefix,
+                },
+            )
         prefix = f"{self.dest_root}/{enhance.enhancement_id(self.method, self.method_params)}"
         dest = _store(client, self.bucket, prefix)
         enhance.write_record(dest, self.method, self.method_params)
@@ -269,8 +372,18 @@ class BlockSplitOperator(BaseOperator):
     template_fields: Sequence[str] = ("bucket", "keys_prefix", "keys_path", "image_prefix", "dataset", "extra")
     ui_color = "#e3f2d9"
 
-    def __init__(self, *, bucket: str, keys_prefix: str, keys_path: str, image_prefix: str, dataset: Mapping,
-                 extra: Mapping | None = None, aws_conn_id: str | None = "aws_default", **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        keys_prefix: str,
+        keys_path: str,
+        image_prefix: str,
+        dataset: Mapping,
+        extra: Mapping | None = None,
+        aws_conn_id: str | None = "aws_default",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.bucket, self.keys_prefix, self.keys_path = bucket, keys_prefix, keys_path
         self.image_prefix, self.dataset = image_prefix, dataset
@@ -283,19 +396,31 @@ class BlockSplitOperator(BaseOperator):
         dest_prefix = dataset.prefix_of(version)
         client = _s3_client(self.aws_conn_id)
         counts = json.loads(_store(client, self.bucket, self.keys_prefix).read(self.keys_path))
-        records = [abid.Record(k, int(c)) for k, c in counts.items()
-                   if parameters["max_count"] is None or int(c) <= parameters["max_count"]]
+        records = [
+            abid.Record(k, int(c))
+            for k, c in counts.items()
+            if parameters["max_count"] is None or int(c) <= parameters["max_count"]
+        ]
         if not records:
             raise ValueError(f"no images to split in s3://{self.bucket}/{self.keys_prefix}/{self.keys_path}")
         assignment = split.assign_splits(records, parameters["shares"], parameters["block_size"], parameters["seed"])
         dest = _store(client, self.bucket, dest_prefix)
-        rows = split.write_manifests(records, assignment, _store(client, self.bucket, self.image_prefix), dest,
-                                     version, parameters["block_size"])
+        rows = split.write_manifests(
+            records, assignment, _store(client, self.bucket, self.image_prefix), dest, version, parameters["block_size"]
+        )
         table = split.summarize(records, assignment)
         log.info("split %d images into s3://%s/%s: %s", len(rows), self.bucket, dest_prefix, json.dumps(table))
-        result = {"bucket": self.bucket, "prefix": dest_prefix, "images": table, "layout": dataset.LAYOUT,
-                  "image_prefix": self.image_prefix, "uri": f"s3://{self.bucket}/{dest_prefix}", "version": version,
-                  **parameters, **(self.extra or {})}
+        result = {
+            "bucket": self.bucket,
+            "prefix": dest_prefix,
+            "images": table,
+            "layout": dataset.LAYOUT,
+            "image_prefix": self.image_prefix,
+            "uri": f"s3://{self.bucket}/{dest_prefix}",
+            "version": version,
+            **parameters,
+            **(self.extra or {}),
+        }
         dataset.write_record(dest, result)
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = result

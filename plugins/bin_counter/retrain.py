@@ -40,8 +40,12 @@ def upload_code(s3, bucket: str, code_dir: Path = CODE_DIR) -> str:
 
 # -- requests the DAG sends, from its Params ------------------------------------------------------
 def static_hyperparameters(params: Mapping) -> dict:
-    return {"arch": params["arch"], "mode": params["mode"], "max-count": params["max_count"],
-            **dict(params.get("extra_hyperparameters") or {})}
+    return {
+        "arch": params["arch"],
+        "mode": params["mode"],
+        "max-count": params["max_count"],
+        **dict(params.get("extra_hyperparameters") or {}),
+    }
 
 
 def upload_weights(s3, params: Mapping) -> str | None:
@@ -57,43 +61,79 @@ def upload_weights(s3, params: Mapping) -> str | None:
 def distribution(params: Mapping) -> dict:
     """The jobs' data-parallel settings from the run's Params. Trials and the final job train alike:
     the batch size is per process, so the best trial's hyperparameters mean the same in the final job."""
-    return {"distributed": bool(params.get("distributed_training")),
-            "processes_per_host": params.get("processes_per_instance") if params.get("distributed_training") else None}
+    return {
+        "distributed": bool(params.get("distributed_training")),
+        "processes_per_host": params.get("processes_per_instance") if params.get("distributed_training") else None,
+    }
 
 
 def resources(params: Mapping) -> dict:
     """The jobs' instances, storage and time limit from the run's Params, trials and the final job alike."""
-    return {"instance_type": params["training_instance_type"],
-            "instance_count": int(params.get("training_instance_count") or 1),
-            "volume_gb": int(params.get("training_volume_gb") or 30),
-            "max_runtime_s": int(float(params.get("training_max_hours") or 4) * 3600)}
+    return {
+        "instance_type": params["training_instance_type"],
+        "instance_count": int(params.get("training_instance_count") or 1),
+        "volume_gb": int(params.get("training_volume_gb") or 30),
+        "max_runtime_s": int(float(params.get("training_max_hours") or 4) * 3600),
+    }
 
 
-def tuning_request(params: Mapping, data: Mapping, account: Mapping, code_uri: str, dag_id: str,
-                   run_id: str, weights_uri: str | None = None) -> dict:
+def tuning_request(
+    params: Mapping,
+    data: Mapping,
+    account: Mapping,
+    code_uri: str,
+    dag_id: str,
+    run_id: str,
+    weights_uri: str | None = None,
+) -> dict:
     """CreateHyperParameterTuningJob for this run: trials train on train, are scored on validation,
     and start from the ImageNet weights file at `weights_uri` (their `weights` channel), if any."""
     names = sagemaker_config.run_job_names(dag_id, run_id)
     bucket = params["bucket"]
     trial = sagemaker_config.training_job_config(
-        job_name=names["tuning_job"], image_uri=account["training_image"], role_arn=account["role_arn"],
+        job_name=names["tuning_job"],
+        image_uri=account["training_image"],
+        role_arn=account["role_arn"],
         source_s3_uri=code_uri,
-        channels={"train": data["channels"]["train"], "validation": data["channels"]["validation"],
-                  weights.CHANNEL: weights_uri},
-        output_s3_uri=f"s3://{bucket}/models/tuning/", hyperparameters=static_hyperparameters(params),
+        channels={
+            "train": data["channels"]["train"],
+            "validation": data["channels"]["validation"],
+            weights.CHANNEL: weights_uri,
+        },
+        output_s3_uri=f"s3://{bucket}/models/tuning/",
+        hyperparameters=static_hyperparameters(params),
         region=account["region"],
-        tags=sagemaker_config.resource_tags({"bin-counter:dataset-version": data["version"],
-                                             "bin-counter:dag-run": run_id}),
-        **resources(params), **distribution(params))
-    ranges = sagemaker_config.search_ranges((params["epochs_min"], params["epochs_max"]), params["batch_sizes"],
-                                            (params["lr_min"], params["lr_max"]))
+        tags=sagemaker_config.resource_tags(
+            {"bin-counter:dataset-version": data["version"], "bin-counter:dag-run": run_id}
+        ),
+        **resources(params),
+        **distribution(params),
+    )
+    ranges = sagemaker_config.search_ranges(
+        (params["epochs_min"], params["epochs_max"]), params["batch_sizes"], (params["lr_min"], params["lr_max"])
+    )
     return sagemaker_config.tuning_job_config(
-        names["tuning_job"], trial, ranges, params["objective"], params["max_jobs"],
-        min(params["max_parallel_jobs"], params["max_jobs"]), strategy=params["strategy"])
+        names["tuning_job"],
+        trial,
+        ranges,
+        params["objective"],
+        params["max_jobs"],
+        min(params["max_parallel_jobs"], params["max_jobs"]),
+        strategy=params["strategy"],
+    )
 
 
-def final_training_request(params: Mapping, data: Mapping, account: Mapping, code_uri: str, best: Mapping,
-                           champion: Mapping | None, dag_id: str, run_id: str, weights_uri: str | None = None) -> dict:
+def final_training_request(
+    params: Mapping,
+    data: Mapping,
+    account: Mapping,
+    code_uri: str,
+    best: Mapping,
+    champion: Mapping | None,
+    dag_id: str,
+    run_id: str,
+    weights_uri: str | None = None,
+) -> dict:
     """CreateTrainingJob with the best trial's hyperparameters on train + validation (from the ImageNet
     weights file at `weights_uri`, if any), scoring the new model and the serving one (if any) on the
     test images."""
@@ -106,18 +146,35 @@ def final_training_request(params: Mapping, data: Mapping, account: Mapping, cod
         channels[weights.CHANNEL] = weights_uri
     hyperparameters = {**static_hyperparameters(params), **best["hyperparameters"], "train-on-validation": True}
     return sagemaker_config.training_job_config(
-        job_name=names["training_job"], image_uri=account["training_image"], role_arn=account["role_arn"],
-        source_s3_uri=code_uri, channels=channels, output_s3_uri=f"s3://{bucket}/models/",
-        hyperparameters=hyperparameters, region=account["region"], **resources(params),
+        job_name=names["training_job"],
+        image_uri=account["training_image"],
+        role_arn=account["role_arn"],
+        source_s3_uri=code_uri,
+        channels=channels,
+        output_s3_uri=f"s3://{bucket}/models/",
+        hyperparameters=hyperparameters,
+        region=account["region"],
+        **resources(params),
         checkpoint_s3_uri=f"s3://{bucket}/checkpoints/{names['training_job']}/",
-        tags=sagemaker_config.resource_tags({"bin-counter:dataset-version": data["version"],
-                                             "bin-counter:dag-run": run_id,
-                                             "bin-counter:best-trial": best["training_job"]}),
-        **distribution(params))
+        tags=sagemaker_config.resource_tags(
+            {
+                "bin-counter:dataset-version": data["version"],
+                "bin-counter:dag-run": run_id,
+                "bin-counter:best-trial": best["training_job"],
+            }
+        ),
+        **distribution(params),
+    )
 
 
-def deployment_requests(params: Mapping, job: Mapping, data: Mapping, account: Mapping,
-                        decision: Mapping | None = None, champion: Mapping | None = None) -> dict:
+def deployment_requests(
+    params: Mapping,
+    job: Mapping,
+    data: Mapping,
+    account: Mapping,
+    decision: Mapping | None = None,
+    champion: Mapping | None = None,
+) -> dict:
     """CreateModel, CreateEndpointConfig and Create/UpdateEndpoint for the model the gate chose: the
     finished training job's, or (decision "published") the published champion scored in that job.
     Named after the job (`...-published` for the champion), tagged with where it came from."""
@@ -128,13 +185,24 @@ def deployment_requests(params: Mapping, job: Mapping, data: Mapping, account: M
         name, artifact = name.removesuffix("-final") + "-published", champion["model_data_url"]
         labels["bin-counter:published-model"] = champion["model_version"]
         metrics = {k.replace("champion:", "test:"): v for k, v in metrics.items() if k.startswith("champion:")}
-    tags = sagemaker_config.resource_tags({
-        **labels, **{f"bin-counter:{k.replace(':', '-')}": round(v, 4) for k, v in metrics.items()
-                     if k.startswith(("test:", "champion:"))}})
+    tags = sagemaker_config.resource_tags(
+        {
+            **labels,
+            **{
+                f"bin-counter:{k.replace(':', '-')}": round(v, 4)
+                for k, v in metrics.items()
+                if k.startswith(("test:", "champion:"))
+            },
+        }
+    )
     workers = params.get("serving_workers")
     environment = {sagemaker_config.SERVING_WORKERS: str(workers)} if workers else None
-    model = sagemaker_config.model_config(name, account["inference_image"], artifact, account["role_arn"], tags,
-                                          environment)
+    model = sagemaker_config.model_config(
+        name, account["inference_image"], artifact, account["role_arn"], tags, environment
+    )
     config = sagemaker_config.endpoint_config(name, name, params["endpoint_instance_type"], tags=tags)
-    return {"model": model, "endpoint_config": config,
-            "endpoint": {"EndpointName": params["endpoint_name"], "EndpointConfigName": name}}
+    return {
+        "model": model,
+        "endpoint_config": config,
+        "endpoint": {"EndpointName": params["endpoint_name"], "EndpointConfigName": name},
+    }

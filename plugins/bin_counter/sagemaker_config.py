@@ -100,8 +100,10 @@ def training_job_config(
     if not channels.get("train"):
         raise ValueError("a training job needs a 'train' channel")
     if instance_count > 1 and not distributed:
-        raise ValueError(f"{instance_count} instances without distributed training would each train alone on the "
-                         "whole data: set distributed_training, or one instance")
+        raise ValueError(
+            f"{instance_count} instances without distributed training would each train alone on the "
+            "whole data: set distributed_training, or one instance"
+        )
     if use_spot and not checkpoint_s3_uri:
         raise ValueError("spot training needs checkpoint_s3_uri, or an interruption loses the run")
     if processes_per_host is not None and (not distributed or processes_per_host < 1):
@@ -130,16 +132,21 @@ def training_job_config(
         "InputDataConfig": [
             {
                 "ChannelName": name,
-                "DataSource": {"S3DataSource": {"S3DataType": s3_data_type(uri), "S3Uri": uri,
-                                                "S3DataDistributionType": "FullyReplicated"}},
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": s3_data_type(uri),
+                        "S3Uri": uri,
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
                 "ContentType": "application/x-image",
                 "InputMode": "File",
             }
-            for name, uri in channels.items() if uri
+            for name, uri in channels.items()
+            if uri
         ],
         "OutputDataConfig": {"S3OutputPath": output_s3_uri},
-        "ResourceConfig": {"InstanceType": instance_type, "InstanceCount": instance_count,
-                           "VolumeSizeInGB": volume_gb},
+        "ResourceConfig": {"InstanceType": instance_type, "InstanceCount": instance_count, "VolumeSizeInGB": volume_gb},
         "StoppingCondition": {"MaxRuntimeInSeconds": max_runtime_s},
         "EnableManagedSpotTraining": use_spot,
         "Tags": [{"Key": k, "Value": v} for k, v in (tags or {}).items()],
@@ -162,8 +169,13 @@ def run_job_names(dag_id: str, run_id: str) -> dict[str, str]:
     finds the job its earlier try started. Tuning job names are limited to 32 characters."""
     digest = run_digest(dag_id, run_id)
     final = f"bin-counter-{digest}-final"
-    return {"tuning_job": f"bc-tune-{digest}", "training_job": final, "model": final, "endpoint_config": final,
-            "transform_job": f"bin-counter-{digest}-batch"}
+    return {
+        "tuning_job": f"bc-tune-{digest}",
+        "training_job": final,
+        "model": final,
+        "endpoint_config": final,
+        "transform_job": f"bin-counter-{digest}-batch",
+    }
 
 
 # -- hyperparameter tuning ------------------------------------------------------------------------
@@ -182,14 +194,20 @@ def search_ranges(epochs: Sequence[int], batch_sizes: Sequence[int], lr: Sequenc
     if epochs_min == epochs_max:
         ranges["CategoricalParameterRanges"].append({"Name": "epochs", "Values": [str(epochs_min)]})
     else:
-        ranges["IntegerParameterRanges"].append({"Name": "epochs", "MinValue": str(epochs_min),
-                                                 "MaxValue": str(epochs_max), "ScalingType": "Auto"})
+        ranges["IntegerParameterRanges"].append(
+            {"Name": "epochs", "MinValue": str(epochs_min), "MaxValue": str(epochs_max), "ScalingType": "Auto"}
+        )
     if lr_min == lr_max:
         ranges["CategoricalParameterRanges"].append({"Name": "lr", "Values": [repr(float(lr_min))]})
     else:
-        ranges["ContinuousParameterRanges"].append({"Name": "lr", "MinValue": repr(float(lr_min)),
-                                                    "MaxValue": repr(float(lr_max)),
-                                                    "ScalingType": "Logarithmic"})
+        ranges["ContinuousParameterRanges"].append(
+            {
+                "Name": "lr",
+                "MinValue": repr(float(lr_min)),
+                "MaxValue": repr(float(lr_max)),
+                "ScalingType": "Logarithmic",
+            }
+        )
     ranges["CategoricalParameterRanges"].append({"Name": "batch-size", "Values": [str(int(b)) for b in batch_sizes]})
     return ranges
 
@@ -218,9 +236,19 @@ def tuning_job_config(
     definition = {
         "StaticHyperParameters": {k: v for k, v in training["HyperParameters"].items() if k not in tuned},
         "AlgorithmSpecification": training["AlgorithmSpecification"],
-        **{k: training[k] for k in ("RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
-                                    "StoppingCondition", "EnableManagedSpotTraining", "CheckpointConfig")
-           if k in training},
+        **{
+            k: training[k]
+            for k in (
+                "RoleArn",
+                "InputDataConfig",
+                "OutputDataConfig",
+                "ResourceConfig",
+                "StoppingCondition",
+                "EnableManagedSpotTraining",
+                "CheckpointConfig",
+            )
+            if k in training
+        },
     }
     return {
         "HyperParameterTuningJobName": job_name,
@@ -242,8 +270,10 @@ def best_trial(tuning_job: Mapping) -> dict:
     best = tuning_job.get("BestTrainingJob")
     if not best:
         counters = tuning_job.get("TrainingJobStatusCounters", {})
-        raise ValueError(f"tuning job {tuning_job.get('HyperParameterTuningJobName')} has no successful trial "
-                         f"(trials: {json.dumps(counters)}); see the trials' FailureReason")
+        raise ValueError(
+            f"tuning job {tuning_job.get('HyperParameterTuningJobName')} has no successful trial "
+            f"(trials: {json.dumps(counters)}); see the trials' FailureReason"
+        )
     hyperparameters = {}
     for name, value in best["TunedHyperParameters"].items():
         try:
@@ -251,8 +281,11 @@ def best_trial(tuning_job: Mapping) -> dict:
         except json.JSONDecodeError:
             hyperparameters[name] = value
     objective = best.get("FinalHyperParameterTuningJobObjectiveMetric", {})
-    return {"training_job": best["TrainingJobName"], "hyperparameters": hyperparameters,
-            "objective": {"name": objective.get("MetricName"), "value": objective.get("Value")}}
+    return {
+        "training_job": best["TrainingJobName"],
+        "hyperparameters": hyperparameters,
+        "objective": {"name": objective.get("MetricName"), "value": objective.get("Value")},
+    }
 
 
 # -- serving ------------------------------------------------------------------------------------------
@@ -261,54 +294,89 @@ def best_trial(tuning_job: Mapping) -> dict:
 SERVING_WORKERS = "SAGEMAKER_MODEL_SERVER_WORKERS"
 
 
-def model_config(name: str, image_uri: str, model_data_url: str, role_arn: str,
-                 tags: Mapping[str, str] | None = None, environment: Mapping[str, str] | None = None) -> dict:
+def model_config(
+    name: str,
+    image_uri: str,
+    model_data_url: str,
+    role_arn: str,
+    tags: Mapping[str, str] | None = None,
+    environment: Mapping[str, str] | None = None,
+) -> dict:
     """CreateModel for the PyTorch inference container: model.tar.gz carries code/inference.py."""
     return {
         "ModelName": name,
-        "PrimaryContainer": {"Image": image_uri, "ModelDataUrl": model_data_url, "Mode": "SingleModel",
-                             "Environment": {"SAGEMAKER_PROGRAM": "inference.py", **(environment or {})}},
+        "PrimaryContainer": {
+            "Image": image_uri,
+            "ModelDataUrl": model_data_url,
+            "Mode": "SingleModel",
+            "Environment": {"SAGEMAKER_PROGRAM": "inference.py", **(environment or {})},
+        },
         "ExecutionRoleArn": role_arn,
         "Tags": [{"Key": k, "Value": str(v)} for k, v in (tags or {}).items()],
     }
 
 
-def endpoint_config(name: str, model_name: str, instance_type: str, instance_count: int = 1,
-                    tags: Mapping[str, str] | None = None) -> dict:
+def endpoint_config(
+    name: str, model_name: str, instance_type: str, instance_count: int = 1, tags: Mapping[str, str] | None = None
+) -> dict:
     """CreateEndpointConfig with one variant serving `model_name`."""
     return {
         "EndpointConfigName": name,
-        "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": model_name,
-                                "InstanceType": instance_type, "InitialInstanceCount": instance_count,
-                                "InitialVariantWeight": 1.0}],
+        "ProductionVariants": [
+            {
+                "VariantName": "AllTraffic",
+                "ModelName": model_name,
+                "InstanceType": instance_type,
+                "InitialInstanceCount": instance_count,
+                "InitialVariantWeight": 1.0,
+            }
+        ],
         "Tags": [{"Key": k, "Value": str(v)} for k, v in (tags or {}).items()],
     }
 
 
-def transform_job_config(name: str, model_name: str, manifest_uri: str, output_uri: str, instance_type: str,
-                         instance_count: int = 1, max_concurrent: int = 1, max_payload_mb: int = 6,
-                         environment: Mapping[str, str] | None = None, invocation_timeout_s: int = 600,
-                         invocation_retries: int = 3, tags: Mapping[str, str] | None = None) -> dict:
+def transform_job_config(
+    name: str,
+    model_name: str,
+    manifest_uri: str,
+    output_uri: str,
+    instance_type: str,
+    instance_count: int = 1,
+    max_concurrent: int = 1,
+    max_payload_mb: int = 6,
+    environment: Mapping[str, str] | None = None,
+    invocation_timeout_s: int = 600,
+    invocation_retries: int = 3,
+    tags: Mapping[str, str] | None = None,
+) -> dict:
     """CreateTransformJob: every object the manifest lists sent whole as one record (a photo), each
     answer written as `<output_uri><relative key>.out`, as SageMaker's batch transform writes it."""
     if not 1 <= max_payload_mb <= 100:
         raise ValueError(f"max_payload_mb={max_payload_mb}: SageMaker takes 1 to 100 (MB)")
     if max_concurrent < 1 or max_concurrent * max_payload_mb > 100:
         # SageMaker refuses MaxConcurrentTransforms x MaxPayloadInMB above 100 MB.
-        raise ValueError(f"max_concurrent={max_concurrent} x max_payload_mb={max_payload_mb} is above SageMaker's "
-                         "100 MB: lower one of them")
+        raise ValueError(
+            f"max_concurrent={max_concurrent} x max_payload_mb={max_payload_mb} is above SageMaker's "
+            "100 MB: lower one of them"
+        )
     return {
         "TransformJobName": name,
         "ModelName": model_name,
         "MaxConcurrentTransforms": max_concurrent,
         "MaxPayloadInMB": max_payload_mb,
         "BatchStrategy": "SingleRecord",
-        "ModelClientConfig": {"InvocationsTimeoutInSeconds": invocation_timeout_s,
-                              "InvocationsMaxRetries": invocation_retries},
+        "ModelClientConfig": {
+            "InvocationsTimeoutInSeconds": invocation_timeout_s,
+            "InvocationsMaxRetries": invocation_retries,
+        },
         "Environment": dict(environment or {}),
-        "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "ManifestFile", "S3Uri": manifest_uri}},
-                           # The model tells JPEG from PNG by their bytes: one type for every photo.
-                           "ContentType": "application/x-image", "CompressionType": "None", "SplitType": "None"},
+        "TransformInput": {
+            "DataSource": {"S3DataSource": {"S3DataType": "ManifestFile", "S3Uri": manifest_uri}},
+            # The model tells JPEG from PNG by their bytes: one type for every photo.
+            "ContentType": "application/x-image",
+            "CompressionType": "None",
+            "SplitType": "None",
+        },
         "TransformOutput": {"S3OutputPath": output_uri, "Accept": "application/json", "AssembleWith": "None"},
         "TransformResources": {"InstanceType": instance_type, "InstanceCount": instance_count},
         "Tags": [{"Key": k, "Value": str(v)} for k, v in (tags or {}).items()],

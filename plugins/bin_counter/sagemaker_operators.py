@@ -44,11 +44,13 @@ class LogFollowingSageMakerHook(SageMakerHook):
     tests') the interval that was asked for is the one honoured.
     """
 
-    def describe_training_job_with_log(self, job_name, positions, stream_names, instance_count, state,
-                                       last_description, last_describe_job_call):
+    def describe_training_job_with_log(
+        self, job_name, positions, stream_names, instance_count, state, last_description, last_describe_job_call
+    ):
         # Backdated by the provider's 30 s: its own check then passes on every call.
-        return super().describe_training_job_with_log(job_name, positions, stream_names, instance_count, state,
-                                                      last_description, last_describe_job_call - 30)
+        return super().describe_training_job_with_log(
+            job_name, positions, stream_names, instance_count, state, last_description, last_describe_job_call - 30
+        )
 
 
 class ResumableTrainingOperator(SageMakerTrainingOperator):
@@ -62,16 +64,26 @@ class ResumableTrainingOperator(SageMakerTrainingOperator):
         job = describe_or_none(self.hook.describe_training_job, name)
         if job is None or job["TrainingJobStatus"] not in ATTACHABLE:
             if job is not None:
-                self.log.info("Training job %s from an earlier try is %s (%s); starting a new one.", name,
-                              job["TrainingJobStatus"], job.get("FailureReason", "no reason given"))
+                self.log.info(
+                    "Training job %s from an earlier try is %s (%s); starting a new one.",
+                    name,
+                    job["TrainingJobStatus"],
+                    job.get("FailureReason", "no reason given"),
+                )
             return super().execute(context)
-        self.log.info("Training job %s was started by an earlier try and is %s: attaching to it.", name,
-                      job["TrainingJobStatus"])
+        self.log.info(
+            "Training job %s was started by an earlier try and is %s: attaching to it.", name, job["TrainingJobStatus"]
+        )
         if self.wait_for_completion:
             # Follows the CloudWatch log like a fresh job, and raises with the FailureReason on failure.
-            self.hook.check_training_status_with_log(name, self.hook.non_terminal_states,
-                                                     self.hook.training_failed_states, True, self.check_interval,
-                                                     self.max_ingestion_time)
+            self.hook.check_training_status_with_log(
+                name,
+                self.hook.non_terminal_states,
+                self.hook.training_failed_states,
+                True,
+                self.check_interval,
+                self.max_ingestion_time,
+            )
         return self.serialize_result(name)
 
 
@@ -82,18 +94,31 @@ class ResumableTuningOperator(SageMakerTuningOperator):
         name = self.config["HyperParameterTuningJobName"]
         job = describe_or_none(self.hook.describe_tuning_job, name)
         if job is not None and job["HyperParameterTuningJobStatus"] in ATTACHABLE:
-            self.log.info("Tuning job %s was started by an earlier try and is %s: attaching to it.", name,
-                          job["HyperParameterTuningJobStatus"])
+            self.log.info(
+                "Tuning job %s was started by an earlier try and is %s: attaching to it.",
+                name,
+                job["HyperParameterTuningJobStatus"],
+            )
             if self.wait_for_completion:
-                job = self.hook.check_status(name, "HyperParameterTuningJobStatus", self.hook.describe_tuning_job,
-                                             self.check_interval, self.max_ingestion_time)
+                job = self.hook.check_status(
+                    name,
+                    "HyperParameterTuningJobStatus",
+                    self.hook.describe_tuning_job,
+                    self.check_interval,
+                    self.max_ingestion_time,
+                )
             return {"Tuning": serialize(job)}
         if job is not None:
             # Tuning job names are at most 32 characters and cannot be reused: number the new one.
             try_number = context["ti"].try_number
             renamed = f"{name[:28]}-r{try_number:02d}"[:32]
-            self.log.info("Tuning job %s from an earlier try is %s (%s); starting %s.", name,
-                          job["HyperParameterTuningJobStatus"], job.get("FailureReason", "no reason given"), renamed)
+            self.log.info(
+                "Tuning job %s from an earlier try is %s (%s); starting %s.",
+                name,
+                job["HyperParameterTuningJobStatus"],
+                job.get("FailureReason", "no reason given"),
+                renamed,
+            )
             self.config["HyperParameterTuningJobName"] = renamed
         return super().execute(context)
 
@@ -108,13 +133,25 @@ class ResumableTransformOperator(SageMakerTransformOperator):
         if job is None or job["TransformJobStatus"] not in ATTACHABLE:
             if job is not None:
                 # The stock operator then starts the job under a timestamped name, with the same output path.
-                self.log.info("Transform job %s from an earlier try is %s (%s); starting a new one.", name,
-                              job["TransformJobStatus"], job.get("FailureReason", "no reason given"))
+                self.log.info(
+                    "Transform job %s from an earlier try is %s (%s); starting a new one.",
+                    name,
+                    job["TransformJobStatus"],
+                    job.get("FailureReason", "no reason given"),
+                )
             return super().execute(context)
-        self.log.info("Transform job %s was started by an earlier try and is %s: attaching to it.", name,
-                      job["TransformJobStatus"])
+        self.log.info(
+            "Transform job %s was started by an earlier try and is %s: attaching to it.",
+            name,
+            job["TransformJobStatus"],
+        )
         if self.wait_for_completion:
             # Raises with the FailureReason if the job fails.
-            self.hook.check_status(name, "TransformJobStatus", self.hook.describe_transform_job, self.check_interval,
-                                   self.max_ingestion_time)
+            self.hook.check_status(
+                name,
+                "TransformJobStatus",
+                self.hook.describe_transform_job,
+                self.check_interval,
+                self.max_ingestion_time,
+            )
         return self.serialize_result(name)

@@ -85,7 +85,8 @@ def assign_splits(
         # How much of each split's remaining need, per count, this block would fill.
         need = {
             s: sum(n * (targets[s][c] - current[s][c]) / totals[c] for c, n in histogram.items())
-            if shares[s] > 0 else float("-inf")
+            if shares[s] > 0
+            else float("-inf")
             for s in SPLITS
         }
         chosen = max(SPLITS, key=need.__getitem__)
@@ -116,9 +117,16 @@ def write_split_layout(
         split = assignment[record.key]
         data = images.read(image_path(record.key))
         out.write(f"{split}/{record.count}/{record.key}.jpg", data)
-        rows.append({"key": record.key, "count": record.count, "split": split,
-                     "block": key_block(record.key, block_size), "source": source_label,
-                     "sha256": hashlib.sha256(data).hexdigest()})
+        rows.append(
+            {
+                "key": record.key,
+                "count": record.count,
+                "split": split,
+                "block": key_block(record.key, block_size),
+                "source": source_label,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
     write_rows(out, rows, MANIFEST_FIELDS)
     return rows
 
@@ -169,11 +177,22 @@ def write_manifests(
     photos = images.listing(IMAGE_PREFIX)
     absent = [r.key for r in records if image_path(r.key) not in photos]
     if absent:
-        raise MissingObject(f"{len(absent)} of the {len(records)} photos to split are not in {images.uri} "
-                            f"(first: {absent[:5]}): they were fetched and are gone; clear the run and run it "
-                            "again from the fetch")
-    rows = [{"key": r.key, "count": r.count, "split": assignment[r.key], "block": key_block(r.key, block_size),
-             "source": images.uri, "etag": photos[image_path(r.key)][1]} for r in records]
+        raise MissingObject(
+            f"{len(absent)} of the {len(records)} photos to split are not in {images.uri} "
+            f"(first: {absent[:5]}): they were fetched and are gone; clear the run and run it "
+            "again from the fetch"
+        )
+    rows = [
+        {
+            "key": r.key,
+            "count": r.count,
+            "split": assignment[r.key],
+            "block": key_block(r.key, block_size),
+            "source": images.uri,
+            "etag": photos[image_path(r.key)][1],
+        }
+        for r in records
+    ]
     for name in SPLITS:
         chosen = [row for row in rows if row["split"] == name]
         if not chosen:
@@ -192,4 +211,3 @@ def summarize(records: Iterable[Record], assignment: Mapping[str, str]) -> dict[
     for record in records:
         table[assignment[record.key]][record.count] += 1
     return {s: dict(sorted(c.items())) for s, c in table.items()}
-

@@ -86,8 +86,10 @@ def checked(name: str, data: bytes) -> bytes:
     match = _HASH_PREFIX.search(name)
     digest = hashlib.sha256(data).hexdigest()
     if match and not digest.startswith(match.group(1)):
-        raise WeightsMismatch(f"{name}: its sha256 is {digest}, the name says it starts with {match.group(1)} "
-                              "(a truncated or replaced file); provide torchvision's file again")
+        raise WeightsMismatch(
+            f"{name}: its sha256 is {digest}, the name says it starts with {match.group(1)} "
+            "(a truncated or replaced file); provide torchvision's file again"
+        )
     return data
 
 
@@ -102,9 +104,11 @@ def upload_weights(s3, bucket: str, arch: str, folders: Iterable[Path] | None = 
     folders = search_path() if folders is None else list(folders)
     path = find_weights(arch, folders)
     if path is None:
-        print(f"WARNING: {IMAGENET_FILES[arch]} ({arch}'s ImageNet weights) is in none of "
-              f"{', '.join(map(str, folders))}: the jobs get no '{CHANNEL}' channel and download the weights "
-              f"themselves, which fails without internet access. Set {SETTING} to a folder holding the file.")
+        print(
+            f"WARNING: {IMAGENET_FILES[arch]} ({arch}'s ImageNet weights) is in none of "
+            f"{', '.join(map(str, folders))}: the jobs get no '{CHANNEL}' channel and download the weights "
+            f"themselves, which fails without internet access. Set {SETTING} to a folder holding the file."
+        )
         return None
     data = checked(path.name, path.read_bytes())
     uri = put_once(s3, bucket, content_key(PREFIX, data, path.name), data)

@@ -19,9 +19,11 @@ from standin.core import AwsError
 #   API Gateway turns it into a 502). A payload of exactly 6291556 bytes is taken.
 MAX_REQUEST_PAYLOAD_BYTES = 6 * 1024 * 1024
 MAX_RESPONSE_PAYLOAD_BYTES = 6 * 1024 * 1024 + 100
-RESPONSE_TOO_LARGE = {"errorMessage": "Response payload size exceeded maximum allowed payload size "
-                                      f"({MAX_RESPONSE_PAYLOAD_BYTES} bytes).",
-                      "errorType": "Function.ResponseSizeTooLarge"}
+RESPONSE_TOO_LARGE = {
+    "errorMessage": "Response payload size exceeded maximum allowed payload size "
+    f"({MAX_RESPONSE_PAYLOAD_BYTES} bytes).",
+    "errorType": "Function.ResponseSizeTooLarge",
+}
 
 
 class LambdaError(AwsError):

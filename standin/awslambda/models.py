@@ -57,8 +57,9 @@ class ExecutionEnvironment:
     def __init__(self, command: list[str], env: dict, log_path: Path, revision: str) -> None:
         self.revision = revision
         self.log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                        env=env)
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env
+        )
 
     def invoke(self, payload: bytes, timeout_s: float) -> dict:
         """The runner's answer ({"result": ...} or {"error": ...}); Timedout, or EOFError when it died."""
@@ -85,8 +86,9 @@ class ExecutionEnvironment:
 class LambdaBackend:
     """Functions: their records and code, and a pool of warm environments per function."""
 
-    def __init__(self, state_dir: Path, python: str = sys.executable, region: str = "us-east-1",
-                 roles: RoleCheck | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, python: str = sys.executable, region: str = "us-east-1", roles: RoleCheck | None = None
+    ) -> None:
         self.roles = roles or RoleCheck(None)
         self.root = Path(state_dir) / "lambda"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -153,11 +155,19 @@ class LambdaBackend:
                 raise ResourceConflictException(f"Function already exist: {name}")
             self._folder(name).mkdir(parents=True)
             sizes = self._install_code(name, code["ZipFile"])
-            config = {"FunctionName": name, "FunctionArn": self.arn(name),
-                      "Runtime": params.get("Runtime", "python3.11"), "Timeout": params.get("Timeout", 3),
-                      "MemorySize": params.get("MemorySize", 128), "Version": "$LATEST", "State": "Active",
-                      "LastUpdateStatus": "Successful", "PackageType": "Zip",
-                      **{k: params[k] for k in CONFIG_FIELDS if k in params}, **sizes}
+            config = {
+                "FunctionName": name,
+                "FunctionArn": self.arn(name),
+                "Runtime": params.get("Runtime", "python3.11"),
+                "Timeout": params.get("Timeout", 3),
+                "MemorySize": params.get("MemorySize", 128),
+                "Version": "$LATEST",
+                "State": "Active",
+                "LastUpdateStatus": "Successful",
+                "PackageType": "Zip",
+                **{k: params[k] for k in CONFIG_FIELDS if k in params},
+                **sizes,
+            }
             return self._save(config)
 
     def get_function(self, name: str) -> dict:
@@ -214,18 +224,26 @@ class LambdaBackend:
             environment.stop()
             code = exc.args[0] if isinstance(exc, EOFError) and exc.args else "unknown"
             tail = (self._folder(name) / "function.log").read_bytes()[-500:].decode(errors="replace")
-            error = {"errorType": "Runtime.ExitError", "errorMessage": (
-                f"RequestId: local Error: Runtime exited with error: exit status {code}. {tail}")}
+            error = {
+                "errorType": "Runtime.ExitError",
+                "errorMessage": (f"RequestId: local Error: Runtime exited with error: exit status {code}. {tail}"),
+            }
             return 200, json.dumps(error).encode(), {"X-Amz-Function-Error": "Unhandled"}
         if "error" in answer:
             environment.stop()
-            return 200, json.dumps(answer["error"]).encode(), {"X-Amz-Function-Error": "Unhandled",
-                                                                "X-Amz-Executed-Version": "$LATEST"}
+            return (
+                200,
+                json.dumps(answer["error"]).encode(),
+                {"X-Amz-Function-Error": "Unhandled", "X-Amz-Executed-Version": "$LATEST"},
+            )
         result = json.dumps(answer["result"]).encode()
         if len(result) > MAX_RESPONSE_PAYLOAD_BYTES:  # the runtime cannot hand it over, and exits
             environment.stop()
-            return 200, json.dumps(RESPONSE_TOO_LARGE).encode(), {"X-Amz-Function-Error": "Unhandled",
-                                                                  "X-Amz-Executed-Version": "$LATEST"}
+            return (
+                200,
+                json.dumps(RESPONSE_TOO_LARGE).encode(),
+                {"X-Amz-Function-Error": "Unhandled", "X-Amz-Executed-Version": "$LATEST"},
+            )
         self._release(name, environment)
         return 200, result, {"X-Amz-Executed-Version": "$LATEST"}
 
@@ -239,16 +257,33 @@ class LambdaBackend:
                     return environment
                 environment.stop()
         # The function runs with its role's credentials, as Lambda gives them, never the stand-in's own.
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("AWS_LAMBDA", "_HANDLER", "AWS_ACCESS_KEY", "AWS_SECRET", "AWS_SESSION"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AWS_LAMBDA", "_HANDLER", "AWS_ACCESS_KEY", "AWS_SECRET", "AWS_SESSION"))
+        }
         env.update(role_environment(config["Role"]))
         env.update(config.get("Environment", {}).get("Variables", {}))
-        env.update({"AWS_LAMBDA_FUNCTION_NAME": name, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(config["MemorySize"]),
-                    "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST", "AWS_REGION": self.region,
-                    "AWS_DEFAULT_REGION": self.region,
-                    "STANDIN_LAMBDA_TIMEOUT": str(config["Timeout"])})
-        command = [self.python, str(RUNNER), "--code", str(self._folder(name) / "code"), "--handler", config["Handler"],
-                   "--memory-mb", str(config["MemorySize"])]
+        env.update(
+            {
+                "AWS_LAMBDA_FUNCTION_NAME": name,
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(config["MemorySize"]),
+                "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+                "AWS_REGION": self.region,
+                "AWS_DEFAULT_REGION": self.region,
+                "STANDIN_LAMBDA_TIMEOUT": str(config["Timeout"]),
+            }
+        )
+        command = [
+            self.python,
+            str(RUNNER),
+            "--code",
+            str(self._folder(name) / "code"),
+            "--handler",
+            config["Handler"],
+            "--memory-mb",
+            str(config["MemorySize"]),
+        ]
         # The function's log (what it prints), as CloudWatch Logs would keep it.
         return ExecutionEnvironment(command, env, self._folder(name) / "function.log", config["RevisionId"])
 

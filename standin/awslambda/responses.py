@@ -31,10 +31,15 @@ log = logging.getLogger("standin")
 PREFIX = "/2015-03-31/functions"
 JSON_TYPE = {"Content-Type": "application/json"}
 # (method, names a function, action) -> the operation, whose IAM action is lambda:<operation>.
-OPERATIONS = {("POST", False, ""): "CreateFunction", ("GET", True, ""): "GetFunction",
-              ("GET", True, "configuration"): "GetFunctionConfiguration", ("PUT", True, "code"): "UpdateFunctionCode",
-              ("PUT", True, "configuration"): "UpdateFunctionConfiguration", ("DELETE", True, ""): "DeleteFunction",
-              ("POST", True, "invocations"): "InvokeFunction"}
+OPERATIONS = {
+    ("POST", False, ""): "CreateFunction",
+    ("GET", True, ""): "GetFunction",
+    ("GET", True, "configuration"): "GetFunctionConfiguration",
+    ("PUT", True, "code"): "UpdateFunctionCode",
+    ("PUT", True, "configuration"): "UpdateFunctionConfiguration",
+    ("DELETE", True, ""): "DeleteFunction",
+    ("POST", True, "invocations"): "InvokeFunction",
+}
 
 
 def _json(status: int, payload: dict, headers: dict[str, str] | None = None) -> Answer:
@@ -51,7 +56,7 @@ class LambdaResponse:
 
     def dispatch(self, method: str, path: str, headers: Mapping[str, str], raw: bytes) -> Answer:
         """One Lambda API request and its answer."""
-        parts = path.split("?")[0][len(PREFIX):].strip("/").split("/")
+        parts = path.split("?")[0][len(PREFIX) :].strip("/").split("/")
         name, action = [*parts, "", ""][:2]
         try:
             body = json.loads(raw) if raw and action != "invocations" else {}

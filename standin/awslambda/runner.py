@@ -51,8 +51,11 @@ def limit_memory(memory_mb: int) -> None:
 
 
 def error_payload(exc: BaseException) -> dict:
-    return {"errorMessage": str(exc), "errorType": type(exc).__name__,
-            "stackTrace": traceback.format_tb(exc.__traceback__)}
+    return {
+        "errorMessage": str(exc),
+        "errorType": type(exc).__name__,
+        "stackTrace": traceback.format_tb(exc.__traceback__),
+    }
 
 
 def main() -> int:

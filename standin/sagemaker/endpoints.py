@@ -45,9 +45,15 @@ class Worker(ModelServer):
     config_name: str
 
 
-def serve_model(model_dir: Path, model_data_url: str, s3, python: str, environment: dict[str, str] | None = None,
-                load_timeout: float = LOAD_TIMEOUT_S,
-                started: Callable[[subprocess.Popen], None] | None = None) -> ModelServer:
+def serve_model(
+    model_dir: Path,
+    model_data_url: str,
+    s3,
+    python: str,
+    environment: dict[str, str] | None = None,
+    load_timeout: float = LOAD_TIMEOUT_S,
+    started: Callable[[subprocess.Popen], None] | None = None,
+) -> ModelServer:
     """Download `model_data_url` with `s3` (a client acting as the model's execution role, as SageMaker
     downloads it) into the new folder `model_dir`, start a worker there with the model container's
     `environment` (SAGEMAKER_PROGRAM, ...) and wait until it answers /ping. `started` learns the
@@ -71,8 +77,12 @@ def serve_model(model_dir: Path, model_data_url: str, s3, python: str, environme
     # keeps this folder (the worker script's) off the path, so the model's modules are found first.
     env = {**os.environ, **(environment or {}), "PYTHONPATH": str(model_dir / "code")}
     with log_path.open("w") as log:
-        process = subprocess.Popen([python, "-P", str(WORKER), "--model-dir", str(model_dir),
-                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            [python, "-P", str(WORKER), "--model-dir", str(model_dir), "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     if started is not None:
         started(process)
     deadline = time.time() + load_timeout
@@ -138,8 +148,9 @@ CONNECTIONS = Connections()
 STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
-def invoke(port: int, body: bytes, content_type: str | None, accept: str | None,
-           timeout: float = 60.0) -> tuple[int, bytes, str]:
+def invoke(
+    port: int, body: bytes, content_type: str | None, accept: str | None, timeout: float = 60.0
+) -> tuple[int, bytes, str]:
     """(status, body, content type) as the model server on `port` answered `POST /invocations`;
     OSError (a timeout included) when it did not answer."""
     headers = {"Content-Type": content_type or "application/octet-stream", "Accept": accept or "*/*"}
@@ -152,8 +163,9 @@ def invoke(port: int, body: bytes, content_type: str | None, accept: str | None,
     return _post(port, http.client.HTTPConnection("127.0.0.1", port, timeout=timeout), body, headers)
 
 
-def _post(port: int, connection: http.client.HTTPConnection, body: bytes,
-          headers: dict[str, str]) -> tuple[int, bytes, str]:
+def _post(
+    port: int, connection: http.client.HTTPConnection, body: bytes, headers: dict[str, str]
+) -> tuple[int, bytes, str]:
     try:
         connection.request("POST", "/invocations", body=body, headers=headers)
         response = connection.getresponse()
@@ -174,8 +186,9 @@ def _post(port: int, connection: http.client.HTTPConnection, body: bytes,
     return response.status, payload, response.headers.get("Content-Type", "")
 
 
-def model_server_processes(state_dir: str | os.PathLike,
-                           scripts: tuple[bytes, ...] = (b"model_worker.py", b"model_backend.py")) -> list[int]:
+def model_server_processes(
+    state_dir: str | os.PathLike, scripts: tuple[bytes, ...] = (b"model_worker.py", b"model_backend.py")
+) -> list[int]:
     """PIDs of the model servers' processes (front ends and their workers, or the `scripts` named)
     serving from under `state_dir` (Linux /proc): what an endpoint holds, and what must not outlive it."""
     found = []
@@ -196,12 +209,19 @@ class EndpointHost:
         self.retiring: list[Worker] = []  # replaced by an update, finishing their requests
         self.lock = threading.Lock()
 
-    def start(self, endpoint: str, config_name: str, model_data_url: str, role_arn: str,
-              environment: dict[str, str] | None = None) -> Worker:
+    def start(
+        self,
+        endpoint: str,
+        config_name: str,
+        model_data_url: str,
+        role_arn: str,
+        environment: dict[str, str] | None = None,
+    ) -> Worker:
         """A worker serving the model of `config_name`, loaded and answering /ping."""
         model_dir = self.root / endpoint / f"{config_name}-{int(time.time() * 1000)}"
-        server = serve_model(model_dir, model_data_url, self.s3_factory(role_arn), self.python, environment,
-                             self.load_timeout)
+        server = serve_model(
+            model_dir, model_data_url, self.s3_factory(role_arn), self.python, environment, self.load_timeout
+        )
         return Worker(server.port, server.process, server.model_dir, config_name)
 
     def switch(self, endpoint: str, worker: Worker) -> None:
@@ -236,8 +256,9 @@ class EndpointHost:
         for worker in list(self.retiring):
             self._retire(worker)
 
-    def invoke(self, endpoint: str, body: bytes, content_type: str | None, accept: str | None,
-               timeout: float = 60.0) -> tuple[int, bytes, str]:
+    def invoke(
+        self, endpoint: str, body: bytes, content_type: str | None, accept: str | None, timeout: float = 60.0
+    ) -> tuple[int, bytes, str]:
         """(status, body, content type) as the endpoint's model server answered."""
         with self.lock:
             worker = self.live.get(endpoint)

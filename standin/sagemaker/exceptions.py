@@ -84,9 +84,10 @@ class ModelError(AwsError):
 
     def __init__(self, original_status: int, original_message: str) -> None:
         side = "client" if original_status < 500 else "server"
-        super().__init__(f"Received {side} error ({original_status}) from primary with message "
-                         f"\"{original_message}\".",
-                         extra={"OriginalStatusCode": original_status, "OriginalMessage": original_message})
+        super().__init__(
+            f'Received {side} error ({original_status}) from primary with message "{original_message}".',
+            extra={"OriginalStatusCode": original_status, "OriginalMessage": original_message},
+        )
 
 
 def json_body(error: AwsError) -> dict:

@@ -82,13 +82,26 @@ class Context:
     """TorchServe 0.12.0's ts.context.Context, the part a handler service reads and writes: the
     model's system properties, the batch's request processors, the answers' status and headers."""
 
-    def __init__(self, model_name: str, model_dir: str, manifest: dict | None, batch_size: int, gpu: int | None,
-                 mms_version: str, limit_max_image_pixels: bool = True) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        model_dir: str,
+        manifest: dict | None,
+        batch_size: int,
+        gpu: int | None,
+        mms_version: str,
+        limit_max_image_pixels: bool = True,
+    ) -> None:
         self.model_name = model_name
         self.manifest = manifest
-        self._system_properties = {"model_dir": model_dir, "gpu_id": gpu, "batch_size": batch_size,
-                                   "server_name": "MMS", "server_version": mms_version,
-                                   "limit_max_image_pixels": limit_max_image_pixels}
+        self._system_properties = {
+            "model_dir": model_dir,
+            "gpu_id": gpu,
+            "batch_size": batch_size,
+            "server_name": "MMS",
+            "server_version": mms_version,
+            "limit_max_image_pixels": limit_max_image_pixels,
+        }
         self.request_ids = None
         self.request_processor = None
         self.metrics = None
@@ -115,8 +128,10 @@ class Context:
         return self.get_response_headers(idx).get("content-type")
 
     def get_response_status(self, idx: int):
-        return (self.request_processor[idx].get_response_status_code(),
-                self.request_processor[idx].get_response_status_phrase())
+        return (
+            self.request_processor[idx].get_response_status_code(),
+            self.request_processor[idx].get_response_status_phrase(),
+        )
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
         if self.request_processor is not None and self.request_processor[idx] is not None:
@@ -167,8 +182,9 @@ def ts_error(status: int, kind: str, message: str) -> tuple[int, str | None, dic
     return status, None, {"content-type": "application/json"}, body.encode()
 
 
-def predict(service: object, context: Context, body: bytes, headers: list[tuple[str, str]],
-            request_id: str) -> tuple[int, str | None, dict, bytes]:
+def predict(
+    service: object, context: Context, body: bytes, headers: list[tuple[str, str]], request_id: str
+) -> tuple[int, str | None, dict, bytes]:
     """(status, reason phrase, response headers, body) for one request, as TorchServe's backend
     (Service.predict) and front end (RestJob.responseInference) make them of the handler's answer."""
     mime = next((value for name, value in headers if name.lower() == "content-type"), "")

@@ -49,8 +49,11 @@ from model_backend import ts_error  # noqa: E402 - after the path is set
 BACKEND = HERE / "model_backend.py"
 WORKERS_SETTING = "SAGEMAKER_MODEL_SERVER_WORKERS"
 # Every answer of TorchServe's front end (NettyUtils.sendHttpResponse) carries these.
-CACHE_HEADERS = (("Pragma", "no-cache"), ("Cache-Control", "no-cache; no-store, must-revalidate, private"),
-                 ("Expires", "Thu, 01 Jan 1970 00:00:00 UTC"))
+CACHE_HEADERS = (
+    ("Pragma", "no-cache"),
+    ("Cache-Control", "no-cache; no-store, must-revalidate, private"),
+    ("Expires", "Thu, 01 Jan 1970 00:00:00 UTC"),
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +69,11 @@ class Backend:
         ours, theirs = socket.socketpair()
         # The worker count travels in the environment, so that each worker's inference.py takes its share
         # of the cores however the count was chosen.
-        self.process = subprocess.Popen([sys.executable, "-P", str(BACKEND), "--model-dir", model_dir,
-                                         "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                        env={**os.environ, WORKERS_SETTING: str(count)})
+        self.process = subprocess.Popen(
+            [sys.executable, "-P", str(BACKEND), "--model-dir", model_dir, "--fd", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            env={**os.environ, WORKERS_SETTING: str(count)},
+        )
         theirs.close()
         self.connection = Connection(ours.detach())
 
@@ -95,8 +100,10 @@ class Backend:
 
 
 # TorchServe's answer when a model has no worker to take a request.
-NO_WORKER = ("ServiceUnavailableException",
-             'Model "model" has no worker to serve inference request. Please use scale workers API to add workers.')
+NO_WORKER = (
+    "ServiceUnavailableException",
+    'Model "model" has no worker to serve inference request. Please use scale workers API to add workers.',
+)
 
 
 class Workers:
@@ -182,8 +189,9 @@ def worker_count(environ: Mapping[str, str]) -> int:
     return count
 
 
-def make_handler(answer: Callable[[bytes, list[tuple[str, str]], str], tuple],
-                 healthy: Callable[[], bool] = lambda: True) -> type[BaseHTTPRequestHandler]:
+def make_handler(
+    answer: Callable[[bytes, list[tuple[str, str]], str], tuple], healthy: Callable[[], bool] = lambda: True
+) -> type[BaseHTTPRequestHandler]:
     """The HTTP front; `answer(body, headers, request_id)` is a worker's (status, phrase, headers, body),
     and `healthy()` whether a worker lives (TorchServe's /ping answers 500 Unhealthy while none does)."""
 
@@ -213,15 +221,27 @@ def make_handler(answer: Callable[[bytes, list[tuple[str, str]], str], tuple],
                 body = (json.dumps({"status": word}, indent=2) + "\n").encode()
                 self._send(status, None, {"content-type": "application/json"}, body, request_id)
             else:
-                self._send(*ts_error(404, "ResourceNotFoundException",
-                                     "Requested resource is not found, please refer to API document."), request_id)
+                self._send(
+                    *ts_error(
+                        404,
+                        "ResourceNotFoundException",
+                        "Requested resource is not found, please refer to API document.",
+                    ),
+                    request_id,
+                )
 
         def do_POST(self) -> None:
             request_id = str(uuid.uuid4())
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if self.path.split("?")[0].rstrip("/") != "/invocations":
-                self._send(*ts_error(404, "ResourceNotFoundException",
-                                     "Requested resource is not found, please refer to API document."), request_id)
+                self._send(
+                    *ts_error(
+                        404,
+                        "ResourceNotFoundException",
+                        "Requested resource is not found, please refer to API document.",
+                    ),
+                    request_id,
+                )
                 return
             self._send(*answer(body, list(self.headers.items()), request_id), request_id)
 
@@ -235,8 +255,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True, help="the extracted model.tar.gz")
     parser.add_argument("--port", type=int, required=True, help="loopback port to serve on")
-    parser.add_argument("--workers", type=int, default=None,
-                        help=f"worker processes (default: {WORKERS_SETTING}, else one per logical CPU)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"worker processes (default: {WORKERS_SETTING}, else one per logical CPU)",
+    )
     args = parser.parse_args()
     logging.basicConfig(stream=sys.stdout, format="%(message)s", level=logging.INFO)
     count = args.workers or worker_count(os.environ)

@@ -55,28 +55,61 @@ class Resource:
 
 RESOURCES = {
     "training-job": Resource(
-        "training-jobs", "TrainingJobName", "TrainingJobArn", "TrainingJobStatus",
-        "Requested resource not found: {arn}", ResourceInUse,
+        "training-jobs",
+        "TrainingJobName",
+        "TrainingJobArn",
+        "TrainingJobStatus",
+        "Requested resource not found: {arn}",
+        ResourceInUse,
         "Training job names must be unique within an AWS account and region, and a training job with this name "
-        "already exists ({arn})"),
+        "already exists ({arn})",
+    ),
     "hyper-parameter-tuning-job": Resource(
-        "tuning-jobs", "HyperParameterTuningJobName", "HyperParameterTuningJobArn", "HyperParameterTuningJobStatus",
-        "Requested resource not found: {arn}", ResourceInUse,
-        "Tuning job names must be unique within an AWS account and region ({arn})"),
+        "tuning-jobs",
+        "HyperParameterTuningJobName",
+        "HyperParameterTuningJobArn",
+        "HyperParameterTuningJobStatus",
+        "Requested resource not found: {arn}",
+        ResourceInUse,
+        "Tuning job names must be unique within an AWS account and region ({arn})",
+    ),
     "transform-job": Resource(
-        "transform-jobs", "TransformJobName", "TransformJobArn", "TransformJobStatus",
-        "Could not find requested job with name {name}", ResourceInUse,
+        "transform-jobs",
+        "TransformJobName",
+        "TransformJobArn",
+        "TransformJobStatus",
+        "Could not find requested job with name {name}",
+        ResourceInUse,
         "Transform job names must be unique within an AWS account and region, and a transform job with this name "
-        "already exists ({arn})"),
-    "model": Resource("models", "ModelName", "ModelArn", None, 'Could not find model "{arn}".',
-                      ValidationException, 'Cannot create already existing model "{arn}".'),
+        "already exists ({arn})",
+    ),
+    "model": Resource(
+        "models",
+        "ModelName",
+        "ModelArn",
+        None,
+        'Could not find model "{arn}".',
+        ValidationException,
+        'Cannot create already existing model "{arn}".',
+    ),
     "endpoint": Resource(
-        "endpoints", "EndpointName", "EndpointArn", "EndpointStatus", 'Could not find endpoint "{arn}".',
-        ValidationException, 'Cannot create already existing endpoint "{arn}".'),
+        "endpoints",
+        "EndpointName",
+        "EndpointArn",
+        "EndpointStatus",
+        'Could not find endpoint "{arn}".',
+        ValidationException,
+        'Cannot create already existing endpoint "{arn}".',
+    ),
     "endpoint-config": Resource(
-        "endpoint-configs", "EndpointConfigName", "EndpointConfigArn", None,
+        "endpoint-configs",
+        "EndpointConfigName",
+        "EndpointConfigArn",
+        None,
         'Could not find endpoint configuration "{arn}".',
-        ValidationException, 'Cannot create already existing endpoint configuration "{arn}".'),
+        ValidationException,
+        'Cannot create already existing endpoint configuration "{arn}".',
+    ),
 }
 
 
@@ -154,9 +187,17 @@ class SageMakerBackend:
     """What SageMaker does with its resources: training jobs run, tuning jobs run trials, endpoints
     deploy their configuration's model and serve it. One lock orders every change of state."""
 
-    def __init__(self, state_dir: Path, aws_endpoint: str, container_python: str, region: str = "us-east-1",
-                 invoke_rate: float = 0.0, invoke_burst: int = 1, unhealthy_models: str | None = None,
-                 roles: RoleCheck | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        aws_endpoint: str,
+        container_python: str,
+        region: str = "us-east-1",
+        invoke_rate: float = 0.0,
+        invoke_burst: int = 1,
+        unhealthy_models: str | None = None,
+        roles: RoleCheck | None = None,
+    ) -> None:
         self.store = Store(Path(state_dir), region)
         self.aws_endpoint, self.python, self.region = aws_endpoint, container_python, region
         self.lock = threading.Lock()
@@ -164,8 +205,9 @@ class SageMakerBackend:
         self.series: dict[str, dict[str, list[float]]] = {}  # training job -> metric values so far
         self.transforms: dict[str, transform.TransformRun] = {}  # running transform jobs
         self.closing = False  # shutting down: a job's end is the next start's to record
-        self.endpoints = EndpointHost(Path(state_dir) / "endpoint-workers", container_python,
-                                      lambda role_arn: self._client("s3", role_arn))
+        self.endpoints = EndpointHost(
+            Path(state_dir) / "endpoint-workers", container_python, lambda role_arn: self._client("s3", role_arn)
+        )
         self.invoke_limit = TokenBucket(invoke_rate, invoke_burst)
         self.roles = roles or RoleCheck(None)
         # Failure drills: models whose name matches fail their health check, as a broken container would.
@@ -176,32 +218,44 @@ class SageMakerBackend:
     def _assume(self, role: str | None) -> None:
         # SageMaker assumes the role at the request and refuses it there, before anything runs.
         if role and self.roles.refusal(role, "sagemaker.amazonaws.com"):
-            raise ValidationException(f"Could not assume role {role}. Please ensure that the role exists "
-                                      "and allows principal 'sagemaker.amazonaws.com' to assume the role.")
+            raise ValidationException(
+                f"Could not assume role {role}. Please ensure that the role exists "
+                "and allows principal 'sagemaker.amazonaws.com' to assume the role."
+            )
 
     def _client(self, service: str, role_arn: str):
         """A client acting as `role_arn`: SageMaker reads and writes S3 and logs with the job's or
         the model's role, never with the caller's rights."""
-        return boto3.client(service, endpoint_url=self.aws_endpoint, region_name=self.region,
-                            **role_credentials(role_arn))
+        return boto3.client(
+            service, endpoint_url=self.aws_endpoint, region_name=self.region, **role_credentials(role_arn)
+        )
 
     def _recover(self) -> None:
         # A job that was running when the stand-in stopped cannot be resumed: say so, as AWS
         # would for a lost instance.
         for job in self.store.all("training-job"):
             if job["TrainingJobStatus"] not in TERMINAL:
-                job.update(TrainingJobStatus="Failed", SecondaryStatus="Failed",
-                           FailureReason="InternalServerError: the local stand-in restarted during the job")
+                job.update(
+                    TrainingJobStatus="Failed",
+                    SecondaryStatus="Failed",
+                    FailureReason="InternalServerError: the local stand-in restarted during the job",
+                )
                 self.store.put("training-job", job)
         for job in self.store.all("hyper-parameter-tuning-job"):
             if job["HyperParameterTuningJobStatus"] not in TERMINAL:
-                job.update(HyperParameterTuningJobStatus="Failed",
-                           FailureReason="InternalServerError: the local stand-in restarted during the tuning job")
+                job.update(
+                    HyperParameterTuningJobStatus="Failed",
+                    FailureReason="InternalServerError: the local stand-in restarted during the tuning job",
+                )
                 self.store.put("hyper-parameter-tuning-job", job)
         for job in self.store.all("transform-job"):
             if job["TransformJobStatus"] not in TERMINAL:
-                job.update(TransformJobStatus="Failed", TransformEndTime=time.time(), LastModifiedTime=time.time(),
-                           FailureReason="InternalServerError: the local stand-in restarted during the transform job")
+                job.update(
+                    TransformJobStatus="Failed",
+                    TransformEndTime=time.time(),
+                    LastModifiedTime=time.time(),
+                    FailureReason="InternalServerError: the local stand-in restarted during the transform job",
+                )
                 self.store.put("transform-job", job)
         # Endpoints come back up with the configuration they were serving.
         for endpoint in self.store.all("endpoint"):
@@ -248,17 +302,25 @@ class SageMakerBackend:
             notes = []
             resources = params.get("ResourceConfig", {})
             if resources.get("InstanceType") or resources.get("InstanceCount", 1) != 1:
-                notes.append(f"instance {resources.get('InstanceType')} x{resources.get('InstanceCount')} "
-                             "not honoured: runs as one local container")
+                notes.append(
+                    f"instance {resources.get('InstanceType')} x{resources.get('InstanceCount')} "
+                    "not honoured: runs as one local container"
+                )
             if params.get("EnableManagedSpotTraining"):
                 notes.append("managed spot not honoured locally")
             if params.get("VpcConfig"):
                 notes.append("VPC config not honoured locally")
             now = time.time()
             message = "; ".join(["Starting the local container", *notes])
-            job = self.store.create("training-job", {
-                **params, "TrainingJobStatus": "InProgress", "SecondaryStatus": "Starting",
-                "SecondaryStatusTransitions": [{"Status": "Starting", "StartTime": now, "StatusMessage": message}]})
+            job = self.store.create(
+                "training-job",
+                {
+                    **params,
+                    "TrainingJobStatus": "InProgress",
+                    "SecondaryStatus": "Starting",
+                    "SecondaryStatusTransitions": [{"Status": "Starting", "StartTime": now, "StatusMessage": message}],
+                },
+            )
         threading.Thread(target=self._run, args=(name,), daemon=True, name=f"job-{name}").start()
         return job
 
@@ -290,11 +352,17 @@ class SageMakerBackend:
 
         try:
             role = job["RoleArn"]
-            training.run_job(job, root, self._client("s3", role), self.python, update,
-                             started_process=lambda proc: self._started(name, proc),
-                             logs=self._client("logs", role),
-                             metrics_seen=lambda series: self.series.__setitem__(name, {
-                                 k: list(v) for k, v in series.items()}), region=self.region)
+            training.run_job(
+                job,
+                root,
+                self._client("s3", role),
+                self.python,
+                update,
+                started_process=lambda proc: self._started(name, proc),
+                logs=self._client("logs", role),
+                metrics_seen=lambda series: self.series.__setitem__(name, {k: list(v) for k, v in series.items()}),
+                region=self.region,
+            )
         except Exception as exc:  # S3 unreachable, no credentials...: the job fails, saying why
             reason = f"ClientError: {type(exc).__name__}: {exc}"
             update(status="Failed", secondary="Failed", message=reason, FailureReason=reason[:1024])
@@ -358,8 +426,9 @@ class SageMakerBackend:
             self.store.delete("endpoint", name)
 
     def _deploy_async(self, name: str, config_name: str, updating: bool) -> None:
-        threading.Thread(target=self._deploy, args=(name, config_name, updating), daemon=True,
-                         name=f"endpoint-{name}").start()
+        threading.Thread(
+            target=self._deploy, args=(name, config_name, updating), daemon=True, name=f"endpoint-{name}"
+        ).start()
 
     def _deploy(self, name: str, config_name: str, updating: bool) -> None:
         config = self.store.get("endpoint-config", config_name)
@@ -367,27 +436,42 @@ class SageMakerBackend:
         try:
             model = self.store.get("model", variant["ModelName"])
             if self.unhealthy_models and self.unhealthy_models.search(variant["ModelName"]):
-                raise WorkerFailed(f"The primary container for production variant {variant['VariantName']} did not "
-                                   "pass the ping health check. Please check CloudWatch logs for this endpoint. "
-                                   "(stand-in: the model name matches --unhealthy-models)")
-            worker = self.endpoints.start(name, config_name, model["PrimaryContainer"]["ModelDataUrl"],
-                                          model["ExecutionRoleArn"], model["PrimaryContainer"].get("Environment"))
+                raise WorkerFailed(
+                    f"The primary container for production variant {variant['VariantName']} did not "
+                    "pass the ping health check. Please check CloudWatch logs for this endpoint. "
+                    "(stand-in: the model name matches --unhealthy-models)"
+                )
+            worker = self.endpoints.start(
+                name,
+                config_name,
+                model["PrimaryContainer"]["ModelDataUrl"],
+                model["ExecutionRoleArn"],
+                model["PrimaryContainer"].get("Environment"),
+            )
         except (AwsError, WorkerFailed) as exc:
             reason = exc.message if isinstance(exc, AwsError) else str(exc)
             with self.lock:
                 endpoint = self.store.get("endpoint", name)
                 # A failed update leaves the old model serving; a failed creation leaves nothing.
-                endpoint.update(EndpointStatus="InService" if updating else "Failed",
-                                FailureReason=reason[:1024], LastModifiedTime=time.time())
+                endpoint.update(
+                    EndpointStatus="InService" if updating else "Failed",
+                    FailureReason=reason[:1024],
+                    LastModifiedTime=time.time(),
+                )
                 self.store.put("endpoint", endpoint)
             return
         self.endpoints.switch(name, worker)
         with self.lock:
             endpoint = self.store.get("endpoint", name)
             endpoint.pop("FailureReason", None)
-            endpoint.update(EndpointStatus="InService", EndpointConfigName=config_name, LastModifiedTime=time.time(),
-                            ProductionVariants=[{"VariantName": variant["VariantName"],
-                                                 "CurrentInstanceCount": 1, "DesiredInstanceCount": 1}])
+            endpoint.update(
+                EndpointStatus="InService",
+                EndpointConfigName=config_name,
+                LastModifiedTime=time.time(),
+                ProductionVariants=[
+                    {"VariantName": variant["VariantName"], "CurrentInstanceCount": 1, "DesiredInstanceCount": 1}
+                ],
+            )
             self.store.put("endpoint", endpoint)
 
     def invoke(self, name: str, body: bytes, content_type: str | None, accept: str | None) -> tuple[bytes, str]:
@@ -421,10 +505,15 @@ class SageMakerBackend:
         # SageMaker lists the input with the model's role at the request, and refuses an empty prefix there.
         transform.check_input(self._client("s3", role), params["TransformInput"]["DataSource"], role, self.region)
         with self.lock:
-            job = self.store.create("transform-job", {**transform.with_defaults(params),
-                                                      "TransformJobStatus": "InProgress"})
-        threading.Thread(target=self._transform, args=(params["TransformJobName"],), daemon=True,
-                         name=f"transform-{params['TransformJobName']}").start()
+            job = self.store.create(
+                "transform-job", {**transform.with_defaults(params), "TransformJobStatus": "InProgress"}
+            )
+        threading.Thread(
+            target=self._transform,
+            args=(params["TransformJobName"],),
+            daemon=True,
+            name=f"transform-{params['TransformJobName']}",
+        ).start()
         return job
 
     def _transform(self, name: str) -> None:
@@ -448,9 +537,16 @@ class SageMakerBackend:
         try:
             model = self.store.get("model", job["ModelName"])
             role = model.get("ExecutionRoleArn")
-            run = transform.TransformRun(job, model, self.store.file("transform-job", name).parent,
-                                         self._client("s3", role), self.python, update,
-                                         logs=self._client("logs", role), cpu_count=os.cpu_count() or 1)
+            run = transform.TransformRun(
+                job,
+                model,
+                self.store.file("transform-job", name).parent,
+                self._client("s3", role),
+                self.python,
+                update,
+                logs=self._client("logs", role),
+                cpu_count=os.cpu_count() or 1,
+            )
             with self.lock:
                 self.transforms[name] = run
                 stopping = self.store.get("transform-job", name)["TransformJobStatus"] == "Stopping"
@@ -485,14 +581,26 @@ class SageMakerBackend:
         metric = config.get("HyperParameterTuningJobObjective", {}).get("MetricName")
         names = {d["Name"] for d in definition["AlgorithmSpecification"].get("MetricDefinitions", [])}
         if metric not in names:
-            raise ValidationException(f"The objective metric {metric} is not among the metric "
-                                      f"definitions of the training job definition ({sorted(names)})")
+            raise ValidationException(
+                f"The objective metric {metric} is not among the metric "
+                f"definitions of the training job definition ({sorted(names)})"
+            )
         with self.lock:
-            job = self.store.create("hyper-parameter-tuning-job", {
-                **params, "HyperParameterTuningJobStatus": "InProgress",
-                "TrainingJobStatusCounters": {"Completed": 0, "InProgress": 0, "RetryableError": 0,
-                                              "NonRetryableError": 0, "Stopped": 0},
-                "ObjectiveStatusCounters": {"Succeeded": 0, "Pending": 0, "Failed": 0}})
+            job = self.store.create(
+                "hyper-parameter-tuning-job",
+                {
+                    **params,
+                    "HyperParameterTuningJobStatus": "InProgress",
+                    "TrainingJobStatusCounters": {
+                        "Completed": 0,
+                        "InProgress": 0,
+                        "RetryableError": 0,
+                        "NonRetryableError": 0,
+                        "Stopped": 0,
+                    },
+                    "ObjectiveStatusCounters": {"Succeeded": 0, "Pending": 0, "Failed": 0},
+                },
+            )
         threading.Thread(target=self._tune, args=(params["HyperParameterTuningJobName"],), daemon=True).start()
         return job
 
@@ -507,8 +615,11 @@ class SageMakerBackend:
     def trials(self, tuning_job: dict) -> list[dict]:
         """The tuning job's training jobs, as it summarises them."""
         objective = tuning_job["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]
-        return [tuning.trial_summary(t, objective) for t in self.store.all("training-job")
-                if t.get("TuningJobArn") == tuning_job["HyperParameterTuningJobArn"]]
+        return [
+            tuning.trial_summary(t, objective)
+            for t in self.store.all("training-job")
+            if t.get("TuningJobArn") == tuning_job["HyperParameterTuningJobArn"]
+        ]
 
     def _tune(self, name: str) -> None:
         job = self.store.get("hyper-parameter-tuning-job", name)
@@ -527,11 +638,17 @@ class SageMakerBackend:
             stopping = tuning_job["HyperParameterTuningJobStatus"] == "Stopping"
             states = {t: self.store.get("training-job", t) for t in trials}
             running = [t for t, s in states.items() if s["TrainingJobStatus"] not in TERMINAL]
-            history = [(s["TunedHyperParameters"], v) for s in states.values()
-                       if (v := tuning.objective_value(s, objective["MetricName"])) is not None]
+            history = [
+                (s["TunedHyperParameters"], v)
+                for s in states.values()
+                if (v := tuning.objective_value(s, objective["MetricName"])) is not None
+            ]
             if config.get("TrainingJobEarlyStoppingType") == "Auto" and not stopping:
-                completed = [self.series.get(t, {}).get(objective["MetricName"], [])
-                             for t, s in states.items() if s["TrainingJobStatus"] == "Completed"]
+                completed = [
+                    self.series.get(t, {}).get(objective["MetricName"], [])
+                    for t, s in states.items()
+                    if s["TrainingJobStatus"] == "Completed"
+                ]
                 for t in running:
                     if tuning.stop_early(self.series.get(t, {}).get(objective["MetricName"], []), completed, maximize):
                         log.info("tuning job %s: stopping %s early (below the median of completed trials)", name, t)
@@ -540,12 +657,14 @@ class SageMakerBackend:
                 for t in running:
                     self._stop_quietly(t)
             elif len(running) < parallel and len(trials) < total:
-                tuned = tuning.next_configuration(config.get("Strategy", "Bayesian"), config["ParameterRanges"],
-                                                  rng, history, maximize)
+                tuned = tuning.next_configuration(
+                    config.get("Strategy", "Bayesian"), config["ParameterRanges"], rng, history, maximize
+                )
                 trials.append(self._start_trial(tuning_job, definition, len(trials) + 1, tuned))
                 continue
-            self._record_tuning_progress(name, states, objective, maximize, finished=not running and
-                                         (stopping or len(trials) >= total))
+            self._record_tuning_progress(
+                name, states, objective, maximize, finished=not running and (stopping or len(trials) >= total)
+            )
             if not running and (stopping or len(trials) >= total):
                 return
             time.sleep(0.5)
@@ -564,15 +683,17 @@ class SageMakerBackend:
             self.store.put("training-job", record)
         return trial
 
-    def _record_tuning_progress(self, name: str, states: dict, objective: dict, maximize: bool,
-                                finished: bool) -> None:
+    def _record_tuning_progress(self, name: str, states: dict, objective: dict, maximize: bool, finished: bool) -> None:
         summaries = [tuning.trial_summary(s, objective) for s in states.values()]
         status_counts, objective_counts = tuning.counters(summaries)
         best = tuning.best_trial(summaries, maximize)
         with self.lock:
             job = self.store.get("hyper-parameter-tuning-job", name)
-            job.update(TrainingJobStatusCounters=status_counts, ObjectiveStatusCounters=objective_counts,
-                       LastModifiedTime=time.time())
+            job.update(
+                TrainingJobStatusCounters=status_counts,
+                ObjectiveStatusCounters=objective_counts,
+                LastModifiedTime=time.time(),
+            )
             if best is not None:
                 job["BestTrainingJob"] = best
             if finished:
@@ -582,6 +703,8 @@ class SageMakerBackend:
                 elif best is not None:
                     job["HyperParameterTuningJobStatus"] = "Completed"
                 else:
-                    job.update(HyperParameterTuningJobStatus="Failed",
-                               FailureReason="All training jobs failed or reported no objective metric")
+                    job.update(
+                        HyperParameterTuningJobStatus="Failed",
+                        FailureReason="All training jobs failed or reported no objective metric",
+                    )
             self.store.put("hyper-parameter-tuning-job", job)

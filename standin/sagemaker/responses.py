@@ -35,12 +35,18 @@ from standin.sagemaker.models import RESOURCES, SageMakerBackend, arn
 log = logging.getLogger("standin")
 
 # List* filters on a record's times: parameter -> the field it bounds (strictly, as AWS does).
-TIME_FILTERS = {"CreationTimeBefore": "CreationTime", "CreationTimeAfter": "CreationTime",
-                "LastModifiedTimeBefore": "LastModifiedTime", "LastModifiedTimeAfter": "LastModifiedTime"}
+TIME_FILTERS = {
+    "CreationTimeBefore": "CreationTime",
+    "CreationTimeAfter": "CreationTime",
+    "LastModifiedTimeBefore": "LastModifiedTime",
+    "LastModifiedTimeAfter": "LastModifiedTime",
+}
 # The role a request hands to SageMaker, which AWS checks as iam:PassRole on the caller.
-PASSED_ROLES = {"CreateTrainingJob": ("RoleArn",),
-                "CreateHyperParameterTuningJob": ("TrainingJobDefinition", "RoleArn"),
-                "CreateModel": ("ExecutionRoleArn",)}
+PASSED_ROLES = {
+    "CreateTrainingJob": ("RoleArn",),
+    "CreateHyperParameterTuningJob": ("TrainingJobDefinition", "RoleArn"),
+    "CreateModel": ("ExecutionRoleArn",),
+}
 
 
 def authorizations(operation: str, params: dict) -> list[tuple]:
@@ -76,8 +82,15 @@ def _noun(kind: str) -> str:
 def json_answer(status: int, payload: dict, request_id: str) -> Answer:
     """An AWS JSON 1.1 answer: its type, length and request id, in that order."""
     body = json.dumps(payload).encode()
-    return status, {"Content-Type": "application/x-amz-json-1.1", "Content-Length": str(len(body)),
-                    "x-amzn-RequestId": request_id}, body
+    return (
+        status,
+        {
+            "Content-Type": "application/x-amz-json-1.1",
+            "Content-Length": str(len(body)),
+            "x-amzn-RequestId": request_id,
+        },
+        body,
+    )
 
 
 def _epoch(value: float | str) -> float:
@@ -108,7 +121,7 @@ def _page(records: list[dict], params: dict, list_field: str, fields: tuple[str,
     if not token.isdigit():
         raise ValidationException("Invalid pagination token")
     start = int(token)
-    result = {list_field: [{k: r[k] for k in fields if k in r} for r in records[start:start + size]]}
+    result = {list_field: [{k: r[k] for k in fields if k in r} for r in records[start : start + size]]}
     if start + size < len(records):
         result["NextToken"] = str(start + size)
     return result
@@ -160,8 +173,9 @@ class SageMakerResponse:
             raise ValidationException(refusal)
         handler = getattr(self, "op_" + operation, None)
         if handler is None:
-            raise UnknownOperationException(f"{operation} is valid SageMaker but not served by the local stand-in "
-                                            "(see standin/README.md)")
+            raise UnknownOperationException(
+                f"{operation} is valid SageMaker but not served by the local stand-in (see standin/README.md)"
+            )
         return handler(params)
 
     def invoke_endpoint(self, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
@@ -174,13 +188,22 @@ class SageMakerResponse:
             if len(body) > MAX_INVOKE_BODY_BYTES:
                 raise RuntimeValidationError.oversize_body(request_id)
             self.calls.record(caller(headers), [("sagemaker:InvokeEndpoint", arn("endpoint", name))], "standin")
-            payload, content_type = self.backend.invoke(name, body, headers.get("Content-Type"),
-                                                        headers.get("Accept"))
+            payload, content_type = self.backend.invoke(name, body, headers.get("Content-Type"), headers.get("Accept"))
         except AwsError as exc:
-            return exc.status, {"x-amzn-ErrorType": exc.code, "Content-Type": "application/json",
-                                "x-amzn-RequestId": request_id}, json.dumps(runtime_body(exc)).encode()
-        return 200, {"Content-Type": content_type, "x-Amzn-Invoked-Production-Variant": "AllTraffic",
-                     "x-amzn-RequestId": request_id}, payload
+            return (
+                exc.status,
+                {"x-amzn-ErrorType": exc.code, "Content-Type": "application/json", "x-amzn-RequestId": request_id},
+                json.dumps(runtime_body(exc)).encode(),
+            )
+        return (
+            200,
+            {
+                "Content-Type": content_type,
+                "x-Amzn-Invoked-Production-Variant": "AllTraffic",
+                "x-amzn-RequestId": request_id,
+            },
+            payload,
+        )
 
     # -- any resource ---------------------------------------------------------------------------
     def op_ListTags(self, params: dict) -> dict:
@@ -198,9 +221,15 @@ class SageMakerResponse:
         jobs = _listed(self.backend.records("training-job"), params, "training-job")
         start = int(params.get("NextToken") or 0)
         size = params.get("MaxResults", 100)
-        page = jobs[start:start + size]
-        summaries = [{k: j[k] for k in ("TrainingJobName", "TrainingJobArn", "CreationTime", "TrainingJobStatus",
-                                        "LastModifiedTime") if k in j} for j in page]
+        page = jobs[start : start + size]
+        summaries = [
+            {
+                k: j[k]
+                for k in ("TrainingJobName", "TrainingJobArn", "CreationTime", "TrainingJobStatus", "LastModifiedTime")
+                if k in j
+            }
+            for j in page
+        ]
         result = {"TrainingJobSummaries": summaries}
         if start + size < len(jobs):
             result["NextToken"] = str(start + size)
@@ -256,8 +285,12 @@ class SageMakerResponse:
 
     def op_ListEndpoints(self, params: dict) -> dict:
         endpoints = _listed(self.backend.records("endpoint"), params, "endpoint")
-        return _page(endpoints, params, "Endpoints", ("EndpointName", "EndpointArn", "CreationTime",
-                                                      "LastModifiedTime", "EndpointStatus"))
+        return _page(
+            endpoints,
+            params,
+            "Endpoints",
+            ("EndpointName", "EndpointArn", "CreationTime", "LastModifiedTime", "EndpointStatus"),
+        )
 
     # -- batch transform jobs -------------------------------------------------------------------------
     def op_CreateTransformJob(self, params: dict) -> dict:
@@ -272,9 +305,20 @@ class SageMakerResponse:
 
     def op_ListTransformJobs(self, params: dict) -> dict:
         jobs = _listed(self.backend.records("transform-job"), params, "transform-job")
-        return _page(jobs, params, "TransformJobSummaries", (
-            "TransformJobName", "TransformJobArn", "CreationTime", "TransformEndTime", "LastModifiedTime",
-            "TransformJobStatus", "FailureReason"))
+        return _page(
+            jobs,
+            params,
+            "TransformJobSummaries",
+            (
+                "TransformJobName",
+                "TransformJobArn",
+                "CreationTime",
+                "TransformEndTime",
+                "LastModifiedTime",
+                "TransformJobStatus",
+                "FailureReason",
+            ),
+        )
 
     # -- hyperparameter tuning jobs -------------------------------------------------------------------
     def op_CreateHyperParameterTuningJob(self, params: dict) -> dict:
@@ -286,12 +330,24 @@ class SageMakerResponse:
 
     def op_ListHyperParameterTuningJobs(self, params: dict) -> dict:
         jobs = _listed(self.backend.records("hyper-parameter-tuning-job"), params, "hyper-parameter-tuning-job")
-        fields = ("HyperParameterTuningJobName", "HyperParameterTuningJobArn", "HyperParameterTuningJobStatus",
-                  "CreationTime", "HyperParameterTuningEndTime", "LastModifiedTime", "TrainingJobStatusCounters",
-                  "ObjectiveStatusCounters")
-        summaries = [{k: j[k] for k in fields if k in j} | {
-            "Strategy": j["HyperParameterTuningJobConfig"].get("Strategy", "Bayesian"),
-            "ResourceLimits": j["HyperParameterTuningJobConfig"]["ResourceLimits"]} for j in jobs]
+        fields = (
+            "HyperParameterTuningJobName",
+            "HyperParameterTuningJobArn",
+            "HyperParameterTuningJobStatus",
+            "CreationTime",
+            "HyperParameterTuningEndTime",
+            "LastModifiedTime",
+            "TrainingJobStatusCounters",
+            "ObjectiveStatusCounters",
+        )
+        summaries = [
+            {k: j[k] for k in fields if k in j}
+            | {
+                "Strategy": j["HyperParameterTuningJobConfig"].get("Strategy", "Bayesian"),
+                "ResourceLimits": j["HyperParameterTuningJobConfig"]["ResourceLimits"],
+            }
+            for j in jobs
+        ]
         return {"HyperParameterTuningJobSummaries": summaries[: params.get("MaxResults", 100)]}
 
     def op_ListTrainingJobsForHyperParameterTuningJob(self, params: dict) -> dict:
@@ -301,8 +357,10 @@ class SageMakerResponse:
             trials = [t for t in trials if t["TrainingJobStatus"] == params["StatusEquals"]]
         descending = params.get("SortOrder", "Descending") == "Descending"
         if params.get("SortBy") == "FinalObjectiveMetricValue":
-            trials.sort(key=lambda t: t.get("FinalHyperParameterTuningJobObjectiveMetric", {}).get("Value", -1e30),
-                        reverse=descending)
+            trials.sort(
+                key=lambda t: t.get("FinalHyperParameterTuningJobObjectiveMetric", {}).get("Value", -1e30),
+                reverse=descending,
+            )
         else:
             trials.sort(key=lambda t: t["CreationTime"], reverse=descending)
         return {"TrainingJobSummaries": trials[: params.get("MaxResults", 100)]}

@@ -60,8 +60,9 @@ def _download(s3, objects: list[tuple[str, str, Path]]) -> None:
             body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:
             code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-            raise JobError(f"ClientError: Data download failed: could not download s3://{bucket}/{key} ({code})"
-                           ) from exc
+            raise JobError(
+                f"ClientError: Data download failed: could not download s3://{bucket}/{key} ({code})"
+            ) from exc
         destination.write_bytes(body)
 
     with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
@@ -75,7 +76,7 @@ def download_prefix(s3, uri: str, target: Path) -> int:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             # A prefix naming one object whole (a model.tar.gz) gives that file under its own name.
-            relative = obj["Key"][len(prefix):].lstrip("/") or obj["Key"].rsplit("/", 1)[-1]
+            relative = obj["Key"][len(prefix) :].lstrip("/") or obj["Key"].rsplit("/", 1)[-1]
             if not relative.endswith("/"):
                 objects.append((bucket, obj["Key"], target / relative))
     if not objects:
@@ -92,9 +93,13 @@ def read_manifest(s3, uri: str) -> tuple[str, str, list[str]]:
         manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     except Exception as exc:
         raise JobError(f"ClientError: could not read the manifest file {uri}: {exc}") from exc
-    if (not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict)
-            or not str(manifest[0].get("prefix", "")).startswith("s3://")
-            or not all(isinstance(entry, str) for entry in manifest[1:])):
+    if (
+        not isinstance(manifest, list)
+        or not manifest
+        or not isinstance(manifest[0], dict)
+        or not str(manifest[0].get("prefix", "")).startswith("s3://")
+        or not all(isinstance(entry, str) for entry in manifest[1:])
+    ):
         raise JobError(f'ClientError: the manifest file {uri} is not [{{"prefix": "s3://..."}}, "relative/key", ...]')
     prefix_bucket, prefix = split_s3_uri(manifest[0]["prefix"])
     return prefix_bucket, prefix, manifest[1:]
@@ -135,8 +140,10 @@ def checkpoint_folder(job: dict, root: Path) -> Path | None:
     local = (config.get("LocalPath") or DEFAULT_CHECKPOINT_PATH).rstrip("/")
     relative = os.path.relpath(local, CONTAINER_ROOT)
     if not local.startswith(CONTAINER_ROOT + "/") or relative.startswith(".."):
-        raise JobError(f"ClientError: CheckpointConfig.LocalPath {local} is not under {CONTAINER_ROOT} "
-                       "(the stand-in maps only /opt/ml into the job's folder)")
+        raise JobError(
+            f"ClientError: CheckpointConfig.LocalPath {local} is not under {CONTAINER_ROOT} "
+            "(the stand-in maps only /opt/ml into the job's folder)"
+        )
     return root / relative
 
 
@@ -152,8 +159,9 @@ class CheckpointSync:
     once; its mtime is the last write); after the run, everything is. The `*.tmp` files of an
     atomic write are never uploaded. A file deleted locally stays in S3: nothing is deleted there."""
 
-    def __init__(self, s3, uri: str, folder: Path, interval: float = 1.0, quiet: float = 0.5,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, s3, uri: str, folder: Path, interval: float = 1.0, quiet: float = 0.5, log: Callable[[str], None] = print
+    ) -> None:
         self.s3, self.folder, self.interval, self.quiet, self.log = s3, folder, interval, quiet, log
         self.bucket, key = split_s3_uri(uri)
         self.prefix = key.rstrip("/") + "/" if key.strip("/") else ""
@@ -172,7 +180,7 @@ class CheckpointSync:
         count = 0
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
             for obj in page.get("Contents", []):
-                relative = obj["Key"][len(self.prefix):]
+                relative = obj["Key"][len(self.prefix) :]
                 if not relative or relative.endswith("/"):
                     continue
                 destination = self.folder / relative
@@ -244,10 +252,14 @@ STOP_GRACE_S = 120.0
 def resource_config(job: dict) -> dict:
     """`resourceconfig.json` as SageMaker writes it for a one-instance job."""
     instance_type = job.get("ResourceConfig", {}).get("InstanceType", "local")
-    return {"current_host": HOST, "current_instance_type": instance_type, "current_group_name": INSTANCE_GROUP,
-            "hosts": [HOST], "network_interface_name": "eth0",
-            "instance_groups": [{"instance_group_name": INSTANCE_GROUP, "instance_type": instance_type,
-                                 "hosts": [HOST]}]}
+    return {
+        "current_host": HOST,
+        "current_instance_type": instance_type,
+        "current_group_name": INSTANCE_GROUP,
+        "hosts": [HOST],
+        "network_interface_name": "eth0",
+        "instance_groups": [{"instance_group_name": INSTANCE_GROUP, "instance_type": instance_type, "hosts": [HOST]}],
+    }
 
 
 def input_data_config(job: dict) -> dict:
@@ -255,10 +267,12 @@ def input_data_config(job: dict) -> dict:
     config = {}
     for channel in job.get("InputDataConfig", []):
         source = channel["DataSource"]["S3DataSource"]
-        entry = {"TrainingInputMode": channel.get("InputMode") or job.get("AlgorithmSpecification", {}).get(
-                     "TrainingInputMode", "File"),
-                 "S3DistributionType": source.get("S3DataDistributionType", "FullyReplicated"),
-                 "RecordWrapperType": channel.get("RecordWrapperType", "None")}
+        entry = {
+            "TrainingInputMode": channel.get("InputMode")
+            or job.get("AlgorithmSpecification", {}).get("TrainingInputMode", "File"),
+            "S3DistributionType": source.get("S3DataDistributionType", "FullyReplicated"),
+            "RecordWrapperType": channel.get("RecordWrapperType", "None"),
+        }
         if channel.get("ContentType"):
             entry["ContentType"] = channel["ContentType"]
         config[channel["ChannelName"]] = entry
@@ -287,31 +301,36 @@ def prepare(job: dict, root: Path, s3, region: str, python: str) -> tuple[list[s
     # The container's environment: the image's settings and SageMaker's, the job's role's
     # credentials (the toolkit fetches the source with them), never the stand-in's own variables for
     # the job (SM_*), credentials or import path.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SM_", "AWS_ACCESS_KEY", "AWS_SECRET", "AWS_SESSION", "AWS_PROFILE"))
-           and k not in ("PYTHONPATH", "SAGEMAKER_BASE_DIR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SM_", "AWS_ACCESS_KEY", "AWS_SECRET", "AWS_SESSION", "AWS_PROFILE"))
+        and k not in ("PYTHONPATH", "SAGEMAKER_BASE_DIR")
+    }
     env.update(role_environment(job["RoleArn"]))
-    env.update({
-        "AWS_REGION": region,
-        "AWS_DEFAULT_REGION": region,
-        "TRAINING_JOB_NAME": job["TrainingJobName"],
-        "TRAINING_JOB_ARN": job.get("TrainingJobArn", ""),
-        "SAGEMAKER_TRAINING_MODULE": TRAINING_MODULE,
-        "SAGEMAKER_BASE_DIR": str(root),
-        # The toolkit waits up to 15 minutes for `algo-1` to resolve, as hosts come up on SageMaker;
-        # this is its own switch for a host that never will.
-        "SM_STUDIO_LOCAL_MODE": "true",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        # The image's interpreter comes first on its PATH: the toolkit starts `torchrun` by name.
-        "PATH": os.pathsep.join([str(Path(python).parent), os.environ.get("PATH", "")]),
-        # On SageMaker each job has its instances to itself; here jobs share one host, so each job's
-        # torchrun (the toolkit's torch_distributed launcher) gets a rendezvous port of its own.
-        "PET_MASTER_PORT": str(free_port()),
-        # A fresh instance's torch hub cache is empty: the host's must not lend a job weights that the
-        # job did not bring (its weights channel) and could not download under network isolation.
-        "TORCH_HOME": str(root / "torch"),
-    })
+    env.update(
+        {
+            "AWS_REGION": region,
+            "AWS_DEFAULT_REGION": region,
+            "TRAINING_JOB_NAME": job["TrainingJobName"],
+            "TRAINING_JOB_ARN": job.get("TrainingJobArn", ""),
+            "SAGEMAKER_TRAINING_MODULE": TRAINING_MODULE,
+            "SAGEMAKER_BASE_DIR": str(root),
+            # The toolkit waits up to 15 minutes for `algo-1` to resolve, as hosts come up on SageMaker;
+            # this is its own switch for a host that never will.
+            "SM_STUDIO_LOCAL_MODE": "true",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            # The image's interpreter comes first on its PATH: the toolkit starts `torchrun` by name.
+            "PATH": os.pathsep.join([str(Path(python).parent), os.environ.get("PATH", "")]),
+            # On SageMaker each job has its instances to itself; here jobs share one host, so each job's
+            # torchrun (the toolkit's torch_distributed launcher) gets a rendezvous port of its own.
+            "PET_MASTER_PORT": str(free_port()),
+            # A fresh instance's torch hub cache is empty: the host's must not lend a job weights that the
+            # job did not bring (its weights channel) and could not download under network isolation.
+            "TORCH_HOME": str(root / "torch"),
+        }
+    )
     env.update(job.get("Environment", {}))
     return list(TOOLKIT_COMMAND), env
 
@@ -321,8 +340,15 @@ class JobProcess:
     that StopTrainingJob reaches the entry point too (SIGTERM to all, SIGKILL after the grace time)."""
 
     def __init__(self, command: list[str], env: dict[str, str], cwd: Path, grace_s: float = STOP_GRACE_S) -> None:
-        self.popen = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.popen = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.grace_s = grace_s
         self.stdout = self.popen.stdout
 
@@ -372,8 +398,9 @@ class CloudWatchLog:
     stream), so the Amazon provider's `print_log` shows it in the Airflow task log. Lines are sent
     in batches."""
 
-    def __init__(self, logs, job_name: str, flush_every: float = 1.0, group: str = LOG_GROUP,
-                 stream: str | None = None) -> None:
+    def __init__(
+        self, logs, job_name: str, flush_every: float = 1.0, group: str = LOG_GROUP, stream: str | None = None
+    ) -> None:
         self.logs, self.pending, self.flush_every, self.last = logs, [], flush_every, time.time()
         self.group = group
         self.stream = stream or f"{job_name}/algo-1-{int(time.time())}"
@@ -400,9 +427,17 @@ def _log_line(log_path: Path, line: str) -> None:
         log.write(f"[standin] {line}\n")
 
 
-def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
-            started_process: Callable[[JobProcess], None] | None = None, logs=None,
-            metrics_seen: Callable[[dict[str, list[float]]], None] | None = None, region: str = "us-east-1") -> None:
+def run_job(
+    job: dict,
+    root: Path,
+    s3,
+    python: str,
+    update: Callable[..., None],
+    started_process: Callable[[JobProcess], None] | None = None,
+    logs=None,
+    metrics_seen: Callable[[dict[str, list[float]]], None] | None = None,
+    region: str = "us-east-1",
+) -> None:
     """Run `job` to its end, reporting through `update(status=..., secondary=..., **fields)`.
     With a CloudWatch Logs client, the container's output also goes there; `metrics_seen` gets the
     metric series so far whenever a line adds to them (what early stopping looks at)."""
@@ -415,8 +450,12 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
         return
     checkpoints = None
     if job.get("CheckpointConfig"):
-        checkpoints = CheckpointSync(s3, job["CheckpointConfig"]["S3Uri"], checkpoint_folder(job, root),
-                                     log=lambda line: _log_line(log_path, line))
+        checkpoints = CheckpointSync(
+            s3,
+            job["CheckpointConfig"]["S3Uri"],
+            checkpoint_folder(job, root),
+            log=lambda line: _log_line(log_path, line),
+        )
         restored = checkpoints.restore()
         _log_line(log_path, f"checkpoints: {restored} file(s) restored from {job['CheckpointConfig']['S3Uri']}")
         checkpoints.start()
@@ -461,22 +500,44 @@ def run_job(job: dict, root: Path, s3, python: str, update: Callable[..., None],
         artifacts = {}
         if any((root / "model").iterdir()):
             artifacts = {"ModelArtifacts": {"S3ModelArtifacts": upload_model(job, root, s3)}}
-        secondary, message = (("MaxRuntimeExceeded", "Training job runtime exceeded MaxRuntimeInSeconds provided")
-                              if exceeded.is_set() else ("Stopped", "Stopped by StopTrainingJob"))
-        update(status="Stopped", secondary=secondary, message=message,
-               FinalMetricDataList=final, TrainingTimeInSeconds=seconds, BillableTimeInSeconds=seconds, **artifacts)
+        secondary, message = (
+            ("MaxRuntimeExceeded", "Training job runtime exceeded MaxRuntimeInSeconds provided")
+            if exceeded.is_set()
+            else ("Stopped", "Stopped by StopTrainingJob")
+        )
+        update(
+            status="Stopped",
+            secondary=secondary,
+            message=message,
+            FinalMetricDataList=final,
+            TrainingTimeInSeconds=seconds,
+            BillableTimeInSeconds=seconds,
+            **artifacts,
+        )
         return
     if code != 0:
         failure = root / "output" / "failure"
         reason = failure.read_text().strip() if failure.is_file() else ""
         reason = f"AlgorithmError: {reason or 'ExecuteUserScriptError'}, exit code {code}"
-        update(status="Failed", secondary="Failed", message=reason, FailureReason=reason[:1024],
-               FinalMetricDataList=final, TrainingTimeInSeconds=seconds)
+        update(
+            status="Failed",
+            secondary="Failed",
+            message=reason,
+            FailureReason=reason[:1024],
+            FinalMetricDataList=final,
+            TrainingTimeInSeconds=seconds,
+        )
         return
     update(status="InProgress", secondary="Uploading", message="Uploading generated training model")
-    update(status="Completed", secondary="Completed", message="Training job completed",
-           ModelArtifacts={"S3ModelArtifacts": upload_model(job, root, s3)}, FinalMetricDataList=final,
-           TrainingTimeInSeconds=seconds, BillableTimeInSeconds=seconds)
+    update(
+        status="Completed",
+        secondary="Completed",
+        message="Training job completed",
+        ModelArtifacts={"S3ModelArtifacts": upload_model(job, root, s3)},
+        FinalMetricDataList=final,
+        TrainingTimeInSeconds=seconds,
+        BillableTimeInSeconds=seconds,
+    )
 
 
 def upload_model(job: dict, root: Path, s3) -> str:

@@ -53,12 +53,16 @@ def check_request(params: dict) -> None:
     and what the stand-in does not serve."""
     payload = params.get("MaxPayloadInMB", DEFAULT_PAYLOAD_MB)
     if payload > MAX_PAYLOAD_MB:
-        raise ValidationException(f"1 validation error detected: Value '{payload}' at 'maxPayloadInMB' failed to "
-                                  f"satisfy constraint: Member must have value less than or equal to {MAX_PAYLOAD_MB}")
+        raise ValidationException(
+            f"1 validation error detected: Value '{payload}' at 'maxPayloadInMB' failed to "
+            f"satisfy constraint: Member must have value less than or equal to {MAX_PAYLOAD_MB}"
+        )
     concurrent = params.get("MaxConcurrentTransforms") or 1
     if concurrent * payload > MAX_PAYLOAD_MB:
-        raise ValidationException(f"MaxConcurrentTransforms ({concurrent}) * MaxPayloadInMB ({payload}) = "
-                                  f"{concurrent * payload} MB exceeds the limit of {MAX_PAYLOAD_MB} MB")
+        raise ValidationException(
+            f"MaxConcurrentTransforms ({concurrent}) * MaxPayloadInMB ({payload}) = "
+            f"{concurrent * payload} MB exceeds the limit of {MAX_PAYLOAD_MB} MB"
+        )
     source = params["TransformInput"]["DataSource"]["S3DataSource"]
     unserved = []
     if source["S3DataType"] not in SERVED_DATA_TYPES:
@@ -72,15 +76,19 @@ def check_request(params: dict) -> None:
     if params.get("DataCaptureConfig"):
         unserved.append("DataCaptureConfig")
     if unserved:
-        raise ValidationException("The local stand-in does not serve " + "; ".join(unserved) +
-                                  " in transform jobs (see standin/README.md)")
+        raise ValidationException(
+            "The local stand-in does not serve " + "; ".join(unserved) + " in transform jobs (see standin/README.md)"
+        )
 
 
 def with_defaults(params: dict) -> dict:
     """The job's record: the request with the limits it runs under filled in, as DescribeTransformJob
     reports them."""
-    return {**params, "MaxConcurrentTransforms": params.get("MaxConcurrentTransforms") or 1,
-            "MaxPayloadInMB": params.get("MaxPayloadInMB", DEFAULT_PAYLOAD_MB)}
+    return {
+        **params,
+        "MaxConcurrentTransforms": params.get("MaxConcurrentTransforms") or 1,
+        "MaxPayloadInMB": params.get("MaxPayloadInMB", DEFAULT_PAYLOAD_MB),
+    }
 
 
 def check_input(s3, data_source: dict, role_arn: str, region: str) -> None:
@@ -98,7 +106,8 @@ def check_input(s3, data_source: dict, role_arn: str, region: str) -> None:
         raise ValidationException(
             f'No S3 objects found under S3 URL "{source["S3Uri"]}" given in input data source. Please ensure that the '
             f"bucket exists in the selected region ({region}), that objects exist under that S3 prefix, and that the "
-            f'role "{role_arn}" has "s3:ListBucket" permissions on bucket "{bucket}".')
+            f'role "{role_arn}" has "s3:ListBucket" permissions on bucket "{bucket}".'
+        )
 
 
 class TransformError(RuntimeError):
@@ -126,10 +135,14 @@ def input_objects(s3, source: dict) -> list[InputObject]:
     manifest's keys (`[{"prefix": "s3://bucket/prefix/"}, "relative/key", ...]`), relative to its prefix."""
     if source["S3DataType"] == "S3Prefix":
         bucket, prefix = split_s3_uri(source["S3Uri"])
-        folder = prefix[:prefix.rfind("/") + 1]
-        keys = [obj["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-                for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
-        return [InputObject(bucket, key, key[len(folder):]) for key in sorted(keys)]
+        folder = prefix[: prefix.rfind("/") + 1]
+        keys = [
+            obj["Key"]
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+            if not obj["Key"].endswith("/")
+        ]
+        return [InputObject(bucket, key, key[len(folder) :]) for key in sorted(keys)]
     try:
         prefix_bucket, prefix, entries = read_manifest(s3, source["S3Uri"])
     except JobError as exc:
@@ -168,8 +181,10 @@ def payloads(body: bytes, split_type: str, strategy: str, limit: int) -> list[by
     for payload in requests:
         if limit and len(payload) > limit:
             what = "object" if split_type == "None" else "record"
-            raise ObjectFailed(f"the {what} is {len(payload)} bytes, over MaxPayloadInMB ({limit // MB} MB = "
-                               f"{limit} bytes): not sent to the model")
+            raise ObjectFailed(
+                f"the {what} is {len(payload)} bytes, over MaxPayloadInMB ({limit // MB} MB = "
+                f"{limit} bytes): not sent to the model"
+            )
     return requests
 
 
@@ -185,8 +200,11 @@ class JobLog:
 
     def __init__(self, path: Path, job_name: str, instances: list[str], logs=None) -> None:
         self.path, self.lock = path, threading.Lock()
-        self.streams = [CloudWatchLog(logs, job_name, group=LOG_GROUP, stream=f"{job_name}/{instance}")
-                        for instance in instances] if logs is not None else []
+        self.streams = (
+            [CloudWatchLog(logs, job_name, group=LOG_GROUP, stream=f"{job_name}/{instance}") for instance in instances]
+            if logs is not None
+            else []
+        )
 
     def line(self, text: str, instance: int = 0) -> None:
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
@@ -206,8 +224,17 @@ class TransformRun:
     """One transform job from start to end: its workers, its objects, its stop. `update(status,
     **fields)` reports to the job's record."""
 
-    def __init__(self, job: dict, model: dict, root: Path, s3, python: str, update: Callable[..., None],
-                 logs=None, cpu_count: int = 1) -> None:
+    def __init__(
+        self,
+        job: dict,
+        model: dict,
+        root: Path,
+        s3,
+        python: str,
+        update: Callable[..., None],
+        logs=None,
+        cpu_count: int = 1,
+    ) -> None:
         self.job, self.model, self.root, self.s3, self.python, self.update = job, model, root, s3, python, update
         requested = job["TransformResources"]["InstanceCount"]
         self.instances = [f"i-{uuid.uuid4().hex[:17]}" for _ in range(max(1, min(requested, cpu_count)))]
@@ -242,12 +269,16 @@ class TransformRun:
         job = self.job
         resources = job["TransformResources"]
         self.update("InProgress", TransformStartTime=time.time())
-        self.log.line(f"[sagemaker logs]: MaxConcurrentTransforms={job['MaxConcurrentTransforms']}, "
-                      f"MaxPayloadInMB={job['MaxPayloadInMB']}, "
-                      f"BatchStrategy={job.get('BatchStrategy', 'SingleRecord').upper()}")
-        self.log.line(f"[standin] instance type {resources['InstanceType']} not honoured; "
-                      f"{len(self.instances)} of {resources['InstanceCount']} instance(s) run, one model worker "
-                      f"process each (this machine's cores bound them)")
+        self.log.line(
+            f"[sagemaker logs]: MaxConcurrentTransforms={job['MaxConcurrentTransforms']}, "
+            f"MaxPayloadInMB={job['MaxPayloadInMB']}, "
+            f"BatchStrategy={job.get('BatchStrategy', 'SingleRecord').upper()}"
+        )
+        self.log.line(
+            f"[standin] instance type {resources['InstanceType']} not honoured; "
+            f"{len(self.instances)} of {resources['InstanceCount']} instance(s) run, one model worker "
+            f"process each (this machine's cores bound them)"
+        )
         try:
             objects = input_objects(self.s3, job["TransformInput"]["DataSource"]["S3DataSource"])
             servers = self._start_workers()
@@ -265,8 +296,10 @@ class TransformRun:
             self.update("Stopped")
         elif failures:
             first, detail = min(failures, key=lambda f: objects.index(f[0]))
-            reason = (f"ClientError: {len(failures)} of {len(objects)} input objects failed and have no .out; "
-                      f"the first: {first.uri}: {detail}")
+            reason = (
+                f"ClientError: {len(failures)} of {len(objects)} input objects failed and have no .out; "
+                f"the first: {first.uri}: {detail}"
+            )
             self.update("Failed", FailureReason=reason[:1024])
         else:
             self.log.line(f"[standin] {len(objects)} object(s) transformed")
@@ -284,8 +317,9 @@ class TransformRun:
 
         def start(index: int) -> None:
             try:
-                servers[index] = endpoints.serve_model(self.root / f"model-{index}", url, self.s3, self.python,
-                                                       environment, started=self._started)
+                servers[index] = endpoints.serve_model(
+                    self.root / f"model-{index}", url, self.s3, self.python, environment, started=self._started
+                )
             except WorkerFailed as exc:
                 errors.append(exc)
 
@@ -326,8 +360,11 @@ class TransformRun:
                         self.log.line(f"[sagemaker logs]: {item.bucket}/{item.key}: {detail}", index)
                         failures.append((item, detail))
 
-        threads = [threading.Thread(target=drain, args=(server, index), daemon=True)
-                   for index, server in enumerate(servers) for _ in range(self.job["MaxConcurrentTransforms"])]
+        threads = [
+            threading.Thread(target=drain, args=(server, index), daemon=True)
+            for index, server in enumerate(servers)
+            for _ in range(self.job["MaxConcurrentTransforms"])
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -343,8 +380,9 @@ class TransformRun:
                 body = gzip.decompress(body)
             except (OSError, EOFError) as exc:
                 raise ObjectFailed(f"CompressionType is Gzip and the object is not gzip: {exc}") from exc
-        requests = payloads(body, config.get("SplitType", "None"), job.get("BatchStrategy", "SingleRecord"),
-                            job["MaxPayloadInMB"] * MB)
+        requests = payloads(
+            body, config.get("SplitType", "None"), job.get("BatchStrategy", "SingleRecord"), job["MaxPayloadInMB"] * MB
+        )
         answers = []
         for payload in requests:
             if self.stopping.is_set():

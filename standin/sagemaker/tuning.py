@@ -44,8 +44,9 @@ def _format(value: float, integer: bool) -> str:
 def sample(ranges: dict, rng: random.Random, best: dict[str, str] | None, spread: float) -> dict[str, str]:
     """One configuration as SageMaker passes it to a trial: every value a string."""
     chosen: dict[str, str] = {}
-    numeric = [(r, False) for r in ranges.get("ContinuousParameterRanges", [])] + \
-              [(r, True) for r in ranges.get("IntegerParameterRanges", [])]
+    numeric = [(r, False) for r in ranges.get("ContinuousParameterRanges", [])] + [
+        (r, True) for r in ranges.get("IntegerParameterRanges", [])
+    ]
     for spec, integer in numeric:
         low, high = float(spec["MinValue"]), float(spec["MaxValue"])
         scaling = spec.get("ScalingType", "Auto")
@@ -63,8 +64,9 @@ def sample(ranges: dict, rng: random.Random, best: dict[str, str] | None, spread
     return chosen
 
 
-def next_configuration(strategy: str, ranges: dict, rng: random.Random, history: list[tuple[dict, float]],
-                       maximize: bool) -> dict[str, str]:
+def next_configuration(
+    strategy: str, ranges: dict, rng: random.Random, history: list[tuple[dict, float]], maximize: bool
+) -> dict[str, str]:
     """The next trial's hyperparameters given (configuration, objective) of finished trials."""
     if strategy == "Random" or len(history) < RANDOM_START or rng.random() < EXPLORE_SHARE:
         return sample(ranges, rng, None, 1.0)
@@ -88,8 +90,17 @@ def stop_early(running: list[float], completed: list[list[float]], maximize: boo
 
 
 # What a trial takes from the tuning job's training job definition (the rest is the tuning job's own).
-TRIAL_FIELDS = ("AlgorithmSpecification", "RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
-                "StoppingCondition", "CheckpointConfig", "EnableManagedSpotTraining", "Environment")
+TRIAL_FIELDS = (
+    "AlgorithmSpecification",
+    "RoleArn",
+    "InputDataConfig",
+    "OutputDataConfig",
+    "ResourceConfig",
+    "StoppingCondition",
+    "CheckpointConfig",
+    "EnableManagedSpotTraining",
+    "Environment",
+)
 TRIAL_ALGORITHM_FIELDS = ("TrainingImage", "TrainingInputMode", "MetricDefinitions")
 
 
@@ -97,10 +108,13 @@ def trial_request(tuning_job_name: str, definition: dict, number: int, tuned: di
     """The CreateTrainingJob request of trial `number`, named `<tuning job>-<NNN>-<hash>` as SageMaker names it."""
     digest = hashlib.sha256(json.dumps(tuned, sort_keys=True).encode()).hexdigest()[:8]
     params = {k: v for k, v in definition.items() if k in TRIAL_FIELDS}
-    params["AlgorithmSpecification"] = {k: v for k, v in params["AlgorithmSpecification"].items()
-                                        if k in TRIAL_ALGORITHM_FIELDS}
-    params.update(TrainingJobName=f"{tuning_job_name[:23]}-{number:03d}-{digest}",
-                  HyperParameters={**definition.get("StaticHyperParameters", {}), **tuned})
+    params["AlgorithmSpecification"] = {
+        k: v for k, v in params["AlgorithmSpecification"].items() if k in TRIAL_ALGORITHM_FIELDS
+    }
+    params.update(
+        TrainingJobName=f"{tuning_job_name[:23]}-{number:03d}-{digest}",
+        HyperParameters={**definition.get("StaticHyperParameters", {}), **tuned},
+    )
     return params
 
 
@@ -114,15 +128,30 @@ def objective_value(job: dict, metric: str) -> float | None:
 
 def trial_summary(job: dict, objective: dict) -> dict:
     """A trial as the tuning job reports it (HyperParameterTrainingJobSummary)."""
-    summary = {k: job[k] for k in ("TrainingJobName", "TrainingJobArn", "CreationTime", "TrainingJobStatus",
-                                   "TunedHyperParameters", "TrainingStartTime", "TrainingEndTime",
-                                   "FailureReason") if k in job}
+    summary = {
+        k: job[k]
+        for k in (
+            "TrainingJobName",
+            "TrainingJobArn",
+            "CreationTime",
+            "TrainingJobStatus",
+            "TunedHyperParameters",
+            "TrainingStartTime",
+            "TrainingEndTime",
+            "FailureReason",
+        )
+        if k in job
+    }
     value = objective_value(job, objective["MetricName"])
     if value is not None:
         summary["FinalHyperParameterTuningJobObjectiveMetric"] = {
-            "Type": objective["Type"], "MetricName": objective["MetricName"], "Value": value}
-    summary["ObjectiveStatus"] = ("Succeeded" if value is not None else
-                                  "Pending" if job["TrainingJobStatus"] not in TERMINAL else "Failed")
+            "Type": objective["Type"],
+            "MetricName": objective["MetricName"],
+            "Value": value,
+        }
+    summary["ObjectiveStatus"] = (
+        "Succeeded" if value is not None else "Pending" if job["TrainingJobStatus"] not in TERMINAL else "Failed"
+    )
     return summary
 
 
@@ -131,8 +160,9 @@ def counters(summaries: list[dict]) -> tuple[dict[str, int], dict[str, int]]:
     status_counts = {"Completed": 0, "InProgress": 0, "RetryableError": 0, "NonRetryableError": 0, "Stopped": 0}
     objective_counts = {"Succeeded": 0, "Pending": 0, "Failed": 0}
     for s in summaries:
-        key = {"Failed": "NonRetryableError", "Stopping": "InProgress"}.get(s["TrainingJobStatus"],
-                                                                             s["TrainingJobStatus"])
+        key = {"Failed": "NonRetryableError", "Stopping": "InProgress"}.get(
+            s["TrainingJobStatus"], s["TrainingJobStatus"]
+        )
         status_counts[key] += 1
         objective_counts[s["ObjectiveStatus"]] += 1
     return status_counts, objective_counts

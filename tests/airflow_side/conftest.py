@@ -47,8 +47,10 @@ def pipeline_stack() -> iam.Stack:
 
 # Roles of the tests' own, which SageMaker and Lambda may assume and which grant nothing: their calls
 # are nobody's in the policy check. Everything that stands for the pipeline uses the stack's roles.
-TEST_ROLES = {"local": ("sagemaker.amazonaws.com", "lambda.amazonaws.com"),
-              "test-functions-for-other-endpoints": ("lambda.amazonaws.com",)}
+TEST_ROLES = {
+    "local": ("sagemaker.amazonaws.com", "lambda.amazonaws.com"),
+    "test-functions-for-other-endpoints": ("lambda.amazonaws.com",),
+}
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +58,13 @@ def moto_endpoint(aws_call_log, pipeline_stack):
     """A moto server with the pipeline stack's roles (and the tests' own) in its IAM, as on an account
     where infra/pipeline.yaml is deployed: the stand-in refuses roles IAM does not let it assume."""
     process, endpoint = start_moto(call_log=aws_call_log)
-    admin = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                         aws_secret_access_key="testing")  # noqa: S106
+    admin = boto3.client(
+        "iam",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     iam.create_roles(admin, pipeline_stack)
     for name, services in TEST_ROLES.items():
         iam.service_role(admin, name, *services)
@@ -72,12 +79,16 @@ def permitted_calls_only(aws_call_log, pipeline_stack, request):
     policies allow, for the principal that made it (the Airflow worker, SageMaker's role, the API
     function's role), as AWS would authorise it."""
     # The test's own bucket stands for the stack's (asked for here, so that it outlives this check).
-    alias = {request.getfixturevalue("bucket"): pipeline_stack.outputs["BucketName"]} \
-        if "bucket" in request.fixturenames else {}
+    alias = (
+        {request.getfixturevalue("bucket"): pipeline_stack.outputs["BucketName"]}
+        if "bucket" in request.fixturenames
+        else {}
+    )
     start = aws_call_log.stat().st_size if aws_call_log.exists() else 0
     yield
-    refused = iam.refused_calls(read_calls(aws_call_log, start), pipeline_stack, WORKER_ACCESS_KEY_ID,
-                                iam.load_ledger(), alias)
+    refused = iam.refused_calls(
+        read_calls(aws_call_log, start), pipeline_stack, WORKER_ACCESS_KEY_ID, iam.load_ledger(), alias
+    )
     assert not refused, "\n".join(refused)
 
 
@@ -98,8 +109,9 @@ def bucket(s3, request):
 @pytest.fixture(scope="session")
 def airflow_db():
     """A migrated SQLite metadata database in this suite's own AIRFLOW_HOME."""
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True,
-                   env=dict(os.environ))
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=dict(os.environ)
+    )
     return os.environ["AIRFLOW_HOME"]
 
 
@@ -107,9 +119,16 @@ def airflow_db():
 def worker_client(permitted_calls_only):
     """Makes boto3 clients signed as the Airflow worker, for tests that call our task functions
     directly: their calls are then held against the worker's policy, as a DAG run's are."""
+
     def make(service: str, endpoint_url: str):
-        return boto3.client(service, endpoint_url=endpoint_url, region_name="us-east-1",
-                            aws_access_key_id=WORKER_ACCESS_KEY_ID, aws_secret_access_key="local")  # noqa: S106
+        return boto3.client(
+            service,
+            endpoint_url=endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=WORKER_ACCESS_KEY_ID,
+            aws_secret_access_key="local",
+        )
+
     return make
 
 
@@ -139,8 +158,14 @@ def standin(tmp_path, moto_endpoint, aws_connection, aws_call_log, request):
         pytest.skip("needs .venv-container (make envs)")
     state = tmp_path / "state"
     marker = request.node.get_closest_marker("standin_args")
-    proc, endpoint = start_standin(state, moto_endpoint, CONTAINER_PYTHON, api_key=API_KEY,
-                                   extra_args=tuple(marker.args) if marker else (), call_log=aws_call_log)
+    proc, endpoint = start_standin(
+        state,
+        moto_endpoint,
+        CONTAINER_PYTHON,
+        api_key=API_KEY,
+        extra_args=tuple(marker.args) if marker else (),
+        call_log=aws_call_log,
+    )
     handle = {"proc": proc, "endpoint": endpoint, "state": state}
     yield handle
     handle["proc"].terminate()
@@ -178,26 +203,54 @@ API_FUNCTION_ROLE = iam.render(iam.load_template()).roles["ApiFunctionRole"]["ar
 
 
 def job_config(bucket: str, name: str, **hyperparameters) -> dict:
-    hps = {"arch": "mobilenet_v2", "weights": "none", "image-size": 32, "epochs": 1, "batch-size": 8,
-           "workers": 1, "max-count": 2, **hyperparameters}
+    hps = {
+        "arch": "mobilenet_v2",
+        "weights": "none",
+        "image-size": 32,
+        "epochs": 1,
+        "batch-size": 8,
+        "workers": 1,
+        "max-count": 2,
+        **hyperparameters,
+    }
     return training_job_config(
-        job_name=name, image_uri="local/pytorch-training:cpu", role_arn=SAGEMAKER_ROLE,
+        job_name=name,
+        image_uri="local/pytorch-training:cpu",
+        role_arn=SAGEMAKER_ROLE,
         source_s3_uri=f"s3://{bucket}/code/sourcedir.tar.gz",
         channels={"train": f"s3://{bucket}/{JOB_DATA}/train/", "validation": f"s3://{bucket}/{JOB_DATA}/validation/"},
-        output_s3_uri=f"s3://{bucket}/models/", hyperparameters=hps, region="us-east-1")
+        output_s3_uri=f"s3://{bucket}/models/",
+        hyperparameters=hps,
+        region="us-east-1",
+    )
 
 
-def deployed_model(sm, name: str, training_job: str | None = None, artifact: str | None = None,
-                   environment: dict[str, str] | None = None) -> str:
+def deployed_model(
+    sm,
+    name: str,
+    training_job: str | None = None,
+    artifact: str | None = None,
+    environment: dict[str, str] | None = None,
+) -> str:
     """A model (with the container `environment`) and an endpoint config for a model.tar.gz (by default
     a finished training job's)."""
     if artifact is None:
         artifact = sm.describe_training_job(TrainingJobName=training_job)["ModelArtifacts"]["S3ModelArtifacts"]
-    sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::000000000000:role/local",
-                    PrimaryContainer={"Image": "local/pytorch-inference:cpu", "ModelDataUrl": artifact,
-                                      "Environment": environment or {}})
-    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
-        {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+    sm.create_model(
+        ModelName=name,
+        ExecutionRoleArn="arn:aws:iam::000000000000:role/local",
+        PrimaryContainer={
+            "Image": "local/pytorch-inference:cpu",
+            "ModelDataUrl": artifact,
+            "Environment": environment or {},
+        },
+    )
+    sm.create_endpoint_config(
+        EndpointConfigName=name,
+        ProductionVariants=[
+            {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}
+        ],
+    )
     return name
 
 
@@ -252,16 +305,32 @@ def serving_endpoint(sm, bucket: str, job: str, endpoint: str, environment: dict
 
 
 # A champion record of the published model (the serving_model task's answer before any model serves).
-PUBLISHED = {"endpoint": None, "model_data_url": "s3://b/models/published/x/model.tar.gz",
-             "model_version": "published-v1", "published": True}
+PUBLISHED = {
+    "endpoint": None,
+    "model_data_url": "s3://b/models/published/x/model.tar.gz",
+    "model_version": "published-v1",
+    "published": True,
+}
 
 
 # Small and quick: 64-pixel images, counts 0 to 2, two tuning trials at most.
-BASE_CONF = {"arch": "mobilenet_v2", "mode": "finetune", "max_count": 2, "batch_sizes": [8],
-             "epochs_min": 2, "epochs_max": 3, "lr_min": 0.001, "lr_max": 0.003, "max_jobs": 2,
-             "max_parallel_jobs": 2, "strategy": "Random", "smoke_images": 3, "initial_model": "none",
-             "serving_workers": 1,  # one model worker per endpoint: half the torch start-ups of the default
-             "extra_hyperparameters": {"image-size": 64, "workers": 1, "seed": 0, "warmup-epochs": 0}}
+BASE_CONF = {
+    "arch": "mobilenet_v2",
+    "mode": "finetune",
+    "max_count": 2,
+    "batch_sizes": [8],
+    "epochs_min": 2,
+    "epochs_max": 3,
+    "lr_min": 0.001,
+    "lr_max": 0.003,
+    "max_jobs": 2,
+    "max_parallel_jobs": 2,
+    "strategy": "Random",
+    "smoke_images": 3,
+    "initial_model": "none",
+    "serving_workers": 1,  # one model worker per endpoint: half the torch start-ups of the default
+    "extra_hyperparameters": {"image-size": 64, "workers": 1, "seed": 0, "warmup-epochs": 0},
+}
 
 
 def upload_dataset(s3, bucket: str, version: str, per_split: dict[str, int], corrupt_test: bool = False) -> None:
@@ -290,8 +359,17 @@ def upload_dataset(s3, bucket: str, version: str, per_split: dict[str, int], cor
                 images[name][count] += 1
     out = S3Store(bucket, dataset.prefix_of(version), s3)
     split.write_manifests(records, assignment, raw, out, version)
-    dataset.write_record(out, {"version": version, "bucket": bucket, "prefix": dataset.prefix_of(version),
-                               "images": images, "layout": dataset.LAYOUT, "image_prefix": "abid/raw"})
+    dataset.write_record(
+        out,
+        {
+            "version": version,
+            "bucket": bucket,
+            "prefix": dataset.prefix_of(version),
+            "images": images,
+            "layout": dataset.LAYOUT,
+            "image_prefix": "abid/raw",
+        },
+    )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

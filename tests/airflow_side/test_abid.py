@@ -26,8 +26,12 @@ def test_a_key_range_keeps_its_padding_and_a_bad_one_is_a_value_error():
 
 
 def test_file_list_parsing_and_reproducible_selection():
-    raw = json.dumps({"1": ["data/metadata/00012.json", "data/metadata/121.json"],
-                      "2": [f"data/metadata/{i:05d}.json" for i in range(20, 30)]})
+    raw = json.dumps(
+        {
+            "1": ["data/metadata/00012.json", "data/metadata/121.json"],
+            "2": [f"data/metadata/{i:05d}.json" for i in range(20, 30)],
+        }
+    )
     by_count = abid.parse_file_list(raw)
     assert by_count[1] == ["00012", "121"]
     chosen = abid.select_keys(by_count, limit=4, seed=3)
@@ -37,12 +41,15 @@ def test_file_list_parsing_and_reproducible_selection():
     assert abid.select_keys(by_count, counts=[2]) == sorted(by_count[2])
 
 
-@pytest.mark.parametrize(("metadata", "problem"), [
-    (b"{not json", "JSONDecodeError"),
-    (b'{"BIN_FCSKU_DATA": {}}', "KeyError"),
-    (b'{"EXPECTED_QUANTITY": "three"}', "non-negative integer"),
-    (b'{"EXPECTED_QUANTITY": -1}', "non-negative integer"),
-])
+@pytest.mark.parametrize(
+    ("metadata", "problem"),
+    [
+        (b"{not json", "JSONDecodeError"),
+        (b'{"BIN_FCSKU_DATA": {}}', "KeyError"),
+        (b'{"EXPECTED_QUANTITY": "three"}', "non-negative integer"),
+        (b'{"EXPECTED_QUANTITY": -1}', "non-negative integer"),
+    ],
+)
 def test_bad_metadata_is_refused(metadata, problem):
     with pytest.raises(ValueError, match=problem):
         abid.parse_count(metadata)
@@ -59,9 +66,11 @@ def test_s3_and_https_sources_read_the_same_objects(s3, bucket, moto_endpoint, t
     for path in ("bin-images/00001.jpg", "metadata/00001.json"):
         # Public like the ABID bucket, so the anonymous HTTPS form can read it.
         s3.put_object(Bucket=bucket, Key=f"mirror/{path}", Body=(local / path).read_bytes(), ACL="public-read")
-    sources = [abid.open_source(f"s3://{bucket}/mirror", s3_client=s3),
-               abid.open_source(f"{moto_endpoint}/{bucket}/mirror"),
-               abid.open_source(str(local))]
+    sources = [
+        abid.open_source(f"s3://{bucket}/mirror", s3_client=s3),
+        abid.open_source(f"{moto_endpoint}/{bucket}/mirror"),
+        abid.open_source(str(local)),
+    ]
     for source in sources:
         assert source.read("metadata/00001.json") == (local / "metadata/00001.json").read_bytes()
         assert source.size("bin-images/00001.jpg") == (local / "bin-images/00001.jpg").stat().st_size

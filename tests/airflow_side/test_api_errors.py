@@ -42,7 +42,7 @@ def api(monkeypatch):
     handler = lambda_handler()
     monkeypatch.setenv("ENDPOINT_NAME", "bin-counter")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    client = handler.boto3.client("sagemaker-runtime", aws_access_key_id="x", aws_secret_access_key="x")  # noqa: S106
+    client = handler.boto3.client("sagemaker-runtime", aws_access_key_id="x", aws_secret_access_key="x")
     monkeypatch.setattr(handler, "_runtime", client)
     with Stubber(client) as stub:
         yield handler, stub
@@ -52,9 +52,15 @@ def api(monkeypatch):
 def event(body: bytes, content_type: str | None, **extra) -> dict:
     """API Gateway's REST event: JSON as text, anything else base64-encoded (a binary media type)."""
     text = content_type == "application/json"
-    return {"httpMethod": "POST", "path": "/count", "headers": {"Content-Type": content_type} if content_type else {},
-            "body": body.decode() if text else base64.b64encode(body).decode(), "isBase64Encoded": not text,
-            "queryStringParameters": None, **extra}
+    return {
+        "httpMethod": "POST",
+        "path": "/count",
+        "headers": {"Content-Type": content_type} if content_type else {},
+        "body": body.decode() if text else base64.b64encode(body).decode(),
+        "isBase64Encoded": not text,
+        "queryStringParameters": None,
+        **extra,
+    }
 
 
 def answer(handler, request: dict) -> tuple[int, dict, str]:
@@ -74,16 +80,35 @@ def test_every_bad_request_gets_the_tables_code_without_calling_the_model(api, n
     assert answered["message"] and answered["request_id"] == "local"
 
 
-@pytest.mark.parametrize(("request_event", "status", "code"), [
-    (event(JPEG, "image/jpeg", httpMethod="GET"), 405, "method_not_allowed"),
-    ({**event(JPEG, "image/jpeg"), "body": "%%%not base64%%%"}, 400, "malformed_base64"),
-    (event(JPEG, "image/jpeg", queryStringParameters={"expected": "three"}), 400, "malformed_expected"),
-    (event(json.dumps({"images": [base64.b64encode(JPEG).decode()] * 2, "expected": [1]}).encode(),
-           "application/json"), 400, "malformed_expected"),
-    # HTTP API payload 2.0: lower-case headers, the method under requestContext.
-    ({"version": "2.0", "headers": {"content-type": "image/gif"}, "requestContext": {"http": {"method": "POST"}},
-      "body": base64.b64encode(JPEG).decode(), "isBase64Encoded": True}, 415, "unsupported_content_type"),
-], ids=["GET", "body not base64", "expected not a number", "expected not one per image", "HTTP API"])
+@pytest.mark.parametrize(
+    ("request_event", "status", "code"),
+    [
+        (event(JPEG, "image/jpeg", httpMethod="GET"), 405, "method_not_allowed"),
+        ({**event(JPEG, "image/jpeg"), "body": "%%%not base64%%%"}, 400, "malformed_base64"),
+        (event(JPEG, "image/jpeg", queryStringParameters={"expected": "three"}), 400, "malformed_expected"),
+        (
+            event(
+                json.dumps({"images": [base64.b64encode(JPEG).decode()] * 2, "expected": [1]}).encode(),
+                "application/json",
+            ),
+            400,
+            "malformed_expected",
+        ),
+        # HTTP API payload 2.0: lower-case headers, the method under requestContext.
+        (
+            {
+                "version": "2.0",
+                "headers": {"content-type": "image/gif"},
+                "requestContext": {"http": {"method": "POST"}},
+                "body": base64.b64encode(JPEG).decode(),
+                "isBase64Encoded": True,
+            },
+            415,
+            "unsupported_content_type",
+        ),
+    ],
+    ids=["GET", "body not base64", "expected not a number", "expected not one per image", "HTTP API"],
+)
 def test_the_events_own_faults(api, request_event, status, code):
     handler, _ = api
     answered_status, answered, _ = answer(handler, request_event)
@@ -93,19 +118,31 @@ def test_the_events_own_faults(api, request_event, status, code):
 def model_error(stub, status: int, body: str) -> None:
     """InvokeEndpoint's ModelError as AWS raises it: the container's status and body, a message naming
     the account and the endpoint's log group."""
-    message = (f"Received {'client' if status < 500 else 'server'} error ({status}) from primary with message "
-               f'"{body}". See https://us-east-1.console.aws.amazon.com/cloudwatch/home?region=us-east-1#logEventViewer:'
-               f"group=/aws/sagemaker/Endpoints/bin-counter in account {ACCOUNT} for more information.")
-    stub.add_client_error("invoke_endpoint", "ModelError", message, 424, modeled_fields={
-        "OriginalStatusCode": status, "OriginalMessage": body,
-        "LogStreamArn": f"arn:aws:logs:us-east-1:{ACCOUNT}:log-group:/aws/sagemaker/Endpoints/bin-counter"})
+    message = (
+        f"Received {'client' if status < 500 else 'server'} error ({status}) from primary with message "
+        f'"{body}". See https://us-east-1.console.aws.amazon.com/cloudwatch/home?region=us-east-1#logEventViewer:'
+        f"group=/aws/sagemaker/Endpoints/bin-counter in account {ACCOUNT} for more information."
+    )
+    stub.add_client_error(
+        "invoke_endpoint",
+        "ModelError",
+        message,
+        424,
+        modeled_fields={
+            "OriginalStatusCode": status,
+            "OriginalMessage": body,
+            "LogStreamArn": f"arn:aws:logs:us-east-1:{ACCOUNT}:log-group:/aws/sagemaker/Endpoints/bin-counter",
+        },
+    )
 
 
 def toolkit_body(code: str, message: str) -> str:
     """The inference toolkit's body for a BaseInferenceToolkitError: message, newline, traceback."""
     first = json.dumps({"error": code, "message": message}, separators=(",", ":"))
-    return (f"{first}\nTraceback (most recent call last):\n  File \"/opt/ml/model/code/inference.py\", line 180, in "
-            f"predict_fn\n    raise RequestError(...)\ninference.RequestError: {ERRORS[code]['status']} {code}")
+    return (
+        f'{first}\nTraceback (most recent call last):\n  File "/opt/ml/model/code/inference.py", line 180, in '
+        f"predict_fn\n    raise RequestError(...)\ninference.RequestError: {ERRORS[code]['status']} {code}"
+    )
 
 
 def assert_nothing_of_the_endpoint(raw: str) -> None:
@@ -113,11 +150,14 @@ def assert_nothing_of_the_endpoint(raw: str) -> None:
         assert leak not in raw, f"{leak!r} reached the client: {raw}"
 
 
-@pytest.mark.parametrize(("code", "message"), [
-    ("too_many_pixels", "image 0 has more than 40000000 pixels"),
-    ("corrupt_image", "image 0 could not be decoded"),
-    ("truncated_image", "image 0 is cut short (no JPEG end marker)"),
-])
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("too_many_pixels", "image 0 has more than 40000000 pixels"),
+        ("corrupt_image", "image 0 could not be decoded"),
+        ("truncated_image", "image 0 is cut short (no JPEG end marker)"),
+    ],
+)
 def test_a_model_refusal_reaches_the_client_as_its_code_and_nothing_else(api, code, message):
     handler, stub = api
     model_error(stub, ERRORS[code]["status"], toolkit_body(code, message))
@@ -126,16 +166,25 @@ def test_a_model_refusal_reaches_the_client_as_its_code_and_nothing_else(api, co
     assert_nothing_of_the_endpoint(raw)
 
 
-@pytest.mark.parametrize(("status", "body", "code"), [
-    # An older model's body starts with prose; the code it meant cannot be read.
-    (413, "image 0: image rejected as a decompression bomb\nTraceback (most recent call last): ...",
-     "rejected_by_model"),
-    (400, f'{{"error": "arn:aws:iam::{ACCOUNT}:role/x", "message": "x"}}\nTraceback ...', "rejected_by_model"),
-    # A model that fails: its exception text and traceback stay in the logs.
-    (500, 'CUDA error: device-side assert\nTraceback (most recent call last):\n  File "/opt/ml/code/inference.py"',
-     "model_error"),
-    (500, toolkit_body("truncated_image", "image 0 is cut short"), "model_error"),
-])
+@pytest.mark.parametrize(
+    ("status", "body", "code"),
+    [
+        # An older model's body starts with prose; the code it meant cannot be read.
+        (
+            413,
+            "image 0: image rejected as a decompression bomb\nTraceback (most recent call last): ...",
+            "rejected_by_model",
+        ),
+        (400, f'{{"error": "arn:aws:iam::{ACCOUNT}:role/x", "message": "x"}}\nTraceback ...', "rejected_by_model"),
+        # A model that fails: its exception text and traceback stay in the logs.
+        (
+            500,
+            'CUDA error: device-side assert\nTraceback (most recent call last):\n  File "/opt/ml/code/inference.py"',
+            "model_error",
+        ),
+        (500, toolkit_body("truncated_image", "image 0 is cut short"), "model_error"),
+    ],
+)
 def test_a_model_answer_the_function_cannot_read_is_not_passed_on(api, status, body, code):
     handler, stub = api
     model_error(stub, status, body)
@@ -146,17 +195,22 @@ def test_a_model_answer_the_function_cannot_read_is_not_passed_on(api, status, b
     assert "device-side" not in raw and "decompression" not in raw
 
 
-@pytest.mark.parametrize(("aws_code", "aws_status", "code"), [
-    ("AccessDeniedException", 400, "api_misconfigured"),
-    ("ThrottlingException", 400, "throttled"),
-    ("ValidationError", 400, "endpoint_unavailable"),
-    ("ModelNotReadyException", 424, "endpoint_unavailable"),
-    ("InternalFailure", 500, "model_error"),
-])
+@pytest.mark.parametrize(
+    ("aws_code", "aws_status", "code"),
+    [
+        ("AccessDeniedException", 400, "api_misconfigured"),
+        ("ThrottlingException", 400, "throttled"),
+        ("ValidationError", 400, "endpoint_unavailable"),
+        ("ModelNotReadyException", 424, "endpoint_unavailable"),
+        ("InternalFailure", 500, "model_error"),
+    ],
+)
 def test_aws_refusals_get_the_tables_code_without_the_account(api, aws_code, aws_status, code):
     handler, stub = api
-    said = (f"User: arn:aws:sts::{ACCOUNT}:assumed-role/bin-counter-api/fn is not authorized to perform: "
-            f"sagemaker:InvokeEndpoint on resource: arn:aws:sagemaker:us-east-1:{ACCOUNT}:endpoint/bin-counter")
+    said = (
+        f"User: arn:aws:sts::{ACCOUNT}:assumed-role/bin-counter-api/fn is not authorized to perform: "
+        f"sagemaker:InvokeEndpoint on resource: arn:aws:sagemaker:us-east-1:{ACCOUNT}:endpoint/bin-counter"
+    )
     stub.add_client_error("invoke_endpoint", aws_code, said, aws_status)
     status, answered, raw = answer(handler, event(JPEG, "image/jpeg"))
     assert (status, answered["error"]) == (ERRORS[code]["status"], code)
@@ -165,12 +219,17 @@ def test_aws_refusals_get_the_tables_code_without_the_account(api, aws_code, aws
     assert (ERRORS["api_misconfigured"]["status"], ERRORS["throttled"]["status"]) == (502, 429)
 
 
-@pytest.mark.parametrize(("failure", "code"), [
-    (ReadTimeoutError(endpoint_url="https://runtime.sagemaker.us-east-1.amazonaws.com"), "endpoint_timeout"),
-    (ConnectTimeoutError(endpoint_url="https://runtime.sagemaker.us-east-1.amazonaws.com"), "endpoint_timeout"),
-    (EndpointConnectionError(endpoint_url="https://runtime.sagemaker.us-east-1.amazonaws.com"),
-     "endpoint_unreachable"),
-])
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (ReadTimeoutError(endpoint_url="https://runtime.sagemaker.us-east-1.amazonaws.com"), "endpoint_timeout"),
+        (ConnectTimeoutError(endpoint_url="https://runtime.sagemaker.us-east-1.amazonaws.com"), "endpoint_timeout"),
+        (
+            EndpointConnectionError(endpoint_url="https://runtime.sagemaker.us-east-1.amazonaws.com"),
+            "endpoint_unreachable",
+        ),
+    ],
+)
 def test_an_endpoint_that_does_not_answer(api, monkeypatch, failure, code):
     handler, _ = api
 
@@ -185,12 +244,19 @@ def test_an_endpoint_that_does_not_answer(api, monkeypatch, failure, code):
 
 def test_a_good_request_goes_to_the_model_once(api):
     handler, stub = api
-    prediction = {"count": 2, "probabilities": [0.1, 0.2, 0.6, 0.1], "confidence": 0.6, "expected_count": 1.7,
-                  "model_version": "m"}
+    prediction = {
+        "count": 2,
+        "probabilities": [0.1, 0.2, 0.6, 0.1],
+        "confidence": 0.6,
+        "expected_count": 1.7,
+        "model_version": "m",
+    }
     data = json.dumps(prediction).encode()
-    stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(data), len(data))},
-                      {"EndpointName": "bin-counter", "Body": JPEG, "ContentType": "image/jpeg",
-                       "Accept": "application/json"})
+    stub.add_response(
+        "invoke_endpoint",
+        {"Body": StreamingBody(io.BytesIO(data), len(data))},
+        {"EndpointName": "bin-counter", "Body": JPEG, "ContentType": "image/jpeg", "Accept": "application/json"},
+    )
     status, answered, _ = answer(handler, event(JPEG, "image/png", queryStringParameters={"expected": "2"}))
     assert status == 200 and answered["count"] == 2 and answered["verdict"] == "match"
 
@@ -203,17 +269,29 @@ LIMITS = CONTRACT["limits"]
 
 def gateway_event(body: bytes, content_type: str) -> bytes:
     """The event the local API gateway sends for a POST /count, as Lambda receives it."""
-    headers = {"Host": "api.example.com", "User-Agent": "bin-counter-client", "Accept": "*/*",
-               "Content-Type": content_type, "x-api-key": "k" * 40, "Content-Length": str(len(body))}
+    headers = {
+        "Host": "api.example.com",
+        "User-Agent": "bin-counter-client",
+        "Accept": "*/*",
+        "Content-Type": content_type,
+        "x-api-key": "k" * 40,
+        "Content-Length": str(len(body)),
+    }
     return json.dumps(Gateway(None).event("POST", "/count", headers, body)).encode()
 
 
-@pytest.mark.parametrize(("body", "content_type"), [
-    (png_padded_to(LIMITS["max_image_bytes"]), "image/png"),
-    (json.dumps({"image": base64.b64encode(png_padded_to(LIMITS["max_image_bytes"])).decode()}).encode(),
-     "application/json"),
-    (json_of_images(LIMITS["max_images"], LIMITS["max_request_bytes"]), "application/json"),
-], ids=["the largest image", "the largest image as JSON", "the largest JSON of the most images"])
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (png_padded_to(LIMITS["max_image_bytes"]), "image/png"),
+        (
+            json.dumps({"image": base64.b64encode(png_padded_to(LIMITS["max_image_bytes"])).decode()}).encode(),
+            "application/json",
+        ),
+        (json_of_images(LIMITS["max_images"], LIMITS["max_request_bytes"]), "application/json"),
+    ],
+    ids=["the largest image", "the largest image as JSON", "the largest JSON of the most images"],
+)
 def test_the_largest_requests_the_api_takes_fit_what_aws_takes(api, monkeypatch, body, content_type):
     """Every request within our limits is one AWS lets through: its API Gateway event is under Lambda's
     limit with the margin to spare, and what the function sends on is under InvokeEndpoint's. One byte
@@ -245,7 +323,10 @@ def test_the_largest_requests_the_api_takes_fit_what_aws_takes(api, monkeypatch,
     assert len(request) + EVENT_MARGIN < MAX_REQUEST_PAYLOAD_BYTES
     status, answered, _ = answer(handler, json.loads(request))
     assert (status, answered["error"], answered["message"]) == (
-        413, "too_large", f"{what} is {len(bigger)} bytes; the limit is {limit}")
+        413,
+        "too_large",
+        f"{what} is {len(bigger)} bytes; the limit is {limit}",
+    )
     assert len(forwarded) == 1
 
 
@@ -266,8 +347,11 @@ def test_every_code_raised_is_the_tables_and_every_code_of_the_table_is_raised()
     model = shared + (REPO / "sagemaker_code" / "inference.py").read_text()
     preprocessing = (REPO / "sagemaker_code" / "preprocessing.py").read_text()
     by_function = raised_codes(function, "ApiError")
-    by_model = raised_codes(model, "RequestError") | raised_codes(model, "ApiError") | raised_codes(
-        preprocessing, "ImageRejected")
+    by_model = (
+        raised_codes(model, "RequestError")
+        | raised_codes(model, "ApiError")
+        | raised_codes(preprocessing, "ImageRejected")
+    )
     assert by_function <= set(ERRORS) and by_model <= set(ERRORS)
     assert {c for c, e in ERRORS.items() if "api" in e["checked_by"]} == by_function
     assert {c for c, e in ERRORS.items() if "model" in e["checked_by"]} == by_model
@@ -283,8 +367,9 @@ def test_the_function_zip_and_the_models_code_carry_the_table(tmp_path):
         archive.extractall(tmp_path / "function")  # noqa: S202 - our own zip
     # The packaged function reads the table from beside itself, as on Lambda (no checkout around it).
     script = "import handler, api_contract; print(api_contract.contract_path())"
-    found = subprocess.run([sys.executable, "-E", "-c", script],
-                           cwd=tmp_path / "function", capture_output=True, text=True, check=True).stdout.strip()
+    found = subprocess.run(
+        [sys.executable, "-E", "-c", script], cwd=tmp_path / "function", capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert found == str((tmp_path / "function" / "api_contract.json").resolve())
     # The training code's sourcedir.tar.gz, from which train.py copies SERVING_CODE into the model's code/.
     with tarfile.open(fileobj=io.BytesIO(code_archive())) as source:

@@ -34,20 +34,34 @@ OTHER_ENDPOINTS_ROLE = "arn:aws:iam::000000000000:role/test-functions-for-other-
 LIMITS = json.loads((REPO / "sagemaker_code" / "api_contract.json").read_text())["limits"]
 
 
-def rest_event(body: bytes | str, content_type: str | None, binary: bool = True, method: str = "POST",
-               query: dict | None = None) -> dict:
+def rest_event(
+    body: bytes | str, content_type: str | None, binary: bool = True, method: str = "POST", query: dict | None = None
+) -> dict:
     """What API Gateway's REST API sends (payload 1.0): binary bodies base64-encoded."""
     if binary:
         body = base64.b64encode(body if isinstance(body, bytes) else body.encode()).decode()
-    return {"resource": "/count", "path": "/count", "httpMethod": method,
-            "headers": {"Content-Type": content_type} if content_type else {}, "queryStringParameters": query,
-            "body": body, "isBase64Encoded": binary}
+    return {
+        "resource": "/count",
+        "path": "/count",
+        "httpMethod": method,
+        "headers": {"Content-Type": content_type} if content_type else {},
+        "queryStringParameters": query,
+        "body": body,
+        "isBase64Encoded": binary,
+    }
 
 
 def http_api_event(body: str, content_type: str) -> dict:
     """HTTP API payload 2.0: lower-case headers, the method under requestContext.http."""
-    return {"version": "2.0", "routeKey": "POST /count", "rawPath": "/count", "headers": {"content-type": content_type},
-            "requestContext": {"http": {"method": "POST", "path": "/count"}}, "body": body, "isBase64Encoded": False}
+    return {
+        "version": "2.0",
+        "routeKey": "POST /count",
+        "rawPath": "/count",
+        "headers": {"content-type": content_type},
+        "requestContext": {"http": {"method": "POST", "path": "/count"}},
+        "body": body,
+        "isBase64Encoded": False,
+    }
 
 
 def call(aws_lambda, event: dict, function: str = "bin-counter-api") -> tuple[int, dict]:
@@ -70,12 +84,15 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
     assert abs(sum(body["probabilities"]) - 1) < 1e-3 and 0 < body["confidence"] <= 1
 
     images = [base64.b64encode(make_bin_image(c, c)).decode() for c in range(3)]
-    status, body = call(aws_lambda, rest_event(json.dumps({"images": images, "expected": [0, 1, 2]}),
-                                               "application/json", binary=False))
+    status, body = call(
+        aws_lambda, rest_event(json.dumps({"images": images, "expected": [0, 1, 2]}), "application/json", binary=False)
+    )
     assert status == 200, body
     assert len(body["predictions"]) == 3
-    assert all(p["verdict"] in ("match", "mismatch", "uncertain") and 0 <= p["expected_probability"] <= 1
-               for p in body["predictions"])
+    assert all(
+        p["verdict"] in ("match", "mismatch", "uncertain") and 0 <= p["expected_probability"] <= 1
+        for p in body["predictions"]
+    )
 
     status, body = call(aws_lambda, http_api_event(json.dumps({"image": images[0]}), "application/json"))
     assert status == 200 and "count" in body
@@ -85,11 +102,17 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
         "text": (rest_event(b"hello, this is not an image", "image/jpeg"), 415, "not_an_image"),
         "truncated JPEG": (rest_event(jpeg[: len(jpeg) // 2], "image/jpeg"), 400, "truncated_image"),
         "wrong content type": (rest_event(jpeg, "text/plain"), 415, "unsupported_content_type"),
-        "malformed base64": (rest_event(json.dumps({"image": "%%%not base64%%%"}), "application/json", binary=False),
-                             400, "malformed_base64"),
+        "malformed base64": (
+            rest_event(json.dumps({"image": "%%%not base64%%%"}), "application/json", binary=False),
+            400,
+            "malformed_base64",
+        ),
         "malformed JSON": (rest_event("{not json", "application/json", binary=False), 400, "malformed_json"),
-        "too many images": (rest_event(json.dumps({"images": images * 3}), "application/json", binary=False),
-                            413, "too_many_images"),
+        "too many images": (
+            rest_event(json.dumps({"images": images * 3}), "application/json", binary=False),
+            413,
+            "too_many_images",
+        ),
         "GET": (rest_event(jpeg, "image/jpeg", method="GET"), 405, "method_not_allowed"),
         "bad expected": (rest_event(jpeg, "image/jpeg", query={"expected": "three"}), 400, "malformed_expected"),
         # The handler cannot see pixel dimensions without an image library; the model refuses the
@@ -134,10 +157,14 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
     # counted; one byte over them is our 413, from the function; an event over Lambda's limit (a 4.8 MB
     # image is 6.4 MB of base64) is API Gateway's own 413, as on AWS.
     def send(data: bytes, content_type: str) -> tuple[int, dict]:
-        request = urllib.request.Request(url, data=data, method="POST",  # noqa: S310 - loopback
-                                         headers={"Content-Type": content_type, "x-api-key": API_KEY})
+        request = urllib.request.Request(
+            url,
+            data=data,
+            method="POST",
+            headers={"Content-Type": content_type, "x-api-key": API_KEY},
+        )
         try:
-            with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=120) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
@@ -147,7 +174,10 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
     assert status == 200 and body["model_version"] == "api-model", body
     status, body = send(png_padded_to(image_limit + 1, 2, 5), "image/png")
     assert (status, body["error"], body["message"]) == (
-        413, "too_large", f"image 0 is {image_limit + 1} bytes; the limit is {image_limit}")
+        413,
+        "too_large",
+        f"image 0 is {image_limit + 1} bytes; the limit is {image_limit}",
+    )
     status, body = send(png_padded_to(4_650_000), "image/png")  # over ours, and still AWS lets it through
     assert (status, body["error"]) == (413, "too_large"), body
     largest = json_of_images(2, request_limit)
@@ -155,7 +185,10 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
     assert status == 200 and len(body["predictions"]) == 2, body
     status, body = send(largest + b" ", "application/json")
     assert (status, body["error"], body["message"]) == (
-        413, "too_large", f"the request is {request_limit + 1} bytes; the limit is {request_limit}")
+        413,
+        "too_large",
+        f"the request is {request_limit + 1} bytes; the limit is {request_limit}",
+    )
     assert send(png_padded_to(4_800_000), "image/png") == (413, {"message": "Request Too Long"})
 
 
@@ -169,8 +202,9 @@ def test_the_cli_client_counts_a_folder_through_the_gateway(local_stack_connecti
     (folder / "a.jpg").write_bytes(make_bin_image(1, 1))
     (folder / "b.png").write_bytes(make_bin_image(2, 2, fmt="PNG"))
     (folder / "c.jpg").write_bytes(b"not really a jpeg")
-    code = api_client.main(["--url", f"{stack['endpoint']}/count", "--api-key", API_KEY, "--expected", "1",
-                            str(folder)])
+    code = api_client.main(
+        ["--url", f"{stack['endpoint']}/count", "--api-key", API_KEY, "--expected", "1", str(folder)]
+    )
     lines = capsys.readouterr().out.splitlines()
     assert code == 1  # one image failed
     assert len(lines) == 3
@@ -188,8 +222,9 @@ def throttling_stack(tmp_path, moto_endpoint, aws_connection):
     answer ThrottlingException beyond that, as SageMaker does past an account's rate."""
     if not CONTAINER_PYTHON.exists():
         pytest.skip("needs .venv-container (make envs)")
-    proc, endpoint = start_standin(tmp_path / "state", moto_endpoint, CONTAINER_PYTHON,
-                                   extra_args=("--invoke-rate", "0.05", "--invoke-burst", "2"))
+    proc, endpoint = start_standin(
+        tmp_path / "state", moto_endpoint, CONTAINER_PYTHON, extra_args=("--invoke-rate", "0.05", "--invoke-burst", "2")
+    )
     yield {"endpoint": endpoint, "state": tmp_path / "state"}
     proc.terminate()
     proc.wait(timeout=10)
@@ -219,13 +254,21 @@ def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack,
     # The function the template creates has its own limits; the DAG's update keeps them and only
     # repoints the endpoint.
     aws_lambda.create_function(
-        FunctionName="api-impatient", Runtime="python3.12", Role=API_FUNCTION_ROLE, Handler="handler.handler",
-        Timeout=7, Code={"ZipFile": function_zip()}, Environment={"Variables": {
-            "ENDPOINT_NAME": "elsewhere", "INVOKE_TIMEOUT_S": "0.001", "INVOKE_ATTEMPTS": "1"}})
+        FunctionName="api-impatient",
+        Runtime="python3.12",
+        Role=API_FUNCTION_ROLE,
+        Handler="handler.handler",
+        Timeout=7,
+        Code={"ZipFile": function_zip()},
+        Environment={"Variables": {"ENDPOINT_NAME": "elsewhere", "INVOKE_TIMEOUT_S": "0.001", "INVOKE_ATTEMPTS": "1"}},
+    )
     ensure_function(aws_lambda, "api-impatient", "bin-counter", API_FUNCTION_ROLE)
     configuration = aws_lambda.get_function_configuration(FunctionName="api-impatient")
     assert configuration["Environment"]["Variables"] == {
-        "ENDPOINT_NAME": "bin-counter", "INVOKE_TIMEOUT_S": "0.001", "INVOKE_ATTEMPTS": "1"}
+        "ENDPOINT_NAME": "bin-counter",
+        "INVOKE_TIMEOUT_S": "0.001",
+        "INVOKE_ATTEMPTS": "1",
+    }
     assert configuration["Timeout"] == 7
 
     # An endpoint slower than the function's read timeout: 504, and the function itself still answers.
@@ -236,8 +279,11 @@ def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack,
     # goes to the function's log, not to the client.
     artifact = sm.describe_training_job(TrainingJobName="err-model")["ModelArtifacts"]["S3ModelArtifacts"]
     bucket, key = artifact.removeprefix("s3://").split("/", 1)
-    s3.put_object(Bucket=bucket, Key="failing/model.tar.gz",
-                  Body=with_failing_predict(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
+    s3.put_object(
+        Bucket=bucket,
+        Key="failing/model.tar.gz",
+        Body=with_failing_predict(s3.get_object(Bucket=bucket, Key=key)["Body"].read()),
+    )
     deployed_model(sm, "failing", artifact=f"s3://{bucket}/failing/model.tar.gz")
     sm.create_endpoint(EndpointName="bin-counter-failing", EndpointConfigName="failing")
     assert wait_endpoint(sm, "bin-counter-failing")["EndpointStatus"] == "InService"

@@ -77,9 +77,11 @@ def test_the_function_may_invoke_one_endpoint_and_write_its_own_logs_only(templa
                 granted.setdefault(action, []).extend(as_list(statement["Resource"]))
     assert set(granted) == ALLOWED_ACTIONS
     assert granted["sagemaker:InvokeEndpoint"] == [
-        {"Fn::Sub": "arn:${AWS::Partition}:sagemaker:${AWS::Region}:${AWS::AccountId}:endpoint/${EndpointName}"}]
-    function_logs = ("arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:"
-                     "log-group:/aws/lambda/${FunctionName}:*")
+        {"Fn::Sub": "arn:${AWS::Partition}:sagemaker:${AWS::Region}:${AWS::AccountId}:endpoint/${EndpointName}"}
+    ]
+    function_logs = (
+        "arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:/aws/lambda/${FunctionName}:*"
+    )
     for action in ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"):
         assert granted[action] == [{"Fn::Sub": function_logs}]
     # This stack's log group is the one the role may write to (both name it after FunctionName).
@@ -145,13 +147,17 @@ def test_the_endpoint_calls_retries_included_fit_in_the_function_and_the_functio
 
     settings = function_settings()
     env = settings["Environment"]
-    budget = handler.retry_budget_s(float(env["INVOKE_CONNECT_TIMEOUT_S"]), float(env["INVOKE_TIMEOUT_S"]),
-                                    int(env["INVOKE_ATTEMPTS"]))
+    budget = handler.retry_budget_s(
+        float(env["INVOKE_CONNECT_TIMEOUT_S"]), float(env["INVOKE_TIMEOUT_S"]), int(env["INVOKE_ATTEMPTS"])
+    )
     # Room for the handler's own work (decoding, base64) and a cold start's client creation.
     assert budget + 2 <= settings["Timeout"] < 29, (budget, settings["Timeout"])
     # The handler's defaults are the same numbers: a function without these settings is within budget too.
-    assert handler.invoke_settings() == (float(env["INVOKE_CONNECT_TIMEOUT_S"]), float(env["INVOKE_TIMEOUT_S"]),
-                                         int(env["INVOKE_ATTEMPTS"]))
+    assert handler.invoke_settings() == (
+        float(env["INVOKE_CONNECT_TIMEOUT_S"]),
+        float(env["INVOKE_TIMEOUT_S"]),
+        int(env["INVOKE_ATTEMPTS"]),
+    )
     # The budget is botocore's: one more attempt adds its timeouts and its longest backoff.
     assert handler.retry_budget_s(2, 8, 3) - handler.retry_budget_s(2, 8, 2) >= 10 + 2
 
@@ -175,10 +181,12 @@ def test_an_endpoint_the_function_may_not_call_answers_without_account_details(m
     handler = lambda_handler()
     monkeypatch.setenv("ENDPOINT_NAME", "bin-counter")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    client = handler.boto3.client("sagemaker-runtime", aws_access_key_id="x", aws_secret_access_key="x")  # noqa: S106
+    client = handler.boto3.client("sagemaker-runtime", aws_access_key_id="x", aws_secret_access_key="x")
     monkeypatch.setattr(handler, "_runtime", client)
-    denied = ("User: arn:aws:sts::123456789012:assumed-role/bin-counter-api/fn is not authorized to perform: "
-              "sagemaker:InvokeEndpoint on resource: arn:aws:sagemaker:us-east-1:123456789012:endpoint/bin-counter")
+    denied = (
+        "User: arn:aws:sts::123456789012:assumed-role/bin-counter-api/fn is not authorized to perform: "
+        "sagemaker:InvokeEndpoint on resource: arn:aws:sagemaker:us-east-1:123456789012:endpoint/bin-counter"
+    )
     with Stubber(client) as stub:
         stub.add_client_error("invoke_endpoint", "AccessDeniedException", denied, 400)
         with pytest.raises(handler.ApiError) as raised:

@@ -17,8 +17,15 @@ def put(s3, bucket: str, key: str, body: bytes | str) -> None:
 
 
 def answer(count: int, probabilities: list[float], version: str = "v1") -> bytes:
-    return json.dumps({"count": count, "probabilities": probabilities, "confidence": probabilities[count],
-                       "expected_count": 1.0, "model_version": version}).encode()
+    return json.dumps(
+        {
+            "count": count,
+            "probabilities": probabilities,
+            "confidence": probabilities[count],
+            "expected_count": 1.0,
+            "model_version": version,
+        }
+    ).encode()
 
 
 def test_abid_layout_expected_counts_come_from_the_metadata_beside_the_photos(s3, bucket):
@@ -63,11 +70,16 @@ def test_nothing_to_count_is_a_clear_error(s3, bucket):
         batch.prepare(s3, f"s3://{bucket}/empty/", f"s3://{bucket}/batch-counts/t3/", "none", 6)
 
 
-@pytest.mark.parametrize(("text", "name"), [
-    ("key,expected\naudits/a/1.jpg,3\n2.jpg,0\n00003,1\n", "csv"),
-    ('{"key": "audits/a/1.jpg", "expected": 3}\n{"key": "2.jpg", "expected": 0}\n{"key": "00003", "expected": 1}\n',
-     "jsonl"),
-])
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("key,expected\naudits/a/1.jpg,3\n2.jpg,0\n00003,1\n", "csv"),
+        (
+            '{"key": "audits/a/1.jpg", "expected": 3}\n{"key": "2.jpg", "expected": 0}\n{"key": "00003", "expected": 1}\n',  # noqa: E501
+            "jsonl",
+        ),
+    ],
+)
 def test_an_expected_counts_file_names_photos_by_key_relative_key_or_abid_id(s3, bucket, text, name):
     for key in ("1.jpg", "2.jpg", "00003.jpg", "4.jpg"):
         put(s3, bucket, f"audits/a/{key}", make_bin_image(1, 1))
@@ -99,10 +111,24 @@ def test_the_report_joins_answers_refusals_and_missing_outputs_with_the_apis_ver
     put(s3, bucket, out + "transform/a.jpg.out", answer(2, [0.05, 0.15, 0.8]))
     put(s3, bucket, out + "transform/b.jpg.out", answer(2, [0.05, 0.15, 0.8]))
     put(s3, bucket, out + "transform/c.jpg.out", answer(1, [0.2, 0.6, 0.2]))
-    put(s3, bucket, out + "transform/d.txt.out", json.dumps(
-        {"error": "not_an_image", "message": "image 0 is neither JPEG nor PNG", "status": 415, "model_version": "v1"}))
+    put(
+        s3,
+        bucket,
+        out + "transform/d.txt.out",
+        json.dumps(
+            {
+                "error": "not_an_image",
+                "message": "image 0 is neither JPEG nor PNG",
+                "status": 415,
+                "model_version": "v1",
+            }
+        ),
+    )
     plan = {"output_uri": f"s3://{bucket}/{out}", "input_uri": f"s3://{bucket}/p/", "expected": "abid_metadata"}
-    job = {"TransformJobName": "bin-counter-x-batch", "TransformOutput": {"S3OutputPath": f"s3://{bucket}/{out}transform/"}}
+    job = {
+        "TransformJobName": "bin-counter-x-batch",
+        "TransformOutput": {"S3OutputPath": f"s3://{bucket}/{out}transform/"},
+    }
     summary = batch.write_report(s3, plan, job, {"model": "bin-counter-m"})
 
     lines = s3.get_object(Bucket=bucket, Key=out + "report.jsonl")["Body"].read().decode().splitlines()
@@ -137,8 +163,17 @@ def test_verdicts_use_the_api_functions_thresholds():
 
 
 def test_the_transform_request_sends_each_photo_whole_and_keeps_within_sagemakers_limits():
-    config = transform_job_config("bin-counter-x-batch", "m", "s3://b/o/input/manifest.json", "s3://b/o/transform/",
-                                  "ml.m5.xlarge", 2, 4, 6, environment=batch.REFUSALS_ENVIRONMENT)
+    config = transform_job_config(
+        "bin-counter-x-batch",
+        "m",
+        "s3://b/o/input/manifest.json",
+        "s3://b/o/transform/",
+        "ml.m5.xlarge",
+        2,
+        4,
+        6,
+        environment=batch.REFUSALS_ENVIRONMENT,
+    )
     assert config["TransformInput"]["SplitType"] == "None" and config["BatchStrategy"] == "SingleRecord"
     assert config["TransformInput"]["DataSource"]["S3DataSource"]["S3DataType"] == "ManifestFile"
     assert config["Environment"] == {"BIN_COUNTER_REFUSALS": "answer"}
@@ -157,15 +192,21 @@ def test_a_dataset_splits_manifest_is_counted_where_its_photos_lie(s3, bucket):
         put(s3, bucket, f"abid/raw/metadata/{key}.json", json.dumps({"EXPECTED_QUANTITY": count}))
     put(s3, bucket, "abid/raw/bin-images/00009.jpg", make_bin_image(1, 1))  # beside, not listed
     uri = f"s3://{bucket}/datasets/v1/test.manifest"
-    put(s3, bucket, "datasets/v1/test.manifest", json.dumps(channel_manifest(f"s3://{bucket}/abid/raw",
-                                                                            ["00001", "00002"], "labels/v1-test.csv")))
+    put(
+        s3,
+        bucket,
+        "datasets/v1/test.manifest",
+        json.dumps(channel_manifest(f"s3://{bucket}/abid/raw", ["00001", "00002"], "labels/v1-test.csv")),
+    )
     source = batch.expected_source("auto", True, uri)
     assert source == "abid_metadata"
     plan = batch.prepare(s3, uri, f"s3://{bucket}/batch-counts/t5/", source, 6)
     assert (plan["photos"], plan["sent"], plan["with_expected"]) == (2, 2, 2)
     rows = json.loads(s3.get_object(Bucket=bucket, Key="batch-counts/t5/input/photos.json")["Body"].read())
-    assert [(r["key"], r["expected"]) for r in rows] == [("abid/raw/bin-images/00001.jpg", 2),
-                                                         ("abid/raw/bin-images/00002.jpg", 0)]
+    assert [(r["key"], r["expected"]) for r in rows] == [
+        ("abid/raw/bin-images/00001.jpg", 2),
+        ("abid/raw/bin-images/00002.jpg", 0),
+    ]
     manifest = json.loads(s3.get_object(Bucket=bucket, Key="batch-counts/t5/input/manifest.json")["Body"].read())
     assert manifest == [{"prefix": f"s3://{bucket}/abid/raw/"}, "bin-images/00001.jpg", "bin-images/00002.jpg"]
 

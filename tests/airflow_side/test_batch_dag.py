@@ -31,15 +31,26 @@ def dag(airflow_db, monkeypatch):
 @pytest.fixture
 def serving(local_stack_connection, s3, bucket, pipeline_stack):
     """The published model registered as the retraining DAG registers one, served by the endpoint."""
-    s3.put_object(Bucket=bucket, Key="models/published/model.tar.gz",
-                  Body=(REPO / "models" / "bin-counter.tar.gz").read_bytes())
+    s3.put_object(
+        Bucket=bucket, Key="models/published/model.tar.gz", Body=(REPO / "models" / "bin-counter.tar.gz").read_bytes()
+    )
     role = json.loads(pipeline_stack.outputs["SageMakerVariable"])["role_arn"]
     sm = sagemaker_client(local_stack_connection)
-    sm.create_model(ModelName=MODEL, ExecutionRoleArn=role, PrimaryContainer={
-        "Image": "local/pytorch-inference:cpu", "ModelDataUrl": f"s3://{bucket}/models/published/model.tar.gz",
-        "Environment": {"SAGEMAKER_PROGRAM": "inference.py"}})
-    sm.create_endpoint_config(EndpointConfigName=MODEL, ProductionVariants=[
-        {"VariantName": "AllTraffic", "ModelName": MODEL, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+    sm.create_model(
+        ModelName=MODEL,
+        ExecutionRoleArn=role,
+        PrimaryContainer={
+            "Image": "local/pytorch-inference:cpu",
+            "ModelDataUrl": f"s3://{bucket}/models/published/model.tar.gz",
+            "Environment": {"SAGEMAKER_PROGRAM": "inference.py"},
+        },
+    )
+    sm.create_endpoint_config(
+        EndpointConfigName=MODEL,
+        ProductionVariants=[
+            {"VariantName": "AllTraffic", "ModelName": MODEL, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}
+        ],
+    )
     sm.create_endpoint(EndpointName="bin-counter", EndpointConfigName=MODEL)
     assert wait_endpoint(sm, "bin-counter")["EndpointStatus"] == "InService"
     return sm
@@ -49,8 +60,11 @@ def upload_audit(s3, bucket: str) -> None:
     """Photos in ABID's layout (bin-images/ and metadata/), one cut short, one that is text."""
     for n, (key, quantity) in enumerate(GOOD.items()):
         s3.put_object(Bucket=bucket, Key=f"{PHOTOS}{key}.jpg", Body=make_bin_image(quantity, 50 + n, size=(224, 224)))
-        s3.put_object(Bucket=bucket, Key=f"audits/night/metadata/{key}.json",
-                      Body=json.dumps({"EXPECTED_QUANTITY": quantity}).encode())
+        s3.put_object(
+            Bucket=bucket,
+            Key=f"audits/night/metadata/{key}.json",
+            Body=json.dumps({"EXPECTED_QUANTITY": quantity}).encode(),
+        )
     photo = make_bin_image(1, 60, size=(224, 224))
     s3.put_object(Bucket=bucket, Key=f"{PHOTOS}00005.jpg", Body=photo[: len(photo) // 2])
     s3.put_object(Bucket=bucket, Key=f"{PHOTOS}notes.txt", Body=b"bin 00006 was empty, photo retaken tomorrow")
@@ -67,7 +81,8 @@ def report_of(s3, bucket: str, summary: dict) -> list[dict]:
 
 
 def test_a_night_audit_counts_every_photo_and_lists_the_bad_ones_and_a_retry_never_counts_twice(
-        dag, s3, bucket, serving, capfd):
+    dag, s3, bucket, serving, capfd
+):
     upload_audit(s3, bucket)
     conf = {"bucket": bucket, "input_uri": f"s3://{bucket}/{PHOTOS}"}
     run = dag.test(**run_on(1), run_conf=conf)
@@ -115,27 +130,37 @@ def test_a_night_audit_counts_every_photo_and_lists_the_bad_ones_and_a_retry_nev
     plan = batch.prepare(s3, f"s3://{bucket}/{PHOTOS}", f"s3://{bucket}/batch-counts/retry/", "none", 6)
 
     def config() -> dict:
-        return transform_job_config("bin-counter-retry-batch", MODEL, plan["manifest_uri"],
-                                    plan["transform_output_uri"], "ml.m5.xlarge",
-                                    environment=batch.REFUSALS_ENVIRONMENT)
+        return transform_job_config(
+            "bin-counter-retry-batch",
+            MODEL,
+            plan["manifest_uri"],
+            plan["transform_output_uri"],
+            "ml.m5.xlarge",
+            environment=batch.REFUSALS_ENVIRONMENT,
+        )
 
     first = ResumableTransformOperator(task_id="count", config=config(), check_interval=1)
     first.hook.create_transform_job(first.config, wait_for_completion=False)
-    assert serving.describe_transform_job(TransformJobName="bin-counter-retry-batch")["TransformJobStatus"] == \
-        "InProgress"
+    assert (
+        serving.describe_transform_job(TransformJobName="bin-counter-retry-batch")["TransformJobStatus"] == "InProgress"
+    )
     result = ResumableTransformOperator(task_id="count", config=config(), check_interval=1).execute(context={})
     assert result["Transform"]["TransformJobName"] == "bin-counter-retry-batch"
     assert result["Transform"]["TransformJobStatus"] == "Completed"
     assert result["Model"]["ModelName"] == MODEL
-    assert sorted(j["TransformJobName"] for j in serving.list_transform_jobs()["TransformJobSummaries"]) == \
-        sorted([name, "bin-counter-retry-batch"])
+    assert sorted(j["TransformJobName"] for j in serving.list_transform_jobs()["TransformJobSummaries"]) == sorted(
+        [name, "bin-counter-retry-batch"]
+    )
 
 
-def test_a_model_that_does_not_exist_fails_the_run_at_once_saying_what_to_set(dag, s3, bucket,
-                                                                              local_stack_connection, capfd):
+def test_a_model_that_does_not_exist_fails_the_run_at_once_saying_what_to_set(
+    dag, s3, bucket, local_stack_connection, capfd
+):
     upload_audit(s3, bucket)
-    run = dag.test(**run_on(3), run_conf={"bucket": bucket, "input_uri": f"s3://{bucket}/{PHOTOS}",
-                                          "model": "bin-counter-no-such-model"})
+    run = dag.test(
+        **run_on(3),
+        run_conf={"bucket": bucket, "input_uri": f"s3://{bucket}/{PHOTOS}", "model": "bin-counter-no-such-model"},
+    )
     log = capfd.readouterr().out
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert run.state == "failed"

@@ -12,21 +12,40 @@ from tests.conftest import REPO, write_abid_dir
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "plugins")}
-    return subprocess.run([sys.executable, "-m", "bin_counter.cli", *args], capture_output=True, text=True,
-                          env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "bin_counter.cli", *args], capture_output=True, text=True, env=env, check=False
+    )
 
 
 def test_fetch_then_split(tmp_path):
     source = write_abid_dir(tmp_path / "source", {f"{i:05d}": i % 7 for i in range(100, 160)})
     (source / "file_list.json").write_text(json.dumps({"1": ["data/metadata/00101.json"]}))
-    fetched = cli("fetch", "--source", str(source), "--keys", "00100:00170", "--dest", str(tmp_path / "abid"),
-                  "--report", str(tmp_path / "report.json"))
+    fetched = cli(
+        "fetch",
+        "--source",
+        str(source),
+        "--keys",
+        "00100:00170",
+        "--dest",
+        str(tmp_path / "abid"),
+        "--report",
+        str(tmp_path / "report.json"),
+    )
     assert fetched.returncode == 0, fetched.stderr
     assert json.loads(fetched.stdout)["missing"] == 10
     assert json.loads((tmp_path / "report.json").read_text())["requested"] == 70
 
-    split = cli("split", "--abid", str(tmp_path / "abid"), "--out", str(tmp_path / "split"), "--block-size", "5",
-                "--max-count", "5")
+    split = cli(
+        "split",
+        "--abid",
+        str(tmp_path / "abid"),
+        "--out",
+        str(tmp_path / "split"),
+        "--block-size",
+        "5",
+        "--max-count",
+        "5",
+    )
     assert split.returncode == 0, split.stderr
     images = json.loads(split.stdout)["images"]
     assert sum(sum(c.values()) for c in images.values()) == sum(1 for i in range(100, 160) if i % 7 <= 5)

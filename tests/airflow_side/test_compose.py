@@ -20,8 +20,14 @@ COMPOSE_FILES = ["docker-compose.yaml", "docker-compose.aws.yaml"]
 # ${NAME}, ${NAME:-default}, ${NAME:?error}; not $${NAME}, which Compose passes on as ${NAME}.
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)(?::?[-?][^}]*)?\}")
 # The services Airflow's own Docker Compose file has for Airflow 3 with the LocalExecutor.
-AIRFLOW_SERVICES = {"postgres", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                    "airflow-triggerer"}
+AIRFLOW_SERVICES = {
+    "postgres",
+    "airflow-init",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+}
 # Images pulled rather than built here, each named in the README's Docker Compose section.
 PULLED = {"postgres:16", "motoserver/moto:5.2.5"}
 
@@ -46,9 +52,13 @@ def test_it_runs_airflow_3_and_the_local_stack():
     services = load("docker-compose.yaml")["services"]
     assert AIRFLOW_SERVICES | {"moto", "standin"} == set(services)
     commands = {name: s.get("command") for name, s in services.items() if name.startswith("airflow-")}
-    assert commands == {"airflow-init": ["db", "migrate"], "airflow-apiserver": "api-server",
-                        "airflow-scheduler": "scheduler", "airflow-dag-processor": "dag-processor",
-                        "airflow-triggerer": "triggerer"}
+    assert commands == {
+        "airflow-init": ["db", "migrate"],
+        "airflow-apiserver": "api-server",
+        "airflow-scheduler": "scheduler",
+        "airflow-dag-processor": "dag-processor",
+        "airflow-triggerer": "triggerer",
+    }
     for name, service in services.items():
         for dependency in service.get("depends_on", {}):
             assert dependency in services, f"{name} depends on unknown {dependency}"

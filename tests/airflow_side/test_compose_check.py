@@ -19,11 +19,14 @@ def config() -> dict:
     return compose_check.compose_config()
 
 
-@pytest.mark.parametrize(("answering", "engine"), [
-    ({"docker info", "docker compose version", "podman --version"}, "docker"),
-    ({"docker compose version", "podman --version"}, "podman"),  # a Docker client without an engine
-    ({"docker info", "podman --version"}, "podman"),  # an engine without the compose plugin
-])
+@pytest.mark.parametrize(
+    ("answering", "engine"),
+    [
+        ({"docker info", "docker compose version", "podman --version"}, "docker"),
+        ({"docker compose version", "podman --version"}, "podman"),  # a Docker client without an engine
+        ({"docker info", "podman --version"}, "podman"),  # an engine without the compose plugin
+    ],
+)
 def test_docker_is_used_where_its_engine_and_compose_answer_else_podman(answering, engine):
     assert compose_check.pick_engine("auto", lambda command: " ".join(command) in answering) == engine
 
@@ -47,10 +50,13 @@ def test_podman_builds_every_image_the_compose_file_pulls_and_every_base_our_doc
     assert compose_check.built_images(config).keys() == {"bin-counter-airflow:local", "bin-counter-standin:local"}
 
 
-@pytest.mark.parametrize(("service", "image", "refusal"), [
-    ("moto", "localstack/localstack:4", "localstack/localstack:4, which docker/offline/ has no recipe for"),
-    ("postgres", "postgres:17", "PostgreSQL 16 only"),
-])
+@pytest.mark.parametrize(
+    ("service", "image", "refusal"),
+    [
+        ("moto", "localstack/localstack:4", "localstack/localstack:4, which docker/offline/ has no recipe for"),
+        ("postgres", "postgres:17", "PostgreSQL 16 only"),
+    ],
+)
 def test_an_image_docker_offline_cannot_build_is_refused(config, service, image, refusal):
     changed = yaml.safe_load(yaml.safe_dump(config))
     changed["services"][service]["image"] = image
@@ -86,12 +92,15 @@ def test_a_dependency_cycle_is_refused():
         compose_check.start_order(cycle)
 
 
-@pytest.mark.parametrize(("name", "stored"), [
-    ("postgres:16", "docker.io/library/postgres:16"),
-    ("motoserver/moto:5.2.5", "docker.io/motoserver/moto:5.2.5"),
-    ("localhost/bin-counter-offline/debian:x", "localhost/bin-counter-offline/debian:x"),
-    ("ghcr.io/org/image:1", "ghcr.io/org/image:1"),
-])
+@pytest.mark.parametrize(
+    ("name", "stored"),
+    [
+        ("postgres:16", "docker.io/library/postgres:16"),
+        ("motoserver/moto:5.2.5", "docker.io/motoserver/moto:5.2.5"),
+        ("localhost/bin-counter-offline/debian:x", "localhost/bin-counter-offline/debian:x"),
+        ("ghcr.io/org/image:1", "ghcr.io/org/image:1"),
+    ],
+)
 def test_image_names_are_qualified_as_podman_stores_them(name, stored):
     assert compose_check.qualified(name) == stored
 

@@ -33,8 +33,15 @@ def task_states(run, task_id: str) -> dict[int, str]:
 
 def test_data_prep_run_publishes_a_versioned_dataset(dag, s3, bucket, aws_connection, tmp_path):
     source = write_abid_dir(tmp_path / "abid", {f"{i:05d}": i % 6 for i in range(1000, 1100)})
-    conf = {"bucket": bucket, "source": str(source), "subset": "key_range", "key_range": "01000:01100",
-            "block_size": 10, "enhancement": "autocontrast", "shard_size": 30}
+    conf = {
+        "bucket": bucket,
+        "source": str(source),
+        "subset": "key_range",
+        "key_range": "01000:01100",
+        "block_size": 10,
+        "enhancement": "autocontrast",
+        "shard_size": 30,
+    }
     run = dag.test(run_conf=conf)
     assert run.state == "success"
     # One fetch and one enhancement task per shard of 30 keys.
@@ -84,13 +91,20 @@ def test_a_source_that_does_not_exist_fails_the_selection(dag, bucket, aws_conne
     assert task_states(run, "select") == {-1: "failed"}
 
 
-def test_a_shard_that_fails_fails_alone_and_a_rerun_fetches_only_its_keys(dag, s3, bucket, aws_connection, tmp_path,
-                                                                          monkeypatch):
+def test_a_shard_that_fails_fails_alone_and_a_rerun_fetches_only_its_keys(
+    dag, s3, bucket, aws_connection, tmp_path, monkeypatch
+):
     from bin_counter import abid
 
     source = write_abid_dir(tmp_path / "abid", {f"{i:05d}": i % 4 for i in range(2000, 2060)})
-    conf = {"bucket": bucket, "source": str(source), "subset": "key_range", "key_range": "02000:02060",
-            "block_size": 10, "shard_size": 20}
+    conf = {
+        "bucket": bucket,
+        "source": str(source),
+        "subset": "key_range",
+        "key_range": "02000:02060",
+        "block_size": 10,
+        "shard_size": 20,
+    }
     read = abid.LocalStore.read
 
     def unreadable(self, path):  # the source stops answering for one key of the second shard

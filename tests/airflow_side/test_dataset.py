@@ -29,8 +29,10 @@ def test_every_split_parameter_changes_the_version():
     split = dataset.split_parameters()
     assert set(CHANGED) == set(split), "a split parameter without a case here: add one"
     base = dataset.dataset_version(KEYS, ENHANCEMENT, split)
-    versions = {name: dataset.dataset_version(KEYS, ENHANCEMENT, dataset.split_parameters(**{**split, name: value}))
-                for name, value in CHANGED.items()}
+    versions = {
+        name: dataset.dataset_version(KEYS, ENHANCEMENT, dataset.split_parameters(**{**split, name: value}))
+        for name, value in CHANGED.items()
+    }
     assert base not in versions.values() and len(set(versions.values())) == len(CHANGED), versions
     assert dataset.dataset_version("another-keys", ENHANCEMENT, split) != base
     assert dataset.dataset_version(KEYS, "autocontrast-1", split) != base
@@ -38,8 +40,12 @@ def test_every_split_parameter_changes_the_version():
 
 def test_the_plan_carries_the_parameters_its_version_was_derived_from():
     split = dataset.split_parameters({"train": 0.8, "validation": 0.2}, block_size="20", seed=3, max_count="")
-    assert split == {"shares": {"train": 0.8, "validation": 0.2, "test": 0.0}, "block_size": 20, "seed": 3,
-                     "max_count": None}
+    assert split == {
+        "shares": {"train": 0.8, "validation": 0.2, "test": 0.0},
+        "block_size": 20,
+        "seed": 3,
+        "max_count": None,
+    }
     planned = dataset.plan(KEYS, ENHANCEMENT, split)
     assert planned == {"version": dataset.dataset_version(KEYS, ENHANCEMENT, split), "split": split}
     assert dataset.prefix_of(planned["version"]) == f"datasets/{planned['version']}"
@@ -76,23 +82,25 @@ def test_a_manifest_datasets_channels_and_photos_and_a_copied_ones(s3, bucket):
     from bin_counter import split
 
     full = {"train": {"0": 1}, "validation": {"1": 1}, "test": {"2": 2}}
-    rows = [{"key": k, "count": c, "split": s, "block": "p:0", "source": f"s3://{bucket}/abid/raw", "etag": "e"}
-            for k, c, s in (("00001", 0, "train"), ("00002", 1, "validation"), ("00003", 2, "test"),
-                            ("00004", 2, "test"))]
+    rows = [
+        {"key": k, "count": c, "split": s, "block": "p:0", "source": f"s3://{bucket}/abid/raw", "etag": "e"}
+        for k, c, s in (("00001", 0, "train"), ("00002", 1, "validation"), ("00003", 2, "test"), ("00004", 2, "test"))
+    ]
     store = S3Store(bucket, dataset.prefix_of("v-listed"), s3)
     split.write_rows(store, rows, split.REFERENCE_FIELDS)
     dataset.write_record(store, {"version": "v-listed", "images": full, "layout": "manifest"})
     listed = dataset.resolve_dataset(s3, bucket, "v-listed", None)
     assert listed["channels"] == {s: f"s3://{bucket}/datasets/v-listed/{s}.manifest" for s in split.SPLITS}
     assert dataset.photos(s3, bucket, listed, "test") == [
-        {"key": k, "count": 2, "bucket": bucket, "object": f"abid/raw/bin-images/{k}.jpg"} for k in ("00003", "00004")]
+        {"key": k, "count": 2, "bucket": bucket, "object": f"abid/raw/bin-images/{k}.jpg"} for k in ("00003", "00004")
+    ]
 
     # A dataset of an earlier release: no layout in its record, its photos copied into count folders.
     old = S3Store(bucket, dataset.prefix_of("v-copied"), s3)
-    split.write_rows(old, [{k: v for k, v in {**rows[2], "sha256": "s"}.items() if k != "etag"}],
-                     split.MANIFEST_FIELDS)
+    split.write_rows(old, [{k: v for k, v in {**rows[2], "sha256": "s"}.items() if k != "etag"}], split.MANIFEST_FIELDS)
     dataset.write_record(old, {"version": "v-copied", "images": full})
     copied = dataset.resolve_dataset(s3, bucket, "v-copied", None)
     assert copied["layout"] == "copy" and copied["channels"]["train"] == f"s3://{bucket}/datasets/v-copied/train/"
     assert dataset.photos(s3, bucket, copied, "test") == [
-        {"key": "00003", "count": 2, "bucket": bucket, "object": "datasets/v-copied/test/2/00003.jpg"}]
+        {"key": "00003", "count": 2, "bucket": bucket, "object": "datasets/v-copied/test/2/00003.jpg"}
+    ]

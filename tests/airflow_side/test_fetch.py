@@ -33,8 +33,9 @@ def test_fetch_checks_every_file_and_reports_bad_keys(source_dir, tmp_path):
     assert "metadata" in report.invalid["00004"]
     assert len(report.fetched) == 16 and report.counts["00007"] == 1
     for key in report.fetched:
-        assert (tmp_path / "dest" / "bin-images" / f"{key}.jpg").read_bytes() == \
-            (source_dir / "bin-images" / f"{key}.jpg").read_bytes()
+        assert (tmp_path / "dest" / "bin-images" / f"{key}.jpg").read_bytes() == (
+            source_dir / "bin-images" / f"{key}.jpg"
+        ).read_bytes()
     for key in (*report.missing, *report.invalid):
         assert not (tmp_path / "dest" / "bin-images" / f"{key}.jpg").exists()
     assert json.loads(json.dumps(report.to_dict()))["summary"].startswith("22 requested")
@@ -164,8 +165,10 @@ def test_a_resumed_fetch_into_s3_lists_instead_of_asking_file_by_file(s3, bucket
     again = fetch.fetch_subset(abid.LocalStore(source_dir), KEYS, dest)
     assert CountingStore.sizes_asked == 0
     assert "00002" in again.fetched and sorted(again.skipped) == sorted(k for k in first.fetched if k != "00002")
-    assert s3.get_object(Bucket=bucket, Key="raw/bin-images/00002.jpg")["Body"].read() == (
-        source_dir / "bin-images" / "00002.jpg").read_bytes()
+    assert (
+        s3.get_object(Bucket=bucket, Key="raw/bin-images/00002.jpg")["Body"].read()
+        == (source_dir / "bin-images" / "00002.jpg").read_bytes()
+    )
 
 
 def test_a_listing_of_a_key_range_holds_exactly_the_paths_in_it(s3, bucket):
@@ -175,8 +178,13 @@ def test_a_listing_of_a_key_range_holds_exactly_the_paths_in_it(s3, bucket):
     store.write("metadata/0100.json", b"{}")
     sizes = fetch.known_sizes(store, ["0100", "0101", "01"])
     # Every path between the smallest and the largest asked for is listed, and nothing beyond.
-    assert sorted(sizes) == ["bin-images/01.jpg", "bin-images/0100.jpg", "bin-images/0100x.jpg",
-                             "bin-images/0101.jpg", "metadata/0100.json"]
+    assert sorted(sizes) == [
+        "bin-images/01.jpg",
+        "bin-images/0100.jpg",
+        "bin-images/0100x.jpg",
+        "bin-images/0101.jpg",
+        "metadata/0100.json",
+    ]
     assert sizes["bin-images/0101.jpg"] == 4
     # A store that cannot list is asked file by file.
     assert fetch.known_sizes(abid.HttpsSource("https://example.invalid"), ["1"]) is None
@@ -188,4 +196,8 @@ def test_keys_of_two_lengths_are_listed_as_two_narrow_ranges(s3, bucket):
         store.write(abid.image_path(key), b"x")
     # As strings, 100000.jpg < 123456.jpg < 99998.jpg: one range would hold 123456 as well.
     assert sorted(fetch.known_sizes(store, ["99998", "99999", "100000", "100001"])) == [
-        "bin-images/100000.jpg", "bin-images/100001.jpg", "bin-images/99998.jpg", "bin-images/99999.jpg"]
+        "bin-images/100000.jpg",
+        "bin-images/100001.jpg",
+        "bin-images/99998.jpg",
+        "bin-images/99999.jpg",
+    ]

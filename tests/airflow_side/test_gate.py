@@ -15,16 +15,19 @@ from tests.airflow_side.conftest import PUBLISHED
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize(("metrics", "champion", "metric", "margin", "deploy", "says"), [
-    ({"test:accuracy": 0.40}, False, "accuracy", 0.0, True, "no model is serving"),
-    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, True, "accuracy", 0.0, False, "worse"),
-    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, True, "accuracy", 0.06, True, "not worse"),
-    ({"test:accuracy": 0.45, "champion:accuracy": 0.45}, True, "accuracy", 0.0, True, "not worse"),
-    ({"test:rmse": 1.10, "champion:rmse": 1.00}, True, "rmse", 0.05, False, "worse"),
-    ({"test:rmse": 0.90, "champion:rmse": 1.00}, True, "rmse", 0.0, True, "not worse"),
-    ({"test:accuracy": 0.5}, True, "accuracy", 0.0, False, "could not be scored"),
-    ({}, False, "accuracy", 0.0, False, "no test:accuracy"),
-])
+@pytest.mark.parametrize(
+    ("metrics", "champion", "metric", "margin", "deploy", "says"),
+    [
+        ({"test:accuracy": 0.40}, False, "accuracy", 0.0, True, "no model is serving"),
+        ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, True, "accuracy", 0.0, False, "worse"),
+        ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, True, "accuracy", 0.06, True, "not worse"),
+        ({"test:accuracy": 0.45, "champion:accuracy": 0.45}, True, "accuracy", 0.0, True, "not worse"),
+        ({"test:rmse": 1.10, "champion:rmse": 1.00}, True, "rmse", 0.05, False, "worse"),
+        ({"test:rmse": 0.90, "champion:rmse": 1.00}, True, "rmse", 0.0, True, "not worse"),
+        ({"test:accuracy": 0.5}, True, "accuracy", 0.0, False, "could not be scored"),
+        ({}, False, "accuracy", 0.0, False, "no test:accuracy"),
+    ],
+)
 def test_deployment_decision(metrics, champion, metric, margin, deploy, says):
     decided, reason = gate.deployment_decision(metrics, champion, metric, margin)
     assert decided is deploy and says in reason
@@ -33,19 +36,22 @@ def test_deployment_decision(metrics, champion, metric, margin, deploy, says):
 SERVING = {"endpoint": "bin-counter", "model": "bin-counter-aaa-final", "model_data_url": "s3://b/m.tar.gz"}
 
 
-@pytest.mark.parametrize(("metrics", "champion", "deploy_param", "deploy", "version", "held_back"), [
-    # A serving model: the usual champion/challenger.
-    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, SERVING, True, None, None, True),
-    ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, SERVING, True, "new", "job-final", False),
-    # Nothing serves: the better of the new and the published model goes out; nothing is held back.
-    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, PUBLISHED, True, "published", "published-v1", False),
-    ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, PUBLISHED, True, "new", "job-final", False),
-    ({"test:accuracy": 0.40}, PUBLISHED, True, "new", "job-final", False),  # the published one not scored
-    ({"test:accuracy": 0.40}, None, True, "new", "job-final", False),
-    # The deploy Param off: nothing goes out, and that is no alert.
-    ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, SERVING, False, None, None, False),
-    ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, PUBLISHED, False, None, None, False),
-])
+@pytest.mark.parametrize(
+    ("metrics", "champion", "deploy_param", "deploy", "version", "held_back"),
+    [
+        # A serving model: the usual champion/challenger.
+        ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, SERVING, True, None, None, True),
+        ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, SERVING, True, "new", "job-final", False),
+        # Nothing serves: the better of the new and the published model goes out; nothing is held back.
+        ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, PUBLISHED, True, "published", "published-v1", False),
+        ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, PUBLISHED, True, "new", "job-final", False),
+        ({"test:accuracy": 0.40}, PUBLISHED, True, "new", "job-final", False),  # the published one not scored
+        ({"test:accuracy": 0.40}, None, True, "new", "job-final", False),
+        # The deploy Param off: nothing goes out, and that is no alert.
+        ({"test:accuracy": 0.46, "champion:accuracy": 0.45}, SERVING, False, None, None, False),
+        ({"test:accuracy": 0.40, "champion:accuracy": 0.45}, PUBLISHED, False, None, None, False),
+    ],
+)
 def test_choose_deployment(metrics, champion, deploy_param, deploy, version, held_back):
     choice = gate.choose_deployment(metrics, champion, "job-final", "accuracy", 0.0, deploy_param)
     assert (choice["deploy"], choice["model_version"], choice["held_back"]) == (deploy, version, held_back)
@@ -91,8 +97,11 @@ def test_the_published_model_serves_with_this_checkouts_code():
     train = (REPO / "sagemaker_code" / "train.py").read_text()
     serving_code = re.findall(r'"([\w.]+)"', re.search(r"^SERVING_CODE = \(([^)]*)\)", train, re.M).group(1))
     with tarfile.open(gate.PUBLISHED_MODEL) as archive:
-        packed = {m.name.removeprefix("code/"): archive.extractfile(m).read() for m in archive.getmembers()
-                  if m.name.startswith("code/")}
+        packed = {
+            m.name.removeprefix("code/"): archive.extractfile(m).read()
+            for m in archive.getmembers()
+            if m.name.startswith("code/")
+        }
     stale = sorted(name for name in serving_code if packed.get(name) != (REPO / "sagemaker_code" / name).read_bytes())
     assert serving_code and not stale, f"models/bin-counter.tar.gz serves with an older {stale}: run `make model-code`"
     assert set(packed) == set(serving_code)

@@ -30,8 +30,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = REPO / "build" / "test-results" / "screenshots"
 USER, PASSWORD = "operator", "local-operator-password"
 # Chromium as this machine allows it: no sandbox as root, and none of its calls home (refused here).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 # Small and quick, as in test_retrain_dag: 64-pixel images, counts 0 to 2.
 QUICK = BASE_CONF["extra_hyperparameters"]
 
@@ -55,20 +62,23 @@ def _live(moto_endpoint, tmp_path_factory):
     upload_dataset(s3, "ui-bucket", "v-ui", {"train": 10, "validation": 4, "test": 6})
     (work / "passwords.json").write_text(json.dumps({USER: PASSWORD}))
     port = free_port()
-    env = local_stack.server_env(local_stack.airflow_env(work, moto_endpoint, standin), port, f"{USER}:admin",
-                           work / "passwords.json")
+    env = local_stack.server_env(
+        local_stack.airflow_env(work, moto_endpoint, standin), port, f"{USER}:admin", work / "passwords.json"
+    )
     # A scheduler killed with its task runners leaves their tasks "running" under its dead job; the
     # next scheduler resets them once the dead one is past its health threshold (30 s, left at the
     # default: lowered, a busy scheduler declares itself dead) at its next orphan check, which comes
     # every 10 s here rather than every 5 minutes.
-    env.update({"AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
-                "BIN_COUNTER_SAGEMAKER_POLL_S": "1"})
+    env.update({"AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10", "BIN_COUNTER_SAGEMAKER_POLL_S": "1"})
     local_stack.airflow(["db", "migrate"], env, work / "migrate.log")
     airflow = local_stack.LiveAirflow(env, work, port).start()
     try:
         api = Api(airflow.url, USER, PASSWORD)
-        wait_until(lambda: {"bin_count_data_prep", "bin_count_retrain"} <= {
-            d["dag_id"] for d in api.get("/dags")["dags"]}, 120, "the DAG processor to parse both DAGs")
+        wait_until(
+            lambda: {"bin_count_data_prep", "bin_count_retrain"} <= {d["dag_id"] for d in api.get("/dags")["dags"]},
+            120,
+            "the DAG processor to parse both DAGs",
+        )
         yield {"airflow": airflow, "api": api, "standin": standin, "work": work}
     finally:
         airflow.stop()
@@ -171,9 +181,18 @@ def test_an_operator_triggers_a_retrain_from_the_form_and_reads_its_metrics(live
     dialog = open_trigger_form(page, url, "bin_count_retrain")
     # The Params render as typed fields with their descriptions.
     assert "Tuning: trials in all" in field(dialog, "max_jobs").inner_text()
-    changed = {"bucket": "ui-bucket", "max_count": 2, "epochs_min": 2, "epochs_max": 2, "max_jobs": 1,
-               "max_parallel_jobs": 1, "initial_model": "none", "smoke_images": 3, "batch_sizes": [8],
-               "extra_hyperparameters": QUICK}
+    changed = {
+        "bucket": "ui-bucket",
+        "max_count": 2,
+        "epochs_min": 2,
+        "epochs_max": 2,
+        "max_jobs": 1,
+        "max_parallel_jobs": 1,
+        "initial_model": "none",
+        "smoke_images": 3,
+        "batch_sizes": [8],
+        "extra_hyperparameters": QUICK,
+    }
     for name in ("bucket", "initial_model"):
         field(dialog, name).get_by_role("textbox").fill(changed[name])
     for name in ("max_count", "epochs_min", "epochs_max", "max_jobs", "max_parallel_jobs", "smoke_images"):
@@ -212,10 +231,20 @@ def test_an_operator_triggers_a_retrain_from_the_form_and_reads_its_metrics(live
 def test_a_scheduler_killed_during_training_comes_back_and_no_job_runs_twice(live):
     api, airflow = live["api"], live["airflow"]
     sm = boto3.client("sagemaker", endpoint_url=live["standin"], region_name="us-east-1")
-    conf = {"bucket": "ui-bucket", "max_count": 2, "epochs_min": 3, "epochs_max": 3, "batch_sizes": [8],
-            "max_jobs": 1, "max_parallel_jobs": 1, "strategy": "Random", "initial_model": "none",
-            "smoke_images": 3, "extra_hyperparameters": QUICK,
-            "deploy": False}  # the drill is about the training task's retry; deploying is test_retrain_dag's
+    conf = {
+        "bucket": "ui-bucket",
+        "max_count": 2,
+        "epochs_min": 3,
+        "epochs_max": 3,
+        "batch_sizes": [8],
+        "max_jobs": 1,
+        "max_parallel_jobs": 1,
+        "strategy": "Random",
+        "initial_model": "none",
+        "smoke_images": 3,
+        "extra_hyperparameters": QUICK,
+        "deploy": False,
+    }  # the drill is about the training task's retry; deploying is test_retrain_dag's
     api.patch("/dags/bin_count_retrain", {"is_paused": False})
     run_id = api.trigger("bin_count_retrain", conf)
 
@@ -241,6 +270,10 @@ def test_a_scheduler_killed_during_training_comes_back_and_no_job_runs_twice(liv
     assert {name: after[name] for name in before} == before
     run_jobs = [name for name in after if name not in before]
     assert run_jobs == [], f"jobs started after the kill: {run_jobs}"
-    retry_log = json.dumps(api.get(f"/dags/bin_count_retrain/dagRuns/{run_id}/taskInstances/retrain/logs/"
-                                   f"{tasks['retrain']['try_number']}?full_content=true"))
+    retry_log = json.dumps(
+        api.get(
+            f"/dags/bin_count_retrain/dagRuns/{run_id}/taskInstances/retrain/logs/"
+            f"{tasks['retrain']['try_number']}?full_content=true"
+        )
+    )
     assert "was started by an earlier try and is" in retry_log and "attaching to it" in retry_log

@@ -36,18 +36,31 @@ def planned(version: str, **split) -> dict:
 
 def fetch_all(bucket, source, shard_size: int = 25, max_bad_share: float = 0.5, **select) -> tuple[list, dict]:
     """select, fetch every shard, join the reports: the data-prep DAG's first three tasks, in order."""
-    shards = AbidSelectOperator(task_id="select", bucket=bucket, source=str(source), subset="key_range",
-                                key_range="00100:00165", shard_size=shard_size, **select).execute(context={})
-    fetched = [AbidFetchOperator(task_id="fetch", bucket=bucket, source=str(source), subset="key_range",
-                                 shard=shard).execute(context={}) for shard in shards]
-    report = FetchReportOperator(task_id="report", bucket=bucket, shards=fetched,
-                                 max_bad_share=max_bad_share).execute(context={})
+    shards = AbidSelectOperator(
+        task_id="select",
+        bucket=bucket,
+        source=str(source),
+        subset="key_range",
+        key_range="00100:00165",
+        shard_size=shard_size,
+        **select,
+    ).execute(context={})
+    fetched = [
+        AbidFetchOperator(task_id="fetch", bucket=bucket, source=str(source), subset="key_range", shard=shard).execute(
+            context={}
+        )
+        for shard in shards
+    ]
+    report = FetchReportOperator(task_id="report", bucket=bucket, shards=fetched, max_bad_share=max_bad_share).execute(
+        context={}
+    )
     return fetched, report
 
 
 def enhance_op(keys_path: str, bucket: str, **kwargs) -> ContrastEnhanceOperator:
-    return ContrastEnhanceOperator(task_id="enhance", bucket=bucket, source_prefix="abid/raw", keys_path=keys_path,
-                                   **kwargs)
+    return ContrastEnhanceOperator(
+        task_id="enhance", bucket=bucket, source_prefix="abid/raw", keys_path=keys_path, **kwargs
+    )
 
 
 def test_select_fetch_report_enhance_split_chain(s3, bucket, source, aws_connection):
@@ -59,18 +72,28 @@ def test_select_fetch_report_enhance_split_chain(s3, bucket, source, aws_connect
     assert report["invalid"] == {"00105": report["invalid"]["00105"]} and "metadata" in report["invalid"]["00105"]
     assert sorted(report["missing"]) == [f"{i:05d}" for i in range(160, 165)]
 
-    enhanced = [enhance_op(shard["good_path"], bucket, method="autocontrast", method_params={"cutoff": 2}
-                           ).execute(context={}) for shard in shards]
+    enhanced = [
+        enhance_op(shard["good_path"], bucket, method="autocontrast", method_params={"cutoff": 2}).execute(context={})
+        for shard in shards
+    ]
     prefix = enhanced[0]["prefix"]
     assert prefix == f"abid/enhanced/{enhance.enhancement_id('autocontrast', {'cutoff': 2})}"
     assert sum(e["written"] for e in enhanced) == 59
     record = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/enhancement.json")["Body"].read())
-    assert record == {"method": "autocontrast", "params": {"cutoff": 2.0, "preserve_tone": True},
-                      "id": prefix.split("/")[-1]}
+    assert record == {
+        "method": "autocontrast",
+        "params": {"cutoff": 2.0, "preserve_tone": True},
+        "id": prefix.split("/")[-1],
+    }
 
-    result = BlockSplitOperator(task_id="split", bucket=bucket, keys_prefix="abid/raw",
-                                keys_path=fetched["keys_path"], image_prefix=prefix,
-                                dataset=planned("v-test", block_size=5)).execute(context={})
+    result = BlockSplitOperator(
+        task_id="split",
+        bucket=bucket,
+        keys_prefix="abid/raw",
+        keys_path=fetched["keys_path"],
+        image_prefix=prefix,
+        dataset=planned("v-test", block_size=5),
+    ).execute(context={})
     assert sum(sum(c.values()) for c in result["images"].values()) == 59
     manifest = s3.get_object(Bucket=bucket, Key="datasets/v-test/manifest.csv")["Body"].read().decode()
     rows = list(csv.DictReader(io.StringIO(manifest)))
@@ -90,8 +113,14 @@ def test_select_fetch_report_enhance_split_chain(s3, bucket, source, aws_connect
 def test_a_second_run_writes_nothing_new(s3, bucket, source, aws_connection):
     _, fetched = fetch_all(bucket, source)
     enhanced = enhance_op(fetched["keys_path"], bucket, method="equalize").execute(context={})
-    split = BlockSplitOperator(task_id="split", bucket=bucket, keys_prefix="abid/raw", keys_path=fetched["keys_path"],
-                               image_prefix=enhanced["prefix"], dataset=planned("v-test", block_size=5))
+    split = BlockSplitOperator(
+        task_id="split",
+        bucket=bucket,
+        keys_prefix="abid/raw",
+        keys_path=fetched["keys_path"],
+        image_prefix=enhanced["prefix"],
+        dataset=planned("v-test", block_size=5),
+    )
     split.execute(context={})
     data_before = {k: v for k, v in list_objects(s3, bucket).items() if k.endswith((".jpg", ".csv", ".manifest"))}
     time.sleep(1.1)  # LastModified has a resolution of one second
@@ -126,10 +155,12 @@ def test_too_many_bad_keys_fail_the_report_and_keep_it(s3, bucket, source, aws_c
 
 
 def test_a_report_with_a_shard_missing_says_so(s3, bucket, source, aws_connection):
-    shards = AbidSelectOperator(task_id="select", bucket=bucket, source=str(source), subset="key_range",
-                                key_range="00100:00165", shard_size=25).execute(context={})
-    fetched = AbidFetchOperator(task_id="fetch", bucket=bucket, source=str(source), subset="key_range",
-                                shard=shards[0]).execute(context={})
+    shards = AbidSelectOperator(
+        task_id="select", bucket=bucket, source=str(source), subset="key_range", key_range="00100:00165", shard_size=25
+    ).execute(context={})
+    fetched = AbidFetchOperator(
+        task_id="fetch", bucket=bucket, source=str(source), subset="key_range", shard=shards[0]
+    ).execute(context={})
     with pytest.raises(ValueError, match="1 of 3 shards were fetched"):
         FetchReportOperator(task_id="report", bucket=bucket, shards=[fetched]).execute(context={})
 
@@ -137,8 +168,14 @@ def test_a_report_with_a_shard_missing_says_so(s3, bucket, source, aws_connectio
 def test_a_photo_gone_before_the_split_is_named(s3, bucket, source, aws_connection):
     _, fetched = fetch_all(bucket, source)
     s3.delete_object(Bucket=bucket, Key="abid/raw/bin-images/00110.jpg")
-    op = BlockSplitOperator(task_id="split", bucket=bucket, keys_prefix="abid/raw", keys_path=fetched["keys_path"],
-                            image_prefix="abid/raw", dataset=planned("v-gone"))
+    op = BlockSplitOperator(
+        task_id="split",
+        bucket=bucket,
+        keys_prefix="abid/raw",
+        keys_path=fetched["keys_path"],
+        image_prefix="abid/raw",
+        dataset=planned("v-gone"),
+    )
     with pytest.raises(LookupError, match=r"1 of the 59 photos .*\['00110'\].*run it again from the fetch"):
         op.execute(context={})
     assert not list_objects(s3, bucket, "datasets/v-gone/")
@@ -146,44 +183,79 @@ def test_a_photo_gone_before_the_split_is_named(s3, bucket, source, aws_connecti
 
 def test_split_of_an_empty_key_list_is_a_clear_error(s3, bucket, aws_connection):
     s3.put_object(Bucket=bucket, Key="abid/raw/reports/keys-x.json", Body=b"{}")
-    op = BlockSplitOperator(task_id="split", bucket=bucket, keys_prefix="abid/raw", keys_path="reports/keys-x.json",
-                            image_prefix="abid/raw", dataset=planned("v-x"))
+    op = BlockSplitOperator(
+        task_id="split",
+        bucket=bucket,
+        keys_prefix="abid/raw",
+        keys_path="reports/keys-x.json",
+        image_prefix="abid/raw",
+        dataset=planned("v-x"),
+    )
     with pytest.raises(ValueError, match="no images to split"):
         op.execute(context={})
 
 
 def test_missing_key_list_names_the_key(s3, bucket, aws_connection):
-    op = ContrastEnhanceOperator(task_id="enhance", bucket=bucket, source_prefix="abid/raw",
-                                 keys_path="reports/keys-gone.json")
+    op = ContrastEnhanceOperator(
+        task_id="enhance", bucket=bucket, source_prefix="abid/raw", keys_path="reports/keys-gone.json"
+    )
     with pytest.raises(LookupError, match=r"reports/keys-gone\.json"):
         op.execute(context={})
 
 
 def test_file_list_subset_from_the_source(s3, bucket, source, aws_connection):
-    (source / "file_list.json").write_text(json.dumps({"1": ["data/metadata/00101.json", "data/metadata/00106.json"],
-                                                       "2": ["data/metadata/00102.json"]}))
+    (source / "file_list.json").write_text(
+        json.dumps({"1": ["data/metadata/00101.json", "data/metadata/00106.json"], "2": ["data/metadata/00102.json"]})
+    )
     op = AbidSelectOperator(task_id="select", bucket=bucket, source=str(source), subset="file_list", counts=[1])
     (shard,) = op.execute(context={})
     assert json.loads(s3.get_object(Bucket=bucket, Key=f"abid/raw/{shard['keys_path']}")["Body"].read()) == [
-        "00101", "00106"]
+        "00101",
+        "00106",
+    ]
 
 
 def test_real_mirror_sample_through_fetch_and_split(real_abid, s3, bucket, aws_connection):
-    shards = AbidSelectOperator(task_id="select", bucket=bucket, source=str(real_abid), subset="key_range",
-                                key_range="00250:00450", shard_size=100).execute(context={})
-    fetched = FetchReportOperator(task_id="report", bucket=bucket, shards=[
-        AbidFetchOperator(task_id="fetch", bucket=bucket, source=str(real_abid), subset="key_range",
-                          shard=shard).execute(context={}) for shard in shards]).execute(context={})
+    shards = AbidSelectOperator(
+        task_id="select",
+        bucket=bucket,
+        source=str(real_abid),
+        subset="key_range",
+        key_range="00250:00450",
+        shard_size=100,
+    ).execute(context={})
+    fetched = FetchReportOperator(
+        task_id="report",
+        bucket=bucket,
+        shards=[
+            AbidFetchOperator(
+                task_id="fetch", bucket=bucket, source=str(real_abid), subset="key_range", shard=shard
+            ).execute(context={})
+            for shard in shards
+        ],
+    ).execute(context={})
     assert fetched["missing"] == 100 and fetched["invalid"] == 0  # 00300-00399 are held back
-    result = BlockSplitOperator(task_id="split", bucket=bucket, keys_prefix="abid/raw", keys_path=fetched["keys_path"],
-                                image_prefix="abid/raw",
-                                dataset=planned("v-real", block_size=10, max_count=5)).execute(context={})
+    result = BlockSplitOperator(
+        task_id="split",
+        bucket=bucket,
+        keys_prefix="abid/raw",
+        keys_path=fetched["keys_path"],
+        image_prefix="abid/raw",
+        dataset=planned("v-real", block_size=10, max_count=5),
+    ).execute(context={})
     assert all(int(count) <= 5 for table in result["images"].values() for count in table)
 
 
 def test_an_empty_selection_fails_instead_of_skipping_everything(s3, bucket, source, aws_connection):
-    op = AbidSelectOperator(task_id="select", bucket=bucket, source=str(source), subset="key_range",
-                            key_range="00100:00165", limit=None, counts=[9])
+    op = AbidSelectOperator(
+        task_id="select",
+        bucket=bucket,
+        source=str(source),
+        subset="key_range",
+        key_range="00100:00165",
+        limit=None,
+        counts=[9],
+    )
     op.select = lambda _: []  # a file list whose counts match none of those asked for
     with pytest.raises(ValueError, match="the selection is empty"):
         op.execute(context={})

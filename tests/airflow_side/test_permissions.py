@@ -32,8 +32,9 @@ def ledger() -> dict:
 
 
 def test_the_pipeline_template_passes_cfn_lint():
-    result = subprocess.run([str(CFN_LINT), "--format", "parseable", str(iam.PIPELINE_TEMPLATE)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(CFN_LINT), "--format", "parseable", str(iam.PIPELINE_TEMPLATE)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -51,8 +52,9 @@ def test_every_recorded_action_is_granted_and_every_grant_is_recorded(pipeline_s
         used = set(ledger[principal])
         aws_only = set(ledger["aws-only"].get(principal, {}))
         assert used <= granted, f"{principal} is recorded doing what no policy grants: {sorted(used - granted)}"
-        assert granted <= used | aws_only, f"{principal} is granted what the DAGs never do: " \
-                                           f"{sorted(granted - used - aws_only)}"
+        assert granted <= used | aws_only, (
+            f"{principal} is granted what the DAGs never do: {sorted(granted - used - aws_only)}"
+        )
         assert all(ledger[principal].values()), f"{principal}: every recorded action says why"
 
 
@@ -66,22 +68,30 @@ def test_grants_are_scoped_to_the_bucket_prefixes_and_the_project_names(pipeline
                 for resource in iam.as_list(statement["Resource"]):
                     if resource.startswith("arn:aws:s3:::"):
                         assert resource.removeprefix("arn:aws:s3:::").split("/")[0] == bucket, resource
-                        assert not resource.endswith(f"{bucket}/*"), \
+                        assert not resource.endswith(f"{bucket}/*"), (
                             f"{resource}: objects are granted by prefix, never the whole bucket"
+                        )
                     elif resource == "*":
                         actions = iam.as_list(statement["Action"])
                         assert set(actions) <= UNSCOPABLE, f"{principal}: {actions} on every resource"
 
 
 # Actions IAM cannot scope to a resource (the Service Authorization Reference lists none for them).
-UNSCOPABLE = {"sagemaker:ListModels", "sagemaker:ListEndpointConfigs",
-              "sagemaker:ListEndpoints", "ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
+UNSCOPABLE = {
+    "sagemaker:ListModels",
+    "sagemaker:ListEndpointConfigs",
+    "sagemaker:ListEndpoints",
+    "ecr:GetAuthorizationToken",
+    "cloudwatch:PutMetricData",
+}
 
 
 def test_the_roles_trust_only_their_service_and_the_workers_pass_only_them(pipeline_stack):
     trusted = {logical: role["trust"]["Statement"][0]["Principal"] for logical, role in pipeline_stack.roles.items()}
-    assert trusted == {"SageMakerExecutionRole": {"Service": "sagemaker.amazonaws.com"},
-                       "ApiFunctionRole": {"Service": "lambda.amazonaws.com"}}
+    assert trusted == {
+        "SageMakerExecutionRole": {"Service": "sagemaker.amazonaws.com"},
+        "ApiFunctionRole": {"Service": "lambda.amazonaws.com"},
+    }
     worker = documents_of(pipeline_stack, "airflow-worker")
     sagemaker_role = pipeline_stack.outputs["SageMakerRoleArn"]
     function_role = pipeline_stack.outputs["ApiFunctionRoleArn"]
@@ -119,20 +129,23 @@ WORKER = documents_of(iam.render(iam.load_template()), "airflow-worker")
 ARN = "arn:aws:sagemaker:us-east-1:000000000000"
 
 
-@pytest.mark.parametrize(("action", "resource", "allowed"), [
-    ("s3:PutObject", "arn:aws:s3:::bin-counter-000000000000-us-east-1/datasets/v1/dataset.json", True),
-    ("S3:putobject", "arn:aws:s3:::bin-counter-000000000000-us-east-1/datasets/v1/dataset.json", True),  # any case
-    ("s3:PutObject", "arn:aws:s3:::bin-counter-000000000000-us-east-1/elsewhere/x", False),
-    ("s3:PutObject", "arn:aws:s3:::someone-elses-bucket/datasets/v1/dataset.json", False),
-    ("s3:DeleteObject", "arn:aws:s3:::bin-counter-000000000000-us-east-1/datasets/v1/dataset.json", False),
-    ("s3:DeleteBucket", "arn:aws:s3:::bin-counter-000000000000-us-east-1", False),
-    ("sagemaker:CreateTrainingJob", f"{ARN}:training-job/bin-counter-0123456789ab-final", True),
-    ("sagemaker:CreateTrainingJob", f"{ARN}:training-job/another-teams-job", False),
-    ("sagemaker:DeleteEndpoint", f"{ARN}:endpoint/bin-counter", True),
-    ("sagemaker:DeleteEndpoint", f"{ARN}:endpoint/production-fraud-model", False),
-    ("sagemaker:InvokeEndpoint", f"{ARN}:endpoint/bin-counter-other", False),
-    ("lambda:DeleteFunction", "arn:aws:lambda:us-east-1:000000000000:function:bin-counter-api", False),
-])
+@pytest.mark.parametrize(
+    ("action", "resource", "allowed"),
+    [
+        ("s3:PutObject", "arn:aws:s3:::bin-counter-000000000000-us-east-1/datasets/v1/dataset.json", True),
+        ("S3:putobject", "arn:aws:s3:::bin-counter-000000000000-us-east-1/datasets/v1/dataset.json", True),  # any case
+        ("s3:PutObject", "arn:aws:s3:::bin-counter-000000000000-us-east-1/elsewhere/x", False),
+        ("s3:PutObject", "arn:aws:s3:::someone-elses-bucket/datasets/v1/dataset.json", False),
+        ("s3:DeleteObject", "arn:aws:s3:::bin-counter-000000000000-us-east-1/datasets/v1/dataset.json", False),
+        ("s3:DeleteBucket", "arn:aws:s3:::bin-counter-000000000000-us-east-1", False),
+        ("sagemaker:CreateTrainingJob", f"{ARN}:training-job/bin-counter-0123456789ab-final", True),
+        ("sagemaker:CreateTrainingJob", f"{ARN}:training-job/another-teams-job", False),
+        ("sagemaker:DeleteEndpoint", f"{ARN}:endpoint/bin-counter", True),
+        ("sagemaker:DeleteEndpoint", f"{ARN}:endpoint/production-fraud-model", False),
+        ("sagemaker:InvokeEndpoint", f"{ARN}:endpoint/bin-counter-other", False),
+        ("lambda:DeleteFunction", "arn:aws:lambda:us-east-1:000000000000:function:bin-counter-api", False),
+    ],
+)
 def test_the_evaluation_refuses_what_iam_refuses(action, resource, allowed):
     assert iam.is_allowed(WORKER, action, resource) is allowed
 
@@ -142,8 +155,16 @@ def test_an_explicit_deny_wins_and_unknown_conditions_are_not_waved_through():
     deny = {"Statement": {"Effect": "Deny", "Action": "s3:DeleteObject", "Resource": "arn:aws:s3:::b/*"}}
     assert iam.is_allowed([allow], "s3:DeleteObject", "arn:aws:s3:::b/k")
     assert not iam.is_allowed([allow, deny], "s3:DeleteObject", "arn:aws:s3:::b/k")
-    ip_bound = {"Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*",
-                               "Condition": {"IpAddress": {"aws:SourceIp": "10.0.0.0/8"}}}]}
+    ip_bound = {
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "s3:GetObject",
+                "Resource": "*",
+                "Condition": {"IpAddress": {"aws:SourceIp": "10.0.0.0/8"}},
+            }
+        ]
+    }
     with pytest.raises(ValueError, match="IpAddress is not evaluated here"):
         iam.is_allowed([ip_bound], "s3:GetObject", "arn:aws:s3:::b/k")
 
@@ -153,22 +174,27 @@ def test_a_call_without_its_permission_fails_the_check(tmp_path, pipeline_stack,
     log = tmp_path / "calls.jsonl"
     calls = CallLog(log)
     bucket = pipeline_stack.outputs["BucketName"]
-    calls.record(WORKER_ACCESS_KEY_ID, [("s3:GetObject", "arn:aws:s3:::test-bucket/datasets/v1/dataset.json")],
-                 "moto")
+    calls.record(WORKER_ACCESS_KEY_ID, [("s3:GetObject", "arn:aws:s3:::test-bucket/datasets/v1/dataset.json")], "moto")
     calls.record("testing", [("iam:CreateUser", "*")], "moto")  # the tests' own calls are nobody's
-    assert iam.refused_calls(read_calls(log), pipeline_stack, WORKER_ACCESS_KEY_ID, ledger,
-                             {"test-bucket": bucket}) == []
-    calls.record(WORKER_ACCESS_KEY_ID, [("sagemaker:CreateProcessingJob", f"{ARN}:processing-job/bin-counter-x")],
-                 "standin")
+    assert (
+        iam.refused_calls(read_calls(log), pipeline_stack, WORKER_ACCESS_KEY_ID, ledger, {"test-bucket": bucket}) == []
+    )
+    calls.record(
+        WORKER_ACCESS_KEY_ID, [("sagemaker:CreateProcessingJob", f"{ARN}:processing-job/bin-counter-x")], "standin"
+    )
     calls.record(WORKER_ACCESS_KEY_ID, [("s3:PutObject", "arn:aws:s3:::test-bucket/elsewhere/x")], "moto")
     role = pipeline_stack.outputs["ApiFunctionRoleArn"]
     calls.record(role, [("sagemaker:InvokeEndpoint", f"{ARN}:endpoint/another-endpoint")], "standin")
     refused = iam.refused_calls(read_calls(log), pipeline_stack, WORKER_ACCESS_KEY_ID, ledger, {"test-bucket": bucket})
     assert len(refused) == 3, refused
-    new_call, wrong_prefix, other_endpoint = (next(r for r in refused if text in r) for text in (
-        "airflow-worker: sagemaker:CreateProcessingJob is not in infra/aws-actions.json",
-        "airflow-worker: s3:PutObject would be refused on AWS",
-        "api-function-role: sagemaker:InvokeEndpoint would be refused"))
+    new_call, wrong_prefix, other_endpoint = (
+        next(r for r in refused if text in r)
+        for text in (
+            "airflow-worker: sagemaker:CreateProcessingJob is not in infra/aws-actions.json",
+            "airflow-worker: s3:PutObject would be refused on AWS",
+            "api-function-role: sagemaker:InvokeEndpoint would be refused",
+        )
+    )
     assert wrong_prefix.endswith(f"e.g. arn:aws:s3:::{bucket}/elsewhere/x")
     assert other_endpoint.endswith(f"{ARN}:endpoint/another-endpoint") and new_call
 
@@ -180,13 +206,19 @@ def test_the_settings_task_refuses_a_missing_a_foreign_or_a_distant_bucket(s3, b
     from bin_counter.account import SettingsError, check_bucket
 
     assert check_bucket(s3, bucket, "us-east-1") == "us-east-1"
-    with pytest.raises(SettingsError, match=r"does not exist: deploy infra/pipeline\.yaml and set the bucket "
-                                            r"Param to its output BucketName"):
+    with pytest.raises(
+        SettingsError,
+        match=r"does not exist: deploy infra/pipeline\.yaml and set the bucket "
+        r"Param to its output BucketName",
+    ):
         check_bucket(s3, "bin-counter-no-such-bucket", "us-east-1")
     distant = boto3.client("s3", endpoint_url=moto_endpoint, region_name="eu-west-1")
     distant.create_bucket(Bucket=f"{bucket}-eu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
-    with pytest.raises(SettingsError, match=rf"{bucket}-eu is in eu-west-1, but the Airflow connection's region "
-                                            r"is us-east-1: SageMaker jobs read their data from their own region"):
+    with pytest.raises(
+        SettingsError,
+        match=rf"{bucket}-eu is in eu-west-1, but the Airflow connection's region "
+        r"is us-east-1: SageMaker jobs read their data from their own region",
+    ):
         check_bucket(s3, f"{bucket}-eu", "us-east-1")
 
     class Foreign:  # what S3 answers for a bucket name that another account holds
@@ -212,18 +244,34 @@ def test_sagemaker_and_lambda_refuse_a_role_they_cannot_assume(standin, pipeline
     missing = "arn:aws:iam::000000000000:role/never-created"
     for role in (sagemaker_role, missing):
         with pytest.raises(ClientError, match="The role defined for the function cannot be assumed by Lambda"):
-            aws_lambda.create_function(FunctionName="api", Runtime="python3.12", Role=role, Handler="handler.handler",
-                                       Code={"ZipFile": function_zip()})
+            aws_lambda.create_function(
+                FunctionName="api",
+                Runtime="python3.12",
+                Role=role,
+                Handler="handler.handler",
+                Code={"ZipFile": function_zip()},
+            )
     for role in (function_role, missing):
-        with pytest.raises(ClientError, match=rf"Could not assume role {role}\. Please ensure that the role exists "
-                                              r"and allows principal 'sagemaker\.amazonaws\.com'"):
+        with pytest.raises(
+            ClientError,
+            match=rf"Could not assume role {role}\. Please ensure that the role exists "
+            r"and allows principal 'sagemaker\.amazonaws\.com'",
+        ):
             sm.create_training_job(**{**job_config(job_inputs, "refused-role"), "RoleArn": role})
         with pytest.raises(ClientError, match="Could not assume role"):
-            sm.create_model(ModelName="refused", ExecutionRoleArn=role,
-                            PrimaryContainer={"Image": "local", "ModelDataUrl": "s3://b/m.tar.gz"})
+            sm.create_model(
+                ModelName="refused",
+                ExecutionRoleArn=role,
+                PrimaryContainer={"Image": "local", "ModelDataUrl": "s3://b/m.tar.gz"},
+            )
     assert not sm.list_training_jobs()["TrainingJobSummaries"]  # refused at the request: nothing ran
-    created = aws_lambda.create_function(FunctionName="api", Runtime="python3.12", Role=function_role,
-                                         Handler="handler.handler", Code={"ZipFile": function_zip()})
+    created = aws_lambda.create_function(
+        FunctionName="api",
+        Runtime="python3.12",
+        Role=function_role,
+        Handler="handler.handler",
+        Code={"ZipFile": function_zip()},
+    )
     assert created["Role"] == function_role
 
 

@@ -30,15 +30,17 @@ def test_a_retried_training_task_attaches_to_its_job(local_stack_connection, job
     first = ResumableTrainingOperator(task_id="retrain", config=config, check_interval=1, print_log=False)
     # The first try starts the job and (say) its worker dies before it finishes waiting.
     first.hook.create_training_job(first.config, wait_for_completion=False, print_log=False)
-    second = ResumableTrainingOperator(task_id="retrain", config=job_config(job_inputs, "bin-counter-retry-final"),
-                                       check_interval=1, print_log=False)
+    second = ResumableTrainingOperator(
+        task_id="retrain", config=job_config(job_inputs, "bin-counter-retry-final"), check_interval=1, print_log=False
+    )
     result = second.execute(context={})
     assert result["Training"]["TrainingJobName"] == "bin-counter-retry-final"
     assert result["Training"]["TrainingJobStatus"] == "Completed"
     assert [j["TrainingJobName"] for j in training_jobs(local_stack_connection)] == ["bin-counter-retry-final"]
     # A third try, once it is complete: still that job, nothing new started.
-    third = ResumableTrainingOperator(task_id="retrain", config=job_config(job_inputs, "bin-counter-retry-final"),
-                                      check_interval=1, print_log=False)
+    third = ResumableTrainingOperator(
+        task_id="retrain", config=job_config(job_inputs, "bin-counter-retry-final"), check_interval=1, print_log=False
+    )
     assert third.execute(context={})["Training"]["TrainingJobArn"] == result["Training"]["TrainingJobArn"]
     assert len(training_jobs(local_stack_connection)) == 1
     # Following a job's log, the operator's hook looks at the job on every poll: a job that completed
@@ -53,8 +55,9 @@ def test_a_failed_training_job_is_retried_under_a_new_name(local_stack_connectio
     with pytest.raises(Exception, match="--epochs must be at least 1"):
         ResumableTrainingOperator(task_id="retrain", config=bad, check_interval=1, print_log=False).execute({})
     fixed = job_config(job_inputs, "bin-counter-bad-final")
-    result = ResumableTrainingOperator(task_id="retrain", config=fixed, check_interval=1,
-                                       print_log=False).execute(context={})
+    result = ResumableTrainingOperator(task_id="retrain", config=fixed, check_interval=1, print_log=False).execute(
+        context={}
+    )
     assert result["Training"]["TrainingJobName"].startswith("bin-counter-bad-final-")
     assert result["Training"]["TrainingJobStatus"] == "Completed"
     assert len(training_jobs(local_stack_connection)) == 2
@@ -62,13 +65,30 @@ def test_a_failed_training_job_is_retried_under_a_new_name(local_stack_connectio
 
 def test_a_retried_tuning_task_attaches_to_its_tuning_job(local_stack_connection, job_inputs):
     trial = job_config(job_inputs, "bc-tune-retry")
-    config = tuning_job_config("bc-tune-retry", trial, search_ranges((1, 1), [8], (0.001, 0.01)),
-                               "validation:accuracy", max_jobs=1, max_parallel_jobs=1, strategy="Random")
+    config = tuning_job_config(
+        "bc-tune-retry",
+        trial,
+        search_ranges((1, 1), [8], (0.001, 0.01)),
+        "validation:accuracy",
+        max_jobs=1,
+        max_parallel_jobs=1,
+        strategy="Random",
+    )
     first = ResumableTuningOperator(task_id="tune", config=config, check_interval=1)
     first.hook.create_tuning_job(first.config, wait_for_completion=False)
-    result = ResumableTuningOperator(task_id="tune", config=tuning_job_config(
-        "bc-tune-retry", trial, search_ranges((1, 1), [8], (0.001, 0.01)), "validation:accuracy", max_jobs=1,
-        max_parallel_jobs=1, strategy="Random"), check_interval=1).execute(context={"ti": TaskInstance()})
+    result = ResumableTuningOperator(
+        task_id="tune",
+        config=tuning_job_config(
+            "bc-tune-retry",
+            trial,
+            search_ranges((1, 1), [8], (0.001, 0.01)),
+            "validation:accuracy",
+            max_jobs=1,
+            max_parallel_jobs=1,
+            strategy="Random",
+        ),
+        check_interval=1,
+    ).execute(context={"ti": TaskInstance()})
     assert result["Tuning"]["HyperParameterTuningJobName"] == "bc-tune-retry"
     assert result["Tuning"]["HyperParameterTuningJobStatus"] == "Completed"
     assert len(training_jobs(local_stack_connection)) == 1  # one trial: nothing started twice
@@ -91,8 +111,10 @@ def test_a_stopped_job_is_retried_from_its_checkpoint_in_s3(local_stack_connecti
             if channel["ChannelName"] == "train":
                 channel["DataSource"]["S3DataSource"]["S3Uri"] = f"s3://{job_inputs}/{JOB_DATA}/more/"
         # As retrain.py asks for it (sagemaker_config.training_job_config's checkpoint_s3_uri).
-        request["CheckpointConfig"] = {"S3Uri": f"s3://{job_inputs}/checkpoints/bin-counter-ckpt-final/",
-                                       "LocalPath": "/opt/ml/checkpoints"}
+        request["CheckpointConfig"] = {
+            "S3Uri": f"s3://{job_inputs}/checkpoints/bin-counter-ckpt-final/",
+            "LocalPath": "/opt/ml/checkpoints",
+        }
         return request
 
     sm = sagemaker_client(local_stack_connection)
@@ -100,8 +122,14 @@ def test_a_stopped_job_is_retried_from_its_checkpoint_in_s3(local_stack_connecti
     first.hook.create_training_job(first.config, wait_for_completion=False, print_log=False)
     # Stopped as soon as the first checkpoint is on the instance's disk (not once it is in S3, a poll
     # later: a fast machine may have finished all six epochs by then). The stop's last upload takes it to S3.
-    local = (local_stack_connection["state"] / "training-jobs" / "bin-counter-ckpt-final" / "opt-ml" / "checkpoints"
-             / "checkpoint.pth")
+    local = (
+        local_stack_connection["state"]
+        / "training-jobs"
+        / "bin-counter-ckpt-final"
+        / "opt-ml"
+        / "checkpoints"
+        / "checkpoint.pth"
+    )
     while not local.is_file():
         assert sm.describe_training_job(TrainingJobName="bin-counter-ckpt-final")["TrainingJobStatus"] == "InProgress"
         time.sleep(0.05)
@@ -112,8 +140,9 @@ def test_a_stopped_job_is_retried_from_its_checkpoint_in_s3(local_stack_connecti
     assert key in list_objects(s3, job_inputs, "checkpoints/")
 
     # The retry: the stopped job gets a new name, the same CheckpointConfig, and starts from S3's checkpoint.
-    result = ResumableTrainingOperator(task_id="retrain", config=config(), check_interval=1,
-                                       print_log=False).execute(context={})
+    result = ResumableTrainingOperator(task_id="retrain", config=config(), check_interval=1, print_log=False).execute(
+        context={}
+    )
     retry = result["Training"]["TrainingJobName"]
     assert retry.startswith("bin-counter-ckpt-final-")
     assert result["Training"]["TrainingJobStatus"] == "Completed"

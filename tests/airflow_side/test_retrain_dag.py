@@ -77,7 +77,8 @@ UNHEALTHY_MODEL = run_job_names("bin_count_retrain", "manual__2026-01-15T00:00:0
 
 @pytest.mark.standin_args("--unhealthy-models", f"^{UNHEALTHY_MODEL}$")
 def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces_it(
-        dag, s3, bucket, local_stack_connection, alerts, capfd):
+    dag, s3, bucket, local_stack_connection, alerts, capfd
+):
     stack = local_stack_connection
     upload_dataset(s3, bucket, "v-test", {"train": 10, "validation": 4, "test": 6})
 
@@ -90,14 +91,19 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     assert all(state == "success" for state in task_states(first).values()), task_states(first)
     sm = sagemaker(stack)
     tuning_name = next(iter(sm.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]))[
-        "HyperParameterTuningJobName"]
+        "HyperParameterTuningJobName"
+    ]
     tuning = sm.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=tuning_name)
     assert tuning["HyperParameterTuningJobStatus"] == "Completed"
     assert tuning["TrainingJobStatusCounters"]["NonRetryableError"] >= 1, "this run drew no diverging trial"
     trials = sm.list_training_jobs_for_hyper_parameter_tuning_job(HyperParameterTuningJobName=tuning_name)[
-        "TrainingJobSummaries"]
-    failed = [sm.describe_training_job(TrainingJobName=t["TrainingJobName"]) for t in trials
-              if t["TrainingJobStatus"] == "Failed"]
+        "TrainingJobSummaries"
+    ]
+    failed = [
+        sm.describe_training_job(TrainingJobName=t["TrainingJobName"])
+        for t in trials
+        if t["TrainingJobStatus"] == "Failed"
+    ]
     assert failed and all("training diverged" in f["FailureReason"] for f in failed)
     first_model = serving(stack)
     assert first_model.endswith("-final")
@@ -114,15 +120,28 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     [weights_key] = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="weights/")["Contents"]]
     assert weights_key.endswith("/mobilenet_v2-b0353104.pth")
     for job in [t["TrainingJobName"] for t in trials] + [first_model]:
-        channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
-                    for c in sm.describe_training_job(TrainingJobName=job)["InputDataConfig"]}
+        channels = {
+            c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+            for c in sm.describe_training_job(TrainingJobName=job)["InputDataConfig"]
+        }
         assert channels["weights"] == f"s3://{bucket}/{weights_key}", job
     assert "ImageNet weights for mobilenet_v2: mobilenet_v2-b0353104.pth from the weights channel" in log
 
     # 2. A model that cannot have learned anything (one epoch, a learning rate near zero, head only):
     #    scored against the serving one on the same test images, gated; the endpoint keeps its model.
-    worse = dag.test(**run_on(13), run_conf={**BASE_CONF, "bucket": bucket, "mode": "head", "epochs_min": 1,
-                                             "epochs_max": 1, "lr_min": 1e-9, "lr_max": 1e-9, "max_jobs": 1})
+    worse = dag.test(
+        **run_on(13),
+        run_conf={
+            **BASE_CONF,
+            "bucket": bucket,
+            "mode": "head",
+            "epochs_min": 1,
+            "epochs_max": 1,
+            "lr_min": 1e-9,
+            "lr_max": 1e-9,
+            "max_jobs": 1,
+        },
+    )
     log = capfd.readouterr().out
     states = task_states(worse)
     assert worse.state == "success", log[-3000:]
@@ -130,8 +149,14 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     worse_job = [line for line in log.splitlines() if "NOT DEPLOYING" in line]
     assert worse_job and "worse than the serving one" in worse_job[0]
     assert serving(stack) == first_model
-    worse_metrics = final_metrics(stack, next(j["TrainingJobName"] for j in sm.list_training_jobs(
-        NameContains="-final")["TrainingJobSummaries"] if j["TrainingJobName"] != first_model))
+    worse_metrics = final_metrics(
+        stack,
+        next(
+            j["TrainingJobName"]
+            for j in sm.list_training_jobs(NameContains="-final")["TrainingJobSummaries"]
+            if j["TrainingJobName"] != first_model
+        ),
+    )
     assert worse_metrics["champion:accuracy"] == pytest.approx(first_accuracy)  # the same model, the same images
     assert worse_metrics["test:accuracy"] < worse_metrics["champion:accuracy"]
     # On-call staff hear of it: one alert, saying which model was held back and why.
@@ -141,8 +166,18 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     assert "Log:    http" in alert[0]["Message"] and "Run:    manual__2026-01-13" in alert[0]["Message"]
 
     # 3. More epochs: at least as good as the serving model, so it replaces it, and the API answers with it.
-    better = dag.test(**run_on(14), run_conf={**BASE_CONF, "bucket": bucket, "epochs_min": 5, "epochs_max": 5,
-                                              "lr_min": 0.002, "lr_max": 0.002, "max_jobs": 1})
+    better = dag.test(
+        **run_on(14),
+        run_conf={
+            **BASE_CONF,
+            "bucket": bucket,
+            "epochs_min": 5,
+            "epochs_max": 5,
+            "lr_min": 0.002,
+            "lr_max": 0.002,
+            "max_jobs": 1,
+        },
+    )
     log = capfd.readouterr().out
     assert better.state == "success", log[-3000:]
     new_model = serving(stack)
@@ -156,8 +191,18 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     # 3b. The same recipe again, but its model fails the endpoint's health check: SageMaker rolls the
     #     update back, the deploy task's waiter sees InService, and confirm_deployment fails the run
     #     with the endpoint's reason. The old model keeps serving and on-call staff hear why.
-    broken = dag.test(**run_on(15), run_conf={**BASE_CONF, "bucket": bucket, "epochs_min": 5, "epochs_max": 5,
-                                              "lr_min": 0.002, "lr_max": 0.002, "max_jobs": 1})
+    broken = dag.test(
+        **run_on(15),
+        run_conf={
+            **BASE_CONF,
+            "bucket": bucket,
+            "epochs_min": 5,
+            "epochs_max": 5,
+            "lr_min": 0.002,
+            "lr_max": 0.002,
+            "max_jobs": 1,
+        },
+    )
     log = capfd.readouterr().out
     states = task_states(broken)
     assert broken.state == "failed"
@@ -174,9 +219,20 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     #    the published model is deployed, and the API answers with it.
     sm.delete_endpoint(EndpointName="bin-counter")
     published = sm.describe_training_job(TrainingJobName=new_model)["ModelArtifacts"]["S3ModelArtifacts"]
-    fresh = dag.test(**run_on(16), run_conf={**BASE_CONF, "bucket": bucket, "mode": "head", "epochs_min": 1,
-                                             "epochs_max": 1, "lr_min": 1e-9, "lr_max": 1e-9, "max_jobs": 1,
-                                             "initial_model": published})
+    fresh = dag.test(
+        **run_on(16),
+        run_conf={
+            **BASE_CONF,
+            "bucket": bucket,
+            "mode": "head",
+            "epochs_min": 1,
+            "epochs_max": 1,
+            "lr_min": 1e-9,
+            "lr_max": 1e-9,
+            "max_jobs": 1,
+            "initial_model": published,
+        },
+    )
     log = capfd.readouterr().out
     assert fresh.state == "success", log[-3000:]
     assert "DEPLOYING THE PUBLISHED MODEL: nothing serves yet" in log and "smoke check passed" in log
@@ -193,13 +249,13 @@ def sm_runtime_count(stack) -> dict:
     return json.loads(body["Body"].read())
 
 
-def test_a_failing_final_training_job_fails_the_run_with_its_reason(dag, s3, bucket, local_stack_connection, alerts,
-                                                                   capfd):
+def test_a_failing_final_training_job_fails_the_run_with_its_reason(
+    dag, s3, bucket, local_stack_connection, alerts, capfd
+):
     # The test images were cut short after the split: the trials (train + validation) succeed, the
     # final job, which reads the test images, fails; nothing is deployed.
     upload_dataset(s3, bucket, "v-corrupt", {"train": 6, "validation": 3, "test": 3}, corrupt_test=True)
-    run = dag.test(**run_on(15), run_conf={**BASE_CONF, "bucket": bucket, "max_jobs": 1,
-                                                      "epochs_max": 2})
+    run = dag.test(**run_on(15), run_conf={**BASE_CONF, "bucket": bucket, "max_jobs": 1, "epochs_max": 2})
     log = capfd.readouterr().out
     states = task_states(run)
     assert run.state == "failed"
@@ -226,4 +282,3 @@ def test_no_dataset_fails_clearly(dag, bucket, local_stack_connection, capfd, ca
     assert "run bin_count_data_prep first" in log.out
     # No topic configured: the failure is still reported in the log, and says alerts are off.
     assert "alerts are off" in log.out + log.err + caplog.text
-

@@ -45,8 +45,10 @@ def build(**overrides) -> dict:
 
 def test_training_job_config_is_valid_for_create_training_job():
     validate("CreateTrainingJob", build())
-    validate("CreateTrainingJob", build(use_spot=True, checkpoint_s3_uri="s3://bin-counter/ckpt/job/",
-                                        tags={"dataset-version": "v1"}))
+    validate(
+        "CreateTrainingJob",
+        build(use_spot=True, checkpoint_s3_uri="s3://bin-counter/ckpt/job/", tags={"dataset-version": "v1"}),
+    )
 
 
 def test_hyperparameters_are_json_encoded_like_the_sdk_does():
@@ -62,12 +64,19 @@ def test_spot_without_checkpoints_is_refused():
 
 
 def test_a_datasets_manifests_are_manifest_file_channels_and_folders_prefixes():
-    config = build(channels={"train": "s3://bin-counter/datasets/v1/train.manifest",
-                             "validation": "s3://bin-counter/datasets/v1/validation/"})
+    config = build(
+        channels={
+            "train": "s3://bin-counter/datasets/v1/train.manifest",
+            "validation": "s3://bin-counter/datasets/v1/validation/",
+        }
+    )
     validate("CreateTrainingJob", config)
     sources = {c["ChannelName"]: c["DataSource"]["S3DataSource"] for c in config["InputDataConfig"]}
-    assert sources["train"] == {"S3DataType": "ManifestFile", "S3Uri": "s3://bin-counter/datasets/v1/train.manifest",
-                                "S3DataDistributionType": "FullyReplicated"}
+    assert sources["train"] == {
+        "S3DataType": "ManifestFile",
+        "S3Uri": "s3://bin-counter/datasets/v1/train.manifest",
+        "S3DataDistributionType": "FullyReplicated",
+    }
     assert sources["validation"]["S3DataType"] == "S3Prefix"
 
 
@@ -77,8 +86,10 @@ def test_a_job_needs_training_data():
 
 
 def test_metric_regexes_compile_and_find_one_number_each():
-    line = ("epoch=3 train_loss=1.2345 val_loss=1.3012 val_accuracy=0.4512 val_rmse=1.0423 val_mae=0.8 "
-            "val_within_1=0.9 lr=0.000100 epoch_time_s=12.0 images_per_s=98.5")
+    line = (
+        "epoch=3 train_loss=1.2345 val_loss=1.3012 val_accuracy=0.4512 val_rmse=1.0423 val_mae=0.8 "
+        "val_within_1=0.9 lr=0.000100 epoch_time_s=12.0 images_per_s=98.5"
+    )
     found = sagemaker_config.parse_metrics(line)
     assert found["validation:accuracy"] == [0.4512]
     assert found["train:loss"] == [1.2345]
@@ -89,20 +100,40 @@ def test_metric_regexes_compile_and_find_one_number_each():
 
 
 # -- the retraining DAG's builders -----------------------------------------------------------------
-PARAMS = {"bucket": "bin-counter", "arch": "mobilenet_v2", "mode": "finetune", "max_count": 5, "epochs_min": 4,
-          "epochs_max": 8, "batch_sizes": [16, 32], "lr_min": 3e-4, "lr_max": 3e-3, "objective": "validation:accuracy",
-          "strategy": "Bayesian", "max_jobs": 4, "max_parallel_jobs": 2, "extra_hyperparameters": {"image-size": 160},
-          "training_instance_type": "ml.g4dn.xlarge", "endpoint_instance_type": "ml.m5.large",
-          "endpoint_name": "bin-counter"}
-DATA = {"version": "v-0123456789ab",
-        "channels": {s: f"s3://bin-counter/datasets/v-0123456789ab/{s}.manifest" for s in ("train", "validation",
-                                                                                          "test")}}
-ACCOUNT = {"region": "eu-west-1", "role_arn": "arn:aws:iam::123456789012:role/bin-counter-sagemaker",
-           "training_image": "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312",
-           "inference_image": "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312"}
+PARAMS = {
+    "bucket": "bin-counter",
+    "arch": "mobilenet_v2",
+    "mode": "finetune",
+    "max_count": 5,
+    "epochs_min": 4,
+    "epochs_max": 8,
+    "batch_sizes": [16, 32],
+    "lr_min": 3e-4,
+    "lr_max": 3e-3,
+    "objective": "validation:accuracy",
+    "strategy": "Bayesian",
+    "max_jobs": 4,
+    "max_parallel_jobs": 2,
+    "extra_hyperparameters": {"image-size": 160},
+    "training_instance_type": "ml.g4dn.xlarge",
+    "endpoint_instance_type": "ml.m5.large",
+    "endpoint_name": "bin-counter",
+}
+DATA = {
+    "version": "v-0123456789ab",
+    "channels": {s: f"s3://bin-counter/datasets/v-0123456789ab/{s}.manifest" for s in ("train", "validation", "test")},
+}
+ACCOUNT = {
+    "region": "eu-west-1",
+    "role_arn": "arn:aws:iam::123456789012:role/bin-counter-sagemaker",
+    "training_image": "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312",
+    "inference_image": "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312",
+}
 CODE = "s3://bin-counter/code/0123456789abcdef/sourcedir.tar.gz"
-BEST = {"training_job": "bc-tune-0123456789ab-002-deadbeef", "hyperparameters": {"epochs": 6, "batch-size": 32,
-                                                                                "lr": 0.0011}}
+BEST = {
+    "training_job": "bc-tune-0123456789ab-002-deadbeef",
+    "hyperparameters": {"epochs": 6, "batch-size": 32, "lr": 0.0011},
+}
 WEIGHTS = "s3://bin-counter/weights/b03531047ffacf1e/mobilenet_v2-b0353104.pth"
 
 
@@ -144,14 +175,26 @@ def test_every_job_gets_the_imagenet_weights_file_as_its_weights_channel():
     for channels in (tuning["TrainingJobDefinition"]["InputDataConfig"], final["InputDataConfig"]):
         # The one object, downloaded whole before the script starts (train.py finds it by name).
         channel = weights_channel(channels)
-        assert channel["DataSource"]["S3DataSource"] == {"S3DataType": "S3Prefix", "S3Uri": WEIGHTS,
-                                                         "S3DataDistributionType": "FullyReplicated"}
+        assert channel["DataSource"]["S3DataSource"] == {
+            "S3DataType": "S3Prefix",
+            "S3Uri": WEIGHTS,
+            "S3DataDistributionType": "FullyReplicated",
+        }
         assert channel["InputMode"] == "File"
     assert {c["ChannelName"] for c in tuning["TrainingJobDefinition"]["InputDataConfig"]} == {
-        "train", "validation", "weights"}
+        "train",
+        "validation",
+        "weights",
+    }
     # Without the file (not found on the worker, or --weights none) the jobs have no such channel.
-    assert weights_channel(tuning_request(PARAMS, DATA, ACCOUNT, CODE, "bin_count_retrain", "manual__1")[
-        "TrainingJobDefinition"]["InputDataConfig"]) is None
+    assert (
+        weights_channel(
+            tuning_request(PARAMS, DATA, ACCOUNT, CODE, "bin_count_retrain", "manual__1")["TrainingJobDefinition"][
+                "InputDataConfig"
+            ]
+        )
+        is None
+    )
 
 
 def test_distributed_training_launches_the_images_torch_distributed_for_trials_and_the_final_job():
@@ -166,11 +209,13 @@ def test_distributed_training_launches_the_images_torch_distributed_for_trials_a
         assert json.loads(hyperparameters["sagemaker_torch_distributed_enabled"]) is True
         assert json.loads(hyperparameters["sagemaker_mpi_num_of_processes_per_host"]) == 4
     # Without a count the toolkit starts one process per GPU; without the Param, no torchrun at all.
-    per_gpu = final_training_request({**PARAMS, "distributed_training": True}, DATA, ACCOUNT, CODE, BEST, None,
-                                     "bin_count_retrain", "manual__1")["HyperParameters"]
+    per_gpu = final_training_request(
+        {**PARAMS, "distributed_training": True}, DATA, ACCOUNT, CODE, BEST, None, "bin_count_retrain", "manual__1"
+    )["HyperParameters"]
     assert "sagemaker_mpi_num_of_processes_per_host" not in per_gpu
-    plain = final_training_request({**PARAMS, "processes_per_instance": 4}, DATA, ACCOUNT, CODE, BEST, None,
-                                   "bin_count_retrain", "manual__1")["HyperParameters"]
+    plain = final_training_request(
+        {**PARAMS, "processes_per_instance": 4}, DATA, ACCOUNT, CODE, BEST, None, "bin_count_retrain", "manual__1"
+    )["HyperParameters"]
     assert not {"sagemaker_torch_distributed_enabled", "sagemaker_mpi_num_of_processes_per_host"} & set(plain)
     with pytest.raises(ValueError, match="processes_per_host"):
         build(processes_per_host=2)
@@ -179,30 +224,42 @@ def test_distributed_training_launches_the_images_torch_distributed_for_trials_a
 def test_instances_storage_and_time_limit_come_from_the_params_for_trials_and_the_final_job():
     from bin_counter.retrain import final_training_request, tuning_request
 
-    params = {**PARAMS, "distributed_training": True, "training_instance_count": 2, "training_volume_gb": 100,
-              "training_max_hours": 12}
+    params = {
+        **PARAMS,
+        "distributed_training": True,
+        "training_instance_count": 2,
+        "training_volume_gb": 100,
+        "training_max_hours": 12,
+    }
     tuning = tuning_request(params, DATA, ACCOUNT, CODE, "bin_count_retrain", "manual__1")
     final = final_training_request(params, DATA, ACCOUNT, CODE, BEST, None, "bin_count_retrain", "manual__1")
     validate("CreateHyperParameterTuningJob", tuning)
     validate("CreateTrainingJob", final)
     for request in (tuning["TrainingJobDefinition"], final):
-        assert request["ResourceConfig"] == {"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 2,
-                                             "VolumeSizeInGB": 100}
+        assert request["ResourceConfig"] == {
+            "InstanceType": "ml.g4dn.xlarge",
+            "InstanceCount": 2,
+            "VolumeSizeInGB": 100,
+        }
         assert request["StoppingCondition"]["MaxRuntimeInSeconds"] == 12 * 3600
     # Without the Params: one instance, 30 GB, four hours.
     plain = final_training_request(PARAMS, DATA, ACCOUNT, CODE, BEST, None, "bin_count_retrain", "manual__1")
     assert plain["ResourceConfig"]["InstanceCount"] == 1 and plain["ResourceConfig"]["VolumeSizeInGB"] == 30
     assert plain["StoppingCondition"]["MaxRuntimeInSeconds"] == 4 * 3600
     with pytest.raises(ValueError, match="2 instances without distributed training would each train alone"):
-        final_training_request({**PARAMS, "training_instance_count": 2}, DATA, ACCOUNT, CODE, BEST, None,
-                               "bin_count_retrain", "manual__1")
+        final_training_request(
+            {**PARAMS, "training_instance_count": 2}, DATA, ACCOUNT, CODE, BEST, None, "bin_count_retrain", "manual__1"
+        )
 
 
 def test_fixed_values_become_one_value_ranges():
     ranges = sagemaker_config.search_ranges((3, 3), [8], (0.002, 0.002))
     assert ranges["IntegerParameterRanges"] == [] and ranges["ContinuousParameterRanges"] == []
     assert {r["Name"]: r["Values"] for r in ranges["CategoricalParameterRanges"]} == {
-        "epochs": ["3"], "lr": ["0.002"], "batch-size": ["8"]}
+        "epochs": ["3"],
+        "lr": ["0.002"],
+        "batch-size": ["8"],
+    }
     with pytest.raises(ValueError, match="epochs"):
         sagemaker_config.search_ranges((5, 3), [8], (0.001, 0.01))
     with pytest.raises(ValueError, match="learning rate"):
@@ -217,7 +274,11 @@ def test_final_training_request_scores_the_champion_on_the_test_images():
     validate("CreateTrainingJob", config)
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in config["InputDataConfig"]}
     assert channels["champion"] == champion["model_data_url"] and set(channels) == {
-        "train", "validation", "test", "champion"}
+        "train",
+        "validation",
+        "test",
+        "champion",
+    }
     hps = config["HyperParameters"]
     assert json.loads(hps["train-on-validation"]) is True and json.loads(hps["lr"]) == 0.0011
     assert config["CheckpointConfig"]["S3Uri"].endswith(f"/{config['TrainingJobName']}/")
@@ -228,38 +289,53 @@ def test_final_training_request_scores_the_champion_on_the_test_images():
 def test_deployment_requests_are_valid_and_tie_the_model_to_its_origin():
     from bin_counter.retrain import deployment_requests
 
-    job = {"TrainingJobName": "bin-counter-0123456789ab-final",
-           "ModelArtifacts": {"S3ModelArtifacts": "s3://bin-counter/models/x/output/model.tar.gz"},
-           "FinalMetricDataList": [{"MetricName": "test:accuracy", "Value": 0.456789},
-                                   {"MetricName": "champion:accuracy", "Value": 0.44},
-                                   {"MetricName": "train:loss", "Value": 1.2}]}
+    job = {
+        "TrainingJobName": "bin-counter-0123456789ab-final",
+        "ModelArtifacts": {"S3ModelArtifacts": "s3://bin-counter/models/x/output/model.tar.gz"},
+        "FinalMetricDataList": [
+            {"MetricName": "test:accuracy", "Value": 0.456789},
+            {"MetricName": "champion:accuracy", "Value": 0.44},
+            {"MetricName": "train:loss", "Value": 1.2},
+        ],
+    }
     requests = deployment_requests(PARAMS, job, DATA, ACCOUNT)
     validate("CreateModel", requests["model"])
     validate("CreateEndpointConfig", requests["endpoint_config"])
     validate("CreateEndpoint", requests["endpoint"])
     tags = {t["Key"]: t["Value"] for t in requests["model"]["Tags"]}
-    assert tags == {"bin-counter:training-job": "bin-counter-0123456789ab-final",
-                    "bin-counter:dataset-version": "v-0123456789ab", "bin-counter:test-accuracy": "0.4568",
-                    "bin-counter:champion-accuracy": "0.44"}
+    assert tags == {
+        "bin-counter:training-job": "bin-counter-0123456789ab-final",
+        "bin-counter:dataset-version": "v-0123456789ab",
+        "bin-counter:test-accuracy": "0.4568",
+        "bin-counter:champion-accuracy": "0.44",
+    }
     assert requests["endpoint_config"]["ProductionVariants"][0]["ModelName"] == job["TrainingJobName"]
     # Workers per instance: TorchServe's default unless the run asks for a number.
     assert requests["model"]["PrimaryContainer"]["Environment"] == {"SAGEMAKER_PROGRAM": "inference.py"}
     one = deployment_requests({**PARAMS, "serving_workers": 1}, job, DATA, ACCOUNT)["model"]
-    assert one["PrimaryContainer"]["Environment"] == {"SAGEMAKER_PROGRAM": "inference.py",
-                                                      "SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
+    assert one["PrimaryContainer"]["Environment"] == {
+        "SAGEMAKER_PROGRAM": "inference.py",
+        "SAGEMAKER_MODEL_SERVER_WORKERS": "1",
+    }
     validate("CreateModel", one)
 
 
 def test_best_trial_decodes_hyperparameters_and_explains_a_tuning_job_without_one():
-    described = {"HyperParameterTuningJobName": "t", "BestTrainingJob": {
-        "TrainingJobName": "t-001-x", "TunedHyperParameters": {"lr": "0.002", "batch-size": "32", "epochs": "5"},
-        "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": "validation:accuracy", "Value": 0.41}}}
+    described = {
+        "HyperParameterTuningJobName": "t",
+        "BestTrainingJob": {
+            "TrainingJobName": "t-001-x",
+            "TunedHyperParameters": {"lr": "0.002", "batch-size": "32", "epochs": "5"},
+            "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": "validation:accuracy", "Value": 0.41},
+        },
+    }
     best = sagemaker_config.best_trial(described)
     assert best["hyperparameters"] == {"lr": 0.002, "batch-size": 32, "epochs": 5}
     assert best["objective"] == {"name": "validation:accuracy", "value": 0.41}
     with pytest.raises(ValueError, match="no successful trial"):
-        sagemaker_config.best_trial({"HyperParameterTuningJobName": "t",
-                                     "TrainingJobStatusCounters": {"NonRetryableError": 4}})
+        sagemaker_config.best_trial(
+            {"HyperParameterTuningJobName": "t", "TrainingJobStatusCounters": {"NonRetryableError": 4}}
+        )
 
 
 def test_account_settings_need_both_roles():
@@ -284,19 +360,40 @@ FRAMEWORK = json.loads((REPO / "sagemaker_code" / "framework.json").read_text())
 V, PY = FRAMEWORK["framework_version"], FRAMEWORK["py_version"]
 
 
-@pytest.mark.parametrize(("region", "training", "endpoint", "expected"), [
-    ("us-east-1", "ml.m5.xlarge", "ml.m5.large",
-     (f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:{V}-cpu-{PY}",
-      f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:{V}-cpu-{PY}")),
-    # A GPU instance gets the GPU image (it trained on its CPU before), the endpoint still a CPU one.
-    ("us-east-1", "ml.g4dn.xlarge", "ml.m5.large",
-     (f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:{V}-gpu-{PY}",
-      f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:{V}-cpu-{PY}")),
-    # The images' registry is another AWS account in some regions: a hard-coded one pulled nothing there.
-    ("af-south-1", "ml.m5.xlarge", "ml.m5.large",
-     (f"626614931356.dkr.ecr.af-south-1.amazonaws.com/pytorch-training:{V}-cpu-{PY}",
-      f"626614931356.dkr.ecr.af-south-1.amazonaws.com/pytorch-inference:{V}-cpu-{PY}")),
-])
+@pytest.mark.parametrize(
+    ("region", "training", "endpoint", "expected"),
+    [
+        (
+            "us-east-1",
+            "ml.m5.xlarge",
+            "ml.m5.large",
+            (
+                f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:{V}-cpu-{PY}",
+                f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:{V}-cpu-{PY}",
+            ),
+        ),
+        # A GPU instance gets the GPU image (it trained on its CPU before), the endpoint still a CPU one.
+        (
+            "us-east-1",
+            "ml.g4dn.xlarge",
+            "ml.m5.large",
+            (
+                f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:{V}-gpu-{PY}",
+                f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:{V}-cpu-{PY}",
+            ),
+        ),
+        # The images' registry is another AWS account in some regions: a hard-coded one pulled nothing there.
+        (
+            "af-south-1",
+            "ml.m5.xlarge",
+            "ml.m5.large",
+            (
+                f"626614931356.dkr.ecr.af-south-1.amazonaws.com/pytorch-training:{V}-cpu-{PY}",
+                f"626614931356.dkr.ecr.af-south-1.amazonaws.com/pytorch-inference:{V}-cpu-{PY}",
+            ),
+        ),
+    ],
+)
 def test_the_images_are_the_sdks_for_the_region_and_the_instance_types(region, training, endpoint, expected):
     from bin_counter.account import sagemaker_settings
 
@@ -307,11 +404,17 @@ def test_the_images_are_the_sdks_for_the_region_and_the_instance_types(region, t
 def test_images_the_sdk_does_not_list_fail_in_settings_and_a_variables_images_win():
     from bin_counter.account import SettingsError, sagemaker_settings
 
-    with pytest.raises(SettingsError, match=rf"no SageMaker pytorch {re.escape(V)} {PY} training image for "
-                                            r"ml\.m5\.xlarge in xx-nowhere-1: .*[Uu]nsupported region"):
+    with pytest.raises(
+        SettingsError,
+        match=rf"no SageMaker pytorch {re.escape(V)} {PY} training image for "
+        r"ml\.m5\.xlarge in xx-nowhere-1: .*[Uu]nsupported region",
+    ):
         sagemaker_settings(ROLES, "xx-nowhere-1", "ml.m5.xlarge", "ml.m5.large")
-    own = {**ROLES, "training_image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mine:1",
-           "inference_image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mine-serve:1"}
+    own = {
+        **ROLES,
+        "training_image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mine:1",
+        "inference_image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mine-serve:1",
+    }
     settings = sagemaker_settings(own, "xx-nowhere-1", "ml.m5.xlarge", "ml.m5.large")  # the SDK is not asked
     assert settings["training_image"].endswith("/mine:1") and settings["inference_image"].endswith("/mine-serve:1")
 
@@ -319,10 +422,14 @@ def test_images_the_sdk_does_not_list_fail_in_settings_and_a_variables_images_wi
 def test_deploying_the_published_model_names_and_tags_it_as_such():
     from bin_counter.retrain import deployment_requests
 
-    job = {"TrainingJobName": "bin-counter-0123456789ab-final",
-           "ModelArtifacts": {"S3ModelArtifacts": "s3://bin-counter/models/x/output/model.tar.gz"},
-           "FinalMetricDataList": [{"MetricName": "test:accuracy", "Value": 0.30},
-                                   {"MetricName": "champion:accuracy", "Value": 0.44}]}
+    job = {
+        "TrainingJobName": "bin-counter-0123456789ab-final",
+        "ModelArtifacts": {"S3ModelArtifacts": "s3://bin-counter/models/x/output/model.tar.gz"},
+        "FinalMetricDataList": [
+            {"MetricName": "test:accuracy", "Value": 0.30},
+            {"MetricName": "champion:accuracy", "Value": 0.44},
+        ],
+    }
     requests = deployment_requests(PARAMS, job, DATA, ACCOUNT, {"deploy": "published"}, PUBLISHED)
     validate("CreateModel", requests["model"])
     assert requests["model"]["ModelName"] == "bin-counter-0123456789ab-published"

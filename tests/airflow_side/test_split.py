@@ -49,8 +49,9 @@ def test_zero_share_split_gets_nothing():
     assert "test" not in set(assignment.values())
 
 
-@pytest.mark.parametrize("shares", [{"train": 0.5, "validation": 0.2}, {"train": 1.2, "test": -0.2},
-                                    {"train": 0.8, "holdout": 0.2}])
+@pytest.mark.parametrize(
+    "shares", [{"train": 0.5, "validation": 0.2}, {"train": 1.2, "test": -0.2}, {"train": 0.8, "holdout": 0.2}]
+)
 def test_bad_shares_are_refused(shares):
     with pytest.raises(ValueError):
         split.assign_splits(records(10), shares)

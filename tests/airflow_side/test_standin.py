@@ -117,7 +117,8 @@ def test_jobs_run_through_sagemakers_training_toolkit(standin, job_inputs, s3, a
     def run(name: str, requirements: str | None, **hps) -> dict:
         config = job_config(job_inputs, name, **hps)
         config["HyperParameters"]["sagemaker_submit_directory"] = json.dumps(
-            probe_source(s3, job_inputs, f"code/{name}/sourcedir.tar.gz", requirements))
+            probe_source(s3, job_inputs, f"code/{name}/sourcedir.tar.gz", requirements)
+        )
         sm.create_training_job(**config)
         return wait_training_job(sm, name)
 
@@ -178,7 +179,8 @@ def test_errors_come_back_as_aws_sends_them(standin, job_inputs, aws_connection)
     assert caught.value.response["Error"]["Code"] == "ValidationException"
     assert caught.value.response["Error"]["Message"] == (
         "1 validation error detected: Value 'job_underscored' at 'trainingJobName' failed to satisfy constraint: "
-        "Member must satisfy regular expression pattern: [a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
+        "Member must satisfy regular expression pattern: [a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"
+    )
     with pytest.raises(ClientError) as caught:
         sm.describe_training_job(TrainingJobName="no-such-job")
     assert caught.value.response["Error"]["Code"] == "ValidationException"  # as SageMaker answers
@@ -186,9 +188,9 @@ def test_errors_come_back_as_aws_sends_them(standin, job_inputs, aws_connection)
     # A request boto3 would refuse is refused here too, checked against the same service model.
     body = json.dumps({"TrainingJobName": "x"}).encode()
     headers = {"X-Amz-Target": "SageMaker.CreateTrainingJob"}
-    request = urllib.request.Request(standin["endpoint"], data=body, headers=headers, method="POST")  # noqa: S310
+    request = urllib.request.Request(standin["endpoint"], data=body, headers=headers, method="POST")
     with pytest.raises(urllib.error.HTTPError) as http_error:
-        urllib.request.urlopen(request, timeout=10)  # noqa: S310
+        urllib.request.urlopen(request, timeout=10)
     payload = json.loads(http_error.value.read())
     assert http_error.value.code == 400 and payload["__type"] == "ValidationException"
     assert "AlgorithmSpecification" in payload["message"] or "RoleArn" in payload["message"]
@@ -213,27 +215,45 @@ def test_the_service_models_constraints_are_checked_as_aws_checks_them():
 
     from standin.constraints import report
 
-    shape = botocore.session.get_session().get_service_model("sagemaker").operation_model(
-        "CreateTrainingJob").input_shape
-    valid = {"TrainingJobName": "bin-counter-1", "ResourceConfig": {"InstanceType": "ml.m5.xlarge",
-             "InstanceCount": 1, "VolumeSizeInGB": 30}, "Tags": [{"Key": "dag_run", "Value": "manual__2026-12-02"}],
-             "StoppingCondition": {"MaxRuntimeInSeconds": 3600}, "HyperParameters": {"epochs": "4"}}
+    shape = (
+        botocore.session.get_session().get_service_model("sagemaker").operation_model("CreateTrainingJob").input_shape
+    )
+    valid = {
+        "TrainingJobName": "bin-counter-1",
+        "ResourceConfig": {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+        "Tags": [{"Key": "dag_run", "Value": "manual__2026-12-02"}],
+        "StoppingCondition": {"MaxRuntimeInSeconds": 3600},
+        "HyperParameters": {"epochs": "4"},
+    }
     assert report(valid, shape) is None
-    refused = report({**valid, "TrainingJobName": "x" * 64, "ResourceConfig": {
-        **valid["ResourceConfig"], "InstanceType": "ml.m5.huge"},
-        "HyperParameters": {f"k{i}": "v" for i in range(101)}}, shape)
+    refused = report(
+        {
+            **valid,
+            "TrainingJobName": "x" * 64,
+            "ResourceConfig": {**valid["ResourceConfig"], "InstanceType": "ml.m5.huge"},
+            "HyperParameters": {f"k{i}": "v" for i in range(101)},
+        },
+        shape,
+    )
     assert refused.startswith("4 validation errors detected: ")  # the name: too long, and off the pattern
-    assert f"Value '{'x' * 64}' at 'trainingJobName' failed to satisfy constraint: Member must have length less " \
-           "than or equal to 63" in refused
-    assert "at 'resourceConfig.instanceType' failed to satisfy constraint: Member must satisfy enum value set" \
+    assert (
+        f"Value '{'x' * 64}' at 'trainingJobName' failed to satisfy constraint: Member must have length less "
+        "than or equal to 63" in refused
+    )
+    assert (
+        "at 'resourceConfig.instanceType' failed to satisfy constraint: Member must satisfy enum value set" in refused
+    )
+    assert (
+        "at 'hyperParameters' failed to satisfy constraint: Map value must have length less than or equal to 100"
         in refused
-    assert "at 'hyperParameters' failed to satisfy constraint: Map value must have length less than or equal to 100" \
-        in refused
+    )
     assert "at 'tags.1.member.value'" in report({**valid, "Tags": [{"Key": "k", "Value": "tab\x00"}]}, shape)
-    lambda_shape = botocore.session.get_session().get_service_model("lambda").operation_model(
-        "CreateFunction").input_shape
+    lambda_shape = (
+        botocore.session.get_session().get_service_model("lambda").operation_model("CreateFunction").input_shape
+    )
     assert "at 'functionName' failed to satisfy constraint: Member must satisfy regular expression pattern" in report(
-        {"FunctionName": "bin counter", "Role": "arn:aws:iam::000000000000:role/r", "Code": {}}, lambda_shape)
+        {"FunctionName": "bin counter", "Role": "arn:aws:iam::000000000000:role/r", "Code": {}}, lambda_shape
+    )
 
 
 def test_stop_and_restart_keep_the_state(standin, job_inputs, s3, moto_endpoint, aws_connection):
@@ -241,7 +261,8 @@ def test_stop_and_restart_keep_the_state(standin, job_inputs, s3, moto_endpoint,
     # An entry point that sleeps without a word: only a signal ends it, not a closed output pipe.
     config = job_config(job_inputs, "job-long", sleep=600)
     config["HyperParameters"]["sagemaker_submit_directory"] = json.dumps(
-        probe_source(s3, job_inputs, "code/job-long/sourcedir.tar.gz", None))
+        probe_source(s3, job_inputs, "code/job-long/sourcedir.tar.gz", None)
+    )
     sm.create_training_job(**config)
     job_folder = standin["state"] / "training-jobs" / "job-long"
     deadline = time.time() + 120
@@ -267,7 +288,8 @@ def test_a_job_past_its_max_runtime_is_stopped_as_sagemaker_stops_it(standin, jo
     sm = sagemaker_client(standin)
     config = job_config(job_inputs, "job-overtime", sleep=600)
     config["HyperParameters"]["sagemaker_submit_directory"] = json.dumps(
-        probe_source(s3, job_inputs, "code/job-overtime/sourcedir.tar.gz", None))
+        probe_source(s3, job_inputs, "code/job-overtime/sourcedir.tar.gz", None)
+    )
     config["StoppingCondition"] = {"MaxRuntimeInSeconds": 6}
     sm.create_training_job(**config)
     job = wait_training_job(sm, "job-overtime")
@@ -283,12 +305,14 @@ def learnable_channels(s3, bucket: str, tmp_path: Path) -> dict[str, str]:
     for name, per_count, seed in (("train", 24, 0), ("validation", 10, 1)):
         folder = write_split_dir(tmp_path / "learnable" / name, dict.fromkeys(range(6), per_count), seed)
         for image in folder.rglob("*.jpg"):
-            s3.put_object(Bucket=bucket, Key=f"datasets/learnable/{name}/{image.relative_to(folder)}",
-                          Body=image.read_bytes())
+            s3.put_object(
+                Bucket=bucket, Key=f"datasets/learnable/{name}/{image.relative_to(folder)}", Body=image.read_bytes()
+            )
         channels[name] = f"s3://{bucket}/datasets/learnable/{name}/"
     site_packages = next((REPO / ".venv-container" / "lib").glob("python3*/site-packages"))
-    channels[weights.CHANNEL] = weights.upload_weights(s3, bucket, "mobilenet_v2",
-                                                       weights.package_folders([site_packages]))
+    channels[weights.CHANNEL] = weights.upload_weights(
+        s3, bucket, "mobilenet_v2", weights.package_folders([site_packages])
+    )
     return channels
 
 
@@ -298,16 +322,30 @@ def test_two_processes_under_torchrun_train_as_well_as_one(standin, job_inputs, 
     model quality within noise, each process reading its share, metrics logged once, one model."""
     sm = sagemaker_client(standin)
     channels = learnable_channels(s3, job_inputs, tmp_path)
-    recipe = {"arch": "mobilenet_v2", "weights": "imagenet", "mode": "head", "image-size": 64, "epochs": 4,
-              "lr": 0.01, "workers": 1, "max-count": 5}
+    recipe = {
+        "arch": "mobilenet_v2",
+        "weights": "imagenet",
+        "mode": "head",
+        "image-size": 64,
+        "epochs": 4,
+        "lr": 0.01,
+        "workers": 1,
+        "max-count": 5,
+    }
 
     def start(name: str, processes: int) -> str:
         config = training_job_config(
-            job_name=name, image_uri="local/pytorch-training:cpu", role_arn=SAGEMAKER_ROLE,
-            source_s3_uri=f"s3://{job_inputs}/code/sourcedir.tar.gz", channels=channels,
-            output_s3_uri=f"s3://{job_inputs}/models/", region="us-east-1",
+            job_name=name,
+            image_uri="local/pytorch-training:cpu",
+            role_arn=SAGEMAKER_ROLE,
+            source_s3_uri=f"s3://{job_inputs}/code/sourcedir.tar.gz",
+            channels=channels,
+            output_s3_uri=f"s3://{job_inputs}/models/",
+            region="us-east-1",
             hyperparameters={**recipe, "batch-size": 8 // processes},
-            distributed=processes > 1, processes_per_host=processes if processes > 1 else None)
+            distributed=processes > 1,
+            processes_per_host=processes if processes > 1 else None,
+        )
         sm.create_training_job(**config)
         return name
 
@@ -339,18 +377,22 @@ def test_two_processes_under_torchrun_train_as_well_as_one(standin, job_inputs, 
     assert abs(first - second) < noise, (first, second, noise)
 
 
-def test_the_providers_training_operator_runs_against_the_standin(standin, job_inputs, moto_endpoint, monkeypatch,
-                                                                   capfd):
+def test_the_providers_training_operator_runs_against_the_standin(
+    standin, job_inputs, moto_endpoint, monkeypatch, capfd
+):
     # The DAG's training operator: the provider's SageMakerTrainingOperator, whose execute and log
     # following run unchanged; its hook only looks at the job on every poll instead of every 30 s
     # (bin_counter.sagemaker_operators), which spares this test the provider's fixed 30 s wait.
     from bin_counter.sagemaker_operators import ResumableTrainingOperator
 
     # The only local part: the connection's endpoints (moto for S3 and logs, the stand-in for SageMaker).
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
-        airflow_connection(moto_endpoint, standin["endpoint"], login=None, services=("sagemaker",))))
-    operator = ResumableTrainingOperator(task_id="train", config=job_config(job_inputs, "job-operator"),
-                                         print_log=True, check_interval=1)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps(airflow_connection(moto_endpoint, standin["endpoint"], login=None, services=("sagemaker",))),
+    )
+    operator = ResumableTrainingOperator(
+        task_id="train", config=job_config(job_inputs, "job-operator"), print_log=True, check_interval=1
+    )
     result = operator.execute(context={})
     assert result["Training"]["TrainingJobStatus"] == "Completed"
     # The script's metric lines reached the task log (Airflow's structured log) through CloudWatch Logs.
@@ -361,17 +403,26 @@ def test_the_providers_training_operator_runs_against_the_standin(standin, job_i
 
 def test_models_and_endpoint_configs(standin, aws_connection):
     sm = sagemaker_client(standin)
-    model = {"ModelName": "bin-count-1", "ExecutionRoleArn": "arn:aws:iam::000000000000:role/local",
-             "PrimaryContainer": {"Image": "local/pytorch-inference:cpu", "ModelDataUrl": "s3://b/m/model.tar.gz"}}
+    model = {
+        "ModelName": "bin-count-1",
+        "ExecutionRoleArn": "arn:aws:iam::000000000000:role/local",
+        "PrimaryContainer": {"Image": "local/pytorch-inference:cpu", "ModelDataUrl": "s3://b/m/model.tar.gz"},
+    }
     assert sm.create_model(**model)["ModelArn"].endswith(":model/bin-count-1")
     assert sm.describe_model(ModelName="bin-count-1")["PrimaryContainer"]["ModelDataUrl"] == "s3://b/m/model.tar.gz"
     with pytest.raises(ClientError, match="Cannot create already existing model"):
         sm.create_model(**model)
-    variant = {"VariantName": "AllTraffic", "ModelName": "bin-count-1", "InstanceType": "ml.m5.large",
-               "InitialInstanceCount": 1}
+    variant = {
+        "VariantName": "AllTraffic",
+        "ModelName": "bin-count-1",
+        "InstanceType": "ml.m5.large",
+        "InitialInstanceCount": 1,
+    }
     sm.create_endpoint_config(EndpointConfigName="bin-count-1", ProductionVariants=[variant])
-    assert sm.describe_endpoint_config(EndpointConfigName="bin-count-1")["ProductionVariants"][0]["ModelName"] == \
-        "bin-count-1"
+    assert (
+        sm.describe_endpoint_config(EndpointConfigName="bin-count-1")["ProductionVariants"][0]["ModelName"]
+        == "bin-count-1"
+    )
     with pytest.raises(ClientError, match="Could not find model"):
         sm.create_endpoint_config(EndpointConfigName="other", ProductionVariants=[{**variant, "ModelName": "nope"}])
     sm.delete_endpoint_config(EndpointConfigName="bin-count-1")
@@ -400,7 +451,7 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
     assert caught.value.response["Error"]["Code"] == "ModelError"
     assert caught.value.response["OriginalStatusCode"] == 415
     # answered by the image's own inference toolkit in the worker: its Transformer is in the traceback
-    assert "sagemaker_inference/transformer.py\", line" in caught.value.response["OriginalMessage"]
+    assert 'sagemaker_inference/transformer.py", line' in caught.value.response["OriginalMessage"]
 
     # The model server runs the workers its model asks for; one that dies is replaced, and only the
     # request it was answering fails (as TorchServe's failed prediction).
@@ -416,8 +467,9 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
             statuses.append(exc.response["OriginalStatusCode"])
     assert sorted(statuses) == [200, 200, 503], statuses
     deadline = time.time() + 120
-    while len(replaced := model_server_processes(standin["state"], (b"model_backend.py",))) < 2 \
-            and time.time() < deadline:
+    while (
+        len(replaced := model_server_processes(standin["state"], (b"model_backend.py",))) < 2 and time.time() < deadline
+    ):
         time.sleep(0.5)
     assert len(replaced) == 2 and backends[0] not in replaced
 
@@ -429,8 +481,12 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
     endpoint = wait_endpoint(sm, "bin-count")
     assert endpoint["EndpointStatus"] == "InService" and endpoint["EndpointConfigName"] == "job-serve"
     assert "not a model.tar.gz" in endpoint["FailureReason"]
-    assert json.loads(runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg",
-                                              Body=image)["Body"].read())["model_version"] == "job-serve"
+    assert (
+        json.loads(
+            runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg", Body=image)["Body"].read()
+        )["model_version"]
+        == "job-serve"
+    )
     sm.delete_endpoint(EndpointName="bin-count")
     with pytest.raises(ClientError):
         runtime.invoke_endpoint(EndpointName="bin-count", ContentType="image/jpeg", Body=image)
@@ -465,8 +521,9 @@ def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws
             "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": "validation:accuracy"},
             "ResourceLimits": {"MaxNumberOfTrainingJobs": 4, "MaxParallelTrainingJobs": 2},
             "ParameterRanges": {
-                "ContinuousParameterRanges": [{"Name": "lr", "MinValue": "0.0001", "MaxValue": "0.01",
-                                               "ScalingType": "Logarithmic"}],
+                "ContinuousParameterRanges": [
+                    {"Name": "lr", "MinValue": "0.0001", "MaxValue": "0.01", "ScalingType": "Logarithmic"}
+                ],
                 # max-count 0 is refused by train.py: such a trial fails, the tuning job goes on.
                 "CategoricalParameterRanges": [{"Name": "max-count", "Values": ["0", "2"]}],
             },
@@ -474,16 +531,21 @@ def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws
         },
         TrainingJobDefinition={
             "StaticHyperParameters": static,
-            "AlgorithmSpecification": {k: definition["AlgorithmSpecification"][k]
-                                       for k in ("TrainingImage", "TrainingInputMode", "MetricDefinitions")},
-            "RoleArn": definition["RoleArn"], "InputDataConfig": definition["InputDataConfig"],
-            "OutputDataConfig": definition["OutputDataConfig"], "ResourceConfig": definition["ResourceConfig"],
+            "AlgorithmSpecification": {
+                k: definition["AlgorithmSpecification"][k]
+                for k in ("TrainingImage", "TrainingInputMode", "MetricDefinitions")
+            },
+            "RoleArn": definition["RoleArn"],
+            "InputDataConfig": definition["InputDataConfig"],
+            "OutputDataConfig": definition["OutputDataConfig"],
+            "ResourceConfig": definition["ResourceConfig"],
             "StoppingCondition": definition["StoppingCondition"],
         },
     )
     deadline = time.time() + 400
     while (job := sm.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName="tune-1"))[
-            "HyperParameterTuningJobStatus"] == "InProgress":
+        "HyperParameterTuningJobStatus"
+    ] == "InProgress":
         assert time.time() < deadline
         time.sleep(1)
     assert job["HyperParameterTuningJobStatus"] == "Completed"
@@ -491,7 +553,8 @@ def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws
     # Early stopping may stop a trial that trails the completed ones.
     assert counters["Completed"] + counters["NonRetryableError"] + counters["Stopped"] == 4
     trials = sm.list_training_jobs_for_hyper_parameter_tuning_job(HyperParameterTuningJobName="tune-1")[
-        "TrainingJobSummaries"]
+        "TrainingJobSummaries"
+    ]
     assert len(trials) == 4
     failed = [t for t in trials if t["TrainingJobStatus"] == "Failed"]
     assert failed, "this seed drew no failing trial"
@@ -499,13 +562,16 @@ def test_tuning_job_searches_and_reports_the_best_trial(standin, job_inputs, aws
     assert counters["NonRetryableError"] == len(failed)
     scored = [t for t in trials if "FinalHyperParameterTuningJobObjectiveMetric" in t]
     best = max(scored, key=lambda t: t["FinalHyperParameterTuningJobObjectiveMetric"]["Value"])
-    assert job["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == \
-        best["FinalHyperParameterTuningJobObjectiveMetric"]["Value"]
+    assert (
+        job["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"]
+        == best["FinalHyperParameterTuningJobObjectiveMetric"]["Value"]
+    )
     described = sm.describe_training_job(TrainingJobName=job["BestTrainingJob"]["TrainingJobName"])
     assert described["TuningJobArn"] == job["HyperParameterTuningJobArn"]
     listed = sm.list_hyper_parameter_tuning_jobs(NameContains="tune-")["HyperParameterTuningJobSummaries"]
-    assert [(j["HyperParameterTuningJobName"], j["HyperParameterTuningJobStatus"]) for j in listed] == \
-        [("tune-1", "Completed")]
+    assert [(j["HyperParameterTuningJobName"], j["HyperParameterTuningJobStatus"]) for j in listed] == [
+        ("tune-1", "Completed")
+    ]
 
 
 def zipped(source: str) -> bytes:
@@ -536,9 +602,16 @@ def handle(event, context):
 
 def test_lambda_functions_are_created_invoked_and_updated(standin, aws_connection):
     aws_lambda = boto3.client("lambda", endpoint_url=standin["endpoint"], region_name="us-east-1")
-    created = aws_lambda.create_function(FunctionName="counter-api", Runtime="python3.11", Handler="handler.handle",
-                                         Role="arn:aws:iam::000000000000:role/local", Code={"ZipFile": zipped(HANDLER)},
-                                         Timeout=2, MemorySize=256, Environment={"Variables": {"GREETING": "hi"}})
+    created = aws_lambda.create_function(
+        FunctionName="counter-api",
+        Runtime="python3.11",
+        Handler="handler.handle",
+        Role="arn:aws:iam::000000000000:role/local",
+        Code={"ZipFile": zipped(HANDLER)},
+        Timeout=2,
+        MemorySize=256,
+        Environment={"Variables": {"GREETING": "hi"}},
+    )
     assert created["FunctionArn"].endswith(":function:counter-api") and created["State"] == "Active"
     answer = aws_lambda.invoke(FunctionName="counter-api", Payload=json.dumps({"n": 1}))
     assert answer["StatusCode"] == 200 and "FunctionError" not in answer
@@ -548,6 +621,7 @@ def test_lambda_functions_are_created_invoked_and_updated(standin, aws_connectio
     # Warm environments: the second invocation finds the first one's module state.
     def warm():
         return json.loads(aws_lambda.invoke(FunctionName="counter-api", Payload=b'{"warm": true}')["Payload"].read())
+
     first, second = warm(), warm()
     assert second == {"calls": first["calls"] + 1, "pid": first["pid"]}
 
@@ -559,8 +633,9 @@ def test_lambda_functions_are_created_invoked_and_updated(standin, aws_connectio
     assert "timed out" in json.loads(timed_out["Payload"].read())["errorMessage"]
     assert warm()["calls"] == 1  # failures and timeouts threw their environments away
 
-    aws_lambda.update_function_code(FunctionName="counter-api", ZipFile=zipped(HANDLER.replace('event["n"] + 1',
-                                                                                                 'event["n"] + 10')))
+    aws_lambda.update_function_code(
+        FunctionName="counter-api", ZipFile=zipped(HANDLER.replace('event["n"] + 1', 'event["n"] + 10'))
+    )
     aws_lambda.update_function_configuration(FunctionName="counter-api", Environment={"Variables": {"GREETING": "yo"}})
     again = json.loads(aws_lambda.invoke(FunctionName="counter-api", Payload=json.dumps({"n": 1}))["Payload"].read())
     assert again == {"greeting": "yo", "n": 11, "memory": 256}
@@ -568,8 +643,13 @@ def test_lambda_functions_are_created_invoked_and_updated(standin, aws_connectio
     assert aws_lambda.get_function(FunctionName="counter-api")["Configuration"]["Timeout"] == 2
 
     with pytest.raises(ClientError) as caught:
-        aws_lambda.create_function(FunctionName="counter-api", Runtime="python3.11", Handler="handler.handle",
-                                   Role="arn:aws:iam::000000000000:role/local", Code={"ZipFile": zipped(HANDLER)})
+        aws_lambda.create_function(
+            FunctionName="counter-api",
+            Runtime="python3.11",
+            Handler="handler.handle",
+            Role="arn:aws:iam::000000000000:role/local",
+            Code={"ZipFile": zipped(HANDLER)},
+        )
     assert caught.value.response["Error"]["Code"] == "ResourceConflictException"
     aws_lambda.delete_function(FunctionName="counter-api")
     with pytest.raises(ClientError) as caught:
@@ -592,9 +672,9 @@ def handle(event, context):
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read()
@@ -614,15 +694,23 @@ def test_payloads_over_aws_limits_are_refused_as_aws_refuses_them(standin, aws_c
     with pytest.raises(ClientError) as caught:
         runtime.invoke_endpoint(EndpointName="nowhere", Body=bytes(MAX_INVOKE_BODY_BYTES), ContentType="image/png")
     # ... where a missing endpoint is Runtime's ValidationError too, with AWS's message.
-    assert caught.value.response["Error"] == {"Code": "ValidationError",
-                                              "Message": "Endpoint nowhere of account 000000000000 not found."}
+    assert caught.value.response["Error"] == {
+        "Code": "ValidationError",
+        "Message": "Endpoint nowhere of account 000000000000 not found.",
+    }
 
     # Lambda: a request payload of 6 MiB is refused before the function runs, one byte less runs; a
     # response over 6 MiB + 100 bytes is the function's error.
     aws_lambda = boto3.client("lambda", endpoint_url=standin["endpoint"], region_name="us-east-1")
-    aws_lambda.create_function(FunctionName="bin-counter-api", Runtime="python3.12", Handler="handler.handle",
-                               Role="arn:aws:iam::000000000000:role/local", Code={"ZipFile": zipped(ECHO_HANDLER)},
-                               MemorySize=256, Timeout=20)
+    aws_lambda.create_function(
+        FunctionName="bin-counter-api",
+        Runtime="python3.12",
+        Handler="handler.handle",
+        Role="arn:aws:iam::000000000000:role/local",
+        Code={"ZipFile": zipped(ECHO_HANDLER)},
+        MemorySize=256,
+        Timeout=20,
+    )
 
     def padded(size: int) -> bytes:
         return b'{"pad": "' + b"x" * (size - 11) + b'"}'
@@ -630,20 +718,25 @@ def test_payloads_over_aws_limits_are_refused_as_aws_refuses_them(standin, aws_c
     with pytest.raises(ClientError) as caught:
         aws_lambda.invoke(FunctionName="bin-counter-api", Payload=padded(MAX_REQUEST_PAYLOAD_BYTES))
     error = caught.value.response
-    assert (error["ResponseMetadata"]["HTTPStatusCode"], error["Error"]["Code"]) == (413,
-                                                                                     "RequestEntityTooLargeException")
+    assert (error["ResponseMetadata"]["HTTPStatusCode"], error["Error"]["Code"]) == (
+        413,
+        "RequestEntityTooLargeException",
+    )
     assert error["Error"]["Message"] == "Request must be smaller than 6291456 bytes for the InvokeFunction operation"
     answer = aws_lambda.invoke(FunctionName="bin-counter-api", Payload=padded(MAX_REQUEST_PAYLOAD_BYTES - 1))
     assert "FunctionError" not in answer and json.loads(answer["Payload"].read()) == MAX_REQUEST_PAYLOAD_BYTES - 12
-    largest = aws_lambda.invoke(FunctionName="bin-counter-api",
-                                Payload=json.dumps({"huge": MAX_RESPONSE_PAYLOAD_BYTES}))
+    largest = aws_lambda.invoke(
+        FunctionName="bin-counter-api", Payload=json.dumps({"huge": MAX_RESPONSE_PAYLOAD_BYTES})
+    )
     assert "FunctionError" not in largest and len(largest["Payload"].read()) == MAX_RESPONSE_PAYLOAD_BYTES == 6291556
-    too_large = aws_lambda.invoke(FunctionName="bin-counter-api",
-                                  Payload=json.dumps({"huge": MAX_RESPONSE_PAYLOAD_BYTES + 1}))
+    too_large = aws_lambda.invoke(
+        FunctionName="bin-counter-api", Payload=json.dumps({"huge": MAX_RESPONSE_PAYLOAD_BYTES + 1})
+    )
     assert too_large["StatusCode"] == 200 and too_large["FunctionError"] == "Unhandled"
     assert json.loads(too_large["Payload"].read()) == {
         "errorMessage": "Response payload size exceeded maximum allowed payload size (6291556 bytes).",
-        "errorType": "Function.ResponseSizeTooLarge"}
+        "errorType": "Function.ResponseSizeTooLarge",
+    }
 
     # The local API Gateway: over 10 MiB refused at the door (before the key is looked at); an event
     # over Lambda's limit (a 4.8 MB image is 6.4 MB of base64) is API Gateway's 413, one that fits
@@ -766,8 +859,9 @@ def test_the_providers_tuning_model_and_endpoint_operators(standin, job_inputs, 
         SageMakerTuningOperator,
     )
 
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(airflow_connection(moto_endpoint, standin["endpoint"],
-                                                                                  login=None)))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT", json.dumps(airflow_connection(moto_endpoint, standin["endpoint"], login=None))
+    )
     definition = job_config(job_inputs, "unused")
     tuning_config = {
         "HyperParameterTuningJobName": "tune-op",
@@ -775,15 +869,22 @@ def test_the_providers_tuning_model_and_endpoint_operators(standin, job_inputs, 
             "Strategy": "Bayesian",
             "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": "validation:accuracy"},
             "ResourceLimits": {"MaxNumberOfTrainingJobs": 2, "MaxParallelTrainingJobs": 2},
-            "ParameterRanges": {"ContinuousParameterRanges": [
-                {"Name": "lr", "MinValue": "0.0001", "MaxValue": "0.01", "ScalingType": "Logarithmic"}]},
+            "ParameterRanges": {
+                "ContinuousParameterRanges": [
+                    {"Name": "lr", "MinValue": "0.0001", "MaxValue": "0.01", "ScalingType": "Logarithmic"}
+                ]
+            },
         },
         "TrainingJobDefinition": {
             "StaticHyperParameters": {k: v for k, v in definition["HyperParameters"].items() if k != "lr"},
-            "AlgorithmSpecification": {k: definition["AlgorithmSpecification"][k]
-                                       for k in ("TrainingImage", "TrainingInputMode", "MetricDefinitions")},
-            **{k: definition[k] for k in ("RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
-                                          "StoppingCondition")},
+            "AlgorithmSpecification": {
+                k: definition["AlgorithmSpecification"][k]
+                for k in ("TrainingImage", "TrainingInputMode", "MetricDefinitions")
+            },
+            **{
+                k: definition[k]
+                for k in ("RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig", "StoppingCondition")
+            },
         },
     }
     tuned = SageMakerTuningOperator(task_id="tune", config=tuning_config, check_interval=1).execute(context={})
@@ -792,23 +893,39 @@ def test_the_providers_tuning_model_and_endpoint_operators(standin, job_inputs, 
     artifact = described["ModelArtifacts"]["S3ModelArtifacts"]
 
     endpoint_config = {
-        "Model": {"ModelName": "op-model", "ExecutionRoleArn": "arn:aws:iam::000000000000:role/local",
-                  "PrimaryContainer": {"Image": "local", "ModelDataUrl": artifact}},
-        "EndpointConfig": {"EndpointConfigName": "op-config", "ProductionVariants": [
-            {"VariantName": "AllTraffic", "ModelName": "op-model", "InstanceType": "ml.m5.large",
-             "InitialInstanceCount": 1}]},
+        "Model": {
+            "ModelName": "op-model",
+            "ExecutionRoleArn": "arn:aws:iam::000000000000:role/local",
+            "PrimaryContainer": {"Image": "local", "ModelDataUrl": artifact},
+        },
+        "EndpointConfig": {
+            "EndpointConfigName": "op-config",
+            "ProductionVariants": [
+                {
+                    "VariantName": "AllTraffic",
+                    "ModelName": "op-model",
+                    "InstanceType": "ml.m5.large",
+                    "InitialInstanceCount": 1,
+                }
+            ],
+        },
         "Endpoint": {"EndpointName": "op-endpoint", "EndpointConfigName": "op-config"},
     }
     SageMakerEndpointOperator(task_id="deploy", config=endpoint_config, check_interval=1).execute(context={})
     assert sagemaker_client(standin).describe_endpoint(EndpointName="op-endpoint")["EndpointStatus"] == "InService"
 
-    LambdaCreateFunctionOperator(task_id="create_fn", function_name="op-fn", runtime="python3.11",
-                                 role="arn:aws:iam::000000000000:role/local", handler="handler.handle",
-                                 code={"ZipFile": zipped(HANDLER)},
-                                 config={"environment": {"Variables": {"GREETING": "op"}}}
-                                 ).execute(context={})
-    answer = LambdaInvokeFunctionOperator(task_id="invoke", function_name="op-fn",
-                                          payload=json.dumps({"n": 41})).execute(context={})
+    LambdaCreateFunctionOperator(
+        task_id="create_fn",
+        function_name="op-fn",
+        runtime="python3.11",
+        role="arn:aws:iam::000000000000:role/local",
+        handler="handler.handle",
+        code={"ZipFile": zipped(HANDLER)},
+        config={"environment": {"Variables": {"GREETING": "op"}}},
+    ).execute(context={})
+    answer = LambdaInvokeFunctionOperator(
+        task_id="invoke", function_name="op-fn", payload=json.dumps({"n": 41})
+    ).execute(context={})
     assert json.loads(answer)["n"] == 42
 
 
@@ -844,8 +961,13 @@ def test_channels_are_downloaded_as_sagemaker_downloads_prefixes_and_manifests(s
     for key in ("00001", "00002", "00003"):
         s3.put_object(Bucket=bucket, Key=f"abid/raw/bin-images/{key}.jpg", Body=key.encode())
         s3.put_object(Bucket=bucket, Key=f"abid/raw/metadata/{key}.json", Body=b"{}")
-    listed = [{"prefix": f"s3://{bucket}/abid/raw/"}, "bin-images/00001.jpg", "metadata/00001.json",
-              "bin-images/00003.jpg", "metadata/00003.json"]
+    listed = [
+        {"prefix": f"s3://{bucket}/abid/raw/"},
+        "bin-images/00001.jpg",
+        "metadata/00001.json",
+        "bin-images/00003.jpg",
+        "metadata/00003.json",
+    ]
     s3.put_object(Bucket=bucket, Key="datasets/v/train.manifest", Body=json.dumps(listed).encode())
 
     def channel(data_type: str, uri: str) -> dict:
@@ -855,7 +977,11 @@ def test_channels_are_downloaded_as_sagemaker_downloads_prefixes_and_manifests(s
     target = tmp_path / "manifest"
     assert download_channel(s3, channel("ManifestFile", f"s3://{bucket}/datasets/v/train.manifest"), target) == 4
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == [
-        "bin-images/00001.jpg", "bin-images/00003.jpg", "metadata/00001.json", "metadata/00003.json"]
+        "bin-images/00001.jpg",
+        "bin-images/00003.jpg",
+        "metadata/00001.json",
+        "metadata/00003.json",
+    ]
     assert (target / "bin-images" / "00003.jpg").read_bytes() == b"00003"
     # S3Prefix: everything under the prefix.
     target = tmp_path / "prefix"

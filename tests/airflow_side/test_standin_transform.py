@@ -28,11 +28,17 @@ MANIFEST_KEYS = ("day1/x.jpg", "day2/y.jpg", "day2/late/z.jpg")
 
 
 def job_request(name: str, uri: str, output: str, data_type: str = "S3Prefix", **fields) -> dict:
-    return {"TransformJobName": name, "ModelName": MODEL,
-            "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": data_type, "S3Uri": uri}},
-                               "ContentType": "image/jpeg"},
-            "TransformOutput": {"S3OutputPath": output, "Accept": "application/json"},
-            "TransformResources": {"InstanceType": "ml.m5.large", "InstanceCount": 1}, **fields}
+    return {
+        "TransformJobName": name,
+        "ModelName": MODEL,
+        "TransformInput": {
+            "DataSource": {"S3DataSource": {"S3DataType": data_type, "S3Uri": uri}},
+            "ContentType": "image/jpeg",
+        },
+        "TransformOutput": {"S3OutputPath": output, "Accept": "application/json"},
+        "TransformResources": {"InstanceType": "ml.m5.large", "InstanceCount": 1},
+        **fields,
+    }
 
 
 def wait_transform_job(sm, name: str, timeout: float = 180) -> dict:
@@ -57,8 +63,9 @@ def stack(tmp_path_factory, moto_endpoint, aws_call_log):
     handle = {"proc": proc, "endpoint": endpoint, "state": state}
     s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket=BUCKET)
-    s3.put_object(Bucket=BUCKET, Key="models/published/model.tar.gz",
-                  Body=(REPO / "models" / "bin-counter.tar.gz").read_bytes())
+    s3.put_object(
+        Bucket=BUCKET, Key="models/published/model.tar.gz", Body=(REPO / "models" / "bin-counter.tar.gz").read_bytes()
+    )
     sm = sagemaker_client(handle)
     deployed_model(sm, MODEL, artifact=f"s3://{BUCKET}/models/published/model.tar.gz")
 
@@ -70,16 +77,26 @@ def stack(tmp_path_factory, moto_endpoint, aws_call_log):
     s3.put_object(Bucket=BUCKET, Key="batch/photos/e-big.png", Body=png_padded_to(transform.MB + 1))
     for seed, key in enumerate(MANIFEST_KEYS):
         s3.put_object(Bucket=BUCKET, Key=f"sets/{key}", Body=make_bin_image(seed % 3, 50 + seed, (96, 72)))
-    s3.put_object(Bucket=BUCKET, Key="manifests/today.json", Body=json.dumps(
-        [{"prefix": f"s3://{BUCKET}/sets/"}, *MANIFEST_KEYS]).encode())
+    s3.put_object(
+        Bucket=BUCKET,
+        Key="manifests/today.json",
+        Body=json.dumps([{"prefix": f"s3://{BUCKET}/sets/"}, *MANIFEST_KEYS]).encode(),
+    )
 
     # "photos" without its slash: the S3Uri's folder is "batch/", so outputs keep the "photos/" part.
-    sm.create_transform_job(**job_request("mixed", f"s3://{BUCKET}/batch/photos", f"s3://{BUCKET}/out/mixed",
-                                          MaxPayloadInMB=1))
-    sm.create_transform_job(**job_request(
-        "manifest", f"s3://{BUCKET}/manifests/today.json", f"s3://{BUCKET}/out/manifest/", "ManifestFile",
-        Environment={"SAGEMAKER_MODEL_SERVER_TIMEOUT": "60"},
-        TransformOutput={"S3OutputPath": f"s3://{BUCKET}/out/manifest/", "AssembleWith": "Line"}))
+    sm.create_transform_job(
+        **job_request("mixed", f"s3://{BUCKET}/batch/photos", f"s3://{BUCKET}/out/mixed", MaxPayloadInMB=1)
+    )
+    sm.create_transform_job(
+        **job_request(
+            "manifest",
+            f"s3://{BUCKET}/manifests/today.json",
+            f"s3://{BUCKET}/out/manifest/",
+            "ManifestFile",
+            Environment={"SAGEMAKER_MODEL_SERVER_TIMEOUT": "60"},
+            TransformOutput={"S3OutputPath": f"s3://{BUCKET}/out/manifest/", "AssembleWith": "Line"},
+        )
+    )
     jobs = {name: wait_transform_job(sm, name) for name in ("mixed", "manifest")}
     handle.update(sm=sm, s3=s3, jobs=jobs, calls=read_calls(aws_call_log, calls_from), moto=moto_endpoint)
     yield handle
@@ -95,8 +112,10 @@ def test_failed_objects_get_no_output_and_the_job_fails_naming_them(stack):
     assert job["MaxPayloadInMB"] == 1 and job["MaxConcurrentTransforms"] == 1  # the default, as described
     # Sorted keys: d-truncated.jpg is the first that failed.
     reason = job["FailureReason"]
-    assert reason.startswith(f"ClientError: 3 of 6 input objects failed and have no .out; the first: "
-                             f"s3://{BUCKET}/batch/photos/d-truncated.jpg: Bad HTTP status received from algorithm: 4")
+    assert reason.startswith(
+        f"ClientError: 3 of 6 input objects failed and have no .out; the first: "
+        f"s3://{BUCKET}/batch/photos/d-truncated.jpg: Bad HTTP status received from algorithm: 4"
+    )
     assert '{"error":' in reason  # the first line of the model's body: its JSON error
     s3 = stack["s3"]
     assert keys(s3, "out/mixed/") == {f"out/mixed/{key}.out" for key in GOOD}
@@ -109,15 +128,19 @@ def test_failed_objects_get_no_output_and_the_job_fails_naming_them(stack):
     assert "instance type ml.m5.large not honoured" in log
     assert f"{BUCKET}/batch/photos/notes.txt: ClientError: Bad HTTP status received from algorithm: 4" in log
     # The object over MaxPayloadInMB is refused before any request: the model never sees it.
-    assert (f"{BUCKET}/batch/photos/e-big.png: ClientError: the object is {transform.MB + 1} bytes, over "
-            f"MaxPayloadInMB (1 MB = {transform.MB} bytes): not sent to the model") in log
+    assert (
+        f"{BUCKET}/batch/photos/e-big.png: ClientError: the object is {transform.MB + 1} bytes, over "
+        f"MaxPayloadInMB (1 MB = {transform.MB} bytes): not sent to the model"
+    ) in log
 
     logs = boto3.client("logs", endpoint_url=stack["moto"], region_name="us-east-1")
-    streams = logs.describe_log_streams(logGroupName="/aws/sagemaker/TransformJobs",
-                                        logStreamNamePrefix="mixed/i-")["logStreams"]
+    streams = logs.describe_log_streams(logGroupName="/aws/sagemaker/TransformJobs", logStreamNamePrefix="mixed/i-")[
+        "logStreams"
+    ]
     assert len(streams) == 1
-    events = logs.get_log_events(logGroupName="/aws/sagemaker/TransformJobs",
-                                 logStreamName=streams[0]["logStreamName"])["events"]
+    events = logs.get_log_events(
+        logGroupName="/aws/sagemaker/TransformJobs", logStreamName=streams[0]["logStreamName"]
+    )["events"]
     assert any("MaxPayloadInMB=1" in e["message"] for e in events)
 
 
@@ -155,22 +178,29 @@ def test_requests_are_refused_as_aws_refuses_them(stack):
     assert error == {"Code": "ValidationException", "Message": f'Could not find model "{arn("model", "nowhere")}".'}
     assert refusal(**job_request("mixed", uri, out))["Code"] == "ResourceInUse"  # a name taken
     assert "less than or equal to 100" in refusal(**job_request("big", uri, out, MaxPayloadInMB=101))["Message"]
-    assert "at 'modelClientConfig.invocationsTimeoutInSeconds' failed to satisfy constraint: Member must have value " \
-        "less than or equal to 3600" in refusal(**job_request(
-            "slow", uri, out, ModelClientConfig={"InvocationsTimeoutInSeconds": 3601}))["Message"]
+    assert (
+        "at 'modelClientConfig.invocationsTimeoutInSeconds' failed to satisfy constraint: Member must have value "
+        "less than or equal to 3600"
+        in refusal(**job_request("slow", uri, out, ModelClientConfig={"InvocationsTimeoutInSeconds": 3601}))["Message"]
+    )
     message = refusal(**job_request("many", uri, out, MaxConcurrentTransforms=20))["Message"]
     assert message == "MaxConcurrentTransforms (20) * MaxPayloadInMB (6) = 120 MB exceeds the limit of 100 MB"
     recordio = job_request("recordio", uri, out)
     recordio["TransformInput"]["SplitType"] = "RecordIO"
     assert "does not serve SplitType RecordIO" in refusal(**recordio)["Message"]
-    assert "does not serve DataProcessing" in refusal(**job_request(
-        "filtered", uri, out, DataProcessing={"InputFilter": "$[1:]"}))["Message"]
+    assert (
+        "does not serve DataProcessing"
+        in refusal(**job_request("filtered", uri, out, DataProcessing={"InputFilter": "$[1:]"}))["Message"]
+    )
     assert refusal(**job_request("empty", f"s3://{BUCKET}/nothing/", out))["Message"].startswith(
-        f'No S3 objects found under S3 URL "s3://{BUCKET}/nothing/" given in input data source.')
+        f'No S3 objects found under S3 URL "s3://{BUCKET}/nothing/" given in input data source.'
+    )
     with pytest.raises(ClientError) as caught:
         sm.describe_transform_job(TransformJobName="never")
-    assert caught.value.response["Error"] == {"Code": "ValidationException",
-                                              "Message": "Could not find requested job with name never"}
+    assert caught.value.response["Error"] == {
+        "Code": "ValidationException",
+        "Message": "Could not find requested job with name never",
+    }
     assert not keys(stack["s3"], "out/refused/")
 
 
@@ -193,14 +223,24 @@ def test_list_filters_sorts_and_pages(stack):
     assert [s["TransformJobName"] for s in summaries][:2] == ["manifest", "mixed"]
     failed = sm.list_transform_jobs(StatusEquals="Failed")["TransformJobSummaries"]
     assert [s["TransformJobName"] for s in failed] == ["mixed"]
-    assert set(failed[0]) == {"TransformJobName", "TransformJobArn", "CreationTime", "TransformEndTime",
-                              "LastModifiedTime", "TransformJobStatus", "FailureReason"}
-    assert [s["TransformJobName"] for s in sm.list_transform_jobs(NameContains="manif")["TransformJobSummaries"]] \
-        == ["manifest"]
+    assert set(failed[0]) == {
+        "TransformJobName",
+        "TransformJobArn",
+        "CreationTime",
+        "TransformEndTime",
+        "LastModifiedTime",
+        "TransformJobStatus",
+        "FailureReason",
+    }
+    assert [s["TransformJobName"] for s in sm.list_transform_jobs(NameContains="manif")["TransformJobSummaries"]] == [
+        "manifest"
+    ]
     first = sm.list_transform_jobs(SortBy="Name", SortOrder="Ascending", MaxResults=1)
     second = sm.list_transform_jobs(SortBy="Name", SortOrder="Ascending", MaxResults=1, NextToken=first["NextToken"])
-    assert [first["TransformJobSummaries"][0]["TransformJobName"],
-            second["TransformJobSummaries"][0]["TransformJobName"]] == ["manifest", "mixed"]
+    assert [
+        first["TransformJobSummaries"][0]["TransformJobName"],
+        second["TransformJobSummaries"][0]["TransformJobName"],
+    ] == ["manifest", "mixed"]
     # boto3 sends a timestamp rounded to the millisecond, which may fall just below the stored time.
     created = stack["jobs"]["manifest"]["CreationTime"] + datetime.timedelta(milliseconds=1)
     later = sm.list_transform_jobs(CreationTimeAfter=created)["TransformJobSummaries"]

@@ -17,13 +17,22 @@ from tests.airflow_side.conftest import dag_without_retries, deployed_model, lis
 from tests.conftest import REPO
 
 ROLE = "arn:aws:iam::000000000000:role/local"
-EXPIRING = ["models/tuning/bc-tune-aaa-001-1234abcd/output/model.tar.gz",
-            "checkpoints/bin-counter-aaa-final/checkpoint.pt"]
+EXPIRING = [
+    "models/tuning/bc-tune-aaa-001-1234abcd/output/model.tar.gz",
+    "checkpoints/bin-counter-aaa-final/checkpoint.pt",
+]
 # Old as well, but never to be deleted.
-PROTECTED = ["datasets/v-1/train/0/00001.jpg", "datasets/v-1/dataset.json", "code/abcd/sourcedir.tar.gz",
-             "models/published/abcd/model.tar.gz", "models/bin-counter-aaa-final/output/model.tar.gz"]
-RECENT = ["models/tuning/bc-tune-bbb-001-5678abcd/output/model.tar.gz",
-          "checkpoints/bin-counter-bbb-final/checkpoint.pt"]
+PROTECTED = [
+    "datasets/v-1/train/0/00001.jpg",
+    "datasets/v-1/dataset.json",
+    "code/abcd/sourcedir.tar.gz",
+    "models/published/abcd/model.tar.gz",
+    "models/bin-counter-aaa-final/output/model.tar.gz",
+]
+RECENT = [
+    "models/tuning/bc-tune-bbb-001-5678abcd/output/model.tar.gz",
+    "checkpoints/bin-counter-bbb-final/checkpoint.pt",
+]
 
 
 def sagemaker(stack):
@@ -45,8 +54,7 @@ def between_then_and_now() -> datetime:
 
 
 # -- S3 ----------------------------------------------------------------------------------------------
-def test_old_trial_artifacts_and_checkpoints_go_and_everything_else_stays(s3, bucket, worker_client,
-                                                                         moto_endpoint):
+def test_old_trial_artifacts_and_checkpoints_go_and_everything_else_stays(s3, bucket, worker_client, moto_endpoint):
     put(s3, bucket, EXPIRING + PROTECTED)
     cutoff = between_then_and_now()
     put(s3, bucket, RECENT)
@@ -84,8 +92,9 @@ def test_more_than_a_thousand_expired_objects_are_deleted_in_batches(s3, bucket)
         list(pool.map(lambda key: s3.put_object(Bucket=bucket, Key=key, Body=b""), keys))
     put(s3, bucket, PROTECTED)
     batches = []
-    s3.meta.events.register("before-call.s3.DeleteObjects",
-                            lambda params, **_: batches.append(len(params["body"].split(b"<Key>")) - 1))
+    s3.meta.events.register(
+        "before-call.s3.DeleteObjects", lambda params, **_: batches.append(len(params["body"].split(b"<Key>")) - 1)
+    )
 
     found = cleanup.expired_objects(s3, bucket, datetime.now(UTC) + timedelta(minutes=1))
     assert sorted(o["key"] for o in found) == keys  # listed past S3's 1000-key pages
@@ -106,12 +115,23 @@ def test_the_retention_cutoff():
 # -- the stand-in's List* calls and the SageMaker clean-up ------------------------------------------------
 def register(sm, name: str, configs: tuple[str, ...] | None = None) -> None:
     """A model (its artifact is never loaded) and endpoint configurations naming it."""
-    sm.create_model(ModelName=name, ExecutionRoleArn=ROLE,
-                    PrimaryContainer={"Image": "local/pytorch-inference:cpu", "ModelDataUrl": "s3://b/m.tar.gz"})
+    sm.create_model(
+        ModelName=name,
+        ExecutionRoleArn=ROLE,
+        PrimaryContainer={"Image": "local/pytorch-inference:cpu", "ModelDataUrl": "s3://b/m.tar.gz"},
+    )
     for config in configs if configs is not None else (name,):
-        sm.create_endpoint_config(EndpointConfigName=config, ProductionVariants=[
-            {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large",
-             "InitialInstanceCount": 1}])
+        sm.create_endpoint_config(
+            EndpointConfigName=config,
+            ProductionVariants=[
+                {
+                    "VariantName": "AllTraffic",
+                    "ModelName": name,
+                    "InstanceType": "ml.m5.large",
+                    "InitialInstanceCount": 1,
+                }
+            ],
+        )
 
 
 def walk(call, field: str, **params) -> list[list[str]]:
@@ -141,9 +161,14 @@ def test_list_calls_filter_and_page_as_aws_does(standin):
     assert all(len(p) == 1 for p in pages) and [p[0] for p in pages] == [*names, "other-team-model"][::-1]
     assert [len(p) for p in walk(sm.list_models, "Models")] == [10, 3]  # 10 a page unless asked
     assert walk(sm.list_endpoint_configs, "EndpointConfigs", MaxResults=5, SortOrder="Ascending") == [
-        names[:5], names[5:10], [names[10], names[11], "other-team-model"]]
+        names[:5],
+        names[5:10],
+        [names[10], names[11], "other-team-model"],
+    ]
     assert walk(sm.list_endpoints, "Endpoints", MaxResults=1, SortBy="Name", SortOrder="Ascending") == [
-        ["ep-one"], ["ep-two"]]
+        ["ep-one"],
+        ["ep-two"],
+    ]
     paged = sm.get_paginator("list_models").paginate(NameContains="bin-counter-0", PaginationConfig={"PageSize": 1})
     assert [m["ModelName"] for page in paged for m in page["Models"]] == names[:10][::-1]  # boto3's own paginator
     old = sm.list_models(CreationTimeBefore=cutoff, MaxResults=100)["Models"]
@@ -176,7 +201,9 @@ def test_expired_models_spare_what_serves_and_the_newest(standin, worker_client)
     assert serving == {"bin-counter-old2", "other-team-model"}
     expired = cleanup.expired_models(sm, serving, cutoff)
     assert [(e["model"], e["endpoint_configs"]) for e in expired] == [
-        ("bin-counter-old1", ["bin-counter-old1", "bin-counter-old1-b"]), ("bin-counter-old3", ["bin-counter-old3"])]
+        ("bin-counter-old1", ["bin-counter-old1", "bin-counter-old1-b"]),
+        ("bin-counter-old3", ["bin-counter-old3"]),
+    ]
     # Keeping the newest two spares old3 (and new1, too young anyway).
     assert [e["model"] for e in cleanup.expired_models(sm, serving, cutoff, keep_latest=2)] == ["bin-counter-old1"]
 
@@ -219,8 +246,12 @@ def test_the_dag_parses_with_its_params_described(airflow_db):
     assert set(params) == {"bucket", "endpoint_name", "delete_endpoint", "retention_days", "dry_run"}
     assert all(p.description for p in params.values())
     assert {name: p.value for name, p in params.items()} == {
-        "bucket": "bin-counter", "endpoint_name": "bin-counter", "delete_endpoint": False, "retention_days": 14,
-        "dry_run": False}
+        "bucket": "bin-counter",
+        "endpoint_name": "bin-counter",
+        "delete_endpoint": False,
+        "retention_days": 14,
+        "dry_run": False,
+    }
     assert params["retention_days"].schema["minimum"] == 1
     for task in dag.tasks:
         assert task.execution_timeout and task.on_failure_callback
@@ -241,15 +272,23 @@ def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_sta
     assert wait_endpoint(sm, "bin-counter")["EndpointStatus"] == "InService"
     put(s3, bucket, EXPIRING)  # new: younger than any retention
     # Every Param each time: in one process, dag.test() leaves a run's conf in the DAG's Params for the next.
-    conf = {"bucket": bucket, "endpoint_name": "bin-counter", "retention_days": 1, "delete_endpoint": False,
-            "dry_run": False}
+    conf = {
+        "bucket": bucket,
+        "endpoint_name": "bin-counter",
+        "retention_days": 1,
+        "delete_endpoint": False,
+        "dry_run": False,
+    }
 
     def run(day: int, **changes):
         result = dag.test(**run_on(day), run_conf={**conf, **changes})
         log = capfd.readouterr().out
         assert result.state == "success", log[-3000:]
         assert {ti.task_id: ti.state for ti in result.get_task_instances()} == {
-            "endpoint": "success", "expired_models": "success", "expired_objects": "success"}
+            "endpoint": "success",
+            "expired_models": "success",
+            "expired_objects": "success",
+        }
         return log
 
     log = run(1)  # the scheduled run's defaults: clean up only

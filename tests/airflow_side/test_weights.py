@@ -83,7 +83,12 @@ def test_where_the_airflow_side_looks(tmp_path, weights_file):
 
 
 def test_jobs_that_do_not_start_from_imagenet_get_no_weights(s3, bucket, capsys):
-    params = {"bucket": bucket, "arch": "mobilenet_v2", "mode": "finetune", "max_count": 5,
-              "extra_hyperparameters": {"weights": "none"}}
+    params = {
+        "bucket": bucket,
+        "arch": "mobilenet_v2",
+        "mode": "finetune",
+        "max_count": 5,
+        "extra_hyperparameters": {"weights": "none"},
+    }
     assert retrain.upload_weights(s3, params) is None
     assert "--weights none: no ImageNet weights to hand over" in capsys.readouterr().out

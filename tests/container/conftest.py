@@ -19,8 +19,20 @@ from tests.conftest import REPO
 
 TRAIN = REPO / "sagemaker_code" / "train.py"
 # Small and fast: a 32 px MobileNetV2 from scratch trains an epoch on ~20 images in about a second.
-FAST = ["--arch", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--batch-size", "8",
-        "--workers", "1", "--eval-batch-size", "16"]
+FAST = [
+    "--arch",
+    "mobilenet_v2",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--workers",
+    "1",
+    "--eval-batch-size",
+    "16",
+]
 
 
 @dataclass
@@ -34,8 +46,14 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without SageMaker variables, and with the network closed: any
     download attempt fails at once instead of depending on the machine's internet."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
-    env.update({"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
-                "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"})
+    env.update(
+        {
+            "HTTPS_PROXY": "http://127.0.0.1:9",
+            "HTTP_PROXY": "http://127.0.0.1:9",
+            "https_proxy": "http://127.0.0.1:9",
+            "http_proxy": "http://127.0.0.1:9",
+        }
+    )
     env.update(extra)
     return env
 
@@ -89,8 +107,13 @@ class Zygote:
     def run(self, script: Path, args: list[str], env: dict[str, str], timeout: float, work: Path) -> Run:
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
-                self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE_CODE], stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, text=True, env=clean_env())
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", ZYGOTE_CODE],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=clean_env(),
+                )
                 atexit.register(self.proc.kill)
             out, err = work / "stdout", work / "stderr"
             job = {"script": str(script), "args": args, "env": env, "stdout": str(out), "stderr": str(err)}
@@ -117,8 +140,9 @@ def run_train(args: list[str], env: dict[str, str] | None = None, timeout: int =
     A PYTHONPATH (which must act before the first import) gets a fresh interpreter."""
     env = env or clean_env()
     if "PYTHONPATH" in env:
-        proc = subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True,
-                              env=env, timeout=timeout, check=False)
+        proc = subprocess.run(
+            [sys.executable, str(TRAIN), *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
+        )
         return Run(proc.returncode, proc.stdout, proc.stderr)
     with tempfile.TemporaryDirectory(prefix="train-run-") as work:
         return ZYGOTE.run(TRAIN, args, env, timeout, Path(work))
@@ -136,7 +160,21 @@ def trained_model(split_channels, tmp_path_factory) -> tuple[Path, Run]:
         SM_OUTPUT_DATA_DIR=str(work / "output"),
         TRAINING_JOB_NAME="bin-count-test-job",
     )
-    run = run_train([*FAST, "--epochs", "2", "--max-count", "3", "--checkpoint-dir", str(work / "ckpt"),
-                     "--failure-file", str(work / "failure"), "--sagemaker_program", "train.py"], env=env)
+    run = run_train(
+        [
+            *FAST,
+            "--epochs",
+            "2",
+            "--max-count",
+            "3",
+            "--checkpoint-dir",
+            str(work / "ckpt"),
+            "--failure-file",
+            str(work / "failure"),
+            "--sagemaker_program",
+            "train.py",
+        ],
+        env=env,
+    )
     assert run.returncode == 0, run.stderr
     return work / "model", run

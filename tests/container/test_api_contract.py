@@ -35,8 +35,11 @@ finally:
     sys.path.remove(str(REPO / "lambda"))
 
 # What predict_fn needs of a model; no weights, so no training: every fault is found before the network.
-MODEL = {"model": lambda batch: torch.zeros(batch.shape[0], 4), "image_size": 32,
-         "card": {"classes": [0, 1, 2, 3], "model_version": "contract-test"}}
+MODEL = {
+    "model": lambda batch: torch.zeros(batch.shape[0], 4),
+    "image_size": 32,
+    "card": {"classes": [0, 1, 2, 3], "model_version": "contract-test"},
+}
 
 
 def model_error(body: bytes, content_type: str | None) -> inference.RequestError:
@@ -91,8 +94,9 @@ def test_the_two_layers_read_one_table():
     assert api_contract.contract_path() == (REPO / "sagemaker_code" / "api_contract.json")
 
 
-@pytest.mark.parametrize(("name", "body", "content_type", "code"), REQUEST_FAULTS,
-                         ids=[case[0] for case in REQUEST_FAULTS])
+@pytest.mark.parametrize(
+    ("name", "body", "content_type", "code"), REQUEST_FAULTS, ids=[case[0] for case in REQUEST_FAULTS]
+)
 def test_one_fault_one_code_at_every_layer(name, body, content_type, code):
     entry = api_contract.ERRORS[code]
     from_model = model_error(body, content_type)
@@ -121,10 +125,12 @@ def test_a_good_request_passes_both_layers():
 
 
 def test_a_refusal_the_function_cannot_read_is_not_passed_on():
-    for body in ("image 0 is cut short\nTraceback (most recent call last):\n  File ...",  # an older model's
-                 '{"error": "arn:aws:iam::123456789012:role/x", "message": "m"}\nTraceback',  # a code not in the table
-                 '{"error": "model_error", "message": "m"}',  # not a client error
-                 ""):
+    for body in (
+        "image 0 is cut short\nTraceback (most recent call last):\n  File ...",  # an older model's
+        '{"error": "arn:aws:iam::123456789012:role/x", "message": "m"}\nTraceback',  # a code not in the table
+        '{"error": "model_error", "message": "m"}',  # not a client error
+        "",
+    ):
         seen = model_answer.model_refusal(400, body)
         assert (seen.status, seen.code) == (400, "rejected_by_model")
         assert seen.message == api_contract.ERRORS["rejected_by_model"]["message"]
@@ -181,10 +187,14 @@ def worker(monkeypatch, tmp_path):
 
 
 def call(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, str, bytes, dict]:
-    request = urllib.request.Request(url, data=body, headers=headers or {},  # noqa: S310
-                                     method="GET" if body is None else "POST")
+    request = urllib.request.Request(
+        url,
+        data=body,
+        headers=headers or {},
+        method="GET" if body is None else "POST",
+    )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.reason, response.read(), dict(response.headers)
     except urllib.error.HTTPError as exc:
         return exc.code, exc.reason, exc.read(), dict(exc.headers)

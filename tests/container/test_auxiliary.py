@@ -20,8 +20,12 @@ import backbones
 
 def product(quantity: int, sides=(2.0, 3.0, 4.0), pounds: float | None = 0.5) -> dict:
     height, length, width = sides
-    item = {"quantity": quantity, "height": {"unit": "IN", "value": height},
-            "length": {"unit": "IN", "value": length}, "width": {"unit": "IN", "value": width}}
+    item = {
+        "quantity": quantity,
+        "height": {"unit": "IN", "value": height},
+        "length": {"unit": "IN", "value": length},
+        "width": {"unit": "IN", "value": width},
+    }
     if pounds is not None:
         item["weight"] = {"unit": "pounds", "value": pounds}
     return item
@@ -85,17 +89,34 @@ def abid_channel(root, counts: dict[str, int]):
     """An ABID-layout channel whose metadata lists products: `count` items as one or two products."""
     write_abid_dir(root, counts)
     for key, count in counts.items():
-        products = {} if count == 0 else {f"P{key}": product(count)} if count < 2 else \
-            {f"P{key}": product(count - 1), f"Q{key}": product(1, (5.0, 5.0, 5.0), 1.5)}
-        (root / "metadata" / f"{key}.json").write_text(json.dumps({"EXPECTED_QUANTITY": count,
-                                                                   "BIN_FCSKU_DATA": products}))
+        products = (
+            {}
+            if count == 0
+            else {f"P{key}": product(count)}
+            if count < 2
+            else {f"P{key}": product(count - 1), f"Q{key}": product(1, (5.0, 5.0, 5.0), 1.5)}
+        )
+        (root / "metadata" / f"{key}.json").write_text(
+            json.dumps({"EXPECTED_QUANTITY": count, "BIN_FCSKU_DATA": products})
+        )
     return root
 
 
 def test_a_run_with_auxiliary_heads_serves_the_plain_counter(tmp_path):
     train = abid_channel(tmp_path / "train", {f"{i:05d}": i % 4 for i in range(1, 25)})
-    flags = [*FAST, "--train", str(train), "--epochs", "2", "--max-count", "3", "--aux-weight", "0.5",
-             "--checkpoint-dir", str(tmp_path / "ckpt")]
+    flags = [
+        *FAST,
+        "--train",
+        str(train),
+        "--epochs",
+        "2",
+        "--max-count",
+        "3",
+        "--aux-weight",
+        "0.5",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
     run = run_train([*flags, "--model-dir", str(tmp_path / "model")])
     assert run.returncode == 0, run.stderr
     assert "auxiliary targets: 24 of 24 training photos have all of distinct_products" in run.stdout
@@ -110,15 +131,32 @@ def test_a_run_with_auxiliary_heads_serves_the_plain_counter(tmp_path):
     refused = run_train([*flags[:-4], "--checkpoint-dir", str(tmp_path / "ckpt"), "--model-dir", str(tmp_path / "b")])
     assert refused.returncode != 0 and "aux_weight" in refused.stderr
     image = next((train / "bin-images").glob("*.jpg"))
-    served = subprocess.run([sys.executable, "-c", SERVE_FROM_CODE_DIR, str(tmp_path / "model"), str(image)],
-                            capture_output=True, text=True, cwd=tmp_path, env=clean_env(), check=False)
+    served = subprocess.run(
+        [sys.executable, "-c", SERVE_FROM_CODE_DIR, str(tmp_path / "model"), str(image)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        check=False,
+    )
     assert served.returncode == 0, served.stderr
     assert json.loads(served.stdout)["count"] in range(4)
 
 
 def test_auxiliary_heads_without_metadata_fail_with_where_they_looked(split_channels, tmp_path):
-    run = run_train([*FAST, "--train", str(split_channels["train"]), "--epochs", "1", "--aux-weight", "0.3",
-                     "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--train",
+            str(split_channels["train"]),
+            "--epochs",
+            "1",
+            "--aux-weight",
+            "0.3",
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode != 0
     assert "none of the 20 training photos has a usable metadata record" in run.stderr
     assert "--aux-metadata" in run.stderr and not (tmp_path / "model").exists()
@@ -131,8 +169,21 @@ def test_a_metadata_folder_beside_a_split_layout_channel_supplies_the_targets(sp
     (tmp_path / "metadata").mkdir()
     for key in keys[:12]:  # some photos without a record: they train the count only
         (tmp_path / "metadata" / f"{key}.json").write_text(json.dumps({"BIN_FCSKU_DATA": {"A": product(1)}}))
-    run = run_train([*FAST, "--train", str(split_channels["train"]), "--epochs", "1", "--aux-weight", "0.3",
-                     "--aux-metadata", str(tmp_path / "metadata"), "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--train",
+            str(split_channels["train"]),
+            "--epochs",
+            "1",
+            "--aux-weight",
+            "0.3",
+            "--aux-metadata",
+            str(tmp_path / "metadata"),
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode == 0, run.stderr
     with_records = len([k for k in keys[:12] if not (split_channels["train"] / "7" / f"{k}.jpg").exists()])
     assert f"auxiliary targets: {with_records} of 20 training photos" in run.stdout

@@ -34,8 +34,17 @@ def test_the_average_follows_the_weights_with_its_warm_up_and_decay():
 
 
 def test_the_kept_model_is_the_average_and_a_run_resumes_it(split_channels, tmp_path):
-    flags = [*FAST, "--train", str(split_channels["train"]), "--epochs", "2", "--ema-decay", "0.9",
-             "--checkpoint-dir", str(tmp_path / "ckpt")]
+    flags = [
+        *FAST,
+        "--train",
+        str(split_channels["train"]),
+        "--epochs",
+        "2",
+        "--ema-decay",
+        "0.9",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
     run = run_train([*flags, "--model-dir", str(tmp_path / "model")])
     assert run.returncode == 0, run.stderr
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
@@ -48,8 +57,17 @@ def test_the_kept_model_is_the_average_and_a_run_resumes_it(split_channels, tmp_
         assert torch.equal(value, checkpoint["ema"]["average"][key]), key
     assert any(not torch.equal(kept[k], checkpoint["model"][k]) for k in kept if kept[k].is_floating_point())
     # Another decay is another recipe: its checkpoint is not resumed.
-    other = run_train([*flags[:-4], "--ema-decay", "0.5", "--checkpoint-dir", str(tmp_path / "ckpt"),
-                       "--model-dir", str(tmp_path / "other")])
+    other = run_train(
+        [
+            *flags[:-4],
+            "--ema-decay",
+            "0.5",
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+            "--model-dir",
+            str(tmp_path / "other"),
+        ]
+    )
     assert other.returncode != 0 and "ema_decay" in other.stderr
     invalid = run_train([*FAST, "--train", str(split_channels["train"]), "--ema-decay", "1"])
     assert invalid.returncode != 0 and "--ema-decay must be 0 (off) or between 0 and 1" in invalid.stderr

@@ -56,8 +56,21 @@ def test_abid_layout_and_model_tarball(trained_model, tmp_path):
 
 def test_show_prints_predictions_next_to_the_truth(trained_model, split_channels):
     model_dir, _ = trained_model
-    proc = subprocess.run([sys.executable, str(EVALUATE), "--model", str(model_dir), "--data",
-                           str(split_channels["test"]), "--show", "3"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(EVALUATE),
+            "--model",
+            str(model_dir),
+            "--data",
+            str(split_channels["test"]),
+            "--show",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     shown = [line for line in proc.stdout.splitlines() if line.startswith("image ")]
     assert len(shown) == 3 and "true count" in shown[0] and "predicted" in shown[0]
 
@@ -68,7 +81,11 @@ def test_unusable_data_folder_is_a_clear_error(trained_model, tmp_path, bad):
     data = tmp_path / "data"
     if bad == "empty":
         data.mkdir()
-    proc = subprocess.run([sys.executable, str(EVALUATE), "--model", str(model_dir), "--data", str(data)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(EVALUATE), "--model", str(model_dir), "--data", str(data)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 2
     assert str(data) in proc.stderr

@@ -80,8 +80,9 @@ def test_same_image_same_answer_alone_or_in_a_batch(served):
     assert batch["predictions"][1]["probabilities"] == pytest.approx(alone["probabilities"], abs=1e-4)
 
 
-@pytest.mark.parametrize(("name", "body", "content_type", "code"), REQUEST_FAULTS,
-                         ids=[case[0] for case in REQUEST_FAULTS])
+@pytest.mark.parametrize(
+    ("name", "body", "content_type", "code"), REQUEST_FAULTS, ids=[case[0] for case in REQUEST_FAULTS]
+)
 def test_bad_input_is_a_client_error_with_the_tables_code(served, name, body, content_type, code):
     with pytest.raises(inference.RequestError) as caught:
         invoke(served, body, content_type)
@@ -96,10 +97,10 @@ def test_bad_input_is_a_client_error_with_the_tables_code(served, name, body, co
     check_prediction(invoke(served, make_bin_image(1, 1)))
 
 
-@pytest.mark.parametrize(("name", "body", "content_type", "code"), REQUEST_FAULTS,
-                         ids=[case[0] for case in REQUEST_FAULTS])
-def test_batch_jobs_get_a_refusal_as_an_answer_with_the_same_code(served, monkeypatch, name, body, content_type,
-                                                                  code):
+@pytest.mark.parametrize(
+    ("name", "body", "content_type", "code"), REQUEST_FAULTS, ids=[case[0] for case in REQUEST_FAULTS]
+)
+def test_batch_jobs_get_a_refusal_as_an_answer_with_the_same_code(served, monkeypatch, name, body, content_type, code):
     # BIN_COUNTER_REFUSALS=answer, as the batch DAG's transform jobs run: one bad photo must not fail the job.
     monkeypatch.setenv(inference.REFUSALS_SETTING, "answer")
     answer = invoke(served, body, content_type)

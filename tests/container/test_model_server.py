@@ -22,10 +22,13 @@ def start(model_dir, workers: str) -> tuple[subprocess.Popen, int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-P", str(SERVER), "--model-dir", str(model_dir), "--port",
-                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(model_dir / "code"),
-                                    "SAGEMAKER_MODEL_SERVER_WORKERS": workers})
+    process = subprocess.Popen(
+        [sys.executable, "-P", str(SERVER), "--model-dir", str(model_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(model_dir / "code"), "SAGEMAKER_MODEL_SERVER_WORKERS": workers},
+    )
     return process, port
 
 
@@ -47,9 +50,13 @@ def test_the_front_end_serves_through_the_workers_the_model_asks_for(trained_mod
         image = make_bin_image(1, 1)
 
         def ask(_):
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=image, method="POST",
-                                             headers={"Content-Type": "image/jpeg"})
-            with urllib.request.urlopen(request, timeout=60) as answer:  # noqa: S310 - loopback
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=image,
+                method="POST",
+                headers={"Content-Type": "image/jpeg"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as answer:
                 return json.loads(answer.read())["count"]
 
         with ThreadPoolExecutor(4) as pool:  # more requests than workers: they wait their turn

@@ -38,8 +38,15 @@ def published(tmp_path_factory):
 
 
 def serve(model_dir, images) -> list[dict]:
-    served = subprocess.run([sys.executable, "-I", "-c", SERVE, str(model_dir), *map(str, images)],
-                            capture_output=True, text=True, cwd=model_dir, env=clean_env(), check=False, timeout=600)
+    served = subprocess.run(
+        [sys.executable, "-I", "-c", SERVE, str(model_dir), *map(str, images)],
+        capture_output=True,
+        text=True,
+        cwd=model_dir,
+        env=clean_env(),
+        check=False,
+        timeout=600,
+    )
     assert served.returncode == 0, served.stderr
     return [json.loads(line) for line in served.stdout.splitlines()]
 

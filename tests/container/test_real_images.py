@@ -24,8 +24,22 @@ def test_train_and_serve_on_real_bin_images(real_abid, tmp_path):
         for s in chosen:
             (tmp_path / name / str(s.count)).mkdir(parents=True, exist_ok=True)
             shutil.copy(s.path, tmp_path / name / str(s.count) / f"{s.key}.jpg")
-    run = run_train(["--train", str(tmp_path / "train"), "--validation", str(tmp_path / "validation"),
-                     "--epochs", "1", "--image-size", "96", "--workers", "2", "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            "--train",
+            str(tmp_path / "train"),
+            "--validation",
+            str(tmp_path / "validation"),
+            "--epochs",
+            "1",
+            "--image-size",
+            "96",
+            "--workers",
+            "2",
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode == 0, run.stderr
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert card["initial_weights"] == "imagenet" and card["backbone"] == "mobilenet_v2"
@@ -34,6 +48,9 @@ def test_train_and_serve_on_real_bin_images(real_abid, tmp_path):
     model = inference.model_fn(str(tmp_path / "model"))
     original = next(s for s in samples if s.key < "01000")  # a full-size original photo
     with open(original.path, "rb") as handle:
-        answer = json.loads(inference.output_fn(
-            inference.predict_fn(inference.input_fn(handle.read(), "image/jpeg"), model), "application/json")[0])
+        answer = json.loads(
+            inference.output_fn(
+                inference.predict_fn(inference.input_fn(handle.read(), "image/jpeg"), model), "application/json"
+            )[0]
+        )
     assert answer["count"] in range(6)

@@ -47,10 +47,17 @@ def test_train_py_writes_the_serving_graph_and_it_answers_as_the_network(trained
 
 def test_a_worker_loads_the_graph_without_torchvision(trained_model):
     model_dir, _ = trained_model
-    code = ("import sys, inference; model = inference.model_fn(sys.argv[1]); "
-            "print(sorted(m for m in ('torchvision', 'backbones', 'torch._dynamo') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": str(model_dir / "code"), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys, inference; model = inference.model_fn(sys.argv[1]); "
+        "print(sorted(m for m in ('torchvision', 'backbones', 'torch._dynamo') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(model_dir / "code"), "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -67,10 +74,16 @@ def test_an_archive_without_the_graph_is_traced_at_load_and_answers_the_same(tra
     assert answers[0]["probabilities"] == pytest.approx(answers[1]["probabilities"], abs=1e-4)
 
 
-@pytest.mark.parametrize(("workers", "cpus", "threads"), [
-    (None, 2, 1),  # TorchServe's default: one worker per logical CPU, so one thread each
-    ("1", 2, 2), ("2", 4, 2), ("3", 2, 1), ("", 8, 1),
-])
+@pytest.mark.parametrize(
+    ("workers", "cpus", "threads"),
+    [
+        (None, 2, 1),  # TorchServe's default: one worker per logical CPU, so one thread each
+        ("1", 2, 2),
+        ("2", 4, 2),
+        ("3", 2, 1),
+        ("", 8, 1),
+    ],
+)
 def test_each_worker_takes_its_share_of_the_cores(workers, cpus, threads):
     environ = {} if workers is None else {serving_graph.WORKERS_SETTING: workers}
     assert serving_graph.worker_threads(environ, cpus) == threads

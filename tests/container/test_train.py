@@ -56,8 +56,19 @@ def test_each_epoch_prints_exactly_one_metric_line(trained_model):
 
 
 def test_killed_run_resumes_from_its_checkpoint(split_channels, tmp_path):
-    args = [*FAST, "--train", str(split_channels["train"]), "--validation", str(split_channels["validation"]),
-            "--epochs", "8", "--model-dir", str(tmp_path / "model"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    args = [
+        *FAST,
+        "--train",
+        str(split_channels["train"]),
+        "--validation",
+        str(split_channels["validation"]),
+        "--epochs",
+        "8",
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
     proc = subprocess.Popen([sys.executable, str(TRAIN), *args], stdout=subprocess.PIPE, text=True, env=clean_env())
     for line in proc.stdout:
         if line.startswith("epoch=2 "):
@@ -79,8 +90,17 @@ def test_killed_run_resumes_from_its_checkpoint(split_channels, tmp_path):
 
 
 def test_checkpoint_of_another_configuration_is_refused(split_channels, tmp_path):
-    base = [*FAST, "--train", str(split_channels["train"]), "--epochs", "1",
-            "--model-dir", str(tmp_path / "model"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    base = [
+        *FAST,
+        "--train",
+        str(split_channels["train"]),
+        "--epochs",
+        "1",
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
     assert run_train(base).returncode == 0
     other = run_train([*base, "--lr", "0.01", "--failure-file", str(tmp_path / "failure")])
     assert other.returncode != 0
@@ -90,8 +110,17 @@ def test_checkpoint_of_another_configuration_is_refused(split_channels, tmp_path
 
 def test_failure_reason_is_written_where_sagemaker_reads_it(tmp_path):
     failure = tmp_path / "failure"
-    run = run_train([*FAST, "--train", str(tmp_path / "nowhere"), "--failure-file", str(failure),
-                     "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--train",
+            str(tmp_path / "nowhere"),
+            "--failure-file",
+            str(failure),
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode == 1
     assert "DataError" in failure.read_text() and "does not exist" in failure.read_text()
 
@@ -106,8 +135,21 @@ def test_bad_hyperparameter_fails_with_its_reason(split_channels, tmp_path):
 
 
 def test_above_max_clip_keeps_larger_counts_in_the_top_class(split_channels, tmp_path):
-    run = run_train([*FAST, "--train", str(split_channels["train"]), "--epochs", "1", "--max-count", "3",
-                     "--above-max", "clip", "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--train",
+            str(split_channels["train"]),
+            "--epochs",
+            "1",
+            "--max-count",
+            "3",
+            "--above-max",
+            "clip",
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode == 0, run.stderr
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert card["data"]["images"]["train"] == 23  # the three 7s join class 3
@@ -115,16 +157,42 @@ def test_above_max_clip_keeps_larger_counts_in_the_top_class(split_channels, tmp
 
 
 def test_cache_none_decodes_lazily_and_trains(split_channels, tmp_path):
-    run = run_train([*FAST, "--train", str(split_channels["train"]), "--epochs", "1", "--cache", "none",
-                     "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--train",
+            str(split_channels["train"]),
+            "--epochs",
+            "1",
+            "--cache",
+            "none",
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode == 0, run.stderr
     assert "cache=none" in run.stdout
 
 
 def test_head_mode_changes_only_the_last_layer(split_channels, tmp_path):
     start = backbones.build_model("mobilenet_v2", 6, "imagenet").state_dict()
-    run = run_train([*FAST, "--weights", "imagenet", "--mode", "head", "--train", str(split_channels["train"]),
-                     "--epochs", "1", "--lr", "0.05", "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--weights",
+            "imagenet",
+            "--mode",
+            "head",
+            "--train",
+            str(split_channels["train"]),
+            "--epochs",
+            "1",
+            "--lr",
+            "0.05",
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode == 0, run.stderr
     trained = torch.load(tmp_path / "model" / "model.pth", weights_only=True)
     changed = {k for k in trained if not torch.equal(trained[k], start[k])}
@@ -133,8 +201,21 @@ def test_head_mode_changes_only_the_last_layer(split_channels, tmp_path):
 
 def test_partial_mode_freezes_the_first_half_of_the_backbone_batch_norm_included(split_channels, tmp_path):
     start = backbones.build_model("mobilenet_v2", 6, "imagenet").state_dict()
-    run = run_train([*FAST, "--weights", "imagenet", "--mode", "partial", "--train", str(split_channels["train"]),
-                     "--epochs", "1", "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--weights",
+            "imagenet",
+            "--mode",
+            "partial",
+            "--train",
+            str(split_channels["train"]),
+            "--epochs",
+            "1",
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode == 0, run.stderr
     trained = torch.load(tmp_path / "model" / "model.pth", weights_only=True)
     changed = {k for k in trained if not torch.equal(trained[k], start[k])}
@@ -147,9 +228,22 @@ def test_partial_mode_freezes_the_first_half_of_the_backbone_batch_norm_included
 def test_missing_imagenet_weights_fail_with_instructions(split_channels, tmp_path):
     # resnet18's weights are not in the offline package; with TORCH_HOME empty and the network
     # closed they cannot be had.
-    run = run_train([*FAST, "--arch", "resnet18", "--weights", "imagenet", "--train", str(split_channels["train"]),
-                     "--epochs", "1", "--model-dir", str(tmp_path / "model")],
-                    env=clean_env(TORCH_HOME=str(tmp_path / "torch-home")))
+    run = run_train(
+        [
+            *FAST,
+            "--arch",
+            "resnet18",
+            "--weights",
+            "imagenet",
+            "--train",
+            str(split_channels["train"]),
+            "--epochs",
+            "1",
+            "--model-dir",
+            str(tmp_path / "model"),
+        ],
+        env=clean_env(TORCH_HOME=str(tmp_path / "torch-home")),
+    )
     assert run.returncode == 1
     assert "WeightsUnavailable" in run.stderr
     assert "resnet18-f37072fd.pth" in run.stderr and "--weights none" in run.stderr
@@ -167,8 +261,19 @@ def nothing_local(tmp_path, **extra: str) -> dict[str, str]:
 
 def test_imagenet_weights_come_from_the_jobs_weights_channel(split_channels, tmp_path):
     reference = backbones._offline_package_file("mobilenet_v2")
-    args = [*FAST, "--weights", "imagenet", "--mode", "head", "--train", str(split_channels["train"]),
-            "--epochs", "1", "--model-dir", str(tmp_path / "model")]
+    args = [
+        *FAST,
+        "--weights",
+        "imagenet",
+        "--mode",
+        "head",
+        "--train",
+        str(split_channels["train"]),
+        "--epochs",
+        "1",
+        "--model-dir",
+        str(tmp_path / "model"),
+    ]
     # Nothing on this machine and no channel: today's clear error, which now names the channel too.
     run = run_train(args, env=nothing_local(tmp_path))
     assert run.returncode == 1 and "WeightsUnavailable" in run.stderr
@@ -191,9 +296,24 @@ def test_a_weights_file_that_is_not_what_its_name_says_is_refused(split_channels
     channel.mkdir()
     # A state dict that loads, under the name of the real one: only its hash gives it away.
     torch.save(backbones.build_model("mobilenet_v2", 1000, "none").state_dict(), channel / "mobilenet_v2-b0353104.pth")
-    run = run_train([*FAST, "--weights", "imagenet", "--train", str(split_channels["train"]), "--epochs", "1",
-                     "--model-dir", str(tmp_path / "model"), "--weights-channel", str(channel),
-                     "--failure-file", str(tmp_path / "failure")], env=nothing_local(tmp_path))
+    run = run_train(
+        [
+            *FAST,
+            "--weights",
+            "imagenet",
+            "--train",
+            str(split_channels["train"]),
+            "--epochs",
+            "1",
+            "--model-dir",
+            str(tmp_path / "model"),
+            "--weights-channel",
+            str(channel),
+            "--failure-file",
+            str(tmp_path / "failure"),
+        ],
+        env=nothing_local(tmp_path),
+    )
     assert run.returncode == 1 and "WeightsUnavailable" in run.stderr
     reason = (tmp_path / "failure").read_text()
     assert "mobilenet_v2-b0353104.pth is not the file its name promises" in reason
@@ -206,8 +326,11 @@ def test_the_airflow_side_hands_over_the_file_each_backbone_looks_for():
 
     expected = {arch: backbones.imagenet_filename(arch) for arch in backbones.ARCHITECTURES}
     packaged = {package: str(Path(inside).parent) for package, inside, _ in backbones.OFFLINE_WEIGHTS.values()}
-    assert (expected, packaged, backbones.WEIGHTS_CHANNEL) == (weights.IMAGENET_FILES, weights.PACKAGES,
-                                                               weights.CHANNEL)
+    assert (expected, packaged, backbones.WEIGHTS_CHANNEL) == (
+        weights.IMAGENET_FILES,
+        weights.PACKAGES,
+        weights.CHANNEL,
+    )
     # Its finder, pointed at this environment's packages, finds the files backbones.py loads, and its
     # check agrees with backbones.verified on them.
     for arch in backbones.OFFLINE_WEIGHTS:
@@ -248,12 +371,19 @@ print(json.dumps(inference.predict_fn(inference.input_fn(image, "image/jpeg"), m
 
 def test_an_efficientnet_lite0_model_serves_from_its_own_code_folder(split_channels, tmp_path):
     flags = [flag if flag != "mobilenet_v2" else "efficientnet_lite0" for flag in FAST]
-    run = run_train([*flags, "--train", str(split_channels["train"]), "--epochs", "1",
-                     "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [*flags, "--train", str(split_channels["train"]), "--epochs", "1", "--model-dir", str(tmp_path / "model")]
+    )
     assert run.returncode == 0, run.stderr
     image = next(split_channels["test"].rglob("*.jpg"))
-    served = subprocess.run([sys.executable, "-c", SERVE_FROM_CODE_DIR, str(tmp_path / "model"), str(image)],
-                            capture_output=True, text=True, cwd=tmp_path, env=clean_env(), check=False)
+    served = subprocess.run(
+        [sys.executable, "-c", SERVE_FROM_CODE_DIR, str(tmp_path / "model"), str(image)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        check=False,
+    )
     assert served.returncode == 0, served.stderr
     answer = json.loads(served.stdout)
     assert answer["count"] in range(6) and len(answer["probabilities"]) == 6  # classes 0..5
@@ -290,9 +420,23 @@ def test_the_serving_model_is_scored_beside_the_new_one(trained_model, split_cha
     import evaluate
 
     champion_dir, _ = trained_model
-    run = run_train([*FAST, "--train", str(split_channels["train"]), "--test", str(split_channels["test"]),
-                     "--epochs", "1", "--max-count", "3", "--champion", str(champion_dir),
-                     "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--train",
+            str(split_channels["train"]),
+            "--test",
+            str(split_channels["test"]),
+            "--epochs",
+            "1",
+            "--max-count",
+            "3",
+            "--champion",
+            str(champion_dir),
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode == 0, run.stderr
     found = parse_metrics(run.stdout)
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
@@ -310,8 +454,21 @@ def test_a_champion_that_cannot_be_read_does_not_lose_the_new_model(split_channe
     broken = tmp_path / "champion"
     broken.mkdir()
     (broken / "model.tar.gz").write_bytes(b"not a tar file")
-    run = run_train([*FAST, "--train", str(split_channels["train"]), "--test", str(split_channels["test"]),
-                     "--epochs", "1", "--champion", str(broken), "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--train",
+            str(split_channels["train"]),
+            "--test",
+            str(split_channels["test"]),
+            "--epochs",
+            "1",
+            "--champion",
+            str(broken),
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode == 0, run.stderr
     assert "champion could not be scored" in run.stdout
     assert "champion:accuracy" not in parse_metrics(run.stdout)
@@ -319,8 +476,21 @@ def test_a_champion_that_cannot_be_read_does_not_lose_the_new_model(split_channe
 
 
 def test_train_on_validation_adds_its_images_and_keeps_the_last_epoch(split_channels, tmp_path):
-    run = run_train([*FAST, "--train", str(split_channels["train"]), "--validation", str(split_channels["validation"]),
-                     "--epochs", "2", "--train-on-validation", "true", "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--train",
+            str(split_channels["train"]),
+            "--validation",
+            str(split_channels["validation"]),
+            "--epochs",
+            "2",
+            "--train-on-validation",
+            "true",
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode == 0, run.stderr
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert card["data"]["images"] == {"train": 40}
@@ -329,8 +499,21 @@ def test_train_on_validation_adds_its_images_and_keeps_the_last_epoch(split_chan
 
 def test_a_diverging_run_stops_with_advice(split_channels, tmp_path):
     failure = tmp_path / "failure"
-    run = run_train([*FAST, "--train", str(split_channels["train"]), "--epochs", "3", "--lr", "1000",
-                     "--failure-file", str(failure), "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--train",
+            str(split_channels["train"]),
+            "--epochs",
+            "3",
+            "--lr",
+            "1000",
+            "--failure-file",
+            str(failure),
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode != 0
     assert "training diverged" in failure.read_text() and "lower --lr" in failure.read_text()
     assert not (tmp_path / "model" / "model.pth").exists()
@@ -340,8 +523,7 @@ def test_rotation_and_zoom_augmentation_keeps_the_bin_in_view():
     import train
 
     images = torch.rand(3, 3, 33, 33)
-    assert torch.allclose(train.rotate_and_zoom(images, torch.Generator().manual_seed(0), 0.0, 1.0), images,
-                          atol=1e-5)
+    assert torch.allclose(train.rotate_and_zoom(images, torch.Generator().manual_seed(0), 0.0, 1.0), images, atol=1e-5)
     # Rotations and zooms turn about the photo's centre: its centre pixel stays, the rest moves.
     moved = train.rotate_and_zoom(images, torch.Generator().manual_seed(0), 30.0, 0.5)
     assert torch.allclose(moved[:, :, 16, 16], images[:, :, 16, 16], atol=1e-5)
@@ -385,8 +567,21 @@ def test_balanced_class_weights_make_every_count_weigh_the_same_in_total():
 
 
 def test_neighbour_smoothing_with_balanced_weights_trains_and_is_recorded(split_channels, tmp_path):
-    run = run_train([*FAST, "--train", str(split_channels["train"]), "--epochs", "1", "--smooth-to", "neighbours",
-                     "--class-weights", "balanced", "--model-dir", str(tmp_path / "model")])
+    run = run_train(
+        [
+            *FAST,
+            "--train",
+            str(split_channels["train"]),
+            "--epochs",
+            "1",
+            "--smooth-to",
+            "neighbours",
+            "--class-weights",
+            "balanced",
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
     assert run.returncode == 0, run.stderr
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert card["hyperparameters"]["smooth_to"] == "neighbours"
@@ -420,8 +615,17 @@ def test_ordinal_head_gives_consistent_class_probabilities_and_learns_an_order()
 
 
 def test_an_ordinal_model_trains_resumes_by_its_head_and_serves(split_channels, tmp_path):
-    flags = [*FAST, "--train", str(split_channels["train"]), "--validation", str(split_channels["validation"]),
-             "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs", "1"]
+    flags = [
+        *FAST,
+        "--train",
+        str(split_channels["train"]),
+        "--validation",
+        str(split_channels["validation"]),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--epochs",
+        "1",
+    ]
     run = run_train([*flags, "--head", "ordinal", "--model-dir", str(tmp_path / "model")])
     assert run.returncode == 0, run.stderr
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
@@ -430,8 +634,14 @@ def test_an_ordinal_model_trains_resumes_by_its_head_and_serves(split_channels, 
     refused = run_train([*flags, "--model-dir", str(tmp_path / "other")])
     assert refused.returncode != 0 and "head" in refused.stderr
     image = next(split_channels["test"].rglob("*.jpg"))
-    served = subprocess.run([sys.executable, "-c", SERVE_FROM_CODE_DIR, str(tmp_path / "model"), str(image)],
-                            capture_output=True, text=True, cwd=tmp_path, env=clean_env(), check=False)
+    served = subprocess.run(
+        [sys.executable, "-c", SERVE_FROM_CODE_DIR, str(tmp_path / "model"), str(image)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        check=False,
+    )
     assert served.returncode == 0, served.stderr
     answer = json.loads(served.stdout)
     assert answer["count"] in range(6) and abs(sum(answer["probabilities"]) - 1) < 1e-3

