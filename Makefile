@@ -86,7 +86,7 @@ demo: envs
 up: envs
 	PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack up --work build/stack
 
-# docker-compose.yaml started for real, both DAGs run through it, torn down (scripts/compose_check.py):
+# docker-compose.yaml started for real, the data-prep and retraining DAGs run through it, torn down (scripts/compose_check.py):
 # with Docker where an engine answers, else with podman (as root: apt-get install podman runc mmdebstrap)
 # and images built from docker/offline/. COMPOSE_ENGINE=docker|podman picks one.
 COMPOSE_TOOLS_ENV := $(ENV_CACHE)/compose-tools-$(shell cat docker/offline/requirements.txt | sha256sum | cut -c1-16)

@@ -53,7 +53,7 @@ def write_catalogue(root: Path, size: int, seed: int = 0) -> Path:
 # -- one task, in the process this script starts for it ------------------------------------------------------
 def run_task(spec: dict) -> dict:
     """Execute one operator as a worker would (without the scheduler): its result, wall time, peak RSS."""
-    from bin_counter import operators
+    from bin_counter import data_prep_operators as operators
 
     started = time.perf_counter()
     kind = spec.pop("operator")
@@ -68,7 +68,7 @@ def run_task(spec: dict) -> dict:
 def copy_split(bucket: str, keys_path: str, version: str) -> dict:
     """The split as earlier releases wrote it: every photo read and written under the dataset."""
     from bin_counter import abid, split
-    from bin_counter.operators import _s3_client, _store
+    from bin_counter.data_prep_operators import _s3_client, _store
 
     client = _s3_client("aws_default")
     counts = json.loads(_store(client, bucket, "abid/raw").read(keys_path))

@@ -111,7 +111,7 @@ def endpoint_processes(state_dir: str) -> list[int]:
             words = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(w.endswith((b"model_worker.py", b"model_backend.py")) for w in words) and any(
+        if any(w.endswith((b"model_frontend.py", b"model_backend.py")) for w in words) and any(
             state_dir.encode() in w for w in words
         ):
             found.append(int(cmdline.parent.name))
@@ -178,7 +178,7 @@ def descendants(pid: int) -> list[int]:
 def front_port(pids: list[int]) -> int:
     for pid in pids:
         words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if any(w.endswith(b"model_worker.py") for w in words):
+        if any(w.endswith(b"model_frontend.py") for w in words):
             return int(words[words.index(b"--port") + 1])
     raise RuntimeError("no model server front end found")
 

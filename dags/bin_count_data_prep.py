@@ -10,7 +10,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from bin_counter.alerts import failure_alert
 from bin_counter.assets import BIN_COUNT_DATASET
-from bin_counter.operators import (
+from bin_counter.data_prep_operators import (
     AbidFetchOperator,
     AbidSelectOperator,
     BlockSplitOperator,

@@ -297,9 +297,9 @@ def bin_count_retrain():
         """The backbone's ImageNet weights file, stored once per content hash: the jobs' `weights` channel."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-        from bin_counter.retrain import upload_weights
+        from bin_counter.retrain import weights_channel
 
-        return upload_weights(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), get_current_context()["params"])
+        return weights_channel(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), get_current_context()["params"])
 
     @task(execution_timeout=timedelta(minutes=5))
     def serving_model() -> dict | None:

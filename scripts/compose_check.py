@@ -613,7 +613,7 @@ def exercise(engine, ports: dict[str, str], timeout: float) -> list[str]:
     wait_until(
         lambda: {"bin_count_data_prep", "bin_count_retrain"} <= {d["dag_id"] for d in api.get("/dags")["dags"]},
         300,
-        "the DAG processor to parse both DAGs",
+        "the DAG processor to parse the DAGs",
     )
     _, seconds = run_dag(api, "bin_count_data_prep", prep_conf(key_range), timeout)
     said.append(f"bin_count_data_prep succeeded in {seconds:.0f} s ({SOURCE_COUNTS} photos)")

@@ -55,7 +55,7 @@ DEMO_RETRAIN = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("demo", "up"), help="demo: run both DAGs once; up: start the UI")
+    parser.add_argument("command", choices=("demo", "up"), help="demo: data prep and retraining once; up: the UI")
     parser.add_argument("--work", default="build/stack", help="state of every server and of Airflow")
     parser.add_argument("--source", default="s3://aft-vbi-pds", help="ABID source for the data-prep DAG")
     parser.add_argument("--keys", default="01000:01600", help="key range START:STOP the demo prepares")

@@ -48,7 +48,7 @@ def static_hyperparameters(params: Mapping) -> dict:
     }
 
 
-def upload_weights(s3, params: Mapping) -> str | None:
+def weights_channel(s3, params: Mapping) -> str | None:
     """The S3 URI of the backbone's ImageNet weights file, stored once (bin_counter.weights): the jobs'
     `weights` channel. None when the jobs do not start from ImageNet weights or the file is not here."""
     hyperparameters = static_hyperparameters(params)

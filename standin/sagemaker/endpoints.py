@@ -1,4 +1,4 @@
-"""Model servers: `model_worker.py` processes in the container-side environment, on loopback ports
+"""Model servers: `model_frontend.py` processes in the container-side environment, on loopback ports
 (each a front end with its worker processes, as TorchServe serves a model).
 `serve_model` is how any of them starts (download and extract the model with the model's role,
 start the server with the model container's `Environment`, wait for `/ping`) and `invoke` how any of
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from standin.launch import free_port
 
-WORKER = Path(__file__).resolve().parent / "model_worker.py"
+FRONTEND = Path(__file__).resolve().parent / "model_frontend.py"
 LOAD_TIMEOUT_S = 180.0
 
 
@@ -78,7 +78,7 @@ def serve_model(
     env = {**os.environ, **(environment or {}), "PYTHONPATH": str(model_dir / "code")}
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [python, "-P", str(WORKER), "--model-dir", str(model_dir), "--port", str(port)],
+            [python, "-P", str(FRONTEND), "--model-dir", str(model_dir), "--port", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -187,7 +187,7 @@ def _post(
 
 
 def model_server_processes(
-    state_dir: str | os.PathLike, scripts: tuple[bytes, ...] = (b"model_worker.py", b"model_backend.py")
+    state_dir: str | os.PathLike, scripts: tuple[bytes, ...] = (b"model_frontend.py", b"model_backend.py")
 ) -> list[int]:
     """PIDs of the model servers' processes (front ends and their workers, or the `scripts` named)
     serving from under `state_dir` (Linux /proc): what an endpoint holds, and what must not outlive it."""

@@ -1,7 +1,7 @@
 """One model worker, as TorchServe's Python backend worker runs it for SageMaker's PyTorch inference
 image: the image's own handler service (sagemaker-pytorch-inference 2.0.25, which bundles
 sagemaker_inference) loads the model and answers every request, on this process's main thread, one
-request at a time. `model_worker.py`, the front end, starts one such process per worker and hands each
+request at a time. `model_frontend.py`, the front end, starts one such process per worker and hands each
 request to an idle one over a socket; the process exits when that socket closes (or its front end dies).
 
   PYTHONPATH=<model dir>/code python -P standin/sagemaker/model_backend.py --model-dir <dir> --fd <socket fd>

@@ -1,7 +1,7 @@
 """Running a SageMaker batch transform job locally, on the serving stack endpoints use.
 
 For one job: list the input objects (an S3 prefix, or a manifest file) with the model's execution
-role, start `model_worker.py` processes on the model (`endpoints.serve_model`, the model container's
+role, start `model_frontend.py` processes on the model (`endpoints.serve_model`, the model container's
 `Environment` updated with the job's), send every object to them as SageMaker's batch transform
 sends it (whole, or split into lines and mini-batches up to `MaxPayloadInMB`), and upload each
 object's answers to `<S3OutputPath>/<relative path>.out`, as the API reference's TransformOutput

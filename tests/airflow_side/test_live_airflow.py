@@ -3,7 +3,7 @@ triggerer; what `airflow standalone` runs) on loopback with SQLite, the DAGs run
 against the local stack (moto, the SageMaker and Lambda stand-in), and
 
 - a real browser (Debian's Chromium, driven by Playwright; no downloaded browser) that logs in,
-  finds both DAGs, triggers bin_count_retrain from the Params form with changed values, watches the
+  finds the DAGs, triggers bin_count_retrain from the Params form with changed values, watches the
   run succeed and reads the training metrics in the task log, with screenshots in
   build/test-results/screenshots/;
 - a drill that kills the scheduler (its whole process group, task runners included) while the final
@@ -77,7 +77,7 @@ def _live(moto_endpoint, tmp_path_factory):
         wait_until(
             lambda: {"bin_count_data_prep", "bin_count_retrain"} <= {d["dag_id"] for d in api.get("/dags")["dags"]},
             120,
-            "the DAG processor to parse both DAGs",
+            "the DAG processor to parse the DAGs",
         )
         yield {"airflow": airflow, "api": api, "standin": standin, "work": work}
     finally:

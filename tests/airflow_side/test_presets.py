@@ -46,7 +46,7 @@ def test_the_whole_dataset_preset_maps_within_airflows_limit(airflow_db):
 
 
 def test_more_shards_than_airflow_maps_are_refused_with_the_shard_size_that_fits(airflow_db):
-    from bin_counter.operators import check_map_length
+    from bin_counter.data_prep_operators import check_map_length
 
     check_map_length(535234, 108, 5000)
     with pytest.raises(ValueError, match=r"535234 keys in shards of 100 make 5353 shards.*at least 523"):

@@ -493,7 +493,7 @@ def test_endpoint_serves_updates_and_survives_a_broken_model(standin, job_inputs
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc to find the worker processes")
-def test_stopping_right_after_an_update_leaves_no_model_worker(standin, job_inputs, aws_connection):
+def test_stopping_right_after_an_update_leaves_no_model_frontend(standin, job_inputs, aws_connection):
     sm = sagemaker_client(standin)
     serving_endpoint(sm, job_inputs, "job-first", "bin-count")
     deployed_model(sm, "job-again", "job-first")
@@ -501,7 +501,7 @@ def test_stopping_right_after_an_update_leaves_no_model_worker(standin, job_inpu
     time.sleep(0.5)
     assert wait_endpoint(sm, "bin-count")["EndpointConfigName"] == "job-again"
     # The old server finishes its requests for a few seconds.
-    assert len(model_server_processes(standin["state"], (b"model_worker.py",))) == 2
+    assert len(model_server_processes(standin["state"], (b"model_frontend.py",))) == 2
     standin["proc"].terminate()  # within those seconds
     standin["proc"].wait(timeout=20)
     deadline = time.time() + 10

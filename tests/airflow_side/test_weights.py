@@ -90,5 +90,5 @@ def test_jobs_that_do_not_start_from_imagenet_get_no_weights(s3, bucket, capsys)
         "max_count": 5,
         "extra_hyperparameters": {"weights": "none"},
     }
-    assert retrain.upload_weights(s3, params) is None
+    assert retrain.weights_channel(s3, params) is None
     assert "--weights none: no ImageNet weights to hand over" in capsys.readouterr().out

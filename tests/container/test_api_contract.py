@@ -22,7 +22,7 @@ import sagemaker_inference
 import torch
 from sagemaker_inference.transformer import Transformer
 
-from standin.sagemaker import model_backend, model_worker
+from standin.sagemaker import model_backend, model_frontend
 from tests.conftest import REPO, REQUEST_FAULTS, make_bin_image, truncated_image
 
 import api_contract
@@ -164,7 +164,7 @@ def failing_module() -> types.ModuleType:
 
 @pytest.fixture
 def worker(monkeypatch, tmp_path):
-    """standin/sagemaker/model_worker.py's HTTP front on one worker's answers (model_backend.py's): the
+    """standin/sagemaker/model_frontend.py's HTTP front on one worker's answers (model_backend.py's): the
     toolkit's handler service, found the model's module through SAGEMAKER_PROGRAM as in the image, around
     inference.py and a model that fails on marked images."""
     monkeypatch.setitem(sys.modules, "failing_inference", failing_module())
@@ -172,13 +172,13 @@ def worker(monkeypatch, tmp_path):
     monkeypatch.delenv("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", raising=False)
     monkeypatch.setenv("PYTHONPATH", "")  # HandlerService.initialize prepends the model's code/ to it
     service, context = model_backend.load(str(tmp_path))
-    one_at_a_time = threading.Lock()  # one worker, as model_worker.Workers hands requests to it
+    one_at_a_time = threading.Lock()  # one worker, as model_frontend.Workers hands requests to it
 
     def answer(body, headers, request_id):
         with one_at_a_time:
             return model_backend.predict(service, context, body, headers, request_id)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), model_worker.make_handler(answer))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), model_frontend.make_handler(answer))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -1,4 +1,4 @@
-"""The stand-in's model server (standin/sagemaker/model_worker.py) as a process: its front end starts the
+"""The stand-in's model server (standin/sagemaker/model_frontend.py) as a process: its front end starts the
 workers the model asks for, serves through them, and refuses to serve a model that does not load."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from standin.sagemaker.endpoints import model_server_processes
 from tests.conftest import REPO, make_bin_image
 
-SERVER = REPO / "standin" / "sagemaker" / "model_worker.py"
+SERVER = REPO / "standin" / "sagemaker" / "model_frontend.py"
 
 
 def start(model_dir, workers: str) -> tuple[subprocess.Popen, int]:

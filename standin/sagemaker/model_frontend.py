@@ -4,7 +4,7 @@ in that image, it is a front end and worker processes: this process takes the HT
 each to an idle worker (`model_backend.py`, which serves through the image's own inference toolkit);
 a request waits while every worker is busy.
 
-  PYTHONPATH=<model dir>/code .venv-container/bin/python -P standin/sagemaker/model_worker.py \\
+  PYTHONPATH=<model dir>/code .venv-container/bin/python -P standin/sagemaker/model_frontend.py \\
       --model-dir <extracted model.tar.gz> --port 8080 [--workers N]
 
 Workers: SAGEMAKER_MODEL_SERVER_WORKERS, the inference toolkit's setting (it becomes TorchServe's

@@ -10,14 +10,14 @@ import time
 import pytest
 
 from bin_counter import enhance
-from bin_counter.dataset import split_parameters
-from bin_counter.operators import (
+from bin_counter.data_prep_operators import (
     AbidFetchOperator,
     AbidSelectOperator,
     BlockSplitOperator,
     ContrastEnhanceOperator,
     FetchReportOperator,
 )
+from bin_counter.dataset import split_parameters
 from tests.airflow_side.conftest import list_objects
 from tests.conftest import write_abid_dir
 
