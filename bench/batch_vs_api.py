@@ -27,7 +27,7 @@ from pathlib import Path
 
 import boto3
 
-from bench.api_latency import API_KEY, api_stack
+from bench.stack import API_KEY, ENDPOINT, api_stack
 from bin_counter import batch
 from bin_counter.abid import key_block, read_local_records
 from bin_counter.api_load import gateway_sender
@@ -69,7 +69,8 @@ def main() -> None:
         raise SystemExit(f"no photos in {abid}")
 
     rows = []
-    with api_stack(Path(args.model), "bench-batch-") as (url, s3):
+    with api_stack(Path(args.model), "bench-batch-") as stack:
+        url, s3 = stack.url, stack.s3
         expected_lines = ["key,expected"]
         truth: dict[str, tuple[int, int, bool]] = {}  # key -> (true, expected, in the test split)
         for index, record in enumerate(photos):
@@ -109,7 +110,7 @@ def main() -> None:
         )
         config = transform_job_config(
             "bin-counter-bench-batch",
-            "bin-counter",
+            ENDPOINT,
             plan["manifest_uri"],
             plan["transform_output_uri"],
             "ml.m5.xlarge",
@@ -126,7 +127,7 @@ def main() -> None:
             time.sleep(1)
         if job["TransformJobStatus"] != "Completed":
             raise SystemExit(f"the transform job ended {job['TransformJobStatus']}: {job.get('FailureReason')}")
-        summary = batch.write_report(s3, plan, job, {"model": "bin-counter"})
+        summary = batch.write_report(s3, plan, job, {"model": ENDPOINT})
         seconds = time.time() - started
         job_s = (job["TransformEndTime"] - job["TransformStartTime"]).total_seconds()
         batch_row = {

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import boto3
 
-from bench.serving_speed import descendants, memory_mb, serve_endpoint
+from bench.measure import descendants, memory_mb
+from bench.stack import serve_endpoint
 from bin_counter.abid import read_local_records
 from bin_counter.sagemaker_config import training_job_config
 from standin.iam import service_role

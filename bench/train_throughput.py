@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.measure import descendants, memory_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "sagemaker_code" / "train.py"
 VARIANTS = {"naive (fp32, decode every epoch)": ["--amp", "off", "--cache", "none"], "final (defaults)": []}
@@ -142,8 +144,6 @@ def main() -> None:
 def run_measured(command: list[str]) -> tuple[str, dict]:
     """Run `command`, sampling the memory of it and its children (DataLoader workers, torchrun's
     processes) every 0.2 s: its output and the peak."""
-    from bench.serving_speed import descendants, memory_mb
-
     with tempfile.TemporaryFile("w+") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True)
         peak = {"processes": 0, "rss_mb": 0, "pss_mb": 0}

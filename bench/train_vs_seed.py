@@ -3,9 +3,12 @@
   PYTHONPATH=plugins .venv-container/bin/python -m bench.train_vs_seed --abid ../shared/abid --work /tmp/bench-train
 
 Both recipes train on the same train/validation blocks and are scored on the same held-out test
-blocks, counts 0 to 5, in one run, one after the other. The seed fine-tuned only the last layer of
-an ImageNet ResNet34; where ResNet34's ImageNet weights cannot be downloaded, `--seed-arch
-mobilenet_v2` (the default here) stands in for it with the same "head only" recipe.
+blocks, counts 0 to 5, in one run, one after the other. The split and each training run are
+scripts/train_published_model.py's (`make model` runs it with the published recipe). The seed
+fine-tuned only the last layer of an ImageNet ResNet34; where ResNet34's ImageNet weights cannot be
+downloaded, `--seed-arch mobilenet_v2` (the default here) stands in for it with the same "head only"
+recipe. `--only default --default-args "..."` trains one variant of the default recipe (the accuracy
+experiments in BENCHMARKS.md).
 Prints a JSON summary as its last line and writes it to <work>/results.json.
 """
 
@@ -13,17 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bin_counter.abid import LocalStore, key_block, read_local_records
-from bin_counter.split import DEFAULT_SHARES, assign_splits, summarize, write_split_layout
-
-ROOT = Path(__file__).resolve().parents[1]
-
-TRAIN = ROOT / "sagemaker_code" / "train.py"
+from scripts.train_published_model import ROOT, prepare_split, run_train
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,52 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def prepare_split(
-    abid: Path, work: Path, max_count: int, block_size: int, seed: int, train_above_max: bool = False
-) -> dict:
-    every = read_local_records(abid)
-    records = [r for r in every if r.count <= max_count]
-    # The split is drawn from the 0..max-count images alone, so it is the same with or without extras.
-    assignment = assign_splits(records, DEFAULT_SHARES, block_size, seed)
-    if train_above_max:
-        block_split = {key_block(key, block_size): split for key, split in assignment.items()}
-        extra = [r for r in every if r.count > max_count and block_split.get(key_block(r.key, block_size)) == "train"]
-        assignment.update({r.key: "train" for r in extra})
-        records += extra
-    split_dir = work / "split"
-    write_split_layout(records, assignment, LocalStore(abid), LocalStore(split_dir, create=True), str(abid), block_size)
-    return {"dir": split_dir, "summary": summarize(records, assignment)}
-
-
 def run_recipe(name: str, split_dir: Path, work: Path, flags: list[str]) -> dict:
-    model_dir = work / f"model-{name}"
-    command = [
-        sys.executable,
-        str(TRAIN),
-        "--train",
-        str(split_dir / "train"),
-        "--validation",
-        str(split_dir / "validation"),
-        "--test",
-        str(split_dir / "test"),
-        "--model-dir",
-        str(model_dir),
-        *flags,
-    ]
-    print("$", " ".join(command), flush=True)
-    started = time.time()
-    subprocess.run(command, check=True)
-    seconds = time.time() - started
-    card = json.loads((model_dir / "model_card.json").read_text())
-    test = card["metrics"]["test"]
-    return {
-        "recipe": name,
-        "flags": " ".join(flags),
-        "train_seconds": round(seconds, 1),
-        "best_epoch": card["metrics"]["best_epoch"],
-        "test": test,
-        "images": card["data"]["images"],
-    }
+    return {"recipe": name, **run_train(split_dir, work / f"model-{name}", flags)}
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 flagged as `mismatch`, at a fixed share of right ones wrongly flagged (false alarms).
 
   PYTHONPATH=sagemaker_code:lambda .venv-container/bin/python -m bench.verdict_quality \\
-      --model models/bin-counter-mobilenet_v2.tar.gz --split build/bench-train/split --false-alarm 0.05
+      --model models/bin-counter.tar.gz --split build/exp/e10/split --false-alarm 0.05
 
 Every test photo is asked twice: with its true count (a right expectation) and with a count one
 off (a wrong one: the usual discrepancy, an item missing or extra), and also with counts two or

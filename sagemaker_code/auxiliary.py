@@ -53,9 +53,9 @@ def targets_from_metadata(metadata: dict) -> list[float]:
             quantity = int(item.get("quantity", 0))
         except (TypeError, ValueError):
             quantity = -1
-        sides = [_measure(item, name, LENGTH_UNIT) for name in DIMENSIONS]
+        sides = [side for name in DIMENSIONS if (side := _measure(item, name, LENGTH_UNIT)) is not None]
         weight = _measure(item, "weight", WEIGHT_UNIT)
-        volume = None if None in sides else sides[0] * sides[1] * sides[2]
+        volume = sides[0] * sides[1] * sides[2] if len(sides) == len(DIMENSIONS) else None
         volumes.append((quantity, volume))
         weights.append((quantity, weight))
 
@@ -122,8 +122,10 @@ class AuxiliaryHeads(nn.Module):
 
 def attach(model: nn.Module, head: nn.Module) -> AuxiliaryHeads:
     """Add `AuxiliaryHeads` to `model`, fed with the input of its counting `head`."""
-    in_features = head.in_features if isinstance(head, nn.Linear) else head.score.in_features
-    heads = AuxiliaryHeads(in_features)
+    linear = head if isinstance(head, nn.Linear) else head.get_submodule("score")  # the ordinal head's scorer
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{type(head).__name__}: a counting head is a linear layer or has one as `score`")
+    heads = AuxiliaryHeads(linear.in_features)
     model.add_module(PREFIX.rstrip("."), heads)
     head.register_forward_pre_hook(heads.capture)
     return heads

@@ -207,7 +207,8 @@ def _head_slot(model: nn.Module, arch: str) -> tuple[nn.Module, str]:
         return model, "fc"
     if arch.startswith("efficientnet_lite"):
         return model, "_fc"
-    return model.classifier, str(len(model.classifier) - 1)
+    classifier = model.get_submodule("classifier")  # an nn.Sequential that ends in the last layer
+    return classifier, str(len(list(classifier.children())) - 1)
 
 
 def _replace_head(model: nn.Module, arch: str, num_classes: int, head: str) -> None:
@@ -270,9 +271,9 @@ def build_model(
         model.load_state_dict(fitting, strict=False)
     _replace_head(model, arch, num_classes, head)
     if mode == "head":
-        head = set(map(id, head_parameters(model, arch)))
+        trained = set(map(id, head_parameters(model, arch)))
         for param in model.parameters():
-            param.requires_grad = id(param) in head
+            param.requires_grad = id(param) in trained
     elif mode == "partial":
         for stage in early_stages(model, arch):
             for param in stage.parameters():
@@ -283,9 +284,9 @@ def build_model(
 def early_stages(model: nn.Module, arch: str) -> list[nn.Module]:
     """The first half of the backbone's stages, in order: what mode "partial" freezes."""
     if arch.startswith("resnet"):
-        return [model.conv1, model.bn1, model.layer1, model.layer2]
+        return [model.get_submodule(name) for name in ("conv1", "bn1", "layer1", "layer2")]
     if arch == "efficientnet_lite0":
-        blocks = list(model._blocks)
-        return [model._conv_stem, model._bn0, *blocks[: len(blocks) // 2]]
-    stages = list(model.features.children())
+        blocks = list(model.get_submodule("_blocks").children())
+        return [model.get_submodule("_conv_stem"), model.get_submodule("_bn0"), *blocks[: len(blocks) // 2]]
+    stages = list(model.get_submodule("features").children())
     return stages[: len(stages) // 2]

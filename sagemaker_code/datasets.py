@@ -14,6 +14,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,7 @@ def fingerprint_rows(named_sets: dict[str, DecodedSet | list[tuple[Sample, int]]
     processes' shares join into the whole set's; `digest_rows` makes the fingerprint of them."""
     rows = []
     for name, ds in named_sets.items():
+        items: Iterable[tuple[Sample, str, int]]
         if isinstance(ds, DecodedSet):
             items = zip(ds.samples, ds.digests, ds.labels.tolist(), strict=True)
         else:

@@ -110,8 +110,9 @@ def average_statistics(model: torch.nn.Module, group: Group) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
             for buffer in (module.running_mean, module.running_var):
-                dist.all_reduce(buffer)
-                buffer.div_(group.world)
+                if buffer is not None:  # always, with track_running_stats; the attribute's type allows None
+                    dist.all_reduce(buffer)
+                    buffer.div_(group.world)
 
 
 def check_in_step(model: torch.nn.Module, group: Group) -> None:

@@ -21,7 +21,11 @@ LITE0_STAGES = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
-BN = {"momentum": 0.01, "eps": 1e-3}  # the TensorFlow training's batch-norm settings
+
+
+def _batch_norm(features: int) -> nn.BatchNorm2d:
+    """Batch norm with the TensorFlow training's settings."""
+    return nn.BatchNorm2d(features, momentum=0.01, eps=1e-3)
 
 
 class MBConvBlock(nn.Module):
@@ -33,11 +37,11 @@ class MBConvBlock(nn.Module):
         self.expand = expand != 1
         if self.expand:
             self._expand_conv = nn.Conv2d(inp, mid, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(mid, **BN)
+            self._bn0 = _batch_norm(mid)
         self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, padding=(kernel - 1) // 2, groups=mid, bias=False)
-        self._bn1 = nn.BatchNorm2d(mid, **BN)
+        self._bn1 = _batch_norm(mid)
         self._project_conv = nn.Conv2d(mid, out, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(out, **BN)
+        self._bn2 = _batch_norm(out)
         self.skip = stride == 1 and inp == out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,14 +55,14 @@ class EfficientNetLite(nn.Module):
     def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, padding=1, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, **BN)
+        self._bn0 = _batch_norm(32)
         blocks = []
         for repeats, kernel, stride, expand, inp, out in LITE0_STAGES:
             for i in range(repeats):
                 blocks.append(MBConvBlock(inp if i == 0 else out, out, kernel, stride if i == 0 else 1, expand))
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, **BN)
+        self._bn1 = _batch_norm(1280)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
 

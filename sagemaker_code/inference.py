@@ -52,7 +52,7 @@ try:  # present in SageMaker's inference containers: the toolkit answers its sta
     from sagemaker_inference.errors import BaseInferenceToolkitError
 except ImportError:  # pragma: no cover - exercised only outside the container
 
-    class BaseInferenceToolkitError(Exception):
+    class _ToolkitErrorStandIn(Exception):
         """sagemaker_inference.errors.BaseInferenceToolkitError's contract, where the toolkit is absent."""
 
         def __init__(self, status_code: int, message: str, phrase: str) -> None:
@@ -60,6 +60,8 @@ except ImportError:  # pragma: no cover - exercised only outside the container
             self.message = message
             self.phrase = phrase
             super().__init__(status_code, message, phrase)
+
+    BaseInferenceToolkitError = _ToolkitErrorStandIn
 
 
 ACCEPT_TYPES = tuple(api_contract.CONTRACT["content_types"]["accept"])

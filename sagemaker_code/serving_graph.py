@@ -14,6 +14,7 @@ load: a photo's four views take about a quarter of the eager, view-by-view time 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ def rebuild(model_dir: Path, card: dict) -> torch.nn.Module:
     return net.eval()
 
 
-def worker_threads(environ: dict | None = None, cpus: int | None = None) -> int:
+def worker_threads(environ: Mapping[str, str] | None = None, cpus: int | None = None) -> int:
     """Threads for one model worker: its share of the cores, so that workers x threads never exceeds
     them. TorchServe starts one worker per logical CPU unless SAGEMAKER_MODEL_SERVER_WORKERS says
     otherwise; each of them would otherwise take every core for itself."""
@@ -74,7 +75,7 @@ def worker_threads(environ: dict | None = None, cpus: int | None = None) -> int:
     return max(1, cpus // workers)
 
 
-def set_threads(environ: dict | None = None) -> int:
+def set_threads(environ: Mapping[str, str] | None = None) -> int:
     """Give this process its share of the cores, unless OMP_NUM_THREADS already decides."""
     environ = os.environ if environ is None else environ
     if environ.get("OMP_NUM_THREADS"):

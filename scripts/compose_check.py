@@ -406,7 +406,8 @@ def start_order(config: dict) -> list[list[str]]:
     """The services in waves: each wave's dependencies (depends_on) are all in earlier waves."""
     services = config["services"]
     deps = {name: set(s.get("depends_on") or {}) for name, s in services.items()}
-    waves, placed = [], set()
+    waves: list[list[str]] = []
+    placed: set[str] = set()
     while len(placed) < len(services):
         wave = sorted(n for n in services if n not in placed and deps[n] <= placed)
         if not wave:

@@ -24,6 +24,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 
 import boto3
@@ -197,8 +199,8 @@ def airflow(args: list[str], env: dict[str, str], log: Path) -> float:
     return time.time() - started
 
 
-def dag_run_state(env: dict[str, str], dag_id: str) -> tuple[str, dict[str, float]]:
-    """The state of a DAG's latest run and its tasks' durations, from the metadata database."""
+def dag_run_state(env: dict[str, str], dag_id: str) -> tuple[str, dict[str, list]]:
+    """The state of a DAG's latest run and its tasks' [state, duration], from the metadata database."""
     code = f"""
 import json
 from airflow.models import DagRun, TaskInstance
@@ -213,8 +215,8 @@ with create_session() as s:
     return result["state"], result["tasks"]
 
 
-def training_seconds(sm) -> dict[str, float]:
-    """Seconds each training job's process ran (the work; everything else is overhead)."""
+def training_seconds(sm) -> dict[str, tuple[datetime, datetime]]:
+    """When each training job's process ran, (start, end) (the work; everything else is overhead)."""
     jobs = {}
     for job in sm.list_training_jobs(MaxResults=100)["TrainingJobSummaries"]:
         described = sm.describe_training_job(TrainingJobName=job["TrainingJobName"])
@@ -223,7 +225,7 @@ def training_seconds(sm) -> dict[str, float]:
     return jobs
 
 
-def covered_seconds(intervals) -> float:
+def covered_seconds(intervals: Iterable[tuple[datetime, datetime]]) -> float:
     """Wall time during which at least one interval was running."""
     total, end = 0.0, None
     for start, stop in sorted((a.timestamp(), b.timestamp()) for a, b in intervals):

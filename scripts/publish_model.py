@@ -1,7 +1,7 @@
 """Publish a model train.py wrote as the repository's model: `models/bin-counter.tar.gz` (the
 model.tar.gz an endpoint loads) and `models/MODEL_CARD.md`.
 
-  PYTHONPATH=sagemaker_code .venv-container/bin/python -m scripts.publish_model build/model/model-default \\
+  PYTHONPATH=sagemaker_code .venv-container/bin/python -m scripts.publish_model build/model/model \\
       [--tta flips --decoding median]
 
 The archive carries model.pth, the serving graph traced from it (model.pt), model_card.json and code/

@@ -24,6 +24,7 @@ from standin.awslambda.models import LambdaBackend
 from standin.awslambda.responses import PREFIX as LAMBDA_PREFIX
 from standin.awslambda.responses import LambdaResponse
 from standin.core import Answer
+from standin.forkserver import ForkServer
 from standin.gateway import ROUTE as GATEWAY_ROUTE
 from standin.gateway import Gateway
 from standin.roles import RoleCheck
@@ -111,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         help="endpoint of the other AWS services: S3 and CloudWatch Logs (the moto server)",
     )
     parser.add_argument("--container-python", required=True, help="Python of the container-side environment")
+    parser.add_argument(
+        "--fork-server",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("BIN_COUNTER_FORK_SERVER", "1") != "0",
+        help="start jobs and model servers from a container-side process that imported torch once "
+        "(standin/forkserver.py; --no-fork-server or BIN_COUNTER_FORK_SERVER=0: a fresh interpreter each, "
+        "as for measuring their memory)",
+    )
     parser.add_argument("--log-file", default=None, help="log here as well as to stderr")
     parser.add_argument(
         "--call-log",
@@ -168,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AWS_ENDPOINT_URL", args.aws_endpoint)
     # Absolute: jobs run in their own working folders and find /opt/ml through this path.
     roles = RoleCheck(args.aws_endpoint, enabled=args.role_check == "iam")
+    state_dir = Path(args.state_dir).resolve()
+    fork_server = ForkServer(args.container_python, state_dir / "forkserver") if args.fork_server else None
     sagemaker = SageMakerBackend(
-        Path(args.state_dir).resolve(),
+        state_dir,
         args.aws_endpoint,
-        args.container_python,
+        fork_server.python if fork_server else args.container_python,
         invoke_rate=args.invoke_rate,
         invoke_burst=args.invoke_burst,
         unhealthy_models=args.unhealthy_models,
@@ -190,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sagemaker.shutdown()
         lambdas.stop_all()
+        if fork_server:
+            fork_server.stop()
     return 0
 
 

@@ -228,7 +228,7 @@ class S3Store:
         """The objects under `folder`, or only those whose paths lie between `first` and `last`
         (inclusive, in S3's order): path -> (size, ETag). One request per thousand objects, where a
         HEAD per object would take one each."""
-        found = {}
+        found: dict[str, tuple[int, str]] = {}
         start = len(self._key(""))
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket,

@@ -131,7 +131,7 @@ def manifest_photos(s3, manifest_uri: str) -> tuple[str, list[dict]]:
     except (ClientError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise BatchInputError(f"the manifest {manifest_uri} cannot be read as a SageMaker ManifestFile: {exc}") from exc
     entries = [entry for entry in manifest[1:] if entry.startswith(IMAGE_PREFIX)]
-    sizes = {}
+    sizes: dict[str, int] = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=root_bucket, Prefix=root + IMAGE_PREFIX):
         sizes.update((obj["Key"], obj["Size"]) for obj in page.get("Contents", []))
     gone = [entry for entry in entries if root + entry not in sizes]
@@ -313,6 +313,8 @@ def api_verdict() -> Callable[[list[float], int], dict]:
     """The API's own verdict (lambda/verdicts.py) with the thresholds the API function runs with
     (lambda/function.json), so a batch report and the API judge a count alike."""
     spec = importlib.util.spec_from_file_location("bin_counter_api_verdicts", LAMBDA_DIR / "verdicts.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module loader for {LAMBDA_DIR / 'verdicts.py'}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     settings = function_settings().get("Environment", {})

@@ -216,7 +216,9 @@ def delete_models(sm, expired: Sequence[dict], dry_run: bool) -> dict:
     models = [item["model"] for item in expired]
     if dry_run:
         return {"dry_run": True, "models": models, "endpoint_configs": configs, "errors": []}
-    errors, deleted_configs, deleted_models = [], [], []
+    errors: list[dict] = []
+    deleted_configs: list[str] = []
+    deleted_models: list[str] = []
     for kind, names, delete, done in (
         ("endpoint config", configs, lambda n: sm.delete_endpoint_config(EndpointConfigName=n), deleted_configs),
         ("model", models, lambda n: sm.delete_model(ModelName=n), deleted_models),

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -39,7 +40,7 @@ JPEG_QUALITY = 95
 RECORD = "enhancement.json"
 
 
-def resolve(method: str, params: Mapping[str, object] | None = None) -> dict[str, object]:
+def resolve(method: str, params: Mapping[str, object] | None = None) -> dict[str, Any]:
     """The full parameters of `method`: defaults overridden by `params`; unknown names refused."""
     if method not in METHODS:
         raise ValueError(f"unknown enhancement method {method!r}; choose one of {sorted(METHODS)}")
@@ -47,7 +48,7 @@ def resolve(method: str, params: Mapping[str, object] | None = None) -> dict[str
     unknown = set(params) - set(METHODS[method])
     if unknown:
         raise ValueError(f"{method} takes {sorted(METHODS[method]) or 'no parameters'}, not {sorted(unknown)}")
-    resolved = {**METHODS[method], **params}
+    resolved: dict[str, Any] = {**METHODS[method], **params}  # as given (a Param's JSON), checked below
     if method == "autocontrast":
         cutoff = float(resolved["cutoff"])
         if not 0 <= cutoff < 50:
@@ -67,8 +68,8 @@ def enhance_image(data: bytes, method: str, params: Mapping[str, object] | None 
     resolved = resolve(method, params)
     if method == "none":
         return data
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
+    with Image.open(io.BytesIO(data)) as original:
+        img = original.convert("RGB")
         if method == "autocontrast":
             out = ImageOps.autocontrast(img, cutoff=resolved["cutoff"], preserve_tone=resolved["preserve_tone"])
         else:

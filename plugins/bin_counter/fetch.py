@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -212,7 +213,7 @@ def fetch_key(
     counts: Collection[int] | None = None,
     source_sizes: dict[str, int] | None = None,
     dest_sizes: dict[str, int] | None = None,
-) -> tuple[str, object]:
+) -> tuple[str, Any]:
     """Fetch one key. Returns ("fetched"|"skipped", count), ("filtered", count) when its count is not
     in `counts` (its image is then not downloaded), ("missing", path) or ("invalid", reason).
     `source_sizes` and `dest_sizes` (from `known_sizes`) spare a request per file where given."""

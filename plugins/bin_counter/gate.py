@@ -43,16 +43,16 @@ def choose_deployment(
 
     Before anything serves, the champion may be the published model: the better of it and the new
     model is deployed, so the first model a client meets is a good one."""
-    published = bool(champion and champion.get("published"))
+    published = champion if champion and champion.get("published") else None
     ok, reason = deployment_decision(metrics, champion is not None, gate_metric, margin)
-    if published and not ok and metrics.get(f"champion:{gate_metric}") is not None:
+    if published is not None and not ok and metrics.get(f"champion:{gate_metric}") is not None:
         choice = {
             "deploy": "published",
-            "model_version": champion["model_version"],
+            "model_version": published["model_version"],
             "reason": f"nothing serves yet; the published model is better: {reason}",
             "held_back": False,
         }
-    elif published and not ok:
+    elif published is not None and not ok:
         choice = {
             "deploy": "new",
             "model_version": job_name,
@@ -110,9 +110,10 @@ def model_version_of(archive: bytes) -> str:
     """The model_version in a model.tar.gz's model_card.json."""
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "model_card.json"), None)
-        if member is None:
+        card = None if member is None else tar.extractfile(member)  # None for a member that is no file
+        if card is None:
             raise ValueError("not a model.tar.gz written by train.py: it has no model_card.json")
-        return json.loads(tar.extractfile(member).read())["model_version"]
+        return json.loads(card.read())["model_version"]
 
 
 def initial_champion(s3, bucket: str, spec: str) -> dict | None:

@@ -182,6 +182,8 @@ def deployment_requests(
     metrics = gate.final_metrics(job)
     labels = {"bin-counter:training-job": name, "bin-counter:dataset-version": data["version"]}
     if decision and decision.get("deploy") == "published":
+        if champion is None:
+            raise ValueError("the gate chose the published model, and no champion was given")
         name, artifact = name.removesuffix("-final") + "-published", champion["model_data_url"]
         labels["bin-counter:published-model"] = champion["model_version"]
         metrics = {k.replace("champion:", "test:"): v for k, v in metrics.items() if k.startswith("champion:")}

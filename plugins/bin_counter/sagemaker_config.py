@@ -74,7 +74,7 @@ def training_job_config(
     image_uri: str,
     role_arn: str,
     source_s3_uri: str,
-    channels: Mapping[str, str],
+    channels: Mapping[str, str | None],
     output_s3_uri: str,
     hyperparameters: Mapping[str, object],
     region: str,
@@ -92,7 +92,8 @@ def training_job_config(
     """A CreateTrainingJob request that runs train.py in script mode.
 
     channels: channel name (train, validation, test, ...) -> S3 URI: a `.manifest` object (a dataset's
-    ManifestFile, `s3_data_type`) or a prefix; train.py reads either layout a channel then holds.
+    ManifestFile, `s3_data_type`) or a prefix; train.py reads either layout a channel then holds. A
+    channel with no URI (None or "") is left out.
     source_s3_uri: the sourcedir.tar.gz holding sagemaker_code/.
     distributed: train data-parallel under the image's `torch_distributed` launcher (torchrun), one
     process per GPU of each instance, or `processes_per_host`.

@@ -73,7 +73,7 @@ def assign_splits(
         blocks[key_block(record.key, block_size)].append(record)
     totals = Counter(r.count for rs in blocks.values() for r in rs)
     targets = {s: {c: shares[s] * n for c, n in totals.items()} for s in SPLITS}
-    current = {s: Counter() for s in SPLITS}
+    current: dict[str, Counter[int]] = {s: Counter() for s in SPLITS}
     rng = random.Random(seed)
     order = sorted(blocks)
     rng.shuffle(order)
@@ -182,7 +182,7 @@ def write_manifests(
             f"(first: {absent[:5]}): they were fetched and are gone; clear the run and run it "
             "again from the fetch"
         )
-    rows = [
+    rows: list[dict] = [
         {
             "key": r.key,
             "count": r.count,

@@ -20,6 +20,7 @@ import pytest
 from bin_counter.sagemaker_config import training_job_config
 from standin import iam
 from standin.aws_calls import WORKER_ACCESS_KEY_ID, read_calls
+from standin.forkserver import ForkServer
 from standin.launch import airflow_connection, start_moto, start_standin
 from tests.conftest import REPO, make_bin_image, write_split_dir
 
@@ -150,26 +151,45 @@ def list_objects(s3, bucket: str, prefix: str = "") -> dict[str, tuple[str, obje
     return found
 
 
-@pytest.fixture
-def standin(tmp_path, moto_endpoint, aws_connection, aws_call_log, request):
-    """The SageMaker and Lambda stand-in on loopback, running jobs in the container-side env; a test
-    marked `standin_args(...)` starts it with those extra flags."""
+@pytest.fixture(scope="session")
+def container_python(tmp_path_factory) -> Path:
+    """The container side's Python for the suite's stand-ins: the launcher of one fork server
+    (standin/forkserver.py) that imported torch once, so that no job or model server of the suite
+    imports it afresh. A stand-in given it runs with WARM (no fork server of its own: it is one)."""
     if not CONTAINER_PYTHON.exists():
         pytest.skip("needs .venv-container (make envs)")
+    server = ForkServer(str(CONTAINER_PYTHON), tmp_path_factory.mktemp("forkserver"))
+    yield Path(server.python)
+    server.stop()
+
+
+WARM = ("--no-fork-server",)  # the stand-in flag for a container_python that is already a fork server's
+
+
+@pytest.fixture
+def standin(tmp_path, moto_endpoint, aws_connection, aws_call_log, container_python, request):
+    """The SageMaker and Lambda stand-in on loopback, running jobs in the container-side env; a test
+    marked `standin_args(...)` starts it with those extra flags. `restart(handle)` stops and starts it
+    on the same state, as after a crash or a deploy of the stand-in."""
     state = tmp_path / "state"
     marker = request.node.get_closest_marker("standin_args")
+    extra = (*WARM, *(marker.args if marker else ()))
     proc, endpoint = start_standin(
-        state,
-        moto_endpoint,
-        CONTAINER_PYTHON,
-        api_key=API_KEY,
-        extra_args=tuple(marker.args) if marker else (),
-        call_log=aws_call_log,
+        state, moto_endpoint, container_python, api_key=API_KEY, extra_args=extra, call_log=aws_call_log
     )
-    handle = {"proc": proc, "endpoint": endpoint, "state": state}
+    handle = {"proc": proc, "endpoint": endpoint, "state": state, "python": container_python}
     yield handle
     handle["proc"].terminate()
     handle["proc"].wait(timeout=10)
+
+
+def restart(handle: dict, moto_endpoint: str) -> None:
+    """Stop the `standin` fixture's stand-in and start it again on its state (same port not kept)."""
+    handle["proc"].terminate()
+    handle["proc"].wait(timeout=10)
+    handle["proc"], handle["endpoint"] = start_standin(
+        handle["state"], moto_endpoint, handle["python"], extra_args=WARM
+    )
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from standin.launch import start_standin
 from tests.airflow_side.conftest import (
     API_FUNCTION_ROLE,
     API_KEY,
-    CONTAINER_PYTHON,
+    WARM,
     deployed_model,
     sagemaker_client,
     serving_endpoint,
@@ -217,13 +217,14 @@ def test_the_cli_client_counts_a_folder_through_the_gateway(local_stack_connecti
 
 
 @pytest.fixture
-def throttling_stack(tmp_path, moto_endpoint, aws_connection):
+def throttling_stack(tmp_path, moto_endpoint, aws_connection, container_python):
     """A stand-in whose endpoints take a burst of two InvokeEndpoint calls, then one per 20 s, and
     answer ThrottlingException beyond that, as SageMaker does past an account's rate."""
-    if not CONTAINER_PYTHON.exists():
-        pytest.skip("needs .venv-container (make envs)")
     proc, endpoint = start_standin(
-        tmp_path / "state", moto_endpoint, CONTAINER_PYTHON, extra_args=("--invoke-rate", "0.05", "--invoke-burst", "2")
+        tmp_path / "state",
+        moto_endpoint,
+        container_python,
+        extra_args=(*WARM, "--invoke-rate", "0.05", "--invoke-burst", "2"),
     )
     yield {"endpoint": endpoint, "state": tmp_path / "state"}
     proc.terminate()

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import tarfile
 import time
 import urllib.error
@@ -23,7 +22,7 @@ from bin_counter import weights
 from bin_counter.sagemaker_config import training_job_config
 from standin.awslambda.exceptions import MAX_REQUEST_PAYLOAD_BYTES, MAX_RESPONSE_PAYLOAD_BYTES
 from standin.gateway import INTEGRATION_TIMEOUT_S, MAX_PAYLOAD, Gateway
-from standin.launch import airflow_connection, start_standin
+from standin.launch import airflow_connection
 from standin.sagemaker.endpoints import model_server_processes
 from standin.sagemaker.exceptions import MAX_INVOKE_BODY_BYTES
 from tests.airflow_side.conftest import (
@@ -32,6 +31,7 @@ from tests.airflow_side.conftest import (
     SAGEMAKER_ROLE,
     deployed_model,
     job_config,
+    restart,
     sagemaker_client,
     serving_endpoint,
     wait_endpoint,
@@ -40,10 +40,6 @@ from tests.airflow_side.conftest import (
 from tests.conftest import REPO, write_split_dir
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
-
-
-def start(state_dir, aws_endpoint) -> tuple[subprocess.Popen, str]:
-    return start_standin(state_dir, aws_endpoint, CONTAINER_PYTHON)
 
 
 def test_training_job_runs_train_py_and_leaves_a_loadable_model(standin, job_inputs, s3, aws_connection):
@@ -277,9 +273,7 @@ def test_stop_and_restart_keep_the_state(standin, job_inputs, s3, moto_endpoint,
         assert time.time() < deadline, processes_in(job_folder)
         time.sleep(0.2)
 
-    standin["proc"].terminate()
-    standin["proc"].wait(timeout=10)
-    standin["proc"], standin["endpoint"] = start(standin["state"], moto_endpoint)
+    restart(standin, moto_endpoint)
     again = sagemaker_client(standin).describe_training_job(TrainingJobName="job-long")
     assert again["TrainingJobStatus"] == "Stopped"
 
@@ -827,9 +821,7 @@ def test_update_under_a_stream_of_requests_drops_none(standin, job_inputs, s3, t
 def test_restart_brings_endpoints_back(standin, job_inputs, moto_endpoint, tmp_path, aws_connection):
     sm = sagemaker_client(standin)
     serving_endpoint(sm, job_inputs, "job-r", "again")
-    standin["proc"].terminate()
-    standin["proc"].wait(timeout=10)
-    standin["proc"], standin["endpoint"] = start(standin["state"], moto_endpoint)
+    restart(standin, moto_endpoint)
     sm = sagemaker_client(standin)
     assert wait_endpoint(sm, "again")["EndpointStatus"] == "InService"
     assert sm.describe_training_job(TrainingJobName="job-r")["TrainingJobStatus"] == "Completed"

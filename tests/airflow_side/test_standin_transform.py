@@ -15,7 +15,7 @@ from standin.aws_calls import read_calls
 from standin.launch import start_standin
 from standin.sagemaker import transform
 from standin.sagemaker.models import arn
-from tests.airflow_side.conftest import CONTAINER_PYTHON, deployed_model, sagemaker_client, wait_ended
+from tests.airflow_side.conftest import CONTAINER_PYTHON, WARM, deployed_model, sagemaker_client, wait_ended
 from tests.conftest import REPO, make_bin_image, png_padded_to
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
@@ -50,7 +50,7 @@ def keys(s3, prefix: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, moto_endpoint, aws_call_log):
+def stack(tmp_path_factory, moto_endpoint, aws_call_log, container_python):
     """A stand-in with the published model registered, and two finished jobs: `mixed` (a prefix of
     good photos, a truncated JPEG, a text file and an object over MaxPayloadInMB) and `manifest`
     (a manifest naming photos in sub-folders)."""
@@ -59,8 +59,8 @@ def stack(tmp_path_factory, moto_endpoint, aws_call_log):
     env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     state = tmp_path_factory.mktemp("transform") / "state"
     calls_from = aws_call_log.stat().st_size if aws_call_log.exists() else 0
-    proc, endpoint = start_standin(state, moto_endpoint, CONTAINER_PYTHON, call_log=aws_call_log)
-    handle = {"proc": proc, "endpoint": endpoint, "state": state}
+    proc, endpoint = start_standin(state, moto_endpoint, container_python, extra_args=WARM, call_log=aws_call_log)
+    handle = {"proc": proc, "endpoint": endpoint, "state": state, "python": container_python}
     s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket=BUCKET)
     s3.put_object(
@@ -252,7 +252,7 @@ def test_a_job_running_when_the_standin_stops_is_failed_at_the_next_start(stack)
     sm.create_transform_job(**job_request("cut-short", f"s3://{BUCKET}/sets/", f"s3://{BUCKET}/out/cut-short/"))
     stack["proc"].terminate()
     stack["proc"].wait(timeout=10)
-    stack["proc"], stack["endpoint"] = start_standin(stack["state"], stack["moto"], CONTAINER_PYTHON)
+    stack["proc"], stack["endpoint"] = start_standin(stack["state"], stack["moto"], stack["python"], extra_args=WARM)
     job = sagemaker_client(stack).describe_transform_job(TransformJobName="cut-short")
     assert job["TransformJobStatus"] == "Failed"
     assert job["FailureReason"] == "InternalServerError: the local stand-in restarted during the transform job"
