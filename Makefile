@@ -107,7 +107,7 @@ check: envs lint docs
 
 # The whole pipeline on the local stack (moto S3, the SageMaker/Lambda stand-in, Airflow on SQLite):
 # bin_count_data_prep on DEMO_KEYS, then bin_count_retrain (tune, retrain, gate, deploy, smoke check),
-# then counts from the deployed endpoint next to the truth.
+# then bin_count_batch: the deployed model's counts of the test photos next to the truth.
 demo: envs
 	PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack demo --source "$(ABID_SOURCE)" --keys $(DEMO_KEYS) --work $(DEMO_DIR)
 

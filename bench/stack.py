@@ -19,6 +19,8 @@ from bin_counter.api_function import ensure_function
 from standin.iam import service_role
 from standin.launch import start_moto, start_standin
 
+NO_FORK_SERVER = ("--no-fork-server",)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
@@ -87,7 +89,9 @@ def api_stack(model: Path, state_prefix: str, environment: dict | None = None) -
         "sagemaker.amazonaws.com",
         "lambda.amazonaws.com",
     )
-    standin, url = start_standin(state, moto_url, CONTAINER_PYTHON, api_key=API_KEY)
+    # A fresh interpreter per model server, as on SageMaker: the memory rows count each process's own
+    # pages, which a fork server's children would share with it (standin/forkserver.py).
+    standin, url = start_standin(state, moto_url, CONTAINER_PYTHON, api_key=API_KEY, extra_args=NO_FORK_SERVER)
     try:
         s3 = boto3.client("s3", endpoint_url=moto_url)
         s3.create_bucket(Bucket="bench")

@@ -24,7 +24,7 @@ from pathlib import Path
 import boto3
 
 from bench.measure import descendants, memory_mb
-from bench.stack import serve_endpoint
+from bench.stack import NO_FORK_SERVER, serve_endpoint
 from bin_counter.abid import read_local_records
 from bin_counter.sagemaker_config import training_job_config
 from standin.iam import service_role
@@ -78,7 +78,7 @@ def main() -> None:
     )
     state = ROOT / "build" / "bench-standin"
     subprocess.run(["rm", "-rf", str(state)], check=True)
-    standin, endpoint = start_standin(state, moto_endpoint, container_python)
+    standin, endpoint = start_standin(state, moto_endpoint, container_python, extra_args=NO_FORK_SERVER)
     try:
         s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
         s3.create_bucket(Bucket="bench")

@@ -60,7 +60,7 @@ task log says alerts are off.
 
 SageMaker job names derive from the run: a retried task attaches to the job its earlier try started
 instead of starting another. What differs between AWS and a laptop is only the `aws_default`
-connection (endpoint URLs per service); see the README.
+connection (endpoint URLs per service); see docs/standin/README.md.
 
 **When a task fails**
 - *dataset*: no dataset yet (run `bin_count_data_prep`), or a `dataset_version` that does not exist.
@@ -71,7 +71,7 @@ connection (endpoint URLs per service); see the README.
 - *package_weights*: the backbone's ImageNet weights file found on the worker is not what its name says
   (its sha256 does not start with the hash in the name): replace it. Not found at all, the task warns
   and the jobs download the weights themselves; set `BIN_COUNTER_IMAGENET_WEIGHTS` on the workers to a
-  folder holding the file (README, "Retraining DAG").
+  folder holding the file (docs/dags/README.md, "Retraining DAG").
 - *tune*: every trial failed. The log names the tuning job; each trial's FailureReason says why
   (often a hyperparameter `train.py` refuses, or an instance type the account has no quota for).
 - *retrain*: the log shows the job's own output and its FailureReason. A retry attaches to a job still

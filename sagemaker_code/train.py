@@ -29,11 +29,15 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import auxiliary
 import averaging
@@ -80,15 +84,24 @@ def str2bool(value: str) -> bool:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         # Exit with the message as the exit value, so run() can hand it to SageMaker as the reason.
         self.print_usage(sys.stderr)
         raise SystemExit(f"train.py: error: {message}")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    env = os.environ.get
     parser = ArgumentParser(description="Train the ABID bin item counter", add_help=add_help)
+    _add_path_arguments(parser)
+    _add_model_arguments(parser)
+    _add_optimisation_arguments(parser)
+    _add_serving_arguments(parser)
+    _add_runtime_arguments(parser)
+    return parser
+
+
+def _add_path_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
     paths = parser.add_argument_group("paths (default to SageMaker's environment)")
     paths.add_argument(
         "--train",
@@ -127,6 +140,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="on failure the reason is written here (SageMaker's FailureReason). Empty: none",
     )
 
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
     model = parser.add_argument_group("model")
     model.add_argument(
         "--arch", default="mobilenet_v2", choices=sorted(backbones.ARCHITECTURES), help="torchvision backbone"
@@ -173,6 +189,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "else derived from the architecture, data and time)",
     )
 
+
+def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=6, help="passes over the training data")
     optim.add_argument("--batch-size", type=int, default=32, help="images per step")
@@ -251,6 +270,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "input channel on SageMaker)",
     )
 
+
+def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     serving = parser.add_argument_group("serving (recorded in the model card; inference.py follows it)")
     serving.add_argument(
         "--tta",
@@ -267,6 +288,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "probability reaches one half; expected: the expected count, rounded",
     )
 
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
     runtime.add_argument(
@@ -289,12 +313,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     runtime.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     runtime.add_argument("--eval-batch-size", type=int, default=64, help="images per evaluation step")
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
-    # The SageMaker SDK's own entries (sagemaker_program ...) are not ours; everything else must parse.
+    args = get_args_parser().parse_args(without_sagemaker_entries(argv))
+    check_args(args)
+    return args
+
+
+def without_sagemaker_entries(argv: list[str]) -> list[str]:
+    """The SageMaker SDK's own entries (sagemaker_program ...) are not ours; everything else must parse."""
     cleaned, skip = [], False
     for item in argv:
         if skip:
@@ -304,7 +333,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             skip = "=" not in item
             continue
         cleaned.append(item)
-    args = get_args_parser().parse_args(cleaned)
+    return cleaned
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Values argparse's types let through but training cannot use: refused before any image is read."""
     if not args.train:
         raise SystemExit("train.py: no training data: set SM_CHANNEL_TRAIN or pass --train")
     for name in ("epochs", "batch_size", "image_size"):
@@ -322,7 +355,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit("train.py: --ema-decay must be 0 (off) or between 0 and 1")
     if args.aux_weight and args.cache != "memory":
         raise SystemExit("train.py: --aux-weight needs --cache memory (the targets follow the decoded photos)")
-    return args
 
 
 def select_device(name: str) -> torch.device:
@@ -344,12 +376,75 @@ def use_bf16(amp: str, device: torch.device) -> bool:
         return False
 
 
-def load_channel(
-    paths: list[str], args: argparse.Namespace, group: distributed.Group | None = None
-) -> datasets.DecodedSet | list:
+# A channel's images: decoded into memory (--cache memory), or their labelled files (--cache none).
+Channel = datasets.DecodedSet | list[tuple[datasets.Sample, int]]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process computes, and beside which others."""
+
+    device: torch.device
+    bf16: bool  # autocast to bfloat16
+    group: distributed.Group
+
+
+@dataclass
+class Data:
+    """The channels this process holds, and what the run knows of the whole training set."""
+
+    sets: dict[str, Channel]  # "train" (this process's share); "validation" and "test" on the main process
+    sizes: dict[str, int]  # images per channel; "train" counts every process's
+    fingerprint: str
+    train_labels: torch.Tensor  # every process's
+    per_process: int  # training images each process takes per epoch
+
+
+@dataclass
+class TrainingSet:
+    """What an epoch trains on: this process's share of the training set and what its loss needs."""
+
+    data: Channel
+    length: int  # images per epoch: a smaller share wraps around, so every process takes as many steps
+    images: int  # every process's images together
+    class_weights: torch.Tensor | None
+    aux_targets: torch.Tensor | None  # with --aux-weight: one standardised row per photo of `data`
+
+
+@dataclass
+class Learner:
+    """The model in training and what updates it."""
+
+    model: nn.Module  # the weights that train (what a checkpoint holds)
+    trainer: nn.Module  # `model`, or with several processes `model` wrapped to average the gradients
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: averaging.WeightAverage | None
+    scored: nn.Module  # the weights that validation scores and the model keeps: `model` or the average
+    aux_heads: auxiliary.AuxiliaryHeads | None
+
+
+@dataclass
+class Progress:
+    """How far training got: what a checkpoint keeps beside the weights."""
+
+    epoch: int = 0  # the last finished epoch
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"score": None, "epoch": 0, "state": None, "validation": None})
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where each epoch's progress is saved (--checkpoint-dir), for a restarted run to resume."""
+
+    path: Path
+    signature: dict[str, Any]  # what must match for a restarted run to resume from it
+
+
+def load_channel(paths: list[str], args: argparse.Namespace, group: distributed.Group | None = None) -> Channel:
     """One or more channels' images decoded into memory, or (with --cache none) their labelled files;
     with a `group` of training processes, only this process's share of them."""
-    labelled = []
+    labelled: list[tuple[datasets.Sample, int]] = []
     for path in paths:
         labelled += datasets.apply_count_policy(datasets.list_samples(path), args.max_count, args.above_max)
     if not labelled:
@@ -362,8 +457,8 @@ def load_channel(
 
 
 def iterate_batches(
-    data, batch_size: int, shuffle: bool, seed: int, workers: int, size: int, length: int | None = None
-):
+    data: Channel, batch_size: int, shuffle: bool, seed: int, workers: int, size: int, length: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """uint8 image batches with their labels and their positions in `data` (None when decoding as
     it goes), from the memory cache or decoding as it goes. With `length` above the set's size, the
     order wraps around to that many images: a process whose share is smaller takes as many steps as
@@ -389,7 +484,7 @@ def iterate_batches(
             yield images, labels, None
 
 
-def set_size(data) -> int:
+def set_size(data: Channel) -> int:
     return len(data.labels) if isinstance(data, datasets.DecodedSet) else len(data)
 
 
@@ -494,67 +589,67 @@ def count_loss(
     return (per_image * w).sum() / w.sum()
 
 
-def training_labels(data) -> torch.Tensor:
+def training_labels(data: Channel) -> torch.Tensor:
     if isinstance(data, datasets.DecodedSet):
         return data.labels
     return torch.tensor([label for _, label in data], dtype=torch.int64)
 
 
 def train_one_epoch(
-    model,
-    optimizer,
-    scheduler,
-    data,
-    args,
-    device,
-    epoch: int,
-    bf16: bool,
-    weights: torch.Tensor | None = None,
-    group: distributed.Group = distributed.SINGLE,
-    length: int | None = None,
-    aux_targets: torch.Tensor | None = None,
-    ema: averaging.WeightAverage | None = None,
+    learner: Learner, train: TrainingSet, args: argparse.Namespace, epoch: int, runtime: Runtime
 ) -> float:
-    """One pass over `data` (this process's share, `length` images); the mean training loss over
-    every process. With `aux_targets` (one standardised row per photo of `data`), the loss adds
-    --aux-weight times the auxiliary heads' loss. `ema` is updated after every step."""
-    net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    if args.mode == "head":
-        net.eval()  # frozen backbone: keep its batch-norm statistics as they are
-    else:
-        net.train()
-        if args.mode == "partial":
-            for stage in backbones.early_stages(net, args.arch):
-                stage.eval()  # frozen stages keep their batch-norm statistics too
+    """One pass over this process's share of the training set; the mean training loss over every
+    process. With auxiliary targets the loss adds --aux-weight times the auxiliary heads' loss; the
+    weight average, if any, is updated after every step."""
+    net, device = learner.model, runtime.device
+    set_training_mode(net, args.mode, args.arch)
     # Each process draws its own augmentations (one process: the seed as it always was).
-    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * group.rank)
+    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * runtime.group.rank)
     total_loss, seen = 0.0, 0
     for images_u8, labels, index in iterate_batches(
-        data, args.batch_size, True, args.seed * 1000 + epoch, args.workers, args.image_size, length
+        train.data, args.batch_size, True, args.seed * 1000 + epoch, args.workers, args.image_size, train.length
     ):
         images = prepare(images_u8, device, generator if args.augment else None, args.rotate, args.zoom)
         labels = labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(images)
-        loss = count_loss(logits.float(), labels, args, weights)
-        if aux_targets is not None:
-            predicted = net.auxiliary.latest
-            loss = loss + args.aux_weight * auxiliary.auxiliary_loss(predicted, aux_targets[index].to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
+            logits = learner.trainer(images)
+        loss = count_loss(logits.float(), labels, args, train.class_weights)
+        if learner.aux_heads is not None and train.aux_targets is not None:
+            predicted = learner.aux_heads.latest
+            assert predicted is not None  # set by the forward above: the heads hook the counting head's input
+            loss = loss + args.aux_weight * auxiliary.auxiliary_loss(predicted, train.aux_targets[index].to(device))
         if not torch.isfinite(loss):
             # Nothing useful comes after a non-finite loss: stop now and say what to change.
             raise TrainingDiverged(
                 f"training diverged: the loss became {loss.item()} in epoch {epoch}; lower --lr (was {args.lr:g})"
             )
-        optimizer.zero_grad(set_to_none=True)
+        learner.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update(net)
+        learner.optimizer.step()
+        learner.scheduler.step()
+        if learner.ema is not None:
+            learner.ema.update(net)
         total_loss += loss.item() * len(labels)
         seen += len(labels)
-    total_loss, seen = distributed.sum_floats([total_loss, seen], group)  # every process decides alike
-    mean_loss = total_loss / seen
+    loss_sum, count = distributed.sum_floats([total_loss, seen], runtime.group)  # every process decides alike
+    mean_loss = loss_sum / count
+    stop_if_diverged(mean_loss, epoch, args)
+    return mean_loss
+
+
+def set_training_mode(model: nn.Module, mode: str, arch: str) -> None:
+    """Training mode for the layers that train; frozen ones keep their batch-norm statistics as they are."""
+    if mode == "head":
+        model.eval()  # frozen backbone
+    else:
+        model.train()
+        if mode == "partial":
+            for stage in backbones.early_stages(model, arch):
+                stage.eval()
+
+
+def stop_if_diverged(mean_loss: float, epoch: int, args: argparse.Namespace) -> None:
+    """TrainingDiverged when an epoch's mean loss says the weights were thrown away."""
     # A model guessing at random scores ln(classes); tens of times that only comes from a learning
     # rate that threw the weights away, and the epochs after it would be wasted.
     limit = DIVERGED_LOSS_FACTOR * math.log(args.max_count + 1)
@@ -563,11 +658,12 @@ def train_one_epoch(
             f"training diverged: the mean loss of epoch {epoch} is {mean_loss:.1f} (a random "
             f"guess scores {math.log(args.max_count + 1):.2f}); lower --lr (was {args.lr:g})"
         )
-    return mean_loss
 
 
 @torch.no_grad()
-def evaluate(model, data, args, device, bf16: bool, num_classes: int) -> dict:
+def evaluate(
+    model: nn.Module, data: Channel, args: argparse.Namespace, device: torch.device, bf16: bool, num_classes: int
+) -> dict[str, Any]:
     """Loss and counting metrics of `model` on one channel."""
     model.eval()
     truths, predictions, total_loss = [], [], 0.0
@@ -589,13 +685,13 @@ def metric_line(prefix: str, result: dict) -> str:
     return " ".join(f"{prefix}_{k}={result[k]:.4f}" for k in keys if k in result)
 
 
-def save_atomic(obj, path: Path) -> None:
+def save_atomic(obj: object, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
-def config_signature(args: argparse.Namespace, fingerprint: str, processes: int = 1) -> dict:
+def config_signature(args: argparse.Namespace, fingerprint: str, processes: int = 1) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed: the recipe, the data and, with several
     training processes, their number (it sets the steps per epoch)."""
     keys = (
@@ -650,7 +746,13 @@ def auxiliary_targets(
     return (raw - mean) / std, summary
 
 
-def load_checkpoint(path: Path, signature: dict, model, optimizer, scheduler) -> dict | None:
+def load_checkpoint(
+    path: Path,
+    signature: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -682,171 +784,260 @@ def write_model(model_dir: Path, best_state: dict, card: dict, graph: torch.jit.
         shutil.copy2(here / name, code_dir / name)
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = select_device(args.device)
-    group, device = distributed.setup(device)
+    group, device = distributed.setup(select_device(args.device))
     # --workers counts an instance's decoding processes (SM_NUM_CPUS by default): under torchrun the
     # instance's training processes share them, or four GPUs' processes would start four times the CPUs.
     args.workers = max(1, args.workers // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    bf16 = use_bf16(args.amp, device)
-    num_classes = args.max_count + 1
+    runtime = Runtime(device, use_bf16(args.amp, device), group)
 
-    def say(line: str) -> None:  # the metric lines and the log, once: the main process's
-        if group.main:
-            print(line, flush=True)
-
-    channels = {"train": [args.train], "validation": [args.validation], "test": [args.test]}
-    if args.train_on_validation and args.validation:
-        channels = {"train": [args.train, args.validation], "test": [args.test]}
-        say("training on train + validation: keeping the last epoch")
-        args.select_metric = "last"
-    # Each process decodes its share of the training photos; the main process alone evaluates.
-    data = {
-        name: load_channel(paths, args, group) if name == "train" else load_channel(paths, args)
-        for name, paths in channels.items()
-        if all(paths) and (name == "train" or group.main)
-    }
-    rows = datasets.fingerprint_rows(data)
-    fingerprint = datasets.digest_rows([row for part in distributed.gather(rows, group) for row in part])
-    signature = config_signature(args, fingerprint, group.world)
-    train_labels = torch.tensor(
-        [label for part in distributed.gather(training_labels(data["train"]).tolist(), group) for label in part],
-        dtype=torch.int64,
-    )
-    sizes = {name: set_size(d) for name, d in data.items()}
-    sizes["train"] = len(train_labels)
-    per_process = distributed.share_length(sizes["train"], group)  # images per process per epoch
-    say(
-        f"data: {json.dumps(sizes)} classes=0..{args.max_count} above_max={args.above_max} "
-        f"cache={args.cache} decode_s={time.time() - started:.1f}"
-        + (f" processes={group.world} images_per_process={per_process}" if group.active else "")
-    )
-    aux_targets, aux_summary = None, None
-    if args.aux_weight:
-        aux_targets, aux_summary = auxiliary_targets(data["train"], channels["train"], args.aux_metadata, group)
-        say(
-            f"auxiliary targets: {aux_summary['photos_with_all']} of {aux_summary['photos']} training photos "
-            f"have all of {', '.join(auxiliary.TARGETS)}; weight {args.aux_weight:g}"
-        )
-    if "validation" not in data and args.select_metric != "last":
-        say("no validation channel: keeping the last epoch")
+    channels = choose_channels(args, group)
+    data = load_data(channels, args, group, started)
+    aux_targets, aux_summary = load_auxiliary_targets(data.sets["train"], channels["train"], args, group)
+    if "validation" not in data.sets and args.select_metric != "last":
+        say("no validation channel: keeping the last epoch", group)
         args.select_metric = "last"
 
-    model = backbones.build_model(
-        args.arch, num_classes, args.weights, args.mode, args.head, weights_channel=args.weights_channel
-    )
-    if args.head == "ordinal":
-        counts = torch.bincount(train_labels, minlength=num_classes)
-        backbones.head_module(model, args.arch).start_from_prior(counts)
-    if args.aux_weight:
-        auxiliary.attach(model, backbones.head_module(model, args.arch))
-    model = model.to(device).to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    weights = class_weights(train_labels, num_classes, args.class_weights)
-    steps_per_epoch = math.ceil(per_process / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    warmup = int(args.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
-    ema, scored = None, model  # `scored`: the weights that validation scores and the model keeps
-    if args.ema_decay:
-        ema = averaging.WeightAverage(model, args.ema_decay, keep=lambda key: not key.startswith(auxiliary.PREFIX))
-        scored = (
-            backbones.build_model(args.arch, num_classes, head=args.head)
-            .to(device)
-            .to(memory_format=torch.channels_last)
-        )
-
-    checkpoint_path = Path(args.checkpoint_dir) / CHECKPOINT_NAME if args.checkpoint_dir else None
-    start_epoch, history, best = 1, [], {"score": None, "epoch": 0, "state": None, "validation": None}
-    if checkpoint_path:
-        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        # Every process resumes from the main process's checkpoint (the same file on one instance;
-        # SageMaker restores the same S3Uri into every instance's folder).
-        resumed = load_checkpoint(checkpoint_path, signature, model, optimizer, scheduler)
-        if resumed:
-            start_epoch, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best"]
-            if ema is not None:
-                ema.load_state_dict(resumed["ema"])
-            say(f"resumed from {checkpoint_path} after epoch {resumed['epoch']}")
+    model, aux_heads = build_model(args, data.train_labels, device)
+    optimizer, scheduler = build_optimizer(model, args, steps_per_epoch=math.ceil(data.per_process / args.batch_size))
+    ema, scored = build_average(model, args, device)
+    signature = config_signature(args, data.fingerprint, group.world)
+    checkpoint = Checkpoint(Path(args.checkpoint_dir) / CHECKPOINT_NAME, signature) if args.checkpoint_dir else None
+    progress = resume(checkpoint, model, optimizer, scheduler, ema, group)
     say(
-        f"training {args.arch} ({args.mode}, weights={args.weights}) on {device}, bf16={bf16}, "
-        f"epochs {start_epoch}..{args.epochs}"
+        f"training {args.arch} ({args.mode}, weights={args.weights}) on {device}, bf16={runtime.bf16}, "
+        f"epochs {progress.epoch + 1}..{args.epochs}",
+        group,
     )
-    trainer = distributed.wrap(model, group, device)
-
-    for epoch in range(start_epoch, args.epochs + 1):
-        epoch_start = time.time()
-        train_loss = train_one_epoch(
-            trainer,
-            optimizer,
-            scheduler,
-            data["train"],
-            args,
-            device,
-            epoch,
-            bf16,
-            weights,
-            group,
-            per_process,
-            aux_targets,
-            ema,
-        )
-        distributed.average_statistics(model, group)
-        if not group.main:
-            continue
-        record = {"epoch": epoch, "train_loss": round(train_loss, 4)}
-        line = f"epoch={epoch} train_loss={train_loss:.4f}"
-        if ema is not None:
-            scored.load_state_dict(ema.average)
-        if "validation" in data:
-            val = evaluate(scored, data["validation"], args, device, bf16, num_classes)
-            record["validation"] = val
-            line += " " + metric_line("val", val)
-        seconds = time.time() - epoch_start
-        line += (
-            f" lr={scheduler.get_last_lr()[0]:.6f} epoch_time_s={seconds:.1f}"
-            f" images_per_s={sizes['train'] / seconds:.1f}"
-        )
-        say(line)
-        history.append(record)
-
-        score = epoch_score(record, args.select_metric)
-        if best["score"] is None or score > best["score"]:
-            # The serving model's weights: without the auxiliary head, which only training reads.
-            state = auxiliary.serving_state(scored.state_dict())
-            best = {
-                "score": score,
-                "epoch": epoch,
-                "validation": record.get("validation"),
-                "state": {k: v.detach().cpu().clone() for k, v in state.items()},
-            }
-        if checkpoint_path:
-            save_atomic(
-                {
-                    "epoch": epoch,
-                    "signature": signature,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": history,
-                    "best": best,
-                    **({"ema": ema.state_dict()} if ema else {}),
-                },
-                checkpoint_path,
-            )
+    learner = Learner(model, distributed.wrap(model, group, device), optimizer, scheduler, ema, scored, aux_heads)
+    weights = class_weights(data.train_labels, args.max_count + 1, args.class_weights)
+    train = TrainingSet(data.sets["train"], data.per_process, data.sizes["train"], weights, aux_targets)
+    train_epochs(learner, train, data.sets.get("validation"), args, runtime, progress, checkpoint)
 
     distributed.check_in_step(model, group)
     if not group.main:  # the main process writes the model; the others wait for it to finish
         distributed.teardown(group)
         return {}
+    card = write_outputs(model, progress, data, aux_summary, args, runtime, started)
+    distributed.teardown(group)
+    return card
+
+
+def say(line: str, group: distributed.Group) -> None:
+    """A metric line or a log line, printed once: by the main process."""
+    if group.main:
+        print(line, flush=True)
+
+
+def choose_channels(args: argparse.Namespace, group: distributed.Group) -> dict[str, list[str]]:
+    """The folders each channel reads. --train-on-validation trains on both and keeps the last epoch."""
+    if args.train_on_validation and args.validation:
+        say("training on train + validation: keeping the last epoch", group)
+        args.select_metric = "last"
+        return {"train": [args.train, args.validation], "test": [args.test]}
+    return {"train": [args.train], "validation": [args.validation], "test": [args.test]}
+
+
+def load_data(
+    channels: dict[str, list[str]], args: argparse.Namespace, group: distributed.Group, started: float
+) -> Data:
+    """The channels given, read, and what every process's share of the training set adds up to."""
+    # Each process decodes its share of the training photos; the main process alone evaluates.
+    sets = {
+        name: load_channel(paths, args, group) if name == "train" else load_channel(paths, args)
+        for name, paths in channels.items()
+        if all(paths) and (name == "train" or group.main)
+    }
+    rows = datasets.fingerprint_rows(sets)
+    fingerprint = datasets.digest_rows([row for part in distributed.gather(rows, group) for row in part])
+    train_labels = torch.tensor(
+        [label for part in distributed.gather(training_labels(sets["train"]).tolist(), group) for label in part],
+        dtype=torch.int64,
+    )
+    sizes = {name: set_size(d) for name, d in sets.items()}
+    sizes["train"] = len(train_labels)
+    per_process = distributed.share_length(sizes["train"], group)  # images per process per epoch
+    say(
+        f"data: {json.dumps(sizes)} classes=0..{args.max_count} above_max={args.above_max} "
+        f"cache={args.cache} decode_s={time.time() - started:.1f}"
+        + (f" processes={group.world} images_per_process={per_process}" if group.active else ""),
+        group,
+    )
+    return Data(sets, sizes, fingerprint, train_labels, per_process)
+
+
+def load_auxiliary_targets(
+    train: Channel, paths: list[str], args: argparse.Namespace, group: distributed.Group
+) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    """With --aux-weight, `auxiliary_targets` of the training photos; (None, None) without."""
+    if not args.aux_weight:
+        return None, None
+    assert isinstance(train, datasets.DecodedSet)  # check_args: --aux-weight needs --cache memory
+    targets, summary = auxiliary_targets(train, paths, args.aux_metadata, group)
+    say(
+        f"auxiliary targets: {summary['photos_with_all']} of {summary['photos']} training photos "
+        f"have all of {', '.join(auxiliary.TARGETS)}; weight {args.aux_weight:g}",
+        group,
+    )
+    return targets, summary
+
+
+def build_model(
+    args: argparse.Namespace, train_labels: torch.Tensor, device: torch.device
+) -> tuple[nn.Module, auxiliary.AuxiliaryHeads | None]:
+    """The backbone with its counting head and, with --aux-weight, the auxiliary heads it feeds."""
+    num_classes = args.max_count + 1
+    model = backbones.build_model(
+        args.arch, num_classes, args.weights, args.mode, args.head, weights_channel=args.weights_channel
+    )
+    head = backbones.head_module(model, args.arch)
+    if isinstance(head, backbones.OrdinalHead):
+        head.start_from_prior(torch.bincount(train_labels, minlength=num_classes))
+    aux_heads = auxiliary.attach(model, head) if args.aux_weight else None
+    return to_device(model, device), aux_heads
+
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device`, channels-last (the layout the convolutions run fastest in)."""
+    # Module.to takes memory_format at run time; torch's type hints leave it out of every overload.
+    return model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def build_optimizer(
+    model: nn.Module, args: argparse.Namespace, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the parameters that train, and its learning rate per step: a linear warm-up, then
+    a cosine decay to zero at the last step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    total_steps = steps_per_epoch * args.epochs
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    return optimizer, scheduler
+
+
+def build_average(
+    model: nn.Module, args: argparse.Namespace, device: torch.device
+) -> tuple[averaging.WeightAverage | None, nn.Module]:
+    """With --ema-decay, the weight average and a model to score it in; otherwise None and `model`."""
+    if not args.ema_decay:
+        return None, model
+    ema = averaging.WeightAverage(model, args.ema_decay, keep=lambda key: not key.startswith(auxiliary.PREFIX))
+    return ema, to_device(backbones.build_model(args.arch, args.max_count + 1, head=args.head), device)
+
+
+def resume(
+    checkpoint: Checkpoint | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: averaging.WeightAverage | None,
+    group: distributed.Group,
+) -> Progress:
+    """The progress a restarted run goes on from, its weights and optimiser state loaded; a fresh
+    start without a checkpoint."""
+    if checkpoint is None:
+        return Progress()
+    checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
+    # Every process resumes from the main process's checkpoint (the same file on one instance;
+    # SageMaker restores the same S3Uri into every instance's folder).
+    resumed = load_checkpoint(checkpoint.path, checkpoint.signature, model, optimizer, scheduler)
+    if not resumed:
+        return Progress()
+    if ema is not None:
+        ema.load_state_dict(resumed["ema"])
+    say(f"resumed from {checkpoint.path} after epoch {resumed['epoch']}", group)
+    return Progress(resumed["epoch"], resumed["history"], resumed["best"])
+
+
+def train_epochs(
+    learner: Learner,
+    train: TrainingSet,
+    validation: Channel | None,
+    args: argparse.Namespace,
+    runtime: Runtime,
+    progress: Progress,
+    checkpoint: Checkpoint | None,
+) -> None:
+    """The epochs after `progress` up to --epochs. After each, the main process scores the weights
+    on `validation`, keeps them in `progress` if they are the best so far, and saves a checkpoint."""
+    num_classes = args.max_count + 1
+    for epoch in range(progress.epoch + 1, args.epochs + 1):
+        epoch_start = time.time()
+        train_loss = train_one_epoch(learner, train, args, epoch, runtime)
+        distributed.average_statistics(learner.model, runtime.group)
+        if not runtime.group.main:
+            continue
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": round(train_loss, 4)}
+        line = f"epoch={epoch} train_loss={train_loss:.4f}"
+        if learner.ema is not None:
+            learner.scored.load_state_dict(learner.ema.average)
+        if validation is not None:
+            record["validation"] = evaluate(learner.scored, validation, args, runtime.device, runtime.bf16, num_classes)
+            line += " " + metric_line("val", record["validation"])
+        seconds = time.time() - epoch_start
+        line += (
+            f" lr={learner.scheduler.get_last_lr()[0]:.6f} epoch_time_s={seconds:.1f}"
+            f" images_per_s={train.images / seconds:.1f}"
+        )
+        say(line, runtime.group)
+        progress.epoch = epoch
+        progress.history.append(record)
+        progress.best = best_so_far(progress.best, record, learner.scored, args.select_metric)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, learner, progress)
+
+
+def best_so_far(best: dict[str, Any], record: dict[str, Any], scored: nn.Module, select_metric: str) -> dict[str, Any]:
+    """`best`, or this epoch's score, validation and weights when they beat it."""
+    score = epoch_score(record, select_metric)
+    if best["score"] is not None and not score > best["score"]:
+        return best
+    # The serving model's weights: without the auxiliary head, which only training reads.
+    state = auxiliary.serving_state(scored.state_dict())
+    return {
+        "score": score,
+        "epoch": record["epoch"],
+        "validation": record.get("validation"),
+        "state": {k: v.detach().cpu().clone() for k, v in state.items()},
+    }
+
+
+def save_checkpoint(checkpoint: Checkpoint, learner: Learner, progress: Progress) -> None:
+    save_atomic(
+        {
+            "epoch": progress.epoch,
+            "signature": checkpoint.signature,
+            "model": learner.model.state_dict(),
+            "optimizer": learner.optimizer.state_dict(),
+            "scheduler": learner.scheduler.state_dict(),
+            "history": progress.history,
+            "best": progress.best,
+            **({"ema": learner.ema.state_dict()} if learner.ema is not None else {}),
+        },
+        checkpoint.path,
+    )
+
+
+def write_outputs(
+    model: nn.Module,
+    progress: Progress,
+    data: Data,
+    aux_summary: dict[str, Any] | None,
+    args: argparse.Namespace,
+    runtime: Runtime,
+    started: float,
+) -> dict[str, Any]:
+    """The main process's last steps: the best epoch's weights written as the model, scored on the
+    test channel as clients will be served, and metrics.json. The model card."""
+    best = progress.best
     model.load_state_dict(best["state"], strict=not args.aux_weight)
-    result = {"best_epoch": best["epoch"], "validation": best["validation"]}
-    card = model_card(args, result, history, sizes, fingerprint, time.time() - started, device, bf16, group)
+    result: dict[str, Any] = {"best_epoch": best["epoch"], "validation": best["validation"]}
+    card = model_card(args, result, progress.history, data.sizes, data.fingerprint, time.time() - started, runtime)
     if aux_summary:
         card["auxiliary_supervision"] = {
             **aux_summary,
@@ -854,21 +1045,9 @@ def main(args: argparse.Namespace) -> dict:
             "source": "BIN_FCSKU_DATA of each training photo's metadata record",
             "served": False,
         }
-    # Traced from a CPU copy: the model itself stays on its device for the test evaluation below.
-    serving_net = backbones.build_model(args.arch, num_classes, weights="none", head=args.head)
-    serving_net.load_state_dict(best["state"])
-    graph = serving_graph.export(serving_net, args.image_size, len(inference.TTA_VIEWS[args.tta]))
-    write_model(Path(args.model_dir), best["state"], card, graph)
-    if "test" in data:
-        # Scored as clients will be served: the written model through the serving handlers (fp32),
-        # and the serving model, if any, the same way on the same images. The loss comes from the
-        # training-time evaluation.
-        loss = evaluate(model, data["test"], args, device, bf16, num_classes)["loss"]
-        result["test"] = {**score_model(args.model_dir, args.test, args.max_count, args.eval_batch_size), "loss": loss}
-        say(metric_line("test", result["test"]))
-        say(f"test_per_class_accuracy={json.dumps(result['test']['per_class_accuracy'])}")
-        if args.champion:
-            result["champion"] = score_champion(args.champion, args.test, args.max_count, args.eval_batch_size)
+    write_model(Path(args.model_dir), best["state"], card, trace_serving_graph(best["state"], args))
+    if "test" in data.sets:
+        result.update(score_test(model, data.sets["test"], args, runtime))
         card["metrics"] = result
         write_model(Path(args.model_dir), best["state"], card)
 
@@ -877,10 +1056,34 @@ def main(args: argparse.Namespace) -> dict:
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     say(
         f"model {card['model_version']} written to {args.model_dir} (best epoch {best['epoch']}) "
-        f"in {time.time() - started:.1f}s"
+        f"in {time.time() - started:.1f}s",
+        runtime.group,
     )
-    distributed.teardown(group)
     return card
+
+
+def trace_serving_graph(state: dict[str, torch.Tensor], args: argparse.Namespace) -> torch.jit.ScriptModule:
+    """The serving graph of the weights `state`."""
+    # Traced from a CPU copy: the model itself stays on its device for the test evaluation.
+    serving_net = backbones.build_model(args.arch, args.max_count + 1, weights="none", head=args.head)
+    serving_net.load_state_dict(state)
+    return serving_graph.export(serving_net, args.image_size, len(inference.TTA_VIEWS[args.tta]))
+
+
+def score_test(model: nn.Module, test: Channel, args: argparse.Namespace, runtime: Runtime) -> dict[str, Any]:
+    """The written model's test metrics ("test") and, with --champion, the serving model's ("champion")."""
+    # Scored as clients will be served: the written model through the serving handlers (fp32),
+    # and the serving model, if any, the same way on the same images. The loss comes from the
+    # training-time evaluation.
+    loss = evaluate(model, test, args, runtime.device, runtime.bf16, args.max_count + 1)["loss"]
+    scores: dict[str, Any] = {
+        "test": {**score_model(args.model_dir, args.test, args.max_count, args.eval_batch_size), "loss": loss}
+    }
+    say(metric_line("test", scores["test"]), runtime.group)
+    say(f"test_per_class_accuracy={json.dumps(scores['test']['per_class_accuracy'])}", runtime.group)
+    if args.champion:
+        scores["champion"] = score_champion(args.champion, args.test, args.max_count, args.eval_batch_size)
+    return scores
 
 
 def find_model(path: str) -> Path:
@@ -916,7 +1119,7 @@ def score_champion(path: str, test_dir: str, max_count: int, batch_size: int) ->
     return champion
 
 
-def epoch_score(record: dict, select_metric: str):
+def epoch_score(record: dict[str, Any], select_metric: str) -> float | tuple[float, float]:
     """Higher is better: which epoch's weights become the model."""
     if select_metric == "last":
         return record["epoch"]
@@ -926,16 +1129,14 @@ def epoch_score(record: dict, select_metric: str):
 
 
 def model_card(
-    args,
-    result: dict,
-    history: list,
-    sizes: dict,
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    history: list[dict[str, Any]],
+    sizes: dict[str, int],
     fingerprint: str,
     seconds: float,
-    device: torch.device,
-    bf16: bool,
-    group: distributed.Group = distributed.SINGLE,
-) -> dict:
+    runtime: Runtime,
+) -> dict[str, Any]:
     """model_card.json: what the model is, how it was made, from what data, and how good it is."""
     created = datetime.now(UTC)
     num_classes = args.max_count + 1
@@ -982,10 +1183,10 @@ def model_card(
         "data": {"images": sizes, "fingerprint": fingerprint},
         "training": {
             "seconds": round(seconds, 1),
-            "device": str(device),
-            "bf16": bf16,
+            "device": str(runtime.device),
+            "bf16": runtime.bf16,
             "torch": torch.__version__,
-            "processes": group.world,
+            "processes": runtime.group.world,
         },
         "created_at": created.isoformat(timespec="seconds"),
         "data_credit": "Amazon Bin Image Dataset, Amazon.com, CC BY-NC-SA 3.0 US",

@@ -14,8 +14,10 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
+
+from standin.core import Headers
 
 # The access key the Airflow workers sign with in the local stack (their AWS connection's login).
 WORKER_ACCESS_KEY_ID = "AKIALOCALAIRFLOWWORKER"
@@ -45,7 +47,7 @@ def role_environment(role_arn: str) -> dict[str, str]:
     }
 
 
-def caller(headers: Mapping[str, str]) -> str:
+def caller(headers: Headers) -> str:
     """The role ARN of an assumed-role request, else the signing access key id ("anonymous" unsigned)."""
     lowered = {k.lower(): v for k, v in headers.items()}
     token = lowered.get("x-amz-security-token", "")

@@ -147,7 +147,8 @@ def reopen_streams(unbuffered: bool) -> None:
     sys.stderr = io.TextIOWrapper(
         io.BufferedWriter(err), line_buffering=True, write_through=unbuffered, errors="backslashreplace"
     )
-    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+    # typeshed marks these Final; a fresh interpreter sets them to its own streams, as this one must.
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr  # type: ignore[misc]
 
 
 def run_program(request: dict, base_path: list[str], launcher: str) -> int:
@@ -162,10 +163,11 @@ def run_program(request: dict, base_path: list[str], launcher: str) -> int:
         options, kind, target, args = parse_argv(request["argv"])
     except Unsupported:
         os.execv(sys.executable, [sys.executable, *request["argv"]])  # noqa: S606 - the interpreter itself
+    target = target or ""  # None only for stdin, which runs no target
     unbuffered = options["unbuffered"] or bool(os.environ.get("PYTHONUNBUFFERED"))
     reopen_streams(unbuffered)
     sys.dont_write_bytecode = options["no_bytecode"] or bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
-    first = {"script": os.path.dirname(os.path.abspath(target or "")), "module": os.getcwd(), "code": ""}
+    first = {"script": os.path.dirname(os.path.abspath(target)), "module": os.getcwd(), "code": ""}
     head = [] if options["safe_path"] or kind == "stdin" else [first[kind]]
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [*head, *extra, *base_path]
@@ -247,8 +249,9 @@ def serve_one(conn: socket.socket, listener: socket.socket, base_path: list[str]
     pidfd = os.pidfd_open(pid)
     import select
 
+    watched: list[int | socket.socket] = [pidfd, conn]
     while True:
-        ready, _, _ = select.select([pidfd, conn], [], [])
+        ready, _, _ = select.select(watched, [], [])
         if pidfd in ready:
             status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
             with contextlib.suppress(OSError):

@@ -4,7 +4,7 @@ and whether a policy allows an action on a resource.
 The local stack answers every call; AWS answers AccessDenied to a principal whose policies do not allow
 it. The tests use this module to hold every call the DAGs make (`standin.aws_calls`) against the
 policies that would apply on AWS, and the local stack uses the rendered stack's outputs for its
-Variables, so that what the README tells a user to copy is what the tests ran with.
+Variables, so that what docs/infra/README.md tells a user to copy is what the tests ran with.
 
 The evaluation follows IAM's documented logic for identity policies, strictly: an explicit Deny wins;
 else an Allow whose Action, Resource and every Condition match; else denied. A Condition on a key the

@@ -37,7 +37,7 @@ class RoleCheck:
 
     def refusal(self, role_arn: str, service: str) -> str | None:
         """None if `service` (e.g. "sagemaker.amazonaws.com") may assume `role_arn`, else why not."""
-        if not self.enabled:
+        if not self.enabled or self.iam is None:
             return None
         name = role_arn.rsplit("/", 1)[-1]
         try:

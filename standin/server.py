@@ -58,6 +58,7 @@ def make_handler(sagemaker: SageMakerResponse, lambdas: LambdaResponse, gateway:
 
         def _gateway(self, method: str, raw: bytes) -> None:
             """The local API Gateway: the public API's route, through the Lambda function."""
+            assert gateway is not None  # _is_gateway() said so
             self._write(gateway.handle(method, self.path, dict(self.headers.items()), raw))
 
         def do_GET(self) -> None:
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "REGEX, with SageMaker's health-check FailureReason (an update is rolled back)",
     )
     args = parser.parse_args(argv)
-    handlers = [logging.StreamHandler()]
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
     if args.log_file:
         handlers.append(logging.FileHandler(args.log_file))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)

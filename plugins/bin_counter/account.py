@@ -24,7 +24,7 @@ class SettingsError(ValueError):
     """An account setting the run cannot start without; the message says what to set."""
 
 
-STACK_HINT = '(infra/pipeline.yaml\'s outputs; see the README, "Run it on AWS")'
+STACK_HINT = '(infra/pipeline.yaml\'s outputs; see docs/infra/README.md, "Run it on AWS")'
 
 
 def framework_images(region: str, training_instance_type: str, endpoint_instance_type: str) -> dict[str, str]:

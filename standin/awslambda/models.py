@@ -65,13 +65,15 @@ class ExecutionEnvironment:
         """The runner's answer ({"result": ...} or {"error": ...}); Timedout, or EOFError when it died."""
         # One event per line: JSON's own text has no line breaks but between tokens.
         line = payload if payload and b"\n" not in payload else json.dumps(json.loads(payload or b"{}")).encode()
-        self.process.stdin.write(line + b"\n")
-        self.process.stdin.flush()
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None and stdout is not None  # both PIPE
+        stdin.write(line + b"\n")
+        stdin.flush()
         with selectors.DefaultSelector() as selector:
-            selector.register(self.process.stdout, selectors.EVENT_READ)
+            selector.register(stdout, selectors.EVENT_READ)
             if not selector.select(timeout_s):
                 raise Timedout
-        line = self.process.stdout.readline()
+        line = stdout.readline()
         if not line:
             raise EOFError(self.process.wait())
         return json.loads(line)

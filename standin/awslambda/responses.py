@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Mapping
 
 import botocore.session
 from botocore.validate import ParamValidator
@@ -25,7 +24,7 @@ from standin.awslambda.exceptions import (
     ValidationException,
 )
 from standin.awslambda.models import LambdaBackend
-from standin.core import Answer
+from standin.core import Answer, Headers
 
 log = logging.getLogger("standin")
 PREFIX = "/2015-03-31/functions"
@@ -54,7 +53,7 @@ class LambdaResponse:
         self.calls = calls or CallLog(None)
         self.model = botocore.session.get_session().get_service_model("lambda")
 
-    def dispatch(self, method: str, path: str, headers: Mapping[str, str], raw: bytes) -> Answer:
+    def dispatch(self, method: str, path: str, headers: Headers, raw: bytes) -> Answer:
         """One Lambda API request and its answer."""
         parts = path.split("?")[0][len(PREFIX) :].strip("/").split("/")
         name, action = [*parts, "", ""][:2]
@@ -63,7 +62,7 @@ class LambdaResponse:
             operation = OPERATIONS.get((method, bool(name), action), "")
             if operation:
                 function = name or body.get("FunctionName", "")
-                granted = [(f"lambda:{operation}", self.backend.arn(function))]
+                granted: list[tuple] = [(f"lambda:{operation}", self.backend.arn(function))]
                 if body.get("Role"):  # the caller hands the function its role
                     granted.append(("iam:PassRole", body["Role"], {"iam:PassedToService": "lambda.amazonaws.com"}))
                 self.calls.record(caller(headers), granted, "standin")

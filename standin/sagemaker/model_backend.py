@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 MODEL_NAME = "model"  # the image's torchserve.py starts TorchServe with `--models model=/opt/ml/model`
 TS_VERSION = "0.12.0"  # the TorchServe of AWS's PyTorch 2.6.0 inference image
@@ -102,10 +103,10 @@ class Context:
             "server_version": mms_version,
             "limit_max_image_pixels": limit_max_image_pixels,
         }
-        self.request_ids = None
-        self.request_processor = None
+        self.request_ids: dict[int, str] | None = None
+        self.request_processor: list[RequestProcessor] | None = None
         self.metrics = None
-        self.model_yaml_config = {}
+        self.model_yaml_config: dict[str, Any] = {}
         self.stopping_criteria = None
 
     @property
@@ -115,11 +116,16 @@ class Context:
     def get_request_id(self, idx: int = 0):
         return None if self.request_ids is None else self.request_ids.get(idx)
 
+    def _processors(self) -> list[RequestProcessor]:
+        if self.request_processor is None:  # no request yet: a TypeError, as TorchServe's Context indexing None
+            raise TypeError("the context has no request processors yet")
+        return self.request_processor
+
     def get_request_header(self, idx: int, key: str):
-        return self.request_processor[idx].get_request_property(key)
+        return self._processors()[idx].get_request_property(key)
 
     def get_all_request_header(self, idx: int) -> dict:
-        return self.request_processor[idx].get_request_properties()
+        return self._processors()[idx].get_request_properties()
 
     def set_response_content_type(self, idx: int, value: str) -> None:
         self.set_response_header(idx, "content-type", value)
@@ -129,8 +135,8 @@ class Context:
 
     def get_response_status(self, idx: int):
         return (
-            self.request_processor[idx].get_response_status_code(),
-            self.request_processor[idx].get_response_status_phrase(),
+            self._processors()[idx].get_response_status_code(),
+            self._processors()[idx].get_response_status_phrase(),
         )
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
@@ -138,17 +144,17 @@ class Context:
             self.request_processor[idx].report_status(code, reason_phrase=phrase)
 
     def set_all_response_status(self, code: int = 200, phrase: str = "") -> None:
-        for processor in self.request_processor:
+        for processor in self._processors():
             processor.report_status(code, reason_phrase=phrase)
 
     def get_response_headers(self, idx: int) -> dict:
-        return self.request_processor[idx].get_response_headers()
+        return self._processors()[idx].get_response_headers()
 
     def set_response_header(self, idx, key, value) -> None:
-        self.request_processor[idx].add_response_property(key, value)
+        self._processors()[idx].add_response_property(key, value)
 
 
-def load(model_dir: str) -> tuple[object, Context]:
+def load(model_dir: str) -> tuple[Any, Context]:
     """The image's handler service and its Context, initialised as TorchServe initialises it when the
     model loads: the user module found and `model_fn(model_dir)` run. A model that fails to load raises."""
     import torch
@@ -183,12 +189,12 @@ def ts_error(status: int, kind: str, message: str) -> tuple[int, str | None, dic
 
 
 def predict(
-    service: object, context: Context, body: bytes, headers: list[tuple[str, str]], request_id: str
+    service: Any, context: Context, body: bytes, headers: list[tuple[str, str]], request_id: str
 ) -> tuple[int, str | None, dict, bytes]:
     """(status, reason phrase, response headers, body) for one request, as TorchServe's backend
     (Service.predict) and front end (RestJob.responseInference) make them of the handler's answer."""
     mime = next((value for name, value in headers if name.lower() == "content-type"), "")
-    request_header = {"body": {"content-type": mime.split(";")[0].strip()}}  # the parameter's headers
+    request_header: dict[str, Any] = {"body": {"content-type": mime.split(";")[0].strip()}}  # the parameter's headers
     request_header.update(headers)  # then the request's, names as sent
     context.request_ids = {0: request_id}
     context.request_processor = [RequestProcessor(request_header)]
@@ -231,7 +237,7 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def serve(connection: Connection, service: object, context: Context) -> None:
+def serve(connection: Connection, service: Any, context: Context) -> None:
     """Answer requests from the front end until it closes the connection."""
     while True:
         try:

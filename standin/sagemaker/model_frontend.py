@@ -39,12 +39,16 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # run with -P: the model's code/ (PYTHONPATH) comes first, then this folder
     sys.path.append(str(HERE))
 
-from model_backend import ts_error  # noqa: E402 - after the path is set
+if TYPE_CHECKING:  # the type checker reads the worker by its package path; this process imports it by file name
+    from standin.sagemaker.model_backend import ts_error
+else:
+    from model_backend import ts_error  # after the path is set
 
 BACKEND = HERE / "model_backend.py"
 WORKERS_SETTING = "SAGEMAKER_MODEL_SERVER_WORKERS"
@@ -54,6 +58,9 @@ CACHE_HEADERS = (
     ("Cache-Control", "no-cache; no-store, must-revalidate, private"),
     ("Expires", "Thu, 01 Jan 1970 00:00:00 UTC"),
 )
+
+# A worker's answer: (status, reason phrase, response headers, body).
+Answer = tuple[int, str | None, dict, bytes]
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ class Backend:
         except (EOFError, OSError) as exc:
             raise WorkerDied(f"the worker exited while loading the model (exit status {self.process.wait()})") from exc
 
-    def ask(self, body: bytes, headers: list[tuple[str, str]], request_id: str) -> tuple:
+    def ask(self, body: bytes, headers: list[tuple[str, str]], request_id: str) -> Answer:
         """The worker's (status, phrase, headers, body); WorkerDied when it gave none."""
         try:
             self.connection.send((body, headers, request_id))
@@ -130,7 +137,7 @@ class Workers:
         with self.lock:
             return self.alive > 0
 
-    def answer(self, body: bytes, headers: list[tuple[str, str]], request_id: str) -> tuple:
+    def answer(self, body: bytes, headers: list[tuple[str, str]], request_id: str) -> Answer:
         try:
             backend = self.idle.get(timeout=self.queue_timeout_s)
         except queue.Empty:
@@ -190,7 +197,7 @@ def worker_count(environ: Mapping[str, str]) -> int:
 
 
 def make_handler(
-    answer: Callable[[bytes, list[tuple[str, str]], str], tuple], healthy: Callable[[], bool] = lambda: True
+    answer: Callable[[bytes, list[tuple[str, str]], str], Answer], healthy: Callable[[], bool] = lambda: True
 ) -> type[BaseHTTPRequestHandler]:
     """The HTTP front; `answer(body, headers, request_id)` is a worker's (status, phrase, headers, body),
     and `healthy()` whether a worker lives (TorchServe's /ping answers 500 Unhealthy while none does)."""

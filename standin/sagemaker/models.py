@@ -201,7 +201,7 @@ class SageMakerBackend:
         self.store = Store(Path(state_dir), region)
         self.aws_endpoint, self.python, self.region = aws_endpoint, container_python, region
         self.lock = threading.Lock()
-        self.processes: dict[str, object] = {}
+        self.processes: dict[str, training.JobProcess] = {}
         self.series: dict[str, dict[str, list[float]]] = {}  # training job -> metric values so far
         self.transforms: dict[str, transform.TransformRun] = {}  # running transform jobs
         self.closing = False  # shutting down: a job's end is the next start's to record
@@ -369,7 +369,7 @@ class SageMakerBackend:
         finally:
             self.processes.pop(name, None)
 
-    def _started(self, name: str, proc) -> None:
+    def _started(self, name: str, proc: training.JobProcess) -> None:
         # A StopTrainingJob that came between "Training" and the process starting found no process to
         # stop: it is stopped here instead of running to completion.
         with self.lock:
@@ -501,7 +501,7 @@ class SageMakerBackend:
     def create_transform_job(self, params: dict) -> dict:
         transform.check_request(params)
         model = self.store.get("model", params["ModelName"])  # AWS: 'Could not find model "<arn>".'
-        role = model.get("ExecutionRoleArn")
+        role = model["ExecutionRoleArn"]
         # SageMaker lists the input with the model's role at the request, and refuses an empty prefix there.
         transform.check_input(self._client("s3", role), params["TransformInput"]["DataSource"], role, self.region)
         with self.lock:
@@ -536,7 +536,7 @@ class SageMakerBackend:
 
         try:
             model = self.store.get("model", job["ModelName"])
-            role = model.get("ExecutionRoleArn")
+            role = model["ExecutionRoleArn"]
             run = transform.TransformRun(
                 job,
                 model,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Mapping
 
 import botocore.session
 from botocore.utils import parse_timestamp
@@ -19,7 +18,7 @@ from botocore.validate import ParamValidator
 
 from standin import constraints
 from standin.aws_calls import CallLog, caller
-from standin.core import Answer, AwsError
+from standin.core import Answer, AwsError, Headers
 from standin.sagemaker.exceptions import (
     MAX_INVOKE_BODY_BYTES,
     InternalFailure,
@@ -58,7 +57,7 @@ def authorizations(operation: str, params: dict) -> list[tuple]:
         if spec.name_field in params and _noun(kind) in operation:
             resource = arn(kind, params[spec.name_field])
             break
-    found = [(f"sagemaker:{operation}", resource)]
+    found: list[tuple] = [(f"sagemaker:{operation}", resource)]
     if operation.startswith("Create") and params.get("Tags"):
         found.append(("sagemaker:AddTags", resource))
     role = passed_role(operation, params)
@@ -110,7 +109,7 @@ def _listed(records: list[dict], params: dict, kind: str) -> list[dict]:
         if params.get(bound) is not None:
             limit, before = _epoch(params[bound]), bound.endswith("Before")
             records = [r for r in records if (r[field] < limit if before else r[field] > limit)]
-    key = {"Name": name_field, "Status": status_field}.get(params.get("SortBy"), "CreationTime")
+    key = {"Name": name_field, "Status": status_field}.get(params.get("SortBy", ""), "CreationTime")
     return sorted(records, key=lambda r: r[key], reverse=params.get("SortOrder", "Descending") == "Descending")
 
 
@@ -121,7 +120,7 @@ def _page(records: list[dict], params: dict, list_field: str, fields: tuple[str,
     if not token.isdigit():
         raise ValidationException("Invalid pagination token")
     start = int(token)
-    result = {list_field: [{k: r[k] for k in fields if k in r} for r in records[start : start + size]]}
+    result: dict = {list_field: [{k: r[k] for k in fields if k in r} for r in records[start : start + size]]}
     if start + size < len(records):
         result["NextToken"] = str(start + size)
     return result
@@ -136,7 +135,7 @@ class SageMakerResponse:
         self.calls = calls or CallLog(None)
         self.model = botocore.session.get_session().get_service_model("sagemaker")
 
-    def dispatch(self, headers: Mapping[str, str], raw: bytes) -> Answer:
+    def dispatch(self, headers: Headers, raw: bytes) -> Answer:
         """One SageMaker API request (AWS JSON 1.1) and its answer."""
         request_id = headers.get("amz-sdk-invocation-id", "local")
         service, _, operation = headers.get("X-Amz-Target", "").partition(".")
@@ -178,7 +177,7 @@ class SageMakerResponse:
             )
         return handler(params)
 
-    def invoke_endpoint(self, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
+    def invoke_endpoint(self, path: str, headers: Headers, body: bytes) -> Answer:
         """SageMaker Runtime's InvokeEndpoint (REST-JSON): the model's answer as it came, or the error.
         A body above the service's limit is refused here, before the endpoint is looked up: no model
         worker sees it, and it is no call of the endpoint's to authorise."""
@@ -230,7 +229,7 @@ class SageMakerResponse:
             }
             for j in page
         ]
-        result = {"TrainingJobSummaries": summaries}
+        result: dict = {"TrainingJobSummaries": summaries}
         if start + size < len(jobs):
             result["NextToken"] = str(start + size)
         return result

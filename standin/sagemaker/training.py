@@ -350,6 +350,7 @@ class JobProcess:
             start_new_session=True,
         )
         self.grace_s = grace_s
+        assert self.popen.stdout is not None  # stdout=PIPE
         self.stdout = self.popen.stdout
 
     def _signal(self, number: int) -> None:
@@ -401,7 +402,8 @@ class CloudWatchLog:
     def __init__(
         self, logs, job_name: str, flush_every: float = 1.0, group: str = LOG_GROUP, stream: str | None = None
     ) -> None:
-        self.logs, self.pending, self.flush_every, self.last = logs, [], flush_every, time.time()
+        self.logs, self.flush_every, self.last = logs, flush_every, time.time()
+        self.pending: list[dict] = []
         self.group = group
         self.stream = stream or f"{job_name}/algo-1-{int(time.time())}"
         with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
@@ -449,11 +451,12 @@ def run_job(
         update(status="Failed", secondary="Failed", message=str(exc), FailureReason=str(exc))
         return
     checkpoints = None
-    if job.get("CheckpointConfig"):
+    folder = checkpoint_folder(job, root)  # None without a CheckpointConfig
+    if folder is not None:
         checkpoints = CheckpointSync(
             s3,
             job["CheckpointConfig"]["S3Uri"],
-            checkpoint_folder(job, root),
+            folder,
             log=lambda line: _log_line(log_path, line),
         )
         restored = checkpoints.restore()
@@ -472,7 +475,12 @@ def run_job(
             if started_process:
                 started_process(proc)
             if runtime_limit:  # StoppingCondition: SageMaker stops the job at its limit, as StopTrainingJob would
-                limit = threading.Timer(runtime_limit, lambda: (exceeded.set(), proc.terminate()))
+
+                def stop_at_limit() -> None:
+                    exceeded.set()
+                    proc.terminate()
+
+                limit = threading.Timer(runtime_limit, stop_at_limit)
                 limit.daemon = True
                 limit.start()
             for line in proc.stdout:

@@ -17,7 +17,7 @@ from tests.conftest import make_bin_image
 
 @pytest.fixture
 def dag(airflow_db, monkeypatch, pipeline_stack):
-    # The Variable exactly as the README tells a user to copy it from the stack's outputs.
+    # The Variable exactly as docs/infra/README.md tells a user to copy it from the stack's outputs.
     monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", pipeline_stack.outputs["SageMakerVariable"])
     monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
     # Where the workers find the backbone's ImageNet weights, as the local stack sets it.
