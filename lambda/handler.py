@@ -38,7 +38,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 from botocore.retries.standard import ExponentialBackoff
 
-from api_contract import ApiError, check_image, decode_base64, parse_body
+from api_contract import ApiError, decode_base64, identify, parse_body
 from model_answer import model_refusal
 from verdicts import verdict
 
@@ -128,7 +128,11 @@ def invoke(images: list[bytes], single: bool) -> dict:
     if not endpoint:
         raise ApiError("not_configured")
     if single:
-        body, content_type = images[0], check_image(images[0], 0)  # checked already: the content type
+        # parse_body has checked every image already (a photo the function sends is one it identified).
+        image_format = identify(images[0])
+        if image_format is None:
+            raise ApiError("not_an_image", index=0)
+        body, content_type = images[0], image_format["content_type"]
     else:
         body = json.dumps({"images": [base64.b64encode(i).decode() for i in images]}).encode()
         content_type = "application/json"

@@ -98,7 +98,7 @@ def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(airflow_connection(moto, standin)),
-            # What docs/infra/README.md tells a user to copy from the pipeline stack's outputs, rendered for this account.
+            # What docs/infra/README.md tells a user to copy from the stack's outputs, rendered for this account.
             "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": render(load_template()).outputs["SageMakerVariable"],
             "BIN_COUNTER_SAGEMAKER_POLL_S": "2",
             "BIN_COUNTER_IMAGENET_WEIGHTS": env.get("BIN_COUNTER_IMAGENET_WEIGHTS") or container_weights(),

@@ -158,6 +158,9 @@ def container_python(tmp_path_factory) -> Path:
     imports it afresh. A stand-in given it runs with WARM (no fork server of its own: it is one)."""
     if not CONTAINER_PYTHON.exists():
         pytest.skip("needs .venv-container (make envs)")
+    if os.environ.get("BIN_COUNTER_FORK_SERVER") == "0":  # the plain interpreter, to measure what it saves
+        yield CONTAINER_PYTHON
+        return
     server = ForkServer(str(CONTAINER_PYTHON), tmp_path_factory.mktemp("forkserver"))
     yield Path(server.python)
     server.stop()
