@@ -63,7 +63,25 @@ def fds():
             continue
         mine.add(fd)
     return sorted(mine)[:{max_fds}]
+pgid, pending = None, []
+def forward(number, frame):
+    if pgid is None:  # the program does not exist yet: it gets the signal as soon as it does
+        pending.append(number)
+        return
+    try:
+        os.killpg(pgid, number)
+    except ProcessLookupError:
+        pass
+def execute():
+    for number in {forwarded}:
+        signal.signal(number, signal.SIG_DFL)
+    for number in pending:  # a signal that came before the exec is for the interpreter
+        os.kill(os.getpid(), number)
+    os.execv(PYTHON, [PYTHON, *sys.argv[1:]])
 def main():
+    global pgid
+    for number in {forwarded}:  # from the start: a stop may come before the program does
+        signal.signal(number, forward)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     connected = False
     for _ in range(400):  # the server may still be importing torch (a few seconds)
@@ -76,7 +94,7 @@ def main():
                 break  # the server was stopped
             time.sleep(0.05)
     if not connected:
-        os.execv(PYTHON, [PYTHON, *sys.argv[1:]])
+        execute()
     passed = [fd for fd in fds() if fd != conn.fileno()]
     request = {{"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(), "fds": passed}}
     socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], passed)
@@ -84,14 +102,12 @@ def main():
         if fd > 2:
             os.close(fd)
     reader = conn.makefile("rb")
-    pgid = json.loads(reader.readline())["pgid"]
-    def forward(number, frame):
-        try:
-            os.killpg(pgid, number)
-        except ProcessLookupError:
-            pass
-    for number in {forwarded}:
-        signal.signal(number, forward)
+    started = reader.readline()
+    if not started:
+        sys.exit("bin-counter fork server: the program could not be started")
+    pgid = json.loads(started)["pgid"]
+    for number in pending:
+        forward(number, None)
     line = reader.readline()
     status = json.loads(line)["status"] if line else -signal.SIGKILL
     if status < 0:
@@ -233,18 +249,24 @@ def serve_one(conn: socket.socket, listener: socket.socket, base_path: list[str]
             os._exit(1)
         data += more
     request = json.loads(data)
+    ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:
         listener.close()
         conn.close()
+        os.close(ready_read)
         # A fresh interpreter's dispositions (SIGPIPE stays ignored, as Python sets it).
         for number in FORWARDED:
             signal.signal(number, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.close(ready_write)  # from here a signal to the group reaches the program
         place_fds(received, request["fds"])
         os._exit(run_program(request, base_path, launcher))
     for fd in received:
         os.close(fd)
+    os.close(ready_write)
+    os.read(ready_read, 1)  # EOF once the program takes signals (or has died)
+    os.close(ready_read)
     conn.sendall(json.dumps({"pgid": os.getpid()}).encode() + b"\n")
     pidfd = os.pidfd_open(pid)
     import select

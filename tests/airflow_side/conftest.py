@@ -395,6 +395,35 @@ def upload_dataset(s3, bucket: str, version: str, per_split: dict[str, int], cor
     )
 
 
+# What makes a test slow here: a stand-in (and the container side's processes behind it), an Airflow
+# metadata database for DAG runs, the live Airflow with a browser. `make check` leaves these out.
+SLOW_FIXTURES = frozenset({"container_python", "standin", "local_stack_connection", "airflow_db", "live"})
+
+
+# `make test` runs this suite on two workers, a file at a time each (pytest-xdist, --dist loadfile):
+# the longest files go first, so that neither worker is left with one at the end. Seconds per file on
+# the 2-core machine (BENCHMARKS.md, "Test suite"); a file not named here is short.
+FILE_SECONDS = {
+    "test_retrain_dag": 170,
+    "test_live_airflow": 150,
+    "test_standin": 145,
+    "test_data_prep_dag": 50,
+    "test_teardown": 35,
+    "test_resumable_operators": 30,
+    "test_batch_dag": 30,
+    "test_data_prep_operators": 25,
+    "test_api_handler": 20,
+    "test_api_load": 20,
+}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("real_data"):
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.module.__name__.rsplit(".", 1)[-1], 0))
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     """Each phase's report on the test item (`item.report_call`), for fixtures that keep evidence of a

@@ -178,3 +178,24 @@ def trained_model(split_channels, tmp_path_factory) -> tuple[Path, Run]:
     )
     assert run.returncode == 0, run.stderr
     return work / "model", run
+
+
+# What makes a test slow here: a training run (train.py, evaluate.py), a model server or the real photos.
+# `make check` leaves these modules out; `make test` runs them.
+SLOW_MODULES = frozenset(
+    {
+        "test_train",
+        "test_evaluate",
+        "test_auxiliary",
+        "test_averaging",
+        "test_model_server",
+        "test_published_model",
+        "test_real_images",
+    }
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or item.get_closest_marker("real_data"):
+            item.add_marker(pytest.mark.slow)
