@@ -3,7 +3,10 @@ seconds less, because torch is imported once.
 
 Every training job, model front end and model worker of the stand-in is a container-side Python
 process that imports torch and torchvision first (about 3 s on this machine, dozens of times a test
-suite). The server imports them once, before any thread runs, and forks a process for each start.
+suite). The server imports them once and forks a process for each start. It runs no torch operation
+and starts no thread of its own (torch's thread pools start at a program's first operation, after the
+fork); the one other thread, numpy's OpenBLAS pool, is shut down around each fork by OpenBLAS itself
+(its pthread_atfork handler).
 The stand-in and AWS's toolkits never see the difference: they run `python` as always, except that
 `python` is a small launcher (`Launcher.path`) which hands its argv, environment, working directory
 and open file descriptors to the server and mirrors the started program's exit status and signals.
