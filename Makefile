@@ -85,16 +85,22 @@ docs: airflow-env
 # itself; what only the stand-in's or a job's own processes run is not counted); one closing line sums
 # them up. PYTEST_ARGS reaches both (e.g. PYTEST_ARGS="-x -k standin").
 PYTEST_ARGS ?=
-# The Airflow-side suite waits more than it computes (servers, jobs, polls): two workers, a file each at a
-# time, take about two thirds of its time on 2 cores. The container side computes (training): one process.
+# The Airflow-side suite waits more than it computes (servers, jobs, polls): on two workers, a file each
+# at a time, it takes about four fifths of its time on 2 cores. The container side computes (training):
+# one process, run beside the Airflow side's workers in their waits; its output follows theirs.
 TEST_WORKERS ?= 2
 COVERAGE_AIRFLOW := --cov=plugins --cov=standin --cov=scripts --cov=lambda --cov=dags --cov-report=json:build/test-results/coverage-airflow.json
 COVERAGE_CONTAINER := --cov=sagemaker_code --cov-report=json:build/test-results/coverage-container.json
 test: envs lint
 	rm -rf build/test-results && mkdir -p build/test-results
 	status=0; \
-	.venv-container/bin/python -m pytest tests/container --junitxml=build/test-results/container.xml $(COVERAGE_CONTAINER) $(PYTEST_ARGS) || status=$$?; \
-	.venv/bin/python -m pytest tests/airflow_side -n $(TEST_WORKERS) --dist loadfile --junitxml=build/test-results/airflow.xml $(COVERAGE_AIRFLOW) $(PYTEST_ARGS) || status=$$?; \
+	COVERAGE_FILE=build/test-results/.coverage-container .venv-container/bin/python -m pytest tests/container \
+	    --junitxml=build/test-results/container.xml $(COVERAGE_CONTAINER) $(PYTEST_ARGS) \
+	    > build/test-results/container.log 2>&1 & container=$$!; \
+	COVERAGE_FILE=build/test-results/.coverage-airflow .venv/bin/python -m pytest tests/airflow_side -n $(TEST_WORKERS) \
+	    --dist loadfile --junitxml=build/test-results/airflow.xml $(COVERAGE_AIRFLOW) $(PYTEST_ARGS) || status=$$?; \
+	wait $$container || status=$$?; \
+	echo "== the container side (tests/container)"; cat build/test-results/container.log; \
 	$(PYTHON) scripts/test_summary.py build/test-results/*.xml build/test-results/coverage-*.json || status=$$?; \
 	exit $$status
 

@@ -178,6 +178,9 @@ def run_program(request: dict, base_path: list[str], launcher: str) -> int:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
+    if "multiprocessing.process" in sys.modules:
+        # Read at its import (torch's, in the server): where a spawned child finds a relative __main__.
+        sys.modules["multiprocessing.process"].ORIGINAL_DIR = os.path.abspath(request["cwd"])
     try:
         options, kind, target, args = parse_argv(request["argv"])
     except Unsupported:
@@ -291,9 +294,11 @@ def serve(socket_path: str, launcher: str, preload: list[str]) -> None:
     """Import `preload`, then fork a session for each connection to `socket_path`, for ever."""
     import importlib
 
+    # The interpreter's own path, without this file's folder (our modules are not the program's).
+    base_path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+    sys.path[:] = base_path
     for name in preload:
         importlib.import_module(name)
-    base_path = list(sys.path)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped by the kernel
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path + ".new")
@@ -351,9 +356,13 @@ class ForkServer:
         self.socket_path = os.path.join(self.socket_dir, "socket")
         self.python = launcher_bin(python, folder / "bin", self.socket_path)
         self.log = open(folder / "forkserver.log", "ab")  # noqa: SIM115 - lives as long as the server
-        # -P -E: the server's own path is the interpreter's, not this folder's or the caller's PYTHONPATH.
+        # No interpreter options and no PYTHON* variables: a forked program's sys.flags are a plain
+        # interpreter's (multiprocessing passes them on to the children it spawns), and the server's
+        # path is the interpreter's own.
+        server_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         self.process = subprocess.Popen(
-            [str(python), "-P", "-E", __file__, self.socket_path, self.python, *preload],
+            [str(python), __file__, self.socket_path, self.python, *preload],
+            env=server_env,
             stdin=subprocess.DEVNULL,
             stdout=self.log,
             stderr=subprocess.STDOUT,

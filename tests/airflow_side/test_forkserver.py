@@ -165,3 +165,21 @@ def test_without_its_server_the_launcher_runs_the_interpreter(tmp_path):
     )
     assert done.stdout.strip() == str(CONTAINER_PYTHON), done.stderr
     assert sys.executable != str(CONTAINER_PYTHON)
+
+
+@needs_container
+def test_a_relative_script_spawns_its_workers_from_its_own_folder(server, tmp_path):
+    """As train.py does under SageMaker's toolkit (`python -- train.py`, in the code folder): the
+    workers of a spawn pool find the main script relative to the program's folder, not the server's."""
+    (tmp_path / "prog.py").write_text(
+        "import multiprocessing, sys\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "def double(x):\n"
+        "    return 2 * x\n"
+        "if __name__ == '__main__':\n"
+        "    context = multiprocessing.get_context('spawn')\n"
+        "    with ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:\n"
+        "        print(sum(pool.map(double, range(100), chunksize=10)), sys.flags.ignore_environment)\n"
+    )
+    done = run(server, "--", "prog.py", cwd=tmp_path)
+    assert (done.returncode, done.stdout.split()) == (0, ["9900", "0"]), done.stderr
