@@ -19,8 +19,10 @@ and process group of its own, so a signal to the launcher's group reaches it and
 `sys.path` from its PYTHONPATH and script folder; `-u`/PYTHONUNBUFFERED, `-P`, `-B`/PYTHONDONTWRITEBYTECODE
 and OMP_NUM_THREADS applied as a fresh interpreter would. Anything else (another option, `-I`, `-E`,
 `-X`) is not imitated: that program is started by exec of the real interpreter instead. What it does
-not get fresh: modules the server preloaded (torch, torchvision, PIL, numpy: none of ours, none that
-reads the environment at import in a way our programs depend on) and the hash seed.
+not get fresh: modules the server preloaded (torch, torchvision, PIL, numpy: none of ours) and the hash
+seed; what those modules read at import and a program depends on is set again (multiprocessing's
+ORIGINAL_DIR). The server itself runs with no interpreter option, so a forked program's sys.flags are a
+plain interpreter's, as multiprocessing passes them on to the children it spawns.
 
 Protocol (one Unix-socket connection per program): the launcher sends one JSON line with the request
 and its descriptors (SCM_RIGHTS); the server answers `{"pgid": N}` once the program's session exists,
@@ -180,7 +182,7 @@ def run_program(request: dict, base_path: list[str], launcher: str) -> int:
     os.chdir(request["cwd"])
     if "multiprocessing.process" in sys.modules:
         # Read at its import (torch's, in the server): where a spawned child finds a relative __main__.
-        sys.modules["multiprocessing.process"].ORIGINAL_DIR = os.path.abspath(request["cwd"])
+        setattr(sys.modules["multiprocessing.process"], "ORIGINAL_DIR", os.path.abspath(request["cwd"]))  # noqa: B010
     try:
         options, kind, target, args = parse_argv(request["argv"])
     except Unsupported:
