@@ -98,7 +98,7 @@ test: envs lint
 	    --junitxml=build/test-results/container.xml $(COVERAGE_CONTAINER) $(PYTEST_ARGS) \
 	    > build/test-results/container.log 2>&1 & container=$$!; \
 	COVERAGE_FILE=build/test-results/.coverage-airflow .venv/bin/python -m pytest tests/airflow_side -n $(TEST_WORKERS) \
-	    --dist loadfile --junitxml=build/test-results/airflow.xml $(COVERAGE_AIRFLOW) $(PYTEST_ARGS) || status=$$?; \
+	    --dist loadfile --no-loadscope-reorder --junitxml=build/test-results/airflow.xml $(COVERAGE_AIRFLOW) $(PYTEST_ARGS) || status=$$?; \
 	wait $$container || status=$$?; \
 	echo "== the container side (tests/container)"; cat build/test-results/container.log; \
 	$(PYTHON) scripts/test_summary.py build/test-results/*.xml build/test-results/coverage-*.json || status=$$?; \

@@ -400,7 +400,8 @@ def upload_dataset(s3, bucket: str, version: str, per_split: dict[str, int], cor
 SLOW_FIXTURES = frozenset({"container_python", "standin", "local_stack_connection", "airflow_db", "live"})
 
 
-# `make test` runs this suite on two workers, a file at a time each (pytest-xdist, --dist loadfile):
+# `make test` runs this suite on two workers, a file at a time each (pytest-xdist, --dist loadfile, in
+# this order: --no-loadscope-reorder, since xdist would otherwise put the files with most tests first):
 # the longest files go first, so that neither worker is left with a long one at the end. Seconds per
 # file with both workers busy on the 2-core machine (BENCHMARKS.md, "Test suite"); only the order
 # depends on them, and a file not named here counts as short.
