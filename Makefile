@@ -97,7 +97,7 @@ test: envs lint
 	COVERAGE_FILE=build/test-results/.coverage-container .venv-container/bin/python -m pytest tests/container \
 	    --junitxml=build/test-results/container.xml $(COVERAGE_CONTAINER) $(PYTEST_ARGS) || status=$$?; \
 	COVERAGE_FILE=build/test-results/.coverage-airflow .venv/bin/python -m pytest tests/airflow_side -n $(TEST_WORKERS) \
-	    --dist loadfile --no-loadscope-reorder --junitxml=build/test-results/airflow.xml $(COVERAGE_AIRFLOW) $(PYTEST_ARGS) || status=$$?; \
+	    --dist loadfile --junitxml=build/test-results/airflow.xml $(COVERAGE_AIRFLOW) $(PYTEST_ARGS) || status=$$?; \
 	$(PYTHON) scripts/test_summary.py build/test-results/*.xml build/test-results/coverage-*.json || status=$$?; \
 	exit $$status
 

@@ -400,11 +400,10 @@ def upload_dataset(s3, bucket: str, version: str, per_split: dict[str, int], cor
 SLOW_FIXTURES = frozenset({"container_python", "standin", "local_stack_connection", "airflow_db", "live"})
 
 
-# `make test` runs this suite on two workers, a file at a time each (pytest-xdist, --dist loadfile, in
-# this order: --no-loadscope-reorder, since xdist would otherwise put the files with most tests first):
-# the longest files go first, so that neither worker is left with a long one at the end. Seconds per
-# file with both workers busy on the 2-core machine (BENCHMARKS.md, "Test suite"); only the order
-# depends on them, and a file not named here counts as short.
+# The order of the files: the longest first. `make test`'s two workers (pytest-xdist, --dist loadfile)
+# reorder them by their number of tests; keeping this order (--no-loadscope-reorder) started the two
+# heaviest files at once and starved the two-process training test past its wait (BENCHMARKS.md,
+# "Test suite"). Seconds per file with both workers busy on the 2-core machine.
 FILE_SECONDS = {
     "test_retrain_dag": 280,
     "test_standin": 270,
