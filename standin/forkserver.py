@@ -44,7 +44,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 MAX_FDS = 250  # SCM_RIGHTS carries at most 253 descriptors in one message (SCM_MAX_FD)
@@ -371,9 +370,8 @@ class ForkServer:
             start_new_session=True,
         )
         # Not waited for: the stand-in answers while the server imports torch, and a launcher that comes
-        # sooner waits for the socket (or, once the server has died and stop() removed its folder, execs
-        # the interpreter itself).
-        self.started = time.time()
+        # sooner waits for the socket (up to 20 s; once stop() has removed its folder, at once) and
+        # otherwise execs the interpreter itself.
 
     def stop(self) -> None:
         if self.process.poll() is None:
