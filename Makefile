@@ -39,7 +39,7 @@ ABID_SOURCE ?= s3://aft-vbi-pds
 DEMO_KEYS ?= 01000:01600
 DEMO_DIR ?= build/demo
 
-.PHONY: demo up test check lint typecheck docs compose-check compose-tools envs airflow-env container-env bench-train model model-code lock lock-airflow lock-container clean
+.PHONY: mwaa-bundle demo up test check lint typecheck docs compose-check compose-tools envs airflow-env container-env bench-train model model-code lock lock-airflow lock-container clean
 
 envs: airflow-env container-env
 
@@ -136,6 +136,11 @@ compose-tools: $(COMPOSE_TOOLS_ENV)/.complete
 
 compose-check: airflow-env compose-tools
 	PATH="$(COMPOSE_TOOLS_ENV)/bin:$$PATH" PYTHONPATH=plugins .venv/bin/python -m scripts.compose_check
+
+# What Amazon MWAA (Airflow 3.3.1) is given, in build/mwaa/: dags/, plugins.zip, requirements.txt and
+# startup.sh (mwaa/bundle.py; docs/infra/README.md, "On MWAA").
+mwaa-bundle: airflow-env
+	.venv/bin/python -m mwaa.bundle build/mwaa
 
 # Long runs live in bench/ (see BENCHMARKS.md); not part of `make test`.
 bench-train: envs

@@ -12,6 +12,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from bin_counter.alerts import failure_alert
 from bin_counter.assets import BIN_COUNT_REPORT
 from bin_counter.sagemaker_operators import ResumableTransformOperator
+from bin_counter.stack import name_param, run_params
 
 # As in bin_count_retrain: 30 s suits AWS's API limits; the local stack sets a few seconds.
 POLL_S = int(os.environ.get("BIN_COUNTER_SAGEMAKER_POLL_S", "30"))
@@ -54,6 +55,8 @@ writes the same report to the same place.
   not exist yet: run `bin_count_retrain` first.
 - *photos*: nothing under the input prefix, an `expected` file that cannot be read, or every photo
   above `max_payload_mb`.
+- *transform_config*: the account's quota "<type> for transform job usage" is below `instance_count`
+  (the message links the page that raises it).
 - *count*: the job failed as a whole (its FailureReason is in the log): a model that does not load, an
   instance type without quota, a role that may not read the input or write the output.
 - *report*: the outputs could not be read; clear the task to retry: it only reads and writes S3.
@@ -78,11 +81,7 @@ writes the same report to the same place.
         "on_failure_callback": failure_alert(),
     },
     params={
-        "bucket": Param(
-            "bin-counter",
-            type="string",
-            description="Our S3 bucket: the default output prefix and, without input_uri, the dataset",
-        ),
+        "bucket": name_param("bucket", "Our S3 bucket: the default output prefix and, without input_uri, the dataset"),
         "input_uri": Param(
             None,
             type=["null", "string"],
@@ -110,9 +109,7 @@ writes the same report to the same place.
             type=["null", "string"],
             description="The SageMaker model to count with. Empty: the one endpoint_name serves now",
         ),
-        "endpoint_name": Param(
-            "bin-counter", type="string", description="The endpoint whose model counts when no model is given"
-        ),
+        "endpoint_name": name_param("endpoint_name", "The endpoint whose model counts when no model is given"),
         "instance_type": Param(
             "ml.m5.xlarge", type="string", description="Transform instance type (CPU: the model's image is the CPU one)"
         ),
@@ -124,15 +121,23 @@ writes the same report to the same place.
             description="Transform instances; the photos are shared out between them",
         ),
         "max_concurrent_transforms": Param(
-            2, type="integer", minimum=1, maximum=100, description="Photos in flight per instance"
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=100,
+            description="Photos in flight per instance. Empty: one per model worker, i.e. the instance "
+            "type's vCPUs from its size name (TorchServe starts one worker per vCPU), at most "
+            "100 / max_payload_mb (SageMaker's limit); 1 for a size without a vCPU count",
         ),
         "max_payload_mb": Param(
             6,
             type="integer",
             minimum=1,
-            maximum=100,
-            description="Largest photo sent, in MB (x max_concurrent_transforms at most 100); "
-            "bigger photos are reported as too_large",
+            # 6: TorchServe in the model's image takes at most 6,553,500 bytes per request (its default
+            # max_request_size, which the image leaves as it is) and answers 413 to more, failing the job.
+            maximum=6,
+            description="Largest photo sent, in MB of 10^6 bytes (at most 6: the model server in the "
+            "image takes no more); bigger photos are reported as too_large",
         ),
     },
 )
@@ -144,7 +149,7 @@ def bin_count_batch():
 
         from bin_counter.batch import batch_model
 
-        params = get_current_context()["params"]
+        params = run_params(get_current_context())
         found = batch_model(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, params["model"], params["endpoint_name"])
         print(f"counting with model {found['model']} ({found['model_data_url']}), from {found['source']}")
         return found
@@ -158,7 +163,7 @@ def bin_count_batch():
         from bin_counter.dataset import resolve_dataset
 
         context = get_current_context()
-        params = context["params"]
+        params = run_params(context)
         s3 = S3Hook(aws_conn_id=AWS_CONN_ID).get_conn()
         input_uri = params["input_uri"]
         if not input_uri:
@@ -179,11 +184,20 @@ def bin_count_batch():
 
     @task(execution_timeout=timedelta(minutes=1))
     def transform_config(found: dict, plan: dict) -> dict:
+        """The transform job's request, once the account's quota for its instances is checked."""
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        from bin_counter.account import check_quotas, sagemaker_quota_needs
         from bin_counter.batch import REFUSALS_ENVIRONMENT
         from bin_counter.sagemaker_config import resource_tags, run_job_names, transform_job_config
 
         context = get_current_context()
-        params = context["params"]
+        params = run_params(context)
+        quotas = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="service-quotas")
+        needs = sagemaker_quota_needs(
+            transform_instance_type=params["instance_type"], transform_instances=params["instance_count"]
+        )
+        check_quotas(quotas.get_conn(), quotas.conn_region_name, needs)
         name = run_job_names(context["dag"].dag_id, context["run_id"])["transform_job"]
         return transform_job_config(
             name,

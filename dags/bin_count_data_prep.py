@@ -17,6 +17,7 @@ from bin_counter.data_prep_operators import (
     ContrastEnhanceOperator,
     FetchReportOperator,
 )
+from bin_counter.stack import name_param, stack_name
 
 DOC = """
 ### Bin count data preparation
@@ -74,6 +75,7 @@ def good_keys_path(fetched: dict) -> str:
     catchup=False,
     max_active_runs=1,
     render_template_as_native_obj=True,
+    user_defined_macros={"stack_name": stack_name},
     doc_md=DOC,
     tags=["bin-counter", "data"],
     default_args={
@@ -84,7 +86,7 @@ def good_keys_path(fetched: dict) -> str:
         "on_failure_callback": failure_alert(),
     },
     params={
-        "bucket": Param("bin-counter", type="string", description="Our S3 bucket: raw copy, enhanced images, datasets"),
+        "bucket": name_param("bucket", "Our S3 bucket: raw copy, enhanced images, datasets"),
         "source": Param(
             "s3://aft-vbi-pds",
             type="string",
@@ -173,7 +175,7 @@ def good_keys_path(fetched: dict) -> str:
 def bin_count_data_prep():
     # What select and fetch both read: where the keys come from and where they go.
     where = {
-        "bucket": "{{ params.bucket }}",
+        "bucket": "{{ stack_name(params, 'bucket') }}",
         "prefix": RAW_PREFIX,
         "source": "{{ params.source }}",
         "subset": "{{ params.subset }}",
@@ -199,7 +201,7 @@ def bin_count_data_prep():
     ).expand(shard=select.output)
     report = FetchReportOperator(
         task_id="report",
-        bucket="{{ params.bucket }}",
+        bucket="{{ stack_name(params, 'bucket') }}",
         prefix=RAW_PREFIX,
         shards=fetch.output,
         max_bad_share="{{ params.max_bad_share }}",
@@ -208,7 +210,7 @@ def bin_count_data_prep():
     )
     enhance = ContrastEnhanceOperator.partial(
         task_id="enhance",
-        bucket="{{ params.bucket }}",
+        bucket="{{ stack_name(params, 'bucket') }}",
         source_prefix=RAW_PREFIX,
         method="{{ params.enhancement }}",
         method_params="{{ {'cutoff': params.autocontrast_cutoff} if params.enhancement == 'autocontrast' else {} }}",
@@ -241,7 +243,7 @@ def bin_count_data_prep():
     planned = version(report.output, enhance.output)
     BlockSplitOperator(
         task_id="split",
-        bucket="{{ params.bucket }}",
+        bucket="{{ stack_name(params, 'bucket') }}",
         keys_prefix=RAW_PREFIX,
         keys_path=report.output["keys_path"],
         image_prefix=planned["image_prefix"],

@@ -6,23 +6,26 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.providers.amazon.aws.operators.lambda_function import LambdaInvokeFunctionOperator
 from airflow.providers.amazon.aws.operators.sagemaker import (
     SageMakerEndpointConfigOperator,
-    SageMakerEndpointOperator,
     SageMakerModelOperator,
 )
 from airflow.sdk import Param, dag, get_current_context, task
 
 from bin_counter.alerts import failure_alert
 from bin_counter.assets import BIN_COUNT_DATASET
-from bin_counter.sagemaker_operators import ResumableTrainingOperator, ResumableTuningOperator
+from bin_counter.lambda_operators import DigestLambdaInvokeFunctionOperator
+from bin_counter.sagemaker_operators import (
+    ReplacingEndpointOperator,
+    ResumableTrainingOperator,
+    ResumableTuningOperator,
+)
+from bin_counter.stack import name_param, run_params, stack_name
 
 # How often the operators ask SageMaker for a job's status: 30 s suits AWS's API limits; the local
 # stack sets a few seconds.
 POLL_S = int(os.environ.get("BIN_COUNTER_SAGEMAKER_POLL_S", "30"))
 AWS_CONN_ID = "aws_default"
-SETTINGS_VARIABLE = "bin_counter_sagemaker"
 
 DOC = """
 ### Bin count retraining
@@ -64,19 +67,33 @@ connection (endpoint URLs per service); see docs/standin/README.md.
 
 **When a task fails**
 - *dataset*: no dataset yet (run `bin_count_data_prep`), or a `dataset_version` that does not exist.
-- *settings*: the `bin_counter_sagemaker` Variable is missing or lacks `role_arn` or `lambda_role_arn`,
-  or the `bucket` does not exist, is someone else's, or is in another region than the connection, or
-  AWS has no PyTorch image for the region and instance type. The message says what to set: the values
-  are infra/pipeline.yaml's stack outputs.
+- *settings* (or any task, for the names): the `bin_counter_sagemaker` Variable is missing or lacks
+  `role_arn` or `lambda_role_arn`, or the `bucket`, `endpoint_name` or `function_name` that an empty
+  Param leaves to it (the DAG has no default names); or the bucket does not exist, is someone else's,
+  or is in another region than the connection; or AWS has no PyTorch image for the region and
+  instance type; or the endpoint instance type is a GPU one (the serving code uses the CPU only); or
+  a SageMaker quota ("<type> for training job usage", "... for endpoint usage") is below what the run
+  needs at once (the message links the page that raises it); or the API stack's function is missing
+  (deploy lambda/template.yaml first). The message says what to set: the values are
+  infra/pipeline.yaml's stack outputs.
 - *package_weights*: the backbone's ImageNet weights file found on the worker is not what its name says
-  (its sha256 does not start with the hash in the name): replace it. Not found at all, the task warns
-  and the jobs download the weights themselves; set `BIN_COUNTER_IMAGENET_WEIGHTS` on the workers to a
-  folder holding the file (docs/dags/README.md, "Retraining DAG").
+  (its sha256 does not start with the hash in the name): replace it. Not found at all, the task fails
+  for `efficientnet_lite0` (no download exists: every trial would fail after its paid start-up) and
+  warns for the others, whose jobs then download from download.pytorch.org (impossible without
+  internet access); set `BIN_COUNTER_IMAGENET_WEIGHTS` on the workers to a folder holding the file
+  (docs/dags/README.md, "Retraining DAG").
 - *tune*: every trial failed. The log names the tuning job; each trial's FailureReason says why
   (often a hyperparameter `train.py` refuses, or an instance type the account has no quota for).
 - *retrain*: the log shows the job's own output and its FailureReason. A retry attaches to a job still
   running; a failed job is retried under a new name.
-- *deploy*: the endpoint did not become InService; its FailureReason is in the log.
+- *deploy*: the endpoint did not become InService; its FailureReason is in the log. A failed creation
+  leaves the endpoint Failed: it serves nothing (the next run's champion is the initial model) and
+  SageMaker allows only deleting it, so the task's next try, or the next run's, deletes it and
+  creates it again. Fix the cause first (often a model that failed its health check, or no quota
+  for the endpoint's instance type), or every try fails the same way.
+- *tune*, *retrain* killed (timed out, marked failed, worker shut down): the task stops its SageMaker
+  job, so nothing bills on; a retry starts a new one. Their timeout is the jobs' own time limit
+  (`training_max_hours`, times the trials' waves for *tune*) plus a margin.
 - *confirm_deployment*: the endpoint update failed and SageMaker rolled it back: the old model keeps
   serving (the API is unaffected) and the log quotes the endpoint's FailureReason, often a model that
   failed its health check or an instance type without quota. Fix the cause, then clear *deploy*.
@@ -94,6 +111,7 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
     catchup=False,
     max_active_runs=1,
     render_template_as_native_obj=True,
+    user_defined_macros={"stack_name": stack_name},
     doc_md=DOC,
     tags=["bin-counter", "training", "deployment"],
     default_args={
@@ -105,12 +123,7 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
         "on_failure_callback": failure_alert(),
     },
     params={
-        "bucket": Param(
-            "bin-counter",
-            type="string",
-            description="Our S3 bucket: datasets, code, models (on AWS: the pipeline stack's output "
-            "BucketName, in the connection's region)",
-        ),
+        "bucket": name_param("bucket", "Our S3 bucket: datasets, code, models (in the connection's region)"),
         # Nullable: the trigger form marks a plain string Param required and refuses it empty.
         "dataset_version": Param(
             None,
@@ -220,7 +233,7 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
             description="How much worse (in gate_metric units) the new model may be and still replace the serving one",
         ),
         "deploy": Param(True, type="boolean", description="Off: train and evaluate only; never touch the endpoint"),
-        "endpoint_name": Param("bin-counter", type="string", description="The SageMaker endpoint the API calls"),
+        "endpoint_name": name_param("endpoint_name", "The SageMaker endpoint the API calls"),
         "initial_model": Param(
             "published",
             type="string",
@@ -229,10 +242,8 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
             "model.tar.gz path or s3:// URI, or 'none'. The better of the "
             "two is deployed.",
         ),
-        "function_name": Param(
-            "bin-counter-api",
-            type="string",
-            description="The Lambda function in front of the endpoint (created if missing)",
+        "function_name": name_param(
+            "function_name", "The Lambda function in front of the endpoint (created if missing)"
         ),
         "smoke_images": Param(
             6, type="integer", minimum=1, maximum=8, description="Test images sent through the API after deploying"
@@ -246,14 +257,15 @@ def bin_count_retrain():
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
         from bin_counter.dataset import resolve_dataset
+        from bin_counter.stack import dataset_event_extra
 
         context = get_current_context()
-        events = context.get("triggering_asset_events") or {}
-        triggering = events.get(BIN_COUNT_DATASET) if events else None
-        extra = dict(triggering[-1].extra) if triggering else None
-        params = context["params"]
+        params = run_params(context)
         return resolve_dataset(
-            S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"], params["dataset_version"], extra
+            S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(),
+            params["bucket"],
+            params["dataset_version"],
+            dataset_event_extra(context),
         )
 
     @task(retries=0, execution_timeout=timedelta(minutes=1))
@@ -262,23 +274,37 @@ def bin_count_retrain():
         types (GPU images on GPU instances), and the bucket checked: it exists, is ours, and is in the
         connection's region."""
         from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+        from airflow.providers.amazon.aws.hooks.lambda_function import LambdaHook
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-        from airflow.sdk import Variable
 
-        from bin_counter.account import check_bucket, sagemaker_settings
+        from bin_counter.account import check_bucket, check_quotas, sagemaker_quota_needs, sagemaker_settings
+        from bin_counter.api_function import check_function_deployed
+        from bin_counter.stack import dags_create_the_function, stack_variable
 
         region = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="sagemaker").conn_region_name
-        params = get_current_context()["params"]
+        params, variable = run_params(get_current_context()), stack_variable()
         account = sagemaker_settings(
-            Variable.get(SETTINGS_VARIABLE, default=None, deserialize_json=True),
+            variable,
             region,
             params["training_instance_type"],
             params["endpoint_instance_type"],
         )
         bucket = params["bucket"]
         check_bucket(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), bucket, account["region"])
+        # Quotas before money: the trials at once, and an endpoint update's two fleets.
+        needs = sagemaker_quota_needs(
+            params["training_instance_type"],
+            params["max_parallel_jobs"] * params["training_instance_count"],
+            params["endpoint_instance_type"] if params["deploy"] else None,
+            1,
+        )
+        check_quotas(AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="service-quotas").get_conn(), region, needs)
+        account["create_function"] = dags_create_the_function(variable)
+        if params["deploy"] and not account["create_function"]:
+            check_function_deployed(LambdaHook(aws_conn_id=AWS_CONN_ID).conn, params["function_name"])
         print(
-            f"bucket {bucket} in {account['region']}; SageMaker role {account['role_arn']}, "
+            f"bucket {bucket} in {account['region']}, endpoint {params['endpoint_name']}, API function "
+            f"{params['function_name']}; SageMaker role {account['role_arn']}, "
             f"API function role {account['lambda_role_arn']}; images {account['training_image']} (training), "
             f"{account['inference_image']} (endpoint)"
         )
@@ -290,7 +316,7 @@ def bin_count_retrain():
 
         from bin_counter.retrain import upload_code
 
-        return upload_code(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), get_current_context()["params"]["bucket"])
+        return upload_code(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), run_params(get_current_context())["bucket"])
 
     @task(execution_timeout=timedelta(minutes=5))
     def package_weights() -> str | None:
@@ -299,7 +325,7 @@ def bin_count_retrain():
 
         from bin_counter.retrain import weights_channel
 
-        return weights_channel(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), get_current_context()["params"])
+        return weights_channel(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), run_params(get_current_context()))
 
     @task(execution_timeout=timedelta(minutes=5))
     def serving_model() -> dict | None:
@@ -310,7 +336,7 @@ def bin_count_retrain():
         from bin_counter.endpoint import serving_model as find
         from bin_counter.gate import initial_champion
 
-        params = get_current_context()["params"]
+        params = run_params(get_current_context())
         found = find(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, params["endpoint_name"])
         if found:
             print(f"serving now: {found}")
@@ -318,10 +344,12 @@ def bin_count_retrain():
         initial = initial_champion(
             S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), params["bucket"], params["initial_model"]
         )
+        # A Failed or OutOfService endpoint serves nothing either (its reason is logged above); the
+        # deploy task replaces a Failed one.
         print(
-            f"no endpoint yet: the new model competes with the initial model {initial}"
+            f"no endpoint yet, or none that serves: the new model competes with the initial model {initial}"
             if initial
-            else "no endpoint yet: the new model will be the first"
+            else "no endpoint yet, or none that serves: the new model will be the first"
         )
         return initial
 
@@ -331,7 +359,7 @@ def bin_count_retrain():
 
         context = get_current_context()
         return retrain.tuning_request(
-            context["params"], data, account, code_uri, context["dag"].dag_id, context["run_id"], weights_uri
+            run_params(context), data, account, code_uri, context["dag"].dag_id, context["run_id"], weights_uri
         )
 
     data, account, code_uri, champion = dataset(), settings(), package_code(), serving_model()
@@ -341,6 +369,8 @@ def bin_count_retrain():
         config=tuning_config(data, account, code_uri, weights_uri),
         aws_conn_id=AWS_CONN_ID,
         check_interval=POLL_S,
+        # When the task runs, the trials' own limit (training_max_hours) times the waves they run in
+        # (max_jobs / max_parallel_jobs), with margins, replaces this (sagemaker_operators).
         execution_timeout=timedelta(hours=12),
         doc_md="The tuning job. Its trials are listed in the SageMaker console (or ListTrainingJobsFor"
         "HyperParameterTuningJob); a failed trial's FailureReason says why it failed.",
@@ -367,7 +397,7 @@ def bin_count_retrain():
 
         context = get_current_context()
         return retrain.final_training_request(
-            context["params"],
+            run_params(context),
             data,
             account,
             code_uri,
@@ -385,6 +415,7 @@ def bin_count_retrain():
         print_log=True,
         check_interval=POLL_S,
         retries=1,
+        # When the task runs, the job's own limit (training_max_hours) with margins replaces this.
         execution_timeout=timedelta(hours=6),
         doc_md="The final training job; its log (train.py's output) is in this task's log.",
     )
@@ -419,7 +450,7 @@ def bin_count_retrain():
         from bin_counter import retrain
 
         return retrain.deployment_requests(
-            get_current_context()["params"], trained["Training"], data, account, decision, champion
+            run_params(get_current_context()), trained["Training"], data, account, decision, champion
         )
 
     decision = gate(retrain.output, champion, data)
@@ -435,7 +466,7 @@ def bin_count_retrain():
     endpoint_config = SageMakerEndpointConfigOperator(
         task_id="endpoint_config", config=configs["endpoint_config"], aws_conn_id=AWS_CONN_ID, retries=0
     )
-    deploy = SageMakerEndpointOperator(
+    deploy = ReplacingEndpointOperator(
         task_id="deploy",
         config=configs["endpoint"],
         operation="create",
@@ -444,7 +475,8 @@ def bin_count_retrain():
         check_interval=POLL_S,
         max_ingestion_time=3600,
         execution_timeout=timedelta(hours=1),
-        doc_md="Creates the endpoint the first time and updates it afterwards.",
+        doc_md="Creates the endpoint the first time and updates it afterwards. An endpoint that SageMaker "
+        "left Failed (a failed creation) allows nothing but deleting it: it is deleted and created again.",
     )
 
     @task(retries=0, execution_timeout=timedelta(minutes=2))
@@ -469,12 +501,13 @@ def bin_count_retrain():
 
         from bin_counter.api_function import ensure_function
 
-        params = get_current_context()["params"]
+        params = run_params(get_current_context())
         return ensure_function(
             LambdaHook(aws_conn_id=AWS_CONN_ID).conn,
             params["function_name"],
             params["endpoint_name"],
             account["lambda_role_arn"],
+            create_missing=account["create_function"],
         )
 
     @task(multiple_outputs=True, execution_timeout=timedelta(minutes=5))
@@ -487,7 +520,7 @@ def bin_count_retrain():
         from bin_counter import dataset
         from bin_counter.api_function import api_event, smoke_images
 
-        params = get_current_context()["params"]
+        params = run_params(get_current_context())
         s3 = S3Hook(aws_conn_id=AWS_CONN_ID).get_conn()
         images = smoke_images(s3, dataset.photos(s3, params["bucket"], data, "test"), params["smoke_images"])
         sent = [{k: i[k] for k in ("key", "count")} for i in images]
@@ -496,9 +529,9 @@ def bin_count_retrain():
     confirmed = confirm_deployment(deploy.output, configs)
     event = smoke_event(data)
     confirmed >> event
-    invoke = LambdaInvokeFunctionOperator(
+    invoke = DigestLambdaInvokeFunctionOperator(
         task_id="invoke_api",
-        function_name="{{ params.function_name }}",
+        function_name="{{ stack_name(params, 'function_name') }}",
         payload=event["payload"],
         aws_conn_id=AWS_CONN_ID,
         execution_timeout=timedelta(minutes=5),

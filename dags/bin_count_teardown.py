@@ -9,6 +9,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from bin_counter.alerts import failure_alert
+from bin_counter.stack import name_param, run_params
 
 # How often to ask SageMaker whether the endpoint is gone: 30 s suits AWS's API limits; the local
 # stack sets a few seconds.
@@ -76,12 +77,8 @@ def _print_names(verb: str, kind: str, names: list[str]) -> None:
         "on_failure_callback": failure_alert(),
     },
     params={
-        "bucket": Param(
-            "bin-counter",
-            type="string",
-            description="Our S3 bucket: expired trial artifacts and checkpoints are deleted from it",
-        ),
-        "endpoint_name": Param("bin-counter", type="string", description="The SageMaker endpoint the API calls"),
+        "bucket": name_param("bucket", "Our S3 bucket: expired trial artifacts and checkpoints are deleted from it"),
+        "endpoint_name": name_param("endpoint_name", "The SageMaker endpoint the API calls"),
         "delete_endpoint": Param(
             False,
             type="boolean",
@@ -107,7 +104,7 @@ def bin_count_teardown():
         from bin_counter.cleanup import delete_endpoint
         from bin_counter.endpoint import serving_model
 
-        params = get_current_context()["params"]
+        params = run_params(get_current_context())
         sm = SageMakerHook(aws_conn_id=AWS_CONN_ID).conn
         if not params["delete_endpoint"]:
             found = serving_model(sm, params["endpoint_name"])
@@ -115,7 +112,8 @@ def bin_count_teardown():
                 f"endpoint {params['endpoint_name']} serves {found['model']} ({found['status']}); not deleting it "
                 "(delete_endpoint is off)"
                 if found
-                else f"no endpoint {params['endpoint_name']}; nothing serves (delete_endpoint is off)"
+                else f"endpoint {params['endpoint_name']}: none, or one that serves nothing (Failed or OutOfService, "
+                "logged above; delete_endpoint deletes it); delete_endpoint is off"
             )
             return {"deleted": False, "models_kept": [found["model"]] if found else []}
         report = delete_endpoint(sm, params["endpoint_name"], params["dry_run"], poll_s=POLL_S)
@@ -128,7 +126,7 @@ def bin_count_teardown():
 
         from bin_counter import cleanup
 
-        params = get_current_context()["params"]
+        params = run_params(get_current_context())
         sm = SageMakerHook(aws_conn_id=AWS_CONN_ID).conn
         kept = cleanup.serving_models(sm) | set(endpoint_report["models_kept"])
         older_than = cleanup.retention_cutoff(params["retention_days"])
@@ -155,7 +153,7 @@ def bin_count_teardown():
 
         from bin_counter import cleanup
 
-        params = get_current_context()["params"]
+        params = run_params(get_current_context())
         s3 = S3Hook(aws_conn_id=AWS_CONN_ID).get_conn()
         older_than = cleanup.retention_cutoff(params["retention_days"])
         found = cleanup.expired_objects(s3, params["bucket"], older_than)

@@ -6,7 +6,8 @@ SageMaker contract (and the flag that overrides each part outside SageMaker):
   SM_CHANNEL_WEIGHTS                       --weights-channel  (the backbone's ImageNet weights file)
   SM_MODEL_DIR                             --model-dir        (model.pth, model_card.json, code/)
   SM_OUTPUT_DATA_DIR                       --output-data-dir  (metrics.json)
-  /opt/ml/checkpoints                      --checkpoint-dir   (resume after a kill or spot stop)
+  /opt/ml/checkpoints                      --checkpoint-dir   (resume after a kill or spot stop; partial
+                                                              files go to its sibling checkpoints-partial)
   /opt/ml/output/failure                   --failure-file     (becomes the job's FailureReason)
 Hyperparameters arrive as `--name value`.
 
@@ -22,6 +23,8 @@ Each epoch prints one line that SageMaker metric definitions parse, e.g.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import math
 import os
@@ -55,8 +58,11 @@ OPT_ML = os.environ.get("SAGEMAKER_BASE_DIR", "/opt/ml")
 SAGEMAKER_CHECKPOINT_DIR = f"{OPT_ML}/checkpoints"
 SAGEMAKER_FAILURE_FILE = f"{OPT_ML}/output/failure"
 CHECKPOINT_NAME = "checkpoint.pth"
+# save_atomic's partial files go to a sibling of the checkpoint folder: /opt/ml/checkpoints-partial.
+SCRATCH_SUFFIX = "-partial"
 DIVERGED_LOSS_FACTOR = 20
 SMOOTHING_TARGETS = ("all", "neighbours")
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 CLASS_WEIGHTINGS = ("none", "balanced")
 # Files that make up the model's `code/` folder in model.tar.gz (what the serving container imports).
 # api_contract.py and .json: the API's request checks and error table, which the Lambda function uses too.
@@ -296,8 +302,9 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument(
         "--amp",
         default="auto",
-        choices=("auto", "bf16", "off"),
-        help="bf16 autocast: auto uses it on CUDA and on CPUs with native bf16",
+        choices=AMP_CHOICES,
+        help="mixed precision: auto is bf16 where the hardware has it natively (CUDA 8.0+, CPUs with "
+        "AVX512_BF16 or AMX), fp16 with a gradient scaler on older CUDA GPUs (T4), otherwise off (fp32)",
     )
     runtime.add_argument(
         "--cache",
@@ -365,15 +372,55 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def use_bf16(amp: str, device: torch.device) -> bool:
-    if amp != "auto":
-        return amp == "bf16"
+def autocast_dtype(
+    amp: str, device_type: str, cuda_capability: tuple[int, int] | None = None, cpu_native_bf16: bool = False
+) -> torch.dtype | None:
+    """The dtype --amp autocasts to on this hardware; None: fp32 throughout.
+
+    auto takes bf16 only where it is computed natively: CUDA compute capability 8.0 or more (A10G is
+    8.6) and CPUs with AVX512_BF16 or AMX. torch's own checks say yes to emulation too: in torch 2.6
+    torch.cuda.is_bf16_supported() is True on a T4 (7.5, the default ml.g4dn.xlarge) once a bf16
+    tensor can be allocated, and torch.ops.mkldnn._is_mkldnn_bf16_supported() on any AVX-512 CPU
+    (oneDNN emulates bf16 there: m5, c5). Older CUDA GPUs get fp16 with a gradient scaler, as
+    torchvision's reference classification train.py does for --amp (a T4 has fp16 tensor cores);
+    CPUs without native bf16 stay in fp32 (fp16 is no better on them)."""
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device_type != "cuda":
+            raise SystemExit("train.py: --amp fp16 needs a CUDA device; use --amp bf16 or off on a CPU")
+        return torch.float16
+    if device_type == "cuda":
+        return torch.bfloat16 if cuda_capability is not None and cuda_capability >= (8, 0) else torch.float16
+    return torch.bfloat16 if cpu_native_bf16 else None
+
+
+def detect_autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """autocast_dtype for this process's device, asking torch what the hardware has."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return autocast_dtype(amp, "cuda", cuda_capability=torch.cuda.get_device_capability(device))
+    return autocast_dtype(amp, device.type, cpu_native_bf16=cpu_has_native_bf16())
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this x86 CPU computes bf16 itself (AVX512_BF16: Cooper Lake, Zen 4; AMX: Sapphire Rapids)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # not an x86 build of torch
         return False
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """--amp's name for an autocast dtype (what the log and the model card say)."""
+    names: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names.get(dtype, "off")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`, or nothing (fp32)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # A channel's images: decoded into memory (--cache memory), or their labelled files (--cache none).
@@ -385,7 +432,7 @@ class Runtime:
     """Where this process computes, and beside which others."""
 
     device: torch.device
-    bf16: bool  # autocast to bfloat16
+    amp: torch.dtype | None  # what autocast computes in (autocast_dtype); None: fp32
     group: distributed.Group
 
 
@@ -422,6 +469,7 @@ class Learner:
     ema: averaging.WeightAverage | None
     scored: nn.Module  # the weights that validation scores and the model keeps: `model` or the average
     aux_heads: auxiliary.AuxiliaryHeads | None
+    scaler: torch.amp.GradScaler | None = None  # with fp16: keeps small gradients from flushing to zero
 
 
 @dataclass
@@ -611,7 +659,7 @@ def train_one_epoch(
     ):
         images = prepare(images_u8, device, generator if args.augment else None, args.rotate, args.zoom)
         labels = labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
+        with autocast(device, runtime.amp):
             logits = learner.trainer(images)
         loss = count_loss(logits.float(), labels, args, train.class_weights)
         if learner.aux_heads is not None and train.aux_targets is not None:
@@ -623,10 +671,7 @@ def train_one_epoch(
             raise TrainingDiverged(
                 f"training diverged: the loss became {loss.item()} in epoch {epoch}; lower --lr (was {args.lr:g})"
             )
-        learner.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        learner.optimizer.step()
-        learner.scheduler.step()
+        step(learner, loss)
         if learner.ema is not None:
             learner.ema.update(net)
         total_loss += loss.item() * len(labels)
@@ -635,6 +680,20 @@ def train_one_epoch(
     mean_loss = loss_sum / count
     stop_if_diverged(mean_loss, epoch, args)
     return mean_loss
+
+
+def step(learner: Learner, loss: torch.Tensor) -> None:
+    """One optimiser and learning-rate step on `loss`; through the gradient scaler with fp16, which
+    skips the step (and lowers its scale) when the scaled gradients overflowed."""
+    learner.optimizer.zero_grad(set_to_none=True)
+    if learner.scaler is None:
+        loss.backward()
+        learner.optimizer.step()
+    else:
+        learner.scaler.scale(loss).backward()
+        learner.scaler.step(learner.optimizer)
+        learner.scaler.update()
+    learner.scheduler.step()
 
 
 def set_training_mode(model: nn.Module, mode: str, arch: str) -> None:
@@ -662,14 +721,19 @@ def stop_if_diverged(mean_loss: float, epoch: int, args: argparse.Namespace) -> 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: Channel, args: argparse.Namespace, device: torch.device, bf16: bool, num_classes: int
+    model: nn.Module,
+    data: Channel,
+    args: argparse.Namespace,
+    device: torch.device,
+    amp: torch.dtype | None,
+    num_classes: int,
 ) -> dict[str, Any]:
     """Loss and counting metrics of `model` on one channel."""
     model.eval()
     truths, predictions, total_loss = [], [], 0.0
     for images_u8, labels, _ in iterate_batches(data, args.eval_batch_size, False, 0, args.workers, args.image_size):
         images = prepare(images_u8, device, None)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, amp):
             logits = model(images).float()
         labels = labels.to(device)
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -686,9 +750,39 @@ def metric_line(prefix: str, result: dict) -> str:
 
 
 def save_atomic(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+    """torch.save to `path` through a whole file renamed into place: a kill mid-write leaves the
+    previous checkpoint intact. The partial file is written beside the folder, not in it: SageMaker
+    uploads everything under the checkpoint folder (CheckpointConfig.LocalPath), temporary files too,
+    so one written there would be uploaded beside every checkpoint and restored on resume."""
+    try:
+        write_then_rename(obj, path, scratch_folder(path.parent))
+    except OSError as exc:
+        if exc.errno not in NO_SCRATCH_ERRORS:
+            raise
+        # A sibling that cannot be written, or a folder mounted on its own (a rename cannot cross
+        # mounts): the partial file goes in the folder after all, the one place left to rename from.
+        write_then_rename(obj, path, path.parent)
+
+
+# What makes the sibling of a checkpoint folder unusable for its partial files.
+NO_SCRATCH_ERRORS = (errno.EXDEV, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def scratch_folder(folder: Path) -> Path:
+    """Where save_atomic writes partial files for `folder`: its sibling `<name>-partial` (/opt/ml's
+    checkpoints-partial), on the same file system as long as both are in the same mount."""
+    folder = folder.resolve()
+    return folder.with_name(folder.name + SCRATCH_SUFFIX) if folder.parent != folder else folder
+
+
+def write_then_rename(obj: object, path: Path, scratch: Path) -> None:
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = scratch / (path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; a failed try leaves nothing behind
 
 
 def config_signature(args: argparse.Namespace, fingerprint: str, processes: int = 1) -> dict[str, Any]:
@@ -793,7 +887,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # --workers counts an instance's decoding processes (SM_NUM_CPUS by default): under torchrun the
     # instance's training processes share them, or four GPUs' processes would start four times the CPUs.
     args.workers = max(1, args.workers // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    runtime = Runtime(device, use_bf16(args.amp, device), group)
+    runtime = Runtime(device, detect_autocast_dtype(args.amp, device), group)
 
     channels = choose_channels(args, group)
     data = load_data(channels, args, group, started)
@@ -807,13 +901,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ema, scored = build_average(model, args, device)
     signature = config_signature(args, data.fingerprint, group.world)
     checkpoint = Checkpoint(Path(args.checkpoint_dir) / CHECKPOINT_NAME, signature) if args.checkpoint_dir else None
-    progress = resume(checkpoint, model, optimizer, scheduler, ema, group)
+    scaler = torch.amp.GradScaler(device.type) if runtime.amp == torch.float16 else None
+    progress = resume(checkpoint, model, optimizer, scheduler, ema, group, scaler)
     say(
-        f"training {args.arch} ({args.mode}, weights={args.weights}) on {device}, bf16={runtime.bf16}, "
+        f"training {args.arch} ({args.mode}, weights={args.weights}) on {device}, amp={precision_name(runtime.amp)}, "
         f"epochs {progress.epoch + 1}..{args.epochs}",
         group,
     )
-    learner = Learner(model, distributed.wrap(model, group, device), optimizer, scheduler, ema, scored, aux_heads)
+    learner = Learner(
+        model, distributed.wrap(model, group, device), optimizer, scheduler, ema, scored, aux_heads, scaler
+    )
     weights = class_weights(data.train_labels, args.max_count + 1, args.class_weights)
     train = TrainingSet(data.sets["train"], data.per_process, data.sizes["train"], weights, aux_targets)
     train_epochs(learner, train, data.sets.get("validation"), args, runtime, progress, checkpoint)
@@ -937,6 +1034,7 @@ def resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ema: averaging.WeightAverage | None,
     group: distributed.Group,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Progress:
     """The progress a restarted run goes on from, its weights and optimiser state loaded; a fresh
     start without a checkpoint."""
@@ -950,6 +1048,8 @@ def resume(
         return Progress()
     if ema is not None:
         ema.load_state_dict(resumed["ema"])
+    if scaler is not None and "scaler" in resumed:  # absent when the run that wrote it was not in fp16
+        scaler.load_state_dict(resumed["scaler"])
     say(f"resumed from {checkpoint.path} after epoch {resumed['epoch']}", group)
     return Progress(resumed["epoch"], resumed["history"], resumed["best"])
 
@@ -977,7 +1077,7 @@ def train_epochs(
         if learner.ema is not None:
             learner.scored.load_state_dict(learner.ema.average)
         if validation is not None:
-            record["validation"] = evaluate(learner.scored, validation, args, runtime.device, runtime.bf16, num_classes)
+            record["validation"] = evaluate(learner.scored, validation, args, runtime.device, runtime.amp, num_classes)
             line += " " + metric_line("val", record["validation"])
         seconds = time.time() - epoch_start
         line += (
@@ -1018,6 +1118,7 @@ def save_checkpoint(checkpoint: Checkpoint, learner: Learner, progress: Progress
             "history": progress.history,
             "best": progress.best,
             **({"ema": learner.ema.state_dict()} if learner.ema is not None else {}),
+            **({"scaler": learner.scaler.state_dict()} if learner.scaler is not None else {}),
         },
         checkpoint.path,
     )
@@ -1075,7 +1176,7 @@ def score_test(model: nn.Module, test: Channel, args: argparse.Namespace, runtim
     # Scored as clients will be served: the written model through the serving handlers (fp32),
     # and the serving model, if any, the same way on the same images. The loss comes from the
     # training-time evaluation.
-    loss = evaluate(model, test, args, runtime.device, runtime.bf16, args.max_count + 1)["loss"]
+    loss = evaluate(model, test, args, runtime.device, runtime.amp, args.max_count + 1)["loss"]
     scores: dict[str, Any] = {
         "test": {**score_model(args.model_dir, args.test, args.max_count, args.eval_batch_size), "loss": loss}
     }
@@ -1184,7 +1285,8 @@ def model_card(
         "training": {
             "seconds": round(seconds, 1),
             "device": str(runtime.device),
-            "bf16": runtime.bf16,
+            "bf16": runtime.amp == torch.bfloat16,
+            "amp": precision_name(runtime.amp),
             "torch": torch.__version__,
             "processes": runtime.group.world,
         },

@@ -37,11 +37,14 @@ from pathlib import Path
 
 import yaml
 
+from standin.launch import local_stack
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yaml"
 OFFLINE = ROOT / "docker" / "offline"
 PROJECT = "bin-counter-check"
-BUCKET = "bin-counter"
+# The local stack's bucket, which the DAGs find in their Variable (docker-compose.yaml sets it).
+BUCKET = local_stack().outputs["BucketName"]
 SOURCE_BUCKET = "abid-mini"  # the tiny ABID-layout source, in the stack's own moto
 API_KEY = "local-demo-key"  # BIN_COUNTER_API_KEY, set for the check (docker-compose.yaml's default)
 ADMIN = "admin"  # AIRFLOW_ADMIN_USER, set for the check (docker-compose.yaml's default)
@@ -552,7 +555,6 @@ def prep_conf(key_range: str) -> dict:
     """The tiny source's keys, ten to a block. ABID is read over HTTP, as the public bucket can be:
     moto answers anonymous GETs under its name on the compose network."""
     return {
-        "bucket": BUCKET,
         "source": f"http://moto:5000/{SOURCE_BUCKET}",
         "subset": "key_range",
         "key_range": key_range,
@@ -568,7 +570,6 @@ def retrain_conf() -> dict:
 
     return {
         **DEMO_RETRAIN,
-        "bucket": BUCKET,
         "epochs_min": 1,
         "epochs_max": 2,
         "max_count": 2,

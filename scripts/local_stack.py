@@ -30,14 +30,17 @@ from pathlib import Path
 
 import boto3
 
-from standin.iam import create_roles, load_template, render
-from standin.launch import airflow_connection, start_moto, start_standin, wait_until_up
+from standin.iam import create_roles
+from standin.launch import airflow_connection, local_stack, start_moto, start_standin, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
 VENV_BIN = Path(sys.executable).parent
 CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
-BUCKET = "bin-counter"
+# infra/pipeline.yaml as the local stack deploys it: the DAGs find its bucket, endpoint and function in
+# its Variable (they have no default names), so the demo names none of them to the DAGs either.
+STACK = local_stack()
+BUCKET, ENDPOINT = STACK.outputs["BucketName"], STACK.outputs["EndpointName"]
 API_KEY = "local-demo-key"  # what the local API gateway asks for in x-api-key
 # A small search that fits two cores: two trials one after the other (side by side, each trial's
 # threads fight the other's for the same two cores: 231 s each instead of about 60), then the final job.
@@ -99,7 +102,7 @@ def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(airflow_connection(moto, standin)),
             # What docs/infra/README.md tells a user to copy from the stack's outputs, rendered for this account.
-            "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": render(load_template()).outputs["SageMakerVariable"],
+            "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": STACK.outputs["SageMakerVariable"],
             "BIN_COUNTER_SAGEMAKER_POLL_S": "2",
             "BIN_COUNTER_IMAGENET_WEIGHTS": env.get("BIN_COUNTER_IMAGENET_WEIGHTS") or container_weights(),
             # Airflow starts its task runners as `airflow ...` from the PATH.
@@ -288,7 +291,7 @@ def start_servers(work: Path, moto_port: int, standin_port: int) -> tuple[list[s
     moto_proc, moto = start_moto(moto_port)
     os.environ.update({"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"})
     # The roles infra/pipeline.yaml creates on AWS: SageMaker and Lambda refuse a role IAM does not have.
-    create_roles(boto3.client("iam", endpoint_url=moto, region_name="us-east-1"), render(load_template()))
+    create_roles(boto3.client("iam", endpoint_url=moto, region_name="us-east-1"), STACK)
     standin_proc, standin = start_standin(work / "standin", moto, CONTAINER_PYTHON, standin_port, api_key=API_KEY)
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
@@ -315,7 +318,6 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     log = work / "airflow.log"
     timings: dict = {}
     prep_conf = {
-        "bucket": BUCKET,
         "source": str(Path(args.source).resolve()) if Path(args.source).exists() else args.source,
         "subset": "key_range",
         "key_range": args.keys,
@@ -331,7 +333,7 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     print(f"   {state} in {timings['bin_count_data_prep']:.0f} s", flush=True)
     print("== bin_count_retrain: tune (2 trials), retrain, gate, deploy, smoke-check through Lambda", flush=True)
     timings["bin_count_retrain"] = airflow(
-        ["dags", "test", "bin_count_retrain", "-c", json.dumps({"bucket": BUCKET, **DEMO_RETRAIN})], env, log
+        ["dags", "test", "bin_count_retrain", "-c", json.dumps(DEMO_RETRAIN)], env, log
     )
     state, retrain_tasks = dag_run_state(env, "bin_count_retrain")
     print(f"   {state} in {timings['bin_count_retrain']:.0f} s", flush=True)
@@ -358,10 +360,10 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     data = resolve_dataset(s3, BUCKET, None, None)
     version = data["version"]
     images = smoke_images(s3, photos(s3, BUCKET, data, "test"), args.show)
-    show_counts(runtime, "bin-counter", version, images)
+    show_counts(runtime, ENDPOINT, version, images)
     count_through_the_api(standin, images[0], work)
     model = sm.describe_endpoint_config(
-        EndpointConfigName=sm.describe_endpoint(EndpointName="bin-counter")["EndpointConfigName"]
+        EndpointConfigName=sm.describe_endpoint(EndpointName=ENDPOINT)["EndpointConfigName"]
     )["ProductionVariants"][0]["ModelName"]
     # The model's tags carry its test metrics, whether it is this run's model or the published one.
     tags = {
@@ -389,9 +391,7 @@ def batch_count(env: dict[str, str], log: Path, timings: dict, s3, version: str)
     """bin_count_batch over the dataset's test photos (its default input) with the endpoint's model;
     prints the summary the report task logged."""
     print(f"\n== bin_count_batch: every test photo of dataset {version}, one SageMaker batch transform job", flush=True)
-    timings["bin_count_batch"] = airflow(
-        ["dags", "test", "bin_count_batch", "-c", json.dumps({"bucket": BUCKET})], env, log
-    )
+    timings["bin_count_batch"] = airflow(["dags", "test", "bin_count_batch"], env, log)
     state, tasks = dag_run_state(env, "bin_count_batch")
     timings["batch_tasks"] = tasks
     print(f"   {state} in {timings['bin_count_batch']:.0f} s", flush=True)

@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from standin.core import Headers
@@ -64,10 +64,15 @@ class CallLog:
         self.path = Path(path) if path else None
         self.lock = threading.Lock()
 
-    def record(self, who: str, actions: Iterable[tuple], server: str) -> None:
-        """`actions`: (action, resource) or (action, resource, condition context) tuples."""
+    def record(self, who: str, actions: Iterable[tuple] | Callable[[], Iterable[tuple]], server: str) -> None:
+        """`actions`: (action, resource) or (action, resource, condition context) tuples, or a function
+        that returns them: it is called only when there is a log (what IAM authorises is read from AWS's
+        Service Authorization Reference, `standin.sar`, a test-and-lint dependency the stand-in's image
+        does not hold)."""
         if self.path is None:
             return
+        if callable(actions):
+            actions = actions()
         lines = "".join(
             json.dumps(
                 {

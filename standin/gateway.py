@@ -47,7 +47,7 @@ INTEGRATION_TIMEOUT_S = 29.0
 @dataclass
 class Gateway:
     lambdas: LambdaBackend
-    function: str = "bin-counter-api"
+    function: str
     api_key: str | None = None
     stage: str = "local"
     max_in_flight: int = 8

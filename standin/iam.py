@@ -8,8 +8,14 @@ Variables, so that what docs/infra/README.md tells a user to copy is what the te
 
 The evaluation follows IAM's documented logic for identity policies, strictly: an explicit Deny wins;
 else an Allow whose Action, Resource and every Condition match; else denied. A Condition on a key the
-request does not carry does not match, and condition operators other than StringEquals, StringLike and
-their negations are refused, so nothing passes here that AWS might refuse.
+request does not carry does not match, and condition operators other than StringEquals, StringLike, their
+negations and Bool are refused, so nothing passes here that AWS might refuse.
+
+What AWS authorises is AWS's word, not ours: every recorded call and every grant is held against AWS's
+Service Authorization Reference (`standin.sar`): the action must exist as spelt, a call must name each
+resource type the reference marks required for it (CreateEndpoint: the endpoint and the endpoint
+configuration), a grant's Resource must be able to match an ARN of a type the action is authorised on,
+and a condition key must be one the reference lists for the action (or a global aws:* key).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from standin import sar
+
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_TEMPLATE = ROOT / "infra" / "pipeline.yaml"
 ACTIONS_LEDGER = ROOT / "infra" / "aws-actions.json"
@@ -33,6 +41,8 @@ class Stack:
 
     roles: dict[str, dict] = field(default_factory=dict)  # logical id -> {"arn", "trust", "policies"}
     managed_policies: dict[str, dict] = field(default_factory=dict)  # logical id -> {"arn", "document"}
+    bucket_policies: dict[str, dict] = field(default_factory=dict)  # logical id -> its PolicyDocument
+    log_groups: dict[str, dict] = field(default_factory=dict)  # logical id -> its Properties
     outputs: dict[str, str] = field(default_factory=dict)
 
     def policies_of_role(self, role_arn: str) -> list[dict] | None:
@@ -153,6 +163,10 @@ def render(
                 "arn": resolve.physical(logical),
                 "document": resolve(props["PolicyDocument"]),
             }
+        elif resource["Type"] == "AWS::S3::BucketPolicy":
+            stack.bucket_policies[logical] = resolve(props["PolicyDocument"])
+        elif resource["Type"] == "AWS::Logs::LogGroup":
+            stack.log_groups[logical] = resolve(props)
     stack.outputs = {name: resolve(output["Value"]) for name, output in template.get("Outputs", {}).items()}
     return stack
 
@@ -165,7 +179,7 @@ def statements(document: Mapping) -> list[dict]:
     return as_list(document.get("Statement", []))
 
 
-def _action_matches(patterns, action: str) -> bool:
+def action_matches(patterns, action: str) -> bool:
     # Actions are case-insensitive in IAM; resources are not.
     return any(fnmatch.fnmatchcase(action.lower(), p.lower()) for p in as_list(patterns))
 
@@ -179,6 +193,8 @@ CONDITION_OPERATORS = {
     "StringNotEquals": lambda value, wanted: value not in wanted,
     "StringLike": lambda value, wanted: any(fnmatch.fnmatchcase(value, w) for w in wanted),
     "StringNotLike": lambda value, wanted: not any(fnmatch.fnmatchcase(value, w) for w in wanted),
+    # IAM compares a Bool condition's "true"/"false" case-insensitively (aws:SecureTransport).
+    "Bool": lambda value, wanted: str(value).lower() in {str(w).lower() for w in wanted},
 }
 
 
@@ -196,9 +212,9 @@ def _conditions_match(conditions: Mapping, context: Mapping[str, str]) -> bool:
 
 
 def statement_applies(statement: Mapping, action: str, resource: str, context: Mapping[str, str]) -> bool:
-    if "Action" in statement and not _action_matches(statement["Action"], action):
+    if "Action" in statement and not action_matches(statement["Action"], action):
         return False
-    if "NotAction" in statement and _action_matches(statement["NotAction"], action):
+    if "NotAction" in statement and action_matches(statement["NotAction"], action):
         return False
     if "Resource" in statement and not _resource_matches(statement["Resource"], resource):
         return False
@@ -259,6 +275,40 @@ def _aliased(resource: str, bucket_alias: Mapping[str, str]) -> str:
     return resource
 
 
+def _key_problem(action: str, key: str) -> str | None:
+    if key.startswith("aws:") or key in sar.condition_keys(action):
+        return None
+    listed = sorted(sar.condition_keys(action))
+    return f"{key} is no condition key of {action} (AWS's Service Authorization Reference lists {listed})"
+
+
+def reference_problem(action: str, resource: str, context: Mapping[str, str] | None = None) -> str | None:
+    """Why one recorded (action, resource, condition context) is not what AWS would authorise, by AWS's
+    Service Authorization Reference; None if it is."""
+    problem = sar.resource_problem(action, resource)
+    if problem is None:
+        problem = next(filter(None, (_key_problem(action, key) for key in context or {})), None)
+    return problem
+
+
+def grant_problems(documents: Iterable[Mapping]) -> list[str]:
+    """What in these policy documents AWS's Service Authorization Reference contradicts: an action it does
+    not list as spelt, a Resource that can match no ARN of a type the action is authorised on (a grant
+    on the wrong resource type), a condition key the action does not take."""
+    found = []
+    for document in documents:
+        for statement in statements(document):
+            keys = [key for tests in statement.get("Condition", {}).values() for key in tests]
+            for action in as_list(statement.get("Action", [])):
+                if sar.privilege(action) is None:
+                    problems = [sar.resource_problem(action, "*")]
+                else:
+                    problems = [sar.grant_problem(action, p) for p in as_list(statement.get("Resource", []))]
+                    problems += [_key_problem(action, key) for key in keys]
+                found += [f"{statement.get('Sid', 'a statement')}: {p}" for p in problems if p]
+    return found
+
+
 def refused_calls(
     calls: Iterable[Mapping],
     stack: Stack,
@@ -277,7 +327,10 @@ def refused_calls(
             continue  # the tests' own set-up and checks, which no policy of ours covers
         principal, documents = who[call["caller"]]
         resource = _aliased(call["resource"], bucket_alias or {})
-        if call["action"] not in ledger.get(principal, {}):
+        mismatch = reference_problem(call["action"], call["resource"], call.get("context"))
+        if mismatch:
+            problem = f"{principal}: the call log disagrees with AWS's Service Authorization Reference: {mismatch}"
+        elif call["action"] not in ledger.get(principal, {}):
             problem = (
                 f"{principal}: {call['action']} is not in infra/aws-actions.json: record it there (why the "
                 "DAGs need it) and grant it in infra/pipeline.yaml"

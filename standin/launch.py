@@ -17,6 +17,23 @@ from standin.aws_calls import WORKER_ACCESS_KEY_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN_SERVICES = ("sagemaker", "sagemaker-runtime", "lambda")  # the services the stand-in answers
+# infra/pipeline.yaml's parameters as the local stack deploys it. Neither equals the template's default,
+# so a name that reaches AWS only through a default (a DAG Param, a script's literal) fails here as it
+# would in an account where the stack was deployed with other names; the bucket is the template's own
+# bin-counter-<account>-<region>, which no DAG and no script names.
+# No CloudFormation runs here, so no API stack either: the retraining DAG creates the API function.
+LOCAL_STACK_PARAMETERS = {
+    "EndpointName": "bc-local-endpoint",
+    "FunctionName": "bc-local-api",
+    "ApiFunctionOwner": "dags",
+}
+
+
+def local_stack():
+    """infra/pipeline.yaml as CloudFormation would create it for the local stack (a standin.iam.Stack)."""
+    from standin.iam import load_template, render  # cfn-lint's loader: only where a template is read
+
+    return render(load_template(), LOCAL_STACK_PARAMETERS)
 
 
 def free_port() -> int:

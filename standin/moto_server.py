@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import run_simple
 
+from standin import sar
 from standin.aws_calls import CallLog, caller
 from standin.core import ACCOUNT
 
@@ -76,9 +77,18 @@ def logs_resource(params: dict) -> str:
 
 
 def json_actions(service: str, operation: str, params: dict) -> list[tuple[str, str]]:
+    """A JSON-protocol request's actions: CloudWatch Logs' as IAM writes log groups; a request that
+    names its resource by ARN on that ARN; any other on each resource AWS's Service Authorization
+    Reference marks required, built from the request's fields (Service Quotas' GetServiceQuota: the
+    quota, `<ServiceCode>/<QuotaCode>`), or the one it names, else "*"."""
+    action = f"{service}:{operation}"
     if service == "logs":
-        return [(f"logs:{operation}", logs_resource(params))]
-    return [(f"{service}:{operation}", _named_resource(params))]
+        return [(action, logs_resource(params))]
+    named = _named_resource(params)
+    if named != "*":
+        return [(action, named)]
+    region, account = REGION_ACCOUNT
+    return [(action, resource) for _, resource in sar.request_arns(action, params, region, account)]
 
 
 def _named_resource(params: dict) -> str:

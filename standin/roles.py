@@ -16,14 +16,15 @@ from urllib.parse import unquote
 import boto3
 from botocore.exceptions import ClientError
 
-from standin.iam import as_list, statements
+from standin.iam import action_matches, as_list, statements
 
 
 def trusted_services(trust_policy: Mapping) -> set[str]:
     """The services a role's trust policy lets assume it."""
     found: set[str] = set()
     for statement in statements(trust_policy):
-        if statement.get("Effect") == "Allow" and "sts:AssumeRole" in as_list(statement.get("Action", [])):
+        # IAM's own matching: actions are case-insensitive and may be wildcards ("sts:*").
+        if statement.get("Effect") == "Allow" and action_matches(statement.get("Action", []), "sts:AssumeRole"):
             found |= set(as_list((statement.get("Principal") or {}).get("Service", [])))
     return found
 

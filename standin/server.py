@@ -27,6 +27,7 @@ from standin.core import Answer
 from standin.forkserver import ForkServer
 from standin.gateway import ROUTE as GATEWAY_ROUTE
 from standin.gateway import Gateway
+from standin.launch import LOCAL_STACK_PARAMETERS
 from standin.roles import RoleCheck
 from standin.sagemaker.models import SageMakerBackend
 from standin.sagemaker.responses import SageMakerResponse, json_answer
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--api-function",
-        default="bin-counter-api",
+        default=LOCAL_STACK_PARAMETERS["FunctionName"],
         help="the Lambda function behind the local API Gateway route POST /count",
     )
     parser.add_argument(

@@ -5,11 +5,17 @@ The topic is the Airflow Variable `bin_counter_alerts_topic` (an SNS topic ARN);
 chat or a pager to it. Without it, alerts are off and the task log says so once per alert. Every
 alert carries the DAG, the task, the run, the try, the log URL and the reason, in the subject
 (short, for a phone) and the body.
+
+The reason is the exception's own text, which on-call needs (which job, which role, which AWS
+error), with the AWS account id masked: e-mail leaves AWS (mail providers, forwards, phones), and the
+id is what turns the ARNs and image URIs in it into targets; the names stay, and the task log, behind
+Airflow's login, keeps the full text.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from airflow.providers.amazon.aws.notifications.sns import SnsNotifier
 
@@ -42,9 +48,26 @@ Reason: {{ reason }}
 """
 
 
+# An AWS account id: 12 digits standing alone (in ARNs `arn:aws:iam::123456789012:role/x`, ECR image
+# URIs `123456789012.dkr.ecr...`, S3 bucket names such as `bin-counter-123456789012-eu-west-1`).
+ACCOUNT_ID = re.compile(r"(?<![0-9])[0-9]{12}(?![0-9])")
+
+
+def mask_account_ids(text: str) -> str:
+    """`text` with every AWS account id in it replaced by <account>."""
+    return ACCOUNT_ID.sub("<account>", text)
+
+
 class AlertNotifier(SnsNotifier):
-    """The provider's SNS notifier, quiet (with a log line) when no topic is configured, and never
-    failing the task it reports on."""
+    """The provider's SNS notifier, quiet (with a log line) when no topic is configured, never
+    failing the task it reports on, and sending no account id."""
+
+    def render_template_fields(self, context, jinja_env=None) -> None:
+        # After rendering (the reason comes in with the exception): the sync and async paths both render here.
+        super().render_template_fields(context, jinja_env)
+        if self.subject:
+            self.subject = mask_account_ids(self.subject)
+        self.message = mask_account_ids(self.message)
 
     def notify(self, context) -> None:
         if not self.target_arn:

@@ -41,22 +41,49 @@ def function_settings(lambda_dir: Path = LAMBDA_DIR) -> dict:
     return {k: v for k, v in json.loads((lambda_dir / "function.json").read_text()).items() if k != "//"}
 
 
-def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str) -> str:
+class FunctionMissing(RuntimeError):
+    """The API function is not there and is not the DAG's to create; the message says what to deploy."""
+
+
+def existing_function(lambda_client, name: str) -> dict | None:
+    """The function's configuration, or None where Lambda has no function of that name."""
+    try:
+        return lambda_client.get_function(FunctionName=name)["Configuration"]
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "ResourceNotFoundException":
+            raise
+        return None
+
+
+def check_function_deployed(lambda_client, name: str) -> dict:
+    """Refuse (FunctionMissing) unless the API stack's function exists: for the `settings` task where
+    the API stack is expected, so the run stops before anything is paid for rather than after."""
+    existing = existing_function(lambda_client, name)
+    if existing is None:
+        raise FunctionMissing(
+            f"there is no Lambda function {name}: deploy the API stack (lambda/template.yaml, with "
+            f'FunctionName={name}; lambda/README.md, "Deploy") before the first retraining run. The DAG does '
+            "not create it there: the stack creates the function and its log group by name, and "
+            "CloudFormation refuses to create a named resource that already exists"
+        )
+    return existing
+
+
+def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str, create_missing: bool = True) -> str:
     """Create the API's Lambda function, or update its code and point it at `endpoint_name`.
     Returns the function's ARN.
 
     A new function gets lambda/function.json's runtime, limits and settings, as lambda/template.yaml's
     does. An existing function (for example the template's) keeps its role, limits and other settings:
-    only the code and ENDPOINT_NAME are the DAG's to change.
+    only the code and ENDPOINT_NAME are the DAG's to change. With `create_missing` False (the API
+    stack is expected to own the function), a missing one is FunctionMissing instead: a function
+    created here would keep that stack from ever being created.
     """
     code = function_zip()
     settings = function_settings()
-    try:
-        existing = lambda_client.get_function(FunctionName=name)["Configuration"]
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] != "ResourceNotFoundException":
-            raise
-        existing = None
+    existing = (
+        existing_function(lambda_client, name) if create_missing else check_function_deployed(lambda_client, name)
+    )
     if existing is None:
         created = lambda_client.create_function(
             FunctionName=name,

@@ -9,10 +9,11 @@ Layout of one run's output prefix (`<output>/`):
                         or the error code and message of a photo that could not be counted
   summary.json          totals, the counts' histogram, the verdicts, the failures
 
-A photo is refused before the job only when Batch Transform itself would fail the job on it (bigger
-than MaxPayloadInMB). Everything else goes to the model, which answers a bad photo with its refusal
-(inference.py's BIN_COUNTER_REFUSALS=answer, set on the job): one corrupt photo among thousands is a
-line of the report, never a failed job.
+A photo is refused before the job only when Batch Transform itself would fail the job on it: bigger
+than MaxPayloadInMB, or than the model server in SageMaker's PyTorch image takes in one request
+(TorchServe answers 413 to it before inference.py sees it). Everything else goes to the model, which
+answers a bad photo with its refusal (inference.py's BIN_COUNTER_REFUSALS=answer, set on the job): one
+corrupt photo among thousands is a line of the report, never a failed job.
 """
 
 from __future__ import annotations
@@ -41,7 +42,18 @@ SUMMARY = "summary.json"
 # What inference.py's handlers read from the job's environment to answer a refusal with status 200.
 REFUSALS_ENVIRONMENT = {"BIN_COUNTER_REFUSALS": "answer"}
 EXPECTED_SOURCES = ("auto", "none", "abid_metadata", "dataset_folders")
-MiB = 1024 * 1024
+# MaxPayloadInMB's MB, in bytes. AWS defines it nowhere; what there is points to MiB (SageMaker's old
+# 5 MB InvokeEndpoint limit was reported as "HTTP content length exceeded 5246976 bytes", 5 MiB + 4 KiB,
+# aws/sagemaker-python-sdk#171; TorchServe's SageMaker execution-parameters plugin divides
+# max_request_size by 1024 * 1024). The photos are chosen by the stricter reading, 10^6 bytes, so that a
+# sent photo fits under either; a photo the MiB reading would add is too big for the model anyway
+# (sagemaker_code/api_contract.json: max_image_bytes 4 MiB).
+MB = 1000 * 1000
+# The largest request the model server in SageMaker's PyTorch image takes: TorchServe 0.12.0's
+# max_request_size, which the image's inference toolkit leaves at TorchServe's default
+# (standin/sagemaker/model_frontend.py reads the same from the toolkit's own code). Netty answers a
+# bigger request 413 before any handler, and Batch Transform fails the job on it.
+MODEL_SERVER_MAX_REQUEST_BYTES = 6_553_500
 READ_THREADS = 16  # S3 GETs of small objects: latency-bound, not CPU-bound
 
 
@@ -92,8 +104,9 @@ def batch_model(sm, model_name: str | None, endpoint_name: str) -> dict:
     serving = serving_model(sm, endpoint_name)
     if serving is None:
         raise BatchInputError(
-            f"the endpoint {endpoint_name} does not exist, so there is no serving model to count "
-            "with: run bin_count_retrain first, or set the model Param to a SageMaker model."
+            f"the endpoint {endpoint_name} does not exist or serves nothing (Failed or OutOfService), so "
+            "there is no serving model to count with: run bin_count_retrain first, or set the model Param "
+            "to a SageMaker model."
         )
     return {
         "model": serving["model"],
@@ -242,22 +255,23 @@ def expected_counts(s3, source: str, bucket: str, photos: list[dict]) -> dict[st
 
 
 def plan_photos(photos: list[dict], max_payload_mb: int) -> tuple[list[dict], list[dict]]:
-    """(sent, refused): a photo bigger than the job's MaxPayloadInMB would fail the whole transform job
-    (AWS does not split an object without SplitType), so it is listed with its reason instead."""
-    limit = max_payload_mb * MiB
+    """(sent, refused): a photo bigger than the job's MaxPayloadInMB or than the model server takes would
+    fail the whole transform job (AWS does not split an object without SplitType), so it is listed
+    with its reason instead."""
+    payload_limit = max_payload_mb * MB
     sent, refused = [], []
     for photo in photos:
-        if photo["size"] > limit:
-            refused.append(
-                {
-                    **photo,
-                    "error": "too_large",
-                    "message": f"the photo is {photo['size']} bytes; the transform job's MaxPayloadInMB "
-                    f"is {max_payload_mb} ({limit} bytes)",
-                }
+        if photo["size"] > payload_limit:
+            reason = f"the transform job's MaxPayloadInMB is {max_payload_mb} ({payload_limit} bytes)"
+        elif photo["size"] > MODEL_SERVER_MAX_REQUEST_BYTES:
+            reason = (
+                f"the model server (TorchServe's max_request_size) takes at most "
+                f"{MODEL_SERVER_MAX_REQUEST_BYTES} bytes per request"
             )
         else:
             sent.append(photo)
+            continue
+        refused.append({**photo, "error": "too_large", "message": f"the photo is {photo['size']} bytes; {reason}"})
     return sent, refused
 
 
@@ -281,7 +295,7 @@ def prepare(s3, input_uri: str, output_uri: str, expected: str, max_payload_mb: 
     if not sent:
         raise BatchInputError(
             f"none of the {len(photos)} objects under {input_uri} can be sent: every one is "
-            f"bigger than MaxPayloadInMB={max_payload_mb}"
+            f"bigger than MaxPayloadInMB={max_payload_mb} or than the model server takes"
         )
     rows = [
         {

@@ -1,23 +1,51 @@
 """What the SageMaker endpoint serves: the model behind it now, and whether a deployment really
-switched it to the new configuration.
+switched it to the new configuration; and clearing an endpoint that SageMaker left Failed.
 
-The retraining DAG reads the first as the champion and checks the second after deploying; the
-teardown DAG reads the first to keep what serves.
+The retraining DAG reads the first as the champion and checks the second after deploying; its
+deploy task deletes a Failed endpoint before creating it again (sagemaker_operators'
+ReplacingEndpointOperator). The teardown DAG reads the first to keep what serves.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from botocore.exceptions import ClientError
 
+log = logging.getLogger(__name__)
 
-def serving_model(sm, endpoint_name: str) -> dict | None:
-    """The model an endpoint serves now (name, artifact, configuration), or None without an endpoint."""
+# Endpoints that serve nothing, as botocore's DescribeEndpointOutput.EndpointStatus doc says: Failed
+# "could not be created, updated, or re-scaled ... DeleteEndpoint is the only operation that can be
+# performed on a failed endpoint"; OutOfService "is not available to take incoming requests". Their
+# model is no champion (the gate compares with the initial model instead) and counts no batch.
+NOT_SERVING = frozenset({"Failed", "OutOfService"})
+
+
+def describe_endpoint(sm, endpoint_name: str) -> dict | None:
+    """DescribeEndpoint, or None when there is no such endpoint (SageMaker's ValidationException)."""
     try:
-        endpoint = sm.describe_endpoint(EndpointName=endpoint_name)
+        return sm.describe_endpoint(EndpointName=endpoint_name)
     except ClientError as exc:
         if exc.response["Error"]["Code"] == "ValidationException":
             return None
         raise
+
+
+def serving_model(sm, endpoint_name: str) -> dict | None:
+    """The model an endpoint serves now (name, artifact, configuration), or None when nothing serves:
+    no endpoint, or one that is Failed or OutOfService (NOT_SERVING)."""
+    endpoint = describe_endpoint(sm, endpoint_name)
+    if endpoint is None:
+        return None
+    if endpoint["EndpointStatus"] in NOT_SERVING:
+        log.warning(
+            "endpoint %s is %s: it serves nothing (%s)",
+            endpoint_name,
+            endpoint["EndpointStatus"],
+            endpoint.get("FailureReason") or "no FailureReason given",
+        )
+        return None
     config = sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
     model_name = config["ProductionVariants"][0]["ModelName"]
     model = sm.describe_model(ModelName=model_name)
@@ -28,6 +56,28 @@ def serving_model(sm, endpoint_name: str) -> dict | None:
         "model": model_name,
         "model_data_url": model["PrimaryContainer"]["ModelDataUrl"],
     }
+
+
+def delete_failed_endpoint(
+    sm, endpoint_name: str, poll_s: float = 15, max_wait_s: float = 1800, log: Any = log
+) -> dict | None:
+    """Delete the endpoint if SageMaker left it Failed, and wait until it is gone, so that it can be
+    created again under its name. Returns what the deleted endpoint was, or None when there was
+    nothing to delete (no endpoint, or one in any other state, which the deployment updates).
+
+    Its configuration and model stay: a retried deploy task creates the endpoint from that same
+    configuration, and models cost nothing (bin_count_teardown deletes old ones)."""
+    endpoint = describe_endpoint(sm, endpoint_name)
+    if endpoint is None or endpoint["EndpointStatus"] != "Failed":
+        return None
+    reason = endpoint.get("FailureReason") or "no FailureReason given"
+    log.warning("endpoint %s is Failed (%s): deleting it, the only thing SageMaker allows on it", endpoint_name, reason)
+    sm.delete_endpoint(EndpointName=endpoint_name)
+    sm.get_waiter("endpoint_deleted").wait(
+        EndpointName=endpoint_name,
+        WaiterConfig={"Delay": max(1, round(poll_s)), "MaxAttempts": max(1, int(max_wait_s // max(poll_s, 1)))},
+    )
+    return {"endpoint": endpoint_name, "endpoint_config": endpoint.get("EndpointConfigName"), "reason": reason}
 
 
 class DeploymentFailed(RuntimeError):

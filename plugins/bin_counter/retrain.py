@@ -50,7 +50,8 @@ def static_hyperparameters(params: Mapping) -> dict:
 
 def weights_channel(s3, params: Mapping) -> str | None:
     """The S3 URI of the backbone's ImageNet weights file, stored once (bin_counter.weights): the jobs'
-    `weights` channel. None when the jobs do not start from ImageNet weights or the file is not here."""
+    `weights` channel. None when the jobs do not start from ImageNet weights or the file is not here and
+    the jobs can download it; weights.WeightsNotFound when they cannot (efficientnet_lite0)."""
     hyperparameters = static_hyperparameters(params)
     if not weights.uses_imagenet(hyperparameters):
         print(f"the jobs start from --weights {hyperparameters['weights']}: no ImageNet weights to hand over")

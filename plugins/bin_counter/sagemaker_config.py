@@ -336,6 +336,29 @@ def endpoint_config(
     }
 
 
+# EC2's size names, in vCPUs: `large` 2, `xlarge` 4, `<n>xlarge` 4n (a few older types have more, e.g.
+# c4.8xlarge 36: then fewer requests in flight than workers, never more).
+SIZE_VCPUS = {"medium": 2, "large": 2, "xlarge": 4}
+
+
+def instance_vcpus(instance_type: str) -> int | None:
+    """The vCPUs of an `ml.<family>.<size>` instance type by its size's name; None for a size that
+    names none (`metal`, ...)."""
+    size = instance_type.rsplit(".", 1)[-1]
+    if size in SIZE_VCPUS:
+        return SIZE_VCPUS[size]
+    multiple = size.removesuffix("xlarge")
+    return 4 * int(multiple) if multiple != size and multiple.isdigit() else None
+
+
+def default_max_concurrent(instance_type: str, max_payload_mb: int) -> int:
+    """Requests in flight per transform instance: one per worker TorchServe starts in the CPU image
+    (one per vCPU), within SageMaker's MaxConcurrentTransforms x MaxPayloadInMB <= 100 MB. Left unset,
+    SageMaker would ask the container's /execution-parameters, which the PyTorch image does not serve,
+    and send one at a time (CreateTransformJob's MaxConcurrentTransforms); so also for an unknown size."""
+    return max(1, min(instance_vcpus(instance_type) or 1, 100 // max_payload_mb))
+
+
 def transform_job_config(
     name: str,
     model_name: str,
@@ -343,7 +366,7 @@ def transform_job_config(
     output_uri: str,
     instance_type: str,
     instance_count: int = 1,
-    max_concurrent: int = 1,
+    max_concurrent: int | None = None,
     max_payload_mb: int = 6,
     environment: Mapping[str, str] | None = None,
     invocation_timeout_s: int = 600,
@@ -351,9 +374,12 @@ def transform_job_config(
     tags: Mapping[str, str] | None = None,
 ) -> dict:
     """CreateTransformJob: every object the manifest lists sent whole as one record (a photo), each
-    answer written as `<output_uri><relative key>.out`, as SageMaker's batch transform writes it."""
+    answer written as `<output_uri><relative key>.out`, as SageMaker's batch transform writes it.
+    `max_concurrent` None: `default_max_concurrent`."""
     if not 1 <= max_payload_mb <= 100:
         raise ValueError(f"max_payload_mb={max_payload_mb}: SageMaker takes 1 to 100 (MB)")
+    if max_concurrent is None:
+        max_concurrent = default_max_concurrent(instance_type, max_payload_mb)
     if max_concurrent < 1 or max_concurrent * max_payload_mb > 100:
         # SageMaker refuses MaxConcurrentTransforms x MaxPayloadInMB above 100 MB.
         raise ValueError(

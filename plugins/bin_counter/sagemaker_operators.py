@@ -7,14 +7,25 @@ the first one still runs and bills. These subclasses look for the job their run 
 one that is running or finished is attached to (its log is followed, its result returned); one that
 failed or was stopped is left as it is and a fresh job is started under a new name, as the stock
 operator does.
+
+None of the provider's SageMaker operators has an `on_kill`: a task that Airflow kills (its
+execution_timeout, "mark failed", a worker shut down) would leave its job running and billing until
+the job's own time limit. These stop the job their try started or attached to; and their task's
+timeout follows the job's own time limit, so that Airflow never gives up on a job SageMaker still
+lets run. The deploy operator replaces an endpoint that SageMaker left Failed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ClassVar
 
 from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 from airflow.providers.amazon.aws.operators.sagemaker import (
+    SageMakerEndpointOperator,
     SageMakerTrainingOperator,
     SageMakerTransformOperator,
     SageMakerTuningOperator,
@@ -22,15 +33,26 @@ from airflow.providers.amazon.aws.operators.sagemaker import (
 )
 from botocore.exceptions import ClientError
 
+from bin_counter.endpoint import delete_failed_endpoint
+
 ATTACHABLE = {"InProgress", "Stopping", "Completed"}
 
 
+# SageMaker's codes for a job it does not know: ValidationException for training and transform jobs
+# (which the provider's own existence check relies on), ResourceNotFound for tuning jobs, as botocore's
+# model lists for DescribeHyperParameterTuningJob and AWS answers ("An error occurred (ResourceNotFound)
+# when calling the DescribeHyperParameterTuningJob operation: Amazon SageMaker can't find a tuning job
+# called ...", aws/amazon-sagemaker-examples#1540). tests/airflow_side/test_standin_oracle.py holds the
+# stand-in's answers to moto's.
+NOT_FOUND_CODES = ("ValidationException", "ResourceNotFound")
+
+
 def describe_or_none(describe, name: str) -> dict | None:
-    """The job's description, or None when SageMaker does not know it (a ValidationException)."""
+    """The job's description, or None when SageMaker does not know it (NOT_FOUND_CODES)."""
     try:
         return describe(name)
     except ClientError as exc:
-        if exc.response["Error"]["Code"] == "ValidationException":
+        if exc.response["Error"]["Code"] in NOT_FOUND_CODES:
             return None
         raise
 
@@ -53,13 +75,130 @@ class LogFollowingSageMakerHook(SageMakerHook):
         )
 
 
-class ResumableTrainingOperator(SageMakerTrainingOperator):
+@dataclass(frozen=True)
+class JobKind:
+    """How to name, describe and stop one kind of SageMaker job."""
+
+    name_field: str  # in the Create request and the Stop call
+    status_field: str
+    describe: str  # the SageMakerHook method
+    stop: str  # the boto3 SageMaker client method
+
+
+TRAINING = JobKind("TrainingJobName", "TrainingJobStatus", "describe_training_job", "stop_training_job")
+TUNING = JobKind(
+    "HyperParameterTuningJobName",
+    "HyperParameterTuningJobStatus",
+    "describe_tuning_job",
+    "stop_hyper_parameter_tuning_job",
+)
+TRANSFORM = JobKind("TransformJobName", "TransformJobStatus", "describe_transform_job", "stop_transform_job")
+
+# How much longer than a job's own time limit its task may take. MaxRuntimeInSeconds counts the job's
+# run, not its start (instances, the image, the input channels), and a job stopped at its limit still
+# gets 120 s to save its model, then uploads it (botocore's StoppingCondition doc). Per training job
+# in a row (a tuning job's trials run in waves), then once per task (the last polls, the log's tail).
+JOB_START_MARGIN = timedelta(minutes=20)
+TASK_MARGIN = timedelta(minutes=20)
+
+
+def training_job_limit(stopping: Mapping | None) -> timedelta | None:
+    """How long one training job may run by its StoppingCondition; None without one. With managed
+    spot, MaxWaitTimeInSeconds: the wait for capacity plus the run (at least MaxRuntimeInSeconds)."""
+    seconds = [int(float(v)) for k in ("MaxRuntimeInSeconds", "MaxWaitTimeInSeconds") if (v := (stopping or {}).get(k))]
+    return timedelta(seconds=max(seconds)) if seconds else None
+
+
+def tuning_job_limit(config: Mapping) -> timedelta | None:
+    """How long a tuning job may run: its trials' limit (with their start) times the waves they run
+    in, ceil(MaxNumberOfTrainingJobs / MaxParallelTrainingJobs), or the tuning job's own
+    MaxRuntimeInSeconds when that is shorter."""
+    trial = training_job_limit(config.get("TrainingJobDefinition", {}).get("StoppingCondition"))
+    limits = config.get("HyperParameterTuningJobConfig", {}).get("ResourceLimits", {})
+    own = timedelta(seconds=int(float(limits["MaxRuntimeInSeconds"]))) if limits.get("MaxRuntimeInSeconds") else None
+    if trial is None:
+        return own
+    waves = math.ceil(int(limits["MaxNumberOfTrainingJobs"]) / int(limits["MaxParallelTrainingJobs"]))
+    by_trials = waves * (trial + JOB_START_MARGIN)
+    return min(by_trials, own) if own else by_trials
+
+
+class StopsItsJobWhenKilled:
+    """For the job operators: `on_kill` stops the job this try started or attached to, and
+    `pre_execute` sets the task's execution_timeout from the job's own time limit.
+
+    Airflow 3's task runner calls `on_kill` on SIGTERM (the supervisor sends it for "mark failed", a
+    lost heartbeat, a worker shut down, and SIGKILL 5 s later) and after the execution_timeout; it
+    reads execution_timeout after `pre_execute`, once the config is rendered
+    (airflow/sdk/execution_time/task_runner.py, _execute_task and _run_execute_callable)."""
+
+    job_kind: ClassVar[JobKind]
+    # Set once execute has begun: before that, the config names an earlier try's job, if any.
+    job_in_hand: bool = False
+    # The operator's, declared for the type checker.
+    config: dict
+    execution_timeout: timedelta | None
+
+    def job_request(self) -> dict:
+        """The Create request: the operator's config; the transform operator's may wrap it."""
+        return self.config
+
+    def job_time_limit(self) -> timedelta | None:
+        """The longest the job may run by its own limits; None: the task keeps its execution_timeout."""
+        return None
+
+    def pre_execute(self, context: Any) -> None:
+        limit = self.job_time_limit()
+        if limit is not None:
+            self.execution_timeout = limit + TASK_MARGIN
+            self.log.info(  # type: ignore[attr-defined]
+                "Task timeout %s: the job's own limit %s and a margin for its start and end.",
+                self.execution_timeout,
+                limit,
+            )
+
+    def on_kill(self) -> None:
+        if not self.job_in_hand:
+            return
+        # The name now, not the one the task was given: a fresh job may have been renamed (the stock
+        # operator's timestamp suffix, the tuning operator's -rNN) before it was created.
+        name = self.job_request()[self.job_kind.name_field]
+        try:
+            stop_if_in_progress(self.hook, self.job_kind, name, self.log)  # type: ignore[attr-defined]
+        except Exception:  # the task is being killed anyway: say so, never raise from here
+            self.log.exception(  # type: ignore[attr-defined]
+                "Could not stop SageMaker job %s: stop it by hand (%s) or it runs to its time limit.",
+                name,
+                self.job_kind.stop,
+            )
+
+
+def stop_if_in_progress(hook: SageMakerHook, kind: JobKind, name: str, log: Any) -> bool:
+    """Stop the job when it is InProgress (SageMaker refuses to stop one that has ended); say what
+    was done. True when it was asked to stop."""
+    job = describe_or_none(getattr(hook, kind.describe), name)
+    status = job[kind.status_field] if job else None
+    if status != "InProgress":
+        log.info("The task was killed; SageMaker job %s is %s: nothing to stop.", name, status or "not there")
+        return False
+    getattr(hook.conn, kind.stop)(**{kind.name_field: name})
+    log.warning("The task was killed: asked SageMaker to stop job %s (it goes Stopping, then Stopped).", name)
+    return True
+
+
+class ResumableTrainingOperator(StopsItsJobWhenKilled, SageMakerTrainingOperator):
     """SageMakerTrainingOperator that attaches to the job an earlier try of the task started, and
     follows its log with LogFollowingSageMakerHook."""
 
     aws_hook_class = LogFollowingSageMakerHook
+    job_kind = TRAINING
+
+    def job_time_limit(self) -> timedelta | None:
+        limit = training_job_limit(self.config.get("StoppingCondition"))
+        return limit + JOB_START_MARGIN if limit else None
 
     def execute(self, context: Any) -> dict:
+        self.job_in_hand = True
         name = self.config["TrainingJobName"]
         job = describe_or_none(self.hook.describe_training_job, name)
         if job is None or job["TrainingJobStatus"] not in ATTACHABLE:
@@ -87,10 +226,17 @@ class ResumableTrainingOperator(SageMakerTrainingOperator):
         return self.serialize_result(name)
 
 
-class ResumableTuningOperator(SageMakerTuningOperator):
-    """SageMakerTuningOperator that attaches to the tuning job an earlier try of the task started."""
+class ResumableTuningOperator(StopsItsJobWhenKilled, SageMakerTuningOperator):
+    """SageMakerTuningOperator that attaches to the tuning job an earlier try of the task started.
+    Stopping the tuning job stops its running trials too (StopHyperParameterTuningJob's doc)."""
+
+    job_kind = TUNING
+
+    def job_time_limit(self) -> timedelta | None:
+        return tuning_job_limit(self.config)
 
     def execute(self, context: Any) -> dict:
+        self.job_in_hand = True
         name = self.config["HyperParameterTuningJobName"]
         job = describe_or_none(self.hook.describe_tuning_job, name)
         if job is not None and job["HyperParameterTuningJobStatus"] in ATTACHABLE:
@@ -123,11 +269,19 @@ class ResumableTuningOperator(SageMakerTuningOperator):
         return super().execute(context)
 
 
-class ResumableTransformOperator(SageMakerTransformOperator):
+class ResumableTransformOperator(StopsItsJobWhenKilled, SageMakerTransformOperator):
     """SageMakerTransformOperator that attaches to the transform job an earlier try of the task started
-    (the stock one would start a second job under a timestamped name, counting every photo again)."""
+    (the stock one would start a second job under a timestamped name, counting every photo again).
+    A transform job has no time limit of its own: the task keeps the execution_timeout it was given."""
+
+    job_kind = TRANSFORM
+
+    def job_request(self) -> dict:
+        # The stock operator takes the CreateTransformJob request alone or under "Transform".
+        return self.config.get("Transform", self.config)
 
     def execute(self, context: Any) -> dict:
+        self.job_in_hand = True
         name = self.config["TransformJobName"]
         job = describe_or_none(self.hook.describe_transform_job, name)
         if job is None or job["TransformJobStatus"] not in ATTACHABLE:
@@ -155,3 +309,17 @@ class ResumableTransformOperator(SageMakerTransformOperator):
                 self.max_ingestion_time,
             )
         return self.serialize_result(name)
+
+
+class ReplacingEndpointOperator(SageMakerEndpointOperator):
+    """SageMakerEndpointOperator that first deletes the endpoint when SageMaker left it Failed.
+
+    A Failed endpoint (a creation that failed: the model's health check, no instance quota) allows
+    nothing but DeleteEndpoint (botocore's DescribeEndpointOutput.EndpointStatus doc): the stock
+    operator's CreateEndpoint finds it exists and its UpdateEndpoint is refused, on this run and every
+    later one. Deleted, the endpoint is created afresh, on this try or the task's next."""
+
+    def execute(self, context: Any) -> dict:
+        name = self.config.get("Endpoint", self.config)["EndpointName"]
+        delete_failed_endpoint(self.hook.conn, name, poll_s=self.check_interval, log=self.log)
+        return super().execute(context)

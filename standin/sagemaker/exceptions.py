@@ -21,10 +21,20 @@ MAX_INVOKE_BODY_BYTES = 6 * 1024 * 1024
 
 
 class ValidationException(AwsError):
-    """A bad request, and also a name that does not exist: SageMaker answers this there, not the
-    ResourceNotFound its service model lists for some operations, and the Amazon provider relies on it."""
+    """A bad request, and also a model, endpoint configuration, endpoint, training or transform job that
+    does not exist: SageMaker answers this there, not the ResourceNotFound its service model lists for
+    DescribeTrainingJob and DescribeTransformJob, and the Amazon provider relies on it (moto answers the same)."""
 
     code = "ValidationException"
+
+
+class ResourceNotFound(AwsError):
+    """A tuning job that does not exist: there SageMaker does answer its service model's ResourceNotFound,
+    400 ("An error occurred (ResourceNotFound) when calling the DescribeHyperParameterTuningJob operation:
+    Amazon SageMaker can't find a tuning job called DEMO-hpo-mxnet. Type another name.",
+    aws/amazon-sagemaker-examples#1540; moto answers the same code)."""
+
+    code = "ResourceNotFound"
 
 
 class ResourceInUse(AwsError):

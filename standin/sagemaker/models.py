@@ -32,6 +32,7 @@ from standin.sagemaker.exceptions import (
     ModelError,
     ModelNotReadyException,
     ResourceInUse,
+    ResourceNotFound,
     RuntimeValidationError,
     ServiceUnavailable,
     ThrottlingException,
@@ -51,6 +52,8 @@ class Resource:
     missing: str  # AWS's message for a name that does not exist
     duplicate_error: type[AwsError]
     duplicate: str  # AWS's message for a name that exists already
+    # AWS's code for a name that does not exist: ValidationException but for tuning jobs (exceptions.py)
+    missing_error: type[AwsError] = ValidationException
 
 
 RESOURCES = {
@@ -69,9 +72,11 @@ RESOURCES = {
         "HyperParameterTuningJobName",
         "HyperParameterTuningJobArn",
         "HyperParameterTuningJobStatus",
-        "Requested resource not found: {arn}",
+        # AWS's own words, as aws/amazon-sagemaker-examples#1540 and #2440 quote them.
+        "Amazon SageMaker can't find a tuning job called {name}. Type another name.",
         ResourceInUse,
-        "Tuning job names must be unique within an AWS account and region ({arn})",
+        "A hyperparameter tuning job with the name, {name}, already exists. Choose a different name.",
+        ResourceNotFound,
     ),
     "transform-job": Resource(
         "transform-jobs",
@@ -134,7 +139,8 @@ class Store:
     def get(self, kind: str, name: str) -> dict:
         path = self.file(kind, name)
         if not path.is_file():
-            raise ValidationException(RESOURCES[kind].missing.format(arn=self.arn(kind, name), name=name))
+            spec = RESOURCES[kind]
+            raise spec.missing_error(spec.missing.format(arn=self.arn(kind, name), name=name))
         return json.loads(path.read_text())
 
     def put(self, kind: str, record: dict) -> None:
@@ -413,6 +419,8 @@ class SageMakerBackend:
         with self.lock:
             endpoint = self.store.get("endpoint", name)
             self.store.get("endpoint-config", config_name)
+            # Refused on a Failed endpoint too: "DeleteEndpoint is the only operation that can be
+            # performed on a failed endpoint" (botocore's DescribeEndpointOutput.EndpointStatus doc).
             if endpoint["EndpointStatus"] != "InService":
                 raise ValidationException(f'Cannot update in-progress endpoint "{endpoint["EndpointArn"]}".')
             endpoint.update(EndpointStatus="Updating", LastModifiedTime=time.time())
@@ -431,9 +439,11 @@ class SageMakerBackend:
         ).start()
 
     def _deploy(self, name: str, config_name: str, updating: bool) -> None:
-        config = self.store.get("endpoint-config", config_name)
-        variant = config["ProductionVariants"][0]
         try:
+            # AWS lets a configuration (and its model) be deleted while an endpoint deploys it, having read
+            # both at the request; the stand-in reads them here, and fails the deployment saying why
+            # rather than leave the endpoint Creating for ever.
+            variant = self.store.get("endpoint-config", config_name)["ProductionVariants"][0]
             model = self.store.get("model", variant["ModelName"])
             if self.unhealthy_models and self.unhealthy_models.search(variant["ModelName"]):
                 raise WorkerFailed(

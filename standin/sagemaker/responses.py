@@ -16,9 +16,9 @@ import botocore.session
 from botocore.utils import parse_timestamp
 from botocore.validate import ParamValidator
 
-from standin import constraints
+from standin import constraints, sar
 from standin.aws_calls import CallLog, caller
-from standin.core import Answer, AwsError, Headers
+from standin.core import ACCOUNT, Answer, AwsError, Headers
 from standin.sagemaker.exceptions import (
     MAX_INVOKE_BODY_BYTES,
     InternalFailure,
@@ -29,7 +29,7 @@ from standin.sagemaker.exceptions import (
     json_body,
     runtime_body,
 )
-from standin.sagemaker.models import RESOURCES, SageMakerBackend, arn
+from standin.sagemaker.models import RESOURCES, SageMakerBackend
 
 log = logging.getLogger("standin")
 
@@ -40,26 +40,31 @@ TIME_FILTERS = {
     "LastModifiedTimeBefore": "LastModifiedTime",
     "LastModifiedTimeAfter": "LastModifiedTime",
 }
-# The role a request hands to SageMaker, which AWS checks as iam:PassRole on the caller.
+# The request field that hands SageMaker a role, which AWS checks as iam:PassRole on the caller: for each
+# operation whose resource the Service Authorization Reference lists iam:PassRole as a dependent action of
+# (tests/airflow_side/test_permissions.py holds the two together for every operation served here).
 PASSED_ROLES = {
     "CreateTrainingJob": ("RoleArn",),
     "CreateHyperParameterTuningJob": ("TrainingJobDefinition", "RoleArn"),
     "CreateModel": ("ExecutionRoleArn",),
+    "CreateEndpointConfig": ("ExecutionRoleArn",),
 }
 
 
-def authorizations(operation: str, params: dict) -> list[tuple]:
-    """The IAM actions (and resources) AWS checks for one SageMaker API call: the operation on the
-    resource it names ("*" for the List calls), sagemaker:AddTags when it tags at creation, and
-    iam:PassRole for a role it hands over."""
-    resource = params.get("ResourceArn", "*")
-    for kind, spec in RESOURCES.items():
-        if spec.name_field in params and _noun(kind) in operation:
-            resource = arn(kind, params[spec.name_field])
-            break
-    found: list[tuple] = [(f"sagemaker:{operation}", resource)]
+def authorizations(operation: str, params: dict, region: str = "us-east-1") -> list[tuple]:
+    """The IAM actions (and resources) AWS checks for one SageMaker API call, as AWS's Service
+    Authorization Reference lists them (`standin.sar`): the operation on every resource type it marks
+    required, each ARN built from the request's name fields (CreateEndpoint and UpdateEndpoint: the
+    endpoint and the endpoint configuration), "*" for the List calls; sagemaker:AddTags on the resource
+    it tags at creation; iam:PassRole for a role it hands over."""
+    action = f"sagemaker:{operation}"
+    # SageMaker writes names in lowercase in its ARNs, and IAM matches those.
+    names = {key: value.lower() for key, value in params.items() if isinstance(value, str)}
+    resources = sar.request_arns(action, names, region, ACCOUNT, params.get("ResourceArn"))
+    found: list[tuple] = [(action, resource) for _, resource in resources]
     if operation.startswith("Create") and params.get("Tags"):
-        found.append(("sagemaker:AddTags", resource))
+        tagged = sar.dependent_types(action, "sagemaker:AddTags")
+        found += [("sagemaker:AddTags", resource) for kind, resource in resources if kind in tagged]
     role = passed_role(operation, params)
     if role:
         found.append(("iam:PassRole", role, {"iam:PassedToService": "sagemaker.amazonaws.com"}))
@@ -72,10 +77,6 @@ def passed_role(operation: str, params: dict) -> str | None:
     for field in PASSED_ROLES.get(operation, ()):
         role = role.get(field) if isinstance(role, dict) else None
     return role if isinstance(role, str) else None
-
-
-def _noun(kind: str) -> str:
-    return "".join(part.title() for part in kind.split("-"))
 
 
 def json_answer(status: int, payload: dict, request_id: str) -> Answer:
@@ -146,7 +147,9 @@ class SageMakerResponse:
                 params = json.loads(raw or b"{}")
             except json.JSONDecodeError as exc:
                 raise SerializationException(f"request body is not JSON: {exc}") from exc
-            self.calls.record(caller(headers), authorizations(operation, params), "standin")
+            self.calls.record(
+                caller(headers), lambda: authorizations(operation, params, self.backend.region), "standin"
+            )
             result = self.call(operation, params)
             log.info("%s %s -> 200", operation, params.get("TrainingJobName", ""))
             return json_answer(200, result, request_id)
@@ -186,7 +189,11 @@ class SageMakerResponse:
         try:
             if len(body) > MAX_INVOKE_BODY_BYTES:
                 raise RuntimeValidationError.oversize_body(request_id)
-            self.calls.record(caller(headers), [("sagemaker:InvokeEndpoint", arn("endpoint", name))], "standin")
+            self.calls.record(
+                caller(headers),
+                lambda: authorizations("InvokeEndpoint", {"EndpointName": name}, self.backend.region),
+                "standin",
+            )
             payload, content_type = self.backend.invoke(name, body, headers.get("Content-Type"), headers.get("Accept"))
         except AwsError as exc:
             return (

@@ -127,7 +127,6 @@ class JobError(RuntimeError):
 
 CONTAINER_ROOT = "/opt/ml"
 DEFAULT_CHECKPOINT_PATH = "/opt/ml/checkpoints"
-TEMPORARY_SUFFIX = ".tmp"  # train.py's save_atomic writes `<name>.tmp`, then renames it over `<name>`
 
 
 def checkpoint_folder(job: dict, root: Path) -> Path | None:
@@ -156,8 +155,11 @@ class CheckpointSync:
     The folder is polled every `interval` seconds. A file is uploaded once it is complete and differs
     (size, mtime, inode) from what was uploaded last: during the run, complete means not written to
     for `quiet` seconds (a file renamed into place, as train.py's save_atomic does, is whole at
-    once; its mtime is the last write); after the run, everything is. The `*.tmp` files of an
-    atomic write are never uploaded. A file deleted locally stays in S3: nothing is deleted there."""
+    once; its mtime is the last write); after the run, everything is. Every file counts, whatever
+    its name: SageMaker copies whatever is in the folder, so a temporary file written there (an
+    atomic write's `*.tmp`) is uploaded too, and restored on the next start (train.py's save_atomic
+    writes its partial files beside the folder for that reason). A file deleted locally stays in
+    S3: nothing is deleted there."""
 
     def __init__(
         self, s3, uri: str, folder: Path, interval: float = 1.0, quiet: float = 0.5, log: Callable[[str], None] = print
@@ -201,8 +203,6 @@ class CheckpointSync:
             count = 0
             for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
                 relative = path.relative_to(self.folder).as_posix()
-                if path.name.endswith(TEMPORARY_SUFFIX):
-                    continue
                 try:
                     with path.open("rb") as handle:
                         stat = os.fstat(handle.fileno())

@@ -31,8 +31,11 @@ from standin.sagemaker.exceptions import ValidationException
 from standin.sagemaker.training import CloudWatchLog, JobError, read_manifest, split_s3_uri
 
 LOG_GROUP = "/aws/sagemaker/TransformJobs"
-# MaxPayloadInMB is in MB, which SageMaker's limits mean as MiB (InvokeEndpoint's 6 MB is 6,291,456
-# bytes): a payload of exactly the limit is sent, one byte more is not.
+# MaxPayloadInMB is in MB, which AWS defines nowhere; taken as MiB, as what evidence there is says:
+# SageMaker's old 5 MB InvokeEndpoint limit was reported as "HTTP content length exceeded 5246976
+# bytes" (5 MiB + 4 KiB, aws/sagemaker-python-sdk#171), and TorchServe's execution-parameters plugin
+# for SageMaker gives MaxPayloadInMB as max_request_size / (1024 * 1024). A payload of exactly the
+# limit is sent, one byte more is not. (bin_counter.batch chooses photos by the stricter 10^6.)
 MB = 1024 * 1024
 # CreateTransformJob's MaxPayloadInMB: "The default value is 6 MB. The value of MaxPayloadInMB cannot
 # be greater than 100 MB. If you specify the MaxConcurrentTransforms parameter, the value of
@@ -83,7 +86,8 @@ def check_request(params: dict) -> None:
 
 def with_defaults(params: dict) -> dict:
     """The job's record: the request with the limits it runs under filled in, as DescribeTransformJob
-    reports them."""
+    reports them. MaxConcurrentTransforms unset: 1, SageMaker's when the container serves no
+    /execution-parameters (the PyTorch image's TorchServe loads no such plugin)."""
     return {
         **params,
         "MaxConcurrentTransforms": params.get("MaxConcurrentTransforms") or 1,
@@ -415,7 +419,8 @@ class TransformRun:
             if status == 200:
                 return answer
             first_line = answer.decode(errors="replace").split("\n", 1)[0][:300]
-            failure = f"Bad HTTP status received from algorithm: {status}: {first_line}"
+            # TorchServe's 413 for a request over max_request_size has no body: the status alone.
+            failure = f"Bad HTTP status received from algorithm: {status}" + (f": {first_line}" if first_line else "")
             if status < 500:
                 raise ObjectFailed(failure)
         raise ObjectFailed(f"{failure} (after {tried} attempt(s))")

@@ -21,7 +21,7 @@ from bin_counter.sagemaker_config import training_job_config
 from standin import iam
 from standin.aws_calls import WORKER_ACCESS_KEY_ID, read_calls
 from standin.forkserver import ForkServer
-from standin.launch import airflow_connection, start_moto, start_standin
+from standin.launch import airflow_connection, local_stack, start_moto, start_standin
 from tests.conftest import REPO, make_bin_image, write_split_dir
 
 # Before anything imports Airflow: its configuration is read once, at import.
@@ -42,8 +42,9 @@ def aws_call_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline_stack() -> iam.Stack:
-    """infra/pipeline.yaml as CloudFormation would create it in the local stack's account and region."""
-    return iam.render(iam.load_template())
+    """infra/pipeline.yaml as CloudFormation would create it in the local stack's account and region,
+    with the local stack's names."""
+    return local_stack()
 
 
 # Roles of the tests' own, which SageMaker and Lambda may assume and which grant nothing: their calls
@@ -220,9 +221,14 @@ def job_inputs(s3, bucket, tmp_path):
 # Where job_inputs puts its channels and which role its jobs run as: the pipeline's own layout and role,
 # so that what these jobs do (and an operator that starts them) is held against the stack's policies.
 JOB_DATA = "datasets/job-inputs"
-SAGEMAKER_ROLE = iam.render(iam.load_template()).roles["SageMakerExecutionRole"]["arn"]
+LOCAL_STACK = local_stack()
+SAGEMAKER_ROLE = LOCAL_STACK.roles["SageMakerExecutionRole"]["arn"]
 # The API function's role as infra/pipeline.yaml creates it, so that its calls are held against its policy.
-API_FUNCTION_ROLE = iam.render(iam.load_template()).roles["ApiFunctionRole"]["arn"]
+API_FUNCTION_ROLE = LOCAL_STACK.roles["ApiFunctionRole"]["arn"]
+# The stack's endpoint and API function, which its policies name: what the DAGs find in the stack's
+# Variable, and what a test that stands for the pipeline serves and calls.
+ENDPOINT = LOCAL_STACK.outputs["EndpointName"]
+FUNCTION = LOCAL_STACK.outputs["FunctionName"]
 
 
 def job_config(bucket: str, name: str, **hyperparameters) -> dict:
@@ -415,6 +421,10 @@ FILE_SECONDS = {
     "test_api_handler": 45,
     "test_api_load": 35,
     "test_batch_dag": 30,
+    "test_mwaa_bundle": 100,
+    "test_standin_oracle": 40,
+    "test_job_kill": 30,
+    "test_failed_endpoint": 30,
 }
 
 

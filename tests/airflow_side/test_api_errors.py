@@ -277,7 +277,7 @@ def gateway_event(body: bytes, content_type: str) -> bytes:
         "x-api-key": "k" * 40,
         "Content-Length": str(len(body)),
     }
-    return json.dumps(Gateway(None).event("POST", "/count", headers, body)).encode()
+    return json.dumps(Gateway(None, "api").event("POST", "/count", headers, body)).encode()
 
 
 @pytest.mark.parametrize(

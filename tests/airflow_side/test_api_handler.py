@@ -20,6 +20,8 @@ from standin.launch import start_standin
 from tests.airflow_side.conftest import (
     API_FUNCTION_ROLE,
     API_KEY,
+    ENDPOINT,
+    FUNCTION,
     WARM,
     deployed_model,
     sagemaker_client,
@@ -64,7 +66,7 @@ def http_api_event(body: str, content_type: str) -> dict:
     }
 
 
-def call(aws_lambda, event: dict, function: str = "bin-counter-api") -> tuple[int, dict]:
+def call(aws_lambda, event: dict, function: str = FUNCTION) -> tuple[int, dict]:
     answer = json.loads(aws_lambda.invoke(FunctionName=function, Payload=json.dumps(event))["Payload"].read())
     assert "errorMessage" not in answer, answer  # never an unhandled exception
     assert answer["headers"]["Content-Type"] == "application/json"
@@ -73,9 +75,9 @@ def call(aws_lambda, event: dict, function: str = "bin-counter-api") -> tuple[in
 
 def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connection, job_inputs, tmp_path):
     stack = local_stack_connection
-    serving_endpoint(sagemaker_client(stack), job_inputs, "api-model", "bin-counter")
+    serving_endpoint(sagemaker_client(stack), job_inputs, "api-model", ENDPOINT)
     aws_lambda = boto3.client("lambda", endpoint_url=stack["endpoint"], region_name="us-east-1")
-    ensure_function(aws_lambda, "bin-counter-api", "bin-counter", API_FUNCTION_ROLE)
+    ensure_function(aws_lambda, FUNCTION, ENDPOINT, API_FUNCTION_ROLE)
     jpeg = make_bin_image(2, 5)
 
     status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"))
@@ -130,7 +132,7 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
     assert (status, body["error"]) == (503, "endpoint_unavailable"), body
 
     # One structured log line per request, without the image bytes.
-    log = (stack["state"] / "lambda" / "bin-counter-api" / "function.log").read_text()
+    log = (stack["state"] / "lambda" / FUNCTION / "function.log").read_text()
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert len(lines) >= 3 + len(bad)
     assert {"request_id", "status", "latency_ms", "model_version"} <= set(lines[0])
@@ -194,9 +196,9 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
 
 def test_the_cli_client_counts_a_folder_through_the_gateway(local_stack_connection, job_inputs, tmp_path, capsys):
     stack = local_stack_connection
-    serving_endpoint(sagemaker_client(stack), job_inputs, "cli-model", "bin-counter")
+    serving_endpoint(sagemaker_client(stack), job_inputs, "cli-model", ENDPOINT)
     aws_lambda = boto3.client("lambda", endpoint_url=stack["endpoint"], region_name="us-east-1")
-    ensure_function(aws_lambda, "bin-counter-api", "bin-counter", API_FUNCTION_ROLE)
+    ensure_function(aws_lambda, FUNCTION, ENDPOINT, API_FUNCTION_ROLE)
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(make_bin_image(1, 1))
@@ -248,7 +250,7 @@ def with_failing_predict(artifact: bytes) -> bytes:
 
 def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack, job_inputs, s3):
     stack, sm = throttling_stack, sagemaker_client(throttling_stack)
-    serving_endpoint(sm, job_inputs, "err-model", "bin-counter")
+    serving_endpoint(sm, job_inputs, "err-model", ENDPOINT)
     aws_lambda = boto3.client("lambda", endpoint_url=stack["endpoint"], region_name="us-east-1")
     jpeg = make_bin_image(2, 5)
 
@@ -263,10 +265,10 @@ def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack,
         Code={"ZipFile": function_zip()},
         Environment={"Variables": {"ENDPOINT_NAME": "elsewhere", "INVOKE_TIMEOUT_S": "0.001", "INVOKE_ATTEMPTS": "1"}},
     )
-    ensure_function(aws_lambda, "api-impatient", "bin-counter", API_FUNCTION_ROLE)
+    ensure_function(aws_lambda, "api-impatient", ENDPOINT, API_FUNCTION_ROLE)
     configuration = aws_lambda.get_function_configuration(FunctionName="api-impatient")
     assert configuration["Environment"]["Variables"] == {
-        "ENDPOINT_NAME": "bin-counter",
+        "ENDPOINT_NAME": ENDPOINT,
         "INVOKE_TIMEOUT_S": "0.001",
         "INVOKE_ATTEMPTS": "1",
     }
@@ -296,7 +298,7 @@ def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack,
 
     # Throttled: the second call of the burst succeeds; the next one is throttled on every one of
     # its three attempts (standard-mode backoff, a few seconds against one token per 20 s): 429.
-    ensure_function(aws_lambda, "api-throttled", "bin-counter", API_FUNCTION_ROLE)
+    ensure_function(aws_lambda, "api-throttled", ENDPOINT, API_FUNCTION_ROLE)
     status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-throttled")
     assert status == 200, body
     status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-throttled")

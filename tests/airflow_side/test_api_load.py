@@ -7,7 +7,14 @@ import boto3
 
 from bin_counter.api_function import ensure_function
 from bin_counter.api_load import NO_ANSWER, gateway_sender, percentile, run_load
-from tests.airflow_side.conftest import API_FUNCTION_ROLE, API_KEY, sagemaker_client, serving_endpoint
+from tests.airflow_side.conftest import (
+    API_FUNCTION_ROLE,
+    API_KEY,
+    ENDPOINT,
+    FUNCTION,
+    sagemaker_client,
+    serving_endpoint,
+)
 from tests.conftest import make_bin_image
 
 
@@ -34,9 +41,9 @@ def test_every_request_is_accounted_for_and_a_lost_one_is_a_failure():
 
 def test_the_local_api_under_and_beyond_its_rated_load(local_stack_connection, job_inputs, tmp_path):
     stack = local_stack_connection
-    serving_endpoint(sagemaker_client(stack), job_inputs, "load-model", "bin-counter")
+    serving_endpoint(sagemaker_client(stack), job_inputs, "load-model", ENDPOINT)
     aws_lambda = boto3.client("lambda", endpoint_url=stack["endpoint"], region_name="us-east-1")
-    ensure_function(aws_lambda, "bin-counter-api", "bin-counter", API_FUNCTION_ROLE)
+    ensure_function(aws_lambda, FUNCTION, ENDPOINT, API_FUNCTION_ROLE)
     images = []
     for n in range(3):
         images.append(tmp_path / f"bin-{n}.jpg")

@@ -162,15 +162,13 @@ def test_the_endpoint_calls_retries_included_fit_in_the_function_and_the_functio
     assert handler.retry_budget_s(2, 8, 3) - handler.retry_budget_s(2, 8, 2) >= 10 + 2
 
 
-def test_the_template_defaults_name_what_the_retraining_dag_deploys(template, airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    dag = DagBag(str(REPO / "dags")).dags["bin_count_retrain"]
-    params = {name: dag.params[name] for name in ("endpoint_name", "function_name")}
-    parameters = template["Parameters"]
-    assert parameters["EndpointName"]["Default"] == params["endpoint_name"]
-    assert parameters["FunctionName"]["Default"] == params["function_name"]
-    assert re.fullmatch(parameters["EndpointName"]["AllowedPattern"], params["endpoint_name"])
+def test_the_api_template_defaults_to_the_pipeline_stacks_names(template):
+    # The DAGs take the names from the pipeline stack's Variable (tests/airflow_side/test_stack_names.py);
+    # the API stack deployed with its defaults must front the same endpoint and function.
+    parameters = iam.load_template(REPO / "infra" / "pipeline.yaml")["Parameters"]
+    for name in ("EndpointName", "FunctionName"):
+        assert template["Parameters"][name]["Default"] == parameters[name]["Default"]
+    assert re.fullmatch(template["Parameters"]["EndpointName"]["AllowedPattern"], parameters["EndpointName"]["Default"])
 
 
 def test_an_endpoint_the_function_may_not_call_answers_without_account_details(monkeypatch):

@@ -65,6 +65,36 @@ def test_a_photo_above_the_payload_limit_is_refused_before_the_job_with_its_reas
     assert huge["error"] == "too_large" and "MaxPayloadInMB is 1" in huge["message"]
 
 
+def test_a_photo_the_model_server_would_refuse_is_a_report_line_not_a_failed_job(s3, bucket):
+    # TorchServe in the model's image takes 6,553,500 bytes per request and answers 413 to more, which
+    # fails the whole transform job: a photo above it is refused before the job, even under MaxPayloadInMB.
+    put(s3, bucket, "audits/b/at-limit.jpg", make_bin_image(1, 1)[:-2] + bytes(6_553_500 - 2 - 2000) + b"\xff\xd9")
+    put(s3, bucket, "audits/b/over.jpg", make_bin_image(1, 1)[:-2] + bytes(6_553_501) + b"\xff\xd9")
+    sizes = {o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="audits/b/")["Contents"]}
+    assert sizes["audits/b/at-limit.jpg"] <= 6_553_500 < sizes["audits/b/over.jpg"] < 7_000_000
+    plan = batch.prepare(s3, f"s3://{bucket}/audits/b/", f"s3://{bucket}/batch-counts/tb/", "none", 7)
+    assert (plan["sent"], plan["refused"]) == (1, 1)
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="batch-counts/tb/input/manifest.json")["Body"].read())
+    assert manifest[1:] == ["at-limit.jpg"]
+    rows = json.loads(s3.get_object(Bucket=bucket, Key="batch-counts/tb/input/photos.json")["Body"].read())
+    over = next(r for r in rows if r["relative"] == "over.jpg")
+    line = batch.report_row(over, None, batch.api_verdict())
+    assert (line["verdict"], line["error"]) == ("failed", "too_large")
+    assert line["message"] == (
+        f"the photo is {sizes['audits/b/over.jpg']} bytes; the model server (TorchServe's max_request_size) "
+        "takes at most 6553500 bytes per request"
+    )
+
+
+def test_max_payload_mb_is_read_as_the_stricter_million_bytes():
+    photos = [{"key": "a", "size": 6_000_000}, {"key": "b", "size": 6_000_001}]
+    sent, refused = batch.plan_photos(photos, 6)
+    assert [p["key"] for p in sent] == ["a"]
+    assert refused[0]["message"] == (
+        "the photo is 6000001 bytes; the transform job's MaxPayloadInMB is 6 (6000000 bytes)"
+    )
+
+
 def test_nothing_to_count_is_a_clear_error(s3, bucket):
     with pytest.raises(batch.BatchInputError, match=r"no objects under s3://.*/empty/"):
         batch.prepare(s3, f"s3://{bucket}/empty/", f"s3://{bucket}/batch-counts/t3/", "none", 6)
@@ -180,6 +210,18 @@ def test_the_transform_request_sends_each_photo_whole_and_keeps_within_sagemaker
     assert config["TransformResources"] == {"InstanceType": "ml.m5.xlarge", "InstanceCount": 2}
     with pytest.raises(ValueError, match="above SageMaker's 100 MB"):
         transform_job_config("n", "m", "s3://b/m", "s3://b/o/", "ml.m5.xlarge", 1, 20, 6)
+    # Unset: one request in flight per worker TorchServe starts (one per vCPU), within the 100 MB rule.
+    expected = {
+        ("ml.m5.large", 6): 2,
+        ("ml.m5.xlarge", 6): 4,
+        ("ml.c5.9xlarge", 6): 16,  # 36 vCPUs, but 16 x 6 MB is SageMaker's most
+        ("ml.m5.24xlarge", 6): 16,
+        ("ml.m5.24xlarge", 1): 96,
+        ("ml.m5.metal", 6): 1,  # no vCPU count in its name: SageMaker's own default
+    }
+    for (instance, mb), count in expected.items():
+        config = transform_job_config("n", "m", "s3://b/m", "s3://b/o/", instance, 1, None, mb)
+        assert config["MaxConcurrentTransforms"] == count, instance
     with pytest.raises(ValueError, match="1 to 100"):
         transform_job_config("n", "m", "s3://b/m", "s3://b/o/", "ml.m5.xlarge", 1, 1, 0)
 

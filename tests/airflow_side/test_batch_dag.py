@@ -12,7 +12,7 @@ import pytest
 from bin_counter import batch
 from bin_counter.sagemaker_config import run_job_names, transform_job_config
 from bin_counter.sagemaker_operators import ResumableTransformOperator
-from tests.airflow_side.conftest import CONTAINER_PYTHON, dag_without_retries, sagemaker_client, wait_endpoint
+from tests.airflow_side.conftest import CONTAINER_PYTHON, ENDPOINT, dag_without_retries, sagemaker_client, wait_endpoint
 from tests.conftest import REPO, make_bin_image
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
@@ -23,8 +23,10 @@ GOOD = {"00001": 0, "00002": 1, "00003": 2, "00004": 3}  # key -> the count the 
 
 
 @pytest.fixture
-def dag(airflow_db, monkeypatch):
+def dag(airflow_db, monkeypatch, pipeline_stack):
     monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
+    # The stack's Variable: the DAG finds the endpoint (and, unless a test names one, the bucket) there.
+    monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", pipeline_stack.outputs["SageMakerVariable"])
     return dag_without_retries("bin_count_batch")
 
 
@@ -51,8 +53,8 @@ def serving(local_stack_connection, s3, bucket, pipeline_stack):
             {"VariantName": "AllTraffic", "ModelName": MODEL, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}
         ],
     )
-    sm.create_endpoint(EndpointName="bin-counter", EndpointConfigName=MODEL)
-    assert wait_endpoint(sm, "bin-counter")["EndpointStatus"] == "InService"
+    sm.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName=MODEL)
+    assert wait_endpoint(sm, ENDPOINT)["EndpointStatus"] == "InService"
     return sm
 
 
@@ -172,4 +174,5 @@ def test_a_model_that_does_not_exist_fails_the_run_at_once_saying_what_to_set(
     run = dag.test(**run_on(4), run_conf={"bucket": bucket, "input_uri": f"s3://{bucket}/{PHOTOS}", "model": None})
     captured = capfd.readouterr()
     assert run.state == "failed"
-    assert "the endpoint bin-counter does not exist" in captured.out + captured.err, captured.out[-3000:]
+    said = captured.out + captured.err
+    assert f"the endpoint {ENDPOINT} does not exist or serves nothing" in said, captured.out[-3000:]

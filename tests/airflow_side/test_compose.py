@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bin_counter import gate
-from standin.launch import airflow_connection
+from standin.launch import airflow_connection, local_stack
 from tests.conftest import REPO
 
 SCHEMA = json.loads((REPO / "tests" / "data" / "compose-spec.json").read_text())
@@ -113,7 +113,10 @@ def test_airflow_finds_what_the_dags_need():
     # The connection: S3 and logs on moto, SageMaker and Lambda on the stand-in, as in `make demo`.
     connection = json.loads(env["AIRFLOW_CONN_AWS_DEFAULT"])
     assert connection == airflow_connection("http://moto:5000", "http://standin:5055", login="local")
-    assert "role_arn" in json.loads(env["AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER"])
+    # The stack's Variable, names included: the DAGs have no default bucket, endpoint or function.
+    assert json.loads(env["AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER"]) == json.loads(
+        local_stack().outputs["SageMakerVariable"]
+    )
 
 
 def test_the_aws_override_only_changes_the_connection_and_the_local_stack():

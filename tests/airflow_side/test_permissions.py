@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from standin import iam
+from standin import iam, sar
 from standin.aws_calls import WORKER_ACCESS_KEY_ID, CallLog, read_calls
 
 CFN_LINT = Path(sys.executable).with_name("cfn-lint")
@@ -72,18 +72,10 @@ def test_grants_are_scoped_to_the_bucket_prefixes_and_the_project_names(pipeline
                             f"{resource}: objects are granted by prefix, never the whole bucket"
                         )
                     elif resource == "*":
+                        # Only actions IAM cannot scope: AWS's reference lists no resource type for them.
                         actions = iam.as_list(statement["Action"])
-                        assert set(actions) <= UNSCOPABLE, f"{principal}: {actions} on every resource"
-
-
-# Actions IAM cannot scope to a resource (the Service Authorization Reference lists none for them).
-UNSCOPABLE = {
-    "sagemaker:ListModels",
-    "sagemaker:ListEndpointConfigs",
-    "sagemaker:ListEndpoints",
-    "ecr:GetAuthorizationToken",
-    "cloudwatch:PutMetricData",
-}
+                        scopable = [a for a in actions if sar.resource_types(a)]
+                        assert not scopable, f"{principal}: {scopable} on every resource"
 
 
 def test_the_roles_trust_only_their_service_and_the_workers_pass_only_them(pipeline_stack):
@@ -113,13 +105,8 @@ def test_the_outputs_are_the_variables_the_dags_read(pipeline_stack):
     assert pipeline_stack.outputs["AlertsTopicArn"] == "arn:aws:sns:us-east-1:000000000000:bin-counter-alerts"
 
 
-def test_the_template_defaults_name_what_the_dags_use(template, airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    dag = DagBag(str(iam.ROOT / "dags")).dags["bin_count_retrain"]
+def test_the_api_stack_defaults_to_this_stacks_names(template):
     parameters = template["Parameters"]
-    assert parameters["EndpointName"]["Default"] == dag.params["endpoint_name"]
-    assert parameters["FunctionName"]["Default"] == dag.params["function_name"]
     api = iam.load_template(iam.ROOT / "lambda" / "template.yaml")["Parameters"]
     assert api["EndpointName"]["Default"] == parameters["EndpointName"]["Default"]
     assert api["FunctionName"]["Default"] == parameters["FunctionName"]["Default"]
@@ -281,8 +268,190 @@ def test_repointing_an_existing_function_is_allowed_to_the_worker(standin, pipel
     from bin_counter.api_function import ensure_function
 
     aws_lambda = worker_client("lambda", standin["endpoint"])
-    role = pipeline_stack.outputs["ApiFunctionRoleArn"]
-    ensure_function(aws_lambda, "bin-counter-api", "bin-counter-old", role)
-    ensure_function(aws_lambda, "bin-counter-api", "bin-counter", role)
-    variables = aws_lambda.get_function(FunctionName="bin-counter-api")["Configuration"]["Environment"]["Variables"]
-    assert variables["ENDPOINT_NAME"] == "bin-counter"
+    role, function = pipeline_stack.outputs["ApiFunctionRoleArn"], pipeline_stack.outputs["FunctionName"]
+    endpoint = pipeline_stack.outputs["EndpointName"]
+    ensure_function(aws_lambda, function, "bin-counter-old", role)
+    ensure_function(aws_lambda, function, endpoint, role)
+    variables = aws_lambda.get_function(FunctionName=function)["Configuration"]["Environment"]["Variables"]
+    assert variables["ENDPOINT_NAME"] == endpoint
+
+
+# AWS's Service Authorization Reference (standin/sar.py) decides which actions exist, which resource types
+# each is authorised on, and which condition keys it takes: the ledger, the grants and the call log are
+# held against it, not against our reading of AWS's documentation.
+
+
+def test_every_ledger_action_and_every_grant_is_one_aws_lists(pipeline_stack, ledger):
+    recorded = {a for principal in iam.PRINCIPALS for a in ledger[principal]}
+    recorded |= {a for actions in ledger["aws-only"].values() for a in actions}
+    assert [a for a in sorted(recorded) if sar.privilege(a) is None] == []
+    for principal in iam.PRINCIPALS:
+        assert iam.grant_problems(documents_of(pipeline_stack, principal)) == [], principal
+
+
+def test_a_misspelt_action_a_wrong_resource_type_and_an_unknown_condition_key_are_caught():
+    def grant(action, resource, condition=None):
+        statement = {"Sid": "S", "Effect": "Allow", "Action": action, "Resource": resource}
+        return iam.grant_problems([{"Statement": [{**statement, **({"Condition": condition} if condition else {})}]}])
+
+    assert grant("sagemaker:CreateEndpoint", f"{ARN}:endpoint-config/bin-counter-*") == []
+    assert "it spells it sagemaker:CreateEndpoint" in grant("sagemaker:createEndpoint", f"{ARN}:endpoint/x")[0]
+    assert "no action in AWS's Service Authorization Reference" in grant("sagemaker:CreateEndpoints", "*")[0]
+    wrong_type = grant("sagemaker:CreateModel", f"{ARN}:endpoint-config/bin-counter-*")
+    assert wrong_type == [
+        f"S: {ARN}:endpoint-config/bin-counter-* matches no ARN of a resource type sagemaker:CreateModel "
+        "is authorised on (['model'])"
+    ]
+    assert grant("s3:ListBucket", "arn:aws:s3:::bucket/datasets/*"), "objects are no bucket"
+    assert "grant it on" in grant("sagemaker:ListModels", f"{ARN}:model/*")[0]
+    role = "arn:aws:iam::000000000000:role/r"
+    assert grant("iam:PassRole", role, {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}) == []
+    assert "no condition key of iam:PassRole" in grant("iam:PassRole", role, {"StringEquals": {"iam:PassedTo": "x"}})[0]
+
+
+def without_statement(template: dict, sid: str, stack: iam.Stack) -> iam.Stack:
+    """The stack rendered from `template` without the worker policy's statement `sid`, with `stack`'s names."""
+    import copy
+
+    changed = copy.deepcopy(template)
+    document = changed["Resources"]["AirflowWorkerPolicy"]["Properties"]["PolicyDocument"]
+    document["Statement"] = [s for s in document["Statement"] if s.get("Sid") != sid]
+    names = {name: stack.outputs[name] for name in ("EndpointName", "FunctionName") if name in stack.outputs}
+    return iam.render(changed, names)
+
+
+def test_deploying_is_authorised_on_the_endpoint_and_its_configuration(tmp_path, template, pipeline_stack, ledger):
+    """F2: AWS authorises CreateEndpoint and UpdateEndpoint on the endpoint configuration too (both
+    resource types required in AWS's reference); the call log names both, and the worker may use both."""
+    from standin.sagemaker.responses import authorizations
+
+    endpoint = pipeline_stack.outputs["EndpointName"]
+    request = {"EndpointName": endpoint, "EndpointConfigName": "bin-counter-0123456789ab-Config"}
+    for operation in ("CreateEndpoint", "UpdateEndpoint"):
+        assert authorizations(operation, request) == [
+            (f"sagemaker:{operation}", f"{ARN}:endpoint/{endpoint}"),
+            (f"sagemaker:{operation}", f"{ARN}:endpoint-config/bin-counter-0123456789ab-config"),
+        ]
+    log = tmp_path / "calls.jsonl"
+    CallLog(log).record(WORKER_ACCESS_KEY_ID, lambda: authorizations("UpdateEndpoint", request), "standin")
+    assert iam.refused_calls(read_calls(log), pipeline_stack, WORKER_ACCESS_KEY_ID, ledger) == []
+    before = without_statement(template, "ServeTheEndpointsConfigurations", pipeline_stack)  # before the fix
+    refused = iam.refused_calls(read_calls(log), before, WORKER_ACCESS_KEY_ID, ledger)
+    assert refused == [
+        "airflow-worker: sagemaker:UpdateEndpoint would be refused on AWS (AccessDenied): infra/pipeline.yaml "
+        f"does not allow it; 1 resource(s), e.g. {ARN}:endpoint-config/bin-counter-0123456789ab-config"
+    ]
+
+
+def test_a_required_resource_the_request_does_not_name_fails_the_check(tmp_path, pipeline_stack, ledger):
+    from standin.sagemaker.responses import authorizations
+
+    log = tmp_path / "calls.jsonl"
+    unnamed = authorizations("UpdateEndpoint", {"EndpointName": pipeline_stack.outputs["EndpointName"]})
+    assert unnamed[1] == ("sagemaker:UpdateEndpoint", "*")
+    CallLog(log).record(WORKER_ACCESS_KEY_ID, unnamed, "standin")
+    CallLog(log).record(WORKER_ACCESS_KEY_ID, [("iam:PassRole", "arn:aws:iam::0:role/r", {"iam:PassedTo": "x"})], "s")
+    refused = iam.refused_calls(read_calls(log), pipeline_stack, WORKER_ACCESS_KEY_ID, ledger)
+    assert len(refused) == 2, refused
+    assert refused[0].startswith(
+        "airflow-worker: the call log disagrees with AWS's Service Authorization Reference: iam:PassedTo is no "
+        "condition key of iam:PassRole"
+    )
+    assert refused[1].startswith(
+        "airflow-worker: the call log disagrees with AWS's Service Authorization Reference: sagemaker:UpdateEndpoint "
+        "is authorised on its endpoint and its endpoint-config, which the call log does not name (*)"
+    )
+
+
+def served_sagemaker_operations() -> list[str]:
+    from standin.sagemaker.responses import SageMakerResponse
+
+    return [name.removeprefix("op_") for name in dir(SageMakerResponse) if name.startswith("op_")] + ["InvokeEndpoint"]
+
+
+def test_every_served_request_names_each_resource_aws_requires_and_hands_roles_as_aws_lists():
+    """For every operation the stand-in serves, each resource type AWS's reference requires is named by a
+    field of the request (botocore's input shape), so the call log can build its ARN; and the operations
+    whose resources AWS lists iam:PassRole for are the ones whose role is recorded as passed."""
+    import botocore.session
+
+    from standin.awslambda.responses import OPERATIONS
+    from standin.sagemaker.responses import PASSED_ROLES
+
+    session = botocore.session.get_session()
+    services = {"sagemaker": session.get_service_model("sagemaker"), "lambda": session.get_service_model("lambda")}
+    runtime = session.get_service_model("sagemaker-runtime")
+    operations = [("sagemaker", op) for op in served_sagemaker_operations()]
+    operations += [("lambda", op) for op in sorted(set(OPERATIONS.values()))]
+    for service, operation in operations:
+        model = runtime if operation == "InvokeEndpoint" else services[service]
+        api_name = {"InvokeFunction": "Invoke"}.get(operation, operation)  # lambda:InvokeFunction is Invoke's
+        fields = {name.lower() for name in model.operation_model(api_name).input_shape.members}
+        for kind in sar.required_types(f"{service}:{operation}"):
+            variables = sar._VARIABLE.findall(sar.arn_format(f"{service}:{operation}", kind))
+            named = [v for v in variables if v not in sar.PLACEMENT]
+            assert all(v.lower() in fields for v in named), f"{operation} does not name its {kind} ({named})"
+    passing = {op for _, op in operations if sar.dependent_types(f"sagemaker:{op}", "iam:PassRole")}
+    assert passing == set(PASSED_ROLES)
+
+
+def test_the_worker_may_list_sagemakers_quotas_as_the_call_log_records_them(pipeline_stack):
+    from bin_counter.account import QUOTA_ACTIONS
+    from standin.moto_server import json_actions
+
+    worker = documents_of(pipeline_stack, "airflow-worker")
+    for action in QUOTA_ACTIONS:  # what the settings task calls
+        service, operation = action.split(":")
+        # AWS's reference lists no resource type for them: recorded, and granted, on "*".
+        assert json_actions(service, operation, {"ServiceCode": "sagemaker"}) == [(action, "*")]
+        assert iam.is_allowed(worker, action, "*")
+    # A call on one quota is recorded on the quota's ARN, built from the request as the reference writes it.
+    quota = {"ServiceCode": "sagemaker", "QuotaCode": "L-1"}
+    assert json_actions("servicequotas", "GetServiceQuota", quota) == [
+        ("servicequotas:GetServiceQuota", "arn:aws:servicequotas:us-east-1:000000000000:sagemaker/L-1")
+    ]
+
+
+def test_the_bucket_refuses_plain_http_and_the_alerts_are_encrypted(pipeline_stack, template):
+    (bucket_policy,) = pipeline_stack.bucket_policies.values()
+    everything = {"Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    bucket = pipeline_stack.outputs["BucketName"]
+    for resource in (f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/datasets/v1/dataset.json"):
+        assert not iam.is_allowed(
+            [everything, bucket_policy], "s3:GetObject", resource, {"aws:SecureTransport": "false"}
+        )
+        assert iam.is_allowed([everything, bucket_policy], "s3:GetObject", resource, {"aws:SecureTransport": "true"})
+    # SNS's AWS managed key lets the account's principals use it through SNS: no KMS grant for the worker.
+    assert template["Resources"]["AlertsTopic"]["Properties"]["KmsMasterKeyId"] == "alias/aws/sns"
+    assert not [a for a in iam.granted_actions(documents_of(pipeline_stack, "airflow-worker")) if a.startswith("kms:")]
+
+
+def test_sagemakers_log_groups_expire_and_are_the_ones_its_role_writes(pipeline_stack):
+    groups = pipeline_stack.log_groups.values()
+    names = {group["LogGroupName"] for group in groups}
+    endpoint_logs = f"/aws/sagemaker/Endpoints/{pipeline_stack.outputs['EndpointName']}"
+    assert names == {"/aws/sagemaker/TrainingJobs", "/aws/sagemaker/TransformJobs", endpoint_logs}
+    assert {group["RetentionInDays"] for group in groups} == {"30"}
+    role = documents_of(pipeline_stack, "sagemaker-execution-role")
+    for name in names:
+        stream = f"arn:aws:logs:us-east-1:000000000000:log-group:{name}:log-stream:job/algo-1"
+        assert iam.is_allowed(role, "logs:PutLogEvents", stream), name
+
+
+def test_the_worker_policy_fits_iams_size_limit(pipeline_stack):
+    # IAM refuses a managed policy over 6,144 characters, whitespace not counted (IAM and STS quotas).
+    document = documents_of(pipeline_stack, "airflow-worker")[0]
+    assert len(json.dumps(document, separators=(",", ":"))) <= 6144
+
+
+def test_a_trust_policy_is_read_as_iam_matches_actions():
+    from standin.roles import trusted_services
+
+    def trust(action):
+        statement = {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": action}
+        return {"Version": "2012-10-17", "Statement": [statement]}
+
+    # IAM matches actions case-insensitively and with wildcards: each of these lets SageMaker assume the role.
+    for action in ("sts:AssumeRole", "STS:assumerole", "sts:*", ["sts:Assume*"]):
+        assert trusted_services(trust(action)) == {"sagemaker.amazonaws.com"}, action
+    assert trusted_services(trust("sts:AssumeRoleWithWebIdentity")) == set()

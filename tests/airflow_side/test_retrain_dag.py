@@ -11,7 +11,7 @@ import pytest
 
 from bin_counter.sagemaker_config import run_job_names
 from scripts import local_stack
-from tests.airflow_side.conftest import BASE_CONF, dag_without_retries, upload_dataset
+from tests.airflow_side.conftest import BASE_CONF, ENDPOINT, dag_without_retries, upload_dataset
 from tests.conftest import make_bin_image
 
 
@@ -60,7 +60,7 @@ def task_states(run) -> dict[str, str]:
     return {ti.task_id: ti.state for ti in run.get_task_instances()}
 
 
-def serving(stack, endpoint: str = "bin-counter") -> str:
+def serving(stack, endpoint: str = ENDPOINT) -> str:
     sm = sagemaker(stack)
     config = sm.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
     return sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"][0]["ModelName"]
@@ -217,7 +217,7 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
 
     # 4. A fresh environment (no endpoint) with a published model better than what this run trains:
     #    the published model is deployed, and the API answers with it.
-    sm.delete_endpoint(EndpointName="bin-counter")
+    sm.delete_endpoint(EndpointName=ENDPOINT)
     published = sm.describe_training_job(TrainingJobName=new_model)["ModelArtifacts"]["S3ModelArtifacts"]
     fresh = dag.test(
         **run_on(16),
@@ -245,7 +245,7 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
 
 def sm_runtime_count(stack) -> dict:
     runtime = boto3.client("sagemaker-runtime", endpoint_url=stack["endpoint"], region_name="us-east-1")
-    body = runtime.invoke_endpoint(EndpointName="bin-counter", Body=make_bin_image(2, 1), ContentType="image/jpeg")
+    body = runtime.invoke_endpoint(EndpointName=ENDPOINT, Body=make_bin_image(2, 1), ContentType="image/jpeg")
     return json.loads(body["Body"].read())
 
 
@@ -272,7 +272,7 @@ def test_a_failing_final_training_job_fails_the_run_with_its_reason(
     assert "Log:    http" in message and "dag_id=bin_count_retrain" in message.replace("/dags/", "dag_id=")
     assert "AlgorithmError" in message
     with pytest.raises(Exception, match=r"Could not find endpoint|not found"):
-        sagemaker(local_stack_connection).describe_endpoint(EndpointName="bin-counter")
+        sagemaker(local_stack_connection).describe_endpoint(EndpointName=ENDPOINT)
 
 
 def test_no_dataset_fails_clearly(dag, bucket, local_stack_connection, capfd, caplog):

@@ -28,6 +28,7 @@ from standin.sagemaker.exceptions import MAX_INVOKE_BODY_BYTES
 from tests.airflow_side.conftest import (
     API_KEY,
     CONTAINER_PYTHON,
+    FUNCTION,
     SAGEMAKER_ROLE,
     deployed_model,
     job_config,
@@ -697,7 +698,7 @@ def test_payloads_over_aws_limits_are_refused_as_aws_refuses_them(standin, aws_c
     # response over 6 MiB + 100 bytes is the function's error.
     aws_lambda = boto3.client("lambda", endpoint_url=standin["endpoint"], region_name="us-east-1")
     aws_lambda.create_function(
-        FunctionName="bin-counter-api",
+        FunctionName=FUNCTION,
         Runtime="python3.12",
         Handler="handler.handle",
         Role="arn:aws:iam::000000000000:role/local",
@@ -710,22 +711,18 @@ def test_payloads_over_aws_limits_are_refused_as_aws_refuses_them(standin, aws_c
         return b'{"pad": "' + b"x" * (size - 11) + b'"}'
 
     with pytest.raises(ClientError) as caught:
-        aws_lambda.invoke(FunctionName="bin-counter-api", Payload=padded(MAX_REQUEST_PAYLOAD_BYTES))
+        aws_lambda.invoke(FunctionName=FUNCTION, Payload=padded(MAX_REQUEST_PAYLOAD_BYTES))
     error = caught.value.response
     assert (error["ResponseMetadata"]["HTTPStatusCode"], error["Error"]["Code"]) == (
         413,
         "RequestEntityTooLargeException",
     )
     assert error["Error"]["Message"] == "Request must be smaller than 6291456 bytes for the InvokeFunction operation"
-    answer = aws_lambda.invoke(FunctionName="bin-counter-api", Payload=padded(MAX_REQUEST_PAYLOAD_BYTES - 1))
+    answer = aws_lambda.invoke(FunctionName=FUNCTION, Payload=padded(MAX_REQUEST_PAYLOAD_BYTES - 1))
     assert "FunctionError" not in answer and json.loads(answer["Payload"].read()) == MAX_REQUEST_PAYLOAD_BYTES - 12
-    largest = aws_lambda.invoke(
-        FunctionName="bin-counter-api", Payload=json.dumps({"huge": MAX_RESPONSE_PAYLOAD_BYTES})
-    )
+    largest = aws_lambda.invoke(FunctionName=FUNCTION, Payload=json.dumps({"huge": MAX_RESPONSE_PAYLOAD_BYTES}))
     assert "FunctionError" not in largest and len(largest["Payload"].read()) == MAX_RESPONSE_PAYLOAD_BYTES == 6291556
-    too_large = aws_lambda.invoke(
-        FunctionName="bin-counter-api", Payload=json.dumps({"huge": MAX_RESPONSE_PAYLOAD_BYTES + 1})
-    )
+    too_large = aws_lambda.invoke(FunctionName=FUNCTION, Payload=json.dumps({"huge": MAX_RESPONSE_PAYLOAD_BYTES + 1}))
     assert too_large["StatusCode"] == 200 and too_large["FunctionError"] == "Unhandled"
     assert json.loads(too_large["Payload"].read()) == {
         "errorMessage": "Response payload size exceeded maximum allowed payload size (6291556 bytes).",
@@ -754,7 +751,7 @@ def test_the_gateway_answers_504_after_the_integration_timeout():
             time.sleep(1)
             return 200, json.dumps({"statusCode": 200, "body": "late"}).encode(), {}
 
-    gateway = Gateway(SlowFunction(), integration_timeout_s=0.2)
+    gateway = Gateway(SlowFunction(), "slow-api", integration_timeout_s=0.2)
     status, _, body = gateway.handle("POST", "/count", {"Content-Type": "image/png"}, b"\x89PNG")
     assert (status, json.loads(body)) == (504, {"message": "Endpoint request timed out"})
     assert INTEGRATION_TIMEOUT_S == 29
@@ -937,13 +934,17 @@ def test_checkpoint_sync_restores_uploads_complete_files_and_keeps_deleted_ones(
     (folder / "sub" / "notes.txt").write_text("just written")
     assert sync.sync() == 0  # written this instant: not complete yet
     time.sleep(0.3)
-    assert sync.sync() == 1  # sub/notes.txt; never the .tmp
+    assert sync.sync() == 2  # sub/notes.txt and the .tmp: SageMaker uploads whatever is in the folder
     (folder / "checkpoint.pth.tmp").write_bytes(b"epoch 2")
     (folder / "checkpoint.pth.tmp").replace(folder / "checkpoint.pth")
     (folder / "sub" / "notes.txt").unlink()
     assert sync.sync(final=True) == 1
     keys = {o["Key"]: o for o in s3.list_objects_v2(Bucket=bucket, Prefix="checkpoints/job/")["Contents"]}
-    assert set(keys) == {"checkpoints/job/checkpoint.pth", "checkpoints/job/sub/notes.txt"}  # deletions stay
+    assert set(keys) == {  # deletions stay
+        "checkpoints/job/checkpoint.pth",
+        "checkpoints/job/checkpoint.pth.tmp",
+        "checkpoints/job/sub/notes.txt",
+    }
     assert s3.get_object(Bucket=bucket, Key="checkpoints/job/checkpoint.pth")["Body"].read() == b"epoch 2"
 
 

@@ -25,6 +25,7 @@ MODEL = "bin-counter-published"
 ROLE = "arn:aws:iam::000000000000:role/local"  # deployed_model's: a test role no policy check covers
 GOOD = ("photos/a.jpg", "photos/b.jpg", "photos/c.jpg")
 MANIFEST_KEYS = ("day1/x.jpg", "day2/y.jpg", "day2/late/z.jpg")
+OVER_TORCHSERVE = 6_553_501  # one byte over TorchServe's default max_request_size, which the image keeps
 
 
 def job_request(name: str, uri: str, output: str, data_type: str = "S3Prefix", **fields) -> dict:
@@ -51,9 +52,10 @@ def keys(s3, prefix: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, moto_endpoint, aws_call_log, container_python):
-    """A stand-in with the published model registered, and two finished jobs: `mixed` (a prefix of
-    good photos, a truncated JPEG, a text file and an object over MaxPayloadInMB) and `manifest`
-    (a manifest naming photos in sub-folders)."""
+    """A stand-in with the published model registered, and four finished jobs: `mixed` (a prefix of
+    good photos, a truncated JPEG, a text file and an object over MaxPayloadInMB), `manifest`
+    (a manifest naming photos in sub-folders), and `payload-413` and `payload-ts` (a photo under
+    MaxPayloadInMB 7 but over TorchServe's max_request_size, the second with TS_MAX_REQUEST_SIZE set)."""
     env = pytest.MonkeyPatch()  # the `s3` fixture's credentials, for the whole module
     env.setenv("AWS_ACCESS_KEY_ID", "testing")
     env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -97,7 +99,30 @@ def stack(tmp_path_factory, moto_endpoint, aws_call_log, container_python):
             TransformOutput={"S3OutputPath": f"s3://{BUCKET}/out/manifest/", "AssembleWith": "Line"},
         )
     )
-    jobs = {name: wait_transform_job(sm, name) for name in ("mixed", "manifest")}
+    s3.put_object(Bucket=BUCKET, Key="large/over.png", Body=png_padded_to(OVER_TORCHSERVE))
+    one_worker = {"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}  # one model load per job is enough here
+    sm.create_transform_job(
+        **job_request(
+            "payload-413",
+            f"s3://{BUCKET}/large/",
+            f"s3://{BUCKET}/out/payload-413/",
+            MaxPayloadInMB=7,
+            Environment=one_worker,
+        )
+    )
+    # TorchServe reads TS_* variables (enable_envvars_config=true in the image): the job's Environment
+    # raises the limit, and the model itself answers the photo (too big for it: its own refusal).
+    environment = {**one_worker, "TS_MAX_REQUEST_SIZE": str(7 * transform.MB), "BIN_COUNTER_REFUSALS": "answer"}
+    sm.create_transform_job(
+        **job_request(
+            "payload-ts",
+            f"s3://{BUCKET}/large/",
+            f"s3://{BUCKET}/out/payload-ts/",
+            MaxPayloadInMB=7,
+            Environment=environment,
+        )
+    )
+    jobs = {name: wait_transform_job(sm, name) for name in ("mixed", "manifest", "payload-413", "payload-ts")}
     handle.update(sm=sm, s3=s3, jobs=jobs, calls=read_calls(aws_call_log, calls_from), moto=moto_endpoint)
     yield handle
     handle["proc"].terminate()
@@ -153,6 +178,23 @@ def test_a_manifest_with_sub_folders_completes_with_outputs_under_their_relative
     body = s3.get_object(Bucket=BUCKET, Key="out/manifest/day2/late/z.jpg.out")["Body"].read()
     assert body.endswith(b"}\n")  # AssembleWith Line: a newline after each record
     assert json.loads(body)["count"] in range(6)
+
+
+def test_a_photo_over_torchserves_request_limit_fails_the_job_with_its_413(stack):
+    job = stack["jobs"]["payload-413"]
+    assert job["TransformJobStatus"] == "Failed"
+    assert job["FailureReason"] == (
+        f"ClientError: 1 of 1 input objects failed and have no .out; the first: s3://{BUCKET}/large/over.png: "
+        "Bad HTTP status received from algorithm: 413"
+    )
+    assert not keys(stack["s3"], "out/payload-413/")
+
+
+def test_ts_max_request_size_in_the_jobs_environment_lets_the_photo_reach_the_model(stack):
+    job = stack["jobs"]["payload-ts"]
+    assert job["TransformJobStatus"] == "Completed", job.get("FailureReason")
+    answer = json.loads(stack["s3"].get_object(Bucket=BUCKET, Key="out/payload-ts/over.png.out")["Body"].read())
+    assert answer["error"] == "too_large"  # inference.py's own limit, answered with 200
 
 
 def test_the_models_role_reads_and_writes_s3(stack):
@@ -222,7 +264,7 @@ def test_list_filters_sorts_and_pages(stack):
     summaries = sm.list_transform_jobs(SortBy="Name", SortOrder="Ascending")["TransformJobSummaries"]
     assert [s["TransformJobName"] for s in summaries][:2] == ["manifest", "mixed"]
     failed = sm.list_transform_jobs(StatusEquals="Failed")["TransformJobSummaries"]
-    assert [s["TransformJobName"] for s in failed] == ["mixed"]
+    assert sorted(s["TransformJobName"] for s in failed) == ["mixed", "payload-413"]
     assert set(failed[0]) == {
         "TransformJobName",
         "TransformJobArn",

@@ -13,7 +13,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from bin_counter import cleanup
-from tests.airflow_side.conftest import dag_without_retries, deployed_model, list_objects, wait_endpoint
+from tests.airflow_side.conftest import ENDPOINT, dag_without_retries, deployed_model, list_objects, wait_endpoint
 from tests.conftest import REPO
 
 ROLE = "arn:aws:iam::000000000000:role/local"
@@ -192,7 +192,7 @@ def test_expired_models_spare_what_serves_and_the_newest(standin, worker_client)
     register(sm, "other-team-model")  # old, but not ours
     cutoff = between_then_and_now()
     register(sm, "bin-counter-new1")
-    sm.create_endpoint(EndpointName="bin-counter", EndpointConfigName="bin-counter-old2")
+    sm.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName="bin-counter-old2")
     # Another team's endpoint: the clean-up must see what it serves, with the worker's rights.
     sm.create_endpoint(EndpointName="other-team-endpoint", EndpointConfigName="other-team-model")
     sm = worker_client("sagemaker", standin["endpoint"])  # cleaning up with the worker's rights
@@ -228,8 +228,10 @@ def test_deleting_an_endpoint_that_does_not_exist_is_nothing_to_delete(standin):
 
 # -- the DAG -------------------------------------------------------------------------------------------
 @pytest.fixture
-def dag(airflow_db, monkeypatch):
+def dag(airflow_db, monkeypatch, pipeline_stack):
     monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
+    # The stack's Variable: the DAG finds the endpoint (and, unless a test names one, the bucket) there.
+    monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", pipeline_stack.outputs["SageMakerVariable"])
     return dag_without_retries("bin_count_teardown")
 
 
@@ -246,8 +248,8 @@ def test_the_dag_parses_with_its_params_described(airflow_db):
     assert set(params) == {"bucket", "endpoint_name", "delete_endpoint", "retention_days", "dry_run"}
     assert all(p.description for p in params.values())
     assert {name: p.value for name, p in params.items()} == {
-        "bucket": "bin-counter",
-        "endpoint_name": "bin-counter",
+        "bucket": None,
+        "endpoint_name": None,
         "delete_endpoint": False,
         "retention_days": 14,
         "dry_run": False,
@@ -268,13 +270,13 @@ def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_sta
     key = "models/published/test/model.tar.gz"
     s3.put_object(Bucket=bucket, Key=key, Body=(REPO / "models" / "bin-counter.tar.gz").read_bytes())
     model = deployed_model(sm, "bin-counter-teardown-final", artifact=f"s3://{bucket}/{key}")
-    sm.create_endpoint(EndpointName="bin-counter", EndpointConfigName=model)
-    assert wait_endpoint(sm, "bin-counter")["EndpointStatus"] == "InService"
+    sm.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName=model)
+    assert wait_endpoint(sm, ENDPOINT)["EndpointStatus"] == "InService"
     put(s3, bucket, EXPIRING)  # new: younger than any retention
     # Every Param each time: in one process, dag.test() leaves a run's conf in the DAG's Params for the next.
+    # The endpoint is the stack's, from its Variable, as in a scheduled run.
     conf = {
         "bucket": bucket,
-        "endpoint_name": "bin-counter",
         "retention_days": 1,
         "delete_endpoint": False,
         "dry_run": False,
@@ -292,23 +294,23 @@ def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_sta
         return log
 
     log = run(1)  # the scheduled run's defaults: clean up only
-    assert f"endpoint bin-counter serves {model}" in log and "delete_endpoint is off" in log
-    assert sm.describe_endpoint(EndpointName="bin-counter")["EndpointStatus"] == "InService"
+    assert f"endpoint {ENDPOINT} serves {model}" in log and "delete_endpoint is off" in log
+    assert sm.describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "InService"
     assert "deleted 0 model(s)" in log and "deleted 0 object(s)" in log
 
     log = run(2, delete_endpoint=True, dry_run=True)
-    assert f"dry run: would delete endpoint bin-counter (InService) and its configuration {model}" in log
-    assert sm.describe_endpoint(EndpointName="bin-counter")["EndpointStatus"] == "InService"
+    assert f"dry run: would delete endpoint {ENDPOINT} (InService) and its configuration {model}" in log
+    assert sm.describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "InService"
 
     log = run(3, delete_endpoint=True)
-    assert f"deleted endpoint bin-counter and its configuration {model}; kept model(s) {model}" in log, log[-3000:]
+    assert f"deleted endpoint {ENDPOINT} and its configuration {model}; kept model(s) {model}" in log, log[-3000:]
     with pytest.raises(ClientError, match="Could not find endpoint"):
-        sm.describe_endpoint(EndpointName="bin-counter")
+        sm.describe_endpoint(EndpointName=ENDPOINT)
     with pytest.raises(ClientError, match="Could not find endpoint configuration"):
         sm.describe_endpoint_config(EndpointConfigName=model)
     assert sm.describe_model(ModelName=model)["ModelName"] == model  # kept, to redeploy
     assert set(list_objects(s3, bucket)) == {key, *EXPIRING}
 
     log = run(4, delete_endpoint=True)  # again: nothing left to delete is no failure
-    assert "nothing to delete: there is no endpoint bin-counter" in log
+    assert f"nothing to delete: there is no endpoint {ENDPOINT}" in log
     assert sm.describe_model(ModelName=model)["ModelName"] == model

