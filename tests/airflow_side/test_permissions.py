@@ -455,3 +455,15 @@ def test_a_trust_policy_is_read_as_iam_matches_actions():
     for action in ("sts:AssumeRole", "STS:assumerole", "sts:*", ["sts:Assume*"]):
         assert trusted_services(trust(action)) == {"sagemaker.amazonaws.com"}, action
     assert trusted_services(trust("sts:AssumeRoleWithWebIdentity")) == set()
+
+
+def test_the_sagemaker_budget_exists_only_with_an_address_to_warn(template):
+    # W4: the endpoint bills around the clock; the budget e-mails before the month's SageMaker cost
+    # passes what was set, and is left out when nobody is named to hear it.
+    budget = template["Resources"]["SageMakerBudget"]
+    for email, exists in (("", False), ("ops@example.com", True)):
+        resolve = iam._Resolver(template, {"BudgetEmail": email}, "000000000000", "eu-west-1", "bin-counter")
+        assert resolve.conditions[budget["Condition"]] is exists
+    subscribers = [s for n in budget["Properties"]["NotificationsWithSubscribers"] for s in n["Subscribers"]]
+    by_mail = {"SubscriptionType": "EMAIL", "Address": {"Ref": "BudgetEmail"}}
+    assert subscribers and all(s == by_mail for s in subscribers)
