@@ -139,8 +139,8 @@ compose-check: airflow-env compose-tools
 
 # What Amazon MWAA (Airflow 3.3.1) is given, in build/mwaa/: dags/, plugins.zip, requirements.txt and
 # startup.sh (mwaa/bundle.py; docs/infra/README.md, "On MWAA").
-mwaa-bundle: airflow-env
-	.venv/bin/python -m mwaa.bundle build/mwaa
+mwaa-bundle: airflow-env container-env
+	PYTHONPATH=plugins .venv/bin/python -m mwaa.bundle build/mwaa
 
 # Long runs live in bench/ (see BENCHMARKS.md); not part of `make test`.
 bench-train: envs

@@ -17,7 +17,7 @@ import boto3
 
 from bin_counter.api_function import ensure_function
 from standin.iam import service_role
-from standin.launch import start_moto, start_standin
+from standin.launch import LOCAL_STACK_PARAMETERS, start_moto, start_standin
 
 NO_FORK_SERVER = ("--no-fork-server",)
 
@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTAINER_PYTHON = ROOT / ".venv-container" / "bin" / "python"
 API_KEY = "bench-key"
 ROLE = "arn:aws:iam::000000000000:role/bench"
-ENDPOINT = "bin-counter"
-FUNCTION = "bin-counter-api"
+# The local stack's names: the stand-in's gateway calls its function (standin.launch).
+ENDPOINT = LOCAL_STACK_PARAMETERS["EndpointName"]
+FUNCTION = LOCAL_STACK_PARAMETERS["FunctionName"]
 
 
 def serve_endpoint(

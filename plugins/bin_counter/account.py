@@ -182,14 +182,16 @@ def sagemaker_quota_needs(
     endpoint_instances: int = 0,
     transform_instance_type: str | None = None,
     transform_instances: int = 0,
+    endpoint_update: bool = True,
 ) -> dict[str, int]:
-    """Quota name -> instances a run has at once. Training: the most at once of the tuning job
-    (max_parallel_jobs x instance count) and the final job. Endpoint: twice its instance count, because
-    an update without a DeploymentConfig is a blue/green deployment that starts the new fleet before it
-    retires the old one (SageMaker API reference, BlueGreenUpdatePolicy)."""
+    """Quota name -> instances a run has at once. Training: the most at once of the tuning job (its
+    trials at once x instance count) and the final job. Endpoint: for an update of an endpoint that
+    serves, twice its instance count, because an update without a DeploymentConfig is a blue/green
+    deployment that starts the new fleet before it retires the old one (SageMaker API reference,
+    BlueGreenUpdatePolicy); for a first deployment, its instance count."""
     needs = {
         (training_instance_type, "training job"): training_instances,
-        (endpoint_instance_type, "endpoint"): 2 * endpoint_instances,
+        (endpoint_instance_type, "endpoint"): (2 if endpoint_update else 1) * endpoint_instances,
         (transform_instance_type, "transform job"): transform_instances,
     }
     return {quota_name(t, usage): n for (t, usage), n in needs.items() if t and n > 0}

@@ -9,6 +9,7 @@ ReplacingEndpointOperator). The teardown DAG reads the first to keep what serves
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -73,10 +74,13 @@ def delete_failed_endpoint(
     reason = endpoint.get("FailureReason") or "no FailureReason given"
     log.warning("endpoint %s is Failed (%s): deleting it, the only thing SageMaker allows on it", endpoint_name, reason)
     sm.delete_endpoint(EndpointName=endpoint_name)
-    sm.get_waiter("endpoint_deleted").wait(
-        EndpointName=endpoint_name,
-        WaiterConfig={"Delay": max(1, round(poll_s)), "MaxAttempts": max(1, int(max_wait_s // max(poll_s, 1)))},
-    )
+    # Not botocore's endpoint_deleted waiter: it fails on a Failed status, which SageMaker may still
+    # report for a moment after DeleteEndpoint, before Deleting.
+    deadline = time.monotonic() + max_wait_s
+    while describe_endpoint(sm, endpoint_name) is not None:
+        if time.monotonic() > deadline:
+            raise DeploymentFailed(f"endpoint {endpoint_name} was still there {max_wait_s:.0f} s after DeleteEndpoint")
+        time.sleep(poll_s)
     return {"endpoint": endpoint_name, "endpoint_config": endpoint.get("EndpointConfigName"), "reason": reason}
 
 

@@ -5,7 +5,7 @@ The stock operators create a job on every try: with the default `action_if_job_e
 a retried task (a worker killed mid-wait, a scheduler restart) starts a second, identical job while
 the first one still runs and bills. These subclasses look for the job their run already named first:
 one that is running or finished is attached to (its log is followed, its result returned); one that
-failed or was stopped is left as it is and a fresh job is started under a new name, as the stock
+failed, was stopped or is stopping is left as it is and a fresh job is started under a new name, as the stock
 operator does.
 
 None of the provider's SageMaker operators has an `on_kill`: a task that Airflow kills (its
@@ -35,7 +35,10 @@ from botocore.exceptions import ClientError
 
 from bin_counter.endpoint import delete_failed_endpoint
 
-ATTACHABLE = {"InProgress", "Stopping", "Completed"}
+# A job in these states is the task's to attach to. Not Stopping: a job goes Stopping when a killed
+# try's on_kill stops it, and its retry, a minute later, must start a job of its own rather than take
+# over one that ends Stopped (which the provider's tuning and transform waits count as success).
+ATTACHABLE = {"InProgress", "Completed"}
 
 
 # SageMaker's codes for a job it does not know: ValidationException for training and transform jobs

@@ -74,13 +74,14 @@ def run_params(context: Mapping[str, Any]) -> dict:
     return params
 
 
-def name_param(name: str, what: str) -> Any:
+def name_param(name: str, what: str, from_event: bool = False) -> Any:
     """A Param for one of the stack's names, empty by default (nullable: the trigger form refuses an
-    empty plain string): `what` it is for, and where an empty one comes from."""
+    empty plain string): `what` it is for, and where an empty one comes from (`from_event`: the DAG is
+    scheduled on the dataset asset, whose event names the bucket)."""
     from airflow.sdk import Param
 
     source = f"the stack's ({STACK_VARIABLE} Variable, stack output {NAMES[name]})"
-    if name == "bucket":
+    if from_event:
         source = f"the bucket of the dataset event that triggered the run, else {source}"
     return Param(None, type=["null", "string"], description=f"{what}. Empty: {source}")
 

@@ -101,6 +101,9 @@ def stub_listing(stubber: Stubber, operation: str, pages: list[list[dict]]) -> N
 def test_the_run_needs_its_most_instances_at_once_and_twice_the_endpoint_for_an_update():
     needs = sagemaker_quota_needs("ml.g4dn.xlarge", 2 * 1, "ml.m5.large", 1)
     assert needs == {"ml.g4dn.xlarge for training job usage": 2, "ml.m5.large for endpoint usage": 2}
+    # A first deployment starts one fleet only: an account whose quota is 1 can afford it.
+    first = sagemaker_quota_needs(endpoint_instance_type="ml.m5.large", endpoint_instances=1, endpoint_update=False)
+    assert first == {"ml.m5.large for endpoint usage": 1}
     assert sagemaker_quota_needs(transform_instance_type="ml.m5.xlarge", transform_instances=3) == {
         "ml.m5.xlarge for transform job usage": 3
     }

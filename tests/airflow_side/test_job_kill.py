@@ -103,7 +103,23 @@ def test_a_killed_training_task_stops_the_job_it_started(local_stack_connection,
     run_until_killed(operator, this_try_runs)
     started = operator.config["TrainingJobName"]
     assert started.startswith("bin-counter-kill-final-")
-    assert wait_training_job(sm, started)["TrainingJobStatus"] == "Stopped"
+    # The retry comes while the stopped job may still be Stopping: it must start a job of its own, not
+    # take over the one its kill stopped (which would end Stopped, and the try with it).
+    retry = ResumableTrainingOperator(
+        task_id="retrain",
+        config=job_config(job_inputs, "bin-counter-kill-final", epochs=500),
+        check_interval=1,
+        print_log=False,
+    )
+
+    def the_retry_runs() -> bool:
+        found = sm.list_training_jobs(NameContains="bin-counter-kill-final-")["TrainingJobSummaries"]
+        return any(j["TrainingJobName"] != started and j["TrainingJobStatus"] == "InProgress" for j in found)
+
+    run_until_killed(retry, the_retry_runs)
+    assert retry.config["TrainingJobName"] not in (started, "bin-counter-kill-final")
+    for name in (started, retry.config["TrainingJobName"]):
+        assert wait_training_job(sm, name)["TrainingJobStatus"] == "Stopped"
     # Killed again (the runner's timeout, then SIGTERM): the job has ended, nothing is asked twice.
     operator.on_kill()
 

@@ -67,6 +67,17 @@ def test_the_startup_scripts_paths_lead_the_workers_to_the_bundles_code(bundle, 
     assert (code / "train.py").is_file() and (lambda_dir / "handler.py").is_file() and model.is_file()
 
 
+def test_the_workers_find_every_offline_backbones_weights_in_the_bundle(bundle):
+    # F7: SageMaker's images and MWAA's workers have no ImageNet weights, and efficientnet_lite0's
+    # cannot be downloaded: without them in the bundle its package_weights task fails on MWAA.
+    from bin_counter.weights import OFFLINE_ONLY, find_weights
+
+    folder = Path(startup_env(bundle)["BIN_COUNTER_IMAGENET_WEIGHTS"])
+    assert folder.parent == bundle / "dags" / "bin_counter_files"
+    for arch in (*OFFLINE_ONLY, "mobilenet_v2"):
+        assert find_weights(arch, [folder]) is not None, arch
+
+
 def constraints_url(vendored: Path) -> str:
     """The Airflow constraints URL a vendored MWAA file says it was copied from."""
     return next(line for line in vendored.read_text().splitlines() if "/constraints-" in line).strip("# ").strip()
