@@ -31,7 +31,16 @@ def task_states(run, task_id: str) -> dict[int, str]:
     return {ti.map_index: ti.state for ti in run.get_task_instances() if ti.task_id == task_id}
 
 
-def test_data_prep_run_publishes_a_versioned_dataset(dag, s3, bucket, aws_connection, tmp_path):
+def retraining_context(events: list) -> dict:
+    """What a bin_count_retrain run that these dataset events started sees: its default Params, whose
+    names are empty (tests/airflow_side/test_stack_names.py), and the events."""
+    from bin_counter.assets import BIN_COUNT_DATASET
+
+    params = dict.fromkeys(("bucket", "endpoint_name", "function_name", "dataset_version"))
+    return {"params": params, "triggering_asset_events": {BIN_COUNT_DATASET: events}}
+
+
+def test_data_prep_run_publishes_a_versioned_dataset(dag, s3, bucket, aws_connection, tmp_path, monkeypatch):
     source = write_abid_dir(tmp_path / "abid", {f"{i:05d}": i % 6 for i in range(1000, 1100)})
     conf = {
         "bucket": bucket,
@@ -50,6 +59,22 @@ def test_data_prep_run_publishes_a_versioned_dataset(dag, s3, bucket, aws_connec
     version = event["version"]
     assert version.startswith("v-") and event["prefix"] == f"datasets/{version}" and event["layout"] == "manifest"
     assert event["enhancement"].startswith("autocontrast-") and event["enhancement_params"]["cutoff"] == 1.0
+    # The retraining run this event starts takes the event's bucket, not the stack's, and trains on
+    # the event's version (F3: asset-triggered runs start with the default Params).
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    from bin_counter.dataset import resolve_dataset
+    from bin_counter.stack import dataset_event_extra, run_params
+
+    stack = {"bucket": "the-stacks-bucket", "endpoint_name": "an-endpoint", "function_name": "an-api"}
+    monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", json.dumps(stack))
+    with create_session() as session:
+        events = session.query(AssetEvent).filter(AssetEvent.source_dag_id == "bin_count_data_prep").all()
+        session.expunge_all()
+    context = retraining_context(events[-1:])
+    assert run_params(context)["bucket"] == bucket
+    assert resolve_dataset(s3, bucket, None, dataset_event_extra(context))["version"] == version
     manifest = s3.get_object(Bucket=bucket, Key=f"datasets/{version}/manifest.csv")["Body"].read().decode()
     rows = list(csv.DictReader(io.StringIO(manifest)))
     assert len(rows) == 100 and {r["split"] for r in rows} == {"train", "validation", "test"}
