@@ -388,7 +388,12 @@ class SageMakerBackend:
         with self.lock:
             job = self.store.get("training-job", name)
             if job["TrainingJobStatus"] in TERMINAL:
-                raise ValidationException(f"The training job {name} is already {job['TrainingJobStatus']}")
+                # AWS's words (awslabs/benchmark-ai#928: "An error occurred (ValidationException) when
+                # calling the StopTrainingJob operation: The request was rejected because the training
+                # job is in status Stopped.").
+                raise ValidationException(
+                    f"The request was rejected because the training job is in status {job['TrainingJobStatus']}."
+                )
             job.update(TrainingJobStatus="Stopping", SecondaryStatus="Stopping", LastModifiedTime=time.time())
             self.store.put("training-job", job)
         proc = self.processes.get(name)

@@ -268,6 +268,13 @@ def test_stop_and_restart_keep_the_state(standin, job_inputs, s3, moto_endpoint,
         time.sleep(0.2)
     sm.stop_training_job(TrainingJobName="job-long")
     assert wait_training_job(sm, "job-long")["TrainingJobStatus"] == "Stopped"
+    # Stopping it again is refused with AWS's own answer (quoted in standin/sagemaker/models.py).
+    with pytest.raises(ClientError) as again:
+        sm.stop_training_job(TrainingJobName="job-long")
+    assert again.value.response["Error"] == {
+        "Code": "ValidationException",
+        "Message": "The request was rejected because the training job is in status Stopped.",
+    }
     # The stop reached the container's every process: the toolkit and the train.py it started.
     deadline = time.time() + 10
     while processes_in(job_folder):
