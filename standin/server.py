@@ -35,6 +35,15 @@ from standin.sagemaker.responses import SageMakerResponse, json_answer
 log = logging.getLogger("standin")
 
 
+class StandinHTTPServer(ThreadingHTTPServer):
+    """The stand-in's HTTP server. socketserver listens with a backlog of 5: a burst of new connections
+    from more clients than that (the API load test's 16, each request a connection of its own) could
+    find the queue full and be reset, where API Gateway and SageMaker accept every connection and
+    answer 429 or 503 instead."""
+
+    request_queue_size = 128
+
+
 def make_handler(sagemaker: SageMakerResponse, lambdas: LambdaResponse, gateway: Gateway | None = None):
     """The request handler: each request goes by its path (and target) to one service's responses layer."""
 
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     gateway = Gateway(lambdas, args.api_function, args.api_key, max_in_flight=args.api_max_in_flight)
     calls = CallLog(args.call_log)
     handler = make_handler(SageMakerResponse(sagemaker, calls), LambdaResponse(lambdas, calls), gateway)
-    server = ThreadingHTTPServer((args.host, args.port), handler)
+    server = StandinHTTPServer((args.host, args.port), handler)
     log.info("SageMaker stand-in on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
