@@ -89,12 +89,12 @@ def test_a_killed_training_task_stops_the_job_it_started(local_stack_connection,
     sm.create_training_job(**job_config(job_inputs, "bin-counter-kill-final", epochs=500))
     sm.stop_training_job(TrainingJobName="bin-counter-kill-final")
     assert wait_training_job(sm, "bin-counter-kill-final")["TrainingJobStatus"] == "Stopped"
-    operator = ResumableTrainingOperator(
-        task_id="retrain",
-        config=job_config(job_inputs, "bin-counter-kill-final", epochs=500),
-        check_interval=1,
-        print_log=False,
-    )
+
+    def retrain() -> ResumableTrainingOperator:
+        config = job_config(job_inputs, "bin-counter-kill-final", epochs=500)
+        return ResumableTrainingOperator(task_id="retrain", config=config, check_interval=1, print_log=False)
+
+    operator = retrain()
 
     def this_try_runs() -> bool:
         found = sm.list_training_jobs(NameContains="bin-counter-kill-final-")["TrainingJobSummaries"]
@@ -105,12 +105,7 @@ def test_a_killed_training_task_stops_the_job_it_started(local_stack_connection,
     assert started.startswith("bin-counter-kill-final-")
     # The retry comes while the stopped job may still be Stopping: it must start a job of its own, not
     # take over the one its kill stopped (which would end Stopped, and the try with it).
-    retry = ResumableTrainingOperator(
-        task_id="retrain",
-        config=job_config(job_inputs, "bin-counter-kill-final", epochs=500),
-        check_interval=1,
-        print_log=False,
-    )
+    retry = retrain()
 
     def the_retry_runs() -> bool:
         found = sm.list_training_jobs(NameContains="bin-counter-kill-final-")["TrainingJobSummaries"]
