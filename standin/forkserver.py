@@ -267,14 +267,23 @@ def serve_one(conn: socket.socket, listener: socket.socket, base_path: list[str]
             signal.signal(number, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.close(ready_write)  # from here a signal to the group reaches the program
-        place_fds(received, request["fds"])
-        os._exit(run_program(request, base_path, launcher))
+        try:
+            place_fds(received, request["fds"])
+            os._exit(run_program(request, base_path, launcher))
+        except BaseException:  # never back into the server's loop, whatever happened
+            import traceback
+
+            traceback.print_exc()
+            os._exit(1)
     for fd in received:
         os.close(fd)
     os.close(ready_write)
     os.read(ready_read, 1)  # EOF once the program takes signals (or has died)
     os.close(ready_read)
-    conn.sendall(json.dumps({"pgid": os.getpid()}).encode() + b"\n")
+    try:
+        conn.sendall(json.dumps({"pgid": os.getpid()}).encode() + b"\n")
+    except OSError:  # the launcher was killed while the program started: so is its container
+        os.killpg(os.getpid(), signal.SIGKILL)
     pidfd = os.pidfd_open(pid)
     import select
 
@@ -287,8 +296,16 @@ def serve_one(conn: socket.socket, listener: socket.socket, base_path: list[str]
                 conn.sendall(json.dumps({"status": status}).encode() + b"\n")
             # What the program left running ends with it, as a container's processes do.
             os.killpg(os.getpid(), signal.SIGKILL)
-        if not conn.recv(1):  # the launcher is gone (killed): so is its container
+        if launcher_gone(conn):  # killed: so is its container
             os.killpg(os.getpid(), signal.SIGKILL)
+
+
+def launcher_gone(conn: socket.socket) -> bool:
+    """The launcher sends nothing after its request: readable means closed (or reset, when it died)."""
+    try:
+        return not conn.recv(1)
+    except OSError:
+        return True
 
 
 def serve(socket_path: str, launcher: str, preload: list[str]) -> None:
@@ -319,8 +336,14 @@ def serve(socket_path: str, launcher: str, preload: list[str]) -> None:
         sys.stderr.flush()
         if os.fork() == 0:
             listener.close()
-            serve_one(conn, listener, base_path, launcher)
-            os._exit(0)
+            try:
+                serve_one(conn, listener, base_path, launcher)
+            finally:
+                # Whatever went wrong in the session leader, its program does not outlive it unseen
+                # (before setsid there is no such group yet: nothing was started).
+                with contextlib.suppress(OSError):
+                    os.killpg(os.getpid(), signal.SIGKILL)
+                os._exit(0)
         conn.close()
 
 

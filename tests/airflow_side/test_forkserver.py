@@ -151,6 +151,41 @@ def test_a_killed_launcher_takes_its_program_and_the_programs_children_with_it(s
 
 
 @needs_container
+def test_a_launcher_killed_while_its_program_starts_takes_the_program_with_it(server, tmp_path):
+    """The launcher's request arrives and the launcher is gone before the server can answer (the stand-in
+    stopped a job just as the toolkit started train.py): the program must not live on, orphaned."""
+    import json
+    import socket as sockets
+
+    read_end, write_end = os.pipe()
+    request = {
+        "argv": ["-c", "import os, time; print(os.getpid(), flush=True); time.sleep(120)"],
+        "env": {"PATH": os.environ["PATH"]},
+        "cwd": str(tmp_path),
+        "fds": [1],  # the pipe is the program's stdout
+    }
+    deadline = time.time() + 60  # the server may still be importing torch
+    while not os.path.exists(server.socket_path):
+        assert time.time() < deadline, "the fork server never listened"
+        time.sleep(0.1)
+    with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as conn:
+        conn.connect(server.socket_path)
+        sockets.send_fds(conn, [json.dumps(request).encode() + b"\n"], [write_end])
+    os.close(write_end)
+    # The pipe reads to its end only once no process holds it: the program has died (or never ran).
+    with os.fdopen(read_end, "rb") as stdout:
+        reader = subprocess.Popen(["cat"], stdin=stdout, stdout=subprocess.PIPE)
+    try:
+        printed, _ = reader.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        reader.kill()
+        printed, _ = reader.communicate()
+        pytest.fail(f"the program {printed.decode().strip()} outlived its launcher")
+    for pid in printed.split():
+        assert not _alive(int(pid))
+
+
+@needs_container
 def test_an_option_it_cannot_imitate_runs_the_real_interpreter(server):
     done = run(server, "-X", "utf8", "-c", "import sys; print(sys.flags.utf8_mode, sys.executable)")
     assert done.stdout.split() == ["1", str(CONTAINER_PYTHON)], done.stderr
