@@ -1,4 +1,4 @@
-"""bin_count_retrain: tune, retrain with the best hyperparameters, gate, deploy, smoke-check."""
+"""bin_count_retrain: tune, retrain with the best hyperparameters, gate, register in the Model Registry, approve."""
 
 from __future__ import annotations
 
@@ -6,20 +6,12 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.providers.amazon.aws.operators.sagemaker import (
-    SageMakerEndpointConfigOperator,
-    SageMakerModelOperator,
-)
 from airflow.sdk import Param, dag, get_current_context, task
 
 from bin_counter.alerts import failure_alert
-from bin_counter.assets import BIN_COUNT_DATASET
-from bin_counter.lambda_operators import DigestLambdaInvokeFunctionOperator
-from bin_counter.sagemaker_operators import (
-    ReplacingEndpointOperator,
-    ResumableTrainingOperator,
-    ResumableTuningOperator,
-)
+from bin_counter.approval import ModelReviewOperator
+from bin_counter.assets import BIN_COUNT_DATASET, BIN_COUNT_MODEL
+from bin_counter.sagemaker_operators import ResumableTrainingOperator, ResumableTuningOperator
 from bin_counter.stack import name_param, run_params, stack_name
 
 # How often the operators ask SageMaker for a job's status: 30 s suits AWS's API limits; the local
@@ -45,20 +37,22 @@ the Params below.
 4. **best_trial**: the best trial and its hyperparameters (task log and XCom).
 5. **retrain**: one training job with those hyperparameters on train + validation, scoring the new
    model *and the champion* on the held-out test images (same job, same images, same code).
-6. **gate**: deploys only if the new model is not worse than the champion by more than
-   `deploy_margin` on `gate_metric`. Otherwise the run stops here: the deployment tasks are
-   *skipped*, not failed, and the log says by how much.
-7. **register_model**, **endpoint_config**, **deploy**: a SageMaker model named after the training
-   job and tagged with it, the dataset version and the test metrics; an endpoint configuration; the
-   endpoint created the first time, updated afterwards (SageMaker keeps the old model serving until
-   the new one is healthy); **confirm_deployment** checks the endpoint really switched, since a
-   rolled-back update looks "InService" to the deploy task.
-8. **api_function**, **smoke_event**, **invoke_api**, **smoke_check**: the Lambda function in front of the
-   endpoint (the API stack's; created here only where the stack says no API stack owns it) is pointed
-   at it; real test images go through it; the run fails if the answers
-   are malformed or do not come from the new model.
+6. **gate**: registers the new model only if it is not worse than the champion by more than
+   `deploy_margin` on `gate_metric`. Otherwise the run stops here: the tasks after it are
+   *skipped*, not failed, the log says by how much, and on-call staff get an alert.
+7. **register_version**: a new version of the endpoint's model package group (`<endpoint>-models`) in
+   the SageMaker Model Registry: the inference image and model artifact, the content types the endpoint
+   accepts, the evaluation report (both models on the same test photos: accuracy, RMSE, MAE, within
+   one, per-count accuracy, confusion matrix) as its ModelMetrics, the dataset, training job and run.
+8. **approval_route**, **auto_approve** / **review**: with `approval` auto the gate's yes approves
+   the version; with manual the run waits on the Required Actions page (Browse > Required Actions),
+   which shows the comparison table and what the gate thinks. Approve: Approved. Reject, or no answer
+   within `approval_timeout_hours`: Rejected with the reason, and an alert.
+9. **announce**: the approved version as a `bin_count_model` asset event. **bin_count_deploy** runs
+   on it and rolls the version out (canary, alarms, smoke check, undo); this DAG never touches the
+   endpoint.
 
-**Alerts**: a task that fails for good, and a model the gate holds back, publish to the SNS topic in
+**Alerts**: a task that fails for good, and a model the gate or a reviewer holds back, publish to the SNS topic in
 the Airflow Variable `bin_counter_alerts_topic` (DAG, task, run, log URL, reason); without it the
 task log says alerts are off.
 
@@ -69,14 +63,12 @@ connection (endpoint URLs per service); see docs/standin/README.md.
 **When a task fails**
 - *dataset*: no dataset yet (run `bin_count_data_prep`), or a `dataset_version` that does not exist.
 - *settings* (or any task, for the names): the `bin_counter_sagemaker` Variable is missing or lacks
-  `role_arn` or `lambda_role_arn`, or the `bucket`, `endpoint_name` or `function_name` that an empty
-  Param leaves to it (the DAG has no default names); or the bucket does not exist, is someone else's,
-  or is in another region than the connection; or AWS has no PyTorch image for the region and
-  instance type; or the endpoint instance type is a GPU one (the serving code uses the CPU only); or
-  a SageMaker quota ("<type> for training job usage", "... for endpoint usage") is below what the run
-  needs at once (the message links the page that raises it); or the API stack's function is missing
-  (deploy lambda/template.yaml first). The message says what to set: the values are
-  infra/pipeline.yaml's stack outputs.
+  `role_arn` or `lambda_role_arn`, or the `bucket` or `endpoint_name` that an empty Param leaves to it
+  (the DAG has no default names); or the bucket does not exist, is someone else's, or is in another
+  region than the connection; or AWS has no PyTorch image for the region and instance type; or a
+  SageMaker quota ("<type> for training job usage") is below what the run needs at once (the message
+  links the page that raises it). The message says what to set: the values are infra/pipeline.yaml's
+  stack outputs.
 - *package_weights*: the backbone's ImageNet weights file found on the worker is not what its name says
   (its sha256 does not start with the hash in the name): replace it. Not found at all, the task fails
   for `efficientnet_lite0` (no download exists: every trial would fail after its paid start-up) and
@@ -87,21 +79,16 @@ connection (endpoint URLs per service); see docs/standin/README.md.
   (often a hyperparameter `train.py` refuses, or an instance type the account has no quota for).
 - *retrain*: the log shows the job's own output and its FailureReason. A retry attaches to a job still
   running; a failed job is retried under a new name.
-- *deploy*: the endpoint did not become InService; its FailureReason is in the log. A failed creation
-  leaves the endpoint Failed: it serves nothing (the next run's champion is the initial model) and
-  SageMaker allows only deleting it, so the task's next try, or the next run's, deletes it and
-  creates it again. Fix the cause first (often a model that failed its health check, or no quota
-  for the endpoint's instance type), or every try fails the same way.
 - *tune*, *retrain* killed (timed out, marked failed, worker shut down): the task stops its SageMaker
   job, so nothing bills on; a retry starts a new one. Their timeout is the jobs' own time limit
   (`training_max_hours`, times the trials' waves for *tune*) plus a margin.
-- *confirm_deployment*: the endpoint update failed and SageMaker rolled it back: the old model keeps
-  serving (the API is unaffected) and the log quotes the endpoint's FailureReason, often a model that
-  failed its health check or an instance type without quota. Fix the cause, then clear *deploy*.
-- *smoke_check*: the API answered with an error, a malformed answer, or a model version other than
-  the one just deployed: check the Lambda function's log and the endpoint's status before trusting it.
+- *register_version*: the Model Registry refused the version (its message says why; often a
+  missing `sagemaker:CreateModelPackage` grant) or the training job's model.tar.gz has no model card.
+- *review* waits: that is the manual approval; answer it on the Required Actions page.
 """
 
+# The trigger form's sections, in the order an operator reads them.
+DATA, TUNING, TRAINING, DEPLOYMENT = "Data", "Tuning", "Training", "Registration and approval"
 ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "resnet50"]
 
 
@@ -124,8 +111,12 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
         "on_failure_callback": failure_alert(),
     },
     params={
+        # The trigger form shows the Params in these sections, in this order.
         "bucket": name_param(
-            "bucket", "Our S3 bucket: datasets, code, models (in the connection's region)", from_event=True
+            "bucket",
+            "Our S3 bucket: datasets, code, models (in the connection's region)",
+            from_event=True,
+            section=DATA,
         ),
         # Nullable: the trigger form marks a plain string Param required and refuses it empty.
         "dataset_version": Param(
@@ -133,47 +124,71 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
             type=["null", "string"],
             description="Dataset to train on (datasets/<version>/). Empty: the one whose "
             "asset event triggered the run, else the newest",
+            section=DATA,
         ),
-        "arch": Param("mobilenet_v2", enum=ARCHITECTURES, description="Backbone (torchvision, ImageNet weights)"),
+        "max_count": Param(
+            5, type="integer", minimum=1, description="Top count class: the model answers 0..max_count", section=DATA
+        ),
+        "arch": Param(
+            "mobilenet_v2", enum=ARCHITECTURES, description="Backbone (torchvision, ImageNet weights)", section=TUNING
+        ),
         "mode": Param(
             "finetune",
             enum=["finetune", "partial", "head"],
             description="finetune: train every layer; partial: freeze the first half of the backbone; "
             "head: only a new last layer (the seed's recipe)",
+            section=TUNING,
         ),
-        "max_count": Param(5, type="integer", minimum=1, description="Top count class: the model answers 0..max_count"),
-        "epochs_min": Param(4, type="integer", minimum=1, description="Tuning: fewest epochs"),
-        "epochs_max": Param(8, type="integer", minimum=1, description="Tuning: most epochs"),
+        "epochs_min": Param(4, type="integer", minimum=1, description="Tuning: fewest epochs", section=TUNING),
+        "epochs_max": Param(8, type="integer", minimum=1, description="Tuning: most epochs", section=TUNING),
         "batch_sizes": Param(
             [16, 32],
             type="array",
             items={"type": "integer", "minimum": 1},
             description="Tuning: batch sizes to choose from",
+            section=TUNING,
         ),
-        "lr_min": Param(3e-4, type="number", exclusiveMinimum=0, description="Tuning: lowest learning rate"),
+        "lr_min": Param(
+            3e-4, type="number", exclusiveMinimum=0, description="Tuning: lowest learning rate", section=TUNING
+        ),
         "lr_max": Param(
             3e-3,
             type="number",
             exclusiveMinimum=0,
             description="Tuning: highest learning rate (searched on a log scale)",
+            section=TUNING,
         ),
         "objective": Param(
             "validation:accuracy",
             enum=["validation:accuracy", "validation:rmse", "validation:loss"],
             description="Tuning objective, as train.py logs it on the validation images",
+            section=TUNING,
         ),
-        "strategy": Param("Bayesian", enum=["Bayesian", "Random"], description="Tuning search strategy"),
-        "max_jobs": Param(4, type="integer", minimum=1, maximum=100, description="Tuning: trials in all"),
+        "strategy": Param(
+            "Bayesian", enum=["Bayesian", "Random"], description="Tuning search strategy", section=TUNING
+        ),
+        "max_jobs": Param(
+            4, type="integer", minimum=1, maximum=100, description="Tuning: trials in all", section=TUNING
+        ),
         "max_parallel_jobs": Param(
-            2, type="integer", minimum=1, maximum=20, description="Tuning: trials at once (each is one instance)"
+            2,
+            type="integer",
+            minimum=1,
+            maximum=20,
+            description="Tuning: trials at once (each is one instance)",
+            section=TUNING,
         ),
         "extra_hyperparameters": Param(
             {},
             type="object",
             description='More train.py flags for every job, e.g. {"image-size": 160, "label-smoothing": 0.1}',
+            section=TRAINING,
         ),
         "training_instance_type": Param(
-            "ml.g4dn.xlarge", type="string", description="Instance for tuning trials and the final training job"
+            "ml.g4dn.xlarge",
+            type="string",
+            description="Instance for tuning trials and the final training job",
+            section=TRAINING,
         ),
         "training_instance_count": Param(
             1,
@@ -182,6 +197,7 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
             maximum=16,
             description="Instances per training job; above 1 needs "
             "distributed_training (each instance then trains on its share)",
+            section=TRAINING,
         ),
         "training_volume_gb": Param(
             30,
@@ -190,6 +206,7 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
             maximum=16384,
             description="Storage per training instance: the channels are downloaded onto it "
             "(the whole public dataset: about 30 GB of photos)",
+            section=TRAINING,
         ),
         "training_max_hours": Param(
             4.0,
@@ -197,6 +214,7 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
             exclusiveMinimum=0,
             maximum=120,
             description="Each training job is stopped after this long (MaxRuntimeInSeconds)",
+            section=TRAINING,
         ),
         "distributed_training": Param(
             False,
@@ -204,6 +222,7 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
             description="Train data-parallel under SageMaker's torch_distributed (torchrun): "
             "one process per GPU of the training instance, gradients averaged; "
             "batch sizes are per process. Trials and the final job alike",
+            section=TRAINING,
         ),
         "processes_per_instance": Param(
             None,
@@ -212,42 +231,56 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
             maximum=64,
             description="With distributed_training: processes per training instance. "
             "Empty: one per GPU (one on a CPU instance)",
-        ),
-        "endpoint_instance_type": Param("ml.m5.large", type="string", description="Instance serving the endpoint"),
-        "serving_workers": Param(
-            None,
-            type=["null", "integer"],
-            minimum=1,
-            maximum=64,
-            description="Model workers per endpoint instance (SAGEMAKER_MODEL_SERVER_WORKERS). "
-            "Empty: TorchServe's one per vCPU, each on one core (the most answers "
-            "per second); 1: one worker on every core (the lowest latency at one "
-            "client, one worker's memory). BENCHMARKS.md, 'Serving fast'",
+            section=TRAINING,
         ),
         "gate_metric": Param(
             "accuracy",
             enum=["accuracy", "rmse"],
             description="Test metric the new model must not be worse on than the serving one",
+            section=DEPLOYMENT,
         ),
         "deploy_margin": Param(
             0.0,
             type="number",
             minimum=0,
             description="How much worse (in gate_metric units) the new model may be and still replace the serving one",
+            section=DEPLOYMENT,
         ),
-        "deploy": Param(True, type="boolean", description="Off: train and evaluate only; never touch the endpoint"),
-        "endpoint_name": name_param("endpoint_name", "The SageMaker endpoint the API calls"),
+        "deploy": Param(
+            True,
+            type="boolean",
+            description="Off: train and evaluate only; nothing is registered or deployed",
+            section=DEPLOYMENT,
+        ),
+        "approval": Param(
+            "auto",
+            enum=["auto", "manual"],
+            description="auto: the gate's yes approves the registered version and bin_count_deploy rolls it "
+            "out; manual: the run waits for a person on the Required Actions page, who sees the "
+            "comparison with the serving model",
+            section=DEPLOYMENT,
+        ),
+        "approval_timeout_hours": Param(
+            24.0,
+            type="number",
+            exclusiveMinimum=0,
+            maximum=720,
+            description="manual approval: no answer within this long rejects the version",
+            section=DEPLOYMENT,
+        ),
+        "endpoint_name": name_param(
+            "endpoint_name",
+            "The SageMaker endpoint whose model the new one must beat (its registry group is <endpoint>-models)",
+            section=DEPLOYMENT,
+        ),
         "initial_model": Param(
             "published",
             type="string",
             description="Before any model serves: the champion the new model must beat, "
             "'published' (the repository's models/bin-counter.tar.gz), a "
             "model.tar.gz path or s3:// URI, or 'none'. The better of the "
-            "two is deployed.",
-        ),
-        "function_name": name_param("function_name", "The Lambda function in front of the endpoint (the API stack's)"),
-        "smoke_images": Param(
-            6, type="integer", minimum=1, maximum=8, description="Test images sent through the API after deploying"
+            "two is registered.",
+            section=DEPLOYMENT,
         ),
     },
 )
@@ -272,47 +305,30 @@ def bin_count_retrain():
     @task(retries=0, execution_timeout=timedelta(minutes=1))
     def settings() -> dict:
         """Roles from the bin_counter_sagemaker Variable, AWS's images for the region and the instance
-        types (GPU images on GPU instances), and the bucket checked: it exists, is ours, and is in the
-        connection's region."""
+        types (GPU images on GPU instances), the bucket checked (it exists, is ours, and is in the
+        connection's region) and the training quotas."""
         from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-        from airflow.providers.amazon.aws.hooks.lambda_function import LambdaHook
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
         from bin_counter.account import check_bucket, check_quotas, sagemaker_quota_needs, sagemaker_settings
-        from bin_counter.api_function import check_function_deployed
-        from bin_counter.endpoint import describe_endpoint
-        from bin_counter.stack import dags_create_the_function, stack_variable
+        from bin_counter.stack import stack_variable
 
         region = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="sagemaker").conn_region_name
-        params, variable = run_params(get_current_context()), stack_variable()
-        account = sagemaker_settings(
-            variable,
-            region,
-            params["training_instance_type"],
-            params["endpoint_instance_type"],
-        )
+        params = run_params(get_current_context())
+        # The registered version carries the CPU inference image: the serving code uses the CPU only.
+        account = sagemaker_settings(stack_variable(), region, params["training_instance_type"])
         bucket = params["bucket"]
         check_bucket(S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(), bucket, account["region"])
-        # Quotas before money: the trials at once, and an endpoint update's two fleets (one fleet for
-        # the first deployment).
-        serving = describe_endpoint(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, params["endpoint_name"])
+        # Quotas before money: the trials that run at once (bin_count_deploy checks the endpoint's).
         needs = sagemaker_quota_needs(
             params["training_instance_type"],
             min(params["max_jobs"], params["max_parallel_jobs"]) * params["training_instance_count"],
-            params["endpoint_instance_type"] if params["deploy"] else None,
-            1,
-            endpoint_update=bool(serving and serving["EndpointStatus"] == "InService"),
         )
         check_quotas(AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="service-quotas").get_conn(), region, needs)
-        account["create_function"] = dags_create_the_function(variable)
-        if params["deploy"] and not account["create_function"]:
-            check_function_deployed(LambdaHook(aws_conn_id=AWS_CONN_ID).conn, params["function_name"])
         print(
-            f"bucket {bucket} in {account['region']}, endpoint {params['endpoint_name']}, API function "
-            f"{params['function_name']}; SageMaker role {account['role_arn']}, "
-            f"API function role {account['lambda_role_arn']}; images {account['training_image']} (training), "
-            f"{account['inference_image']} (endpoint)"
+            f"bucket {bucket} in {account['region']}, endpoint {params['endpoint_name']}; SageMaker role "
+            f"{account['role_arn']}; images {account['training_image']} (training), "
+            f"{account['inference_image']} (registered for serving)"
         )
         return account
 
@@ -451,124 +467,83 @@ def bin_count_retrain():
         print(what[choice["deploy"]] + choice["reason"])
         return choice if choice["deploy"] else None
 
-    @task(multiple_outputs=True, execution_timeout=timedelta(minutes=1))
-    def deployment_configs(trained: dict, data: dict, account: dict, decision: dict, champion: dict | None) -> dict:
-        from bin_counter import retrain
-
-        return retrain.deployment_requests(
-            run_params(get_current_context()), trained["Training"], data, account, decision, champion
-        )
-
-    decision = gate(retrain.output, champion, data)
-    configs = deployment_configs(retrain.output, data, account, decision, champion)
-    register = SageMakerModelOperator(
-        task_id="register_model",
-        config=configs["model"],
-        aws_conn_id=AWS_CONN_ID,
-        retries=0,
-        doc_md="A SageMaker model named after the training job, tagged with its dataset version and test "
-        "metrics. Already exists? The run was re-run after this step: clear from *deploy*.",
-    )
-    endpoint_config = SageMakerEndpointConfigOperator(
-        task_id="endpoint_config", config=configs["endpoint_config"], aws_conn_id=AWS_CONN_ID, retries=0
-    )
-    deploy = ReplacingEndpointOperator(
-        task_id="deploy",
-        config=configs["endpoint"],
-        operation="create",
-        aws_conn_id=AWS_CONN_ID,
-        wait_for_completion=True,
-        check_interval=POLL_S,
-        max_ingestion_time=3600,
-        execution_timeout=timedelta(hours=1),
-        doc_md="Creates the endpoint the first time and updates it afterwards. An endpoint that SageMaker "
-        "left Failed (a failed creation) allows nothing but deleting it: it is deleted and created again.",
-    )
-
-    @task(retries=0, execution_timeout=timedelta(minutes=2))
-    def confirm_deployment(deployed: dict, configs: dict) -> dict:
-        """The endpoint serves the new configuration: a failed update is rolled back to InService on the
-        old one, which the deploy task's waiter takes for success."""
+    @task(execution_timeout=timedelta(minutes=10))
+    def register_version(trained: dict, data: dict, account: dict, decision: dict, champion: dict | None) -> dict:
+        """The chosen model as a new version of the endpoint's model package group, with its evaluation
+        report (both models on the same test photos) as ModelMetrics; PendingManualApproval until approved."""
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-        from bin_counter.endpoint import confirm_deployment as confirm
+        from bin_counter.retrain import register_candidate
 
-        wanted = configs["endpoint"]
-        state = confirm(
-            SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, wanted["EndpointName"], wanted["EndpointConfigName"]
+        context = get_current_context()
+        registered = register_candidate(
+            SageMakerHook(aws_conn_id=AWS_CONN_ID).conn,
+            S3Hook(aws_conn_id=AWS_CONN_ID).get_conn(),
+            run_params(context),
+            trained["Training"],
+            data,
+            account,
+            decision,
+            champion,
+            context["run_id"],
         )
-        print(f"endpoint {state['endpoint']} serves {state['endpoint_config']}")
-        return state
+        print(f"registered {registered['arn']} (version {registered['version']}, model {registered['model_version']})")
+        print(registered["review"])
+        return registered
 
-    @task(execution_timeout=timedelta(minutes=5))
-    def api_function(deployed: dict, account: dict) -> str:
-        """The Lambda function in front of the endpoint: created, or pointed at it with the current code."""
-        from airflow.providers.amazon.aws.hooks.lambda_function import LambdaHook
+    @task.branch(retries=0, execution_timeout=timedelta(minutes=1))
+    def approval_route() -> str:
+        """`auto`: the gate's decision is the approval; `manual`: a person decides on the review page."""
+        return "review" if get_current_context()["params"]["approval"] == "manual" else "auto_approve"
 
-        from bin_counter.api_function import ensure_function
+    @task(execution_timeout=timedelta(minutes=2))
+    def auto_approve(registered: dict) -> None:
+        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-        params = run_params(get_current_context())
-        return ensure_function(
-            LambdaHook(aws_conn_id=AWS_CONN_ID).conn,
-            params["function_name"],
-            params["endpoint_name"],
-            account["lambda_role_arn"],
-            create_missing=account["create_function"],
-        )
+        from bin_counter import registry
 
-    @task(multiple_outputs=True, execution_timeout=timedelta(minutes=5))
-    def smoke_event(data: dict) -> dict:
-        """A few real test images, as the event API Gateway sends for a JSON request."""
-        import json
+        reason = f"approved by the gate (approval=auto): {registered['reason']}"
+        registry.set_status(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, registered["arn"], registry.APPROVED, reason)
+        print(f"version {registered['version']}: Approved ({reason})")
 
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-        from bin_counter import dataset
-        from bin_counter.api_function import api_event, smoke_images
-
-        params = run_params(get_current_context())
-        s3 = S3Hook(aws_conn_id=AWS_CONN_ID).get_conn()
-        images = smoke_images(s3, dataset.photos(s3, params["bucket"], data, "test"), params["smoke_images"])
-        sent = [{k: i[k] for k in ("key", "count")} for i in images]
-        return {"payload": json.dumps(api_event(images)), "images": sent}
-
-    confirmed = confirm_deployment(deploy.output, configs)
-    event = smoke_event(data)
-    confirmed >> event
-    invoke = DigestLambdaInvokeFunctionOperator(
-        task_id="invoke_api",
-        function_name="{{ stack_name(params, 'function_name') }}",
-        payload=event["payload"],
+    decision = gate(retrain.output, champion, data)
+    registered = register_version(retrain.output, data, account, decision, champion)
+    route = approval_route()
+    registered >> route
+    review = ModelReviewOperator(
+        task_id="review",
+        registered=registered,
+        subject="Deploy model package version {{ ti.xcom_pull(task_ids='register_version')['version'] }} "
+        "({{ ti.xcom_pull(task_ids='register_version')['model_version'] }})?",
+        body="{{ ti.xcom_pull(task_ids='register_version')['review'] }}",
         aws_conn_id=AWS_CONN_ID,
+        retries=0,
+        # The wait is the run's approval_timeout_hours (set when the task runs); this bounds the task's
+        # own work before and after it.
+        response_timeout=timedelta(hours=24),
         execution_timeout=timedelta(minutes=5),
+        doc_md="Waits for a person (Required Actions page) when the run's `approval` Param is manual. Approve: "
+        "the version becomes Approved and bin_count_deploy rolls it out. Reject, or no answer within "
+        "`approval_timeout_hours`: Rejected, an alert, nothing deployed.",
     )
 
-    @task(retries=0, execution_timeout=timedelta(minutes=1))
-    def smoke_check(answer: str, sent: dict, decision: dict) -> dict:
-        import json
+    @task(
+        outlets=[BIN_COUNT_MODEL],
+        trigger_rule="none_failed_min_one_success",
+        execution_timeout=timedelta(minutes=1),
+    )
+    def announce(registered: dict, *, outlet_events=None) -> dict:
+        """The approved version as a `bin_count_model` asset event: bin_count_deploy rolls it out."""
+        params = run_params(get_current_context())
+        extra = {k: registered[k] for k in ("arn", "group", "version", "model_version")}
+        # Where it is to be deployed: the deploy run takes the same bucket and endpoint as this run.
+        extra.update(bucket=params["bucket"], endpoint_name=params["endpoint_name"])
+        outlet_events[BIN_COUNT_MODEL].extra = extra
+        print(f"announced for deployment: {extra}")
+        return extra
 
-        from bin_counter.api_function import SmokeCheckFailed, check_answers
-
-        params = get_current_context()["params"]
-        summary = check_answers(answer, sent["images"], params["max_count"] + 1)
-        for row in summary["images"]:
-            print(
-                f"image {row['key']}: true count {row['true']}, API says {row['predicted']} "
-                f"(confidence {row['confidence']})"
-            )
-        expected = decision["model_version"]
-        if summary["model_version"] != expected:
-            raise SmokeCheckFailed(
-                f"the API answered with model {summary['model_version']}, not {expected}: "
-                "the endpoint did not switch to the new model"
-            )
-        print(f"smoke check passed: {json.dumps({k: summary[k] for k in ('model_version', 'correct')})}")
-        return summary
-
-    register >> endpoint_config >> deploy
-    function = api_function(confirmed, account)
-    [function, event] >> invoke
-    smoke_check(invoke.output, event, decision)
+    route >> [auto_approve(registered), review] >> announce(registered)
 
 
 bin_count_retrain()

@@ -25,6 +25,10 @@ WORKER_ACCESS_KEY_ID = "AKIALOCALAIRFLOWWORKER"
 # sts:AssumeRole; the session token names the role so that a log line can say whose request it was.
 ASSUMED_ROLE_KEY_ID = "ASIALOCALASSUMEDROLE"
 ROLE_TOKEN_PREFIX = "assumed-role="  # noqa: S105 - a marker, not a secret
+# AWS's own work in the account, which no principal of the account asks for and IAM does not authorise:
+# SageMaker publishing its endpoints' metrics, CloudWatch evaluating alarms. The stand-in signs those
+# requests to moto with this key, and the call log leaves them out (standin.moto_server).
+SERVICE_ACCESS_KEY_ID = "AKIALOCALAWSSERVICE"
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
 
 
@@ -35,6 +39,11 @@ def role_credentials(role_arn: str) -> dict[str, str]:
         "aws_secret_access_key": "local",
         "aws_session_token": ROLE_TOKEN_PREFIX + role_arn,
     }
+
+
+def service_credentials() -> dict[str, str]:
+    """boto3 client keyword arguments for AWS's own work (SERVICE_ACCESS_KEY_ID)."""
+    return {"aws_access_key_id": SERVICE_ACCESS_KEY_ID, "aws_secret_access_key": "local"}
 
 
 def role_environment(role_arn: str) -> dict[str, str]:

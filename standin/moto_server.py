@@ -20,11 +20,16 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_ba
 from werkzeug.serving import run_simple
 
 from standin import sar
-from standin.aws_calls import CallLog, caller
+from standin.aws_calls import SERVICE_ACCESS_KEY_ID, CallLog, caller
 from standin.core import ACCOUNT
+from standin.sagemaker.forward import FORWARDED_HEADER
 
 REGION_ACCOUNT = "us-east-1", ACCOUNT
 _SCOPE = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/([^/]+)/")
+# Signing names that are not the service's IAM prefix: CloudWatch signs as "monitoring".
+IAM_PREFIX = {"monitoring": "cloudwatch"}
+# Smithy RPC v2 CBOR (botocore's protocol for CloudWatch since 1.37): the operation is the path's last part.
+_RPC_V2_PATH = re.compile(r"^/service/[^/]+/operation/([A-Za-z0-9]+)$")
 
 
 def s3_actions(
@@ -100,9 +105,51 @@ def _named_resource(params: dict) -> str:
     return "*"
 
 
-def query_actions(service: str, form: dict[str, list[str]]) -> list[tuple[str, str]]:
+def query_actions(service: str, form: dict[str, list[str]]) -> list[tuple]:
     operation = form.get("Action", ["UNMAPPED"])[0]
+    if service == "cloudwatch":
+        return cloudwatch_actions(operation, query_params(form))
     return [(f"{service}:{operation}", _named_resource(form))]
+
+
+def query_params(form: dict[str, list[str]]) -> dict:
+    """A Query-protocol form as the JSON protocols send it, as far as a resource depends on it: plain
+    members, and lists (`AlarmNames.member.1`, ...) in their order."""
+    params: dict = {}
+    members: dict[str, list[tuple[int, str]]] = {}
+    for key, values in form.items():
+        name, _, index = key.partition(".member.")
+        if index.isdigit():
+            members.setdefault(name, []).append((int(index), values[0]))
+        else:
+            params[key] = values[0]
+    return params | {name: [value for _, value in sorted(items)] for name, items in members.items()}
+
+
+def cloudwatch_actions(operation: str, params: dict) -> list[tuple]:
+    """A CloudWatch request's actions, whatever protocol brought it: an alarm call on each alarm it
+    names, as AWS's Service Authorization Reference builds the ARN (`alarm:<name>`, case kept: CloudWatch
+    does not lowercase alarm names); "*" where it names none, which `standin.iam` reports for an action
+    the reference requires an alarm for. PutMetricData carries its namespace as `cloudwatch:namespace`."""
+    action = f"cloudwatch:{operation}"
+    region, account = REGION_ACCOUNT
+    names = params.get("AlarmNames") or ([params["AlarmName"]] if params.get("AlarmName") else [])
+    if sar.privilege(action) and "alarm" in sar.resource_types(action) and names:
+        return [(action, sar.build_arn(action, "alarm", {"AlarmName": name}, region, account)) for name in names]
+    if operation == "PutMetricData" and params.get("Namespace"):
+        return [(action, "*", {"cloudwatch:namespace": params["Namespace"]})]
+    return [(action, "*")]
+
+
+def decode_cbor(body: bytes) -> dict:
+    """An RPC v2 CBOR request body, read with botocore's own CBOR reader."""
+    from botocore.parsers import RpcV2CBORParser
+
+    if not body:
+        return {}
+    parser = RpcV2CBORParser()
+    decoded = parser.parse_data_item(parser.get_peekable_stream_from_bytes(body))
+    return decoded if isinstance(decoded, dict) else {}
 
 
 class RecordingMiddleware:
@@ -116,7 +163,10 @@ class RecordingMiddleware:
         if "CONTENT_TYPE" in environ:
             headers["content-type"] = environ["CONTENT_TYPE"]
         scope = _SCOPE.search(headers.get("authorization", ""))
-        if scope and self.log.path is not None:
+        # A request the stand-in forwarded (the Model Registry) is in the log already, as its caller's;
+        # AWS's own work (SageMaker's metrics, CloudWatch's alarm evaluation) is no call of the account's.
+        own_work = caller(headers) == SERVICE_ACCESS_KEY_ID
+        if scope and self.log.path is not None and not headers.get(FORWARDED_HEADER) and not own_work:
             body = self._body(environ, headers)
             self.log.record(caller(headers), self._actions(environ, scope.group(2), headers, body), "moto")
         return self.app(environ, start_response)
@@ -128,6 +178,7 @@ class RecordingMiddleware:
         wanted = (
             "json" in content_type
             or "x-www-form-urlencoded" in content_type
+            or "cbor" in content_type
             or "delete" in environ.get("QUERY_STRING", "")
         )
         length = int(environ.get("CONTENT_LENGTH") or 0)
@@ -138,8 +189,18 @@ class RecordingMiddleware:
         return body
 
     @staticmethod
-    def _actions(environ, service: str, headers: dict[str, str], body: bytes) -> list[tuple[str, str]]:
+    def _actions(environ, service: str, headers: dict[str, str], body: bytes) -> list[tuple]:
         query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        service = IAM_PREFIX.get(service, service)
+        rpc_v2 = _RPC_V2_PATH.match(environ.get("PATH_INFO", ""))
+        if rpc_v2 and "cbor" in headers.get("content-type", ""):
+            try:
+                params = decode_cbor(body)
+            except Exception:  # a body botocore cannot read names no resource; the call is still logged
+                params = {}
+            if service == "cloudwatch":
+                return cloudwatch_actions(rpc_v2.group(1), params)
+            return json_actions(service, rpc_v2.group(1), params)
         if service == "s3":
             path = urlsplit(environ.get("RAW_URI") or environ.get("PATH_INFO", "")).path
             return s3_actions(environ["REQUEST_METHOD"], path, query, headers, body)
@@ -149,6 +210,8 @@ class RecordingMiddleware:
                 params = json.loads(body or b"{}")
             except json.JSONDecodeError:
                 params = {}
+            if service == "cloudwatch":
+                return cloudwatch_actions(target.rpartition(".")[2], params)
             return json_actions(service, target.rpartition(".")[2], params)
         return query_actions(service, {**query, **parse_qs(body.decode(errors="replace"))})
 

@@ -38,7 +38,7 @@ What a failure of this task usually means is in the DAG's documentation (the DAG
 """
 GATED_SUBJECT = "bin-counter: new model NOT deployed ({{ dag.dag_id }})"
 GATED_MESSAGE = """\
-The deployment gate held back the new model; the endpoint keeps serving the old one.
+{{ headline }}
 
 DAG:    {{ dag.dag_id }}
 Task:   {{ ti.task_id }}
@@ -91,6 +91,17 @@ def failure_alert(aws_conn_id: str = "aws_default") -> AlertNotifier:
 
 def gated_alert(reason: str, aws_conn_id: str = "aws_default") -> AlertNotifier:
     """Call with the task's context when the gate keeps a new model from being deployed."""
-    # The reason is our own text with numbers in it: put in as it is, not rendered as a template.
-    message = GATED_MESSAGE.replace("{{ reason }}", reason.replace("{", "(").replace("}", ")"))
+    return held_back_alert(
+        "The deployment gate held back the new model; the endpoint keeps serving the old one.", reason, aws_conn_id
+    )
+
+
+def held_back_alert(headline: str, reason: str, aws_conn_id: str = "aws_default") -> AlertNotifier:
+    """Call with the task's context when a new model is kept from clients (the gate, a reviewer)."""
+
+    # Our own text with numbers in it: put in as it is, not rendered as a template.
+    def literal(text: str) -> str:
+        return text.replace("{", "(").replace("}", ")")
+
+    message = GATED_MESSAGE.replace("{{ headline }}", literal(headline)).replace("{{ reason }}", literal(reason))
     return AlertNotifier(aws_conn_id=aws_conn_id, target_arn=TOPIC, subject=GATED_SUBJECT, message=message)

@@ -1,4 +1,5 @@
-"""Assets shared by the DAGs: the data-prep DAG updates the dataset, the retraining DAG is scheduled on it;
+"""Assets shared by the DAGs: the data-prep DAG updates the dataset, the retraining DAG is scheduled on it
+and announces approved models, which the deploy DAG is scheduled on;
 the batch DAG updates the report."""
 
 from airflow.sdk import Asset
@@ -7,3 +8,6 @@ from airflow.sdk import Asset
 BIN_COUNT_DATASET = Asset(name="bin_count_dataset", uri="bin-counter://datasets/bin-count")
 # Each batch count's report; its event's `extra` is the summary (photos, counts, verdicts, where the report is).
 BIN_COUNT_REPORT = Asset(name="bin_count_report", uri="bin-counter://reports/bin-count")
+# Each approved model package version; its event's `extra` names it (arn, group, version, model_version):
+# the retraining DAG announces it, the deploy DAG is scheduled on it.
+BIN_COUNT_MODEL = Asset(name="bin_count_model", uri="bin-counter://models/bin-count")

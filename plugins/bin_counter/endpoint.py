@@ -103,3 +103,20 @@ def confirm_deployment(sm, endpoint_name: str, config_name: str) -> dict:
             f"endpoint {endpoint_name} did not switch to {config_name}: {keeps}. SageMaker says: {reason}"
         )
     return {"endpoint": endpoint_name, "endpoint_config": serving, "status": status}
+
+
+def roll_back(sm, endpoint_name: str, previous_config: str, poll_s: float = 15, max_wait_s: float = 3600) -> dict:
+    """Put the endpoint back on `previous_config` (the configuration that served before a deployment
+    whose smoke check failed), all at once, and wait until it serves it. SageMaker keeps the failing
+    model serving until the old one answers its health check, so clients are never left without one."""
+    waiter_attempts = max(1, int(max_wait_s / max(poll_s, 1)))
+    endpoint = sm.describe_endpoint(EndpointName=endpoint_name)
+    if endpoint["EndpointStatus"] != "InService":
+        sm.get_waiter("endpoint_in_service").wait(
+            EndpointName=endpoint_name, WaiterConfig={"Delay": poll_s, "MaxAttempts": waiter_attempts}
+        )
+    sm.update_endpoint(EndpointName=endpoint_name, EndpointConfigName=previous_config)
+    sm.get_waiter("endpoint_in_service").wait(
+        EndpointName=endpoint_name, WaiterConfig={"Delay": poll_s, "MaxAttempts": waiter_attempts}
+    )
+    return confirm_deployment(sm, endpoint_name, previous_config)

@@ -11,7 +11,7 @@ import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from bin_counter import gate, sagemaker_config, weights
+from bin_counter import registry, sagemaker_config, weights
 from bin_counter.artifacts import content_key, put_once
 from bin_counter.paths import CODE_DIR
 
@@ -168,44 +168,60 @@ def final_training_request(
     )
 
 
-def deployment_requests(
+def register_candidate(
+    sm,
+    s3,
     params: Mapping,
     job: Mapping,
     data: Mapping,
     account: Mapping,
-    decision: Mapping | None = None,
-    champion: Mapping | None = None,
+    decision: Mapping,
+    champion: Mapping | None,
+    run_id: str,
 ) -> dict:
-    """CreateModel, CreateEndpointConfig and Create/UpdateEndpoint for the model the gate chose: the
-    finished training job's, or (decision "published") the published champion scored in that job.
-    Named after the job (`...-published` for the champion), tagged with where it came from."""
+    """Register the model the gate chose (the finished training job's, or before anything serves the
+    published champion it scored better) as a PendingManualApproval version of the endpoint's model
+    package group, with its evaluation report in S3. A retried task finds the version it registered.
+    Returns what approval and deployment need: arn, group, version, model_version, report_uri, review
+    (the approval page's markdown), reason (the gate's)."""
+    bucket = params["bucket"]
     name, artifact = job["TrainingJobName"], job["ModelArtifacts"]["S3ModelArtifacts"]
-    metrics = gate.final_metrics(job)
-    labels = {"bin-counter:training-job": name, "bin-counter:dataset-version": data["version"]}
-    if decision and decision.get("deploy") == "published":
+    # The trained model's card holds both scores (train.py --champion), whichever is registered.
+    source_bucket, key = artifact.removeprefix("s3://").split("/", 1)
+    card = registry.model_card(s3.get_object(Bucket=source_bucket, Key=key)["Body"].read())
+    model_version = card["model_version"]
+    if decision.get("deploy") == "published":
         if champion is None:
             raise ValueError("the gate chose the published model, and no champion was given")
-        name, artifact = name.removesuffix("-final") + "-published", champion["model_data_url"]
-        labels["bin-counter:published-model"] = champion["model_version"]
-        metrics = {k.replace("champion:", "test:"): v for k, v in metrics.items() if k.startswith("champion:")}
-    tags = sagemaker_config.resource_tags(
+        artifact, model_version = champion["model_data_url"], champion["model_version"]
+    report = registry.evaluation_report(card.get("metrics", {}), decision, name, data["version"])
+    report_uri = registry.store_report(s3, bucket, report)
+    group = registry.group_name(params["endpoint_name"])
+    registry.ensure_group(sm, group, f"Bin item counters for the endpoint {params['endpoint_name']} (bin-counter)")
+    request = registry.version_request(
+        group,
+        account["inference_image"],
+        artifact,
+        report_uri,
         {
-            **labels,
-            **{
-                f"bin-counter:{k.replace(':', '-')}": round(v, 4)
-                for k, v in metrics.items()
-                if k.startswith(("test:", "champion:"))
-            },
-        }
+            "model-version": model_version,
+            "training-job": name,
+            "dataset-version": data["version"],
+            "dag-run": run_id,
+            "gate": decision.get("deploy"),
+            "test-accuracy": round(report["comparison"]["candidate"]["accuracy"], 4),
+        },
+        f"{model_version}: {decision.get('reason', '')}",
     )
-    workers = params.get("serving_workers")
-    environment = {sagemaker_config.SERVING_WORKERS: str(workers)} if workers else None
-    model = sagemaker_config.model_config(
-        name, account["inference_image"], artifact, account["role_arn"], tags, environment
-    )
-    config = sagemaker_config.endpoint_config(name, name, params["endpoint_instance_type"], tags=tags)
+    arn = registry.register(sm, request, f"{run_id}/{decision.get('deploy')}")
+    described = sm.describe_model_package(ModelPackageName=arn)
     return {
-        "model": model,
-        "endpoint_config": config,
-        "endpoint": {"EndpointName": params["endpoint_name"], "EndpointConfigName": name},
+        "arn": arn,
+        "group": group,
+        "version": described["ModelPackageVersion"],
+        "status": described["ModelApprovalStatus"],
+        "model_version": model_version,
+        "report_uri": report_uri,
+        "review": registry.review_markdown(report),
+        "reason": decision.get("reason", ""),
     }

@@ -326,3 +326,19 @@ class ReplacingEndpointOperator(SageMakerEndpointOperator):
         name = self.config.get("Endpoint", self.config)["EndpointName"]
         delete_failed_endpoint(self.hook.conn, name, poll_s=self.check_interval, log=self.log)
         return super().execute(context)
+
+
+class RolloutEndpointOperator(ReplacingEndpointOperator):
+    """Deploys what `bin_count_deploy` built (rollout.deployment_requests): CreateEndpoint for a new
+    endpoint, UpdateEndpoint with its blue/green DeploymentConfig otherwise. The operation comes with
+    the request, since only the run knows whether the endpoint exists; the wait covers the rollout's
+    bakes (its MaximumExecutionTimeoutInSeconds) with a margin."""
+
+    def execute(self, context: Any) -> dict:
+        requests = self.config
+        self.operation = requests["operation"]
+        self.config = dict(requests["endpoint"])
+        policy = self.config.get("DeploymentConfig", {}).get("BlueGreenUpdatePolicy", {})
+        if policy:
+            self.max_ingestion_time = policy["MaximumExecutionTimeoutInSeconds"] + 600
+        return super().execute(context)

@@ -24,11 +24,12 @@ def resolve_name(
     name: str, params: Mapping[str, Any], variable: Mapping | None, event_extra: Mapping | None = None
 ) -> str:
     """The run's `name` ("bucket", "endpoint_name" or "function_name"): the Param, the triggering
-    event's bucket, or the stack's from the Variable; SettingsError saying what to set, else."""
+    event's (a dataset event names its bucket, a model event its bucket and endpoint), or the stack's
+    from the Variable; SettingsError saying what to set, else."""
     if params.get(name):
         return str(params[name])
-    if name == "bucket" and event_extra and event_extra.get("bucket"):
-        return str(event_extra["bucket"])
+    if event_extra and event_extra.get(name):
+        return str(event_extra[name])
     if variable and variable.get(name):
         return str(variable[name])
     raise SettingsError(
@@ -57,8 +58,13 @@ def dataset_event_extra(context: Mapping[str, Any]) -> dict | None:
     """The `extra` of the dataset asset event that triggered this run, if one did."""
     from bin_counter.assets import BIN_COUNT_DATASET
 
+    return asset_event_extra(context, BIN_COUNT_DATASET)
+
+
+def asset_event_extra(context: Mapping[str, Any], asset: Any) -> dict | None:
+    """The `extra` of the newest event of `asset` that triggered this run, if one did."""
     events = context.get("triggering_asset_events") or {}
-    triggering = events.get(BIN_COUNT_DATASET) if events else None
+    triggering = events.get(asset) if events else None
     return dict(triggering[-1].extra) if triggering else None
 
 
@@ -68,13 +74,16 @@ def run_params(context: Mapping[str, Any]) -> dict:
     params = dict(context["params"])
     wanted = [name for name in NAMES if name in params and not params[name]]
     if wanted:
-        variable, extra = stack_variable(), dataset_event_extra(context)
+        from bin_counter.assets import BIN_COUNT_DATASET, BIN_COUNT_MODEL
+
+        extra = asset_event_extra(context, BIN_COUNT_DATASET) or asset_event_extra(context, BIN_COUNT_MODEL)
+        variable = stack_variable()
         for name in wanted:
             params[name] = resolve_name(name, params, variable, extra)
     return params
 
 
-def name_param(name: str, what: str, from_event: bool = False) -> Any:
+def name_param(name: str, what: str, from_event: bool | str = False, section: str | None = None) -> Any:
     """A Param for one of the stack's names, empty by default (nullable: the trigger form refuses an
     empty plain string): `what` it is for, and where an empty one comes from (`from_event`: the DAG is
     scheduled on the dataset asset, whose event names the bucket)."""
@@ -82,8 +91,10 @@ def name_param(name: str, what: str, from_event: bool = False) -> Any:
 
     source = f"the stack's ({STACK_VARIABLE} Variable, stack output {NAMES[name]})"
     if from_event:
-        source = f"the bucket of the dataset event that triggered the run, else {source}"
-    return Param(None, type=["null", "string"], description=f"{what}. Empty: {source}")
+        event = from_event if isinstance(from_event, str) else "dataset"
+        source = f"the {event} event that triggered the run, else {source}"
+    schema = {"section": section} if section else {}
+    return Param(None, type=["null", "string"], description=f"{what}. Empty: {source}", **schema)
 
 
 def stack_name(params: Mapping[str, Any], name: str) -> str:

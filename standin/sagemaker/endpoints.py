@@ -3,15 +3,18 @@
 `serve_model` is how any of them starts (download and extract the model with the model's role,
 start the server with the model container's `Environment`, wait for `/ping`) and `invoke` how any of
 them is asked, over kept-alive connections, for endpoints and transform jobs alike. `EndpointHost`
-keeps one per endpoint: an update starts the new server beside the old one and switches only once it
-answers `/ping`, so
-requests in flight are not dropped and a model that fails to load leaves the old one serving.
+keeps the fleets of each endpoint (`InitialInstanceCount` servers, round robin): an update starts the
+new fleet beside the old one and switches only once it answers `/ping` (or, in a blue/green update,
+shifts a share of the requests to it first), so requests in flight are not dropped and a model that
+fails to load leaves the old one serving.
 """
 
 from __future__ import annotations
 
 import http.client
 import io
+import itertools
+import math
 import os
 import select
 import subprocess
@@ -202,10 +205,29 @@ def model_server_processes(
     return found
 
 
+class Fleet:
+    """One endpoint configuration's instances (a model server each), taking requests round robin, as
+    SageMaker's load balancer spreads them over a variant's instances."""
+
+    def __init__(self, config_name: str, instances: list[Worker]) -> None:
+        self.config_name, self.instances = config_name, instances
+        self.turn = itertools.count()
+
+    def next_port(self) -> int:
+        return self.instances[next(self.turn) % len(self.instances)].port
+
+
 class EndpointHost:
+    """The fleets behind each endpoint: the one in service (blue) and, during a blue/green update, the
+    new one (green) with the share of requests it gets. The split is a weighted round robin, not a
+    random draw: with a share p, request i goes to green when floor((i + 1) p) > floor(i p), so that
+    exactly p of any run of requests reaches green and a drill can count what clients saw."""
+
     def __init__(self, root: Path, python: str, s3_factory, load_timeout: float = LOAD_TIMEOUT_S) -> None:
         self.root, self.python, self.s3_factory, self.load_timeout = root, python, s3_factory, load_timeout
-        self.live: dict[str, Worker] = {}
+        self.live: dict[str, Fleet] = {}
+        self.green: dict[str, tuple[Fleet, float]] = {}  # endpoint -> (new fleet, its share of requests)
+        self.requests: dict[str, itertools.count] = {}
         self.retiring: list[Worker] = []  # replaced by an update, finishing their requests
         self.lock = threading.Lock()
 
@@ -216,25 +238,73 @@ class EndpointHost:
         model_data_url: str,
         role_arn: str,
         environment: dict[str, str] | None = None,
-    ) -> Worker:
-        """A worker serving the model of `config_name`, loaded and answering /ping."""
-        model_dir = self.root / endpoint / f"{config_name}-{int(time.time() * 1000)}"
-        server = serve_model(
-            model_dir, model_data_url, self.s3_factory(role_arn), self.python, environment, self.load_timeout
-        )
-        return Worker(server.port, server.process, server.model_dir, config_name)
+        instances: int = 1,
+    ) -> Fleet:
+        """`instances` model servers of the model of `config_name`, each loaded and answering /ping
+        (started side by side); if one fails, those already up are stopped and WorkerFailed says why."""
+        stamp = int(time.time() * 1000)
+        started: list[Worker] = []
+        failures: list[Exception] = []
 
-    def switch(self, endpoint: str, worker: Worker) -> None:
+        def one(number: int) -> None:
+            model_dir = self.root / endpoint / f"{config_name}-{stamp}-{number}"
+            try:
+                server = serve_model(
+                    model_dir,
+                    model_data_url,
+                    self.s3_factory(role_arn),
+                    self.python,
+                    environment,
+                    self.load_timeout,
+                )
+            except Exception as exc:  # handed to the caller below, once every instance has ended
+                failures.append(exc)
+                return
+            started.append(Worker(server.port, server.process, server.model_dir, config_name))
+
+        threads = [threading.Thread(target=one, args=(n,), daemon=True) for n in range(1, instances + 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            for worker in started:
+                self._retire(worker)
+            raise failures[0]
+        return Fleet(config_name, sorted(started, key=lambda w: w.model_dir.name))
+
+    def switch(self, endpoint: str, fleet: Fleet, retire_after: float = 5.0) -> None:
+        """`fleet` takes every request; the fleet it replaces (and a green one being given up) is
+        stopped `retire_after` seconds later, once the requests it holds have finished."""
         with self.lock:
             old = self.live.get(endpoint)
-            self.live[endpoint] = worker
-        if old is not None:
-            # Requests already sent to the old worker finish; new ones go to the new worker. The
-            # timer thread is a daemon when the update runs in one, so stop_all must know the old
-            # worker too: a stand-in stopping within these seconds would otherwise leave it running.
-            with self.lock:
-                self.retiring.append(old)
-            threading.Timer(5.0, self._retire, args=(old,)).start()
+            self.live[endpoint] = fleet
+            green = self.green.pop(endpoint, None)
+        for replaced in (old, green[0] if green else None):
+            if replaced is not None and replaced is not fleet:
+                self._retire_later(replaced, retire_after)
+
+    def route(self, endpoint: str, fleet: Fleet, share: float) -> None:
+        """Send `share` (0 to 1) of `endpoint`'s requests to `fleet`, the rest to the live one."""
+        with self.lock:
+            self.green[endpoint] = (fleet, share)
+
+    def abandon(self, endpoint: str) -> None:
+        """Every request back to the live fleet; the green one is stopped once its requests finish."""
+        with self.lock:
+            green = self.green.pop(endpoint, None)
+        if green is not None:
+            self._retire_later(green[0], 5.0)
+
+    def _retire_later(self, fleet: Fleet, delay: float) -> None:
+        # The timer thread is a daemon when the update runs in one, so stop_all must know these workers
+        # too: a stand-in stopping within these seconds would otherwise leave them running.
+        with self.lock:
+            self.retiring.extend(fleet.instances)
+        for worker in fleet.instances:
+            timer = threading.Timer(delay, self._retire, args=(worker,))
+            timer.daemon = True
+            timer.start()
 
     def _retire(self, worker: Worker) -> None:
         worker.process.terminate()
@@ -245,23 +315,34 @@ class EndpointHost:
 
     def stop(self, endpoint: str) -> None:
         with self.lock:
-            worker = self.live.pop(endpoint, None)
-        if worker is not None:
-            worker.process.terminate()
-            CONNECTIONS.forget(worker.port)
+            fleet = self.live.pop(endpoint, None)
+            green = self.green.pop(endpoint, None)
+        for stopped in (fleet, green[0] if green else None):
+            for worker in stopped.instances if stopped else ():
+                worker.process.terminate()
+                CONNECTIONS.forget(worker.port)
 
     def stop_all(self) -> None:
-        for name in list(self.live):
+        for name in list(self.live) + list(self.green):
             self.stop(name)
         for worker in list(self.retiring):
             self._retire(worker)
+
+    def pick(self, endpoint: str) -> tuple[Fleet, int]:
+        """The fleet and the instance's port that the next request of `endpoint` goes to."""
+        with self.lock:
+            fleet = self.live.get(endpoint)
+            if fleet is None:
+                raise KeyError(endpoint)
+            green, share = self.green.get(endpoint, (None, 0.0))
+            number = next(self.requests.setdefault(endpoint, itertools.count()))
+            if green is not None and math.floor((number + 1) * share) > math.floor(number * share):
+                fleet = green
+            return fleet, fleet.next_port()
 
     def invoke(
         self, endpoint: str, body: bytes, content_type: str | None, accept: str | None, timeout: float = 60.0
     ) -> tuple[int, bytes, str]:
         """(status, body, content type) as the endpoint's model server answered."""
-        with self.lock:
-            worker = self.live.get(endpoint)
-        if worker is None:
-            raise KeyError(endpoint)
-        return invoke(worker.port, body, content_type, accept, timeout)
+        _, port = self.pick(endpoint)
+        return invoke(port, body, content_type, accept, timeout)

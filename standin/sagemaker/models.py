@@ -23,11 +23,13 @@ from pathlib import Path
 
 import boto3
 
-from standin.aws_calls import role_credentials
+from standin.aws_calls import role_credentials, service_credentials
+from standin.cloudwatch.evaluator import AlarmEvaluator
+from standin.cloudwatch.metrics import MetricPublisher
 from standin.core import ACCOUNT, AwsError
 from standin.roles import RoleCheck
-from standin.sagemaker import training, transform, tuning
-from standin.sagemaker.endpoints import EndpointHost, WorkerFailed
+from standin.sagemaker import endpoints, rollout, training, transform, tuning
+from standin.sagemaker.endpoints import EndpointHost, Fleet, WorkerFailed
 from standin.sagemaker.exceptions import (
     ModelError,
     ModelNotReadyException,
@@ -215,6 +217,9 @@ class SageMakerBackend:
             Path(state_dir) / "endpoint-workers", container_python, lambda role_arn: self._client("s3", role_arn)
         )
         self.invoke_limit = TokenBucket(invoke_rate, invoke_burst)
+        # SageMaker's metrics and CloudWatch's alarm evaluation are AWS's own work, not the caller's.
+        self.metrics = MetricPublisher(lambda: self._service_client("cloudwatch"))
+        self.bake_poll = 1.0  # how often alarms are evaluated during a baking period
         self.roles = roles or RoleCheck(None)
         # Failure drills: models whose name matches fail their health check, as a broken container would.
         self.unhealthy_models = re.compile(unhealthy_models) if unhealthy_models else None
@@ -235,6 +240,9 @@ class SageMakerBackend:
         return boto3.client(
             service, endpoint_url=self.aws_endpoint, region_name=self.region, **role_credentials(role_arn)
         )
+
+    def _service_client(self, service: str):
+        return boto3.client(service, endpoint_url=self.aws_endpoint, region_name=self.region, **service_credentials())
 
     def _recover(self) -> None:
         # A job that was running when the stand-in stopped cannot be resumed: say so, as AWS
@@ -266,6 +274,9 @@ class SageMakerBackend:
         # Endpoints come back up with the configuration they were serving.
         for endpoint in self.store.all("endpoint"):
             if endpoint.get("EndpointConfigName"):
+                # A blue/green update cut short by the restart is given up: the endpoint serves what it served.
+                if endpoint.pop("PendingDeploymentSummary", None) is not None:
+                    endpoint["FailureReason"] = "the local stand-in restarted during the deployment"
                 endpoint.update(EndpointStatus="Creating")
                 self.store.put("endpoint", endpoint)
                 self._deploy_async(endpoint["EndpointName"], endpoint["EndpointConfigName"], updating=False)
@@ -274,6 +285,7 @@ class SageMakerBackend:
         """No model server or training process outlives the stand-in (their jobs are marked failed at
         the next start)."""
         self.endpoints.stop_all()
+        self.metrics.stop()
         self.closing = True
         for run in list(self.transforms.values()):
             run.stop()
@@ -420,17 +432,19 @@ class SageMakerBackend:
         self._deploy_async(params["EndpointName"], params["EndpointConfigName"], updating=False)
         return endpoint
 
-    def update_endpoint(self, name: str, config_name: str) -> dict:
+    def update_endpoint(self, name: str, config_name: str, deployment_config: dict | None = None) -> dict:
         with self.lock:
             endpoint = self.store.get("endpoint", name)
-            self.store.get("endpoint-config", config_name)
+            config = self.store.get("endpoint-config", config_name)
+            if deployment_config:
+                rollout.check(deployment_config, config["ProductionVariants"][0].get("InitialInstanceCount", 1))
             # Refused on a Failed endpoint too: "DeleteEndpoint is the only operation that can be
             # performed on a failed endpoint" (botocore's DescribeEndpointOutput.EndpointStatus doc).
             if endpoint["EndpointStatus"] != "InService":
                 raise ValidationException(f'Cannot update in-progress endpoint "{endpoint["EndpointArn"]}".')
             endpoint.update(EndpointStatus="Updating", LastModifiedTime=time.time())
             self.store.put("endpoint", endpoint)
-        self._deploy_async(name, config_name, updating=True)
+        self._deploy_async(name, config_name, updating=True, deployment_config=deployment_config)
         return endpoint
 
     def delete_endpoint(self, name: str) -> None:
@@ -438,12 +452,31 @@ class SageMakerBackend:
             self.endpoints.stop(name)
             self.store.delete("endpoint", name)
 
-    def _deploy_async(self, name: str, config_name: str, updating: bool) -> None:
+    def _deploy_async(self, name: str, config_name: str, updating: bool, deployment_config: dict | None = None) -> None:
         threading.Thread(
-            target=self._deploy, args=(name, config_name, updating), daemon=True, name=f"endpoint-{name}"
+            target=self._deploy,
+            args=(name, config_name, updating, deployment_config),
+            daemon=True,
+            name=f"endpoint-{name}",
         ).start()
 
-    def _deploy(self, name: str, config_name: str, updating: bool) -> None:
+    def _instances(self, name: str, variant: dict, environment: dict[str, str]) -> tuple[int, dict[str, str]]:
+        """How many model servers stand for the variant's instances here (its InitialInstanceCount, at
+        most this machine's cores), and the model container's environment for each: without its own
+        SAGEMAKER_MODEL_SERVER_WORKERS, each instance gets its share of the cores (on AWS each instance
+        has cores of its own; here they share them, and each worker holds the model in memory)."""
+        wanted = variant.get("InitialInstanceCount", 1)
+        cores = os.cpu_count() or 1
+        count = max(1, min(wanted, cores))
+        if count < wanted:
+            log.info(
+                "endpoint %s: %d instances asked, %d model servers run (this machine's cores)", name, wanted, count
+            )
+        if count > 1 and "SAGEMAKER_MODEL_SERVER_WORKERS" not in environment:
+            environment = {**environment, "SAGEMAKER_MODEL_SERVER_WORKERS": str(max(1, cores // count))}
+        return count, environment
+
+    def _deploy(self, name: str, config_name: str, updating: bool, deployment_config: dict | None = None) -> None:
         try:
             # AWS lets a configuration (and its model) be deleted while an endpoint deploys it, having read
             # both at the request; the stand-in reads them here, and fails the deployment saying why
@@ -456,18 +489,23 @@ class SageMakerBackend:
                     "pass the ping health check. Please check CloudWatch logs for this endpoint. "
                     "(stand-in: the model name matches --unhealthy-models)"
                 )
-            worker = self.endpoints.start(
+            count, environment = self._instances(name, variant, model["PrimaryContainer"].get("Environment") or {})
+            if updating and deployment_config and "BlueGreenUpdatePolicy" in deployment_config:
+                self._set_pending(name, config_name, variant, count, current=0)
+            fleet = self.endpoints.start(
                 name,
                 config_name,
                 model["PrimaryContainer"]["ModelDataUrl"],
                 model["ExecutionRoleArn"],
-                model["PrimaryContainer"].get("Environment"),
+                environment,
+                count,
             )
         except (AwsError, WorkerFailed) as exc:
             reason = exc.message if isinstance(exc, AwsError) else str(exc)
             with self.lock:
                 endpoint = self.store.get("endpoint", name)
                 # A failed update leaves the old model serving; a failed creation leaves nothing.
+                endpoint.pop("PendingDeploymentSummary", None)
                 endpoint.update(
                     EndpointStatus="InService" if updating else "Failed",
                     FailureReason=reason[:1024],
@@ -475,17 +513,118 @@ class SageMakerBackend:
                 )
                 self.store.put("endpoint", endpoint)
             return
-        self.endpoints.switch(name, worker)
+        policy = (deployment_config or {}).get("BlueGreenUpdatePolicy")
+        retire_after = 5.0
+        if updating and policy:
+            alarms = [a["AlarmName"] for a in deployment_config.get("AutoRollbackConfiguration", {}).get("Alarms", [])]
+            failure = self._shift(name, fleet, policy, alarms, model["ExecutionRoleArn"], count)
+            if failure is not None:
+                self._rolled_back(name, failure, deployment_config)
+                return
+            retire_after = max(retire_after, policy.get("TerminationWaitInSeconds", 0))
+        self.endpoints.switch(name, fleet, retire_after)
         with self.lock:
             endpoint = self.store.get("endpoint", name)
             endpoint.pop("FailureReason", None)
+            endpoint.pop("PendingDeploymentSummary", None)
+            if updating and deployment_config:
+                endpoint["LastDeploymentConfig"] = deployment_config
             endpoint.update(
                 EndpointStatus="InService",
                 EndpointConfigName=config_name,
                 LastModifiedTime=time.time(),
                 ProductionVariants=[
-                    {"VariantName": variant["VariantName"], "CurrentInstanceCount": 1, "DesiredInstanceCount": 1}
+                    {
+                        "VariantName": variant["VariantName"],
+                        "CurrentWeight": float(variant.get("InitialVariantWeight", 1.0)),
+                        "DesiredWeight": float(variant.get("InitialVariantWeight", 1.0)),
+                        "CurrentInstanceCount": count,
+                        "DesiredInstanceCount": variant.get("InitialInstanceCount", 1),
+                    }
                 ],
+            )
+            self.store.put("endpoint", endpoint)
+
+    # -- blue/green updates ---------------------------------------------------------------------------
+    def _set_pending(self, name: str, config_name: str, variant: dict, count: int, current: int) -> None:
+        """DescribeEndpoint's PendingDeploymentSummary: the new configuration and its fleet so far."""
+        with self.lock:
+            endpoint = self.store.get("endpoint", name)
+            summary = endpoint.get("PendingDeploymentSummary") or {"StartTime": time.time()}
+            summary.update(
+                EndpointConfigName=config_name,
+                ProductionVariants=[
+                    {
+                        "VariantName": variant["VariantName"],
+                        "CurrentInstanceCount": current,
+                        "DesiredInstanceCount": variant.get("InitialInstanceCount", 1),
+                        "InstanceType": variant.get("InstanceType", "ml.m5.large"),
+                    }
+                ],
+            )
+            endpoint["PendingDeploymentSummary"] = summary
+            self.store.put("endpoint", endpoint)
+
+    def _shift(self, name: str, fleet: Fleet, policy: dict, alarms: list[str], role: str, count: int) -> str | None:
+        """Shift the requests to the green `fleet` step by step, baking each step while the rollback
+        alarms are evaluated (CloudWatch's work) and read (SageMaker's, with the endpoint's execution role,
+        as the guide asks it to be allowed cloudwatch:DescribeAlarms); the FailureReason if it must roll
+        back (an alarm in ALARM, or MaximumExecutionTimeoutInSeconds passed), else None."""
+        started = time.monotonic()
+        limit = policy.get("MaximumExecutionTimeoutInSeconds")
+        evaluator = AlarmEvaluator(self._service_client("cloudwatch")) if alarms else None
+        reader = self._client("cloudwatch", role) if alarms else None
+        with self.lock:
+            variant = self.store.get("endpoint", name).get("PendingDeploymentSummary", {}).get("ProductionVariants")
+        for share, bake in rollout.steps(policy, count):
+            self.endpoints.route(name, fleet, share)
+            log.info("endpoint %s: %.0f%% of requests to %s, baking %ds", name, share * 100, fleet.config_name, bake)
+            if variant:
+                with self.lock:
+                    endpoint = self.store.get("endpoint", name)
+                    summary = endpoint.get("PendingDeploymentSummary")
+                    if summary:
+                        summary["ProductionVariants"][0].update(
+                            CurrentInstanceCount=count, CurrentWeight=share, DesiredWeight=1.0
+                        )
+                        self.store.put("endpoint", endpoint)
+            end = time.monotonic() + bake
+            while True:
+                if limit is not None and time.monotonic() - started > limit:
+                    return rollout.TIMEOUT_ROLLBACK.format(seconds=limit)
+                if evaluator is not None:
+                    tripped = self._tripped(evaluator, reader, alarms)
+                    if tripped:
+                        return rollout.ALARM_ROLLBACK.format(alarms=", ".join(tripped))
+                if time.monotonic() >= end:
+                    break
+                time.sleep(min(self.bake_poll, max(0.0, end - time.monotonic())))
+        return None
+
+    def _tripped(self, evaluator: AlarmEvaluator, reader, alarms: list[str]) -> list[str]:
+        """The rollback alarms in ALARM now; an evaluation that fails (moto unreachable) trips none."""
+        try:
+            self.metrics.flush()  # what the bake's requests did, before it is judged
+            evaluator.evaluate(alarms)
+            described = reader.describe_alarms(AlarmNames=alarms).get("MetricAlarms", [])
+        except Exception as exc:
+            log.warning("could not evaluate the rollback alarms %s: %s", alarms, exc)
+            return []
+        return sorted(a["AlarmName"] for a in described if a.get("StateValue") == "ALARM")
+
+    def _rolled_back(self, name: str, reason: str, deployment_config: dict) -> None:
+        """All requests back to the blue fleet, the green one retired, the endpoint InService on its
+        old configuration with the reason."""
+        self.endpoints.abandon(name)
+        log.info("endpoint %s: rolled back: %s", name, reason)
+        with self.lock:
+            endpoint = self.store.get("endpoint", name)
+            endpoint.pop("PendingDeploymentSummary", None)
+            endpoint.update(
+                EndpointStatus="InService",
+                FailureReason=reason[:1024],
+                LastDeploymentConfig=deployment_config,
+                LastModifiedTime=time.time(),
             )
             self.store.put("endpoint", endpoint)
 
@@ -502,12 +641,21 @@ class SageMakerBackend:
             raise RuntimeValidationError(f"Endpoint {name} is {endpoint['EndpointStatus']}, not InService.")
         if not self.invoke_limit.take(name):
             raise ThrottlingException("Rate exceeded")
+        arrived = time.perf_counter()
         try:
-            status, payload, response_type = self.endpoints.invoke(name, body, content_type, accept)
+            fleet, port = self.endpoints.pick(name)
         except KeyError as exc:
             raise ServiceUnavailable(f"Endpoint {name} has no running model") from exc
+        variant = (endpoint.get("ProductionVariants") or [{}])[0].get("VariantName", "AllTraffic")
+        sent = time.perf_counter()
+        try:
+            status, payload, response_type = endpoints.invoke(port, body, content_type, accept)
         except OSError as exc:
+            answered = time.perf_counter()
+            self.metrics.record(name, variant, None, answered - sent, sent - arrived, len(fleet.instances))
             raise ModelNotReadyException(f"the model server did not answer: {exc}") from exc
+        answered = time.perf_counter()
+        self.metrics.record(name, variant, status, answered - sent, sent - arrived, len(fleet.instances))
         if status != 200:
             raise ModelError(status, payload.decode(errors="replace"))
         return payload, response_type

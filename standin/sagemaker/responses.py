@@ -29,6 +29,7 @@ from standin.sagemaker.exceptions import (
     json_body,
     runtime_body,
 )
+from standin.sagemaker.forward import REGISTRY_OPERATIONS, MotoForward
 from standin.sagemaker.models import RESOURCES, SageMakerBackend
 
 log = logging.getLogger("standin")
@@ -60,6 +61,7 @@ def authorizations(operation: str, params: dict, region: str = "us-east-1") -> l
     action = f"sagemaker:{operation}"
     # SageMaker writes names in lowercase in its ARNs, and IAM matches those.
     names = {key: value.lower() for key, value in params.items() if isinstance(value, str)}
+    names |= registry_names(names)
     resources = sar.request_arns(action, names, region, ACCOUNT, params.get("ResourceArn"))
     found: list[tuple] = [(action, resource) for _, resource in resources]
     if operation.startswith("Create") and params.get("Tags"):
@@ -68,6 +70,20 @@ def authorizations(operation: str, params: dict, region: str = "us-east-1") -> l
     role = passed_role(operation, params)
     if role:
         found.append(("iam:PassRole", role, {"iam:PassedToService": "sagemaker.amazonaws.com"}))
+    return found
+
+
+def registry_names(names: dict[str, str]) -> dict[str, str]:
+    """The registry's resource names where a request gives an ARN: UpdateModelPackage names its package
+    by ModelPackageArn, a versioned package's ModelPackageName is its ARN, and a group may be named by
+    ARN. The SAR's ARN formats take the name after the type: `<group>/<version>` for a versioned package."""
+    found = {}
+    for field in ("ModelPackageArn", "ModelPackageName", "ModelPackageGroupName"):
+        value = names.get(field, "")
+        if value.startswith("arn:") and value.count(":") >= 5:
+            kind, _, name = value.split(":", 5)[5].partition("/")
+            if kind in ("model-package", "model-package-group") and name:
+                found["ModelPackageName" if kind == "model-package" else "ModelPackageGroupName"] = name
     return found
 
 
@@ -135,6 +151,7 @@ class SageMakerResponse:
         self.backend = backend
         self.calls = calls or CallLog(None)
         self.model = botocore.session.get_session().get_service_model("sagemaker")
+        self.registry = MotoForward(backend.aws_endpoint)
 
     def dispatch(self, headers: Headers, raw: bytes) -> Answer:
         """One SageMaker API request (AWS JSON 1.1) and its answer."""
@@ -150,6 +167,9 @@ class SageMakerResponse:
             self.calls.record(
                 caller(headers), lambda: authorizations(operation, params, self.backend.region), "standin"
             )
+            if operation in REGISTRY_OPERATIONS:  # the Model Registry is moto's: standin/sagemaker/forward.py
+                self.validate(operation, params)
+                return self.registry(headers, raw)
             result = self.call(operation, params)
             log.info("%s %s -> 200", operation, params.get("TrainingJobName", ""))
             return json_answer(200, result, request_id)
@@ -163,6 +183,17 @@ class SageMakerResponse:
 
     def call(self, operation: str, params: dict) -> dict:
         """The answer to a valid request of a served operation."""
+        self.validate(operation, params)
+        handler = getattr(self, "op_" + operation, None)
+        if handler is None:
+            raise UnknownOperationException(
+                f"{operation} is valid SageMaker but not served by the local stand-in (see standin/README.md)"
+            )
+        return handler(params)
+
+    def validate(self, operation: str, params: dict) -> None:
+        """Refuses a request of an unknown operation, or one AWS would refuse as invalid: botocore's
+        model, and the constraints AWS checks beyond it."""
         try:
             op_model = self.model.operation_model(operation)
         except Exception as exc:
@@ -173,12 +204,6 @@ class SageMakerResponse:
         refusal = constraints.report(params, op_model.input_shape)  # what AWS checks beyond botocore
         if refusal:
             raise ValidationException(refusal)
-        handler = getattr(self, "op_" + operation, None)
-        if handler is None:
-            raise UnknownOperationException(
-                f"{operation} is valid SageMaker but not served by the local stand-in (see standin/README.md)"
-            )
-        return handler(params)
 
     def invoke_endpoint(self, path: str, headers: Headers, body: bytes) -> Answer:
         """SageMaker Runtime's InvokeEndpoint (REST-JSON): the model's answer as it came, or the error.
@@ -282,7 +307,9 @@ class SageMakerResponse:
         return self.backend.describe("endpoint", params["EndpointName"])
 
     def op_UpdateEndpoint(self, params: dict) -> dict:
-        endpoint = self.backend.update_endpoint(params["EndpointName"], params["EndpointConfigName"])
+        endpoint = self.backend.update_endpoint(
+            params["EndpointName"], params["EndpointConfigName"], params.get("DeploymentConfig")
+        )
         return {"EndpointArn": endpoint["EndpointArn"]}
 
     def op_DeleteEndpoint(self, params: dict) -> dict:

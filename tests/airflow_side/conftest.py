@@ -453,3 +453,23 @@ def lambda_handler():
     finally:
         sys.path.remove(str(REPO / "lambda"))
     return handler
+
+
+@pytest.fixture
+def alerts(local_stack_connection, moto_endpoint, monkeypatch):
+    """An SNS topic on moto with a queue subscribed to it; the DAGs publish to the topic."""
+    sns = boto3.client("sns", endpoint_url=moto_endpoint, region_name="us-east-1")
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
+    topic = sns.create_topic(Name="bin-counter-alerts")["TopicArn"]
+    queue = sqs.create_queue(QueueName="on-call")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
+    monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_ALERTS_TOPIC", topic)
+
+    def received() -> list[dict]:
+        messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+        for message in messages:  # read once: SQS shows an undeleted message again later
+            sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+        return [json.loads(m["Body"]) for m in messages]
+
+    return received

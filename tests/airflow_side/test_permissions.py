@@ -17,6 +17,7 @@ import pytest
 
 from standin import iam, sar
 from standin.aws_calls import WORKER_ACCESS_KEY_ID, CallLog, read_calls
+from tests.airflow_side.conftest import ENDPOINT
 
 CFN_LINT = Path(sys.executable).with_name("cfn-lint")
 
@@ -58,6 +59,19 @@ def test_every_recorded_action_is_granted_and_every_grant_is_recorded(pipeline_s
         assert all(ledger[principal].values()), f"{principal}: every recorded action says why"
 
 
+# AWS's reference lets ListModelPackages be scoped to a model package, an optional type its request never
+# names (it names a group, which the reference does not list for it): AWS can only authorise it on "*".
+UNNAMED_BY_THE_REQUEST = {"sagemaker:ListModelPackages"}
+
+
+def test_a_list_call_scoped_only_by_what_its_request_never_names_is_recorded_on_every_resource():
+    from standin.sagemaker.responses import authorizations
+
+    assert sar.resource_types("sagemaker:ListModelPackages") == {"model-package": False}
+    request = {"ModelPackageGroupName": "bin-counter", "ModelApprovalStatus": "Approved", "SortOrder": "Descending"}
+    assert authorizations("ListModelPackages", request) == [("sagemaker:ListModelPackages", "*")]
+
+
 def test_grants_are_scoped_to_the_bucket_prefixes_and_the_project_names(pipeline_stack):
     bucket = pipeline_stack.outputs["BucketName"]
     assert bucket == "bin-counter-000000000000-us-east-1", "the default name carries the account and region"
@@ -72,9 +86,10 @@ def test_grants_are_scoped_to_the_bucket_prefixes_and_the_project_names(pipeline
                             f"{resource}: objects are granted by prefix, never the whole bucket"
                         )
                     elif resource == "*":
-                        # Only actions IAM cannot scope: AWS's reference lists no resource type for them.
+                        # Only actions IAM cannot scope: AWS's reference lists no resource type for them,
+                        # or only types their request never names.
                         actions = iam.as_list(statement["Action"])
-                        scopable = [a for a in actions if sar.resource_types(a)]
+                        scopable = [a for a in actions if sar.resource_types(a) and a not in UNNAMED_BY_THE_REQUEST]
                         assert not scopable, f"{principal}: {scopable} on every resource"
 
 
@@ -309,13 +324,15 @@ def test_a_misspelt_action_a_wrong_resource_type_and_an_unknown_condition_key_ar
     assert "no condition key of iam:PassRole" in grant("iam:PassRole", role, {"StringEquals": {"iam:PassedTo": "x"}})[0]
 
 
-def without_statement(template: dict, sid: str, stack: iam.Stack) -> iam.Stack:
-    """The stack rendered from `template` without the worker policy's statement `sid`, with `stack`'s names."""
+def without_statement(template: dict, sid: str | tuple[str, ...], stack: iam.Stack) -> iam.Stack:
+    """The stack rendered from `template` without the worker policy's statement `sid` (or statements),
+    with `stack`'s names."""
     import copy
 
+    sids = {sid} if isinstance(sid, str) else set(sid)
     changed = copy.deepcopy(template)
     document = changed["Resources"]["AirflowWorkerPolicy"]["Properties"]["PolicyDocument"]
-    document["Statement"] = [s for s in document["Statement"] if s.get("Sid") != sid]
+    document["Statement"] = [s for s in document["Statement"] if s.get("Sid") not in sids]
     names = {name: stack.outputs[name] for name in ("EndpointName", "FunctionName") if name in stack.outputs}
     return iam.render(changed, names)
 
@@ -341,6 +358,132 @@ def test_deploying_is_authorised_on_the_endpoint_and_its_configuration(tmp_path,
         "airflow-worker: sagemaker:UpdateEndpoint would be refused on AWS (AccessDenied): infra/pipeline.yaml "
         f"does not allow it; 1 resource(s), e.g. {ARN}:endpoint-config/bin-counter-0123456789ab-config"
     ]
+
+
+def test_the_registry_is_authorised_on_its_group_and_its_versions(tmp_path, template, pipeline_stack, ledger):
+    """The Model Registry calls the DAGs make (common35.md's interface 3), recorded on the resources AWS's
+    reference names for them: the group for CreateModelPackageGroup, DescribeModelPackageGroup and
+    CreateModelPackage (the version does not exist yet; the reference lists the group as its resource),
+    the version's ARN, model-package/<group>/<version> in lowercase, for the calls that name a version."""
+    from standin.sagemaker.responses import authorizations
+
+    group, version = f"{ENDPOINT}-Models", f"{ARN}:model-package/{ENDPOINT}-models/3"
+    calls = [
+        ("CreateModelPackageGroup", {"ModelPackageGroupName": group}),
+        ("DescribeModelPackageGroup", {"ModelPackageGroupName": group}),
+        ("ListModelPackageGroups", {"NameContains": "bin-counter"}),
+        ("CreateModelPackage", {"ModelPackageGroupName": group, "ModelApprovalStatus": "PendingManualApproval"}),
+        ("DescribeModelPackage", {"ModelPackageName": version}),
+        ("ListModelPackages", {"ModelPackageGroupName": group, "ModelApprovalStatus": "Approved"}),
+        ("UpdateModelPackage", {"ModelPackageArn": version, "ModelApprovalStatus": "Approved"}),
+    ]
+    recorded = [entry for operation, request in calls for entry in authorizations(operation, request)]
+    group_arn = f"{ARN}:model-package-group/{ENDPOINT}-models"
+    assert [resource for _, resource in recorded] == [group_arn, group_arn, "*", group_arn, version, "*", version]
+    assert all(sar.resource_problem(action, resource) is None for action, resource in recorded)
+    log = tmp_path / "calls.jsonl"
+    CallLog(log).record(WORKER_ACCESS_KEY_ID, recorded, "standin")
+    assert iam.refused_calls(read_calls(log), pipeline_stack, WORKER_ACCESS_KEY_ID, ledger) == []
+    before = without_statement(
+        template, ("KeepTheModelRegistry", "RegisterApproveAndReadModelVersions"), pipeline_stack
+    )
+    refused = iam.refused_calls(read_calls(log), before, WORKER_ACCESS_KEY_ID, ledger)
+    assert [line.split(" would be refused")[0] for line in refused] == [
+        f"airflow-worker: sagemaker:{operation}"
+        for operation in sorted(
+            (
+                "CreateModelPackageGroup",
+                "DescribeModelPackageGroup",
+                "CreateModelPackage",
+                "DescribeModelPackage",
+                "UpdateModelPackage",
+            )
+        )
+    ]
+    # Another project's registry stays out of reach.
+    worker = documents_of(pipeline_stack, "airflow-worker")
+    assert not iam.is_allowed(worker, "sagemaker:UpdateModelPackage", f"{ARN}:model-package/other-models/1")
+
+
+def test_the_endpoints_alarms_are_recorded_on_their_arns_and_granted(
+    tmp_path, moto_endpoint, aws_call_log, template, pipeline_stack, ledger
+):
+    """CloudWatch's calls, as boto3 sends them (RPC v2 CBOR since botocore 1.37, signed as "monitoring"),
+    reach the call log as IAM names them: cloudwatch:<Operation> on alarm:<name> for each alarm named,
+    as AWS's reference requires. The worker may define, read and delete its endpoint's alarms only."""
+    import boto3
+
+    from standin.moto_server import query_actions
+
+    endpoint = pipeline_stack.outputs["EndpointName"]
+    names = [f"{endpoint}-invocation-5xx-errors", f"{endpoint}-model-latency"]
+    cloudwatch = boto3.client(
+        "cloudwatch",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=WORKER_ACCESS_KEY_ID,
+        aws_secret_access_key="local",
+    )
+    start = aws_call_log.stat().st_size if aws_call_log.exists() else 0
+    for name, metric, statistic in zip(names, ("Invocation5XXErrors", "ModelLatency"), ("Sum", "Average"), strict=True):
+        cloudwatch.put_metric_alarm(
+            AlarmName=name,
+            Namespace="AWS/SageMaker",
+            MetricName=metric,
+            Dimensions=[{"Name": "EndpointName", "Value": endpoint}, {"Name": "VariantName", "Value": "AllTraffic"}],
+            Statistic=statistic,
+            Period=60,
+            EvaluationPeriods=1,
+            DatapointsToAlarm=1,
+            Threshold=1,
+            ComparisonOperator="GreaterThanOrEqualToThreshold",
+            TreatMissingData="notBreaching",
+        )
+    assert [a["AlarmName"] for a in cloudwatch.describe_alarms(AlarmNames=names)["MetricAlarms"]] == sorted(names)
+    cloudwatch.delete_alarms(AlarmNames=names)
+    calls = [c for c in read_calls(aws_call_log, start) if c["caller"] == WORKER_ACCESS_KEY_ID]
+    arns = [f"arn:aws:cloudwatch:us-east-1:000000000000:alarm:{name}" for name in names]
+    assert [(c["action"], c["resource"]) for c in calls] == [
+        ("cloudwatch:PutMetricAlarm", arns[0]),
+        ("cloudwatch:PutMetricAlarm", arns[1]),
+        ("cloudwatch:DescribeAlarms", arns[0]),
+        ("cloudwatch:DescribeAlarms", arns[1]),
+        ("cloudwatch:DeleteAlarms", arns[0]),
+        ("cloudwatch:DeleteAlarms", arns[1]),
+    ]
+    assert iam.refused_calls(calls, pipeline_stack, WORKER_ACCESS_KEY_ID, ledger) == []
+    before = without_statement(template, "DefineTheEndpointsAlarms", pipeline_stack)
+    refused = iam.refused_calls(calls, before, WORKER_ACCESS_KEY_ID, ledger)
+    assert [line.split(" would be refused")[0] for line in refused] == [
+        "airflow-worker: cloudwatch:DeleteAlarms",
+        "airflow-worker: cloudwatch:DescribeAlarms",
+        "airflow-worker: cloudwatch:PutMetricAlarm",
+    ]
+    # The Query protocol (older SDKs, the CLI) is read the same way; a DescribeAlarms naming no alarm is
+    # recorded on "*", which the check refuses: AWS requires the alarm.
+    form = {"Action": ["DescribeAlarms"], "AlarmNames.member.2": [names[1]], "AlarmNames.member.1": [names[0]]}
+    assert query_actions("cloudwatch", form) == [("cloudwatch:DescribeAlarms", arn) for arn in arns]
+    unnamed = query_actions("cloudwatch", {"Action": ["DescribeAlarms"], "AlarmNamePrefix": [endpoint]})
+    assert unnamed == [("cloudwatch:DescribeAlarms", "*")]
+    assert "does not name (*)" in sar.resource_problem("cloudwatch:DescribeAlarms", "*")
+    worker = documents_of(pipeline_stack, "airflow-worker")
+    other = "arn:aws:cloudwatch:us-east-1:000000000000:alarm:another-endpoint-model-latency"
+    assert not iam.is_allowed(worker, "cloudwatch:PutMetricAlarm", other)
+
+
+def test_sagemaker_reads_the_rollback_alarms_with_the_execution_role(pipeline_stack, ledger):
+    """Deployment guardrails: "Ensure that your IAM execution role has permission to perform the
+    cloudwatch:DescribeAlarms action on the auto-rollback alarms you specify"
+    (docs.aws.amazon.com/sagemaker/latest/dg/deployment-guardrails-configuration.html). SageMaker does it on
+    AWS, so the ledger lists it as AWS-only."""
+    endpoint = pipeline_stack.outputs["EndpointName"]
+    role = documents_of(pipeline_stack, "sagemaker-execution-role")
+    alarm = f"arn:aws:cloudwatch:us-east-1:000000000000:alarm:{endpoint}-invocation-5xx-errors"
+    assert sar.resource_problem("cloudwatch:DescribeAlarms", alarm) is None
+    assert iam.is_allowed(role, "cloudwatch:DescribeAlarms", alarm)
+    assert not iam.is_allowed(role, "cloudwatch:DescribeAlarms", alarm.replace(endpoint, "another-endpoint"))
+    assert not iam.is_allowed(role, "cloudwatch:PutMetricAlarm", alarm)
+    assert "cloudwatch:DescribeAlarms" in ledger["aws-only"]["sagemaker-execution-role"]
 
 
 def test_a_required_resource_the_request_does_not_name_fails_the_check(tmp_path, pipeline_stack, ledger):

@@ -14,7 +14,6 @@ from botocore.validate import ParamValidator
 from bin_counter import sagemaker_config
 from bin_counter.retrain import code_archive
 from standin import constraints
-from tests.airflow_side.conftest import PUBLISHED
 from tests.conftest import REPO
 
 
@@ -286,40 +285,6 @@ def test_final_training_request_scores_the_champion_on_the_test_images():
     assert "champion" not in {c["ChannelName"] for c in first["InputDataConfig"]}
 
 
-def test_deployment_requests_are_valid_and_tie_the_model_to_its_origin():
-    from bin_counter.retrain import deployment_requests
-
-    job = {
-        "TrainingJobName": "bin-counter-0123456789ab-final",
-        "ModelArtifacts": {"S3ModelArtifacts": "s3://bin-counter/models/x/output/model.tar.gz"},
-        "FinalMetricDataList": [
-            {"MetricName": "test:accuracy", "Value": 0.456789},
-            {"MetricName": "champion:accuracy", "Value": 0.44},
-            {"MetricName": "train:loss", "Value": 1.2},
-        ],
-    }
-    requests = deployment_requests(PARAMS, job, DATA, ACCOUNT)
-    validate("CreateModel", requests["model"])
-    validate("CreateEndpointConfig", requests["endpoint_config"])
-    validate("CreateEndpoint", requests["endpoint"])
-    tags = {t["Key"]: t["Value"] for t in requests["model"]["Tags"]}
-    assert tags == {
-        "bin-counter:training-job": "bin-counter-0123456789ab-final",
-        "bin-counter:dataset-version": "v-0123456789ab",
-        "bin-counter:test-accuracy": "0.4568",
-        "bin-counter:champion-accuracy": "0.44",
-    }
-    assert requests["endpoint_config"]["ProductionVariants"][0]["ModelName"] == job["TrainingJobName"]
-    # Workers per instance: TorchServe's default unless the run asks for a number.
-    assert requests["model"]["PrimaryContainer"]["Environment"] == {"SAGEMAKER_PROGRAM": "inference.py"}
-    one = deployment_requests({**PARAMS, "serving_workers": 1}, job, DATA, ACCOUNT)["model"]
-    assert one["PrimaryContainer"]["Environment"] == {
-        "SAGEMAKER_PROGRAM": "inference.py",
-        "SAGEMAKER_MODEL_SERVER_WORKERS": "1",
-    }
-    validate("CreateModel", one)
-
-
 def test_best_trial_decodes_hyperparameters_and_explains_a_tuning_job_without_one():
     described = {
         "HyperParameterTuningJobName": "t",
@@ -417,26 +382,6 @@ def test_images_the_sdk_does_not_list_fail_in_settings_and_a_variables_images_wi
     }
     settings = sagemaker_settings(own, "xx-nowhere-1", "ml.m5.xlarge", "ml.m5.large")  # the SDK is not asked
     assert settings["training_image"].endswith("/mine:1") and settings["inference_image"].endswith("/mine-serve:1")
-
-
-def test_deploying_the_published_model_names_and_tags_it_as_such():
-    from bin_counter.retrain import deployment_requests
-
-    job = {
-        "TrainingJobName": "bin-counter-0123456789ab-final",
-        "ModelArtifacts": {"S3ModelArtifacts": "s3://bin-counter/models/x/output/model.tar.gz"},
-        "FinalMetricDataList": [
-            {"MetricName": "test:accuracy", "Value": 0.30},
-            {"MetricName": "champion:accuracy", "Value": 0.44},
-        ],
-    }
-    requests = deployment_requests(PARAMS, job, DATA, ACCOUNT, {"deploy": "published"}, PUBLISHED)
-    validate("CreateModel", requests["model"])
-    assert requests["model"]["ModelName"] == "bin-counter-0123456789ab-published"
-    assert requests["model"]["PrimaryContainer"]["ModelDataUrl"] == PUBLISHED["model_data_url"]
-    tags = {t["Key"]: t["Value"] for t in requests["model"]["Tags"]}
-    assert tags["bin-counter:published-model"] == "published-v1" and tags["bin-counter:test-accuracy"] == "0.44"
-    assert requests["endpoint"]["EndpointConfigName"] == "bin-counter-0123456789ab-published"
 
 
 def test_the_code_and_the_model_ask_sagemaker_to_install_nothing():

@@ -15,7 +15,8 @@ from standin.launch import LOCAL_STACK_PARAMETERS, local_stack
 
 DAGS_WITH_NAMES = {
     "bin_count_data_prep": {"bucket"},
-    "bin_count_retrain": {"bucket", "endpoint_name", "function_name"},
+    "bin_count_retrain": {"bucket", "endpoint_name"},
+    "bin_count_deploy": {"bucket", "endpoint_name", "function_name"},
     "bin_count_batch": {"bucket", "endpoint_name"},
     "bin_count_teardown": {"bucket", "endpoint_name"},
 }
@@ -63,8 +64,12 @@ def test_the_bucket_is_the_params_else_the_events_else_the_stacks(params, extra,
     assert resolve_name("bucket", params, STACK, extra) == expected
 
 
-def test_only_the_bucket_comes_from_the_event():
-    assert resolve_name("endpoint_name", {"endpoint_name": None}, STACK, {"endpoint_name": "x"}) == "stack-endpoint"
+def test_an_event_names_what_it_says_and_the_stack_the_rest():
+    """A dataset event names its bucket; a model event (bin_count_retrain's announce) its bucket and the
+    endpoint it was trained for: the deploy run goes there. Nothing names the API function but the stack."""
+    assert resolve_name("endpoint_name", {"endpoint_name": None}, STACK, {"bucket": "b"}) == "stack-endpoint"
+    assert resolve_name("endpoint_name", {"endpoint_name": None}, STACK, {"endpoint_name": "x"}) == "x"
+    assert resolve_name("endpoint_name", {"endpoint_name": "asked"}, STACK, {"endpoint_name": "x"}) == "asked"
 
 
 @pytest.mark.parametrize("variable", [None, {"role_arn": "arn:aws:iam::1:role/r"}])

@@ -341,6 +341,52 @@ JOB_CASES = [
 ]
 
 
+# The Model Registry: moto's own answers, forwarded by the stand-in (standin/sagemaker/forward.py): the
+# cases check that the forwarding keeps moto's error intact, and that botocore's checks still come first.
+def registry_version(side: Side, name: str) -> dict:
+    """A version of the model package group `name` (CreateModelPackage, as the retraining DAG registers)."""
+    return {
+        "ModelPackageGroupName": name,
+        "InferenceSpecification": {
+            "Containers": [{"Image": "pytorch-inference:2.6.0-cpu-py312", "ModelDataUrl": "s3://b/model.tar.gz"}],
+            "SupportedContentTypes": ["image/jpeg"],
+            "SupportedResponseMIMETypes": ["application/json"],
+        },
+        "ModelApprovalStatus": "PendingManualApproval",
+    }
+
+
+def version_arn(field: str, **values) -> Params:
+    """A request naming version 1 of the group `name` by its ARN."""
+    return lambda side, name: {
+        field: f"arn:aws:sagemaker:us-east-1:{side.account}:model-package/{name}/1",
+        **values,
+    }
+
+
+REGISTRY_CASES = [
+    Case("sagemaker", "DescribeModelPackageGroup", MISSING, named("ModelPackageGroupName"), VALIDATION),
+    Case("sagemaker", "CreateModelPackage", MISSING + " (its group)", registry_version, VALIDATION),
+    Case("sagemaker", "DescribeModelPackage", MISSING, version_arn("ModelPackageName"), VALIDATION),
+    Case(
+        "sagemaker",
+        "UpdateModelPackage",
+        MISSING,
+        version_arn("ModelPackageArn", ModelApprovalStatus="Approved"),
+        VALIDATION,
+    ),
+    Case(
+        "sagemaker",
+        "CreateModelPackageGroup",
+        INVALID,
+        renamed(named("ModelPackageGroupName"), BAD_NAME),
+        VALIDATION,
+        evidence=PATTERN,
+    ),
+    Case("sagemaker", "ListModelPackages", INVALID, max_101, VALIDATION, evidence=MAX_RESULTS),
+]
+
+
 LAMBDA_CASES = [
     Case(
         "lambda",
@@ -388,7 +434,7 @@ LAMBDA_CASES = [
 ]
 
 
-CASES = [*SERVING_CASES, *JOB_CASES, *LAMBDA_CASES]
+CASES = [*SERVING_CASES, *JOB_CASES, *REGISTRY_CASES, *LAMBDA_CASES]
 # What the stand-in serves and moto does not (moto raises NotImplementedError, or answers without
 # looking): no oracle there, the stand-in's answers rest on the evidence in its own code.
 NOT_IN_MOTO = {
