@@ -37,9 +37,13 @@ class ModelReviewOperator(ApprovalOperator):
         return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        answer = super().execute_complete(context, event)  # skips what follows on Reject
-        chosen = answer["chosen_options"][0]
-        who = answer.get("responded_by_user") or {}
+        # Recorded first: on Reject the ApprovalOperator skips what follows by raising to the task runner.
+        if "error" not in event and event.get("chosen_options"):
+            self._record(context, event["chosen_options"][0], event.get("responded_by_user"))
+        return super().execute_complete(context, event)
+
+    def _record(self, context: Any, chosen: str, who: Any) -> None:
+        """The answer as the version's status in the registry, with who and why; an alert on a rejection."""
         by = who.get("name") if isinstance(who, dict) else None
         if chosen == self.APPROVE:
             status, reason = registry.APPROVED, f"approved by {by or 'a reviewer'} in Airflow"
@@ -58,7 +62,6 @@ class ModelReviewOperator(ApprovalOperator):
                 f"model package version {self.registered['version']} ({self.registered['arn']}): {reason}",
                 self.aws_conn_id,
             )(context)
-        return answer
 
     def _sagemaker(self):
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook

@@ -355,10 +355,18 @@ BASE_CONF = {
     "max_jobs": 2,
     "max_parallel_jobs": 2,
     "strategy": "Random",
-    "smoke_images": 3,
     "initial_model": "none",
-    "serving_workers": 1,  # one model worker per endpoint: half the torch start-ups of the default
     "extra_hyperparameters": {"image-size": 64, "workers": 1, "seed": 0, "warmup-epochs": 0},
+}
+# bin_count_deploy, quick: one instance with one model worker (half the torch start-ups of the default),
+# a bake of a few seconds, the old fleet retired at once.
+QUICK_DEPLOY = {
+    "instance_count": 1,
+    "serving_workers": 1,
+    "bake_minutes": 0.1,
+    "termination_wait_minutes": 0,
+    "smoke_images": 3,
+    "rollout": "canary",
 }
 
 
@@ -473,3 +481,11 @@ def alerts(local_stack_connection, moto_endpoint, monkeypatch):
         return [json.loads(m["Body"]) for m in messages]
 
     return received
+
+
+@pytest.fixture
+def deploy_dag(airflow_db, monkeypatch, pipeline_stack):
+    """bin_count_deploy on the local stack's Variable, polling SageMaker every second."""
+    monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", pipeline_stack.outputs["SageMakerVariable"])
+    monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
+    return dag_without_retries("bin_count_deploy")

@@ -123,3 +123,16 @@ def test_what_the_check_sets_are_variables_the_compose_file_reads():
     env = compose_check.stack_env()
     assert set(env) <= used
     assert len({env[p] for p in ("AIRFLOW_PORT", "MOTO_PORT", "STANDIN_PORT")}) == 3
+
+
+def test_the_deployment_it_waits_for_is_the_one_the_retrains_announcement_starts(airflow_db):
+    """The check triggers bin_count_retrain only and waits for an asset-triggered bin_count_deploy
+    run: the retrain must announce an asset the deploy DAG is scheduled on, and the retrain's conf
+    must leave deployment settings to bin_count_deploy's Params."""
+    retrain, deploy = dag_without_retries("bin_count_retrain"), dag_without_retries("bin_count_deploy")
+    announced = {outlet.uri for task in retrain.tasks for outlet in task.outlets}
+    condition = deploy.timetable.asset_condition  # schedule=[asset]: all of them
+    scheduled_on = {asset.uri for asset in getattr(condition, "objects", [condition])}
+    assert scheduled_on and scheduled_on <= announced
+    assert set(deploy.params) >= compose_check.DEPLOY_PARAMS and not compose_check.DEPLOY_PARAMS & set(retrain.params)
+    assert compose_check.retrain_conf()["approval"] == "auto"  # nobody is there to approve

@@ -18,20 +18,12 @@ import pytest
 from botocore.exceptions import ClientError
 
 from bin_counter import registry
-from tests.airflow_side.conftest import ENDPOINT, dag_without_retries, upload_dataset
+from tests.airflow_side.conftest import ENDPOINT, QUICK_DEPLOY, upload_dataset
 from tests.conftest import REPO, make_bin_image
 
 PUBLISHED_ARCHIVE = REPO / "models" / "bin-counter.tar.gz"
 IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6-cpu-py312"
-# Quick: one worker per instance, a bake of a few seconds, the old fleet retired at once.
-FAST = {
-    "instance_count": 1,
-    "serving_workers": 1,
-    "bake_minutes": 0.1,
-    "termination_wait_minutes": 0,
-    "smoke_images": 3,
-    "rollout": "canary",
-}
+FAST = QUICK_DEPLOY
 # The real handlers, one thing broken (module `inference_real` is the model's own inference.py).
 MALFORMED = """from inference_real import *  # noqa: F401,F403
 import inference_real
@@ -50,13 +42,6 @@ def predict_fn(input_object, model):
 """
 
 pytestmark = pytest.mark.skipif(not PUBLISHED_ARCHIVE.is_file(), reason="needs models/bin-counter.tar.gz")
-
-
-@pytest.fixture
-def deploy(airflow_db, monkeypatch, pipeline_stack):
-    monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", pipeline_stack.outputs["SageMakerVariable"])
-    monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
-    return dag_without_retries("bin_count_deploy")
 
 
 def variant_archive(model_version: str, inference: str | None = None) -> bytes:
@@ -132,7 +117,7 @@ def task_states(run) -> dict[str, str]:
 
 
 def test_smoke_check_undoes_a_bad_deployment_and_an_earlier_version_rolls_back_in_one_trigger(
-    deploy, s3, bucket, local_stack_connection, alerts, capfd
+    deploy_dag, s3, bucket, local_stack_connection, alerts, capfd
 ):
     stack = local_stack_connection
     sm, runtime = clients(stack)
@@ -141,7 +126,7 @@ def test_smoke_check_undoes_a_bad_deployment_and_an_earlier_version_rolls_back_i
     register(sm, s3, bucket, "drill-better")
 
     # A first deployment creates the endpoint, by version number as on-call would type it.
-    first = deploy.test(run_conf={**FAST, "bucket": bucket, "model_package": str(good["version"])})
+    first = deploy_dag.test(run_conf={**FAST, "bucket": bucket, "model_package": str(good["version"])})
     log = capfd.readouterr().out
     assert first.state == "success", log[-3000:]
     assert "nothing serves yet: this is the first deployment" in log and "smoke check passed" in log
@@ -149,7 +134,7 @@ def test_smoke_check_undoes_a_bad_deployment_and_an_earlier_version_rolls_back_i
 
     # The newest approved version (no Param, no event) replaces it through a canary. (The Param is
     # named empty: dag.test() keeps an earlier run's conf in the DAG object's Params.)
-    second = deploy.test(run_conf={**FAST, "bucket": bucket, "model_package": None})
+    second = deploy_dag.test(run_conf={**FAST, "bucket": bucket, "model_package": None})
     log = capfd.readouterr().out
     assert second.state == "success", log[-3000:]
     assert answered_by(runtime) == "drill-better", log[-3000:]
@@ -160,7 +145,7 @@ def test_smoke_check_undoes_a_bad_deployment_and_an_earlier_version_rolls_back_i
     # (a) A model that passes its health check but answers malformed counts: the smoke check fails,
     #     the endpoint goes back to what served, the version is Rejected, and the alert says so.
     malformed = register(sm, s3, bucket, "drill-malformed", MALFORMED)
-    bad = deploy.test(run_conf={**FAST, "bucket": bucket, "model_package": malformed["arn"]})
+    bad = deploy_dag.test(run_conf={**FAST, "bucket": bucket, "model_package": malformed["arn"]})
     log = capfd.readouterr().out
     states = task_states(bad)
     assert bad.state == "failed" and states["confirm_deployment"] == "success", states
@@ -173,13 +158,13 @@ def test_smoke_check_undoes_a_bad_deployment_and_an_earlier_version_rolls_back_i
     assert alert["Subject"] == "bin-counter FAILED: bin_count_deploy.smoke_check"
     assert "The deployment was undone" in alert["Message"] and "is now Rejected" in alert["Message"]
     # A rejected version is refused outright.
-    again = deploy.test(run_conf={**FAST, "bucket": bucket, "model_package": str(malformed["version"])})
+    again = deploy_dag.test(run_conf={**FAST, "bucket": bucket, "model_package": str(malformed["version"])})
     log = capfd.readouterr().out
     assert again.state == "failed" and "is Rejected, not Approved" in log
     alerts()
 
     # (d) On-call rolls back to the first version in one trigger, saying why.
-    rollback = deploy.test(
+    rollback = deploy_dag.test(
         run_conf={**FAST, "bucket": bucket, "model_package": str(good["version"]), "reason": "drill: roll back"}
     )
     log = capfd.readouterr().out
@@ -193,12 +178,12 @@ def test_smoke_check_undoes_a_bad_deployment_and_an_earlier_version_rolls_back_i
 
 
 def test_a_first_deployment_that_fails_its_smoke_check_says_plainly_what_serves(
-    deploy, s3, bucket, local_stack_connection, alerts, capfd
+    deploy_dag, s3, bucket, local_stack_connection, alerts, capfd
 ):
     sm, _ = clients(local_stack_connection)
     upload_dataset(s3, bucket, "v-test", {"train": 1, "validation": 1, "test": 1})
     malformed = register(sm, s3, bucket, "drill-first-malformed", MALFORMED)
-    run = deploy.test(run_conf={**FAST, "bucket": bucket, "model_package": malformed["arn"]})
+    run = deploy_dag.test(run_conf={**FAST, "bucket": bucket, "model_package": malformed["arn"]})
     capfd.readouterr()
     assert run.state == "failed"
     assert status_of(sm, malformed["arn"]) == registry.REJECTED
@@ -232,7 +217,7 @@ class Clients(threading.Thread):
 
 
 def test_a_canary_that_fails_is_rolled_back_on_its_alarm_and_clients_see_at_most_its_share(
-    deploy, s3, bucket, local_stack_connection, moto_endpoint, alerts, capfd
+    deploy_dag, s3, bucket, local_stack_connection, moto_endpoint, alerts, capfd
 ):
     """(b) Two instances; the new model answers 500: the 5xx alarm fires during the canary's bake,
     SageMaker-style rollback, the run fails with the reason, the version is Rejected, and the clients
@@ -243,14 +228,14 @@ def test_a_canary_that_fails_is_rolled_back_on_its_alarm_and_clients_see_at_most
     good = register(sm, s3, bucket, "drill-canary-good")
     failing = register(sm, s3, bucket, "drill-canary-5xx", FAILING)
     two = {**FAST, "bucket": bucket, "instance_count": 2, "canary_percent": 50, "bake_minutes": 0.5}
-    first = deploy.test(run_conf={**two, "model_package": good["arn"]})
+    first = deploy_dag.test(run_conf={**two, "model_package": good["arn"]})
     log = capfd.readouterr().out
     assert first.state == "success", log[-3000:]
     before = serving_config(sm)
 
     traffic = Clients(runtime)
     traffic.start()
-    run = deploy.test(run_conf={**two, "model_package": failing["arn"]})
+    run = deploy_dag.test(run_conf={**two, "model_package": failing["arn"]})
     answers = traffic.stop()
     log = capfd.readouterr().out
     states = task_states(run)

@@ -1,17 +1,19 @@
-"""bin_count_retrain run whole with dag.test() against the local stack: moto for S3, the stand-in for
-SageMaker and Lambda, the real train.py, inference.py and Lambda handler, on small generated images."""
+"""bin_count_retrain run whole with dag.test() against the local stack: moto for S3 and the Model
+Registry, the stand-in for SageMaker and Lambda, the real train.py, inference.py and Lambda handler, on
+small generated images; and bin_count_deploy serving what the runs approved."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import boto3
 import pendulum
 import pytest
 
-from bin_counter.sagemaker_config import run_job_names
 from scripts import local_stack
-from tests.airflow_side.conftest import BASE_CONF, ENDPOINT, dag_without_retries, upload_dataset
+from tests.airflow_side.conftest import BASE_CONF, ENDPOINT, QUICK_DEPLOY, dag_without_retries, upload_dataset
 from tests.conftest import make_bin_image
 
 
@@ -51,24 +53,64 @@ def final_metrics(stack, job: str) -> dict[str, float]:
     return {m["MetricName"]: m["Value"] for m in described["FinalMetricDataList"]}
 
 
-# The model of the run on 2026-01-15 fails its health check on the endpoint (a failure drill).
-UNHEALTHY_MODEL = run_job_names("bin_count_retrain", "manual__2026-01-15T00:00:00+00:00")["model"]
+def registered_by(sm, run) -> dict:
+    """The registry version a retraining run registered (its metadata names the run)."""
+    from bin_counter import registry
+
+    for summary in registry.versions(sm, registry.group_name(ENDPOINT)):
+        described = sm.describe_model_package(ModelPackageName=summary["ModelPackageArn"])
+        if described.get("CustomerMetadataProperties", {}).get("dag-run") == run.run_id:
+            return described
+    raise AssertionError(f"run {run.run_id} registered nothing")
 
 
-@pytest.mark.standin_args("--unhealthy-models", f"^{UNHEALTHY_MODEL}$")
-def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces_it(
-    dag, s3, bucket, local_stack_connection, alerts, capfd
+class Reviewer(threading.Thread):
+    """A person answering a run's review through Airflow's REST API (the same database, the API
+    server's own app in this process), once the run waits for it; keeps the page it was shown."""
+
+    def __init__(self, run_id: str, option: str) -> None:
+        super().__init__(daemon=True)
+        self.path = f"/api/v2/dags/bin_count_retrain/dagRuns/{run_id}/taskInstances/review/-1/hitlDetails"
+        self.option, self.shown, self.answered = option, None, None
+
+    def run(self) -> None:
+        from airflow.api_fastapi.app import create_app
+        from fastapi.testclient import TestClient
+
+        with TestClient(create_app("core")) as client:
+            deadline = time.time() + 600
+            while time.time() < deadline:
+                asked = client.get(self.path)
+                if asked.status_code == 200 and not asked.json().get("response_received"):
+                    self.shown = asked.json()
+                    self.answered = client.patch(self.path, json={"chosen_options": [self.option]})
+                    return
+                time.sleep(1)
+
+
+@pytest.fixture
+def rest_api(monkeypatch):
+    """Airflow's REST API without a login (everyone an admin), for the reviewer thread."""
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True")
+
+
+def test_runs_register_approve_or_hold_back_and_bin_count_deploy_serves_what_was_approved(
+    dag, deploy_dag, rest_api, s3, bucket, local_stack_connection, alerts, capfd
 ):
+    from bin_counter import registry
+
     stack = local_stack_connection
     upload_dataset(s3, bucket, "v-test", {"train": 10, "validation": 4, "test": 6})
 
-    # 1. No endpoint yet: tune (one trial diverges and fails), retrain, deploy, smoke-check through Lambda.
+    # 1. No endpoint yet: tune (one trial diverges and fails), retrain, register, approved by the gate
+    #    (approval auto), announced; bin_count_deploy then serves it and smoke-checks it through Lambda.
     # On this date the tuner draws learning rates 2.7, 0.003 and 7.3 from 0.001..10: two trials diverge.
     first = dag.test(**run_on(12), run_conf={**BASE_CONF, "bucket": bucket, "lr_max": 10.0, "max_jobs": 3})
     log = capfd.readouterr().out
     assert first.state == "success", log[-3000:]
-    assert first.run_id == "manual__2026-01-12T00:00:00+00:00"  # the form UNHEALTHY_MODEL's name relies on
-    assert all(state == "success" for state in task_states(first).values()), task_states(first)
+    states = task_states(first)
+    assert states["review"] == "skipped" and states["auto_approve"] == "success", states
+    assert all(state == "success" for task, state in states.items() if task != "review"), states
     sm = sagemaker(stack)
     tuning_name = next(iter(sm.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]))[
         "HyperParameterTuningJobName"
@@ -85,21 +127,31 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
         if t["TrainingJobStatus"] == "Failed"
     ]
     assert failed and all("training diverged" in f["FailureReason"] for f in failed)
-    first_model = serving(stack)
-    assert first_model.endswith("-final")
     assert "no endpoint yet" in log and "DEPLOYING: no model is serving yet" in log
-    assert "smoke check passed" in log
-    described = sm.describe_model(ModelName=first_model)
-    assert described["PrimaryContainer"]["Environment"]["SAGEMAKER_MODEL_SERVER_WORKERS"] == "1"  # serving_workers
-    tags = {t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=described["ModelArn"])["Tags"]}
-    assert tags["bin-counter:training-job"] == first_model and tags["bin-counter:dataset-version"] == "v-test"
-    assert "bin-counter:test-accuracy" in tags
-    first_accuracy = final_metrics(stack, first_model)["test:accuracy"]
+    version = registered_by(sm, first)
+    first_job = version["CustomerMetadataProperties"]["training-job"]
+    assert first_job.endswith("-final") and version["ModelApprovalStatus"] == "Approved"
+    assert version["ApprovalDescription"].startswith("approved by the gate (approval=auto)")
+    assert version["CustomerMetadataProperties"]["dataset-version"] == "v-test"
+    [container] = version["InferenceSpecification"]["Containers"]
+    artifact = sm.describe_training_job(TrainingJobName=first_job)["ModelArtifacts"]["S3ModelArtifacts"]
+    assert container["ModelDataUrl"] == artifact
+    # The evaluation report the version's ModelMetrics point at: both models on the same test photos.
+    report_uri = version["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
+    report_bucket, report_key = report_uri.removeprefix("s3://").split("/", 1)
+    report = json.loads(s3.get_object(Bucket=report_bucket, Key=report_key)["Body"].read())
+    first_accuracy = final_metrics(stack, first_job)["test:accuracy"]
+    assert report["comparison"]["candidate"]["accuracy"] == pytest.approx(first_accuracy)
+    assert report["comparison"]["serving"] is None and report["test_images"] == 18
+    assert set(report["comparison"]["candidate"]["per_count_accuracy"]) == {"0", "1", "2"}
+    # Nothing was deployed by the retraining run itself.
+    with pytest.raises(Exception, match=r"Could not find endpoint|not found"):
+        sm.describe_endpoint(EndpointName=ENDPOINT)
     # Every job got the backbone's ImageNet weights as its `weights` channel, and the final job's log
     # says it loaded them from there (no hub cache, package or download needed in the job).
     [weights_key] = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="weights/")["Contents"]]
     assert weights_key.endswith("/mobilenet_v2-b0353104.pth")
-    for job in [t["TrainingJobName"] for t in trials] + [first_model]:
+    for job in [t["TrainingJobName"] for t in trials] + [first_job]:
         channels = {
             c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
             for c in sm.describe_training_job(TrainingJobName=job)["InputDataConfig"]
@@ -107,8 +159,22 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
         assert channels["weights"] == f"s3://{bucket}/{weights_key}", job
     assert "ImageNet weights for mobilenet_v2: mobilenet_v2-b0353104.pth from the weights channel" in log
 
+    deployed = deploy_dag.test(
+        run_conf={**QUICK_DEPLOY, "bucket": bucket, "model_package": str(version["ModelPackageVersion"])}
+    )
+    log = capfd.readouterr().out
+    assert deployed.state == "success", log[-3000:]
+    assert "smoke check passed" in log
+    first_model = serving(stack)
+    described = sm.describe_model(ModelName=first_model)
+    assert described["PrimaryContainer"]["Environment"]["SAGEMAKER_MODEL_SERVER_WORKERS"] == "1"  # serving_workers
+    tags = {t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=described["ModelArn"])["Tags"]}
+    assert tags["bin-counter:training-job"] == first_job and tags["bin-counter:dataset-version"] == "v-test"
+    assert tags["bin-counter:model-package"] == version["ModelPackageArn"]
+    first_version = sm_runtime_count(stack)["model_version"]
+
     # 2. A model that cannot have learned anything (one epoch, a learning rate near zero, head only):
-    #    scored against the serving one on the same test images, gated; the endpoint keeps its model.
+    #    scored against the serving one on the same test images, gated: nothing registered, an alert.
     worse = dag.test(
         **run_on(13),
         run_conf={
@@ -125,16 +191,18 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     log = capfd.readouterr().out
     states = task_states(worse)
     assert worse.state == "success", log[-3000:]
-    assert states["gate"] == "success" and states["deploy"] == "skipped" and states["smoke_check"] == "skipped"
+    assert states["gate"] == "success" and states["register_version"] == "skipped", states
+    assert states["announce"] == "skipped", states
     worse_job = [line for line in log.splitlines() if "NOT DEPLOYING" in line]
     assert worse_job and "worse than the serving one" in worse_job[0]
-    assert serving(stack) == first_model
+    with pytest.raises(AssertionError, match="registered nothing"):
+        registered_by(sm, worse)
     worse_metrics = final_metrics(
         stack,
         next(
             j["TrainingJobName"]
             for j in sm.list_training_jobs(NameContains="-final")["TrainingJobSummaries"]
-            if j["TrainingJobName"] != first_model
+            if j["TrainingJobName"] != first_job
         ),
     )
     assert worse_metrics["champion:accuracy"] == pytest.approx(first_accuracy)  # the same model, the same images
@@ -145,60 +213,45 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
     assert "worse than the serving one" in alert[0]["Message"] and "-final:" in alert[0]["Message"]
     assert "Log:    http" in alert[0]["Message"] and "Run:    manual__2026-01-13" in alert[0]["Message"]
 
-    # 3. More epochs: at least as good as the serving model, so it replaces it, and the API answers with it.
-    better = dag.test(
-        **run_on(14),
-        run_conf={
-            **BASE_CONF,
-            "bucket": bucket,
-            "epochs_min": 5,
-            "epochs_max": 5,
-            "lr_min": 0.002,
-            "lr_max": 0.002,
-            "max_jobs": 1,
-        },
-    )
+    # 3. (c) Manual approval, rejected: the run waits on the review; a reviewer reads the comparison
+    #    table and rejects through Airflow's REST API. The version is Rejected, on-call hears it, nothing
+    #    is announced, and the endpoint keeps its model.
+    better = {
+        **BASE_CONF,
+        "bucket": bucket,
+        "epochs_min": 5,
+        "epochs_max": 5,
+        "lr_min": 0.002,
+        "lr_max": 0.002,
+        "max_jobs": 1,
+        "approval": "manual",
+    }
+    reviewer = Reviewer("manual__2026-01-14T00:00:00+00:00", "Reject")
+    reviewer.start()
+    rejected = dag.test(**run_on(14), run_conf=better)
+    reviewer.join(timeout=30)
     log = capfd.readouterr().out
-    assert better.state == "success", log[-3000:]
-    new_model = serving(stack)
-    assert new_model not in (first_model,)
-    better_metrics = final_metrics(stack, new_model)
-    assert better_metrics["test:accuracy"] >= better_metrics["champion:accuracy"]
-    assert "DEPLOYING: the new model is not worse" in log and "smoke check passed" in log
-    answer = sm_runtime_count(stack)
-    assert answer["model_version"] == new_model
+    assert rejected.run_id == "manual__2026-01-14T00:00:00+00:00"
+    assert reviewer.answered is not None and reviewer.answered.status_code == 200, log[-3000:]
+    page = reviewer.shown["body"]
+    assert "| metric | candidate | serving now | better |" in page and "**The gate says:**" in page
+    assert reviewer.shown["subject"].startswith("Deploy model package version ")
+    states = task_states(rejected)
+    assert rejected.state == "success" and states["review"] == "success", states
+    assert states["announce"] == "skipped", states
+    version = registered_by(sm, rejected)
+    assert version["ModelApprovalStatus"] == "Rejected", log[-4000:]
+    assert "rejected by" in version["ApprovalDescription"]
+    [alert] = alerts()
+    assert alert["Subject"] == "bin-counter: new model NOT deployed (bin_count_retrain)"
+    assert "A reviewer did not approve the new model" in alert["Message"]
+    assert serving(stack) == first_model and sm_runtime_count(stack)["model_version"] == first_version
 
-    # 3b. The same recipe again, but its model fails the endpoint's health check: SageMaker rolls the
-    #     update back, the deploy task's waiter sees InService, and confirm_deployment fails the run
-    #     with the endpoint's reason. The old model keeps serving and on-call staff hear why.
-    broken = dag.test(
-        **run_on(15),
-        run_conf={
-            **BASE_CONF,
-            "bucket": bucket,
-            "epochs_min": 5,
-            "epochs_max": 5,
-            "lr_min": 0.002,
-            "lr_max": 0.002,
-            "max_jobs": 1,
-        },
-    )
-    log = capfd.readouterr().out
-    states = task_states(broken)
-    assert broken.state == "failed"
-    assert states["deploy"] == "success" and states["confirm_deployment"] == "failed", states
-    assert states["smoke_check"] == "upstream_failed"
-    assert f"did not switch to {UNHEALTHY_MODEL}: it still serves {new_model}" in log
-    assert "did not pass the ping health check" in log
-    assert serving(stack) == new_model and sm_runtime_count(stack)["model_version"] == new_model
-    alert = alerts()
-    assert len(alert) == 1 and "confirm_deployment" in alert[0]["Subject"]
-    assert "did not pass the ping health check" in alert[0]["Message"]
-
-    # 4. A fresh environment (no endpoint) with a published model better than what this run trains:
-    #    the published model is deployed, and the API answers with it.
+    # 4. (c) A fresh environment (no endpoint) with a published model better than what this run trains:
+    #    the published model is registered, a reviewer approves it, bin_count_deploy serves it.
     sm.delete_endpoint(EndpointName=ENDPOINT)
-    published = sm.describe_training_job(TrainingJobName=new_model)["ModelArtifacts"]["S3ModelArtifacts"]
+    reviewer = Reviewer("manual__2026-01-16T00:00:00+00:00", "Approve")
+    reviewer.start()
     fresh = dag.test(
         **run_on(16),
         run_conf={
@@ -210,17 +263,28 @@ def test_first_run_deploys_then_a_worse_model_is_gated_and_a_better_one_replaces
             "lr_min": 1e-9,
             "lr_max": 1e-9,
             "max_jobs": 1,
-            "initial_model": published,
+            "initial_model": artifact,
+            "approval": "manual",
         },
     )
+    reviewer.join(timeout=30)
     log = capfd.readouterr().out
     assert fresh.state == "success", log[-3000:]
-    assert "DEPLOYING THE PUBLISHED MODEL: nothing serves yet" in log and "smoke check passed" in log
-    assert serving(stack).endswith("-published")
-    assert sm_runtime_count(stack)["model_version"] == new_model  # the published archive's own version
+    assert reviewer.answered is not None and reviewer.answered.status_code == 200
+    assert "DEPLOYING THE PUBLISHED MODEL: nothing serves yet" in log
+    assert task_states(fresh)["announce"] == "success"
+    version = registered_by(sm, fresh)
+    assert version["ModelApprovalStatus"] == "Approved" and "approved by" in version["ApprovalDescription"]
+    assert version["InferenceSpecification"]["Containers"][0]["ModelDataUrl"] == artifact
+    assert version["CustomerMetadataProperties"]["model-version"] == first_version
+    served = deploy_dag.test(run_conf={**QUICK_DEPLOY, "bucket": bucket, "model_package": version["ModelPackageArn"]})
+    log = capfd.readouterr().out
+    assert served.state == "success", log[-3000:]
+    assert sm_runtime_count(stack)["model_version"] == first_version  # the published archive's own version
     assert alerts() == []  # deploying the better of two is no alert
-    # Five runs, one copy of the weights: stored once by content.
+    # Four runs, one copy of the weights: stored once by content.
     assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="weights/")["Contents"]] == [weights_key]
+    assert registry.newest_approved(sm, registry.group_name(ENDPOINT)) == version["ModelPackageArn"]
 
 
 def sm_runtime_count(stack) -> dict:
@@ -240,7 +304,7 @@ def test_a_failing_final_training_job_fails_the_run_with_its_reason(
     states = task_states(run)
     assert run.state == "failed"
     assert states["tune"] == "success" and states["retrain"] == "failed"
-    assert states["deploy"] in ("upstream_failed", None)
+    assert states["register_version"] in ("upstream_failed", None)
     # The job's FailureReason, in the task log: which image, and why.
     assert "Error training bin-counter-" in log and "Reason: AlgorithmError" in log
     assert "/test/" in log
