@@ -27,10 +27,11 @@ the endpoint too. `dry_run` lists everything it would delete and deletes nothing
 
 1. **endpoint**: with `delete_endpoint` on, deletes the SageMaker endpoint `endpoint_name` (the
    instance billed by the hour) and waits until it is gone, then the endpoint configuration it
-   served (unless another endpoint serves it too). The model stays: it costs nothing, and an
-   operator redeploys it with a new configuration and endpoint (or by re-running `bin_count_retrain`'s
-   deployment tasks). The Lambda function stays too; until an endpoint serves again the API answers
-   with errors. With `delete_endpoint` off, it only says what the endpoint serves.
+   served (unless another endpoint serves it too), and the endpoint's rollback alarms. The model
+   stays: it costs nothing, and an operator redeploys by triggering `bin_count_deploy` (any approved
+   version of the Model Registry). The registry keeps every version. The Lambda function stays too;
+   until an endpoint serves again the API answers with errors. With `delete_endpoint` off, it only
+   says what the endpoint serves.
 2. **expired_models**: the project's SageMaker models (`bin-counter-...`) older than
    `retention_days` that no endpoint serves, and their endpoint configurations, are deleted. Kept
    always: what any endpoint serves, the model the endpoint served when step 1 deleted it, and the
@@ -99,9 +100,10 @@ def bin_count_teardown():
     def endpoint() -> dict:
         """Delete the endpoint when asked; otherwise say what it serves. Returns the models it served,
         which the next task keeps."""
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-        from bin_counter.cleanup import delete_endpoint
+        from bin_counter.cleanup import delete_endpoint, delete_endpoint_alarms
         from bin_counter.endpoint import serving_model
 
         params = run_params(get_current_context())
@@ -118,6 +120,10 @@ def bin_count_teardown():
             return {"deleted": False, "models_kept": [found["model"]] if found else []}
         report = delete_endpoint(sm, params["endpoint_name"], params["dry_run"], poll_s=POLL_S)
         print(report["summary"])  # names the endpoint, its configuration and the model(s) kept
+        cloudwatch = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="cloudwatch").get_conn()
+        alarms = delete_endpoint_alarms(cloudwatch, params["endpoint_name"], params["dry_run"])
+        verb = "would delete" if params["dry_run"] else "deleted"
+        print(f"{verb} the endpoint's alarms: {', '.join(alarms)}" if alarms else "the endpoint had no alarms")
         return {k: report[k] for k in ("deleted", "models_kept")}
 
     @task

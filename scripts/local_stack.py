@@ -4,8 +4,8 @@ stand-in, and Airflow with its SQLite database, all on loopback.
   PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack demo --source ../shared/abid --keys 01000:01600
   PYTHONPATH=plugins .venv/bin/python -m scripts.local_stack up    # the same stack, and the Airflow UI on :8080
 
-`demo` runs bin_count_data_prep and then bin_count_retrain (with `airflow dags test`, the same
-DAG code a scheduler would run), prints counts from the deployed endpoint next to the truth, counts
+`demo` runs bin_count_data_prep, bin_count_retrain and bin_count_deploy (with `airflow dags test`, the
+same DAG code a scheduler would run), prints counts from the deployed endpoint next to the truth, counts
 every test photo with bin_count_batch (a batch transform job), and writes the stage timings to
 <work>/demo-timings.json. `up` leaves Airflow's components (what
 `airflow standalone` runs) up with the connection and Variable set; stop it with Ctrl-C. The only
@@ -53,14 +53,24 @@ DEMO_RETRAIN = {
     "max_jobs": 2,
     "max_parallel_jobs": 1,
     "strategy": "Random",
-    "smoke_images": 6,
     "training_instance_type": "ml.m5.xlarge",
+}
+# The approved version onto the endpoint: two instances behind it, a canary baked for 15 s.
+DEMO_DEPLOY = {
+    "instance_count": 2,
+    "serving_workers": 1,
+    "rollout": "canary",
+    "bake_minutes": 0.25,
+    "termination_wait_minutes": 0,
+    "smoke_images": 6,
 }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("demo", "up"), help="demo: data prep and retraining once; up: the UI")
+    parser.add_argument(
+        "command", choices=("demo", "up"), help="demo: data prep, retraining and deployment once; up: the UI"
+    )
     parser.add_argument("--work", default="build/stack", help="state of every server and of Airflow")
     parser.add_argument("--source", default="s3://aft-vbi-pds", help="ABID source for the data-prep DAG")
     parser.add_argument("--keys", default="01000:01600", help="key range START:STOP the demo prepares")
@@ -331,7 +341,7 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     )
     state, tasks = dag_run_state(env, "bin_count_data_prep")
     print(f"   {state} in {timings['bin_count_data_prep']:.0f} s", flush=True)
-    print("== bin_count_retrain: tune (2 trials), retrain, gate, deploy, smoke-check through Lambda", flush=True)
+    print("== bin_count_retrain: tune (2 trials), retrain, gate, register, approve", flush=True)
     timings["bin_count_retrain"] = airflow(
         ["dags", "test", "bin_count_retrain", "-c", json.dumps(DEMO_RETRAIN)], env, log
     )
@@ -339,6 +349,12 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     print(f"   {state} in {timings['bin_count_retrain']:.0f} s", flush=True)
     if state != "success":
         raise SystemExit(f"bin_count_retrain ended {state}: {json.dumps(retrain_tasks)}; see {log}")
+    print("== bin_count_deploy: the newest approved version, canary, alarms, smoke check through Lambda", flush=True)
+    timings["bin_count_deploy"] = airflow(["dags", "test", "bin_count_deploy", "-c", json.dumps(DEMO_DEPLOY)], env, log)
+    state, deploy_tasks = dag_run_state(env, "bin_count_deploy")
+    print(f"   {state} in {timings['bin_count_deploy']:.0f} s", flush=True)
+    if state != "success":
+        raise SystemExit(f"bin_count_deploy ended {state}: {json.dumps(deploy_tasks)}; see {log}")
     sm = boto3.client("sagemaker", endpoint_url=standin, region_name="us-east-1")
     jobs = training_seconds(sm)
     train_wall = covered_seconds(jobs.values())
@@ -365,15 +381,20 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     model = sm.describe_endpoint_config(
         EndpointConfigName=sm.describe_endpoint(EndpointName=ENDPOINT)["EndpointConfigName"]
     )["ProductionVariants"][0]["ModelName"]
-    # The model's tags carry its test metrics, whether it is this run's model or the published one.
+    # The model names its registry version, whose evaluation report has the test metrics, whether it is
+    # this run's model or the published one.
     tags = {
         t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=sm.describe_model(ModelName=model)["ModelArn"])["Tags"]
     }
+    package = sm.describe_model_package(ModelPackageName=tags["bin-counter:model-package"])
+    report_bucket, report_key = package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"][5:].split("/", 1)
+    scores = json.loads(s3.get_object(Bucket=report_bucket, Key=report_key)["Body"].read())["comparison"]["candidate"]
     print(
-        f"\nserving {model}: test accuracy {tags.get('bin-counter:test-accuracy')}, RMSE "
-        f"{tags.get('bin-counter:test-rmse')}, within 1 {tags.get('bin-counter:test-within_1')}"
+        f"\nserving {model} (model package version {package['ModelPackageVersion']}, "
+        f"{package['ModelApprovalStatus']}): test accuracy {scores['accuracy']:.4f}, RMSE {scores['rmse']:.4f}, "
+        f"within 1 {scores['within_1']:.4f}"
     )
-    if model.endswith("-published"):
+    if package.get("CustomerMetadataProperties", {}).get("gate") == "published":
         print(
             "   (the published model won the gate on the demo's test images; those keys are part of the mirror "
             "it learned from, so its honest numbers are in models/MODEL_CARD.md)"
@@ -382,6 +403,7 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     (work / "demo-timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print(
         f"timings: data prep {timings['bin_count_data_prep']:.0f} s, retrain {timings['bin_count_retrain']:.0f} s "
+        f"deploy {timings['bin_count_deploy']:.0f} s "
         f"(training processes {train_wall:.0f} s of it), batch count {timings['bin_count_batch']:.0f} s; "
         f"details in {work / 'demo-timings.json'}"
     )
@@ -416,7 +438,11 @@ def up(args, env: dict[str, str], work: Path) -> None:
     )
     try:
         live.start()
-        print("   up: trigger bin_count_data_prep from the UI; bin_count_retrain follows on its asset", flush=True)
+        print(
+            "   up: trigger bin_count_data_prep from the UI; bin_count_retrain follows on its asset, and "
+            "bin_count_deploy on the model it approves",
+            flush=True,
+        )
         while all(proc.poll() is None for proc in live.components.values()):
             time.sleep(1)
         ended = [name for name, proc in live.components.items() if proc.poll() is not None]

@@ -290,3 +290,17 @@ def delete_objects(s3, bucket: str, keys: Iterable[str], dry_run: bool) -> dict:
         errors += [{"key": k, "code": e.get("Code"), "message": e.get("Message")} for k, e in failed.items()]
         deleted += [k for k in batch if k not in failed]
     return {"dry_run": False, "deleted": deleted, "errors": errors}
+
+
+def delete_endpoint_alarms(cloudwatch, endpoint_name: str, dry_run: bool) -> list[str]:
+    """Delete the endpoint's rollback alarms (bin_count_deploy's, rollout.alarm_names) with the endpoint:
+    an alarm on an endpoint that no longer exists only says INSUFFICIENT_DATA for ever. Named, not by
+    prefix: the workers may describe and delete only the alarms of their endpoint. The names deleted
+    (or that a dry run would delete)."""
+    from bin_counter.rollout import alarm_names
+
+    wanted = list(alarm_names(endpoint_name).values())
+    existing = [a["AlarmName"] for a in cloudwatch.describe_alarms(AlarmNames=wanted)["MetricAlarms"]]
+    if existing and not dry_run:
+        cloudwatch.delete_alarms(AlarmNames=existing)
+    return existing

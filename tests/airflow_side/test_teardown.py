@@ -12,7 +12,7 @@ import pendulum
 import pytest
 from botocore.exceptions import ClientError
 
-from bin_counter import cleanup
+from bin_counter import cleanup, rollout
 from tests.airflow_side.conftest import ENDPOINT, dag_without_retries, deployed_model, list_objects, wait_endpoint
 from tests.conftest import REPO
 
@@ -264,7 +264,7 @@ def run_on(day: int) -> dict:
     return {"run_after": date, "logical_date": date}
 
 
-def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_stack_connection, capfd):
+def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_stack_connection, moto_endpoint, capfd):
     stack = local_stack_connection
     sm = sagemaker(stack)
     key = "models/published/test/model.tar.gz"
@@ -272,6 +272,12 @@ def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_sta
     model = deployed_model(sm, "bin-counter-teardown-final", artifact=f"s3://{bucket}/{key}")
     sm.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName=model)
     assert wait_endpoint(sm, ENDPOINT)["EndpointStatus"] == "InService"
+    # The endpoint's rollback alarms, as bin_count_deploy defines them.
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=moto_endpoint, region_name="us-east-1")
+    alarms = rollout.endpoint_alarms(ENDPOINT, 1, 2000)
+    for alarm in alarms:
+        cloudwatch.put_metric_alarm(**alarm)
+    names = [a["AlarmName"] for a in alarms]
     put(s3, bucket, EXPIRING)  # new: younger than any retention
     # Every Param each time: in one process, dag.test() leaves a run's conf in the DAG's Params for the next.
     # The endpoint is the stack's, from its Variable, as in a scheduled run.
@@ -300,6 +306,7 @@ def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_sta
 
     log = run(2, delete_endpoint=True, dry_run=True)
     assert f"dry run: would delete endpoint {ENDPOINT} (InService) and its configuration {model}" in log
+    assert f"would delete the endpoint's alarms: {', '.join(names)}" in log
     assert sm.describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "InService"
 
     log = run(3, delete_endpoint=True)
@@ -309,6 +316,8 @@ def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_sta
     with pytest.raises(ClientError, match="Could not find endpoint configuration"):
         sm.describe_endpoint_config(EndpointConfigName=model)
     assert sm.describe_model(ModelName=model)["ModelName"] == model  # kept, to redeploy
+    assert f"deleted the endpoint's alarms: {', '.join(names)}" in log
+    assert cloudwatch.describe_alarms(AlarmNames=names)["MetricAlarms"] == []
     assert set(list_objects(s3, bucket)) == {key, *EXPIRING}
 
     log = run(4, delete_endpoint=True)  # again: nothing left to delete is no failure
