@@ -611,6 +611,7 @@ def asset_run(api, dag_id: str, timeout: float) -> tuple[dict, float]:
 
     wait_until(lambda: triggered() is not None, 300, f"{dag_id} to run on its asset event")
     run = triggered()
+    assert run is not None  # waited for above
     return finished(api, dag_id, run["dag_run_id"], timeout), time.time() - started
 
 

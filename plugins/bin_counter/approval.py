@@ -39,29 +39,31 @@ class ModelReviewOperator(ApprovalOperator):
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         # Recorded first: on Reject the ApprovalOperator skips what follows by raising to the task runner.
         if "error" not in event and event.get("chosen_options"):
-            self._record(context, event["chosen_options"][0], event.get("responded_by_user"))
+            hours = context["params"].get("approval_timeout_hours")
+            status, reason = self.record_answer(event["chosen_options"][0], event.get("responded_by_user"), hours)
+            if status == registry.REJECTED:
+                from bin_counter.alerts import held_back_alert
+
+                held_back_alert(
+                    "A reviewer did not approve the new model; nothing was deployed, the endpoint keeps its model.",
+                    f"model package version {self.registered['version']} ({self.registered['arn']}): {reason}",
+                    self.aws_conn_id,
+                )(context)
         return super().execute_complete(context, event)
 
-    def _record(self, context: Any, chosen: str, who: Any) -> None:
-        """The answer as the version's status in the registry, with who and why; an alert on a rejection."""
+    def record_answer(self, chosen: str, who: Any, timeout_hours: float | None) -> tuple[str, str]:
+        """The answer as the version's status in the registry, with who and why: (status, reason). No
+        respondent means the review timed out and its default answered."""
         by = who.get("name") if isinstance(who, dict) else None
         if chosen == self.APPROVE:
             status, reason = registry.APPROVED, f"approved by {by or 'a reviewer'} in Airflow"
         elif by:
             status, reason = registry.REJECTED, f"rejected by {by} in Airflow"
         else:
-            hours = context["params"].get("approval_timeout_hours")
-            status, reason = registry.REJECTED, f"no answer within {hours} h: rejected (the review's default)"
+            status, reason = registry.REJECTED, f"no answer within {timeout_hours} h: rejected (the review's default)"
         registry.set_status(self._sagemaker(), self.registered["arn"], status, reason)
         self.log.info("model package version %s: %s (%s)", self.registered["version"], status, reason)
-        if status == registry.REJECTED:
-            from bin_counter.alerts import held_back_alert
-
-            held_back_alert(
-                "A reviewer did not approve the new model; nothing was deployed, the endpoint keeps its model.",
-                f"model package version {self.registered['version']} ({self.registered['arn']}): {reason}",
-                self.aws_conn_id,
-            )(context)
+        return status, reason
 
     def _sagemaker(self):
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook

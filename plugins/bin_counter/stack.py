@@ -93,7 +93,7 @@ def name_param(name: str, what: str, from_event: bool | str = False, section: st
     if from_event:
         event = from_event if isinstance(from_event, str) else "dataset"
         source = f"the {event} event that triggered the run, else {source}"
-    schema = {"section": section} if section else {}
+    schema: dict[str, Any] = {"section": section} if section else {}
     return Param(None, type=["null", "string"], description=f"{what}. Empty: {source}", **schema)
 
 

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 log = logging.getLogger("standin")
 
@@ -38,12 +39,12 @@ class MetricPublisher:
     """Endpoint metrics, summed per second in memory and sent by a daemon thread every `interval` s
     through a CloudWatch client from `client_factory` (made in that thread, when first needed)."""
 
-    def __init__(self, client_factory: Callable[[], object], interval: float = 1.0) -> None:
+    def __init__(self, client_factory: Callable[[], Any], interval: float = 1.0) -> None:
         self.client_factory, self.interval = client_factory, interval
         self.pending: dict[tuple[int, str, str, str], list[float]] = {}  # (second, endpoint, variant, metric)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.client = None
+        self.client: Any = None
         self.failing = False
         self.thread = threading.Thread(target=self._run, daemon=True, name="cloudwatch-metrics")
         self.thread.start()

@@ -515,7 +515,7 @@ class SageMakerBackend:
             return
         policy = (deployment_config or {}).get("BlueGreenUpdatePolicy")
         retire_after = 5.0
-        if updating and policy:
+        if updating and policy and deployment_config:
             alarms = [a["AlarmName"] for a in deployment_config.get("AutoRollbackConfiguration", {}).get("Alarms", [])]
             failure = self._shift(name, fleet, policy, alarms, model["ExecutionRoleArn"], count)
             if failure is not None:

@@ -72,8 +72,11 @@ def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def register(sm, s3, bucket: str, model_version: str, inference: str | None = None) -> dict:
-    """An Approved version of the endpoint's group, as bin_count_retrain registers one."""
+def register(
+    sm, s3, bucket: str, model_version: str, inference: str | None = None, status: str = registry.APPROVED
+) -> dict:
+    """A version of the endpoint's group (Approved, unless `status` says else), as bin_count_retrain
+    registers one."""
     key = f"models/drills/{model_version}/model.tar.gz"
     s3.put_object(Bucket=bucket, Key=key, Body=variant_archive(model_version, inference))
     s3.put_object(Bucket=bucket, Key=f"{key}.evaluation.json", Body=b"{}")
@@ -88,7 +91,8 @@ def register(sm, s3, bucket: str, model_version: str, inference: str | None = No
         f"drill {model_version}",
     )
     arn = sm.create_model_package(**request)["ModelPackageArn"]
-    registry.set_status(sm, arn, registry.APPROVED, "drill")
+    if status != registry.PENDING:
+        registry.set_status(sm, arn, status, "drill")
     described = sm.describe_model_package(ModelPackageName=arn)
     return {"arn": arn, "version": described["ModelPackageVersion"], "model_version": model_version}
 
@@ -257,3 +261,22 @@ def test_a_canary_that_fails_is_rolled_back_on_its_alarm_and_clients_see_at_most
     assert errors / len(during) <= 0.5 + 2 / len(during), (errors, len(during))
     [alert] = alerts()
     assert "confirm_deployment" in alert["Subject"] and "Rejected" in alert["Message"]
+
+
+def test_a_review_nobody_answers_rejects_the_version_and_says_why(local_stack_connection, s3, bucket):
+    """The scheduler's sweep answers a review that timed out with its default, Reject, and no
+    respondent (airflow.models.hitl: `responded_by_user` None for the timeout default)."""
+    from bin_counter.approval import ModelReviewOperator
+
+    sm, _ = clients(local_stack_connection)
+    pending = register(sm, s3, bucket, "drill-unanswered", status=registry.PENDING)
+    assert status_of(sm, pending["arn"]) == registry.PENDING
+    review = ModelReviewOperator(task_id="review", subject="deploy?", registered=pending)
+    assert review.defaults == ["Reject"]  # what the sweep answers when the time is up
+    reason = "no answer within 24 h: rejected (the review's default)"
+    assert review.record_answer("Reject", None, 24) == (registry.REJECTED, reason)
+    described = sm.describe_model_package(ModelPackageName=pending["arn"])
+    assert described["ModelApprovalStatus"] == registry.REJECTED
+    assert described["ApprovalDescription"] == reason
+    # The version's metadata survives the update (moto replaces what an update leaves out).
+    assert described["CustomerMetadataProperties"]["model-version"] == "drill-unanswered"

@@ -257,5 +257,5 @@ def test_the_dags_job_tasks_are_the_operators_that_stop_their_jobs(airflow_db):
     retrain = dag_without_retries("bin_count_retrain")
     assert isinstance(retrain.get_task("tune"), ResumableTuningOperator)
     assert isinstance(retrain.get_task("retrain"), ResumableTrainingOperator)
-    assert isinstance(retrain.get_task("deploy"), ReplacingEndpointOperator)
+    assert isinstance(dag_without_retries("bin_count_deploy").get_task("deploy"), ReplacingEndpointOperator)
     assert isinstance(dag_without_retries("bin_count_batch").get_task("count"), ResumableTransformOperator)
