@@ -216,19 +216,22 @@ def test_runs_register_approve_or_hold_back_and_bin_count_deploy_serves_what_was
     # 3. (c) Manual approval, rejected: the run waits on the review; a reviewer reads the comparison
     #    table and rejects through Airflow's REST API. The version is Rejected, on-call hears it, nothing
     #    is announced, and the endpoint keeps its model.
-    better = {
+    # (The quick recipe of run 2, let through by a margin: what the reviewer rejects is the point.)
+    reviewed = {
         **BASE_CONF,
         "bucket": bucket,
-        "epochs_min": 5,
-        "epochs_max": 5,
-        "lr_min": 0.002,
-        "lr_max": 0.002,
+        "mode": "head",
+        "epochs_min": 1,
+        "epochs_max": 1,
+        "lr_min": 1e-9,
+        "lr_max": 1e-9,
         "max_jobs": 1,
+        "deploy_margin": 1.0,
         "approval": "manual",
     }
     reviewer = Reviewer("manual__2026-01-14T00:00:00+00:00", "Reject")
     reviewer.start()
-    rejected = dag.test(**run_on(14), run_conf=better)
+    rejected = dag.test(**run_on(14), run_conf=reviewed)
     reviewer.join(timeout=30)
     log = capfd.readouterr().out
     assert rejected.run_id == "manual__2026-01-14T00:00:00+00:00"
