@@ -403,8 +403,8 @@ def demo(args, env: dict[str, str], moto: str, standin: str, work: Path) -> None
     (work / "demo-timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print(
         f"timings: data prep {timings['bin_count_data_prep']:.0f} s, retrain {timings['bin_count_retrain']:.0f} s "
-        f"deploy {timings['bin_count_deploy']:.0f} s "
-        f"(training processes {train_wall:.0f} s of it), batch count {timings['bin_count_batch']:.0f} s; "
+        f"(training processes {train_wall:.0f} s of it), deploy {timings['bin_count_deploy']:.0f} s, "
+        f"batch count {timings['bin_count_batch']:.0f} s; "
         f"details in {work / 'demo-timings.json'}"
     )
 
