@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -58,6 +59,16 @@ RETRAIN, DEPLOY = "bin_count_retrain", "bin_count_deploy"
 DEFAULT_SECTION = "Run Parameters"
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
+
+
+def parked(work: Path, run_id: str, task_id: str) -> bool:
+    """Whether the scheduler has seen the process that parked `task_id` (AWAITING_INPUT) end. Airflow
+    3.3 marks the task FAILED ("task state changed externally") when an answer resumes it before that:
+    the late event finds it queued again. A person takes longer than the scheduler's loop; a test under
+    load may not."""
+    key = f"TaskInstanceKey(dag_id='{RETRAIN}', task_id='{task_id}', run_id='{run_id}', try_number=1"
+    log = (work / "scheduler.log").read_text(errors="replace")
+    return any("Received executor event with state success" in line and key in line for line in log.splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -352,6 +363,7 @@ def test_an_operator_retrains_approves_in_the_ui_and_rolls_back_from_the_deploy_
     assert "accuracy" in table.inner_text() and "candidate" in table.inner_text()
     page.get_by_text("The gate says:").wait_for()
     shot(page, "06-review-comparison")
+    wait_until(lambda: parked(live["work"], run_id, "review"), 120, "the scheduler to see the review parked")
     page.get_by_test_id("hitl-option-Approve").click()
 
     tasks = succeeded(api, RETRAIN, run_id)

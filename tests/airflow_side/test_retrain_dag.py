@@ -268,6 +268,7 @@ def test_runs_register_approve_or_hold_back_and_bin_count_deploy_serves_what_was
             "max_jobs": 1,
             "initial_model": artifact,
             "approval": "manual",
+            "deploy_margin": 0.0,  # dag.test() keeps run 3's in the DAG's Params
         },
     )
     reviewer.join(timeout=30)
