@@ -136,7 +136,7 @@ def content_types() -> dict[str, list[str]]:
     """What the endpoint really accepts and answers: sagemaker_code/api_contract.json, the table the
     model's inference.py checks requests against."""
     contract = json.loads((CODE_DIR / "api_contract.json").read_text())["content_types"]
-    accepts = [t for t in contract["image"] + contract["json"]]
+    accepts = contract["image"] + contract["json"]
     return {"SupportedContentTypes": accepts, "SupportedResponseMIMETypes": ["application/json"]}
 
 
