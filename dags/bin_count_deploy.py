@@ -268,7 +268,7 @@ def bin_count_deploy():
         return found
 
     @task(execution_timeout=timedelta(minutes=1))
-    def requests(chosen: dict, account: dict, before: dict | None) -> dict:
+    def requests(chosen: dict, account: dict) -> dict:
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
         from bin_counter.endpoint import describe_endpoint
@@ -309,7 +309,7 @@ def bin_count_deploy():
         return [a["AlarmName"] for a in built["alarms"]]
 
     chosen, account, before = version(), settings(), serving_before()
-    built = requests(chosen, account, before)
+    built = requests(chosen, account)
     deploy = RolloutEndpointOperator(
         task_id="deploy",
         config=built,
@@ -322,9 +322,10 @@ def bin_count_deploy():
         doc_md="Creates the endpoint the first time; afterwards updates it blue/green with the run's rollout "
         "and its alarms. A Failed endpoint is deleted and created again.",
     )
-    [model_and_config(built), alarms(built)] >> deploy
+    # What served before is read before the endpoint changes: a failed smoke check goes back to it.
+    [model_and_config(built), alarms(built), before] >> deploy
 
-    @task(retries=0, execution_timeout=timedelta(minutes=5), on_failure_callback=failure_alert())
+    @task(retries=0, execution_timeout=timedelta(minutes=5))
     def confirm_deployment(deployed: dict, built: dict, chosen: dict) -> dict:
         """The endpoint serves the new configuration; after a rollback, the version is Rejected."""
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
@@ -391,7 +392,7 @@ def bin_count_deploy():
     )
 
     @task(retries=0, execution_timeout=timedelta(hours=1))
-    def smoke_check(answer: str, sent: dict, chosen: dict, before: dict | None, built: dict) -> dict:
+    def smoke_check(answer: str, sent: dict, chosen: dict, before: dict | None) -> dict:
         """The API answers well-formed counts from the new model; else the deployment is undone."""
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
@@ -422,7 +423,7 @@ def bin_count_deploy():
 
     function = api_function(confirmed, account)
     [function, event] >> invoke
-    smoke_check(invoke.output, event, chosen, before, built)
+    smoke_check(invoke.output, event, chosen, before)
 
 
 bin_count_deploy()
