@@ -16,6 +16,7 @@ from bin_counter.data_prep_operators import (
     BlockSplitOperator,
     ContrastEnhanceOperator,
     FetchReportOperator,
+    LiveSourceOperator,
 )
 from bin_counter.stack import name_param, stack_name
 
@@ -38,9 +39,16 @@ CC BY-NC-SA 3.0 US) in our bucket, and announces it on the `bin_count_dataset` a
    into `abid/enhanced/<method-id>/` (method `none`: nothing is written).
 5. **version**: derives the dataset version from the fetched keys, the enhancement and the split
    parameters below, and hands both to the split.
-6. **split**: train/validation/test by blocks of consecutive keys, stratified by count, into
+6. **live** (with `live_source` on; off by default, the photos being the clients' data): the
+   captured requests of the last `live_lookback_hours` whose count a client (`expected`) or a reviewer
+   (`s3://<bucket>/reviews/*.csv`: inference_id,count[,image]) confirmed, written beside ABID's photos
+   as `live-<yyyymmddhh>-<request id>-<n>`; undecodable photos are skipped and counted. **enhance_live**
+   gives them the same enhancement.
+7. **split**: train/validation/test by blocks of consecutive keys (a live photo's block: its capture
+   hour; each source dealt on its own), stratified by count, into
    `datasets/<version>/<split>.manifest` (SageMaker ManifestFiles: the photos stay where the fetch or
-   the enhancement put them, nothing is copied) with `manifest.csv`; then updates the asset.
+   the enhancement put them, nothing is copied) with `manifest.csv`; then updates the asset. The
+   record (`dataset.json`) says how many photos came from each source into each split (`sources`).
 
 The same parameters give the same version: a second run writes nothing new.
 
@@ -54,6 +62,9 @@ The same parameters give the same version: a second run writes nothing new.
 - *report*, "N of M keys missing or invalid": the subset does not match the source (a partial
   mirror?). The report object named in the log lists the keys; raise `max_bad_share` only if
   that is expected.
+- *live*, "needs the endpoint's and the API function's names": set `endpoint_name` and
+  `function_name`, or the stack's Variable. Unreadable rows of a reviewer's CSV are listed in the
+  task log and in `abid/raw/reports/live-report-*.json`; they never fail the task.
 - *enhance* / *split*, `NoSuchKey`, "have no image or metadata" or "no images to split": the objects
   of an earlier step are gone from the bucket; clear and re-run from *select*.
 - Any task, credentials or endpoint errors: the `aws_default` connection (on a laptop it points at
@@ -170,6 +181,25 @@ def good_keys_path(fetched: dict) -> str:
             description="Leave out images with more items than this (empty: keep all; "
             "train.py then drops or clips them)",
         ),
+        # Off by default: the photos are the clients' data, and training on them is a decision for
+        # whoever runs the service (their agreement with the clients), not a default; off, a dataset
+        # is the public ABID subset alone and can be rebuilt by anyone.
+        "live_source": Param(
+            False,
+            type="boolean",
+            description="Add the captured photos whose count a client or a reviewer confirmed "
+            "(the clients' data: see README, Data prep)",
+        ),
+        "live_lookback_hours": Param(
+            168,
+            type="integer",
+            minimum=1,
+            description="With live_source: the captured requests of this many hours before the run",
+        ),
+        "endpoint_name": name_param("endpoint_name", "With live_source: the endpoint whose captures are read"),
+        "function_name": name_param(
+            "function_name", "With live_source: the API function whose log has the clients' expected counts"
+        ),
     },
 )
 def bin_count_data_prep():
@@ -218,12 +248,35 @@ def bin_count_data_prep():
         execution_timeout=timedelta(minutes=45),
     ).expand(keys_path=fetch.output.map(good_keys_path))
     report >> enhance
+    live = LiveSourceOperator(
+        task_id="live",
+        bucket="{{ stack_name(params, 'bucket') }}",
+        prefix=RAW_PREFIX,
+        enabled="{{ params.live_source }}",
+        lookback_hours="{{ params.live_lookback_hours }}",
+        endpoint_name="{{ stack_name(params, 'endpoint_name') if params.live_source else None }}",
+        function_name="{{ stack_name(params, 'function_name') if params.live_source else None }}",
+        execution_timeout=timedelta(minutes=30),
+        doc_md="Captured photos with a confirmed count (live_source Param; off: nothing is read).",
+    )
+    # The live photos get the same enhancement as ABID's, into the same prefix the split lists.
+    enhance_live = ContrastEnhanceOperator(
+        task_id="enhance_live",
+        bucket="{{ stack_name(params, 'bucket') }}",
+        source_prefix=RAW_PREFIX,
+        method="{{ params.enhancement }}",
+        method_params="{{ {'cutoff': params.autocontrast_cutoff} if params.enhancement == 'autocontrast' else {} }}",
+        keys_path=live.output["keys_path"],
+        execution_timeout=timedelta(minutes=45),
+    )
 
     @task(retries=0, execution_timeout=timedelta(minutes=1), multiple_outputs=True)
-    def version(fetched: dict, enhanced: list[dict]) -> dict:
+    def version(fetched: dict, enhanced: list[dict], live_photos: dict) -> dict:
         """The dataset to write: the split parameters, read from the Params here only, the version
-        derived from them, the fetched keys and the enhancement, and where the photos are."""
+        derived from them, the fetched keys (and the live photos' keys) and the enhancement, and
+        where the photos are."""
         from bin_counter import dataset
+        from bin_counter.artifacts import digest
 
         p = get_current_context()["params"]
         split = dataset.split_parameters(
@@ -233,29 +286,35 @@ def bin_count_data_prep():
             p["max_count"],
         )
         first = enhanced[0]  # every shard's enhancement is the same: the shards differ in keys only
+        keys = fetched["keys_digest"]
+        if live_photos.get("keys_digest"):  # without live photos, the version an ABID-only dataset always had
+            keys = digest({"abid": keys, "live": live_photos["keys_digest"]})
         return {
-            **dataset.plan(fetched["keys_digest"], first["id"], split),
+            **dataset.plan(keys, first["id"], split),
             "image_prefix": first["prefix"],
             "enhancement": first["id"],
             "enhancement_params": first["params"],
         }
 
-    planned = version(report.output, enhance.output)
-    BlockSplitOperator(
+    planned = version(report.output, enhance.output, live.output)
+    split = BlockSplitOperator(
         task_id="split",
         bucket="{{ stack_name(params, 'bucket') }}",
         keys_prefix=RAW_PREFIX,
         keys_path=report.output["keys_path"],
+        live_keys_path=live.output["keys_path"],
         image_prefix=planned["image_prefix"],
         dataset=planned,
         extra={
             "enhancement": planned["enhancement"],
             "enhancement_params": planned["enhancement_params"],
             "fetch_report": report.output["report_path"],
+            "live": live.output,
         },
         outlets=[BIN_COUNT_DATASET],
         execution_timeout=timedelta(hours=1),
     )
+    enhance_live >> split
 
 
 bin_count_data_prep()

@@ -18,6 +18,8 @@ from bin_counter.stack import name_param, run_params, stack_name
 POLL_S = int(os.environ.get("BIN_COUNTER_SAGEMAKER_POLL_S", "30"))
 AWS_CONN_ID = "aws_default"
 WHAT, HOW, GUARDRAILS = "What to deploy, and why", "Rollout", "Guardrails and smoke check"
+CAPTURE = "Data capture"
+SIZE = "Size and cost"
 
 DOC = """
 ### Bin count deployment
@@ -35,7 +37,8 @@ reaches the endpoint.
    quota (an update runs two fleets at once), the API function; and the configuration serving now,
    the one to come back to.
 3. **requests**, **model_and_config**, **alarms**: the SageMaker model of the version (one per version,
-   reused by a rollback to it), an endpoint configuration with `instance_count` instances, and the
+   reused by a rollback to it), an endpoint configuration with `instance_count` instances (and
+   SageMaker's data capture of `capture_percent` of the requests, README "Data capture"), and the
    endpoint's two CloudWatch alarms: `<endpoint>-invocation-5xx-errors` (model errors in a minute)
    and `<endpoint>-model-latency` (average model latency in a minute).
 4. **deploy**: the endpoint is created the first time; afterwards it is updated blue/green: the new
@@ -46,6 +49,11 @@ reaches the endpoint.
 5. **confirm_deployment**: the endpoint serves the new configuration. A rollback (alarm, failed
    health check) fails the run here with SageMaker's FailureReason, and the version is marked
    Rejected.
+   **pause_autoscaling** (before deploy) and **autoscaling** (after): an update that changes the
+   instance type or goes serverless first deregisters the variant's autoscaling (SageMaker refuses it
+   otherwise); once the new configuration serves, Application Auto Scaling keeps the instance count
+   between `min_instances` and `max_instances` on invocations per instance (none for `serving`
+   serverless: it scales by itself, up to `serverless_max_concurrency`).
 6. **api_function**, **smoke_event**, **invoke_api**, **smoke_check**: the Lambda function is pointed
    at the endpoint and real test photos go through the API. A malformed answer, an error, or an
    answer from another model fails the check, and the check **undoes the deployment**: the endpoint
@@ -60,7 +68,8 @@ the same guardrails.
 
 **Why two instances or more** (`instance_count`): SageMaker spreads an endpoint's instances over
 Availability Zones, so one zone's outage or one instance's replacement leaves the other serving; a
-canary needs a fleet to take a share of (with one instance, the canary is the whole fleet); and a
+canary turns on whole instances, at most half the fleet (one instance takes no canary: the run is
+refused before anything is created; deploy it with `rollout` all_at_once); and a
 second instance doubles the answers per second. One instance suits a test endpoint only.
 
 **When a task fails**
@@ -171,6 +180,61 @@ second instance doubles the answers per second. One instance suits a test endpoi
             "one per vCPU; 1: one worker on every core. BENCHMARKS.md, 'Serving fast'",
             section=HOW,
         ),
+        "serving": Param(
+            "instances",
+            enum=["instances", "serverless"],
+            description="instances: instance_count always-on instances of endpoint_instance_type, autoscaled between "
+            "min_instances and max_instances. serverless: SageMaker Serverless Inference, billed per request and "
+            "scaled to zero when idle, with a cold start after idle; all_at_once rollouts only, no data capture, "
+            "a 4 MB body limit (README, 'Cost')",
+            section=SIZE,
+        ),
+        "min_instances": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=10,
+            description="Autoscaling: fewest instances. Empty: instance_count",
+            section=SIZE,
+        ),
+        "max_instances": Param(
+            4,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=10,
+            description="Autoscaling: most instances (the account's endpoint instance quota must hold them). "
+            "Empty: no autoscaling, instance_count always",
+            section=SIZE,
+        ),
+        "target_invocations_per_instance": Param(
+            900,
+            type="number",
+            exclusiveMinimum=0,
+            description="Autoscaling: invocations per instance per minute to keep near "
+            "(SageMakerVariantInvocationsPerInstance). AWS's rule: peak answers/s of one instance x 0.5 x 60; "
+            "about 30/s on ml.m5.large (BENCHMARKS.md, 'Serving fast') gives 900",
+            section=SIZE,
+        ),
+        "scale_out_cooldown_s": Param(
+            60, type="integer", minimum=0, description="Autoscaling: seconds between scale-outs", section=SIZE
+        ),
+        "scale_in_cooldown_s": Param(
+            300, type="integer", minimum=0, description="Autoscaling: seconds between scale-ins", section=SIZE
+        ),
+        "serverless_memory_mb": Param(
+            2048,
+            enum=[1024, 2048, 3072, 4096, 5120, 6144],
+            description="serverless: memory (MB); SageMaker gives vCPUs in proportion",
+            section=SIZE,
+        ),
+        "serverless_max_concurrency": Param(
+            5,
+            type="integer",
+            minimum=1,
+            maximum=200,
+            description="serverless: requests served at once; more are throttled (ThrottlingException, the API's 503)",
+            section=SIZE,
+        ),
         "max_5xx_per_minute": Param(
             1,
             type="integer",
@@ -192,6 +256,17 @@ second instance doubles the answers per second. One instance suits a test endpoi
             maximum=8,
             description="Test photos sent through the API after deploying",
             section=GUARDRAILS,
+        ),
+        "capture_percent": Param(
+            20,
+            type="integer",
+            minimum=0,
+            maximum=100,
+            description="Share of requests (%) the endpoint records, photo and answer, in s3://<bucket>/captures "
+            "for bin_count_monitor and the next dataset (README, 'Data capture'); 0 turns capture off. 20 is "
+            "the SageMaker SDK's default: a few hundred photos a day at a few thousand requests; raise it "
+            "when traffic is low",
+            section=CAPTURE,
         ),
     },
 )
@@ -241,7 +316,8 @@ def bin_count_deploy():
         serving = describe_endpoint(SageMakerHook(aws_conn_id=AWS_CONN_ID).conn, params["endpoint_name"])
         needs = sagemaker_quota_needs(
             endpoint_instance_type=params["endpoint_instance_type"],
-            endpoint_instances=params["instance_count"],
+            # A serverless endpoint runs on no instances of the account's quota.
+            endpoint_instances=0 if params.get("serving") == "serverless" else params["instance_count"],
             endpoint_update=bool(serving and serving["EndpointStatus"] == "InService"),
         )
         check_quotas(AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="service-quotas").get_conn(), region, needs)
@@ -308,6 +384,51 @@ def bin_count_deploy():
             print(f"alarm {alarm['AlarmName']}: {alarm['AlarmDescription']}")
         return [a["AlarmName"] for a in built["alarms"]]
 
+    @task(execution_timeout=timedelta(minutes=2))
+    def pause_autoscaling(built: dict) -> str | None:
+        """Deregister the endpoint's autoscaling when the update changes what it scales (AWS refuses an
+        update that changes a scaled variant's instance type; a serverless one has no instance count).
+        A new model on the same instances keeps it (endpoint-scaling-update.html)."""
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+        from bin_counter.endpoint import describe_endpoint
+        from bin_counter.rollout import VARIANT
+        from bin_counter.scaling import deregister, update_needs_deregistering
+
+        sm = SageMakerHook(aws_conn_id=AWS_CONN_ID).conn
+        endpoint = built["endpoint"]["EndpointName"]
+        serving = describe_endpoint(sm, endpoint)
+        if not serving or not serving.get("EndpointConfigName"):
+            return None
+        old = sm.describe_endpoint_config(EndpointConfigName=serving["EndpointConfigName"])["ProductionVariants"][0]
+        why = update_needs_deregistering(old, built["endpoint_config"]["ProductionVariants"][0])
+        autoscaling = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="application-autoscaling").get_conn()
+        if why and deregister(autoscaling, endpoint, VARIANT):
+            print(f"autoscaling deregistered before the update: {why}")
+            return why
+        return None
+
+    @task(execution_timeout=timedelta(minutes=2))
+    def autoscaling(confirmed: dict, built: dict) -> str:
+        """Target-tracking autoscaling of the instance count (Application Auto Scaling), once the
+        endpoint serves the new configuration; none for a serverless endpoint or max_instances empty."""
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        from bin_counter.rollout import VARIANT
+        from bin_counter.scaling import apply, deregister
+
+        autoscaling = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="application-autoscaling").get_conn()
+        if built.get("scaling") is None:
+            gone = deregister(autoscaling, built["endpoint"]["EndpointName"], VARIANT)
+            said = "no autoscaling (serverless, or max_instances empty)" + (
+                "; deregistered the old one" if gone else ""
+            )
+        else:
+            said = apply(autoscaling, built["scaling"])
+        print(said)
+        return said
+
     chosen, account, before = version(), settings(), serving_before()
     built = requests(chosen, account)
     deploy = RolloutEndpointOperator(
@@ -323,7 +444,7 @@ def bin_count_deploy():
         "and its alarms. A Failed endpoint is deleted and created again.",
     )
     # What served before is read before the endpoint changes: a failed smoke check goes back to it.
-    [model_and_config(built), alarms(built), before] >> deploy
+    [model_and_config(built), alarms(built), before, pause_autoscaling(built)] >> deploy
 
     @task(retries=0, execution_timeout=timedelta(minutes=5))
     def confirm_deployment(deployed: dict, built: dict, chosen: dict) -> dict:
@@ -361,6 +482,7 @@ def bin_count_deploy():
             params["endpoint_name"],
             account["lambda_role_arn"],
             create_missing=account["create_function"],
+            endpoint_kind=params.get("serving") or "instances",
         )
 
     @task(multiple_outputs=True, execution_timeout=timedelta(minutes=5))
@@ -381,6 +503,7 @@ def bin_count_deploy():
         return {"payload": json.dumps(api_event(images)), "images": sent}
 
     confirmed = confirm_deployment(deploy.output, built, chosen)
+    autoscaling(confirmed, built)
     event = smoke_event(chosen)
     confirmed >> event
     invoke = DigestLambdaInvokeFunctionOperator(

@@ -38,8 +38,10 @@ the Params below.
 5. **retrain**: one training job with those hyperparameters on train + validation, scoring the new
    model *and the champion* on the held-out test images (same job, same images, same code).
 6. **gate**: registers the new model only if it is not worse than the champion by more than
-   `deploy_margin` on `gate_metric`. Otherwise the run stops here: the tasks after it are
-   *skipped*, not failed, the log says by how much, and on-call staff get an alert.
+   `deploy_margin` on `gate_metric`, on all test photos and, when the test set holds at least
+   `live_gate_min_photos` live photos (data prep's `live_source`), on those alone. Otherwise the
+   run stops here: the tasks after it are *skipped*, not failed, the log says by how much, and
+   on-call staff get an alert.
 7. **register_version**: a new version of the endpoint's model package group (`<endpoint>-models`) in
    the SageMaker Model Registry: the inference image and model artifact, the content types the endpoint
    accepts, the evaluation report (both models on the same test photos: accuracy, RMSE, MAE, within
@@ -244,6 +246,14 @@ ARCHITECTURES = ["mobilenet_v2", "efficientnet_lite0", "resnet18", "resnet34", "
             type="number",
             minimum=0,
             description="How much worse (in gate_metric units) the new model may be and still replace the serving one",
+            section=DEPLOYMENT,
+        ),
+        "live_gate_min_photos": Param(
+            30,
+            type="integer",
+            minimum=1,
+            description="With at least this many live photos (captured requests, data prep's live_source) "
+            "in the test set, a new model worse on them by more than deploy_margin is held back too",
             section=DEPLOYMENT,
         ),
         "deploy": Param(
@@ -457,7 +467,13 @@ def bin_count_retrain():
             + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.split(":")[0] in ("test", "champion"))
         )
         choice = choose_deployment(
-            metrics, champion, job["TrainingJobName"], params["gate_metric"], params["deploy_margin"], params["deploy"]
+            metrics,
+            champion,
+            job["TrainingJobName"],
+            params["gate_metric"],
+            params["deploy_margin"],
+            params["deploy"],
+            params["live_gate_min_photos"],
         )
         if choice["held_back"]:
             from bin_counter.alerts import gated_alert

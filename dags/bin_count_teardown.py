@@ -27,8 +27,9 @@ the endpoint too. `dry_run` lists everything it would delete and deletes nothing
 
 1. **endpoint**: with `delete_endpoint` on, deletes the SageMaker endpoint `endpoint_name` (the
    instance billed by the hour) and waits until it is gone, then the endpoint configuration it
-   served (unless another endpoint serves it too), and the endpoint's rollback alarms. The model
-   stays: it costs nothing, and an operator redeploys by triggering `bin_count_deploy` (any approved
+   served (unless another endpoint serves it too), and the endpoint's alarms (rollback and live
+   quality); its autoscaling (Application Auto Scaling's scalable target and policy) is deregistered
+   first. The model stays: it costs nothing, and an operator redeploys by triggering `bin_count_deploy` (any approved
    version of the Model Registry). The registry keeps every version. The Lambda function stays too;
    until an endpoint serves again the API answers with errors. With `delete_endpoint` off, it only
    says what the endpoint serves.
@@ -105,6 +106,8 @@ def bin_count_teardown():
 
         from bin_counter.cleanup import delete_endpoint, delete_endpoint_alarms
         from bin_counter.endpoint import serving_model
+        from bin_counter.rollout import VARIANT
+        from bin_counter.scaling import deregister
 
         params = run_params(get_current_context())
         sm = SageMakerHook(aws_conn_id=AWS_CONN_ID).conn
@@ -118,6 +121,13 @@ def bin_count_teardown():
                 "logged above; delete_endpoint deletes it); delete_endpoint is off"
             )
             return {"deleted": False, "models_kept": [found["model"]] if found else []}
+        # Its autoscaling first: AWS deregisters a deleted endpoint's variant only for a caller allowed
+        # to (endpoint-delete-with-scaling.html); saying so here keeps nothing registered by surprise.
+        autoscaling = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="application-autoscaling").get_conn()
+        if params["dry_run"]:
+            print("would deregister the endpoint's autoscaling, if it has any")
+        elif deregister(autoscaling, params["endpoint_name"], VARIANT):
+            print("deregistered the endpoint's autoscaling")
         report = delete_endpoint(sm, params["endpoint_name"], params["dry_run"], poll_s=POLL_S)
         print(report["summary"])  # names the endpoint, its configuration and the model(s) kept
         cloudwatch = AwsBaseHook(aws_conn_id=AWS_CONN_ID, client_type="cloudwatch").get_conn()

@@ -19,7 +19,8 @@ ids, ARNs) reaches the client.
 
 Configuration (environment): ENDPOINT_NAME (required), INVOKE_CONNECT_TIMEOUT_S (2),
 INVOKE_TIMEOUT_S (8), INVOKE_ATTEMPTS (2), MATCH_THRESHOLD (0.5), MISMATCH_THRESHOLD (0.1),
-CORS_ALLOW_ORIGIN (unset: no CORS header). lambda/function.json holds the values that
+CORS_ALLOW_ORIGIN (unset: no CORS header), ENDPOINT_KIND (instances; serverless: the table's smaller
+request limit for a serverless endpoint, set by bin_count_deploy). lambda/function.json holds the values that
 lambda/template.yaml and the retraining DAG give the function on AWS.
 Only the standard library and boto3, both in every Lambda Python runtime.
 """
@@ -38,7 +39,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 from botocore.retries.standard import ExponentialBackoff
 
-from api_contract import ApiError, decode_base64, identify, parse_body
+from api_contract import ApiError, decode_base64, identify, limits_for, parse_body
 from model_answer import model_refusal
 from verdicts import verdict
 
@@ -110,7 +111,9 @@ def parse_request(event: dict) -> tuple[list[bytes], bool, list[int] | None]:
         raise ApiError("method_not_allowed")
     body = event.get("body") or ""
     raw = decode_base64(body, "the body") if event.get("isBase64Encoded") else body.encode()
-    images, single, document = parse_body(raw, headers_of(event).get("content-type"))
+    # A serverless endpoint takes a smaller body (ENDPOINT_KIND, set by bin_count_deploy): refused here, with our 413.
+    limits = limits_for(os.environ.get("ENDPOINT_KIND"))
+    images, single, document = parse_body(raw, headers_of(event).get("content-type"), limits)
     query = event.get("queryStringParameters") or {}
     expected = document.get("expected", query.get("expected")) if document is not None else query.get("expected")
     return images, single, parse_expected(expected, len(images))
@@ -120,10 +123,12 @@ def first_line(text: str | None, limit: int = 500) -> str:
     return (text or "").split("\n", 1)[0][:limit]
 
 
-def invoke(images: list[bytes], single: bool) -> dict:
+def invoke(images: list[bytes], single: bool, request_id: str | None = None) -> dict:
     """The endpoint's answer; its failures as ApiErrors with the table's code and message. What AWS or
     the model says goes to the function's log only: AWS's messages name the account, the role and the
-    endpoint's log group, and a model's error body carries its traceback."""
+    endpoint's log group, and a model's error body carries its traceback. `request_id` goes with the
+    request as its InferenceId, which SageMaker writes into the endpoint's data capture: the key that
+    joins a captured photo to this function's log line (the expected count and the verdict)."""
     endpoint = os.environ.get("ENDPOINT_NAME")
     if not endpoint:
         raise ApiError("not_configured")
@@ -137,8 +142,9 @@ def invoke(images: list[bytes], single: bool) -> dict:
         body = json.dumps({"images": [base64.b64encode(i).decode() for i in images]}).encode()
         content_type = "application/json"
     try:
+        extra = {"InferenceId": request_id} if request_id else {}
         response = runtime_client().invoke_endpoint(
-            EndpointName=endpoint, Body=body, ContentType=content_type, Accept="application/json"
+            EndpointName=endpoint, Body=body, ContentType=content_type, Accept="application/json", **extra
         )
         return json.loads(response["Body"].read())
     except ClientError as exc:
@@ -175,14 +181,37 @@ def respond(status: int, body: dict) -> dict:
     return {"statusCode": status, "headers": headers, "body": json.dumps(body), "isBase64Encoded": False}
 
 
+def answer_line(
+    request_id: str, status: int, n: int, model_version: str | None, started: float, predictions: list
+) -> str:
+    """The request's log line (docs/operations.md, "The API's log"): what was answered, per photo the
+    count, its confidence, the count the client expected and the verdict (None without one); never
+    the photo. bin_counter.capture.read_verdicts reads it back."""
+    answers = [
+        {k: p.get(k) for k in ("count", "confidence", "expected", "verdict")} for p in predictions if "count" in p
+    ]
+    return json.dumps(
+        {
+            "event": "answer",
+            "request_id": request_id,
+            "status": status,
+            "images": n,
+            "model_version": model_version,
+            "latency_ms": round((time.time() - started) * 1000, 1),
+            "answers": answers if status == 200 else [],
+        }
+    )
+
+
 def handler(event: dict, context: Any) -> dict:
     started = time.time()
     request_id = getattr(context, "aws_request_id", "local")
     status, model_version, n = 500, None, 0
+    predictions: list[dict] = []
     try:
         images, single, expected = parse_request(event)
         n = len(images)
-        answer = invoke(images, single)
+        answer = invoke(images, single, request_id)
         model_version = answer.get("model_version")
         predictions = [answer] if single else answer["predictions"]
         if expected is not None:
@@ -203,15 +232,5 @@ def handler(event: dict, context: Any) -> dict:
         error = ApiError("internal_error")
         return respond(error.status, {"error": error.code, "message": error.message, "request_id": request_id})
     finally:
-        # One line per request for CloudWatch Logs Insights; never the image bytes.
-        print(
-            json.dumps(
-                {
-                    "request_id": request_id,
-                    "status": status,
-                    "images": n,
-                    "model_version": model_version,
-                    "latency_ms": round((time.time() - started) * 1000, 1),
-                }
-            )
-        )
+        # One line per request for CloudWatch Logs Insights and the monitor; never the image bytes.
+        print(answer_line(request_id, status, n, model_version, started, predictions))

@@ -98,12 +98,22 @@ def base_content_type(content_type: str | None) -> str:
     return (content_type or "").split(";")[0].strip().lower()
 
 
-def parse_body(raw: bytes, content_type: str | None) -> tuple[list[bytes], bool, dict | None]:
-    """(images, single, the JSON document if any) from a request body, every image checked."""
+def limits_for(endpoint_kind: str | None) -> dict[str, int]:
+    """The limits for requests to an endpoint of `endpoint_kind` ("instances", "serverless"; None: instances)."""
+    by_kind = CONTRACT.get("limits_by_endpoint", {}).get(endpoint_kind or "", {})
+    return {**LIMITS, **{k: v for k, v in by_kind.items() if not k.startswith("/")}}
+
+
+def parse_body(
+    raw: bytes, content_type: str | None, limits: dict[str, int] | None = None
+) -> tuple[list[bytes], bool, dict | None]:
+    """(images, single, the JSON document if any) from a request body, every image checked, within
+    `limits` (the endpoint kind's, limits_for; by default the table's)."""
+    limits = limits or LIMITS
     if not raw:
         raise ApiError("empty_body")
-    if len(raw) > LIMITS["max_request_bytes"]:
-        raise ApiError("too_large", what="the request", size=len(raw), limit=LIMITS["max_request_bytes"])
+    if len(raw) > limits["max_request_bytes"]:
+        raise ApiError("too_large", what="the request", size=len(raw), limit=limits["max_request_bytes"])
     kind = base_content_type(content_type)
     document = None
     if kind in IMAGE_TYPES:

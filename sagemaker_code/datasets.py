@@ -24,6 +24,9 @@ import torch
 import preprocessing
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+# The keys of live photos (captured requests with a confirmed count): bin_counter.live.KEY_PREFIX,
+# which a container-side test holds this to.
+LIVE_KEY_PREFIX = "live-"
 ABOVE_MAX_POLICIES = ("drop", "clip")
 
 
@@ -36,6 +39,11 @@ class Sample:
 
 class DataError(ValueError):
     """A data folder that cannot be used; the message names the folder and what is wrong."""
+
+
+def is_live(key: str) -> bool:
+    """Whether a photo came from the live source (a client's request) rather than ABID."""
+    return key.startswith(LIVE_KEY_PREFIX)
 
 
 def is_abid_layout(root: str | os.PathLike) -> bool:

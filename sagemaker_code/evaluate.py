@@ -5,7 +5,11 @@
 
 --data takes the split layout (`<count>/<key>.jpg`) or the ABID layout (`bin-images/` +
 `metadata/`). The last line printed is one JSON object: n, accuracy, rmse, mae, within_1,
-per_class_accuracy, confusion_matrix (plus model_version and seconds).
+per_class_accuracy, confusion_matrix, predicted_histogram and confidence_histogram (plus
+model_version and seconds), and `live`, the same scores on the live photos alone (keys `live-...`:
+captured requests whose count was confirmed) when there are any. The two histograms are what the
+monitor (bin_count_monitor) holds live answers against: answers per predicted count, and per tenth
+of confidence (CONFIDENCE_BINS).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import datasets
 import inference
 import metrics
 import preprocessing
+
+# Equal-width bins of [0, 1]; plugins/bin_counter/monitor.py bins live confidences the same way.
+CONFIDENCE_BINS = 10
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -99,11 +106,25 @@ def evaluate(
     result = metrics.count_metrics(
         [s.count for s in samples], [p["count"] for p in predictions], len(model["card"]["classes"])
     )
+    result.update(histograms(predictions, len(model["card"]["classes"])))
+    live = [(s.count, p["count"]) for s, p in zip(samples, predictions, strict=True) if datasets.is_live(s.key)]
+    if live:  # the captured photos among them (data prep's live source), scored on their own too
+        truth, predicted = [t for t, _ in live], [p for _, p in live]
+        result["live"] = metrics.count_metrics(truth, predicted, len(model["card"]["classes"]))
     result["model_version"] = model["card"]["model_version"]
     result["test_time_augmentation"] = model["card"].get("test_time_augmentation", "none")
     result["decoding"] = model["card"].get("decoding", "argmax")
     result["seconds"] = round(time.time() - started, 1)
     return result
+
+
+def histograms(predictions: list[dict], num_classes: int) -> dict[str, list[int]]:
+    """Answers per predicted count (the last class taking any above it) and per confidence bin."""
+    counts, confidences = [0] * num_classes, [0] * CONFIDENCE_BINS
+    for prediction in predictions:
+        counts[min(max(int(prediction["count"]), 0), num_classes - 1)] += 1
+        confidences[min(max(int(float(prediction["confidence"]) * CONFIDENCE_BINS), 0), CONFIDENCE_BINS - 1)] += 1
+    return {"predicted_histogram": counts, "confidence_histogram": confidences}
 
 
 def main(argv: list[str] | None = None) -> int:

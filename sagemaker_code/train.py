@@ -1182,6 +1182,8 @@ def score_test(model: nn.Module, test: Channel, args: argparse.Namespace, runtim
     }
     say(metric_line("test", scores["test"]), runtime.group)
     say(f"test_per_class_accuracy={json.dumps(scores['test']['per_class_accuracy'])}", runtime.group)
+    if "live" in scores["test"]:
+        say(live_metric_line("live_test", scores["test"]["live"]), runtime.group)
     if args.champion:
         scores["champion"] = score_champion(args.champion, args.test, args.max_count, args.eval_batch_size)
     return scores
@@ -1217,7 +1219,14 @@ def score_champion(path: str, test_dir: str, max_count: int, batch_size: int) ->
         print(f"champion could not be scored: {type(exc).__name__}: {exc}", flush=True)
         return None
     print(f"champion={champion['model_version']} " + metric_line("champion_test", champion), flush=True)
+    if "live" in champion:
+        print(live_metric_line("champion_live_test", champion["live"]), flush=True)
     return champion
+
+
+def live_metric_line(prefix: str, result: dict) -> str:
+    """The scores on the live photos alone, with how many there were (few photos, wide error bars)."""
+    return f"{metric_line(prefix, result)} {prefix}_n={result['n']}"
 
 
 def epoch_score(record: dict[str, Any], select_metric: str) -> float | tuple[float, float]:

@@ -35,6 +35,9 @@ def render(contract: dict | None = None) -> str:
     contract = contract or json.loads(CONTRACT.read_text())
     lines = ["| limit | value |", "| --- | --- |"]
     lines += [f"| {LIMIT_NAMES.get(name, name)} | {value:,} |" for name, value in contract["limits"].items()]
+    for kind, limits in contract.get("limits_by_endpoint", {}).items():
+        if not kind.startswith("/"):
+            lines += [f"| {LIMIT_NAMES.get(n, n)}, {kind} endpoint | {v:,} |" for n, v in limits.items()]
     lines += [
         "",
         "| status | `error` | found by | `message` (where a layer knows more: which image, and what) |",

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import boto3
 
+from standin.cloudwatch import stack_alarms
 from standin.iam import create_roles
 from standin.launch import airflow_connection, local_stack, start_moto, start_standin, wait_until_up
 
@@ -113,6 +114,7 @@ def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(airflow_connection(moto, standin)),
             # What docs/infra/README.md tells a user to copy from the stack's outputs, rendered for this account.
             "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": STACK.outputs["SageMakerVariable"],
+            "AIRFLOW_VAR_BIN_COUNTER_ALERTS_TOPIC": STACK.outputs["AlertsTopicArn"],
             "BIN_COUNTER_SAGEMAKER_POLL_S": "2",
             "BIN_COUNTER_IMAGENET_WEIGHTS": env.get("BIN_COUNTER_IMAGENET_WEIGHTS") or container_weights(),
             # Airflow starts its task runners as `airflow ...` from the PATH.
@@ -306,7 +308,19 @@ def start_servers(work: Path, moto_port: int, standin_port: int) -> tuple[list[s
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
         s3.create_bucket(Bucket=BUCKET)
+    create_alarms(moto)
     return [standin_proc, moto_proc], moto, standin
+
+
+def create_alarms(moto: str) -> list[str]:
+    """The alerts topic and the two stacks' alarms and dashboards (docs/operations.md, "Alarms"), which
+    the stand-in evaluates and notifies to the topic as CloudWatch would."""
+    topic = STACK.outputs["AlertsTopicArn"]
+    boto3.client("sns", endpoint_url=moto, region_name="us-east-1").create_topic(Name=topic.rsplit(":", 1)[-1])
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=moto, region_name="us-east-1")
+    names = stack_alarms.create(cloudwatch, [STACK, stack_alarms.api_stack(topic)])
+    print(f"== {len(names)} alarms to {topic}: {', '.join(names)}", flush=True)
+    return names
 
 
 def check_source(source: str, first_key: str) -> None:

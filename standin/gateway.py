@@ -22,12 +22,14 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
 from standin.awslambda.exceptions import RequestEntityTooLargeException
 from standin.awslambda.models import LambdaBackend
+from standin.cloudwatch.metrics import GATEWAY_NAMESPACE, MetricPublisher, gateway_values
 from standin.core import Answer, AwsError
 
 ROUTE = "/count"
@@ -42,6 +44,9 @@ BINARY_MEDIA_TYPES = ("image/jpeg", "image/png", "application/x-image", "applica
 # after which API Gateway answers 504 itself, the function still running.
 MAX_PAYLOAD = 10 * 1024 * 1024
 INTEGRATION_TIMEOUT_S = 29.0
+# The local API's stage: lambda/template.yaml's StageName as the local stack renders it (its metrics'
+# Stage dimension, and so its alarms').
+LOCAL_STAGE = "local"
 
 
 @dataclass
@@ -49,13 +54,19 @@ class Gateway:
     lambdas: LambdaBackend
     function: str
     api_key: str | None = None
-    stage: str = "local"
+    stage: str = LOCAL_STAGE
     max_in_flight: int = 8
     integration_timeout_s: float = INTEGRATION_TIMEOUT_S
+    # API Gateway's metrics (AWS/ApiGateway, dimensions ApiName and Stage: standin.cloudwatch.metrics);
+    # the ApiName is the REST API's Name, which lambda/template.yaml gives as the function's name.
+    metrics: MetricPublisher | None = None
+    api_name: str | None = None
     _in_flight: threading.BoundedSemaphore = field(init=False)
+    _integration: threading.local = field(init=False)
 
     def __post_init__(self) -> None:
         self._in_flight = threading.BoundedSemaphore(self.max_in_flight)
+        self._integration = threading.local()  # this request's IntegrationLatency, set by _invoke
 
     def event(self, method: str, path: str, headers: dict[str, str], body: bytes) -> dict:
         url = urlsplit(path)
@@ -86,7 +97,17 @@ class Gateway:
         }
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
-        """(status, headers, body) of the HTTP answer."""
+        """(status, headers, body) of the HTTP answer, counted in API Gateway's metrics."""
+        started = time.perf_counter()
+        self._integration.seconds = None
+        answer = self._answer(method, path, headers, body)
+        if self.metrics is not None:
+            values = gateway_values(answer[0], time.perf_counter() - started, self._integration.seconds)
+            dimensions = (("ApiName", self.api_name or self.function), ("Stage", self.stage))
+            self.metrics.add(GATEWAY_NAMESPACE, dimensions, values)
+        return answer
+
+    def _answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
         if len(body) > MAX_PAYLOAD:
             return (
                 413,
@@ -131,8 +152,10 @@ class Gateway:
                 outcome["error"] = exc
 
         worker = threading.Thread(target=run, name="gateway-integration", daemon=True)
+        relayed = time.perf_counter()
         worker.start()
         worker.join(self.integration_timeout_s)
+        self._integration.seconds = time.perf_counter() - relayed
         if worker.is_alive():
             raise TimeoutError
         if "error" in outcome:

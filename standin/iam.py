@@ -42,7 +42,10 @@ class Stack:
     roles: dict[str, dict] = field(default_factory=dict)  # logical id -> {"arn", "trust", "policies"}
     managed_policies: dict[str, dict] = field(default_factory=dict)  # logical id -> {"arn", "document"}
     bucket_policies: dict[str, dict] = field(default_factory=dict)  # logical id -> its PolicyDocument
+    key_policies: dict[str, dict] = field(default_factory=dict)  # logical id -> a KMS key's KeyPolicy
     log_groups: dict[str, dict] = field(default_factory=dict)  # logical id -> its Properties
+    alarms: dict[str, dict] = field(default_factory=dict)  # logical id -> an AWS::CloudWatch::Alarm's Properties
+    dashboards: dict[str, dict] = field(default_factory=dict)  # logical id -> a Dashboard's Properties
     outputs: dict[str, str] = field(default_factory=dict)
 
     def policies_of_role(self, role_arn: str) -> list[dict] | None:
@@ -147,7 +150,8 @@ def render(
     region: str = "us-east-1",
     stack_name: str = "bin-counter",
 ) -> Stack:
-    """The stack's IAM and outputs as CloudFormation would create them from `template`."""
+    """The stack's IAM, log groups, alarms, dashboards and outputs as CloudFormation would create them
+    from `template`."""
     resolve = _Resolver(template, parameters or {}, account, region, stack_name)
     stack = Stack()
     for logical, resource in template["Resources"].items():
@@ -167,6 +171,12 @@ def render(
             stack.bucket_policies[logical] = resolve(props["PolicyDocument"])
         elif resource["Type"] == "AWS::Logs::LogGroup":
             stack.log_groups[logical] = resolve(props)
+        elif resource["Type"] == "AWS::KMS::Key":
+            stack.key_policies[logical] = resolve(props["KeyPolicy"])
+        elif resource["Type"] == "AWS::CloudWatch::Alarm":
+            stack.alarms[logical] = resolve(props)
+        elif resource["Type"] == "AWS::CloudWatch::Dashboard":
+            stack.dashboards[logical] = resolve(props)
     stack.outputs = {name: resolve(output["Value"]) for name, output in template.get("Outputs", {}).items()}
     return stack
 
@@ -257,9 +267,19 @@ PRINCIPALS = {
 }
 
 
+# The workers' managed policies, all attached to them: IAM holds one to 6,144 characters.
+WORKER_POLICIES = ("AirflowWorkerPolicy", "AirflowWorkerScalingPolicy")
+
+
+def worker_documents(stack: Stack) -> list[dict]:
+    """The documents of the workers' managed policies in `stack`."""
+    policies = stack.managed_policies
+    return [policies[logical]["document"] for logical in WORKER_POLICIES if logical in policies]
+
+
 def identities(stack: Stack, worker_key_id: str) -> dict[str, tuple[str, list[dict]]]:
     """caller (as standin.aws_calls.caller reads it) -> (principal name, its policy documents)."""
-    found = {worker_key_id: ("airflow-worker", [stack.managed_policies[PRINCIPALS["airflow-worker"]]["document"]])}
+    found = {worker_key_id: ("airflow-worker", worker_documents(stack))}
     for name, logical in PRINCIPALS.items():
         if logical in stack.roles:
             found[stack.roles[logical]["arn"]] = (name, stack.roles[logical]["policies"])

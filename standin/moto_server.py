@@ -81,11 +81,12 @@ def logs_resource(params: dict) -> str:
     return f"{base}:log-stream:{stream}" if stream else f"{base}:*"
 
 
-def json_actions(service: str, operation: str, params: dict) -> list[tuple[str, str]]:
+def json_actions(service: str, operation: str, params: dict) -> list[tuple]:
     """A JSON-protocol request's actions: CloudWatch Logs' as IAM writes log groups; a request that
     names its resource by ARN on that ARN; any other on each resource AWS's Service Authorization
     Reference marks required, built from the request's fields (Service Quotas' GetServiceQuota: the
-    quota, `<ServiceCode>/<QuotaCode>`), or the one it names, else "*"."""
+    quota, `<ServiceCode>/<QuotaCode>`), or the one it names, else "*". Application Auto Scaling's
+    carry the condition keys the reference lists for them (service namespace, scalable dimension)."""
     action = f"{service}:{operation}"
     if service == "logs":
         return [(action, logs_resource(params))]
@@ -93,7 +94,15 @@ def json_actions(service: str, operation: str, params: dict) -> list[tuple[str, 
     if named != "*":
         return [(action, named)]
     region, account = REGION_ACCOUNT
-    return [(action, resource) for _, resource in sar.request_arns(action, params, region, account)]
+    # A scalable target's calls carry the condition keys AWS's reference lists for them, from the request.
+    fields = {
+        "application-autoscaling:service-namespace": params.get("ServiceNamespace"),
+        "application-autoscaling:scalable-dimension": params.get("ScalableDimension"),
+    }
+    keys = sar.condition_keys(action) if service == "application-autoscaling" else set()
+    context = {key: value for key, value in fields.items() if key in keys and value}
+    found = sar.request_arns(action, params, region, account)
+    return [(action, resource, context) if context else (action, resource) for _, resource in found]
 
 
 def _named_resource(params: dict) -> str:

@@ -20,9 +20,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from standin.aws_calls import CallLog
+from standin.awslambda.logs import FunctionLogs, role_clients
 from standin.awslambda.models import LambdaBackend
 from standin.awslambda.responses import PREFIX as LAMBDA_PREFIX
 from standin.awslambda.responses import LambdaResponse
+from standin.cloudwatch.evaluator import AlarmEvaluator, AlarmLoop
 from standin.core import Answer
 from standin.forkserver import ForkServer
 from standin.gateway import ROUTE as GATEWAY_ROUTE
@@ -112,6 +114,12 @@ def make_handler(sagemaker: SageMakerResponse, lambdas: LambdaResponse, gateway:
     return Handler
 
 
+SERVERLESS_IDLE_HELP = (
+    "a serverless endpoint's model server stops after this many seconds without a request; the next request "
+    "starts it again (a cold start). AWS does not say how long it keeps one warm"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Local stand-in for the SageMaker API")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         help="InvokeEndpoint calls per second per endpoint before ThrottlingException (0: unlimited)",
     )
     parser.add_argument("--invoke-burst", type=int, default=1, help="calls allowed at once above --invoke-rate")
+    parser.add_argument("--serverless-idle-s", type=float, default=300.0, help=SERVERLESS_IDLE_HELP)
     parser.add_argument(
         "--role-check",
         choices=("iam", "off"),
@@ -174,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REGEX",
         help="failure drills: endpoints fail to create or update onto models whose name matches "
         "REGEX, with SageMaker's health-check FailureReason (an update is rolled back)",
+    )
+    parser.add_argument(
+        "--alarm-interval",
+        type=float,
+        default=5.0,
+        help="seconds between evaluations of every CloudWatch metric alarm on --aws-endpoint, whose state "
+        "changes are sent to the alarms' SNS actions as CloudWatch sends them (0: no evaluation)",
     )
     args = parser.parse_args(argv)
     handlers: list[logging.Handler] = [logging.StreamHandler()]
@@ -198,9 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         invoke_burst=args.invoke_burst,
         unhealthy_models=args.unhealthy_models,
         roles=roles,
+        serverless_idle_s=args.serverless_idle_s,
     )
-    lambdas = LambdaBackend(Path(args.state_dir).resolve(), roles=roles)
-    gateway = Gateway(lambdas, args.api_function, args.api_key, max_in_flight=args.api_max_in_flight)
+    # One publisher for AWS's own metrics: SageMaker's, Lambda's and API Gateway's (standin.cloudwatch).
+    # Functions' output goes to CloudWatch Logs too, as Lambda sends it, signed as their role.
+    function_logs = FunctionLogs(role_clients(args.aws_endpoint, sagemaker.region))
+    lambdas = LambdaBackend(state_dir, roles=roles, metrics=sagemaker.metrics, logs=function_logs)
+    gateway = Gateway(
+        lambdas, args.api_function, args.api_key, max_in_flight=args.api_max_in_flight, metrics=sagemaker.metrics
+    )
+    alarm_loop = _alarm_loop(sagemaker, args.alarm_interval)
     calls = CallLog(args.call_log)
     handler = make_handler(SageMakerResponse(sagemaker, calls), LambdaResponse(lambdas, calls), gateway)
     server = StandinHTTPServer((args.host, args.port), handler)
@@ -210,11 +233,24 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()
     finally:
+        if alarm_loop is not None:
+            alarm_loop.stop()
         sagemaker.shutdown()
         lambdas.stop_all()
         if fork_server:
             fork_server.stop()
     return 0
+
+
+def _alarm_loop(sagemaker: SageMakerBackend, interval: float) -> AlarmLoop | None:
+    """CloudWatch's evaluation of every metric alarm, and its notifications to the alarms' SNS topics:
+    AWS's own work, signed as AWS's service (none with interval 0)."""
+    if interval <= 0:
+        return None
+    evaluator = AlarmEvaluator(
+        sagemaker._service_client("cloudwatch"), sagemaker._service_client("sns"), region=sagemaker.region
+    )
+    return AlarmLoop(evaluator, interval, before=sagemaker.metrics.flush)
 
 
 def _interrupt(signum, frame) -> None:

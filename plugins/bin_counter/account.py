@@ -147,7 +147,8 @@ def check_bucket(s3, bucket: str, region: str) -> str:
             raise SettingsError(
                 f"the bucket {bucket} exists but these credentials may not use it: S3 bucket "
                 "names are global, so it may be someone else's; set the bucket Param to the stack "
-                f"output BucketName, and attach the output WorkerPolicyArn to the workers {STACK_HINT}"
+                "output BucketName, and attach the outputs WorkerPolicyArn and WorkerScalingPolicyArn to the "
+                f"workers {STACK_HINT}"
             ) from exc
         raise
     found = location or "us-east-1"  # S3 answers no LocationConstraint for us-east-1

@@ -69,13 +69,21 @@ def check_function_deployed(lambda_client, name: str) -> dict:
     return existing
 
 
-def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str, create_missing: bool = True) -> str:
+def ensure_function(
+    lambda_client,
+    name: str,
+    endpoint_name: str,
+    role_arn: str,
+    create_missing: bool = True,
+    endpoint_kind: str = "instances",
+) -> str:
     """Create the API's Lambda function, or update its code and point it at `endpoint_name`.
     Returns the function's ARN.
 
     A new function gets lambda/function.json's runtime, limits and settings, as lambda/template.yaml's
     does. An existing function (for example the template's) keeps its role, limits and other settings:
-    only the code and ENDPOINT_NAME are the DAG's to change. With `create_missing` False (the API
+    only the code, ENDPOINT_NAME and ENDPOINT_KIND (instances or serverless: the request limits) are the
+    DAG's to change. With `create_missing` False (the API
     stack is expected to own the function), a missing one is FunctionMissing instead: a function
     created here would keep that stack from ever being created.
     """
@@ -93,7 +101,9 @@ def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str,
             Code={"ZipFile": code},
             Timeout=settings["Timeout"],
             MemorySize=settings["MemorySize"],
-            Environment={"Variables": {**settings["Environment"], "ENDPOINT_NAME": endpoint_name}},
+            Environment={
+                "Variables": {**settings["Environment"], "ENDPOINT_NAME": endpoint_name, "ENDPOINT_KIND": endpoint_kind}
+            },
             Description="bin-counter public API: counts items in a bin photo",
         )
         log.info("created Lambda function %s for endpoint %s", name, endpoint_name)
@@ -102,8 +112,9 @@ def ensure_function(lambda_client, name: str, endpoint_name: str, role_arn: str,
         lambda_client.update_function_code(FunctionName=name, ZipFile=code)
         _wait_updated(lambda_client, name)
         variables = dict((existing.get("Environment") or {}).get("Variables") or {})
-        if variables.get("ENDPOINT_NAME") != endpoint_name:
-            variables["ENDPOINT_NAME"] = endpoint_name
+        wanted = {"ENDPOINT_NAME": endpoint_name, "ENDPOINT_KIND": endpoint_kind}
+        if any(variables.get(k) != v for k, v in wanted.items()):
+            variables.update(wanted)
             lambda_client.update_function_configuration(FunctionName=name, Environment={"Variables": variables})
         log.info("updated Lambda function %s for endpoint %s", name, endpoint_name)
         arn = existing["FunctionArn"]

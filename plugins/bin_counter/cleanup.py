@@ -293,13 +293,14 @@ def delete_objects(s3, bucket: str, keys: Iterable[str], dry_run: bool) -> dict:
 
 
 def delete_endpoint_alarms(cloudwatch, endpoint_name: str, dry_run: bool) -> list[str]:
-    """Delete the endpoint's rollback alarms (bin_count_deploy's, rollout.alarm_names) with the endpoint:
+    """Delete the endpoint's alarms with the endpoint: the rollback alarms (bin_count_deploy's,
+    rollout.alarm_names) and the live-quality alarms (bin_count_monitor's, monitor_metrics.alarm_names);
     an alarm on an endpoint that no longer exists only says INSUFFICIENT_DATA for ever. Named, not by
     prefix: the workers may describe and delete only the alarms of their endpoint. The names deleted
     (or that a dry run would delete)."""
-    from bin_counter.rollout import alarm_names
+    from bin_counter import monitor_metrics, rollout
 
-    wanted = list(alarm_names(endpoint_name).values())
+    wanted = [*rollout.alarm_names(endpoint_name).values(), *monitor_metrics.alarm_names(endpoint_name).values()]
     existing = [a["AlarmName"] for a in cloudwatch.describe_alarms(AlarmNames=wanted)["MetricAlarms"]]
     if existing and not dry_run:
         cloudwatch.delete_alarms(AlarmNames=existing)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 
 from airflow.sdk import BaseOperator
 
@@ -358,18 +359,115 @@ class ContrastEnhanceOperator(BaseOperator):
         return publish(context, {**result, "bucket": self.bucket, "prefix": prefix})
 
 
+class LiveSourceOperator(BaseOperator):
+    """Captured photos whose count a client or a reviewer confirmed (`bin_counter.live`), from the
+    `lookback_hours` before the run, written in ABID's layout under `s3://<bucket>/<prefix>/` with
+    `live-` keys, and their keys and counts to `reports/live-<digest>.json` (what the split reads,
+    beside the fetch's key list). Off (`enabled` false): reads nothing and writes an empty key list,
+    so that the tasks after it run the same way either way.
+
+    Returns the keys file, its digest, and the source's report (what was found, confirmed, skipped).
+    """
+
+    template_fields: Sequence[str] = ("bucket", "prefix", "endpoint_name", "function_name", "lookback_hours", "enabled")
+    ui_color = "#f2d9e8"
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        endpoint_name: str | None,
+        function_name: str | None,
+        enabled: bool = False,
+        lookback_hours: int = 168,
+        prefix: str = "abid/raw",
+        aws_conn_id: str | None = "aws_default",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.bucket, self.prefix, self.enabled, self.lookback_hours = bucket, prefix, enabled, lookback_hours
+        self.endpoint_name, self.function_name, self.aws_conn_id = endpoint_name, function_name, aws_conn_id
+
+    def window(self, context) -> tuple:
+        """[start, end): the lookback before the run (its run_after, the same for every retry of it,
+        so a retried task reads the same requests), or before now without a run."""
+        from datetime import UTC, datetime, timedelta
+
+        run = (context or {}).get("dag_run")
+        end = getattr(run, "run_after", None) or datetime.now(UTC)
+        return end - timedelta(hours=int(self.lookback_hours)), end
+
+    def execute(self, context) -> dict:
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        from bin_counter import capture, live
+
+        client = _s3_client(self.aws_conn_id)
+        dest = _store(client, self.bucket, self.prefix)
+        enabled = self.enabled in (True, "True", "true")
+        if not enabled:
+            log.info("the live source is off (live_source Param): no captured photo is read")
+            return publish(context, self._write_keys(dest, {}, {"enabled": False}))
+        if not self.endpoint_name or not self.function_name:
+            raise ValueError("the live source needs the endpoint's and the API function's names")
+        start, end = self.window(context)
+        logs = AwsBaseHook(aws_conn_id=self.aws_conn_id, client_type="logs").get_conn()
+        keys = capture.capture_keys(client, self.bucket, self.endpoint_name, start, end)
+        verdicts = capture.read_verdicts(logs, self.function_name, start, end)
+        reviews, bad_rows = live.read_reviews(client, self.bucket)
+        report = live.LiveReport(bad_review_rows=bad_rows)
+        captured = capture.read_captures(client, self.bucket, keys, start, end)
+        photos = live.confirmed_photos(captured, verdicts, reviews, report)
+        written = live.write_photos(dest, photos)
+        log.info("live photos from %s to %s: %s; %s", start, end, report.summary(), written)
+        described = {
+            "enabled": True,
+            "endpoint": self.endpoint_name,
+            "function": self.function_name,
+            "window": [start.isoformat(timespec="seconds"), end.isoformat(timespec="seconds")],
+            "capture_files": len(keys),
+            **asdict(report),
+            **written,
+        }
+        return publish(context, self._write_keys(dest, {p.key: p.count for p in photos}, described))
+
+    def _write_keys(self, dest, counts: dict[str, int], described: dict) -> dict:
+        """The keys file and the full report (which photos were skipped, and why); returns the report
+        with the skipped photos and review rows counted, not listed (it goes to the dataset record)."""
+        name = selection_id(counts)
+        keys_path, report_path = f"reports/live-{name}.json", f"reports/live-report-{name}.json"
+        dest.write(keys_path, json.dumps(dict(sorted(counts.items()))).encode())
+        dest.write(report_path, json.dumps(described, indent=2, default=str).encode())
+        listed = ("invalid", "bad_review_rows")
+        return {
+            **{k: len(v) if k in listed else v for k, v in described.items()},
+            "photos": len(counts),
+            "keys_path": keys_path,
+            "report_path": report_path,
+            "keys_digest": name if counts else None,
+        }
+
+
 class BlockSplitOperator(BaseOperator):
     """Split by key blocks into `s3://<bucket>/datasets/<version>/`: a SageMaker ManifestFile per split
     (`<split>.manifest`, the photos listed where they lie under `image_prefix`, with a labels file
     written beside them; nothing copied), `manifest.csv` and `dataset.json`, reading counts from the
-    fetch's key list.
+    fetch's key list and, with `live_keys_path`, the live source's (its photos lie under the same prefix).
 
     `dataset` is what `bin_counter.dataset.plan` returns: the version and the split parameters it was
     derived from, so the split is made with exactly the parameters its version names. With
     `outlets`, each outlet's asset event carries the dataset's record (location, size, version).
     """
 
-    template_fields: Sequence[str] = ("bucket", "keys_prefix", "keys_path", "image_prefix", "dataset", "extra")
+    template_fields: Sequence[str] = (
+        "bucket",
+        "keys_prefix",
+        "keys_path",
+        "live_keys_path",
+        "image_prefix",
+        "dataset",
+        "extra",
+    )
     ui_color = "#e3f2d9"
 
     def __init__(
@@ -381,12 +479,13 @@ class BlockSplitOperator(BaseOperator):
         image_prefix: str,
         dataset: Mapping,
         extra: Mapping | None = None,
+        live_keys_path: str | None = None,
         aws_conn_id: str | None = "aws_default",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.bucket, self.keys_prefix, self.keys_path = bucket, keys_prefix, keys_path
-        self.image_prefix, self.dataset = image_prefix, dataset
+        self.image_prefix, self.dataset, self.live_keys_path = image_prefix, dataset, live_keys_path
         self.extra, self.aws_conn_id = extra, aws_conn_id
 
     def execute(self, context) -> dict:
@@ -395,7 +494,10 @@ class BlockSplitOperator(BaseOperator):
         version, parameters = self.dataset["version"], self.dataset["split"]
         dest_prefix = dataset.prefix_of(version)
         client = _s3_client(self.aws_conn_id)
-        counts = json.loads(_store(client, self.bucket, self.keys_prefix).read(self.keys_path))
+        keys = _store(client, self.bucket, self.keys_prefix)
+        counts = json.loads(keys.read(self.keys_path))
+        if self.live_keys_path:  # the live source's photos, beside ABID's under the same prefix
+            counts.update(json.loads(keys.read(self.live_keys_path)))
         records = [
             abid.Record(k, int(c))
             for k, c in counts.items()
@@ -414,6 +516,7 @@ class BlockSplitOperator(BaseOperator):
             "bucket": self.bucket,
             "prefix": dest_prefix,
             "images": table,
+            "sources": split.summarize_sources(records, assignment),
             "layout": dataset.LAYOUT,
             "image_prefix": self.image_prefix,
             "uri": f"s3://{self.bucket}/{dest_prefix}",

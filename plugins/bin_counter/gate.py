@@ -23,6 +23,12 @@ PUBLISHED_MODEL = Path(
 PUBLISHED_PREFIX = "models/published"
 # The test metrics the gate may compare on, and which way is better.
 GATE_METRICS = {"accuracy": "Maximize", "rmse": "Minimize"}
+# Live photos (captured requests with a confirmed count, bin_counter.live) in the test channel are
+# also scored alone (`test:live_*`, `champion:live_*`). With at least this many, a new model worse
+# than the serving one on them by more than the margin is held back, even when it is better overall:
+# they are the photos clients send. Fewer, and their score is shown but does not decide (one photo
+# in ten changes accuracy by 0.1).
+LIVE_MIN_PHOTOS = 30
 
 
 def final_metrics(training_job: Mapping) -> dict[str, float]:
@@ -37,6 +43,7 @@ def choose_deployment(
     gate_metric: str,
     margin: float,
     deploy: bool = True,
+    live_min_photos: int = LIVE_MIN_PHOTOS,
 ) -> dict:
     """What the gate decides: {"deploy": "new" | "published" | None, "model_version", "reason",
     "held_back"} (held_back: a serving model was kept, which on-call staff hear about).
@@ -44,7 +51,7 @@ def choose_deployment(
     Before anything serves, the champion may be the published model: the better of it and the new
     model is deployed, so the first model a client meets is a good one."""
     published = champion if champion and champion.get("published") else None
-    ok, reason = deployment_decision(metrics, champion is not None, gate_metric, margin)
+    ok, reason = deployment_decision(metrics, champion is not None, gate_metric, margin, live_min_photos)
     if published is not None and not ok and metrics.get(f"champion:{gate_metric}") is not None:
         choice = {
             "deploy": "published",
@@ -77,13 +84,47 @@ def choose_deployment(
 
 
 def deployment_decision(
-    metrics: Mapping[str, float], has_champion: bool, gate_metric: str, margin: float
+    metrics: Mapping[str, float],
+    has_champion: bool,
+    gate_metric: str,
+    margin: float,
+    live_min_photos: int = LIVE_MIN_PHOTOS,
 ) -> tuple[bool, str]:
     """Whether the newly trained model may replace the serving one, and why.
 
     Both were scored by the same training job on the same test images (`test:*` and `champion:*`).
     The new model deploys when it is not worse than the champion by more than `margin` on
-    `gate_metric`."""
+    `gate_metric`, on all test photos and, when there are `live_min_photos` of them, on the live
+    photos alone."""
+    ok, reason = overall_decision(metrics, has_champion, gate_metric, margin)
+    if not ok or not has_champion:
+        return ok, reason
+    live_ok, live_reason = live_decision(metrics, gate_metric, margin, live_min_photos)
+    return live_ok, f"{reason}; {live_reason}"
+
+
+def live_decision(
+    metrics: Mapping[str, float], gate_metric: str, margin: float, live_min_photos: int
+) -> tuple[bool, str]:
+    """The same comparison on the test channel's live photos: (False, why) only when there are enough
+    of them and the new model is worse on them by more than `margin`."""
+    new, old = metrics.get(f"test:live_{gate_metric}"), metrics.get(f"champion:live_{gate_metric}")
+    n = int(metrics.get("test:live_n") or 0)
+    if new is None or old is None:
+        return True, "no live photos in the test set"
+    summary = f"live test {gate_metric} on {n} photos: new {new:.4f}, serving {old:.4f}"
+    if n < live_min_photos:
+        return True, f"{summary}, fewer than {live_min_photos}: shown, not deciding"
+    worse_by = (old - new) if GATE_METRICS[gate_metric] == "Maximize" else (new - old)
+    if worse_by > margin:
+        return False, f"but on the live photos the new model is worse by {worse_by:.4f} ({summary})"
+    return True, f"and not worse beyond the margin on the live photos ({summary})"
+
+
+def overall_decision(
+    metrics: Mapping[str, float], has_champion: bool, gate_metric: str, margin: float
+) -> tuple[bool, str]:
+    """The comparison on all test photos."""
     if gate_metric not in GATE_METRICS:
         raise ValueError(f"gate metric {gate_metric!r}: choose one of {sorted(GATE_METRICS)}")
     new = metrics.get(f"test:{gate_metric}")

@@ -78,11 +78,13 @@ def evaluation_report(card_metrics: Mapping, decision: Mapping, training_job: st
 
 
 def _scores(metrics: Mapping) -> dict:
+    live = metrics.get("live")  # the test set's live photos alone (captured requests), when it had any
     return {
         "model_version": metrics.get("model_version"),
         **{key: metrics.get(key) for key, _, _ in TABLE_METRICS},
         "per_count_accuracy": metrics.get("per_class_accuracy"),
         "confusion_matrix": metrics.get("confusion_matrix"),
+        "live": {key: live.get(key) for key in ("n", *(k for k, _, _ in TABLE_METRICS))} if live else None,
     }
 
 
@@ -115,10 +117,27 @@ def review_markdown(report: Mapping) -> str:
         lines += ["", "| items in the bin | candidate accuracy | serving accuracy |", "| --- | --- | --- |"]
         for count in sorted(per_new, key=lambda c: int(c) if str(c).isdigit() else 99):
             lines.append(f"| {count} | {_number(per_new[count])} | {_number(per_old.get(count))} |")
+    lines += _live_rows(candidate.get("live"), (serving or {}).get("live"))
     lines += ["", f"**The gate says:** {report['gate']['reason']}"]
     if not serving:
         lines.append("Nothing serves yet: there is no model to compare with.")
     return "\n".join(lines)
+
+
+def _live_rows(new: Mapping | None, old: Mapping | None) -> list[str]:
+    """The comparison on the live photos alone (clients' photos with a confirmed count), if any."""
+    if not new:
+        return []
+    lines = [
+        "",
+        f"On the {new['n']} live photos of the test set (captured requests whose count was confirmed):",
+        "",
+        "| metric | candidate | serving now |",
+        "| --- | --- | --- |",
+    ]
+    for key, label, _ in TABLE_METRICS:
+        lines.append(f"| {label} | {_number(new.get(key))} | {_number((old or {}).get(key))} |")
+    return lines
 
 
 def _number(value) -> str:

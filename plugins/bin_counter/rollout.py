@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from botocore.exceptions import ClientError
 
-from bin_counter import sagemaker_config
+from bin_counter import capture, sagemaker_config, scaling
 
 VARIANT = "AllTraffic"
 ROLLOUTS = ("all_at_once", "canary", "linear")
@@ -139,9 +139,21 @@ def deployment_requests(
     model = sagemaker_config.model_config(
         names["model"], version["image"], version["model_data_url"], role_arn, tags, environment
     )
+    check_sizing(params)
+    # No capture_percent (an older run's params) or 0: no DataCaptureConfig, nothing recorded.
+    percent = params.get("capture_percent") or 0
     config = sagemaker_config.endpoint_config(
-        names["endpoint_config"], names["model"], params["endpoint_instance_type"], params["instance_count"], tags
+        names["endpoint_config"],
+        names["model"],
+        params["endpoint_instance_type"],
+        params["instance_count"],
+        tags,
+        capture.data_capture_config(params["bucket"], percent) if percent else None,
     )
+    if params.get("serving") == "serverless":
+        config["ProductionVariants"][0] = scaling.serverless_variant(
+            config["ProductionVariants"][0], params["serverless_memory_mb"], params["serverless_max_concurrency"]
+        )
     alarms = endpoint_alarms(endpoint, params["max_5xx_per_minute"], params["max_model_latency_ms"])
     if endpoint_exists:
         request = {
@@ -164,7 +176,34 @@ def deployment_requests(
         "alarms": alarms,
         "endpoint": request,
         "operation": "update" if endpoint_exists else "create",
+        "scaling": scaling.autoscaling_for(endpoint, VARIANT, params),
     }
+
+
+def check_sizing(params: Mapping) -> None:
+    """Refuse, before anything is created, a rollout the endpoint's size cannot take: a canary or a
+    linear step turns on whole instances, at most half the fleet (SageMaker: CanarySize "less than or
+    equal to 50% of the variant's total instance count", LinearStepSize "10-50%" of it), so it needs
+    two instances or more; a serverless endpoint has no instances to take a share of."""
+    rollout, count = params["rollout"], params["instance_count"]
+    if params.get("serving") == "serverless":
+        scaling.check_serverless(params)
+        return
+    if rollout == "all_at_once":
+        return
+    if count < 2:
+        raise ValueError(
+            f"rollout {rollout} needs two instances or more: a {rollout} step turns on whole instances, at most "
+            f"half of the {count} instance(s) asked (instance_count), so one instance cannot take one. Deploy "
+            "with rollout all_at_once, or instance_count 2 or more"
+        )
+    percent = params["canary_percent"] if rollout == "canary" else params["linear_step_percent"]
+    if percent * count // 100 < 1:
+        raise ValueError(
+            f"rollout {rollout}: {percent}% of {count} instances is no whole instance; raise "
+            f"{'canary_percent' if rollout == 'canary' else 'linear_step_percent'} to {-(-100 // count)} or more, "
+            "or deploy more instances"
+        )
 
 
 def ensure_model_and_config(sm, built: Mapping) -> str:

@@ -39,6 +39,14 @@ METRIC_DEFINITIONS: list[dict[str, str]] = [
     {"Name": "champion:rmse", "Regex": rf"\bchampion_test_rmse={_NUMBER}"},
     {"Name": "champion:mae", "Regex": rf"\bchampion_test_mae={_NUMBER}"},
     {"Name": "champion:within_1", "Regex": rf"\bchampion_test_within_1={_NUMBER}"},
+    # The same on the live photos of the test channel alone (keys "live-...", bin_counter.live), both
+    # models; printed only when the test channel holds live photos.
+    {"Name": "test:live_accuracy", "Regex": rf"\blive_test_accuracy={_NUMBER}"},
+    {"Name": "test:live_rmse", "Regex": rf"\blive_test_rmse={_NUMBER}"},
+    {"Name": "test:live_n", "Regex": rf"\blive_test_n={_NUMBER}"},
+    {"Name": "champion:live_accuracy", "Regex": rf"\bchampion_live_test_accuracy={_NUMBER}"},
+    {"Name": "champion:live_rmse", "Regex": rf"\bchampion_live_test_rmse={_NUMBER}"},
+    {"Name": "champion:live_n", "Regex": rf"\bchampion_live_test_n={_NUMBER}"},
 ]
 # Tuning objectives that make sense for the counter, with their direction.
 OBJECTIVES = {"validation:accuracy": "Maximize", "validation:rmse": "Minimize", "validation:loss": "Minimize"}
@@ -318,10 +326,18 @@ def model_config(
 
 
 def endpoint_config(
-    name: str, model_name: str, instance_type: str, instance_count: int = 1, tags: Mapping[str, str] | None = None
+    name: str,
+    model_name: str,
+    instance_type: str,
+    instance_count: int = 1,
+    tags: Mapping[str, str] | None = None,
+    data_capture: Mapping | None = None,
 ) -> dict:
-    """CreateEndpointConfig with one variant serving `model_name`."""
+    """CreateEndpointConfig with one variant serving `model_name`; with `data_capture` (SageMaker's
+    DataCaptureConfig, bin_counter.capture.data_capture_config) the endpoint records its requests."""
+    capture = {"DataCaptureConfig": dict(data_capture)} if data_capture else {}
     return {
+        **capture,
         "EndpointConfigName": name,
         "ProductionVariants": [
             {

@@ -23,6 +23,7 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 
+from bin_counter import live
 from bin_counter.abid import (
     IMAGE_PREFIX,
     MissingObject,
@@ -56,6 +57,16 @@ def check_shares(shares: Mapping[str, float]) -> dict[str, float]:
     return {s: float(shares.get(s, 0.0)) for s in SPLITS}
 
 
+def block_of(key: str, block_size: int) -> str:
+    """The split block of a key: a run of consecutive ABID keys, or a live photo's capture hour."""
+    return live.block(key) if live.is_live(key) else key_block(key, block_size)
+
+
+def source_of(key: str) -> str:
+    """Where a dataset's photo came from: "live" (a captured request) or "abid"."""
+    return live.SOURCE if live.is_live(key) else "abid"
+
+
 def assign_splits(
     records: Iterable[Record],
     shares: Mapping[str, float] = DEFAULT_SHARES,
@@ -64,13 +75,24 @@ def assign_splits(
 ) -> dict[str, str]:
     """key -> split. Reproducible for the same records, shares, block size and seed.
 
-    Blocks are visited in a seeded random order, largest first, and each goes to the split whose
-    per-count targets it helps most (a greedy stratified group split).
+    Each source (ABID, live photos) is split on its own, so that each gives every split its share
+    (a few live photos among thousands of ABID ones would otherwise all land where ABID needs them).
     """
-    shares = check_shares(shares)
+    by_source: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        by_source[source_of(record.key)].append(record)
+    assignment: dict[str, str] = {}
+    for name in sorted(by_source):
+        assignment.update(_assign_blocks(by_source[name], check_shares(shares), block_size, seed))
+    return assignment
+
+
+def _assign_blocks(records: list[Record], shares: dict[str, float], block_size: int, seed: int) -> dict[str, str]:
+    """Blocks are visited in a seeded random order, largest first, and each goes to the split whose
+    per-count targets it helps most (a greedy stratified group split)."""
     blocks: dict[str, list[Record]] = defaultdict(list)
     for record in records:
-        blocks[key_block(record.key, block_size)].append(record)
+        blocks[block_of(record.key, block_size)].append(record)
     totals = Counter(r.count for rs in blocks.values() for r in rs)
     targets = {s: {c: shares[s] * n for c, n in totals.items()} for s in SPLITS}
     current: dict[str, Counter[int]] = {s: Counter() for s in SPLITS}
@@ -122,7 +144,7 @@ def write_split_layout(
                 "key": record.key,
                 "count": record.count,
                 "split": split,
-                "block": key_block(record.key, block_size),
+                "block": block_of(record.key, block_size),
                 "source": source_label,
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
@@ -187,7 +209,7 @@ def write_manifests(
             "key": r.key,
             "count": r.count,
             "split": assignment[r.key],
-            "block": key_block(r.key, block_size),
+            "block": block_of(r.key, block_size),
             "source": images.uri,
             "etag": photos[image_path(r.key)][1],
         }
@@ -203,6 +225,14 @@ def write_manifests(
         out.write(CHANNEL_MANIFEST.format(split=name), json.dumps(manifest).encode())
     write_rows(out, rows, REFERENCE_FIELDS)
     return rows
+
+
+def summarize_sources(records: Iterable[Record], assignment: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """Photos per source and split ({"abid": {"train": n, ...}, "live": {...}}), for the dataset record."""
+    table: dict[str, Counter] = defaultdict(Counter)
+    for record in records:
+        table[source_of(record.key)][assignment[record.key]] += 1
+    return {name: {s: table[name][s] for s in SPLITS} for name in sorted(table)}
 
 
 def summarize(records: Iterable[Record], assignment: Mapping[str, str]) -> dict[str, dict[int, int]]:

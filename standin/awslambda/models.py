@@ -40,6 +40,8 @@ from standin.awslambda.exceptions import (
     ResourceConflictException,
     ResourceNotFoundException,
 )
+from standin.awslambda.logs import FunctionLogs, stream_name
+from standin.cloudwatch.metrics import LAMBDA_NAMESPACE, MetricPublisher, lambda_values
 from standin.core import ACCOUNT
 from standin.roles import RoleCheck
 
@@ -54,12 +56,19 @@ class Timedout(Exception):
 class ExecutionEnvironment:
     """One warm runner process of one function revision."""
 
-    def __init__(self, command: list[str], env: dict, log_path: Path, revision: str) -> None:
+    def __init__(
+        self, command: list[str], env: dict, log_path: Path, revision: str, shipped: tuple | None = None
+    ) -> None:
+        """`shipped`: (FunctionLogs, role, function) to send the output to CloudWatch Logs as well."""
         self.revision = revision
         self.log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env
-        )
+        output = subprocess.PIPE if shipped else self.log
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=output, env=env)
+        self.following = shipped is not None
+        if shipped is not None:
+            logs, role, function = shipped
+            # One stream per execution environment; the follower closes the log file when the process ends.
+            logs.follow(self.process.stderr, self.log, role, function, stream_name())
 
     def invoke(self, payload: bytes, timeout_s: float) -> dict:
         """The runner's answer ({"result": ...} or {"error": ...}); Timedout, or EOFError when it died."""
@@ -82,16 +91,28 @@ class ExecutionEnvironment:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        self.log.close()
+        if not self.following:
+            self.log.close()
 
 
 class LambdaBackend:
     """Functions: their records and code, and a pool of warm environments per function."""
 
     def __init__(
-        self, state_dir: Path, python: str = sys.executable, region: str = "us-east-1", roles: RoleCheck | None = None
+        self,
+        state_dir: Path,
+        python: str = sys.executable,
+        region: str = "us-east-1",
+        roles: RoleCheck | None = None,
+        metrics: MetricPublisher | None = None,
+        logs: FunctionLogs | None = None,
     ) -> None:
         self.roles = roles or RoleCheck(None)
+        # The functions' output in CloudWatch Logs (standin.awslambda.logs); None: function.log only.
+        self.logs = logs
+        # Lambda's own metrics (AWS/Lambda, standin.cloudwatch.metrics); None: none published.
+        self.metrics = metrics
+        self.running: dict[str, int] = {}  # function -> invocations running now (ConcurrentExecutions)
         self.root = Path(state_dir) / "lambda"
         self.root.mkdir(parents=True, exist_ok=True)
         self.python, self.region = python, region
@@ -201,7 +222,25 @@ class LambdaBackend:
                 self.saved.pop(name, None)
 
     def invoke(self, name: str, payload: bytes, invocation_type: str) -> tuple[int, bytes, dict]:
-        """(status, payload, headers) of one RequestResponse invocation."""
+        """(status, payload, headers) of one RequestResponse invocation, counted in Lambda's metrics when
+        the function's code ran (not a refused request, not a DryRun)."""
+        with self.lock:
+            self.running[name] = concurrent = self.running.get(name, 0) + 1
+        started = time.perf_counter()
+        ran = False
+        try:
+            answer = self._run_invocation(name, payload, invocation_type)
+            ran = invocation_type != "DryRun"
+            return answer
+        finally:
+            with self.lock:
+                self.running[name] -= 1
+            if ran and self.metrics is not None:
+                failed = "X-Amz-Function-Error" in answer[2]
+                values = lambda_values(failed, time.perf_counter() - started, concurrent)
+                self.metrics.add(LAMBDA_NAMESPACE, (("FunctionName", name),), values)
+
+    def _run_invocation(self, name: str, payload: bytes, invocation_type: str) -> tuple[int, bytes, dict]:
         if invocation_type not in ("RequestResponse", "DryRun", ""):
             raise InvalidParameterValueException(f"the stand-in runs RequestResponse only, not {invocation_type}")
         config = self._config(name)
@@ -286,8 +325,9 @@ class LambdaBackend:
             "--memory-mb",
             str(config["MemorySize"]),
         ]
-        # The function's log (what it prints), as CloudWatch Logs would keep it.
-        return ExecutionEnvironment(command, env, self._folder(name) / "function.log", config["RevisionId"])
+        # The function's log (what it prints), in function.log and, as Lambda sends it, CloudWatch Logs.
+        shipped = (self.logs, config["Role"], name) if self.logs is not None else None
+        return ExecutionEnvironment(command, env, self._folder(name) / "function.log", config["RevisionId"], shipped)
 
     def _release(self, name: str, environment: ExecutionEnvironment) -> None:
         with self.lock:
@@ -304,3 +344,5 @@ class LambdaBackend:
             self.warm.clear()
         for environment in environments:
             environment.stop()
+        if self.logs is not None:
+            self.logs.stop()

@@ -5,9 +5,11 @@ JSON event per line on stdin, one JSON answer per line on stdout, until stdin cl
 
 Each answer is {"result": <the handler's return value>} or {"error": <Lambda's error payload:
 errorMessage, errorType, stackTrace>}. What the function prints goes to stderr (its log), never into
-an answer. The memory size becomes an address-space limit (RLIMIT_AS) where the OS allows it, as
-generous as Python needs to start. As on Lambda, the module's globals (clients, models) live as long
-as the environment: the stand-in reuses a warm environment for the next invocation.
+an answer, between the START, END and REPORT lines Lambda's runtime writes around each invocation
+(https://docs.aws.amazon.com/lambda/latest/dg/python-logging.html). The memory size becomes an
+address-space limit (RLIMIT_AS) where the OS allows it, as generous as Python needs to start. As on
+Lambda, the module's globals (clients, models) live as long as the environment: the stand-in reuses a
+warm environment for the next invocation.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -50,6 +53,24 @@ def limit_memory(memory_mb: int) -> None:
         pass  # not every OS lets a process cap itself
 
 
+def max_memory_mb() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: kilobytes
+    except ImportError:
+        return 0
+
+
+def report_line(request_id: str, seconds: float, memory_mb: int) -> str:
+    """Lambda's REPORT line; billed duration is the duration rounded up to the millisecond."""
+    ms = seconds * 1000
+    return (
+        f"REPORT RequestId: {request_id}\tDuration: {ms:.2f} ms\tBilled Duration: {math.ceil(ms)} ms\t"
+        f"Memory Size: {memory_mb} MB\tMax Memory Used: {max_memory_mb()} MB"
+    )
+
+
 def error_payload(exc: BaseException) -> dict:
     return {
         "errorMessage": str(exc),
@@ -79,11 +100,16 @@ def main() -> int:
         if init_error is not None:
             answer = {"error": init_error}
         else:
+            context = Context(args.memory_mb, timeout_s)
+            print(f"START RequestId: {context.aws_request_id} Version: {context.function_version}", flush=True)
+            started = time.perf_counter()
             try:
-                answer = {"result": handler(json.loads(line), Context(args.memory_mb, timeout_s))}
+                answer = {"result": handler(json.loads(line), context)}
                 text = json.dumps(answer)
             except Exception as exc:  # the handler's error, or a result JSON cannot carry
                 answer = {"error": error_payload(exc)}
+            print(f"END RequestId: {context.aws_request_id}", flush=True)
+            print(report_line(context.aws_request_id, time.perf_counter() - started, args.memory_mb), flush=True)
         text = json.dumps(answer) if "error" in answer else text
         answers.write(text + "\n")
         answers.flush()

@@ -212,6 +212,9 @@ class Fleet:
     def __init__(self, config_name: str, instances: list[Worker]) -> None:
         self.config_name, self.instances = config_name, instances
         self.turn = itertools.count()
+        # The configuration's DataCaptureConfig and the model's role, which writes the captures
+        # (set by the backend once the fleet serves; None: nothing captured).
+        self.capture: tuple[dict, str] | None = None
 
     def next_port(self) -> int:
         return self.instances[next(self.turn) % len(self.instances)].port
@@ -283,6 +286,28 @@ class EndpointHost:
         for replaced in (old, green[0] if green else None):
             if replaced is not None and replaced is not fleet:
                 self._retire_later(replaced, retire_after)
+
+    def resize(self, endpoint: str, count: int, start_more: Callable[[int], Fleet]) -> None:
+        """The live fleet to `count` instances: `start_more(n)` starts n more beside the running ones
+        (they take requests once each answers /ping), or the last ones stop taking requests and are
+        retired once theirs finish. KeyError when nothing serves `endpoint`."""
+        with self.lock:
+            have = len(self.live[endpoint].instances)
+        if count > have:
+            extra = start_more(count - have)
+            with self.lock:
+                fleet = self.live.get(endpoint)
+                if fleet is not None:
+                    fleet.instances = fleet.instances + extra.instances
+            if fleet is None:  # deleted meanwhile
+                self._retire_later(extra, 0.0)
+                raise KeyError(endpoint)
+        elif count < have:
+            with self.lock:
+                fleet = self.live[endpoint]
+                kept, dropped = fleet.instances[:count], fleet.instances[count:]
+                fleet.instances = kept
+            self._retire_later(Fleet(fleet.config_name, dropped), 5.0)
 
     def route(self, endpoint: str, fleet: Fleet, share: float) -> None:
         """Send `share` (0 to 1) of `endpoint`'s requests to `fleet`, the rest to the live one."""

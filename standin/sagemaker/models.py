@@ -19,16 +19,19 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
+from botocore.config import Config
 
 from standin.aws_calls import role_credentials, service_credentials
 from standin.cloudwatch.evaluator import AlarmEvaluator
 from standin.cloudwatch.metrics import MetricPublisher
 from standin.core import ACCOUNT, AwsError
 from standin.roles import RoleCheck
-from standin.sagemaker import endpoints, rollout, training, transform, tuning
+from standin.sagemaker import endpoints, rollout, serverless, training, transform, tuning
+from standin.sagemaker.capture import CaptureWriter, check_config
 from standin.sagemaker.endpoints import EndpointHost, Fleet, WorkerFailed
 from standin.sagemaker.exceptions import (
     ModelError,
@@ -205,6 +208,7 @@ class SageMakerBackend:
         invoke_burst: int = 1,
         unhealthy_models: str | None = None,
         roles: RoleCheck | None = None,
+        serverless_idle_s: float = serverless.IDLE_S,
     ) -> None:
         self.store = Store(Path(state_dir), region)
         self.aws_endpoint, self.python, self.region = aws_endpoint, container_python, region
@@ -219,6 +223,8 @@ class SageMakerBackend:
         self.invoke_limit = TokenBucket(invoke_rate, invoke_burst)
         # SageMaker's metrics and CloudWatch's alarm evaluation are AWS's own work, not the caller's.
         self.metrics = MetricPublisher(lambda: self._service_client("cloudwatch"))
+        self.captures = CaptureWriter(self._capture_client)  # endpoints' data capture, in the background
+        self.serverless = serverless.ServerlessPool(self._warm, self._scale_to_zero, serverless_idle_s)
         self.bake_poll = 1.0  # how often alarms are evaluated during a baking period
         self.roles = roles or RoleCheck(None)
         # Failure drills: models whose name matches fail their health check, as a broken container would.
@@ -239,6 +245,14 @@ class SageMakerBackend:
         the model's role, never with the caller's rights."""
         return boto3.client(
             service, endpoint_url=self.aws_endpoint, region_name=self.region, **role_credentials(role_arn)
+        )
+
+    def _capture_client(self, role_arn: str):
+        # Short timeouts and no retries: an unreachable S3 holds up the capture thread only briefly,
+        # and what it could not write is tried again on its next turn.
+        quick = Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1})
+        return boto3.client(
+            "s3", endpoint_url=self.aws_endpoint, region_name=self.region, config=quick, **role_credentials(role_arn)
         )
 
     def _service_client(self, service: str):
@@ -286,6 +300,8 @@ class SageMakerBackend:
         the next start)."""
         self.endpoints.stop_all()
         self.metrics.stop()
+        self.captures.stop()
+        self.serverless.close()
         self.closing = True
         for run in list(self.transforms.values()):
             run.stop()
@@ -419,6 +435,7 @@ class SageMakerBackend:
             return self.store.create("model", params)
 
     def create_endpoint_config(self, params: dict) -> dict:
+        check_config(params.get("DataCaptureConfig"))
         with self.lock:
             for variant in params["ProductionVariants"]:
                 self.store.get("model", variant["ModelName"])  # AWS refuses a config of a model it does not know
@@ -449,6 +466,7 @@ class SageMakerBackend:
 
     def delete_endpoint(self, name: str) -> None:
         with self.lock:
+            self.serverless.forget(name)
             self.endpoints.stop(name)
             self.store.delete("endpoint", name)
 
@@ -478,10 +496,13 @@ class SageMakerBackend:
 
     def _deploy(self, name: str, config_name: str, updating: bool, deployment_config: dict | None = None) -> None:
         try:
+            if updating and self.serverless.is_serverless(name):
+                self._warm(name)  # a serverless endpoint that scaled to zero serves (blue) while green starts
             # AWS lets a configuration (and its model) be deleted while an endpoint deploys it, having read
             # both at the request; the stand-in reads them here, and fails the deployment saying why
             # rather than leave the endpoint Creating for ever.
-            variant = self.store.get("endpoint-config", config_name)["ProductionVariants"][0]
+            config = self.store.get("endpoint-config", config_name)
+            variant = config["ProductionVariants"][0]
             model = self.store.get("model", variant["ModelName"])
             if self.unhealthy_models and self.unhealthy_models.search(variant["ModelName"]):
                 raise WorkerFailed(
@@ -500,6 +521,8 @@ class SageMakerBackend:
                 environment,
                 count,
             )
+            if config.get("DataCaptureConfig"):
+                fleet.capture = (config["DataCaptureConfig"], model["ExecutionRoleArn"])
         except (AwsError, WorkerFailed) as exc:
             reason = exc.message if isinstance(exc, AwsError) else str(exc)
             with self.lock:
@@ -543,6 +566,110 @@ class SageMakerBackend:
                     }
                 ],
             )
+            self._serving_kind(endpoint, variant)
+            self.store.put("endpoint", endpoint)
+
+    # -- sizes: instance counts, serverless ------------------------------------------------------------
+    def _serving_kind(self, endpoint: dict, variant: dict) -> None:
+        """A serverless variant is summarised by its ServerlessConfig (DescribeEndpoint's
+        Current/DesiredServerlessConfig), not instance counts, and its requests are admitted by the pool."""
+        config = variant.get("ServerlessConfig")
+        if config is None:
+            self.serverless.forget(endpoint["EndpointName"])
+            return
+        summary = endpoint["ProductionVariants"][0]
+        for key in ("CurrentInstanceCount", "DesiredInstanceCount"):
+            summary.pop(key, None)
+        summary.update(CurrentServerlessConfig=dict(config), DesiredServerlessConfig=dict(config))
+        self.serverless.serve(endpoint["EndpointName"], config["MaxConcurrency"])
+
+    def _warm(self, name: str) -> None:
+        """A serverless endpoint's model server, started if it scaled to zero (the cold start)."""
+        if name in self.endpoints.live:
+            return
+        endpoint = self.store.get("endpoint", name)
+        config_name = endpoint["EndpointConfigName"]
+        variant = self.store.get("endpoint-config", config_name)["ProductionVariants"][0]
+        model = self.store.get("model", variant["ModelName"])
+        container = model["PrimaryContainer"]
+        log.info("endpoint %s: cold start", name)
+        try:
+            fleet = self.endpoints.start(
+                name, config_name, container["ModelDataUrl"], model["ExecutionRoleArn"], container.get("Environment")
+            )
+        except WorkerFailed as exc:
+            raise ModelNotReadyException(f"the serverless endpoint's model did not start: {exc}") from exc
+        self.endpoints.switch(name, fleet, 0.0)
+
+    def _scale_to_zero(self, name: str) -> None:
+        try:
+            status = self.store.get("endpoint", name)["EndpointStatus"]
+        except ValidationException:
+            return
+        if status == "InService":  # an update in progress keeps what it runs
+            log.info("endpoint %s: idle, scaled to zero", name)
+            self.endpoints.stop(name)
+
+    def update_weights_and_capacities(self, name: str, desired: list[dict]) -> dict:
+        """UpdateEndpointWeightsAndCapacities: the variant's instance count changes (what Application
+        Auto Scaling calls); the endpoint is Updating until the model servers are there."""
+        with self.lock:
+            endpoint = self.store.get("endpoint", name)
+            if endpoint["EndpointStatus"] != "InService":
+                raise ValidationException(f'Cannot update in-progress endpoint "{endpoint["EndpointArn"]}".')
+            summary = endpoint["ProductionVariants"][0]
+            [wanted] = desired  # one variant per endpoint here (bin_counter's AllTraffic)
+            if wanted["VariantName"] != summary["VariantName"]:
+                raise ValidationException(
+                    f'The variant(s) "[{wanted["VariantName"]}]" is/are not present in the endpoint "{name}".'
+                )
+            if "DesiredInstanceCount" in wanted and "CurrentServerlessConfig" in summary:
+                raise ValidationException(
+                    f"Variant {wanted['VariantName']} of endpoint {name} is serverless: it has no instance count "
+                    "(stand-in's wording)"
+                )
+            count = wanted.get("DesiredInstanceCount", summary.get("DesiredInstanceCount", 1))
+            summary["DesiredInstanceCount"] = count
+            if "DesiredWeight" in wanted:
+                summary["DesiredWeight"] = float(wanted["DesiredWeight"])
+            endpoint.update(EndpointStatus="Updating", LastModifiedTime=time.time())
+            self.store.put("endpoint", endpoint)
+        threading.Thread(target=self._resize, args=(name, count), daemon=True, name=f"resize-{name}").start()
+        return endpoint
+
+    def _resize(self, name: str, wanted: int) -> None:
+        """As many model servers as `wanted` instances (at most one per core), added beside the running
+        ones or retired from them; then InService with the new CurrentInstanceCount."""
+        endpoint = self.store.get("endpoint", name)
+        variant = self.store.get("endpoint-config", endpoint["EndpointConfigName"])["ProductionVariants"][0]
+        model = self.store.get("model", variant["ModelName"])
+        container = model["PrimaryContainer"]
+        count, environment = self._instances(name, {"InitialInstanceCount": wanted}, container.get("Environment") or {})
+        failure = None
+        try:
+            self.endpoints.resize(
+                name,
+                count,
+                lambda more: self.endpoints.start(
+                    name,
+                    endpoint["EndpointConfigName"],
+                    container["ModelDataUrl"],
+                    model["ExecutionRoleArn"],
+                    environment,
+                    more,
+                ),
+            )
+        except (KeyError, WorkerFailed) as exc:
+            failure = f"the instance count did not change: {exc}"
+        with self.lock:
+            endpoint = self.store.get("endpoint", name)
+            summary = endpoint["ProductionVariants"][0]
+            running = self.endpoints.live.get(name)
+            summary["CurrentInstanceCount"] = len(running.instances) if running else 0
+            summary["CurrentWeight"] = summary.get("DesiredWeight", summary.get("CurrentWeight", 1.0))
+            endpoint.update(EndpointStatus="InService", LastModifiedTime=time.time())
+            if failure:
+                endpoint["FailureReason"] = failure
             self.store.put("endpoint", endpoint)
 
     # -- blue/green updates ---------------------------------------------------------------------------
@@ -572,11 +699,18 @@ class SageMakerBackend:
         back (an alarm in ALARM, or MaximumExecutionTimeoutInSeconds passed), else None."""
         started = time.monotonic()
         limit = policy.get("MaximumExecutionTimeoutInSeconds")
-        evaluator = AlarmEvaluator(self._service_client("cloudwatch")) if alarms else None
+        evaluator = (
+            AlarmEvaluator(self._service_client("cloudwatch"), self._service_client("sns"), self.region)
+            if alarms
+            else None
+        )
         reader = self._client("cloudwatch", role) if alarms else None
         with self.lock:
             variant = self.store.get("endpoint", name).get("PendingDeploymentSummary", {}).get("ProductionVariants")
-        for share, bake in rollout.steps(policy, count):
+        # A step turns on whole instances of the fleet the configuration asks for (however many model
+        # servers stand for them on this machine).
+        desired = (variant or [{}])[0].get("DesiredInstanceCount", count)
+        for share, bake in rollout.steps(policy, desired):
             self.endpoints.route(name, fleet, share)
             log.info("endpoint %s: %.0f%% of requests to %s, baking %ds", name, share * 100, fleet.config_name, bake)
             if variant:
@@ -628,9 +762,11 @@ class SageMakerBackend:
             )
             self.store.put("endpoint", endpoint)
 
-    def invoke(self, name: str, body: bytes, content_type: str | None, accept: str | None) -> tuple[bytes, str]:
+    def invoke(
+        self, name: str, body: bytes, content_type: str | None, accept: str | None, inference_id: str | None = None
+    ) -> tuple[bytes, str]:
         """SageMaker Runtime InvokeEndpoint: the model server's answer and its content type, or its
-        error as ModelError."""
+        error as ModelError. An answered request is captured as the serving configuration says."""
         # SageMaker Runtime's own error for an endpoint it cannot invoke (its service model's
         # ValidationError, not the SageMaker API's ValidationException), with AWS's message for a missing one.
         try:
@@ -641,7 +777,7 @@ class SageMakerBackend:
             raise RuntimeValidationError(f"Endpoint {name} is {endpoint['EndpointStatus']}, not InService.")
         if not self.invoke_limit.take(name):
             raise ThrottlingException("Rate exceeded")
-        arrived = time.perf_counter()
+        arrived, arrived_at = time.perf_counter(), datetime.now(UTC)
         try:
             fleet, port = self.endpoints.pick(name)
         except KeyError as exc:
@@ -658,6 +794,10 @@ class SageMakerBackend:
         self.metrics.record(name, variant, status, answered - sent, sent - arrived, len(fleet.instances))
         if status != 200:
             raise ModelError(status, payload.decode(errors="replace"))
+        if fleet.capture is not None:
+            config, role = fleet.capture
+            request, answer = (body, content_type), (payload, response_type)
+            self.captures.record(config, role, (name, variant), request, answer, inference_id, arrived_at)
         return payload, response_type
 
     # -- batch transform jobs -------------------------------------------------------------------------

@@ -219,7 +219,15 @@ class SageMakerResponse:
                 lambda: authorizations("InvokeEndpoint", {"EndpointName": name}, self.backend.region),
                 "standin",
             )
-            payload, content_type = self.backend.invoke(name, body, headers.get("Content-Type"), headers.get("Accept"))
+            # A serverless endpoint's smaller body limit, MaxConcurrency and cold start (standin.sagemaker.serverless).
+            with self.backend.serverless.admitted(name, request_id, len(body)):
+                payload, content_type = self.backend.invoke(
+                    name,
+                    body,
+                    headers.get("Content-Type"),
+                    headers.get("Accept"),
+                    headers.get("X-Amzn-SageMaker-Inference-Id"),  # InferenceId (botocore's sagemaker-runtime model)
+                )
         except AwsError as exc:
             return (
                 exc.status,
@@ -309,6 +317,12 @@ class SageMakerResponse:
     def op_UpdateEndpoint(self, params: dict) -> dict:
         endpoint = self.backend.update_endpoint(
             params["EndpointName"], params["EndpointConfigName"], params.get("DeploymentConfig")
+        )
+        return {"EndpointArn": endpoint["EndpointArn"]}
+
+    def op_UpdateEndpointWeightsAndCapacities(self, params: dict) -> dict:
+        endpoint = self.backend.update_weights_and_capacities(
+            params["EndpointName"], params["DesiredWeightsAndCapacities"]
         )
         return {"EndpointArn": endpoint["EndpointArn"]}
 

@@ -11,10 +11,12 @@ botocore's service model (TrafficRoutingConfig, CapacitySize):
 - LINEAR: steps of `LinearStepSize` ("Value must be 10-50% of the variant's total instance count"),
   each baked, until green has all of it.
 The baking period is `WaitIntervalInSeconds` ("the waiting time between incremental steps"); the final
-one is taken to be as long (the guide gives it no length of its own). A step's share of requests is its
-share of the fleet's capacity: INSTANCE_COUNT k of n instances is k/n, CAPACITY_PERCENT p is p/100
-(kept as a percentage rather than rounded to instances, so that a one-instance endpoint can still have
-a 50% canary locally).
+one is taken to be as long (the guide gives it no length of its own). A canary or a linear step turns
+on whole instances of the green fleet, so a step is counted in instances: INSTANCE_COUNT k is k of the
+n instances, CAPACITY_PERCENT p is floor(p n / 100) of them (rounded down so that it never exceeds the
+share asked for; the rounding is the stand-in's, AWS does not document it), and a step's share of
+requests is its share of the instances, k/n. A step of no whole instance is refused: a 50% canary
+needs two instances or more.
 """
 
 from __future__ import annotations
@@ -35,10 +37,22 @@ TIMEOUT_ROLLBACK = (
 )
 
 
-def _share(size: dict, instances: int) -> float:
+def step_instances(size: dict, instances: int) -> int:
+    """The whole instances one canary or linear step turns on, of a fleet of `instances`."""
     if size["Type"] == "INSTANCE_COUNT":
-        return size["Value"] / instances
-    return size["Value"] / 100
+        return size["Value"]
+    return size["Value"] * instances // 100
+
+
+def _whole(size: dict, instances: int, what: str) -> int:
+    count = step_instances(size, instances)
+    if count < 1:
+        raise ValidationException(
+            f"{what} {size['Value']} ({size['Type']}) is no whole instance of the variant's {instances}: a "
+            "step turns on whole instances, so a fleet of one instance cannot take a canary or linear "
+            "deployment (use ALL_AT_ONCE, or two instances or more). (stand-in's wording)"
+        )
+    return count
 
 
 def check(deployment_config: dict, instances: int) -> None:
@@ -56,7 +70,8 @@ def check(deployment_config: dict, instances: int) -> None:
         size = routing.get("CanarySize")
         if size is None:
             raise ValidationException("CanarySize must be specified for the CANARY traffic routing type.")
-        if _share(size, instances) > 0.5:
+        share = size["Value"] / 100 if size["Type"] == "CAPACITY_PERCENT" else 0.0
+        if share > 0.5 or _whole(size, instances, "CanarySize") > instances / 2:
             raise ValidationException(
                 f"CanarySize {size['Value']} ({size['Type']}) must be less than or equal to 50% of the "
                 f"variant's total instance count ({instances})."
@@ -65,7 +80,8 @@ def check(deployment_config: dict, instances: int) -> None:
         size = routing.get("LinearStepSize")
         if size is None:
             raise ValidationException("LinearStepSize must be specified for the LINEAR traffic routing type.")
-        if not 0.1 <= _share(size, instances) <= 0.5:
+        share = size["Value"] / 100 if size["Type"] == "CAPACITY_PERCENT" else 0.1
+        if not 0.1 <= share <= 0.5 or not 0.1 <= _whole(size, instances, "LinearStepSize") / instances <= 0.5:
             raise ValidationException(
                 f"LinearStepSize {size['Value']} ({size['Type']}) must be 10-50% of the variant's total "
                 f"instance count ({instances})."
@@ -84,10 +100,9 @@ def steps(policy: dict, instances: int) -> list[tuple[float, int]]:
     routing = policy["TrafficRoutingConfiguration"]
     bake = routing["WaitIntervalInSeconds"]
     if routing["Type"] == "CANARY":
-        return [(_share(routing["CanarySize"], instances), bake), (1.0, bake)]
+        return [(step_instances(routing["CanarySize"], instances) / instances, bake), (1.0, bake)]
     if routing["Type"] == "LINEAR":
-        size = routing["LinearStepSize"]
-        whole = instances if size["Type"] == "INSTANCE_COUNT" else 100  # exact shares: 3 x 3/10 is 0.9
-        count = math.ceil(whole / size["Value"])
-        return [(min(1.0, size["Value"] * n / whole), bake) for n in range(1, count + 1)]
+        step = step_instances(routing["LinearStepSize"], instances)
+        count = math.ceil(instances / step)
+        return [(min(1.0, step * n / instances), bake) for n in range(1, count + 1)]
     return [(1.0, bake)]

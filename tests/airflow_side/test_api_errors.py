@@ -255,7 +255,14 @@ def test_a_good_request_goes_to_the_model_once(api):
     stub.add_response(
         "invoke_endpoint",
         {"Body": StreamingBody(io.BytesIO(data), len(data))},
-        {"EndpointName": "bin-counter", "Body": JPEG, "ContentType": "image/jpeg", "Accept": "application/json"},
+        {
+            "EndpointName": "bin-counter",
+            "Body": JPEG,
+            "ContentType": "image/jpeg",
+            "Accept": "application/json",
+            # The request id, so that the endpoint's data capture joins the function's verdict log line.
+            "InferenceId": "local",
+        },
     )
     status, answered, _ = answer(handler, event(JPEG, "image/png", queryStringParameters={"expected": "2"}))
     assert status == 200 and answered["count"] == 2 and answered["verdict"] == "match"
@@ -328,6 +335,41 @@ def test_the_largest_requests_the_api_takes_fit_what_aws_takes(api, monkeypatch,
         f"{what} is {len(bigger)} bytes; the limit is {limit}",
     )
     assert len(forwarded) == 1
+
+
+def test_a_serverless_endpoints_smaller_body_is_refused_by_the_function_with_the_tables_error(api, monkeypatch):
+    """ENDPOINT_KIND serverless (the deploy DAG's serving Param): the largest JSON the function takes goes
+    on within the serverless endpoint's 4 MB, and one byte more is our 413 with that kind's limit, not a
+    ValidationError from SageMaker passed on as a 502."""
+    from standin.sagemaker.serverless import MAX_BODY_BYTES
+
+    handler, _ = api
+    monkeypatch.setenv("ENDPOINT_KIND", "serverless")
+    limit = CONTRACT["limits_by_endpoint"]["serverless"]["max_request_bytes"]
+    forwarded = []
+
+    def invoke_endpoint(**params):
+        forwarded.append(len(params["Body"]))
+        prediction = {"count": 1, "probabilities": [0.2, 0.8], "confidence": 0.8, "expected_count": 0.8}
+        data = json.dumps(
+            {"predictions": [prediction] * len(json.loads(params["Body"])["images"]), "model_version": "m"}
+        )
+        return {"Body": StreamingBody(io.BytesIO(data.encode()), len(data))}
+
+    monkeypatch.setattr(handler._runtime, "invoke_endpoint", invoke_endpoint)
+    largest = json_of_images(LIMITS["max_images"], limit)
+    status, answered, _ = answer(handler, event(largest, "application/json"))
+    assert status == 200, answered
+    assert forwarded == [forwarded[0]] and forwarded[0] <= MAX_BODY_BYTES
+    bigger = largest + b" "
+    status, answered, _ = answer(handler, event(bigger, "application/json"))
+    assert (status, answered["error"], answered["message"]) == (
+        413,
+        "too_large",
+        f"the request is {len(bigger)} bytes; the limit is {limit}",
+    )
+    monkeypatch.setenv("ENDPOINT_KIND", "instances")  # the same request to an instance endpoint goes on
+    assert answer(handler, event(bigger, "application/json"))[0] == 200
 
 
 def test_without_an_endpoint_the_function_says_so(api, monkeypatch):

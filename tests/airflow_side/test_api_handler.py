@@ -16,7 +16,7 @@ import pytest
 
 from bin_counter import api_client
 from bin_counter.api_function import ensure_function, function_zip
-from standin.launch import start_standin
+from standin.launch import LOCAL_STACK_PARAMETERS, start_standin
 from tests.airflow_side.conftest import (
     API_FUNCTION_ROLE,
     API_KEY,
@@ -33,6 +33,7 @@ from tests.conftest import REPO, json_of_images, make_bin_image, png_claiming_si
 # That role may invoke the stack's one endpoint only (AWS would answer AccessDenied for any other), so
 # the functions pointed at other endpoints to see how the handler reports them run as another role.
 OTHER_ENDPOINTS_ROLE = "arn:aws:iam::000000000000:role/test-functions-for-other-endpoints"
+IMPATIENT = LOCAL_STACK_PARAMETERS["FunctionName"]
 LIMITS = json.loads((REPO / "sagemaker_code" / "api_contract.json").read_text())["limits"]
 
 
@@ -136,6 +137,9 @@ def test_the_api_counts_and_refuses_bad_requests_precisely(local_stack_connectio
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert len(lines) >= 3 + len(bad)
     assert {"request_id", "status", "latency_ms", "model_version"} <= set(lines[0])
+    assert lines[0]["event"] == "answer" and [set(a) for a in lines[0]["answers"]] == [
+        {"count", "confidence", "expected", "verdict"}
+    ]
     assert base64.b64encode(jpeg).decode()[:40] not in log
 
     # The local API gateway: an HTTP request to POST /count, the API key checked, the image passed
@@ -255,9 +259,9 @@ def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack,
     jpeg = make_bin_image(2, 5)
 
     # The function the template creates has its own limits; the DAG's update keeps them and only
-    # repoints the endpoint.
+    # repoints the endpoint. It has the stack's name: its role may write that function's log group only.
     aws_lambda.create_function(
-        FunctionName="api-impatient",
+        FunctionName=IMPATIENT,
         Runtime="python3.12",
         Role=API_FUNCTION_ROLE,
         Handler="handler.handler",
@@ -265,17 +269,18 @@ def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack,
         Code={"ZipFile": function_zip()},
         Environment={"Variables": {"ENDPOINT_NAME": "elsewhere", "INVOKE_TIMEOUT_S": "0.001", "INVOKE_ATTEMPTS": "1"}},
     )
-    ensure_function(aws_lambda, "api-impatient", ENDPOINT, API_FUNCTION_ROLE)
-    configuration = aws_lambda.get_function_configuration(FunctionName="api-impatient")
+    ensure_function(aws_lambda, IMPATIENT, ENDPOINT, API_FUNCTION_ROLE)
+    configuration = aws_lambda.get_function_configuration(FunctionName=IMPATIENT)
     assert configuration["Environment"]["Variables"] == {
         "ENDPOINT_NAME": ENDPOINT,
+        "ENDPOINT_KIND": "instances",  # the deploy DAG's serving Param: the request limits
         "INVOKE_TIMEOUT_S": "0.001",
         "INVOKE_ATTEMPTS": "1",
     }
     assert configuration["Timeout"] == 7
 
     # An endpoint slower than the function's read timeout: 504, and the function itself still answers.
-    status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-impatient")
+    status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function=IMPATIENT)
     assert (status, body["error"]) == (504, "endpoint_timeout"), body
 
     # A model that fails on every request: 502 model_error; what it said (its exception and traceback)
@@ -298,7 +303,8 @@ def test_endpoint_failures_reach_the_client_as_504_502_and_429(throttling_stack,
 
     # Throttled: the second call of the burst succeeds; the next one is throttled on every one of
     # its three attempts (standard-mode backoff, a few seconds against one token per 20 s): 429.
-    ensure_function(aws_lambda, "api-throttled", ENDPOINT, API_FUNCTION_ROLE)
+    # Under a test role: the stack's role may write the stack's function's log group only.
+    ensure_function(aws_lambda, "api-throttled", ENDPOINT, OTHER_ENDPOINTS_ROLE)
     status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-throttled")
     assert status == 200, body
     status, body = call(aws_lambda, rest_event(jpeg, "image/jpeg"), function="api-throttled")

@@ -17,8 +17,8 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from bin_counter import registry
-from tests.airflow_side.conftest import ENDPOINT, QUICK_DEPLOY, upload_dataset
+from bin_counter import registry, scaling
+from tests.airflow_side.conftest import ENDPOINT, FUNCTION, QUICK_DEPLOY, upload_dataset
 from tests.conftest import REPO, make_bin_image
 
 PUBLISHED_ARCHIVE = REPO / "models" / "bin-counter.tar.gz"
@@ -121,7 +121,7 @@ def task_states(run) -> dict[str, str]:
 
 
 def test_smoke_check_undoes_a_bad_deployment_and_an_earlier_version_rolls_back_in_one_trigger(
-    deploy_dag, s3, bucket, local_stack_connection, alerts, capfd
+    deploy_dag, s3, bucket, local_stack_connection, alerts, capfd, moto_endpoint
 ):
     stack = local_stack_connection
     sm, runtime = clients(stack)
@@ -136,15 +136,22 @@ def test_smoke_check_undoes_a_bad_deployment_and_an_earlier_version_rolls_back_i
     assert "nothing serves yet: this is the first deployment" in log and "smoke check passed" in log
     assert answered_by(runtime) == "drill-good"
 
-    # The newest approved version (no Param, no event) replaces it through a canary. (The Param is
-    # named empty: dag.test() keeps an earlier run's conf in the DAG object's Params.)
+    # The newest approved version (no Param, no event) replaces it, all at once (one instance takes no
+    # canary; the canary drill deploys two). (The Param is named empty: dag.test() keeps an earlier
+    # run's conf in the DAG object's Params.)
     second = deploy_dag.test(run_conf={**FAST, "bucket": bucket, "model_package": None})
     log = capfd.readouterr().out
     assert second.state == "success", log[-3000:]
     assert answered_by(runtime) == "drill-better", log[-3000:]
     serving_before = serving_config(sm)
     endpoint = sm.describe_endpoint(EndpointName=ENDPOINT)
-    assert endpoint["LastDeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["Type"] == "CANARY"
+    assert endpoint["LastDeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["Type"] == (
+        "ALL_AT_ONCE"
+    )
+    # The endpoint autoscales between instance_count (min_instances empty) and max_instances' default.
+    autoscaling = boto3.client("application-autoscaling", endpoint_url=moto_endpoint, region_name="us-east-1")
+    target = scaling.registered(autoscaling, ENDPOINT, "AllTraffic")
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (FAST["instance_count"], 4)
 
     # (a) A model that passes its health check but answers malformed counts: the smoke check fails,
     #     the endpoint goes back to what served, the version is Rejected, and the alert says so.
@@ -232,6 +239,7 @@ def test_a_canary_that_fails_is_rolled_back_on_its_alarm_and_clients_see_at_most
     good = register(sm, s3, bucket, "drill-canary-good")
     failing = register(sm, s3, bucket, "drill-canary-5xx", FAILING)
     two = {**FAST, "bucket": bucket, "instance_count": 2, "canary_percent": 50, "bake_minutes": 0.5}
+    two["rollout"] = "canary"  # QUICK_DEPLOY's one instance deploys all at once; two take a canary
     first = deploy_dag.test(run_conf={**two, "model_package": good["arn"]})
     log = capfd.readouterr().out
     assert first.state == "success", log[-3000:]
@@ -261,6 +269,42 @@ def test_a_canary_that_fails_is_rolled_back_on_its_alarm_and_clients_see_at_most
     assert errors / len(during) <= 0.5 + 2 / len(during), (errors, len(during))
     [alert] = alerts()
     assert "confirm_deployment" in alert["Subject"] and "Rejected" in alert["Message"]
+
+
+def test_a_serverless_endpoint_refuses_a_canary_before_anything_and_serves_without_autoscaling(
+    deploy_dag, s3, bucket, local_stack_connection, moto_endpoint, alerts, capfd
+):
+    """serving = serverless: a canary is refused by `requests` before anything exists, saying why; all at
+    once deploys a serverless variant (no instances, no autoscaling), the API function learns the kind
+    (its smaller body limit), and the smoke check's photos are answered after the cold start."""
+    stack = local_stack_connection
+    sm, runtime = clients(stack)
+    upload_dataset(s3, bucket, "v-test", {"train": 1, "validation": 1, "test": 1})
+    lean = register(sm, s3, bucket, "drill-serverless")
+    serverless = {**FAST, "bucket": bucket, "model_package": lean["arn"], "serving": "serverless", "capture_percent": 0}
+
+    refused = deploy_dag.test(run_conf={**serverless, "rollout": "canary"})
+    log = capfd.readouterr().out
+    assert refused.state == "failed" and task_states(refused)["requests"] == "failed"
+    assert "serving serverless takes rollout all_at_once only" in log
+    with pytest.raises(ClientError):
+        sm.describe_endpoint(EndpointName=ENDPOINT)  # nothing was created
+    [alert] = alerts()
+    assert "requests" in alert["Subject"]
+
+    served = deploy_dag.test(run_conf={**serverless, "rollout": "all_at_once"})
+    log = capfd.readouterr().out
+    assert served.state == "success", log[-3000:]
+    assert "smoke check passed" in log and "no autoscaling (serverless" in log
+    variant = sm.describe_endpoint(EndpointName=ENDPOINT)["ProductionVariants"][0]
+    assert variant["CurrentServerlessConfig"] == {"MemorySizeInMB": 2048, "MaxConcurrency": 5}
+    assert "CurrentInstanceCount" not in variant
+    autoscaling = boto3.client("application-autoscaling", endpoint_url=moto_endpoint, region_name="us-east-1")
+    assert scaling.registered(autoscaling, ENDPOINT, "AllTraffic") is None
+    function = boto3.client("lambda", endpoint_url=stack["endpoint"], region_name="us-east-1")
+    variables = function.get_function_configuration(FunctionName=FUNCTION)["Environment"]["Variables"]
+    assert variables["ENDPOINT_KIND"] == "serverless"
+    assert answered_by(runtime) == "drill-serverless"
 
 
 def test_a_review_nobody_answers_rejects_the_version_and_says_why(local_stack_connection, s3, bucket):

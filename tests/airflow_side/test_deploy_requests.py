@@ -68,8 +68,15 @@ def validate_cloudwatch(operation: str, params: dict) -> None:
 
 @pytest.mark.parametrize("rollout_kind", ["canary", "linear", "all_at_once"])
 def test_an_update_is_blue_green_with_the_rollouts_traffic_shifting_and_the_alarms(rollout_kind):
+    # A linear step of 25% is one whole instance of four (of two it would be none: refused).
+    count = 4 if rollout_kind == "linear" else 2
     built = rollout.deployment_requests(
-        VERSION, {**PARAMS, "rollout": rollout_kind}, ROLE, "0123456789abcdef", endpoint_exists=True, reason="why"
+        VERSION,
+        {**PARAMS, "rollout": rollout_kind, "instance_count": count},
+        ROLE,
+        "0123456789abcdef",
+        endpoint_exists=True,
+        reason="why",
     )
     validate("CreateModel", built["model"])
     validate("CreateEndpointConfig", built["endpoint_config"])
@@ -91,7 +98,7 @@ def test_an_update_is_blue_green_with_the_rollouts_traffic_shifting_and_the_alar
     for alarm in built["alarms"]:
         validate_cloudwatch("PutMetricAlarm", alarm)
         assert alarm["Period"] == 60 and alarm["Namespace"] == "AWS/SageMaker"
-    assert built["endpoint_config"]["ProductionVariants"][0]["InitialInstanceCount"] == 2
+    assert built["endpoint_config"]["ProductionVariants"][0]["InitialInstanceCount"] == count
 
 
 def test_a_first_deployment_creates_the_endpoint_and_names_follow_the_version_and_the_run():
@@ -167,3 +174,17 @@ def test_a_version_is_named_by_number_or_arn_and_anything_else_is_refused_clearl
     assert registry.version_arn(None, "g", VERSION["arn"]) == VERSION["arn"]
     with pytest.raises(registry.RegistryError, match="neither a version number"):
         registry.version_arn(None, "g", "latest")
+
+
+def test_capture_percent_puts_data_capture_in_our_bucket_on_the_config_and_zero_leaves_it_off():
+    built = rollout.deployment_requests(
+        VERSION, {**PARAMS, "bucket": "bc-data", "capture_percent": 20}, ROLE, "0123456789abcdef", True
+    )
+    validate("CreateEndpointConfig", built["endpoint_config"])
+    capture = built["endpoint_config"]["DataCaptureConfig"]
+    assert capture["DestinationS3Uri"] == "s3://bc-data/captures" and capture["InitialSamplingPercentage"] == 20
+    assert capture["EnableCapture"] is True
+    off = rollout.deployment_requests(
+        VERSION, {**PARAMS, "bucket": "bc-data", "capture_percent": 0}, ROLE, "x" * 16, True
+    )
+    assert "DataCaptureConfig" not in off["endpoint_config"]

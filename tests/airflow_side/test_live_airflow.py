@@ -6,7 +6,8 @@ against the local stack (moto, the SageMaker and Lambda stand-in), and
   finds the DAGs, reads every trigger form section by section, triggers bin_count_retrain from its
   form with manual approval, approves the new model on the Required Actions page (its comparison
   table in a screenshot), sees bin_count_deploy roll it out on the registry's asset event, and rolls
-  back to an earlier version from bin_count_deploy's form, with screenshots in
+  back to an earlier version from bin_count_deploy's form, opens bin_count_monitor's report from its
+  task's link, with screenshots in
   build/test-results/screenshots/;
 - a drill that kills the scheduler (its whole process group, task runners included) while the final
   training job runs, starts it again, and checks that the run completes with no job run twice.
@@ -18,6 +19,7 @@ import json
 import re
 import shutil
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import boto3
@@ -54,7 +56,7 @@ CHROMIUM_ARGS = [
 ]
 # Small and quick, as in test_retrain_dag: 64-pixel images, counts 0 to 2.
 QUICK = BASE_CONF["extra_hyperparameters"]
-RETRAIN, DEPLOY = "bin_count_retrain", "bin_count_deploy"
+RETRAIN, DEPLOY, MONITOR = "bin_count_retrain", "bin_count_deploy", "bin_count_monitor"
 # The form's section for Params that name none (Airflow UI's flexible form).
 DEFAULT_SECTION = "Run Parameters"
 
@@ -230,7 +232,7 @@ def refused(dialog) -> list[str]:
     return [el.inner_text() for el in dialog.locator("div.chakra-field__root[data-invalid]").all()]
 
 
-@pytest.mark.parametrize("dag_id", ["bin_count_data_prep", RETRAIN, "bin_count_batch", DEPLOY])
+@pytest.mark.parametrize("dag_id", ["bin_count_data_prep", RETRAIN, "bin_count_batch", DEPLOY, MONITOR])
 def test_each_dags_trigger_form_accepts_its_defaults(live, page, dag_id):
     """The form reads in the sections the DAG declares, in their order; every Param renders in its
     section as a field with its description; and the defaults pass the form's own validation: an
@@ -423,6 +425,31 @@ def test_an_operator_retrains_approves_in_the_ui_and_rolls_back_from_the_deploy_
     page.goto(f"{url}/dags/{DEPLOY}/runs/{run['dag_run_id']}")
     page.get_by_text("Success", exact=True).first.wait_for()
     shot(page, "11-rolled-back")
+
+    # The monitor's report, opened from its task's "Monitor report" link (a presigned S3 URL) over the
+    # last hour of this test's requests. Unpaused first, as above; being hourly, it then starts a
+    # scheduled run of its own on the stack's bucket (the Variable's), made here as the stack makes it,
+    # so that run ends at once instead of holding the DAG's one active run through its retries.
+    s3.create_bucket(Bucket=json.loads(local_stack.STACK.outputs["SageMakerVariable"])["bucket"])
+    api.patch(f"/dags/{MONITOR}", {"is_paused": False})
+    now = datetime.now(UTC)
+    window = {
+        "window_start": (now - timedelta(hours=1)).isoformat(),
+        "window_end": now.isoformat(),
+        "bucket": "ui-bucket",  # where the rollback's endpoint configuration captures to
+    }
+    monitor_run = api.trigger(MONITOR, window)
+    succeeded(api, MONITOR, monitor_run)
+    links = api.get(f"/dags/{MONITOR}/dagRuns/{monitor_run}/taskInstances/report/links")["extra_links"]
+    assert links["Monitor report"].startswith(live["moto"]), links
+    # The task's extra links are on its Details tab.
+    page.goto(f"{url}/dags/{MONITOR}/runs/{monitor_run}/tasks/report/details")
+    link = page.get_by_role("link", name="Monitor report")
+    link.wait_for(timeout=60_000)
+    shot(page, "12-monitor-task")
+    page.goto(link.get_attribute("href"))
+    page.get_by_text("live accuracy").first.wait_for()
+    shot(page, "13-monitor-report")
 
 
 def test_a_scheduler_killed_during_training_comes_back_and_no_job_runs_twice(live):

@@ -42,7 +42,7 @@ def test_the_pipeline_template_passes_cfn_lint():
 def documents_of(stack: iam.Stack, principal: str) -> list[dict]:
     logical = iam.PRINCIPALS[principal]
     if logical in stack.managed_policies:
-        return [stack.managed_policies[logical]["document"]]
+        return iam.worker_documents(stack)
     return stack.roles[logical]["policies"]
 
 
@@ -118,6 +118,9 @@ def test_the_outputs_are_the_variables_the_dags_read(pipeline_stack):
     assert settings["role_arn"] == pipeline_stack.outputs["SageMakerRoleArn"]
     assert settings["lambda_role_arn"] == pipeline_stack.outputs["ApiFunctionRoleArn"]
     assert pipeline_stack.outputs["AlertsTopicArn"] == "arn:aws:sns:us-east-1:000000000000:bin-counter-alerts"
+    # Every worker policy is an output to attach.
+    arns = {pipeline_stack.managed_policies[logical]["arn"] for logical in iam.WORKER_POLICIES}
+    assert arns == {pipeline_stack.outputs["WorkerPolicyArn"], pipeline_stack.outputs["WorkerScalingPolicyArn"]}
 
 
 def test_the_api_stack_defaults_to_this_stacks_names(template):
@@ -564,8 +567,16 @@ def test_the_bucket_refuses_plain_http_and_the_alerts_are_encrypted(pipeline_sta
             [everything, bucket_policy], "s3:GetObject", resource, {"aws:SecureTransport": "false"}
         )
         assert iam.is_allowed([everything, bucket_policy], "s3:GetObject", resource, {"aws:SecureTransport": "true"})
-    # SNS's AWS managed key lets the account's principals use it through SNS: no KMS grant for the worker.
-    assert template["Resources"]["AlertsTopic"]["Properties"]["KmsMasterKeyId"] == "alias/aws/sns"
+    # The stack's own key: CloudWatch's alarms may use it (they cannot use SNS's AWS managed key), and the
+    # account's principals through SNS only, as with the AWS managed key: no KMS grant for the worker.
+    assert template["Resources"]["AlertsTopic"]["Properties"]["KmsMasterKeyId"] == {"Ref": "AlertsKey"}
+    by_sid = {statement["Sid"]: statement for statement in pipeline_stack.key_policies["AlertsKey"]["Statement"]}
+    assert by_sid["CloudWatchAlarmsPublish"]["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    assert set(by_sid["CloudWatchAlarmsPublish"]["Action"]) == {"kms:GenerateDataKey*", "kms:Decrypt"}
+    assert by_sid["TheAccountPublishesThroughSns"]["Condition"]["StringEquals"] == {
+        "kms:CallerAccount": "000000000000",
+        "kms:ViaService": "sns.us-east-1.amazonaws.com",
+    }
     assert not [a for a in iam.granted_actions(documents_of(pipeline_stack, "airflow-worker")) if a.startswith("kms:")]
 
 
@@ -583,8 +594,10 @@ def test_sagemakers_log_groups_expire_and_are_the_ones_its_role_writes(pipeline_
 
 def test_the_worker_policy_fits_iams_size_limit(pipeline_stack):
     # IAM refuses a managed policy over 6,144 characters, whitespace not counted (IAM and STS quotas).
-    document = documents_of(pipeline_stack, "airflow-worker")[0]
-    assert len(json.dumps(document, separators=(",", ":"))) <= 6144
+    documents = documents_of(pipeline_stack, "airflow-worker")
+    assert len(documents) == len(iam.WORKER_POLICIES)
+    for document in documents:
+        assert len(json.dumps(document, separators=(",", ":"))) <= 6144
 
 
 def test_a_trust_policy_is_read_as_iam_matches_actions():

@@ -14,10 +14,11 @@ from bin_counter.stack import NAMES, STACK_VARIABLE, resolve_name, run_params
 from standin.launch import LOCAL_STACK_PARAMETERS, local_stack
 
 DAGS_WITH_NAMES = {
-    "bin_count_data_prep": {"bucket"},
+    "bin_count_data_prep": {"bucket", "endpoint_name", "function_name"},  # the last two: its live source
     "bin_count_retrain": {"bucket", "endpoint_name"},
     "bin_count_deploy": {"bucket", "endpoint_name", "function_name"},
     "bin_count_batch": {"bucket", "endpoint_name"},
+    "bin_count_monitor": {"bucket", "endpoint_name", "function_name"},
     "bin_count_teardown": {"bucket", "endpoint_name"},
 }
 

@@ -195,7 +195,7 @@ def test_instances_take_requests_round_robin_and_publish_sagemakers_metrics(clie
 def test_a_canary_whose_model_fails_rolls_back_on_its_alarm(clients, s3, bucket):
     sm, runtime, cloudwatch = clients
     tiny_model(sm, s3, bucket, "blue")
-    tiny_model(sm, s3, bucket, "bad", code=FAILING)
+    tiny_model(sm, s3, bucket, "bad", code=FAILING, instances=2)  # a canary is a whole instance of two
     serve(sm, "canary-bad", "blue")
     alarm = error_alarm(cloudwatch, "canary-bad")
 
@@ -226,7 +226,7 @@ def test_a_canary_whose_model_fails_rolls_back_on_its_alarm(clients, s3, bucket)
 def test_a_healthy_canary_completes_and_the_new_config_serves(clients, s3, bucket):
     sm, runtime, cloudwatch = clients
     tiny_model(sm, s3, bucket, "v1")
-    tiny_model(sm, s3, bucket, "v2")
+    tiny_model(sm, s3, bucket, "v2", instances=2)
     serve(sm, "canary-good", "v1")
     alarm = error_alarm(cloudwatch, "canary-good")
 
@@ -278,7 +278,17 @@ def test_the_traffic_steps_of_each_routing_type():
     }
     assert rollout.steps(linear, 10) == [(0.3, 3), (0.6, 3), (0.9, 3), (1.0, 3)]
     canary = {"TrafficRoutingConfiguration": {"Type": "CANARY", "WaitIntervalInSeconds": 5, **CANARY_HALF}}
-    assert rollout.steps(canary, 1) == [(0.5, 5), (1.0, 5)]
+    assert rollout.steps(canary, 2) == [(0.5, 5), (1.0, 5)]
+    assert rollout.steps(canary, 5) == [(0.4, 5), (1.0, 5)]  # 50% of five instances is two whole ones
+    # A canary turns on whole instances: half of one instance is none, and SageMaker's bound is half the fleet.
+    with pytest.raises(ValidationException, match="no whole instance"):
+        rollout.check(blue_green("CANARY", 1, [], **CANARY_HALF), 1)
+    with pytest.raises(ValidationException, match="50%"):
+        rollout.check(blue_green("CANARY", 1, [], CanarySize={"Type": "INSTANCE_COUNT", "Value": 2}), 3)
+    linear_quarter = {"LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 25}}
+    with pytest.raises(ValidationException, match="no whole instance"):
+        rollout.check(blue_green("LINEAR", 1, [], **linear_quarter), 2)
+    rollout.check(blue_green("LINEAR", 1, [], **linear_quarter), 4)
     assert rollout.steps({"TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0}}, 4) == [
         (1.0, 0)
     ]

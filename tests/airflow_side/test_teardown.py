@@ -12,7 +12,7 @@ import pendulum
 import pytest
 from botocore.exceptions import ClientError
 
-from bin_counter import cleanup, rollout
+from bin_counter import cleanup, monitor_metrics, rollout
 from tests.airflow_side.conftest import ENDPOINT, dag_without_retries, deployed_model, list_objects, wait_endpoint
 from tests.conftest import REPO
 
@@ -272,9 +272,14 @@ def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_sta
     model = deployed_model(sm, "bin-counter-teardown-final", artifact=f"s3://{bucket}/{key}")
     sm.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName=model)
     assert wait_endpoint(sm, ENDPOINT)["EndpointStatus"] == "InService"
-    # The endpoint's rollback alarms, as bin_count_deploy defines them.
+    # The endpoint's rollback alarms, as bin_count_deploy defines them, and the live-quality alarms
+    # bin_count_monitor defines (without actions here: nothing to notify).
     cloudwatch = boto3.client("cloudwatch", endpoint_url=moto_endpoint, region_name="us-east-1")
-    alarms = rollout.endpoint_alarms(ENDPOINT, 1, 2000)
+    monitor_alarms = [
+        {k: v for k, v in alarm.items() if not k.endswith("Actions")}
+        for alarm in monitor_metrics.alarms(ENDPOINT, "arn:aws:sns:us-east-1:000000000000:unused", 0.3)
+    ]
+    alarms = [*rollout.endpoint_alarms(ENDPOINT, 1, 2000), *monitor_alarms]
     for alarm in alarms:
         cloudwatch.put_metric_alarm(**alarm)
     names = [a["AlarmName"] for a in alarms]

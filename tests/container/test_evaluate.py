@@ -28,6 +28,9 @@ def test_split_layout_with_max_count(trained_model, split_channels):
     assert result["n"] == 20  # the 7s are left out
     assert sum(map(sum, result["confusion_matrix"])) == 20
     assert set(result["per_class_accuracy"]) == {"0", "1", "2", "3"}
+    # The monitor's baseline: the predicted counts are the confusion matrix's column sums.
+    assert result["predicted_histogram"] == [sum(column) for column in zip(*result["confusion_matrix"], strict=True)]
+    assert len(result["confidence_histogram"]) == 10 and sum(result["confidence_histogram"]) == 20
 
 
 def test_results_agree_with_the_training_scripts_own_test_metrics(trained_model, split_channels):
@@ -35,6 +38,7 @@ def test_results_agree_with_the_training_scripts_own_test_metrics(trained_model,
     card = json.loads((model_dir / "model_card.json").read_text())
     result = run_evaluate("--model", str(model_dir), "--data", str(split_channels["test"]), "--max-count", "3")
     assert result["n"] == card["metrics"]["test"]["n"]
+    assert sum(card["metrics"]["test"]["confidence_histogram"]) == result["n"]  # the model card carries it
     # Serving decodes in float32 while training evaluated under bf16 autocast where the CPU has it.
     assert abs(result["accuracy"] - card["metrics"]["test"]["accuracy"]) <= 0.1
 

@@ -16,6 +16,7 @@ from bin_counter.sagemaker_config import METRIC_DEFINITIONS, parse_metrics
 from tests.container.conftest import FAST, TRAIN, clean_env, run_train
 
 import backbones
+import datasets
 
 
 def test_sagemaker_environment_contract_produces_a_servable_model(trained_model):
@@ -39,8 +40,11 @@ def test_metric_definitions_match_the_scripts_real_output(trained_model):
     model_dir, run = trained_model
     card = json.loads((model_dir / "model_card.json").read_text())
     found = parse_metrics(run.stdout)
-    # The champion's metrics need a champion: test_the_serving_model_is_scored_beside_the_new_one.
-    every = {d["Name"] for d in METRIC_DEFINITIONS if not d["Name"].startswith("champion:")}
+    # The champion's metrics need a champion: test_the_serving_model_is_scored_beside_the_new_one; the
+    # live photos' need live photos: test_live_photos_in_the_test_set_are_scored_alone_for_both_models.
+    every = {
+        d["Name"] for d in METRIC_DEFINITIONS if not d["Name"].startswith("champion:") and ":live_" not in d["Name"]
+    }
     assert set(found) == every, f"regexes that found nothing: {every - set(found)}"
     history = card["history"]
     assert found["train:loss"] == [h["train_loss"] for h in history]
@@ -568,6 +572,48 @@ def test_the_serving_model_is_scored_beside_the_new_one(trained_model, split_cha
     for model_dir, metrics in ((champion_dir, champion), (tmp_path / "model", card["metrics"]["test"])):
         again = evaluate.evaluate(str(model_dir), str(split_channels["test"]), 3, 16)
         assert (again["accuracy"], again["rmse"]) == (metrics["accuracy"], metrics["rmse"])
+
+
+def test_live_photos_in_the_test_set_are_scored_alone_for_both_models(trained_model, split_channels, tmp_path):
+    """Photos keyed `live-...` (data prep's live source: captured requests with a confirmed count) are
+    scored on their own too, for the new model and the champion, and every live metric definition
+    finds its number in the script's real output."""
+    from bin_counter import live
+
+    assert live.KEY_PREFIX == datasets.LIVE_KEY_PREFIX  # the key data prep writes is the one train.py reads
+    champion_dir, _ = trained_model
+    test = tmp_path / "test"
+    shutil.copytree(split_channels["test"], test)
+    for n, image in enumerate(sorted(test.glob("[0-3]/*.jpg"))[::3]):
+        image.rename(image.with_name(f"live-2026120109-request{n}-0.jpg"))
+    live_photos = len(list(test.rglob("live-*.jpg")))
+    run = run_train(
+        [
+            *FAST,
+            "--train",
+            str(split_channels["train"]),
+            "--test",
+            str(test),
+            "--epochs",
+            "1",
+            "--max-count",
+            "3",
+            "--champion",
+            str(champion_dir),
+            "--model-dir",
+            str(tmp_path / "model"),
+        ]
+    )
+    assert run.returncode == 0, run.stderr
+    found = parse_metrics(run.stdout)
+    wanted = {d["Name"] for d in METRIC_DEFINITIONS if ":live_" in d["Name"]}
+    assert wanted <= set(found), f"regexes that found nothing: {wanted - set(found)}"
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    for prefix, scores in (("test", card["metrics"]["test"]), ("champion", card["metrics"]["champion"])):
+        assert scores["live"]["n"] == live_photos == found[f"{prefix}:live_n"][0]
+        assert found[f"{prefix}:live_accuracy"] == [scores["live"]["accuracy"]]
+        assert found[f"{prefix}:live_rmse"] == [scores["live"]["rmse"]]
+    assert card["metrics"]["test"]["n"] == 20  # and they are still part of the whole test set
 
 
 def test_a_champion_that_cannot_be_read_does_not_lose_the_new_model(split_channels, tmp_path):
