@@ -51,9 +51,11 @@ reaches the endpoint.
    Rejected.
    **pause_autoscaling** (before deploy) and **autoscaling** (after): an update that changes the
    instance type or goes serverless first deregisters the variant's autoscaling (SageMaker refuses it
-   otherwise); once the new configuration serves, Application Auto Scaling keeps the instance count
-   between `min_instances` and `max_instances` on invocations per instance (none for `serving`
-   serverless: it scales by itself, up to `serverless_max_concurrency`).
+   otherwise); once the new configuration serves and has passed its smoke check (step 6),
+   Application Auto Scaling keeps the instance count between `min_instances` and `max_instances` on
+   invocations per instance (none for `serving` serverless: it scales by itself, up to
+   `serverless_max_concurrency`). If such an update fails or is undone, the endpoint serves the old
+   configuration without autoscaling: trigger this DAG with the serving version to register it again.
 6. **api_function**, **smoke_event**, **invoke_api**, **smoke_check**: the Lambda function is pointed
    at the endpoint and real test photos go through the API. A malformed answer, an error, or an
    answer from another model fails the check, and the check **undoes the deployment**: the endpoint
@@ -410,9 +412,10 @@ def bin_count_deploy():
         return None
 
     @task(execution_timeout=timedelta(minutes=2))
-    def autoscaling(confirmed: dict, built: dict) -> str:
+    def autoscaling(checked: dict, built: dict) -> str:
         """Target-tracking autoscaling of the instance count (Application Auto Scaling), once the
-        endpoint serves the new configuration; none for a serverless endpoint or max_instances empty."""
+        endpoint serves the new configuration and it passed its smoke check; none for a serverless
+        endpoint or max_instances empty."""
         from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
         from bin_counter.rollout import VARIANT
@@ -503,7 +506,6 @@ def bin_count_deploy():
         return {"payload": json.dumps(api_event(images)), "images": sent}
 
     confirmed = confirm_deployment(deploy.output, built, chosen)
-    autoscaling(confirmed, built)
     event = smoke_event(chosen)
     confirmed >> event
     invoke = DigestLambdaInvokeFunctionOperator(
@@ -546,7 +548,9 @@ def bin_count_deploy():
 
     function = api_function(confirmed, account)
     [function, event] >> invoke
-    smoke_check(invoke.output, event, chosen, before)
+    # Autoscaling only once the smoke check has passed: an undo then meets no registration made for
+    # the configuration it leaves (AWS refuses an update that changes a scaled variant's instance type).
+    autoscaling(smoke_check(invoke.output, event, chosen, before), built)
 
 
 bin_count_deploy()

@@ -220,9 +220,13 @@ def parse_verdict_line(message: str, timestamp_ms: int) -> Verdict | None:
         return None
     if not isinstance(line, dict) or line.get("event") != ANSWER_EVENT or not line.get("request_id"):
         return None
+    # The line is logged as the request ends; its time is the request's arrival, as a capture's
+    # inferenceTime is, so that both land in the same window.
+    latency = line.get("latency_ms")
+    latency_ms = float(latency) if isinstance(latency, int | float) else 0.0
     return Verdict(
         request_id=str(line["request_id"]),
-        time=datetime.fromtimestamp(timestamp_ms / 1000, UTC),
+        time=datetime.fromtimestamp((timestamp_ms - latency_ms) / 1000, UTC),
         model_version=line.get("model_version"),
         answers=list(line.get("answers") or []),
         status=line.get("status"),
@@ -240,9 +244,15 @@ def log_group(function_name: str) -> str:
 VERDICT_FILTER = '{ $.event = "answer" }'
 
 
+# A request that arrived before a window's end is logged when it ends, up to the function's timeout
+# later (lambda/function.json: 28 s): the lines are read that much past the window.
+LOG_LAG = timedelta(seconds=60)
+
+
 def read_verdicts(logs, function_name: str, start: datetime, end: datetime) -> dict[str, Verdict]:
-    """The API's per-request lines logged in [start, end), by request id (FilterLogEvents, all pages)."""
-    start_ms, end_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+    """The API's per-request lines of the requests that arrived in [start, end), by request id
+    (FilterLogEvents, all pages): a request at a window's edge counts in one window only."""
+    start_ms, end_ms = int(start.timestamp() * 1000), int((end + LOG_LAG).timestamp() * 1000)
     verdicts: dict[str, Verdict] = {}
     paginator = logs.get_paginator("filter_log_events")
     pages = paginator.paginate(
@@ -251,10 +261,8 @@ def read_verdicts(logs, function_name: str, start: datetime, end: datetime) -> d
     try:
         for page in pages:
             for event in page.get("events", []):
-                if not start_ms <= event["timestamp"] < end_ms:
-                    continue  # FilterLogEvents' endTime is inclusive; the window is not
                 found = parse_verdict_line(event["message"], event["timestamp"])
-                if found is not None:
+                if found is not None and start <= found.time < end:
                     verdicts[found.request_id] = found
     except logs.exceptions.ResourceNotFoundException:
         # Lambda creates the group on the function's first logged request: no group, no requests yet.

@@ -30,6 +30,8 @@ DATASET_TAG = "bin-counter:dataset-version"
 # Enough test photos for the KS test to see a real shift (its power is bounded by the smaller sample),
 # few enough to read every hour.
 BASELINE_PHOTOS = 200
+# Where bin_count_data_prep's fetch puts the photos as taken (its RAW_PREFIX).
+RAW_PREFIX = "abid/raw"
 
 
 class NothingServes(RuntimeError):
@@ -84,16 +86,22 @@ def card_baseline(card: Mapping) -> dict:
 def test_photo_statistics(s3, bucket: str, dataset_version: str | None, limit: int = BASELINE_PHOTOS) -> dict:
     """Each photo statistic over up to `limit` test photos of the dataset, spread evenly over its test
     split; empty (and why, in the log) when the dataset cannot be read."""
+    from bin_counter.abid import image_path
     from bin_counter.dataset import DatasetNotFound, photos, resolve_dataset
 
     if not dataset_version:
         log.warning("the serving model names no dataset (tag %s): no photo baseline", DATASET_TAG)
         return {}
     try:
-        test = photos(s3, bucket, resolve_dataset(s3, bucket, dataset_version, None), "test")
+        data = resolve_dataset(s3, bucket, dataset_version, None)
+        test = photos(s3, bucket, data, "test")
     except (DatasetNotFound, ClientError) as exc:
         log.warning("dataset %s cannot be read (%s): no photo baseline", dataset_version, exc)
         return {}
+    if data.get("enhancement", "none") != "none":
+        # Clients send photos as taken: an enhanced dataset's test photos count as fetched, before
+        # their enhancement, or brightness and contrast would "drift" every hour.
+        test = [{**p, "bucket": bucket, "object": f"{RAW_PREFIX}/{image_path(p['key'])}"} for p in test]
     step = max(len(test) / limit, 1.0)
     chosen = [test[int(i * step)] for i in range(min(limit, len(test)))]
 

@@ -116,7 +116,13 @@ def alarms(endpoint_name: str, topic_arn: str | None, min_accuracy: float | None
 
 
 def ensure_alarms(cloudwatch, requests: list[dict]) -> list[str]:
-    """PutMetricAlarm each (it creates or replaces an alarm of that name: running it again is harmless)."""
+    """PutMetricAlarm each alarm that does not exist or whose definition differs. An unchanged alarm is
+    left alone: CloudWatch would keep its state, but moto starts a re-put alarm over in OK, and every
+    hourly run would notify a lasting drift again."""
+    names = [r["AlarmName"] for r in requests]
+    existing = {a["AlarmName"]: a for a in cloudwatch.describe_alarms(AlarmNames=names)["MetricAlarms"]}
     for request in requests:
-        cloudwatch.put_metric_alarm(**request)
-    return [r["AlarmName"] for r in requests]
+        found = existing.get(request["AlarmName"])
+        if found is None or any(found.get(field) != value for field, value in request.items()):
+            cloudwatch.put_metric_alarm(**request)
+    return names

@@ -58,6 +58,26 @@ def test_choose_deployment(metrics, champion, deploy_param, deploy, version, hel
     assert choice["reason"]
 
 
+LIVE = {"test:accuracy": 0.50, "champion:accuracy": 0.48, "champion:live_accuracy": 0.60}
+
+
+@pytest.mark.parametrize(
+    "live_accuracy, live_n, deploy, says",
+    [
+        # Better on all test photos, but worse on enough live ones by more than the margin: held back.
+        (0.50, 40, False, "on the live photos the new model is worse by 0.1000"),
+        # The same on too few live photos: shown, not deciding.
+        (0.50, 10, True, "fewer than 30: shown, not deciding"),
+        # Worse on the live photos within the margin: deploys.
+        (0.59, 40, True, "not worse beyond the margin on the live photos"),
+    ],
+)
+def test_the_gate_holds_back_a_model_worse_on_enough_live_photos(live_accuracy, live_n, deploy, says):
+    metrics = {**LIVE, "test:live_accuracy": live_accuracy, "test:live_n": live_n}
+    ok, reason = gate.deployment_decision(metrics, True, "accuracy", 0.02, live_min_photos=30)
+    assert ok is deploy and says in reason, reason
+
+
 def test_the_initial_champion_is_uploaded_once_by_content(s3, bucket, tmp_path):
     def archive(card: dict | None) -> bytes:
         buf = io.BytesIO()

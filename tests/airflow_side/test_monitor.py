@@ -249,8 +249,12 @@ def test_the_figures_become_metrics_at_the_windows_end_and_the_drift_alarm_fires
     monitor_metrics.ensure_alarms(cloudwatch, requests)  # again: the same two alarms
     assert len(cloudwatch.describe_alarms(AlarmNamePrefix="ep-unit-live-")["MetricAlarms"]) == 2
     states = AlarmEvaluator(cloudwatch).evaluate(alarms, now=now.timestamp() + 1)
+    # The next hour's run puts nothing again: a lasting drift stays in ALARM, notified once.
+    monitor_metrics.ensure_alarms(cloudwatch, requests)
+    kept = {a["AlarmName"]: a["StateValue"] for a in cloudwatch.describe_alarms(AlarmNames=alarms)["MetricAlarms"]}
     cloudwatch.delete_alarms(AlarmNames=alarms)  # not left for the other tests' alarm loops
     assert states == {"ep-unit-live-drift": "ALARM", "ep-unit-live-accuracy": "ALARM"}
+    assert kept == states
 
 
 def test_a_window_with_too_few_requests_publishes_no_drift_datapoint():

@@ -13,8 +13,8 @@ from datetime import UTC, datetime, timedelta
 import boto3
 import pytest
 
-from bin_counter import monitor_metrics, monitor_report
-from tests.airflow_side.conftest import ENDPOINT, QUICK_DEPLOY, dag_without_retries, upload_dataset
+from bin_counter import capture, monitor_metrics, monitor_report
+from tests.airflow_side.conftest import ENDPOINT, FUNCTION, QUICK_DEPLOY, dag_without_retries, upload_dataset
 from tests.airflow_side.test_data_capture import post
 from tests.airflow_side.test_deploy_dag import PUBLISHED_ARCHIVE, clients, register, task_states
 from tests.conftest import make_bin_image
@@ -44,6 +44,20 @@ def send(url: str, photos: list[tuple[bytes, int]]) -> list[tuple[int, int]]:
         answer = post(f"{url}?expected={expected}", photo, "image/jpeg")
         answers.append((answer["count"], expected))
     return answers
+
+
+def delivered(s3, moto_endpoint: str, bucket: str, start: datetime, end: datetime, n: int) -> None:
+    """Wait until the window's `n` requests are in S3 (the capture writer sends every 2 s) and in the
+    function's log group (shipped every second), as an hourly run a while later finds them."""
+    logs = boto3.client("logs", endpoint_url=moto_endpoint, region_name="us-east-1")
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        keys = capture.capture_keys(s3, bucket, ENDPOINT, start, end)
+        captured = sum(1 for _ in capture.read_captures(s3, bucket, keys, start, end))
+        if captured >= n and len(capture.read_verdicts(logs, FUNCTION, start, end)) >= n:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the window's {n} requests were not all captured and logged in 30 s")
 
 
 def run_monitor(monitor_dag, bucket: str, start: datetime, end: datetime, capfd):
@@ -103,6 +117,7 @@ def test_the_monitor_reports_the_live_accuracy_the_answers_imply_and_raises_drif
     start = datetime.now(UTC)
     answers = send(url, [(make_bin_image(i % 3, 500 + i), i % 3) for i in range(15)])
     end = datetime.now(UTC) + timedelta(seconds=1)
+    delivered(s3, moto_endpoint, bucket, start, end, 15)
     run, log = run_monitor(monitor_dag, bucket, start, end, capfd)
     prefix = monitor_report.report_prefix(ENDPOINT, start)
     figures = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/figures.json")["Body"].read())
@@ -131,6 +146,7 @@ def test_the_monitor_reports_the_live_accuracy_the_answers_imply_and_raises_drif
     start = datetime.now(UTC)
     send(url, [(make_bin_image(i % 3, 900 + i, size=(160, 120)), i % 3) for i in range(15)])
     end = datetime.now(UTC) + timedelta(seconds=1)
+    delivered(s3, moto_endpoint, bucket, start, end, 15)
     run, log = run_monitor(monitor_dag, bucket, start, end, capfd)
     assert task_states(run)["announce"] == "success", log[-3000:]
     [event] = drift_events()

@@ -80,6 +80,34 @@ def test_every_alarm_watches_a_metric_the_local_stack_publishes_as_aws_names_it(
                 assert PUBLISHED[key[0]].get(key[1]) == dimensions, f"{alarm['AlarmName']}: {key} {dimensions}"
 
 
+# AWS's names, written out from its pages, not from our code: "Amazon SageMaker AI metrics in Amazon
+# CloudWatch" (monitoring-cloudwatch.html), "Types of metrics for Lambda functions"
+# (monitoring-metrics-types.html), "Amazon API Gateway dimensions and metrics"
+# (api-gateway-metrics-and-dimensions.html).
+AWS_DOCUMENTED = {
+    "AWS/SageMaker": {
+        "Invocations",
+        "Invocation4XXErrors",
+        "Invocation5XXErrors",
+        "InvocationModelErrors",
+        "InvocationsPerInstance",
+        "ModelLatency",
+        "OverheadLatency",
+    },
+    "AWS/Lambda": {"Invocations", "Errors", "Throttles", "Duration", "ConcurrentExecutions"},
+    "AWS/ApiGateway": {"Count", "4XXError", "5XXError", "Latency", "IntegrationLatency"},
+}
+
+
+def test_the_alarms_and_the_local_stack_use_the_names_aws_documents():
+    for namespace, published in PUBLISHED.items():
+        assert set(published) <= AWS_DOCUMENTED[namespace], namespace
+    for stack in rendered_stacks():
+        for alarm in stack.alarms.values():
+            for metric in metric_queries(alarm):
+                assert metric["MetricName"] in AWS_DOCUMENTED[metric["Namespace"]], alarm["AlarmName"]
+
+
 def test_the_dashboards_show_the_alarms():
     for stack in rendered_stacks():
         (dashboard,) = stack.dashboards.values()
