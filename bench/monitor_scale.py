@@ -71,7 +71,8 @@ def generate(s3, logs, n: int, start: datetime, real: list[Path]) -> None:
         line = {"event": "answer", "request_id": request_id, "status": 200, "images": 1, "model_version": "bench",
                 "latency_ms": 50, "answers": [{"count": answered, "confidence": confidence, "expected": count,
                                                "verdict": verdict}]}  # fmt: skip
-        events.append({"timestamp": int(when.timestamp() * 1000), "message": json.dumps(line)})
+        # Logged as the request ends, its latency after it arrived (the capture's inferenceTime).
+        events.append({"timestamp": int(when.timestamp() * 1000) + line["latency_ms"], "message": json.dumps(line)})
         if len(lines) == PER_FILE:
             _, key = capture_key(config["DestinationS3Uri"], ENDPOINT, "AllTraffic", lines[0][0])
             s3.put_object(Bucket=BUCKET, Key=key, Body="\n".join(text for _, text in lines).encode())
