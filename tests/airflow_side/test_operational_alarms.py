@@ -311,7 +311,9 @@ def test_a_broken_api_function_raises_its_alarms_and_the_alert_arrives(
     raised = wait_for_alarms(alerts, {errors, api_5xx}, oks)
     assert set(raised) >= {errors, api_5xx}, f"alarms raised: {sorted(raised)}"
     message = raised[errors]
-    assert message["OldStateValue"] == "OK"  # a quiet function was OK before the drill
+    # Not ALARM before the drill: OK, or INSUFFICIENT_DATA as one CI run under load found it (a new
+    # alarm is created in OK by moto and set to INSUFFICIENT_DATA, which can race the alarm loop).
+    assert message["OldStateValue"] in ("OK", "INSUFFICIENT_DATA")
     assert oks >= set(operational_alarms), "every new alarm's first evaluation is notified"
     assert "docs/operations.md#api-function-errors" in message["AlarmDescription"]
     assert re.match(r"Threshold Crossed: 1 out of the last 1 datapoints \[[123]\.0 \(", message["NewStateReason"])
