@@ -72,6 +72,8 @@ The same parameters give the same version: a second run writes nothing new.
 """
 
 RAW_PREFIX = "abid/raw"
+# The enhancement's parameters, the same for ABID's photos and the live ones.
+ENHANCEMENT_PARAMS = "{{ {'cutoff': params.autocontrast_cutoff} if params.enhancement == 'autocontrast' else {} }}"
 
 
 def good_keys_path(fetched: dict) -> str:
@@ -243,7 +245,7 @@ def bin_count_data_prep():
         bucket="{{ stack_name(params, 'bucket') }}",
         source_prefix=RAW_PREFIX,
         method="{{ params.enhancement }}",
-        method_params="{{ {'cutoff': params.autocontrast_cutoff} if params.enhancement == 'autocontrast' else {} }}",
+        method_params=ENHANCEMENT_PARAMS,
         max_active_tis_per_dagrun=16,
         execution_timeout=timedelta(minutes=45),
     ).expand(keys_path=fetch.output.map(good_keys_path))
@@ -265,7 +267,7 @@ def bin_count_data_prep():
         bucket="{{ stack_name(params, 'bucket') }}",
         source_prefix=RAW_PREFIX,
         method="{{ params.enhancement }}",
-        method_params="{{ {'cutoff': params.autocontrast_cutoff} if params.enhancement == 'autocontrast' else {} }}",
+        method_params=ENHANCEMENT_PARAMS,
         keys_path=live.output["keys_path"],
         execution_timeout=timedelta(minutes=45),
     )

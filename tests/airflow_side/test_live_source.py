@@ -188,8 +188,7 @@ def test_a_dataset_built_with_captured_photos_trains_and_is_gated_on_them(
     data_prep, s3, bucket, job_inputs, local_stack_connection, moto_endpoint, tmp_path, capfd
 ):
     from bin_counter.dataset import latest_version, read_record, resolve_dataset
-    from bin_counter.sagemaker_config import training_job_config
-    from tests.airflow_side.conftest import ENDPOINT, FUNCTION, SAGEMAKER_ROLE, sagemaker_client, wait_training_job
+    from tests.airflow_side.conftest import ENDPOINT, FUNCTION, job_config, sagemaker_client, wait_training_job
     from tests.conftest import write_abid_dir
 
     source = write_abid_dir(tmp_path / "abid", {f"{i:05d}": i % 3 for i in range(1000, 1060)})
@@ -251,24 +250,7 @@ def test_a_dataset_built_with_captured_photos_trains_and_is_gated_on_them(
     sm = sagemaker_client(local_stack_connection)
     job = "live-photos-final"
     sm.create_training_job(
-        **training_job_config(
-            job_name=job,
-            image_uri="local/pytorch-training:cpu",
-            role_arn=SAGEMAKER_ROLE,
-            source_s3_uri=f"s3://{bucket}/code/sourcedir.tar.gz",
-            channels={**data["channels"], "champion": champion["model_data_url"]},
-            output_s3_uri=f"s3://{bucket}/models/",
-            hyperparameters={
-                "arch": "mobilenet_v2",
-                "weights": "none",
-                "image-size": 32,
-                "epochs": 1,
-                "batch-size": 8,
-                "workers": 1,
-                "max-count": 2,
-            },
-            region="us-east-1",
-        )
+        **job_config(bucket, job, channels={**data["channels"], "champion": champion["model_data_url"]})
     )
     described = wait_training_job(sm, job)
     assert described["TrainingJobStatus"] == "Completed", described.get("FailureReason")
