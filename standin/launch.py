@@ -26,6 +26,8 @@ LOCAL_STACK_PARAMETERS = {
     "EndpointName": "bc-local-endpoint",
     "FunctionName": "bc-local-api",
     "ApiFunctionOwner": "dags",
+    # Not the template's default (bin-counter-alerts): code that named the default would pass here.
+    "AlertsTopicName": "bc-local-alerts",
 }
 
 

@@ -476,13 +476,14 @@ def lambda_handler():
 
 
 @pytest.fixture
-def alerts(local_stack_connection, moto_endpoint, monkeypatch):
+def alerts(local_stack_connection, moto_endpoint, pipeline_stack, monkeypatch):
     """An SNS topic on moto with a queue subscribed to it; the DAGs publish to the topic. The queue is
     the test's own: what earlier tests sent to the topic (a live scheduler's run, an alarm's state
     change) is not in it."""
     sns = boto3.client("sns", endpoint_url=moto_endpoint, region_name="us-east-1")
     sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
-    topic = sns.create_topic(Name="bin-counter-alerts")["TopicArn"]
+    # The stack's topic: the templates' alarms notify it by its ARN.
+    topic = sns.create_topic(Name=pipeline_stack.outputs["AlertsTopicArn"].rsplit(":", 1)[-1])["TopicArn"]
     queue = sqs.create_queue(QueueName=f"on-call-{uuid.uuid4().hex[:12]}")["QueueUrl"]
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     subscription = sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)["SubscriptionArn"]

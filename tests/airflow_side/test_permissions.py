@@ -117,7 +117,7 @@ def test_the_outputs_are_the_variables_the_dags_read(pipeline_stack):
     settings = sagemaker_settings(variable, pipeline_stack.outputs["Region"])
     assert settings["role_arn"] == pipeline_stack.outputs["SageMakerRoleArn"]
     assert settings["lambda_role_arn"] == pipeline_stack.outputs["ApiFunctionRoleArn"]
-    assert pipeline_stack.outputs["AlertsTopicArn"] == "arn:aws:sns:us-east-1:000000000000:bin-counter-alerts"
+    assert pipeline_stack.outputs["AlertsTopicArn"] == "arn:aws:sns:us-east-1:000000000000:bc-local-alerts"
     # Every worker policy is an output to attach.
     arns = {pipeline_stack.managed_policies[logical]["arn"] for logical in iam.WORKER_POLICIES}
     assert arns == {pipeline_stack.outputs["WorkerPolicyArn"], pipeline_stack.outputs["WorkerScalingPolicyArn"]}
