@@ -9,3 +9,6 @@ export BIN_COUNTER_LAMBDA_DIR="$FILES/lambda"
 export BIN_COUNTER_PUBLISHED_MODEL="$FILES/models/bin-counter.tar.gz"
 # The backbones' ImageNet weights, which the retraining DAG hands every job (its `weights` channel).
 export BIN_COUNTER_IMAGENET_WEIGHTS="$FILES/weights"
+# MWAA runs a triggerer: the SageMaker waits defer to it and free their worker slots (README,
+# "Deferrable waits"). MWAA's constraints bring aiobotocore 3.9.0 with its botocore 1.43.56.
+export AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE=True

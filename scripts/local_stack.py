@@ -116,6 +116,9 @@ def airflow_env(work: Path, moto: str, standin: str) -> dict[str, str]:
             "AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER": STACK.outputs["SageMakerVariable"],
             "AIRFLOW_VAR_BIN_COUNTER_ALERTS_TOPIC": STACK.outputs["AlertsTopicArn"],
             "BIN_COUNTER_SAGEMAKER_POLL_S": "2",
+            # A triggerer runs here (AIRFLOW_COMPONENTS; `airflow dags test` runs triggers itself): the
+            # SageMaker waits defer to it and free their worker slots (README, "Deferrable waits").
+            "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
             "BIN_COUNTER_IMAGENET_WEIGHTS": env.get("BIN_COUNTER_IMAGENET_WEIGHTS") or container_weights(),
             # Airflow starts its task runners as `airflow ...` from the PATH.
             "PATH": os.pathsep.join([str(VENV_BIN), env.get("PATH", "")]),

@@ -13,6 +13,13 @@ execution_timeout, "mark failed", a worker shut down) would leave its job runnin
 the job's own time limit. These stop the job their try started or attached to; and their task's
 timeout follows the job's own time limit, so that Airflow never gives up on a job SageMaker still
 lets run. The deploy operator replaces an endpoint that SageMaker left Failed.
+
+With `deferrable` (on where `[operators] default_deferrable` is, as on the compose stack, `make up`
+and MWAA), every wait goes to the triggerer and the task frees its worker slot until the job ends;
+an attached job is waited on the same way. The provider's triggers give up after 60 or 480 polls
+(30 minutes or 4 hours at its 30 s), shorter than a tuning job may run: here they poll for as long as
+the task may take. They do not follow the job's log (apache/airflow#41158), so the resumed task puts
+the log's last lines into the task log (bin_counter.job_logs).
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ from airflow.providers.amazon.aws.operators.sagemaker import (
     SageMakerTuningOperator,
     serialize,
 )
+from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
+from airflow.providers.common.compat.sdk import AirflowException
 from botocore.exceptions import ClientError
 
 from bin_counter.endpoint import delete_failed_endpoint
+from bin_counter.job_logs import TRAINING_LOG_GROUP, TRANSFORM_LOG_GROUP, job_log_tail
 
 # A job in these states is the task's to attach to. Not Stopping: a job goes Stopping when a killed
 # try's on_kill stops it, and its retry, a minute later, must start a job of its own rather than take
@@ -189,12 +199,99 @@ def stop_if_in_progress(hook: SageMakerHook, kind: JobKind, name: str, log: Any)
     return True
 
 
-class ResumableTrainingOperator(StopsItsJobWhenKilled, SageMakerTrainingOperator):
+# How many polls a wait without a time limit of its own may take: a week of the DAGs' 30 s polls.
+UNLIMITED_WAIT = timedelta(days=7)
+
+
+class DefersItsWait:
+    """For the job and endpoint operators with `deferrable`: the wait for the job goes to the
+    triggerer (a SageMakerTrigger polling every check_interval for as long as the task may take),
+    whether this try started the job or attached to an earlier try's; once it ends, the resumed task
+    puts the tail of the job's log into its own, and a failure raises with SageMaker's FailureReason."""
+
+    trigger_job_type: ClassVar[str]  # SageMakerTrigger's job_type
+    job_noun: ClassVar[str]  # what the log calls it
+    # The operator's, declared for the type checker.
+    deferrable: bool
+    check_interval: int
+    execution_timeout: timedelta | None
+    aws_conn_id: str | None
+    region_name: str | None
+    verify: bool | str | None
+    botocore_config: dict | None
+    hook: SageMakerHook
+    log: Any
+
+    def wait_limit(self) -> timedelta:
+        """How long the deferred wait may last: the task's execution_timeout (which pre_execute sets
+        from the job's own limit), else a week."""
+        return self.execution_timeout or UNLIMITED_WAIT
+
+    def defer_wait(self, name: str) -> None:
+        """Hand the wait for `name` to the triggerer (raises TaskDeferred); execute_complete resumes."""
+        limit = self.wait_limit()
+        interval = max(int(self.check_interval), 1)
+        trigger = SageMakerTrigger(
+            job_name=name,
+            job_type=self.trigger_job_type,
+            waiter_delay=interval,
+            # One poll more than the limit holds, so that the task's own timeout is what ends a wait.
+            waiter_max_attempts=math.ceil(limit.total_seconds() / interval) + 1,
+            aws_conn_id=self.aws_conn_id,
+            region_name=self.region_name,
+            verify=self.verify,
+            botocore_config=self.botocore_config,
+        )
+        self.log.info(
+            "Waiting for %s %s on the triggerer (a poll every %d s, for up to %s): this task holds no worker "
+            "slot until it ends, and then puts the job's last log lines here.",
+            self.job_noun,
+            name,
+            interval,
+            limit,
+        )
+        super().defer(trigger=trigger, method_name="execute_complete", timeout=limit)  # type: ignore[misc]
+
+    def defer(self, *, trigger: Any, method_name: str, kwargs: dict | None = None, timeout: Any = None) -> None:
+        # The stock operators' own deferral (a job this try started) gives up after 60 or 480 polls.
+        if isinstance(trigger, SageMakerTrigger):
+            self.defer_wait(trigger.job_name)
+        super().defer(trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout)  # type: ignore[misc]
+
+    def log_lines(self, name: str) -> tuple[str, list[str]]:
+        """(whose log, its last lines) for the job `name`; none for what keeps no log of its own."""
+        return name, []
+
+    def failure(self, name: str, event: Mapping) -> str:
+        """What went wrong, in SageMaker's words where it has them (the job's status and FailureReason)."""
+        kind: JobKind | None = getattr(self, "job_kind", None)
+        job = describe_or_none(getattr(self.hook, kind.describe), name) if kind else None
+        if kind and job:
+            return f"it is {job[kind.status_field]}: {job.get('FailureReason') or event.get('message')}"
+        return str(event.get("message") or event)
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict:
+        event = dict(event or {})
+        name = event.get("job_name") or ""
+        whose, tail = self.log_lines(name) if name else (name, [])
+        if tail:
+            self.log.info("The last %d lines of %s's log (CloudWatch Logs):\n%s", len(tail), whose, "\n".join(tail))
+        if event.get("status") != "success":
+            raise AirflowException(f"SageMaker {self.job_noun} {name} did not succeed: {self.failure(name, event)}")
+        return super().execute_complete(context, event)  # type: ignore[misc]
+
+
+class ResumableTrainingOperator(StopsItsJobWhenKilled, DefersItsWait, SageMakerTrainingOperator):
     """SageMakerTrainingOperator that attaches to the job an earlier try of the task started, and
-    follows its log with LogFollowingSageMakerHook."""
+    follows its log with LogFollowingSageMakerHook (or, deferred, prints its tail at the end)."""
 
     aws_hook_class = LogFollowingSageMakerHook
     job_kind = TRAINING
+    trigger_job_type = "Training"
+    job_noun = "training job"
+
+    def log_lines(self, name: str) -> tuple[str, list[str]]:
+        return name, job_log_tail(self.hook.logs_hook.conn, TRAINING_LOG_GROUP, name)
 
     def job_time_limit(self) -> timedelta | None:
         limit = training_job_limit(self.config.get("StoppingCondition"))
@@ -216,6 +313,8 @@ class ResumableTrainingOperator(StopsItsJobWhenKilled, SageMakerTrainingOperator
         self.log.info(
             "Training job %s was started by an earlier try and is %s: attaching to it.", name, job["TrainingJobStatus"]
         )
+        if self.wait_for_completion and self.deferrable and job["TrainingJobStatus"] == "InProgress":
+            self.defer_wait(name)
         if self.wait_for_completion:
             # Follows the CloudWatch log like a fresh job, and raises with the FailureReason on failure.
             self.hook.check_training_status_with_log(
@@ -229,11 +328,21 @@ class ResumableTrainingOperator(StopsItsJobWhenKilled, SageMakerTrainingOperator
         return self.serialize_result(name)
 
 
-class ResumableTuningOperator(StopsItsJobWhenKilled, SageMakerTuningOperator):
+class ResumableTuningOperator(StopsItsJobWhenKilled, DefersItsWait, SageMakerTuningOperator):
     """SageMakerTuningOperator that attaches to the tuning job an earlier try of the task started.
     Stopping the tuning job stops its running trials too (StopHyperParameterTuningJob's doc)."""
 
     job_kind = TUNING
+    trigger_job_type = "tuning"
+    job_noun = "tuning job"
+
+    def log_lines(self, name: str) -> tuple[str, list[str]]:
+        # A tuning job has no log of its own: its best trial's tells how the chosen model trained.
+        best = (describe_or_none(self.hook.describe_tuning_job, name) or {}).get("BestTrainingJob", {})
+        trial = best.get("TrainingJobName")
+        if not trial:
+            return name, []
+        return f"{name}'s best trial {trial}", job_log_tail(self.hook.logs_hook.conn, TRAINING_LOG_GROUP, trial)
 
     def job_time_limit(self) -> timedelta | None:
         return tuning_job_limit(self.config)
@@ -248,6 +357,8 @@ class ResumableTuningOperator(StopsItsJobWhenKilled, SageMakerTuningOperator):
                 name,
                 job["HyperParameterTuningJobStatus"],
             )
+            if self.wait_for_completion and self.deferrable and job["HyperParameterTuningJobStatus"] == "InProgress":
+                self.defer_wait(name)
             if self.wait_for_completion:
                 job = self.hook.check_status(
                     name,
@@ -272,12 +383,17 @@ class ResumableTuningOperator(StopsItsJobWhenKilled, SageMakerTuningOperator):
         return super().execute(context)
 
 
-class ResumableTransformOperator(StopsItsJobWhenKilled, SageMakerTransformOperator):
+class ResumableTransformOperator(StopsItsJobWhenKilled, DefersItsWait, SageMakerTransformOperator):
     """SageMakerTransformOperator that attaches to the transform job an earlier try of the task started
     (the stock one would start a second job under a timestamped name, counting every photo again).
     A transform job has no time limit of its own: the task keeps the execution_timeout it was given."""
 
     job_kind = TRANSFORM
+    trigger_job_type = "Transform"
+    job_noun = "transform job"
+
+    def log_lines(self, name: str) -> tuple[str, list[str]]:
+        return name, job_log_tail(self.hook.logs_hook.conn, TRANSFORM_LOG_GROUP, name)
 
     def job_request(self) -> dict:
         # The stock operator takes the CreateTransformJob request alone or under "Transform".
@@ -302,6 +418,8 @@ class ResumableTransformOperator(StopsItsJobWhenKilled, SageMakerTransformOperat
             name,
             job["TransformJobStatus"],
         )
+        if self.wait_for_completion and self.deferrable and job["TransformJobStatus"] == "InProgress":
+            self.defer_wait(name)
         if self.wait_for_completion:
             # Raises with the FailureReason if the job fails.
             self.hook.check_status(
@@ -314,13 +432,23 @@ class ResumableTransformOperator(StopsItsJobWhenKilled, SageMakerTransformOperat
         return self.serialize_result(name)
 
 
-class ReplacingEndpointOperator(SageMakerEndpointOperator):
+class ReplacingEndpointOperator(DefersItsWait, SageMakerEndpointOperator):
     """SageMakerEndpointOperator that first deletes the endpoint when SageMaker left it Failed.
 
     A Failed endpoint (a creation that failed: the model's health check, no instance quota) allows
     nothing but DeleteEndpoint (botocore's DescribeEndpointOutput.EndpointStatus doc): the stock
     operator's CreateEndpoint finds it exists and its UpdateEndpoint is refused, on this run and every
     later one. Deleted, the endpoint is created afresh, on this try or the task's next."""
+
+    trigger_job_type = "endpoint"
+    job_noun = "endpoint"
+
+    def wait_limit(self) -> timedelta:
+        return timedelta(seconds=self.max_ingestion_time)
+
+    def failure(self, name: str, event: Mapping) -> str:
+        endpoint = self.hook.describe_endpoint(name)
+        return f"it is {endpoint['EndpointStatus']}: {endpoint.get('FailureReason') or event.get('message')}"
 
     def execute(self, context: Any) -> dict:
         name = self.config.get("Endpoint", self.config)["EndpointName"]
