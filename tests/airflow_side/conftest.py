@@ -506,3 +506,14 @@ def deploy_dag(airflow_db, monkeypatch, pipeline_stack):
     monkeypatch.setenv("AIRFLOW_VAR_BIN_COUNTER_SAGEMAKER", pipeline_stack.outputs["SageMakerVariable"])
     monkeypatch.setenv("BIN_COUNTER_SAGEMAKER_POLL_S", "1")  # read when the DAG file is parsed
     return dag_without_retries("bin_count_deploy")
+
+
+@pytest.fixture
+def separate_machines(tmp_path, monkeypatch):
+    """Each task try of the test's dag.test() runs on a machine of its own (tests/airflow_side/machines.py):
+    its own working and temporary directories, gone when it ends, and a record of the files it opened."""
+    from tests.airflow_side.machines import SeparateMachines
+
+    machines = SeparateMachines(tmp_path / "machines").install(monkeypatch)
+    yield machines
+    machines.uninstall()

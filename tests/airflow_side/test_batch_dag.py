@@ -13,6 +13,7 @@ from bin_counter import batch
 from bin_counter.sagemaker_config import run_job_names, transform_job_config
 from bin_counter.sagemaker_operators import ResumableTransformOperator
 from tests.airflow_side.conftest import CONTAINER_PYTHON, ENDPOINT, dag_without_retries, sagemaker_client, wait_endpoint
+from tests.airflow_side.machines import assert_ran_apart
 from tests.conftest import REPO, make_bin_image
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
@@ -83,7 +84,7 @@ def report_of(s3, bucket: str, summary: dict) -> list[dict]:
 
 
 def test_a_night_audit_counts_every_photo_and_lists_the_bad_ones_and_a_retry_never_counts_twice(
-    dag, s3, bucket, serving, capfd
+    dag, s3, bucket, serving, capfd, separate_machines
 ):
     upload_audit(s3, bucket)
     conf = {"bucket": bucket, "input_uri": f"s3://{bucket}/{PHOTOS}"}
@@ -126,6 +127,9 @@ def test_a_night_audit_counts_every_photo_and_lists_the_bad_ones_and_a_retry_nev
     assert f"Transform job {name} was started by an earlier try and is Completed: attaching to it." in log
     assert [j["TransformJobName"] for j in serving.list_transform_jobs()["TransformJobSummaries"]] == [name]
     assert report_of(s3, bucket, summary) == first_report
+    # Each task ran on a machine of its own (as on the CeleryExecutor): the manifest, the plan and the
+    # outputs went through S3.
+    assert_ran_apart(separate_machines, run, again)
 
     # A retried count task whose first try started the job and died while it ran: it attaches to the
     # running job (the same stand-in and model: a fresh one costs a model worker's start).

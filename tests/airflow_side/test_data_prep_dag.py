@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.airflow_side.conftest import dag_without_retries, list_objects
+from tests.airflow_side.machines import assert_ran_apart
 from tests.conftest import write_abid_dir
 
 
@@ -40,7 +41,9 @@ def retraining_context(events: list) -> dict:
     return {"params": params, "triggering_asset_events": {BIN_COUNT_DATASET: events}}
 
 
-def test_data_prep_run_publishes_a_versioned_dataset(dag, s3, bucket, aws_connection, tmp_path, monkeypatch):
+def test_data_prep_run_publishes_a_versioned_dataset(
+    dag, s3, bucket, aws_connection, tmp_path, monkeypatch, separate_machines
+):
     source = write_abid_dir(tmp_path / "abid", {f"{i:05d}": i % 6 for i in range(1000, 1100)})
     conf = {
         "bucket": bucket,
@@ -108,6 +111,8 @@ def test_data_prep_run_publishes_a_versioned_dataset(dag, s3, bucket, aws_connec
     other = dag.test(run_conf={**conf, "split_seed": 1})
     assert other.state == "success"
     assert asset_events("bin_count_data_prep")[-1]["version"] != version
+    # Each task ran on a machine of its own (as on the CeleryExecutor): they handed everything on in S3.
+    assert_ran_apart(separate_machines, run, again, other)
 
 
 def test_a_source_that_does_not_exist_fails_the_selection(dag, bucket, aws_connection, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 
 from bin_counter import capture, monitor_metrics, monitor_report
 from tests.airflow_side.conftest import ENDPOINT, FUNCTION, QUICK_DEPLOY, dag_without_retries, upload_dataset
+from tests.airflow_side.machines import assert_ran_apart
 from tests.airflow_side.test_data_capture import post
 from tests.airflow_side.test_deploy_dag import PUBLISHED_ARCHIVE, clients, register, task_states
 from tests.conftest import make_bin_image
@@ -100,7 +101,16 @@ def drift_events() -> list[dict]:
 
 
 def test_the_monitor_reports_the_live_accuracy_the_answers_imply_and_raises_drift_on_other_photos(
-    deploy_dag, monitor_dag, s3, bucket, local_stack_connection, moto_endpoint, alerts, permitted_calls_only, capfd
+    deploy_dag,
+    monitor_dag,
+    s3,
+    bucket,
+    local_stack_connection,
+    moto_endpoint,
+    alerts,
+    permitted_calls_only,
+    capfd,
+    separate_machines,
 ):
     stack = local_stack_connection
     sm, _ = clients(stack)
@@ -110,6 +120,7 @@ def test_the_monitor_reports_the_live_accuracy_the_answers_imply_and_raises_drif
     run = deploy_dag.test(run_conf=conf)
     assert run.state == "success", capfd.readouterr().out[-3000:]
     capfd.readouterr()
+    runs = [run]
     url = f"{stack['endpoint']}/count"
 
     # Photos like the test set's, with their true counts as the expected ones. (The window starts now:
@@ -119,6 +130,7 @@ def test_the_monitor_reports_the_live_accuracy_the_answers_imply_and_raises_drif
     end = datetime.now(UTC) + timedelta(seconds=1)
     delivered(s3, moto_endpoint, bucket, start, end, 15)
     run, log = run_monitor(monitor_dag, bucket, start, end, capfd)
+    runs.append(run)
     prefix = monitor_report.report_prefix(ENDPOINT, start)
     figures = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/figures.json")["Body"].read())
     ours = sum(1 for count, expected in answers if count == expected) / len(answers)
@@ -148,8 +160,12 @@ def test_the_monitor_reports_the_live_accuracy_the_answers_imply_and_raises_drif
     end = datetime.now(UTC) + timedelta(seconds=1)
     delivered(s3, moto_endpoint, bucket, start, end, 15)
     run, log = run_monitor(monitor_dag, bucket, start, end, capfd)
+    runs.append(run)
     assert task_states(run)["announce"] == "success", log[-3000:]
     [event] = drift_events()
     assert "photo pixels" in event["drifted"] and event["report"].startswith(f"s3://{bucket}/monitoring/")
     alert = wait_for_alert(alerts, monitor_metrics.alarm_names(ENDPOINT)["drift"], "ALARM")
     assert "docs/dags/README.md" in alert["AlarmDescription"]
+    # Each task ran on a machine of its own (as on the CeleryExecutor): the report and its plots were
+    # made and uploaded in one task; the figures went on in XCom.
+    assert_ran_apart(separate_machines, *runs)

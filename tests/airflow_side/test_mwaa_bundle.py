@@ -65,6 +65,8 @@ def test_the_startup_scripts_paths_lead_the_workers_to_the_bundles_code(bundle, 
         files / "models/bin-counter.tar.gz",
     )
     assert (code / "train.py").is_file() and (lambda_dir / "handler.py").is_file() and model.is_file()
+    # MWAA runs a triggerer: the SageMaker waits defer to it (the provider reads this at import).
+    assert env["AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE"] == "True"
 
 
 def test_the_workers_find_every_offline_backbones_weights_in_the_bundle(bundle):

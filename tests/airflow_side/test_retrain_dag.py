@@ -14,6 +14,7 @@ import pytest
 
 from scripts import local_stack
 from tests.airflow_side.conftest import BASE_CONF, ENDPOINT, QUICK_DEPLOY, dag_without_retries, upload_dataset
+from tests.airflow_side.machines import assert_ran_apart
 from tests.conftest import make_bin_image
 
 
@@ -95,7 +96,7 @@ def rest_api(monkeypatch):
 
 
 def test_runs_register_approve_or_hold_back_and_bin_count_deploy_serves_what_was_approved(
-    dag, deploy_dag, rest_api, s3, bucket, local_stack_connection, alerts, capfd
+    dag, deploy_dag, rest_api, s3, bucket, local_stack_connection, alerts, capfd, separate_machines
 ):
     from bin_counter import registry
 
@@ -289,6 +290,9 @@ def test_runs_register_approve_or_hold_back_and_bin_count_deploy_serves_what_was
     # Four runs, one copy of the weights: stored once by content.
     assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="weights/")["Contents"]] == [weights_key]
     assert registry.newest_approved(sm, registry.group_name(ENDPOINT)) == version["ModelPackageArn"]
+    # Every task ran on a machine of its own (as on the CeleryExecutor): the code archive, the weights,
+    # the initial model and the Lambda zip were built and uploaded in one task each, handed on as s3:// URIs.
+    assert_ran_apart(separate_machines, first, deployed, worse, rejected, fresh, served)
 
 
 def sm_runtime_count(stack) -> dict:

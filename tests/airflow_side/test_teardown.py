@@ -14,6 +14,7 @@ from botocore.exceptions import ClientError
 
 from bin_counter import cleanup, monitor_metrics, rollout
 from tests.airflow_side.conftest import ENDPOINT, dag_without_retries, deployed_model, list_objects, wait_endpoint
+from tests.airflow_side.machines import assert_ran_apart
 from tests.conftest import REPO
 
 ROLE = "arn:aws:iam::000000000000:role/local"
@@ -264,7 +265,9 @@ def run_on(day: int) -> dict:
     return {"run_after": date, "logical_date": date}
 
 
-def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_stack_connection, moto_endpoint, capfd):
+def test_the_dag_deletes_the_endpoint_only_when_asked(
+    dag, s3, bucket, local_stack_connection, moto_endpoint, capfd, separate_machines
+):
     stack = local_stack_connection
     sm = sagemaker(stack)
     key = "models/published/test/model.tar.gz"
@@ -293,8 +296,11 @@ def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_sta
         "dry_run": False,
     }
 
+    runs = []
+
     def run(day: int, **changes):
         result = dag.test(**run_on(day), run_conf={**conf, **changes})
+        runs.append(result)
         log = capfd.readouterr().out
         assert result.state == "success", log[-3000:]
         assert {ti.task_id: ti.state for ti in result.get_task_instances()} == {
@@ -328,3 +334,5 @@ def test_the_dag_deletes_the_endpoint_only_when_asked(dag, s3, bucket, local_sta
     log = run(4, delete_endpoint=True)  # again: nothing left to delete is no failure
     assert f"nothing to delete: there is no endpoint {ENDPOINT}" in log
     assert sm.describe_model(ModelName=model)["ModelName"] == model
+    # Each task ran on a machine of its own (as on the CeleryExecutor): they share nothing but XCom.
+    assert_ran_apart(separate_machines, *runs)
