@@ -25,10 +25,10 @@ the log's last lines into the task log (bin_counter.job_logs).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 from airflow.providers.amazon.aws.operators.sagemaker import (
@@ -40,6 +40,7 @@ from airflow.providers.amazon.aws.operators.sagemaker import (
 )
 from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 from airflow.providers.common.compat.sdk import AirflowException
+from airflow.triggers.base import BaseTrigger
 from botocore.exceptions import ClientError
 
 from bin_counter.endpoint import delete_failed_endpoint
@@ -219,7 +220,6 @@ class DefersItsWait:
     region_name: str | None
     verify: bool | str | None
     botocore_config: dict | None
-    hook: SageMakerHook
     log: Any
 
     def wait_limit(self) -> timedelta:
@@ -227,7 +227,7 @@ class DefersItsWait:
         from the job's own limit), else a week."""
         return self.execution_timeout or UNLIMITED_WAIT
 
-    def defer_wait(self, name: str) -> None:
+    def defer_wait(self, name: str) -> NoReturn:
         """Hand the wait for `name` to the triggerer (raises TaskDeferred); execute_complete resumes."""
         limit = self.wait_limit()
         interval = max(int(self.check_interval), 1)
@@ -250,13 +250,22 @@ class DefersItsWait:
             interval,
             limit,
         )
-        super().defer(trigger=trigger, method_name="execute_complete", timeout=limit)  # type: ignore[misc]
+        base_defer: Callable[..., NoReturn] = super().defer  # type: ignore[misc]  # BaseOperator's, by the MRO
+        base_defer(trigger=trigger, method_name="execute_complete", timeout=limit)
 
-    def defer(self, *, trigger: Any, method_name: str, kwargs: dict | None = None, timeout: Any = None) -> None:
+    def defer(
+        self,
+        *,
+        trigger: BaseTrigger,
+        method_name: str,
+        kwargs: dict[str, Any] | None = None,
+        timeout: timedelta | int | float | None = None,
+    ) -> NoReturn:
         # The stock operators' own deferral (a job this try started) gives up after 60 or 480 polls.
         if isinstance(trigger, SageMakerTrigger):
             self.defer_wait(trigger.job_name)
-        super().defer(trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout)  # type: ignore[misc]
+        base_defer: Callable[..., NoReturn] = super().defer  # type: ignore[misc]  # BaseOperator's, by the MRO
+        base_defer(trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout)
 
     def log_lines(self, name: str) -> tuple[str, list[str]]:
         """(whose log, its last lines) for the job `name`; none for what keeps no log of its own."""
@@ -265,7 +274,8 @@ class DefersItsWait:
     def failure(self, name: str, event: Mapping) -> str:
         """What went wrong, in SageMaker's words where it has them (the job's status and FailureReason)."""
         kind: JobKind | None = getattr(self, "job_kind", None)
-        job = describe_or_none(getattr(self.hook, kind.describe), name) if kind else None
+        hook: SageMakerHook = self.hook  # type: ignore[attr-defined]
+        job = describe_or_none(getattr(hook, kind.describe), name) if kind else None
         if kind and job:
             return f"it is {job[kind.status_field]}: {job.get('FailureReason') or event.get('message')}"
         return str(event.get("message") or event)
