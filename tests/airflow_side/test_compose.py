@@ -19,9 +19,11 @@ SCHEMA = json.loads((REPO / "tests" / "data" / "compose-spec.json").read_text())
 COMPOSE_FILES = ["docker-compose.yaml", "docker-compose.aws.yaml"]
 # ${NAME}, ${NAME:-default}, ${NAME:?error}; not $${NAME}, which Compose passes on as ${NAME}.
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)(?::?[-?][^}]*)?\}")
-# The services Airflow's own Docker Compose file has for Airflow 3 with the LocalExecutor.
+# The services Airflow's own Docker Compose file has for Airflow 3 with the CeleryExecutor.
 AIRFLOW_SERVICES = {
     "postgres",
+    "redis",
+    "airflow-worker",
     "airflow-init",
     "airflow-apiserver",
     "airflow-scheduler",
@@ -29,7 +31,7 @@ AIRFLOW_SERVICES = {
     "airflow-triggerer",
 }
 # Images pulled rather than built here, each named in the stand-in page's Docker Compose section.
-PULLED = {"postgres:16", "motoserver/moto:5.2.5"}
+PULLED = {"postgres:16", "redis:7.2-bookworm", "motoserver/moto:5.2.5"}
 
 
 def load(name: str) -> dict:
@@ -56,6 +58,7 @@ def test_it_runs_airflow_3_and_the_local_stack():
         "airflow-init": ["db", "migrate"],
         "airflow-apiserver": "api-server",
         "airflow-scheduler": "scheduler",
+        "airflow-worker": "celery worker",
         "airflow-dag-processor": "dag-processor",
         "airflow-triggerer": "triggerer",
     }

@@ -40,7 +40,11 @@ def test_no_engine_is_a_clear_error_and_a_named_engine_is_taken_as_asked():
 def test_podman_builds_every_image_the_compose_file_pulls_and_every_base_our_dockerfiles_use(config):
     images = compose_check.offline_images(config)
     names = [image.name for image in images]
-    assert set(names) >= compose_check.pulled_images(config) == {"postgres:16", "motoserver/moto:5.2.5"}
+    assert (
+        set(names)
+        >= compose_check.pulled_images(config)
+        == {"postgres:16", "redis:7.2-bookworm", "motoserver/moto:5.2.5"}
+    )
     assert {"apache/airflow:3.3.2-python3.11", "python:3.12-slim"} <= set(names)
     for image in images:
         assert (compose_check.OFFLINE / image.containerfile).is_file()
@@ -136,3 +140,67 @@ def test_the_deployment_it_waits_for_is_the_one_the_retrains_announcement_starts
     assert scheduled_on and scheduled_on <= announced
     assert set(deploy.params) >= compose_check.DEPLOY_PARAMS and not compose_check.DEPLOY_PARAMS & set(retrain.params)
     assert compose_check.retrain_conf()["approval"] == "auto"  # nobody is there to approve
+
+
+class RunsOnHosts:
+    """The REST API's task instances of each run, with the host each ran on."""
+
+    def __init__(self, hosts: dict[str, dict[str, str]]) -> None:
+        self.hosts = hosts  # run id -> task id -> hostname
+
+    def get(self, path: str) -> dict:
+        run_id = path.split("/dagRuns/")[1].split("/")[0]
+        return {"task_instances": [{"task_id": t, "hostname": h} for t, h in self.hosts[run_id].items()]}
+
+
+def test_a_run_must_spread_over_the_celery_workers(monkeypatch):
+    monkeypatch.setattr(compose_check, "worker_hostnames", lambda engine: {"a1b2", "c3d4"})
+    runs = {"bin_count_data_prep": "prep", "bin_count_retrain": "retrain"}
+    spread = RunsOnHosts({"prep": {"fetch": "a1b2", "split": "c3d4.dns.podman"}, "retrain": {"tune": "a1b2"}})
+    said = compose_check.spread_over_workers(None, spread, runs)
+    assert "bin_count_data_prep on worker c3d4: split" in said and "bin_count_retrain on worker a1b2: tune" in said
+    one_worker = RunsOnHosts({"prep": {"fetch": "a1b2", "split": "a1b2"}, "retrain": {"tune": "a1b2"}})
+    with pytest.raises(SystemExit, match="no run's tasks ran on all of the workers"):
+        compose_check.spread_over_workers(None, one_worker, runs)
+    elsewhere = RunsOnHosts({"prep": {"fetch": "a1b2", "split": "scheduler9"}, "retrain": {"tune": "c3d4"}})
+    with pytest.raises(SystemExit, match=r"ran on \['scheduler9'\], not on the Celery workers"):
+        compose_check.spread_over_workers(None, elsewhere, runs)
+
+
+def test_docker_takes_its_compose_plugin_or_a_standalone_compose_v2_never_v1(tmp_path, monkeypatch):
+    assert compose_check.docker_compose_command(lambda command: True) == ["docker", "compose"]
+    standalone = tmp_path / "docker-compose"
+    monkeypatch.setenv("DOCKER_COMPOSE", str(standalone))
+    standalone.write_text("#!/bin/sh\necho v2.40.3\n")
+    standalone.chmod(0o755)
+    assert compose_check.docker_compose_command(lambda command: False) == [str(standalone)]
+    standalone.write_text("#!/bin/sh\necho 1.29.2\n")  # Compose v1: no `up --wait`
+    with pytest.raises(SystemExit, match="no Compose v2 for Docker"):
+        compose_check.docker_compose_command(lambda command: False)
+
+
+@pytest.mark.parametrize(
+    ("image", "stored"),
+    [
+        ("bin-counter-airflow:local", "localhost/bin-counter-airflow:local"),
+        ("localhost/x:1", "localhost/x:1"),
+        ("registry.example.com/team/x:1", "registry.example.com/team/x:1"),
+    ],
+)
+def test_the_images_podman_built_are_found_under_its_names(image, stored):
+    assert compose_check.built_name(image) == stored
+
+
+def test_a_podman_health_check_runs_as_docker_runs_it_with_the_containers_hostname(tmp_path):
+    # A podman whose `inspect` names the container's host and whose `exec` runs the command here, with
+    # the environment it is given (podman 4.3's own exec sessions have no HOSTNAME).
+    fake = tmp_path / "podman"
+    fake.write_text(
+        '#!/bin/sh\nif [ "$1" = inspect ]; then echo worker7; exit 0; fi\n'
+        'shift; unset HOSTNAME\nwhile [ "$1" = -e ]; do export "$2"; shift 2; done\nshift; exec "$@"\n'
+    )
+    fake.chmod(0o755)
+    engine = compose_check.Engine(str(fake), {"PATH": "/usr/bin:/bin"}, [])
+    ping = {"Test": ["CMD-SHELL", 'test "celery@${HOSTNAME}" = celery@worker7'], "Timeout": 10**10}
+    assert compose_check.podman_health_check(engine, "c1", ping)
+    assert not compose_check.podman_health_check(engine, "c1", {**ping, "Test": ["CMD", "false"]})
