@@ -34,12 +34,17 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from standin.launch import local_stack
+
+if TYPE_CHECKING:
+    from scripts.airflow_api import Api
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yaml"
@@ -320,7 +325,7 @@ def podman(work: Path) -> Engine:
     return Engine("podman", {**os.environ, "CONTAINERS_CONF": str(conf)}, [compose])
 
 
-def docker_compose_command(answers=_answers) -> list[str]:
+def docker_compose_command(answers: Callable[[list[str]], bool] = _answers) -> list[str]:
     """`docker compose` (the CLI plugin), else a standalone Compose v2 binary: `$DOCKER_COMPOSE`, or
     `docker-compose` on the PATH. Compose v1 (the Python docker-compose) is refused: it has no
     `up --wait`, and its 1.29.2 needs docker<7 and requests<2.32 to reach an engine at all."""
@@ -495,7 +500,7 @@ def start_order(config: dict) -> list[list[str]]:
     return waves
 
 
-def containers(engine, project: str = PROJECT) -> dict[str, list[str]]:
+def containers(engine: Engine, project: str = PROJECT) -> dict[str, list[str]]:
     """service -> its container ids (a scaled service has several), for the project's containers
     (running or not)."""
     # Docker's ps gives the labels as one string (with a .Label method), podman's as a map.
@@ -532,7 +537,7 @@ def health(engine, cid: str) -> str:
     return (state.get("Health") or {}).get("Status", "starting")
 
 
-def podman_health_check(engine, cid: str, check: dict) -> bool:
+def podman_health_check(engine: Engine, cid: str, check: dict) -> bool:
     """Run the container's health check as Docker runs it. Not `podman healthcheck run`: podman 4.3's
     exec sessions lack the container's HOSTNAME, which Airflow's worker check pings its Celery node
     by (`celery@${HOSTNAME}`), so there it always fails."""
@@ -720,7 +725,7 @@ def announced(api, dag_id: str, run_id: str, source_run_id: str) -> dict:
     return ours[-1]["extra"]
 
 
-def hosts_of_run(api, dag_id: str, run_id: str) -> dict[str, list[str]]:
+def hosts_of_run(api: Api, dag_id: str, run_id: str) -> dict[str, list[str]]:
     """The host each of the run's task instances ran on (Airflow records it per task instance) -> the
     tasks that ran there; a mapped task counts once per host."""
     found = api.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")["task_instances"]
@@ -731,7 +736,7 @@ def hosts_of_run(api, dag_id: str, run_id: str) -> dict[str, list[str]]:
     return hosts
 
 
-def worker_hostnames(engine) -> set[str]:
+def worker_hostnames(engine: Engine) -> set[str]:
     """The Celery workers' host names, as their containers set them."""
     return {
         engine.run("inspect", cid, "--format", "{{.Config.Hostname}}", capture=True).stdout.strip()
@@ -739,7 +744,7 @@ def worker_hostnames(engine) -> set[str]:
     }
 
 
-def spread_over_workers(engine, api, runs: dict[str, str]) -> list[str]:
+def spread_over_workers(engine: Engine, api: Api, runs: dict[str, str]) -> list[str]:
     """Lines saying which worker ran which tasks of each run; the check fails unless every task ran on
     a Celery worker and one run's tasks ran on every worker (the point of two of them: nothing a task
     left on one machine's disk is there for the next)."""

@@ -41,7 +41,7 @@ from airflow.providers.amazon.aws.operators.sagemaker import (
 from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 from airflow.providers.common.compat.sdk import AirflowException
 from airflow.triggers.base import BaseTrigger
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from bin_counter.endpoint import delete_failed_endpoint
 from bin_counter.job_logs import TRAINING_LOG_GROUP, TRANSFORM_LOG_GROUP, job_log_tail
@@ -224,8 +224,12 @@ class DefersItsWait:
 
     def wait_limit(self) -> timedelta:
         """How long the deferred wait may last: the task's execution_timeout (which pre_execute sets
-        from the job's own limit), else a week."""
-        return self.execution_timeout or UNLIMITED_WAIT
+        from the job's own limit), or the operator's max_ingestion_time where that is shorter, as the
+        wait it replaces honours; else a week."""
+        limits = [self.execution_timeout or UNLIMITED_WAIT]
+        if getattr(self, "max_ingestion_time", None):
+            limits.append(timedelta(seconds=self.max_ingestion_time))  # type: ignore[attr-defined]
+        return min(limits)
 
     def defer_wait(self, name: str) -> NoReturn:
         """Hand the wait for `name` to the triggerer (raises TaskDeferred); execute_complete resumes."""
@@ -283,7 +287,12 @@ class DefersItsWait:
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict:
         event = dict(event or {})
         name = event.get("job_name") or ""
-        whose, tail = self.log_lines(name) if name else (name, [])
+        whose, tail = name, list[str]()
+        try:
+            if name:
+                whose, tail = self.log_lines(name)
+        except (BotoCoreError, ClientError) as exc:  # the log is a courtesy: never the task's verdict
+            self.log.warning("Could not read the last lines of %s's log from CloudWatch Logs: %s", name, exc)
         if tail:
             self.log.info("The last %d lines of %s's log (CloudWatch Logs):\n%s", len(tail), whose, "\n".join(tail))
         if event.get("status") != "success":
@@ -338,6 +347,11 @@ class ResumableTrainingOperator(StopsItsJobWhenKilled, DefersItsWait, SageMakerT
         return self.serialize_result(name)
 
 
+def retry_name(name: str, try_number: int) -> str:
+    """The tuning job a later try starts: names are at most 32 characters and cannot be reused."""
+    return f"{name[:28]}-r{try_number:02d}"[:32]
+
+
 class ResumableTuningOperator(StopsItsJobWhenKilled, DefersItsWait, SageMakerTuningOperator):
     """SageMakerTuningOperator that attaches to the tuning job an earlier try of the task started.
     Stopping the tuning job stops its running trials too (StopHyperParameterTuningJob's doc)."""
@@ -360,28 +374,15 @@ class ResumableTuningOperator(StopsItsJobWhenKilled, DefersItsWait, SageMakerTun
     def execute(self, context: Any) -> dict:
         self.job_in_hand = True
         name = self.config["HyperParameterTuningJobName"]
-        job = describe_or_none(self.hook.describe_tuning_job, name)
-        if job is not None and job["HyperParameterTuningJobStatus"] in ATTACHABLE:
-            self.log.info(
-                "Tuning job %s was started by an earlier try and is %s: attaching to it.",
-                name,
-                job["HyperParameterTuningJobStatus"],
-            )
-            if self.wait_for_completion and self.deferrable and job["HyperParameterTuningJobStatus"] == "InProgress":
-                self.defer_wait(name)
-            if self.wait_for_completion:
-                job = self.hook.check_status(
-                    name,
-                    "HyperParameterTuningJobStatus",
-                    self.hook.describe_tuning_job,
-                    self.check_interval,
-                    self.max_ingestion_time,
-                )
-            return {"Tuning": serialize(job)}
+        try_number = getattr(context.get("ti"), "try_number", 1)
+        # This task's jobs, newest first: a try after a failed job started its own under its number
+        # (and a clear of that try, deferred, must find it running, not start another).
+        for candidate in [*(retry_name(name, n) for n in range(try_number - 1, 1, -1)), name]:
+            job = describe_or_none(self.hook.describe_tuning_job, candidate)
+            if job is not None and job["HyperParameterTuningJobStatus"] in ATTACHABLE:
+                return self.attach(candidate, job)
         if job is not None:
-            # Tuning job names are at most 32 characters and cannot be reused: number the new one.
-            try_number = context["ti"].try_number
-            renamed = f"{name[:28]}-r{try_number:02d}"[:32]
+            renamed = retry_name(name, try_number)
             self.log.info(
                 "Tuning job %s from an earlier try is %s (%s); starting %s.",
                 name,
@@ -391,6 +392,22 @@ class ResumableTuningOperator(StopsItsJobWhenKilled, DefersItsWait, SageMakerTun
             )
             self.config["HyperParameterTuningJobName"] = renamed
         return super().execute(context)
+
+    def attach(self, name: str, job: dict) -> dict:
+        """The result of the tuning job an earlier try started, waited for (deferred, or here)."""
+        status = job["HyperParameterTuningJobStatus"]
+        self.log.info("Tuning job %s was started by an earlier try and is %s: attaching to it.", name, status)
+        if self.wait_for_completion and self.deferrable and status == "InProgress":
+            self.defer_wait(name)
+        if self.wait_for_completion:
+            job = self.hook.check_status(
+                name,
+                "HyperParameterTuningJobStatus",
+                self.hook.describe_tuning_job,
+                self.check_interval,
+                self.max_ingestion_time,
+            )
+        return {"Tuning": serialize(job)}
 
 
 class ResumableTransformOperator(StopsItsJobWhenKilled, DefersItsWait, SageMakerTransformOperator):
@@ -453,11 +470,11 @@ class ReplacingEndpointOperator(DefersItsWait, SageMakerEndpointOperator):
     trigger_job_type = "endpoint"
     job_noun = "endpoint"
 
-    def wait_limit(self) -> timedelta:
-        return timedelta(seconds=self.max_ingestion_time)
-
     def failure(self, name: str, event: Mapping) -> str:
-        endpoint = self.hook.describe_endpoint(name)
+        try:
+            endpoint = self.hook.describe_endpoint(name)
+        except ClientError:  # deleted meanwhile: the trigger's own message is all there is
+            return str(event.get("message") or event)
         return f"it is {endpoint['EndpointStatus']}: {endpoint.get('FailureReason') or event.get('message')}"
 
     def execute(self, context: Any) -> dict:

@@ -16,15 +16,18 @@ import pytest
 from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 from airflow.sdk.exceptions import TaskDeferred
 
-from bin_counter.job_logs import TRAINING_LOG_GROUP, job_log_tail
+from bin_counter.job_logs import TRAINING_LOG_GROUP, TRANSFORM_LOG_GROUP, job_log_tail
 from bin_counter.sagemaker_config import search_ranges, tuning_job_config
 from bin_counter.sagemaker_operators import (
+    ReplacingEndpointOperator,
     ResumableTrainingOperator,
+    ResumableTransformOperator,
     ResumableTuningOperator,
     training_job_limit,
     tuning_job_limit,
 )
-from tests.airflow_side.conftest import job_config, sagemaker_client, wait_training_job
+from tests.airflow_side.conftest import deployed_model, job_config, sagemaker_client, wait_training_job
+from tests.conftest import REPO, make_bin_image
 
 
 def deferred(operator, context: dict | None = None) -> TaskDeferred:
@@ -143,3 +146,79 @@ def test_a_tuning_wait_is_deferred_for_as_long_as_its_trials_may_run(local_stack
     listed = sm.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]
     assert [job["HyperParameterTuningJobName"] for job in listed] == ["bc-tune-defer"]  # attached
     sm.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="bc-tune-defer")
+
+
+def test_a_deferred_transform_task_resumes_with_its_log_tail(local_stack_connection, s3, bucket, capfd):
+    sm = sagemaker_client(local_stack_connection)
+    s3.put_object(
+        Bucket=bucket, Key="models/published/model.tar.gz", Body=(REPO / "models" / "bin-counter.tar.gz").read_bytes()
+    )
+    model = deployed_model(sm, "bin-counter-defer-model", artifact=f"s3://{bucket}/models/published/model.tar.gz")
+    for n in range(2):
+        s3.put_object(Bucket=bucket, Key=f"batch-counts/in/{n}.jpg", Body=make_bin_image(n, n, (96, 72)))
+    request = {
+        "TransformJobName": "bin-counter-defer-count",
+        "ModelName": model,
+        "TransformInput": {
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{bucket}/batch-counts/in/"}},
+            "ContentType": "image/jpeg",
+        },
+        "TransformOutput": {"S3OutputPath": f"s3://{bucket}/batch-counts/out/", "Accept": "application/json"},
+        "TransformResources": {"InstanceType": "ml.m5.large", "InstanceCount": 1},
+    }
+
+    def counting() -> ResumableTransformOperator:
+        return ResumableTransformOperator(
+            task_id="count", config=dict(request), check_interval=1, check_if_model_exists=False, deferrable=True
+        )
+
+    event = triggered(deferred(counting()))
+    assert event == {"status": "success", "job_name": "bin-counter-defer-count"}
+    capfd.readouterr()
+    result = counting().execute_complete({}, event)
+    task_log = capfd.readouterr().out
+    assert result["Transform"]["TransformJobStatus"] == "Completed"
+    # Read as the worker may read it: the stack's policy grants the transform jobs' log group too.
+    tail = job_log_tail(counting().hook.logs_hook.conn, TRANSFORM_LOG_GROUP, "bin-counter-defer-count")
+    assert tail and "\n".join(tail) in task_log
+
+
+def test_a_cleared_tuning_task_attaches_to_the_job_its_renumbered_try_started(local_stack_connection, job_inputs):
+    sm = sagemaker_client(local_stack_connection)
+    trial = job_config(job_inputs, "bc-tune-renum")
+    ranges = search_ranges((40, 40), [8], (0.001, 0.01))
+
+    def config(name: str) -> dict:
+        return tuning_job_config(
+            name, trial, ranges, "validation:accuracy", max_jobs=1, max_parallel_jobs=1, strategy="Random"
+        )
+
+    # Try 1's job failed (here: stopped); try 2 started bc-tune-renum-r02 and deferred; then the task
+    # was cleared: try 3 must wait for r02, not start r03 beside it.
+    sm.create_hyper_parameter_tuning_job(**config("bc-tune-renum"))
+    sm.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="bc-tune-renum")
+    sm.create_hyper_parameter_tuning_job(**config("bc-tune-renum-r02"))
+    operator = ResumableTuningOperator(
+        task_id="tune", config=config("bc-tune-renum"), check_interval=5, deferrable=True
+    )
+    deferral = deferred(operator, {"ti": TryNumber(3)})
+    assert deferral.trigger.serialize()[1]["job_name"] == "bc-tune-renum-r02"
+    listed = sm.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]
+    assert sorted(job["HyperParameterTuningJobName"] for job in listed) == ["bc-tune-renum", "bc-tune-renum-r02"]
+    sm.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="bc-tune-renum-r02")
+
+
+class TryNumber:
+    def __init__(self, try_number: int) -> None:
+        self.try_number = try_number
+
+
+def test_an_endpoint_wait_is_deferred_for_its_max_ingestion_time():
+    operator = ReplacingEndpointOperator(
+        task_id="deploy", config={"EndpointName": "e"}, check_interval=5, max_ingestion_time=600, deferrable=True
+    )
+    with pytest.raises(TaskDeferred) as raised:
+        operator.defer_wait("e")
+    _, kwargs = raised.value.trigger.serialize()
+    assert (kwargs["job_type"], kwargs["waiter_delay"], kwargs["waiter_max_attempts"]) == ("endpoint", 5, 121)
+    assert raised.value.timeout == timedelta(seconds=600)

@@ -5,8 +5,10 @@ local stack.
 
 While bin_count_retrain's SageMaker wait is deferred, another DAG's tasks run on that one slot (with
 the wait held by a task process, they could not); an operator's clear of the deferred `retrain`
-task starts a new try that attaches to the running job and defers again, with no second job; and
-the resumed task ends with the job's result and the tail of its CloudWatch log."""
+task (what follows a killed try: a deferred task has no process to kill, and a killed running one is
+test_live_airflow's scheduler-kill drill) starts a new try that attaches to the running job and
+defers again, with no second job; and the resumed task ends with the job's result and the tail of
+its CloudWatch log."""
 
 from __future__ import annotations
 

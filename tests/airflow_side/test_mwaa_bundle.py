@@ -134,3 +134,12 @@ def test_the_requirements_install_under_mwaas_constraints_and_the_dags_parse_the
     )
     dag_ids, errors = json.loads(out.stdout.splitlines()[-1])
     assert not errors and dag_ids == sorted(p.removesuffix(".py") for p in DAGS)
+    # The triggerer's client for the deferred SageMaker waits, at the version MWAA's constraints pin
+    # with their botocore (aiobotocore takes a narrow botocore range).
+    versions = subprocess.run(
+        [python, "-c", "import aiobotocore, botocore; print(aiobotocore.__version__, botocore.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert versions == ["3.9.0", "1.43.56"], versions
