@@ -361,6 +361,15 @@ def summary_lines(figures: Mapping) -> list[str]:
     return lines
 
 
+def utc(moment: datetime) -> datetime:
+    """`moment` as a plain datetime in UTC (naive: taken as UTC)."""
+    from datetime import UTC
+
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(moment.timestamp(), UTC)
+
+
 def window(
     params: Mapping[str, Any], interval_start: datetime | None, interval_end: datetime | None, now: datetime
 ) -> tuple[datetime, datetime]:
@@ -387,7 +396,9 @@ def window(
             interval_start, interval_end = now - timedelta(hours=1), now
         elif interval_start >= interval_end:  # a trigger timetable's run: the hour before it
             interval_start = interval_end - timedelta(hours=1)
-        start, end = interval_start.astimezone(UTC) - settle, interval_end.astimezone(UTC) - settle
+        # Plain datetimes first: pendulum's DateTime in the stdlib's UTC loses its zone in arithmetic
+        # (an hourly run then compared naive window edges with aware log times, and failed).
+        start, end = utc(interval_start) - settle, utc(interval_end) - settle
     if end <= start:
         raise ValueError(f"the window ends ({end.isoformat()}) before it starts ({start.isoformat()})")
     return start, end

@@ -12,6 +12,7 @@ import urllib.request
 from datetime import UTC, datetime, timedelta
 
 import boto3
+import pendulum
 import pytest
 
 from bin_counter import monitor, monitor_baseline, monitor_metrics, monitor_report
@@ -185,6 +186,12 @@ def test_the_window_is_the_data_interval_moved_back_or_the_params():
         monitor.window({"window_start": "2026-12-01T00:00:00"}, T0, T0, now)
     with pytest.raises(ValueError, match="before it starts"):
         monitor.window({"window_start": "2026-12-02", "window_end": "2026-12-01"}, T0, T0, now)
+    # A scheduled run's data interval, as Airflow hands it (pendulum, whose DateTime in the stdlib's
+    # UTC drops its zone in arithmetic): the edges stay comparable with the log lines' aware times.
+    interval = pendulum.instance(T0), pendulum.instance(T0 + timedelta(hours=1))
+    start, end = monitor.window({"settle_minutes": 10}, *interval, now)
+    assert (start.utcoffset(), end.utcoffset()) == (timedelta(0), timedelta(0))
+    assert start < T0 and start.isoformat().endswith("+00:00")
 
 
 # -- the baseline ----------------------------------------------------------------------------------
