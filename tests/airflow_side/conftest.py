@@ -311,6 +311,26 @@ def sagemaker_client(stack: dict):
     return boto3.client("sagemaker", endpoint_url=stack["endpoint"], region_name="us-east-1")
 
 
+def published_count_request(s3, sm, bucket: str, job: str, model: str, photos: int) -> dict:
+    """A CreateTransformJob request counting `photos` generated photos (counts 0 to 2) with the
+    published model, registered as `model`; the photos and the archive put in `bucket` first."""
+    archive = "models/published/model.tar.gz"
+    s3.put_object(Bucket=bucket, Key=archive, Body=(REPO / "models" / "bin-counter.tar.gz").read_bytes())
+    deployed_model(sm, model, artifact=f"s3://{bucket}/{archive}")
+    for n in range(photos):
+        s3.put_object(Bucket=bucket, Key=f"batch-counts/in/{n}.jpg", Body=make_bin_image(n % 3, n, (96, 72)))
+    return {
+        "TransformJobName": job,
+        "ModelName": model,
+        "TransformInput": {
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{bucket}/batch-counts/in/"}},
+            "ContentType": "image/jpeg",
+        },
+        "TransformOutput": {"S3OutputPath": f"s3://{bucket}/batch-counts/out/", "Accept": "application/json"},
+        "TransformResources": {"InstanceType": "ml.m5.large", "InstanceCount": 1},
+    }
+
+
 def wait_ended(describe, status_field: str, timeout: float, poll: float = 0.5) -> dict:
     """`describe()` once the job it describes has ended (Completed, Failed or Stopped) or after `timeout`."""
     deadline = time.time() + timeout

@@ -26,8 +26,7 @@ from bin_counter.sagemaker_operators import (
     training_job_limit,
     tuning_job_limit,
 )
-from tests.airflow_side.conftest import deployed_model, job_config, sagemaker_client, wait_training_job
-from tests.conftest import REPO, make_bin_image
+from tests.airflow_side.conftest import job_config, published_count_request, sagemaker_client, wait_training_job
 
 
 def deferred(operator, context: dict | None = None) -> TaskDeferred:
@@ -150,22 +149,7 @@ def test_a_tuning_wait_is_deferred_for_as_long_as_its_trials_may_run(local_stack
 
 def test_a_deferred_transform_task_resumes_with_its_log_tail(local_stack_connection, s3, bucket, capfd):
     sm = sagemaker_client(local_stack_connection)
-    s3.put_object(
-        Bucket=bucket, Key="models/published/model.tar.gz", Body=(REPO / "models" / "bin-counter.tar.gz").read_bytes()
-    )
-    model = deployed_model(sm, "bin-counter-defer-model", artifact=f"s3://{bucket}/models/published/model.tar.gz")
-    for n in range(2):
-        s3.put_object(Bucket=bucket, Key=f"batch-counts/in/{n}.jpg", Body=make_bin_image(n, n, (96, 72)))
-    request = {
-        "TransformJobName": "bin-counter-defer-count",
-        "ModelName": model,
-        "TransformInput": {
-            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{bucket}/batch-counts/in/"}},
-            "ContentType": "image/jpeg",
-        },
-        "TransformOutput": {"S3OutputPath": f"s3://{bucket}/batch-counts/out/", "Accept": "application/json"},
-        "TransformResources": {"InstanceType": "ml.m5.large", "InstanceCount": 1},
-    }
+    request = published_count_request(s3, sm, bucket, "bin-counter-defer-count", "bin-counter-defer-model", 2)
 
     def counting() -> ResumableTransformOperator:
         return ResumableTransformOperator(

@@ -32,13 +32,12 @@ from bin_counter.sagemaker_operators import (
 from standin.launch import airflow_connection, free_port
 from tests.airflow_side.conftest import (
     dag_without_retries,
-    deployed_model,
     job_config,
+    published_count_request,
     sagemaker_client,
     wait_ended,
     wait_training_job,
 )
-from tests.conftest import REPO, make_bin_image
 
 
 class TaskInstance:
@@ -165,22 +164,7 @@ def test_a_killed_tuning_task_stops_its_tuning_job_and_its_trials(local_stack_co
 
 def test_a_killed_transform_task_stops_its_transform_job(local_stack_connection, s3, bucket):
     sm = sagemaker_client(local_stack_connection)
-    s3.put_object(
-        Bucket=bucket, Key="models/published/model.tar.gz", Body=(REPO / "models" / "bin-counter.tar.gz").read_bytes()
-    )
-    model = deployed_model(sm, "bin-counter-kill-model", artifact=f"s3://{bucket}/models/published/model.tar.gz")
-    for n in range(3):
-        s3.put_object(Bucket=bucket, Key=f"batch-counts/in/{n}.jpg", Body=make_bin_image(n % 3, n, (96, 72)))
-    request = {
-        "TransformJobName": "bin-counter-kill-count",
-        "ModelName": model,
-        "TransformInput": {
-            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{bucket}/batch-counts/in/"}},
-            "ContentType": "image/jpeg",
-        },
-        "TransformOutput": {"S3OutputPath": f"s3://{bucket}/batch-counts/out/", "Accept": "application/json"},
-        "TransformResources": {"InstanceType": "ml.m5.large", "InstanceCount": 1},
-    }
+    request = published_count_request(s3, sm, bucket, "bin-counter-kill-count", "bin-counter-kill-model", 3)
     operator = ResumableTransformOperator(
         task_id="count", config=request, check_interval=1, check_if_model_exists=False
     )

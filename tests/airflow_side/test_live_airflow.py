@@ -64,6 +64,24 @@ DEFAULT_SECTION = "Run Parameters"
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
 
 
+def quick_retrain(epochs: int) -> dict:
+    """bin_count_retrain on the live stack's dataset (v-ui, its newest): one trial of `epochs`, then the
+    final job; nothing registered from the published model, nothing deployed."""
+    return {
+        "bucket": "ui-bucket",
+        "max_count": 2,
+        "epochs_min": epochs,
+        "epochs_max": epochs,
+        "batch_sizes": [8],
+        "max_jobs": 1,
+        "max_parallel_jobs": 1,
+        "strategy": "Random",
+        "initial_model": "none",
+        "extra_hyperparameters": QUICK,
+        "deploy": False,
+    }
+
+
 def parked(work: Path, run_id: str, task_id: str) -> bool:
     """Whether the scheduler has seen the process that parked `task_id` (AWAITING_INPUT) end. Airflow
     3.3 marks the task FAILED ("task state changed externally") when an answer resumes it before that:
@@ -462,19 +480,7 @@ def test_an_operator_retrains_approves_in_the_ui_and_rolls_back_from_the_deploy_
 def test_a_scheduler_killed_during_training_comes_back_and_no_job_runs_twice(live):
     api, airflow = live["api"], live["airflow"]
     sm = boto3.client("sagemaker", endpoint_url=live["standin"], region_name="us-east-1")
-    conf = {
-        "bucket": "ui-bucket",
-        "max_count": 2,
-        "epochs_min": 3,
-        "epochs_max": 3,
-        "batch_sizes": [8],
-        "max_jobs": 1,
-        "max_parallel_jobs": 1,
-        "strategy": "Random",
-        "initial_model": "none",
-        "extra_hyperparameters": QUICK,
-        "deploy": False,
-    }  # the drill is about the training task's retry: nothing registered, nothing announced
+    conf = quick_retrain(epochs=3)  # the drill is about the training task's retry
     api.patch("/dags/bin_count_retrain", {"is_paused": False})
     run_id = api.trigger("bin_count_retrain", conf)
 

@@ -20,7 +20,7 @@ import pytest
 
 from scripts.airflow_api import wait_until
 from tests.airflow_side.conftest import CONTAINER_PYTHON
-from tests.airflow_side.test_live_airflow import MONITOR, QUICK, RETRAIN, live_stack, succeeded, wait_for_task
+from tests.airflow_side.test_live_airflow import MONITOR, RETRAIN, live_stack, quick_retrain, succeeded, wait_for_task
 
 pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .venv-container (make envs)")
 
@@ -28,19 +28,7 @@ pytestmark = pytest.mark.skipif(not CONTAINER_PYTHON.exists(), reason="needs .ve
 # Enough epochs that a job outlasts what the test does while it waits (another DAG's run; a clear
 # and the new try's start), on a loaded two-core machine.
 EPOCHS = 10
-CONF = {
-    "bucket": "ui-bucket",  # the live stack's dataset (v-ui, its newest)
-    "max_count": 2,
-    "epochs_min": EPOCHS,
-    "epochs_max": EPOCHS,
-    "batch_sizes": [8],
-    "max_jobs": 1,
-    "max_parallel_jobs": 1,
-    "strategy": "Random",
-    "initial_model": "none",
-    "extra_hyperparameters": QUICK,
-    "deploy": False,
-}
+CONF = quick_retrain(EPOCHS)
 
 
 @pytest.fixture(scope="module")
